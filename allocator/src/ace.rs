@@ -1,0 +1,385 @@
+//! ACE, the adaptive mid-size pool (1 KiB < size <= 32 KiB, classes in
+//! `hakmem_common::ACE_CLASS_SIZES`).
+//!
+//! Each class has a per-thread cache in front of a locked pool of 2 MiB
+//! segments dedicated to the class. The cache's capacity adapts: it doubles on
+//! every miss (the thread wants more than it keeps) and halves when the cache
+//! overflows twice with no miss in between (the thread keeps more than it
+//! uses). A segment whose blocks are all free is returned to the OS once the
+//! class already keeps one such segment (hysteresis against map/unmap churn).
+//!
+//! Failures, each an `ace_fail` probe, fall through to the large path:
+//! Threshold (size above `HAKMEM_ACE_MAX_BYTES`), Exhaustion (the class may not
+//! grow past `HAKMEM_ACE_MAX_SEGMENTS`), MapFail (the OS refused a segment).
+
+use crate::class::{ace_class, ACE_CLASS_SIZES};
+use crate::config;
+use crate::os;
+use crate::probes;
+use crate::registry::{self, CHUNK};
+use crate::segment::{SegHeader, SegKind};
+use crate::superslab::Block;
+use crate::sync::SpinLock;
+use crate::tiny::with_cache;
+use core::ptr::null_mut;
+use hakmem_common::{AceFailKind, ACE_CLASSES, NO_CLASS};
+
+const HEADER_RESERVE: usize = 4096;
+const MIN_CAP: u32 = 2;
+const MAX_CAP: u32 = 64;
+/// Free segments a class keeps mapped before returning more to the OS.
+const KEEP_FREE_SEGMENTS: usize = 1;
+
+pub struct AceCache {
+    head: *mut Block,
+    count: u32,
+    cap: u32,
+    misses_since_flush: u32,
+}
+
+impl AceCache {
+    pub const NEW: AceCache = AceCache { head: null_mut(), count: 0, cap: MIN_CAP, misses_since_flush: 0 };
+}
+
+#[repr(C)]
+struct AceSegment {
+    hdr: SegHeader,
+    block_size: u32,
+    capacity: u32,
+    used: u32,
+    carved: u32,
+    free: *mut Block,
+    /// Links in the class's partial or free list.
+    next: *mut AceSegment,
+    prev: *mut AceSegment,
+    list: SegList,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SegList {
+    None,
+    Partial,
+    Free,
+}
+
+struct AceClass {
+    /// Segments with some blocks free and some in use.
+    partial: *mut AceSegment,
+    /// Segments with every block free.
+    free: *mut AceSegment,
+    free_count: usize,
+    segments: usize,
+}
+
+// SAFETY: the raw pointers are only touched under the class lock.
+unsafe impl Send for AceClass {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NEW_CLASS: SpinLock<AceClass> =
+    SpinLock::new(AceClass { partial: null_mut(), free: null_mut(), free_count: 0, segments: 0 });
+static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
+
+/// Allocates `size` (TINY_MAX < size <= ACE_MAX) from ACE, or null after
+/// firing `ace_fail` (the caller falls back to the large path).
+pub fn alloc(size: usize) -> *mut u8 {
+    if size > config::get().ace_max_bytes {
+        probes::ace_fail(AceFailKind::Threshold, size, NO_CLASS);
+        return null_mut();
+    }
+    let class = ace_class(size);
+    let hit = with_cache(|tc| {
+        let c = &mut tc.ace[class];
+        let b = c.head;
+        if !b.is_null() {
+            // SAFETY: cached blocks are free and link through their first word.
+            c.head = unsafe { (*b).next };
+            c.count -= 1;
+        }
+        b
+    });
+    if !hit.is_null() {
+        return hit.cast();
+    }
+    refill_and_alloc(class, size)
+}
+
+#[cold]
+fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
+    crate::global::ensure_init();
+    let want = with_cache(|tc| {
+        let c = &mut tc.ace[class];
+        c.cap = (c.cap * 2).min(MAX_CAP);
+        c.misses_since_flush += 1;
+        c.cap / 2
+    });
+    let mut head = null_mut();
+    let got = CLASSES[class].lock().take(class, want.max(1), &mut head);
+    match got {
+        Ok(n) => with_cache(|tc| {
+            let c = &mut tc.ace[class];
+            // SAFETY: `take` linked n >= 1 free blocks at `head`.
+            let rest = unsafe { (*head).next };
+            // Keep all but the first block in the cache.
+            let mut tail = head;
+            for _ in 1..n {
+                // SAFETY: walking the n-block chain built by `take`.
+                tail = unsafe { (*tail).next };
+            }
+            if n > 1 {
+                // SAFETY: `tail` is the chain's last block.
+                unsafe { (*tail).next = c.head };
+                c.head = rest;
+                c.count += n - 1;
+            }
+            head.cast()
+        }),
+        Err(kind) => {
+            probes::ace_fail(kind, size, class as u64);
+            null_mut()
+        }
+    }
+}
+
+/// Frees an ACE block of `class`.
+pub fn free(ptr: *mut u8, class: usize) {
+    let overflow = with_cache(|tc| {
+        let c = &mut tc.ace[class];
+        let b = ptr as *mut Block;
+        // SAFETY: the user freed the block; its first word becomes the link.
+        unsafe { (*b).next = c.head };
+        c.head = b;
+        c.count += 1;
+        c.count > c.cap
+    });
+    if overflow {
+        flush(class);
+    }
+}
+
+#[cold]
+fn flush(class: usize) {
+    let (head, n) = with_cache(|tc| {
+        let c = &mut tc.ace[class];
+        if c.misses_since_flush == 0 {
+            c.cap = (c.cap / 2).max(MIN_CAP);
+        }
+        c.misses_since_flush = 0;
+        let keep = c.cap / 2;
+        let n = c.count - keep;
+        let head = c.head;
+        let mut last = head;
+        for _ in 1..n {
+            // SAFETY: n <= count blocks are on the list.
+            last = unsafe { (*last).next };
+        }
+        // SAFETY: `last` is the n-th block; cut the list after it.
+        c.head = unsafe { (*last).next };
+        // SAFETY: as above.
+        unsafe { (*last).next = null_mut() };
+        c.count = keep;
+        (head, n)
+    });
+    give_back(class, head, n);
+}
+
+fn give_back(class: usize, mut b: *mut Block, n: u32) {
+    let mut unmap: [*mut AceSegment; 4] = [null_mut(); 4];
+    let mut unmapped = 0;
+    {
+        let mut pool = CLASSES[class].lock();
+        for _ in 0..n {
+            // SAFETY: each block of the chain is a free ACE block of `class`.
+            let next = unsafe { (*b).next };
+            let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
+            if let Some(s) = pool.put(seg, b) {
+                if unmapped < unmap.len() {
+                    unmap[unmapped] = s;
+                    unmapped += 1;
+                } else {
+                    pool.keep_free(s);
+                }
+            }
+            b = next;
+        }
+    }
+    for &s in &unmap[..unmapped] {
+        registry::remove(s as usize);
+        // SAFETY: `put` removed the segment from every list; all its blocks are free.
+        unsafe { os::unmap(s.cast(), CHUNK) };
+    }
+}
+
+/// Thread exit: every cached block back to its segment.
+pub fn release_thread(caches: &mut [AceCache; ACE_CLASSES]) {
+    for (class, c) in caches.iter_mut().enumerate() {
+        if c.count > 0 {
+            let (head, n) = (c.head, c.count);
+            c.head = null_mut();
+            c.count = 0;
+            give_back(class, head, n);
+        }
+        c.cap = MIN_CAP;
+    }
+}
+
+pub fn lock_for_fork() {
+    CLASSES.iter().for_each(|c| c.acquire_for_fork());
+}
+
+pub fn unlock_after_fork() {
+    CLASSES.iter().for_each(|c| c.release_after_fork());
+}
+
+impl AceClass {
+    /// Links up to `want` blocks at `*head`; Ok(n >= 1) or the failure kind.
+    fn take(&mut self, class: usize, want: u32, head: &mut *mut Block) -> Result<u32, AceFailKind> {
+        let mut n = 0;
+        while n < want {
+            let seg = if !self.partial.is_null() {
+                self.partial
+            } else if !self.free.is_null() {
+                let s = self.free;
+                self.unlink(s);
+                self.free_count -= 1;
+                self.link(s, SegList::Partial);
+                s
+            } else {
+                if n > 0 {
+                    break;
+                }
+                let s = self.grow(class)?;
+                self.link(s, SegList::Partial);
+                s
+            };
+            // SAFETY: segments on our lists are live and ours (lock held).
+            let s = unsafe { &mut *seg };
+            while n < want {
+                let b = if !s.free.is_null() {
+                    let b = s.free;
+                    // SAFETY: a free block of the segment.
+                    s.free = unsafe { (*b).next };
+                    b
+                } else if s.carved < s.capacity {
+                    let b = (seg as usize + HEADER_RESERVE + s.carved as usize * s.block_size as usize) as *mut Block;
+                    s.carved += 1;
+                    b
+                } else {
+                    break;
+                };
+                // SAFETY: `b` is free and now the caller's.
+                unsafe { (*b).next = *head };
+                *head = b;
+                s.used += 1;
+                n += 1;
+            }
+            if s.free.is_null() && s.carved == s.capacity {
+                self.unlink(seg);
+            }
+        }
+        Ok(n)
+    }
+
+    fn grow(&mut self, class: usize) -> Result<*mut AceSegment, AceFailKind> {
+        if self.segments >= config::get().ace_max_segments {
+            return Err(AceFailKind::Exhaustion);
+        }
+        let base = os::map_aligned(CHUNK, CHUNK);
+        if base.is_null() {
+            return Err(AceFailKind::MapFail);
+        }
+        let bs = ACE_CLASS_SIZES[class];
+        let seg = base as *mut AceSegment;
+        // SAFETY: a fresh, writable, chunk-aligned mapping of ours.
+        unsafe {
+            seg.write(AceSegment {
+                hdr: SegHeader::new(SegKind::Ace, class as u32),
+                block_size: bs as u32,
+                capacity: ((CHUNK - HEADER_RESERVE) / bs) as u32,
+                used: 0,
+                carved: 0,
+                free: null_mut(),
+                next: null_mut(),
+                prev: null_mut(),
+                list: SegList::None,
+            })
+        };
+        registry::insert(base as usize);
+        self.segments += 1;
+        Ok(seg)
+    }
+
+    /// Returns a block to its segment; Some(segment) if it should be unmapped
+    /// (already removed from the lists and counts).
+    fn put(&mut self, seg: *mut AceSegment, b: *mut Block) -> Option<*mut AceSegment> {
+        // SAFETY: `b` lies in `seg`, a live ACE segment of this class (lock held).
+        let s = unsafe { &mut *seg };
+        // SAFETY: the block is free; link it.
+        unsafe { (*b).next = s.free };
+        s.free = b;
+        s.used -= 1;
+        if s.list == SegList::None {
+            self.link(seg, SegList::Partial);
+        }
+        if s.used > 0 {
+            return None;
+        }
+        self.unlink(seg);
+        if self.free_count < KEEP_FREE_SEGMENTS {
+            self.keep_free(seg);
+            return None;
+        }
+        self.segments -= 1;
+        Some(seg)
+    }
+
+    fn keep_free(&mut self, seg: *mut AceSegment) {
+        self.link(seg, SegList::Free);
+        self.free_count += 1;
+    }
+
+    fn link(&mut self, seg: *mut AceSegment, list: SegList) {
+        let head = match list {
+            SegList::Partial => &mut self.partial,
+            SegList::Free => &mut self.free,
+            SegList::None => return,
+        };
+        // SAFETY: `seg` is on no list (lock held).
+        unsafe {
+            (*seg).list = list;
+            (*seg).prev = null_mut();
+            (*seg).next = *head;
+            if !head.is_null() {
+                (**head).prev = seg;
+            }
+        }
+        *head = seg;
+    }
+
+    fn unlink(&mut self, seg: *mut AceSegment) {
+        // SAFETY: `seg` is live; its links are valid under the lock.
+        unsafe {
+            let head = match (*seg).list {
+                SegList::Partial => &mut self.partial,
+                SegList::Free => &mut self.free,
+                SegList::None => return,
+            };
+            let (prev, next) = ((*seg).prev, (*seg).next);
+            if prev.is_null() {
+                *head = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+            (*seg).list = SegList::None;
+            (*seg).next = null_mut();
+            (*seg).prev = null_mut();
+        }
+    }
+}
+
+/// Usable size of an ACE block of `class`.
+pub fn block_size(class: usize) -> usize {
+    ACE_CLASS_SIZES[class]
+}

@@ -1,0 +1,142 @@
+//! Knobs from the environment, read once with `libc::getenv` (which, unlike
+//! `std::env::var`, does not allocate). See the README for the list.
+
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// `HAKMEM_TINY_USE_SUPERSLAB` (default 1): 0 sends every tiny request to the legacy path.
+    pub use_superslab: bool,
+    /// `HAKMEM_TINY_RECYCLE` (default 1): 0 keeps EMPTY slabs instead of releasing them (A/B).
+    pub recycle: bool,
+    /// `HAKMEM_SS_MAX`: most SuperSlabs mapped at once; Stage 3 fails (budget) beyond it.
+    pub ss_max: usize,
+    /// `HAKMEM_SS_KEEP` (default 2): fully EMPTY SuperSlabs kept mapped before unmapping.
+    pub ss_keep: usize,
+    /// `HAKMEM_ACE_MAX_BYTES` (default 32768): largest size ACE serves; bigger mid sizes are Threshold failures.
+    pub ace_max_bytes: usize,
+    /// `HAKMEM_ACE_MAX_SEGMENTS`: segments per ACE class; a depleted class beyond it is an Exhaustion failure.
+    pub ace_max_segments: usize,
+    /// `HAKMEM_OS_LIMIT_MB`: cap on memory mapped from the OS; beyond it mapping is refused as by the OS.
+    pub os_limit_bytes: usize,
+    /// `HAKMEM_STATS` (default 0): 1 counts every probe event and prints the tally at exit.
+    pub stats: bool,
+    /// `HAKMEM_INVALID_FREE` (default abort): `abort` or `ignore` (log and go on).
+    pub invalid_free_abort: bool,
+}
+
+impl Config {
+    const DEFAULT: Config = Config {
+        use_superslab: true,
+        recycle: true,
+        ss_max: usize::MAX,
+        ss_keep: 2,
+        ace_max_bytes: 32 * 1024,
+        ace_max_segments: usize::MAX,
+        os_limit_bytes: usize::MAX,
+        stats: false,
+        invalid_free_abort: true,
+    };
+}
+
+static mut CONFIG: Config = Config::DEFAULT;
+static STATE: AtomicU8 = AtomicU8::new(UNREAD);
+static STATS_ON: AtomicBool = AtomicBool::new(false);
+const UNREAD: u8 = 0;
+const READING: u8 = 1;
+const READY: u8 = 2;
+
+/// The configuration; reads the environment on first use.
+#[inline]
+pub fn get() -> &'static Config {
+    if STATE.load(Ordering::Acquire) != READY {
+        load();
+    }
+    // SAFETY: CONFIG is written only by `load` before STATE becomes READY
+    // (Release) and never again; every reader saw READY (Acquire) first, or is
+    // the loading thread itself reading defaults during a re-entrant call.
+    unsafe { &*core::ptr::addr_of!(CONFIG) }
+}
+
+/// Whether `HAKMEM_STATS=1`: one relaxed load, for probe sites.
+#[inline]
+pub fn stats_enabled() -> bool {
+    STATS_ON.load(Ordering::Relaxed)
+}
+
+#[cold]
+fn load() {
+    match STATE.compare_exchange(UNREAD, READING, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {}
+        Err(READY) => return,
+        // Another thread is reading (a few getenv calls): wait for it. The same
+        // thread cannot get here re-entrantly, since getenv does not allocate.
+        Err(_) => {
+            while STATE.load(Ordering::Acquire) != READY {
+                core::hint::spin_loop();
+            }
+            return;
+        }
+    }
+    let mut c = Config::DEFAULT;
+    if let Some(v) = env_u64(c"HAKMEM_TINY_USE_SUPERSLAB") {
+        c.use_superslab = v != 0;
+    }
+    if let Some(v) = env_u64(c"HAKMEM_TINY_RECYCLE") {
+        c.recycle = v != 0;
+    }
+    if let Some(v) = env_u64(c"HAKMEM_SS_MAX") {
+        c.ss_max = v as usize;
+    }
+    if let Some(v) = env_u64(c"HAKMEM_SS_KEEP") {
+        c.ss_keep = v as usize;
+    }
+    if let Some(v) = env_u64(c"HAKMEM_ACE_MAX_BYTES") {
+        c.ace_max_bytes = v as usize;
+    }
+    if let Some(v) = env_u64(c"HAKMEM_ACE_MAX_SEGMENTS") {
+        c.ace_max_segments = v as usize;
+    }
+    if let Some(v) = env_u64(c"HAKMEM_OS_LIMIT_MB") {
+        c.os_limit_bytes = (v as usize).saturating_mul(1 << 20);
+    }
+    if let Some(v) = env_u64(c"HAKMEM_STATS") {
+        c.stats = v != 0;
+    }
+    if let Some(v) = env_bytes(c"HAKMEM_INVALID_FREE") {
+        c.invalid_free_abort = v != b"ignore";
+    }
+    // SAFETY: only the thread that won the UNREAD -> READING exchange writes,
+    // and no reader dereferences CONFIG before it observes READY.
+    unsafe { *core::ptr::addr_of_mut!(CONFIG) = c };
+    STATS_ON.store(c.stats, Ordering::Relaxed);
+    STATE.store(READY, Ordering::Release);
+}
+
+fn env_bytes(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: getenv takes a NUL-terminated name and returns NULL or a pointer
+    // into the environment block, which lives for the process (we never call
+    // setenv, and a program that does races with every getenv user anyway).
+    unsafe {
+        let p = libc::getenv(name.as_ptr());
+        if p.is_null() {
+            return None;
+        }
+        Some(core::ffi::CStr::from_ptr(p).to_bytes())
+    }
+}
+
+fn env_u64(name: &core::ffi::CStr) -> Option<u64> {
+    let bytes = env_bytes(name)?;
+    let mut v: u64 = 0;
+    if bytes.is_empty() {
+        return None;
+    }
+    for &b in bytes {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v.saturating_mul(10).saturating_add((b - b'0') as u64);
+    }
+    Some(v)
+}

@@ -1,0 +1,98 @@
+//! The legacy path: a plain per-class slab allocator that needs no SuperSlab.
+//! It serves tiny requests when the shared pool gives up (`shared_fail`) and
+//! all of them under `HAKMEM_TINY_USE_SUPERSLAB=0`. One locked free list per
+//! class, filled by bump-carving dedicated 2 MiB segments that are never
+//! returned; batches move to and from the thread caches, so the lock is taken
+//! once per batch, not per block.
+
+use crate::os;
+use crate::probes;
+use crate::registry::{self, CHUNK};
+use crate::segment::{SegHeader, SegKind};
+use crate::superslab::Block;
+use crate::sync::SpinLock;
+use hakmem_common::{TINY_CLASSES, TINY_CLASS_SIZES};
+use core::ptr::null_mut;
+
+/// Header area at the start of each legacy segment (keeps blocks 4 KiB-aligned).
+const HEADER_RESERVE: usize = 4096;
+
+struct LegacyClass {
+    free: *mut Block,
+    /// Next uncarved byte and end of the current segment.
+    bump: usize,
+    end: usize,
+}
+
+// SAFETY: the raw pointers are only touched under the class lock.
+unsafe impl Send for LegacyClass {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: SpinLock<LegacyClass> = SpinLock::new(LegacyClass { free: null_mut(), bump: 0, end: 0 });
+static CLASSES: [SpinLock<LegacyClass>; TINY_CLASSES] = [EMPTY; TINY_CLASSES];
+
+/// Moves up to `want` blocks of `class` onto `*head`; returns how many (0: out of memory).
+pub fn refill(class: usize, want: u32, head: &mut *mut Block) -> u32 {
+    let bs = TINY_CLASS_SIZES[class];
+    let mut n = 0;
+    {
+        let mut c = CLASSES[class].lock();
+        while n < want {
+            let b = if !c.free.is_null() {
+                let b = c.free;
+                // SAFETY: blocks on the legacy free list are free and ours.
+                c.free = unsafe { (*b).next };
+                b
+            } else {
+                if c.bump + bs > c.end && !c.grow(class) {
+                    break;
+                }
+                let b = c.bump as *mut Block;
+                c.bump += bs;
+                b
+            };
+            // SAFETY: `b` is a free block we just took; link it onto the caller's list.
+            unsafe { (*b).next = *head };
+            *head = b;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        probes::legacy_refill(class, n);
+    }
+    n
+}
+
+/// Returns a chain of `class` blocks (`head` .. `tail`, linked) to the free list.
+///
+/// # Safety
+/// The chain consists of free legacy blocks of `class`, linked through `next`.
+pub unsafe fn give_back(class: usize, head: *mut Block, tail: *mut Block) {
+    let mut c = CLASSES[class].lock();
+    // SAFETY: per the contract `tail` is the chain's last block.
+    unsafe { (*tail).next = c.free };
+    c.free = head;
+}
+
+pub fn lock_for_fork() {
+    CLASSES.iter().for_each(|c| c.acquire_for_fork());
+}
+
+pub fn unlock_after_fork() {
+    CLASSES.iter().for_each(|c| c.release_after_fork());
+}
+
+impl LegacyClass {
+    fn grow(&mut self, class: usize) -> bool {
+        let base = os::map_aligned(CHUNK, CHUNK);
+        if base.is_null() {
+            return false;
+        }
+        // SAFETY: a fresh, writable, chunk-aligned mapping of ours.
+        unsafe { (base as *mut SegHeader).write(SegHeader::new(SegKind::Legacy, class as u32)) };
+        registry::insert(base as usize);
+        self.bump = base as usize + HEADER_RESERVE;
+        self.end = base as usize + CHUNK;
+        true
+    }
+}

@@ -1,0 +1,57 @@
+//! hakmem: a general-purpose allocator whose decisions are USDT probes.
+//!
+//! Layering (each layer uses only those below it; `probes`, `stats`, `config`
+//! and the shared codes are leaves):
+//!
+//! ```text
+//! capi (malloc, free, ...) / HakMem (GlobalAlloc)
+//!   -> api: size -> class, route to tiny / ACE / large
+//!     -> tiny: thread cache (TLS SLL, refill, drain, thread exit)
+//!       -> pool: stages 1-3, legacy fallback, the recycle boundary
+//!         -> superslab, legacy, ace, large
+//!           -> registry, os
+//! ```
+//!
+//! Nothing here allocates through malloc, and nothing on the malloc/free fast
+//! path takes a lock or issues an atomic read-modify-write.
+
+// The allocator is a set of raw-pointer data structures; every unsafe block
+// carries a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod api;
+mod ace;
+#[cfg(feature = "c-abi")]
+mod capi;
+pub mod class;
+pub mod config;
+mod global;
+mod segment;
+mod large;
+mod legacy;
+mod os;
+mod pool;
+mod probes;
+mod registry;
+pub mod stats;
+mod superslab;
+mod sync;
+mod thread;
+mod tiny;
+
+pub use global::HakMem;
+
+#[cfg(feature = "probes")]
+#[usdt::provider(provider = "hakmem")]
+mod usdt_probes {
+    fn slab_recycle(class: u64, outcome: u64, slab: u64, used: u64) {}
+    fn ss_acquire_begin(class: u64) {}
+    fn ss_acquire(class: u64, stage: u64, slab: u64) {}
+    fn shared_fail(class: u64, reason: u64) {}
+    fn ace_fail(kind: u64, size: u64, class: u64) {}
+    fn tls_drain(class: u64, batch: u64, why: u64) {}
+    fn remote_drain(class: u64, batch: u64) {}
+    fn ss_map(bytes: u64, ss: u64) {}
+    fn ss_unmap(bytes: u64, ss: u64) {}
+    fn legacy_refill(class: u64, batch: u64) {}
+}

@@ -1,0 +1,78 @@
+//! The OS layer: anonymous mappings, with the `HAKMEM_OS_LIMIT_MB` budget that
+//! lets tests make "the OS refuses memory" happen deterministically.
+
+use crate::config;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+pub const PAGE: usize = 4096;
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
+
+
+fn reserve(bytes: usize) -> bool {
+    let limit = config::get().os_limit_bytes;
+    let mut cur = MAPPED.load(Ordering::Relaxed);
+    loop {
+        let next = match cur.checked_add(bytes) {
+            Some(n) if n <= limit => n,
+            _ => return false,
+        };
+        match MAPPED.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(c) => cur = c,
+        }
+    }
+}
+
+/// Maps `bytes` (a multiple of PAGE) aligned to `align` (a power of two >= PAGE).
+/// Returns null when the budget or the OS refuses.
+pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
+    debug_assert!(bytes % PAGE == 0 && align.is_power_of_two() && align >= PAGE);
+    if !reserve(bytes) {
+        return core::ptr::null_mut();
+    }
+    let Some(over) = bytes.checked_add(align - PAGE) else {
+        MAPPED.fetch_sub(bytes, Ordering::Relaxed);
+        return core::ptr::null_mut();
+    };
+    // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
+    // existing memory; the result is checked for MAP_FAILED.
+    let raw = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        MAPPED.fetch_sub(bytes, Ordering::Relaxed);
+        return core::ptr::null_mut();
+    }
+    let start = raw as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    let head = aligned - start;
+    let tail = over - head - bytes;
+    // SAFETY: both trimmed ranges lie inside the mapping just made and are not
+    // part of the returned region.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
+        }
+    }
+    aligned as *mut u8
+}
+
+/// Returns a mapping made by `map_aligned` to the OS.
+///
+/// # Safety
+/// `ptr`/`bytes` must be exactly a region returned by `map_aligned`, no longer used.
+pub unsafe fn unmap(ptr: *mut u8, bytes: usize) {
+    // SAFETY: per the contract, the range is one of our mappings and unused.
+    unsafe { libc::munmap(ptr.cast(), bytes) };
+    MAPPED.fetch_sub(bytes, Ordering::Relaxed);
+}

@@ -1,0 +1,276 @@
+//! The shared slab pool: Stage 1 (reuse an EMPTY slab of any class), Stage 2
+//! (claim a never-used slot), Stage 3 (map a SuperSlab), and `shared_fail` when
+//! all three fail. Also the one recycle boundary: every drain site reports an
+//! EMPTY slab to `recycle`, which decides, fires `slab_recycle` and releases it.
+
+use crate::config;
+use crate::os;
+use crate::probes;
+use crate::registry;
+use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
+use crate::sync::SpinLock;
+use hakmem_common::{FailReason, RecycleOutcome, Stage, TINY_CLASSES};
+use core::ptr::null_mut;
+use core::sync::atomic::Ordering;
+
+struct Pool {
+    /// EMPTY slabs (doubly linked through Slab::next/prev): Stage 1.
+    empty: *mut Slab,
+    /// SuperSlabs with unclaimed slots (through SuperSlab::next_fresh): Stage 2.
+    fresh: *mut SuperSlab,
+    /// SuperSlabs mapped now.
+    superslabs: usize,
+    /// SuperSlabs all of whose claimed slabs are EMPTY.
+    idle_superslabs: usize,
+    /// Slabs of exited threads still holding blocks, per class (through Slab::next).
+    abandoned: [*mut Slab; TINY_CLASSES],
+}
+
+// SAFETY: the raw pointers are only touched under the pool lock.
+unsafe impl Send for Pool {}
+
+static POOL: SpinLock<Pool> = SpinLock::new(Pool {
+    empty: null_mut(),
+    fresh: null_mut(),
+    superslabs: 0,
+    idle_superslabs: 0,
+    abandoned: [null_mut(); TINY_CLASSES],
+});
+
+/// Result of a slab request.
+pub enum Acquired {
+    Slab(*mut Slab),
+    Failed,
+}
+
+/// Hands out a slab formatted for `class`, owned by `owner`.
+pub fn acquire(class: usize, block_size: usize, owner: usize) -> Acquired {
+    probes::ss_acquire_begin(class);
+    let (slab, stage) = {
+        let mut pool = POOL.lock();
+        match pool.take_empty().map(|s| (s, Stage::ReuseEmpty)) {
+            Some(found) => found,
+            None => match pool.claim_fresh().map(|s| (s, Stage::ClaimFresh)) {
+                Some(found) => found,
+                None => match pool.map_new() {
+                    Ok(s) => (s, Stage::MapNew),
+                    Err(reason) => {
+                        drop(pool);
+                        probes::shared_fail(class, reason);
+                        return Acquired::Failed;
+                    }
+                },
+            },
+        }
+    };
+    // SAFETY: the slab was just removed from the pool's lists under the lock;
+    // nobody else references it until we publish it to the owner.
+    unsafe { (*slab).format(class, block_size, owner) };
+    probes::ss_acquire(class, stage, slab as usize);
+    Acquired::Slab(slab)
+}
+
+/// The recycle boundary: `slab` reached `used == 0` at a drain. Decides whether
+/// it goes back to the pool; returns true if it did (the caller must forget it).
+///
+/// `unlink` detaches the slab from the caller's lists just before the pool takes it.
+///
+/// # Safety
+/// The caller owns `slab`; `is_active` says whether it is the caller's current
+/// slab for its class.
+pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut Slab)) -> bool {
+    // SAFETY: per the contract the caller holds the slab exclusively.
+    let s = unsafe { &mut *slab };
+    let class = s.class as usize;
+    let used = s.used;
+    if used != 0 || s.capacity == 0 {
+        return false;
+    }
+    probes::slab_recycle(class, RecycleOutcome::Empty, slab as usize, used);
+    if !config::get().recycle {
+        probes::slab_recycle(class, RecycleOutcome::SkipDisabled, slab as usize, used);
+        return false;
+    }
+    if is_active {
+        probes::slab_recycle(class, RecycleOutcome::SkipActive, slab as usize, used);
+        return false;
+    }
+    unlink(slab);
+    s.owner.store(0, Ordering::Release);
+    s.state = SlabState::Empty;
+    probes::slab_recycle(class, RecycleOutcome::Released, slab as usize, used);
+    let unmap = POOL.lock().release(slab);
+    if let Some(ss) = unmap {
+        let base = ss as usize;
+        // SAFETY: `release` unlinked every slab of this SuperSlab and removed it
+        // from all pool lists; no block of it is in use (all slabs EMPTY).
+        unsafe {
+            registry::remove(base);
+            os::unmap(base as *mut u8, SS_SIZE);
+        }
+        probes::ss_unmap(SS_SIZE, base);
+    }
+    true
+}
+
+/// Parks a slab of an exiting thread that still has blocks out.
+pub fn abandon(slab: *mut Slab) {
+    let mut pool = POOL.lock();
+    // SAFETY: the exiting owner hands the slab over; its links are ours to set.
+    unsafe {
+        let class = (*slab).class as usize;
+        (*slab).owner.store(0, Ordering::Release);
+        (*slab).prev = null_mut();
+        (*slab).next = pool.abandoned[class];
+        pool.abandoned[class] = slab;
+    }
+}
+
+/// Takes over an abandoned slab of `class`, if any.
+pub fn adopt(class: usize, owner: usize) -> Option<*mut Slab> {
+    let mut pool = POOL.lock();
+    let slab = pool.abandoned[class];
+    if slab.is_null() {
+        return None;
+    }
+    // SAFETY: the slab is on our list under the lock; we unlink and own it.
+    unsafe {
+        pool.abandoned[class] = (*slab).next;
+        (*slab).next = null_mut();
+        (*slab).owner.store(owner, Ordering::Release);
+    }
+    Some(slab)
+}
+
+pub fn lock_for_fork() {
+    POOL.acquire_for_fork();
+}
+
+pub fn unlock_after_fork() {
+    POOL.release_after_fork();
+}
+
+impl Pool {
+    fn take_empty(&mut self) -> Option<*mut Slab> {
+        let slab = self.empty;
+        if slab.is_null() {
+            return None;
+        }
+        // SAFETY: slabs on the empty list belong to the pool (lock held).
+        unsafe {
+            self.unlink_empty(slab);
+            let ss = &mut *(*slab).superslab();
+            if ss.empty == ss.claimed {
+                self.idle_superslabs -= 1;
+            }
+            ss.empty -= 1;
+        }
+        Some(slab)
+    }
+
+    fn claim_fresh(&mut self) -> Option<*mut Slab> {
+        let ssp = self.fresh;
+        if ssp.is_null() {
+            return None;
+        }
+        // SAFETY: SuperSlabs on the fresh list are mapped and pool-managed (lock held).
+        unsafe {
+            let ss = &mut *ssp;
+            let idx = ss.claimed as usize;
+            ss.claimed += 1;
+            if ss.claimed as usize == SLABS_PER_SS {
+                self.fresh = ss.next_fresh;
+                ss.next_fresh = null_mut();
+            }
+            Some(core::ptr::addr_of_mut!(ss.slabs[idx]))
+        }
+    }
+
+    fn map_new(&mut self) -> Result<*mut Slab, FailReason> {
+        if self.superslabs >= config::get().ss_max {
+            return Err(FailReason::Budget);
+        }
+        let base = os::map_aligned(SS_SIZE, SS_SIZE);
+        if base.is_null() {
+            return Err(FailReason::MapFailed);
+        }
+        // SAFETY: a fresh SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
+        let ss = unsafe { SuperSlab::init(base) };
+        registry::insert(base as usize);
+        self.superslabs += 1;
+        probes::ss_map(SS_SIZE, base as usize);
+        // SAFETY: `ss` was just initialised; pushing it on the fresh list.
+        unsafe {
+            (*ss).next_fresh = self.fresh;
+        }
+        self.fresh = ss;
+        Ok(self.claim_fresh().expect("a new SuperSlab has free slots"))
+    }
+
+    /// Pushes an EMPTY slab; returns a SuperSlab to unmap if the hysteresis says so.
+    fn release(&mut self, slab: *mut Slab) -> Option<*mut SuperSlab> {
+        // SAFETY: the slab was handed to the pool by its owner (lock held).
+        unsafe {
+            (*slab).prev = null_mut();
+            (*slab).next = self.empty;
+            if !self.empty.is_null() {
+                (*self.empty).prev = slab;
+            }
+            self.empty = slab;
+            let ssp = (*slab).superslab();
+            let ss = &mut *ssp;
+            ss.empty += 1;
+            if ss.empty != ss.claimed {
+                return None;
+            }
+            self.idle_superslabs += 1;
+            if self.idle_superslabs <= config::get().ss_keep {
+                return None;
+            }
+            // Over the hysteresis: this SuperSlab goes back to the OS.
+            for i in 0..ss.claimed as usize {
+                self.unlink_empty(core::ptr::addr_of_mut!(ss.slabs[i]));
+            }
+            self.unlink_fresh(ssp);
+            self.idle_superslabs -= 1;
+            self.superslabs -= 1;
+            Some(ssp)
+        }
+    }
+
+    /// # Safety
+    /// `slab` is on the empty list and the lock is held.
+    unsafe fn unlink_empty(&mut self, slab: *mut Slab) {
+        // SAFETY: per the contract, the list links are valid.
+        unsafe {
+            let (prev, next) = ((*slab).prev, (*slab).next);
+            if prev.is_null() {
+                self.empty = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+            (*slab).next = null_mut();
+            (*slab).prev = null_mut();
+        }
+    }
+
+    /// # Safety
+    /// The lock is held; `ss` is a live SuperSlab.
+    unsafe fn unlink_fresh(&mut self, ss: *mut SuperSlab) {
+        let mut link: *mut *mut SuperSlab = &mut self.fresh;
+        // SAFETY: walking the fresh list under the lock.
+        unsafe {
+            while !(*link).is_null() {
+                if *link == ss {
+                    *link = (*ss).next_fresh;
+                    (*ss).next_fresh = null_mut();
+                    return;
+                }
+                link = &mut (**link).next_fresh;
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Probe sites. Each function counts the event in the allocator's own tally
+//! (only when `HAKMEM_STATS=1`) and fires the USDT probe (only when a tracer has
+//! raised its semaphore). With nobody listening a site costs two loads and two
+//! branches; probes sit on slow paths only.
+
+use crate::stats;
+use hakmem_common::{AceFailKind, DrainWhy, FailReason, ProbeId, RecycleOutcome, Stage};
+
+macro_rules! usdt_fire {
+    ($name:ident, $arg:expr) => {
+        #[cfg(feature = "probes")]
+        crate::usdt_probes::$name!(|| $arg as u64);
+    };
+    ($name:ident, $($arg:expr),+) => {
+        #[cfg(feature = "probes")]
+        crate::usdt_probes::$name!(|| ($($arg as u64,)+));
+    };
+}
+
+#[inline]
+pub fn slab_recycle(class: usize, outcome: RecycleOutcome, slab: usize, used: u32) {
+    stats::record(ProbeId::SlabRecycle, class as u64, outcome as u64);
+    usdt_fire!(slab_recycle, class, outcome as u8, slab, used);
+}
+
+#[inline]
+pub fn ss_acquire_begin(class: usize) {
+    stats::record(ProbeId::SsAcquireBegin, class as u64, 0);
+    usdt_fire!(ss_acquire_begin, class);
+}
+
+#[inline]
+pub fn ss_acquire(class: usize, stage: Stage, slab: usize) {
+    stats::record(ProbeId::SsAcquire, class as u64, stage as u64);
+    usdt_fire!(ss_acquire, class, stage as u8, slab);
+}
+
+#[inline]
+pub fn shared_fail(class: usize, reason: FailReason) {
+    stats::record(ProbeId::SharedFail, class as u64, reason as u64);
+    usdt_fire!(shared_fail, class, reason as u8);
+}
+
+#[inline]
+pub fn ace_fail(kind: AceFailKind, size: usize, class: u64) {
+    stats::record(ProbeId::AceFail, kind as u64, size as u64);
+    usdt_fire!(ace_fail, kind as u8, size, class);
+}
+
+#[inline]
+pub fn tls_drain(class: usize, batch: u32, why: DrainWhy) {
+    stats::record(ProbeId::TlsDrain, class as u64, batch as u64);
+    usdt_fire!(tls_drain, class, batch, why as u8);
+}
+
+#[inline]
+pub fn remote_drain(class: usize, batch: u32) {
+    stats::record(ProbeId::RemoteDrain, class as u64, batch as u64);
+    usdt_fire!(remote_drain, class, batch);
+}
+
+#[inline]
+pub fn ss_map(bytes: usize, ss: usize) {
+    stats::record(ProbeId::SsMap, bytes as u64, 0);
+    usdt_fire!(ss_map, bytes, ss);
+}
+
+#[inline]
+pub fn ss_unmap(bytes: usize, ss: usize) {
+    stats::record(ProbeId::SsUnmap, bytes as u64, 0);
+    usdt_fire!(ss_unmap, bytes, ss);
+}
+
+#[inline]
+pub fn legacy_refill(class: usize, batch: u32) {
+    stats::record(ProbeId::LegacyRefill, class as u64, batch as u64);
+    usdt_fire!(legacy_refill, class, batch);
+}

@@ -1,0 +1,53 @@
+//! The header every hakmem segment starts with, and pointer -> segment lookup.
+//!
+//! Every block hakmem hands out lies in a 2 MiB-aligned chunk whose first bytes
+//! are a `SegHeader` (SuperSlab, legacy segment, ACE segment or large mapping),
+//! so `ptr & !(2 MiB - 1)` finds the header once the registry has vouched for it.
+
+use crate::registry::{self, CHUNK};
+
+pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"HAKMEMsg");
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegKind {
+    SuperSlab = 1,
+    Legacy = 2,
+    Ace = 3,
+    Large = 4,
+}
+
+#[repr(C)]
+pub struct SegHeader {
+    pub magic: u64,
+    pub kind: SegKind,
+    /// Size class (legacy and ACE segments); unused otherwise.
+    pub class: u32,
+}
+
+impl SegHeader {
+    pub const fn new(kind: SegKind, class: u32) -> Self {
+        SegHeader { magic: SEG_MAGIC, kind, class }
+    }
+}
+
+#[inline(always)]
+pub fn chunk_of(ptr: usize) -> usize {
+    ptr & !(CHUNK - 1)
+}
+
+/// The segment header for `ptr`, or None if `ptr` is not inside a hakmem segment.
+#[inline]
+pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
+    let chunk = chunk_of(ptr);
+    if !registry::contains(chunk) {
+        return None;
+    }
+    // SAFETY: a registered chunk is a live mapping that starts with a SegHeader
+    // (registered after the header is written, removed before unmapping).
+    let h = unsafe { &*(chunk as *const SegHeader) };
+    if h.magic != SEG_MAGIC {
+        return None;
+    }
+    Some(h)
+}

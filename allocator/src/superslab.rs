@@ -1,0 +1,233 @@
+//! SuperSlab and slab layout: carving, the owner's local free list and the
+//! atomic remote list.
+//!
+//! A SuperSlab is a 2 MiB-aligned mapping of 32 slabs of 64 KiB. Its header
+//! (the slab metadata array) occupies the first 4 KiB of slab 0. Block addresses
+//! are `slab start + i * block size` with slab starts 4 KiB-aligned, so a block of
+//! a power-of-two class is aligned to its own size (used by aligned allocation).
+//!
+//! A slab knows nothing of the pool: it counts `used` and reports EMPTY to
+//! its caller, and the pool's recycle boundary decides.
+
+use crate::registry::CHUNK;
+use crate::segment::{SegHeader, SegKind};
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+pub const SS_SIZE: usize = CHUNK;
+pub const SLAB_SHIFT: u32 = 16;
+pub const SLAB_SIZE: usize = 1 << SLAB_SHIFT;
+pub const SLABS_PER_SS: usize = SS_SIZE / SLAB_SIZE;
+pub const SS_HEADER_RESERVE: usize = 4096;
+
+/// A free block: the first word links to the next.
+#[repr(C)]
+pub struct Block {
+    pub next: *mut Block,
+}
+
+/// Who holds a slab.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlabState {
+    /// Never claimed (Stage 2 material); the zero of a fresh mapping.
+    #[allow(dead_code)]
+    Fresh = 0,
+    /// Owned by a thread (or abandoned by an exited one, owner 0), serving a class.
+    InUse = 1,
+    /// On the shared pool's empty list (Stage 1 material).
+    Empty = 2,
+}
+
+#[repr(C)]
+pub struct Slab {
+    pub state: SlabState,
+    pub class: u8,
+    pub block_size: u32,
+    pub capacity: u32,
+    /// Blocks handed out of this slab (including ones in a TLS SLL or on the remote list).
+    pub used: u32,
+    /// Blocks carved so far (bump index).
+    pub carved: u32,
+    /// Owner-local free list.
+    pub free: *mut Block,
+    /// Frees from other threads, drained by the owner.
+    pub remote: AtomicPtr<Block>,
+    /// Owning thread id (0: none).
+    pub owner: AtomicUsize,
+    /// Links: the owner's per-class list, or the pool's empty list.
+    pub next: *mut Slab,
+    pub prev: *mut Slab,
+}
+
+#[repr(C)]
+pub struct SuperSlab {
+    pub hdr: SegHeader,
+    /// Slots claimed so far (Stage 2 cursor). Pool lock.
+    pub claimed: u32,
+    /// Claimed slabs currently on the empty list. Pool lock.
+    pub empty: u32,
+    /// The pool's list of SuperSlabs with unclaimed slots. Pool lock.
+    pub next_fresh: *mut SuperSlab,
+    pub slabs: [Slab; SLABS_PER_SS],
+}
+
+const _: () = assert!(core::mem::size_of::<SuperSlab>() <= SS_HEADER_RESERVE);
+
+impl SuperSlab {
+    /// Writes a fresh header into a new mapping.
+    ///
+    /// # Safety
+    /// `base` is a writable, SS_SIZE-aligned mapping of SS_SIZE bytes owned by the caller.
+    pub unsafe fn init(base: *mut u8) -> *mut SuperSlab {
+        let ss = base as *mut SuperSlab;
+        // SAFETY: per the contract the header area is ours and writable; a
+        // freshly mapped page is zero, which is a valid (Fresh, null) Slab, so
+        // only the non-zero fields are written.
+        unsafe {
+            core::ptr::addr_of_mut!((*ss).hdr).write(SegHeader::new(SegKind::SuperSlab, 0));
+            (*ss).claimed = 0;
+            (*ss).empty = 0;
+            (*ss).next_fresh = null_mut();
+        }
+        ss
+    }
+
+}
+
+/// First byte of slab `idx`'s block area.
+#[inline(always)]
+pub fn slab_area(ss: usize, idx: usize) -> usize {
+    ss + idx * SLAB_SIZE + if idx == 0 { SS_HEADER_RESERVE } else { 0 }
+}
+
+/// The SuperSlab and slab holding `ptr` (which must lie in a SuperSlab segment).
+#[inline(always)]
+pub fn slab_of(ptr: usize) -> (*mut SuperSlab, *mut Slab, usize) {
+    let ss = crate::segment::chunk_of(ptr);
+    let idx = (ptr - ss) >> SLAB_SHIFT;
+    let ssp = ss as *mut SuperSlab;
+    // SAFETY: idx < SLABS_PER_SS because ptr - ss < SS_SIZE; the pointer is
+    // only formed here, dereferenced by callers that know ss is a SuperSlab.
+    let slab = unsafe { core::ptr::addr_of_mut!((*ssp).slabs[idx]) };
+    (ssp, slab, idx)
+}
+
+impl Slab {
+    /// The SuperSlab this slab belongs to.
+    pub fn superslab(&self) -> *mut SuperSlab {
+        crate::segment::chunk_of(self as *const _ as usize) as *mut SuperSlab
+    }
+
+    fn index(&self) -> usize {
+        let ss = self.superslab() as usize;
+        (self as *const _ as usize - ss - core::mem::offset_of!(SuperSlab, slabs))
+            / core::mem::size_of::<Slab>()
+    }
+
+    pub fn area(&self) -> usize {
+        slab_area(self.superslab() as usize, self.index())
+    }
+
+    /// Prepares the slab to serve `class` for `owner`.
+    pub fn format(&mut self, class: usize, block_size: usize, owner: usize) {
+        let idx = self.index();
+        let len = SLAB_SIZE - if idx == 0 { SS_HEADER_RESERVE } else { 0 };
+        self.state = SlabState::InUse;
+        self.class = class as u8;
+        self.block_size = block_size as u32;
+        self.capacity = (len / block_size) as u32;
+        self.used = 0;
+        self.carved = 0;
+        self.free = null_mut();
+        self.remote.store(null_mut(), Ordering::Relaxed);
+        self.owner.store(owner, Ordering::Release);
+        self.next = null_mut();
+        self.prev = null_mut();
+    }
+
+    /// Moves up to `want` blocks onto the singly linked list at `*head`; returns how many.
+    /// Owner only.
+    pub fn take_batch(&mut self, want: u32, head: &mut *mut Block) -> u32 {
+        let mut n = 0;
+        while n < want && !self.free.is_null() {
+            let b = self.free;
+            // SAFETY: blocks on the owner's free list are ours and unused; the
+            // first word holds the link.
+            unsafe {
+                self.free = (*b).next;
+                (*b).next = *head;
+            }
+            *head = b;
+            n += 1;
+        }
+        if n < want && self.carved < self.capacity {
+            let area = self.area();
+            let bs = self.block_size as usize;
+            let take = (want - n).min(self.capacity - self.carved);
+            for i in 0..take {
+                let b = (area + (self.carved + i) as usize * bs) as *mut Block;
+                // SAFETY: an uncarved block inside this slab's area, never handed out.
+                unsafe { (*b).next = *head };
+                *head = b;
+            }
+            self.carved += take;
+            n += take;
+        }
+        self.used += n;
+        n
+    }
+
+    /// Returns one block to the owner's free list. Returns true if the slab became EMPTY.
+    /// Owner only.
+    #[inline]
+    pub fn give_back(&mut self, b: *mut Block) -> bool {
+        // SAFETY: `b` is a block of this slab that its user has freed.
+        unsafe { (*b).next = self.free };
+        self.free = b;
+        self.used -= 1;
+        self.used == 0
+    }
+
+    /// Pushes a block freed by a non-owner thread. Any thread.
+    #[inline]
+    pub fn push_remote(&self, b: *mut Block) {
+        let mut head = self.remote.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `b` was freed by its user and is ours to link.
+            unsafe { (*b).next = head };
+            match self.remote.compare_exchange_weak(head, b, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Moves the remote list onto the local free list; returns how many blocks. Owner only.
+    pub fn drain_remote(&mut self) -> u32 {
+        if self.remote.load(Ordering::Relaxed).is_null() {
+            return 0;
+        }
+        let mut b = self.remote.swap(null_mut(), Ordering::Acquire);
+        let mut n = 0;
+        while !b.is_null() {
+            // SAFETY: the swap gave us exclusive ownership of the whole list.
+            let next = unsafe { (*b).next };
+            // SAFETY: as above; relinking onto our own free list.
+            unsafe { (*b).next = self.free };
+            self.free = b;
+            b = next;
+            n += 1;
+        }
+        self.used -= n;
+        n
+    }
+
+    pub fn has_free(&self) -> bool {
+        !self.free.is_null() || self.carved < self.capacity
+    }
+
+    pub fn has_remote(&self) -> bool {
+        !self.remote.load(Ordering::Relaxed).is_null()
+    }
+}

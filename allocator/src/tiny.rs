@@ -1,0 +1,340 @@
+//! The tiny path (classes 0..7): per-thread singly linked free lists (TLS SLL)
+//! in front of slabs. Allocation pops and an owner's free pushes, with no
+//! atomics, locks or syscalls; everything else (refill, drains, remote frees,
+//! thread exit) is out of line.
+
+use crate::ace::AceCache;
+use crate::config;
+use crate::legacy;
+use crate::pool::{self, Acquired};
+use crate::probes;
+use crate::segment::{self, SegKind};
+use crate::superslab::{slab_of, Block, Slab};
+use crate::thread;
+use core::cell::UnsafeCell;
+use core::ptr::null_mut;
+use core::sync::atomic::Ordering;
+use hakmem_common::{DrainWhy, ACE_CLASSES, TINY_CLASSES, TINY_CLASS_SIZES};
+
+/// Blocks moved per refill, per class.
+const BATCH: [u32; TINY_CLASSES] = [64, 64, 64, 64, 32, 32, 16, 16];
+
+pub struct ClassCache {
+    /// The TLS SLL.
+    head: *mut Block,
+    count: u32,
+    /// The slab refills carve from.
+    active: *mut Slab,
+    /// Every slab this thread owns for the class (through Slab::next/prev).
+    owned: *mut Slab,
+}
+
+impl ClassCache {
+    const NEW: ClassCache = ClassCache { head: null_mut(), count: 0, active: null_mut(), owned: null_mut() };
+}
+
+pub struct ThreadCache {
+    tiny: [ClassCache; TINY_CLASSES],
+    pub ace: [AceCache; ACE_CLASSES],
+    /// Owner id stamped on this thread's slabs (0 until the first refill).
+    id: usize,
+    registered: bool,
+}
+
+thread_local! {
+    // Const-initialised and without Drop, so the first access neither allocates
+    // nor registers a destructor (see DESIGN.md, pitfalls); thread exit comes
+    // from the pthread key in `thread`.
+    static CACHE: UnsafeCell<ThreadCache> = const {
+        UnsafeCell::new(ThreadCache {
+            tiny: [ClassCache::NEW; TINY_CLASSES],
+            ace: [AceCache::NEW; ACE_CLASSES],
+            id: 0,
+            registered: false,
+        })
+    };
+}
+
+/// Runs `f` on this thread's cache.
+#[inline(always)]
+pub fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> R {
+    // SAFETY: the cache is thread-local and no function that holds this
+    // reference calls back into malloc (re-entrant paths run before it is taken,
+    // see `refill`), so it is the only live reference.
+    CACHE.with(|c| f(unsafe { &mut *c.get() }))
+}
+
+/// Allocates a block of tiny class `class`.
+#[inline(always)]
+pub fn alloc(class: usize) -> *mut u8 {
+    let hit = with_cache(|tc| {
+        let cc = &mut tc.tiny[class];
+        let b = cc.head;
+        if !b.is_null() {
+            // SAFETY: blocks on the TLS SLL are free and link through their first word.
+            cc.head = unsafe { (*b).next };
+            cc.count -= 1;
+        }
+        b
+    });
+    if !hit.is_null() {
+        return hit.cast();
+    }
+    refill_and_alloc(class)
+}
+
+/// Frees a block of a SuperSlab slab (`slab` is its metadata).
+///
+/// # Safety
+/// `ptr` is a block of `slab`, handed out by hakmem and not yet freed.
+#[inline(always)]
+pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
+    // SAFETY: per the contract `slab` is live metadata; owner is atomic and class
+    // is stable while any block of the slab is out.
+    let (owner, class) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).class as usize) };
+    let b = ptr as *mut Block;
+    let local = with_cache(|tc| {
+        if owner != tc.id || owner == 0 {
+            return false;
+        }
+        push_local(tc, class, b);
+        true
+    });
+    if !local {
+        // SAFETY: per the contract, the block is ours to link onto the remote list.
+        unsafe { (*slab).push_remote(b) };
+    }
+}
+
+/// Frees a legacy block of `class` (any thread: legacy blocks have no owner).
+#[inline]
+pub fn free_legacy(ptr: *mut u8, class: usize) {
+    with_cache(|tc| push_local(tc, class, ptr as *mut Block));
+}
+
+#[inline(always)]
+fn push_local(tc: &mut ThreadCache, class: usize, b: *mut Block) {
+    let cc = &mut tc.tiny[class];
+    // SAFETY: the block was freed by its user; its first word becomes the link.
+    unsafe { (*b).next = cc.head };
+    cc.head = b;
+    cc.count += 1;
+    let count = cc.count;
+    if count > BATCH[class] * 2 {
+        tc.drain(class, count - BATCH[class], DrainWhy::Overflow);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn refill_and_alloc(class: usize) -> *mut u8 {
+    crate::global::ensure_init();
+    // Registering the thread-exit hook can allocate (pthread_setspecific); do
+    // it before any reference into the cache is taken.
+    let must_register = with_cache(|tc| !tc.registered);
+    if must_register {
+        with_cache(|tc| {
+            tc.registered = true;
+            if tc.id == 0 {
+                tc.id = thread::new_owner_id(tc as *const ThreadCache as usize);
+            }
+        });
+        thread::register_current();
+    }
+    with_cache(|tc| tc.refill(class))
+}
+
+impl ThreadCache {
+    fn refill(&mut self, class: usize) -> *mut u8 {
+        let want = BATCH[class];
+        if config::get().use_superslab {
+            loop {
+                let active = self.tiny[class].active;
+                if !active.is_null() {
+                    // SAFETY: the active slab is owned by this thread.
+                    let s = unsafe { &mut *active };
+                    let mut n = s.take_batch(want, &mut self.tiny[class].head);
+                    if n == 0 && s.has_remote() {
+                        drain_remote(s);
+                        n = s.take_batch(want, &mut self.tiny[class].head);
+                    }
+                    if n > 0 {
+                        self.tiny[class].count += n;
+                        return self.pop(class);
+                    }
+                }
+                if let Some(s) = self.find_partial(class) {
+                    self.tiny[class].active = s;
+                    continue;
+                }
+                if let Some(s) = pool::adopt(class, self.id) {
+                    // SAFETY: adopt handed us exclusive ownership of `s`.
+                    unsafe { drain_remote(&mut *s) };
+                    self.link_owned(class, s);
+                    self.tiny[class].active = s;
+                    continue;
+                }
+                match pool::acquire(class, TINY_CLASS_SIZES[class], self.id) {
+                    Acquired::Slab(s) => {
+                        self.link_owned(class, s);
+                        self.tiny[class].active = s;
+                    }
+                    Acquired::Failed => break,
+                }
+            }
+        }
+        let n = legacy::refill(class, want, &mut self.tiny[class].head);
+        if n == 0 {
+            return null_mut();
+        }
+        self.tiny[class].count += n;
+        self.pop(class)
+    }
+
+    fn pop(&mut self, class: usize) -> *mut u8 {
+        let cc = &mut self.tiny[class];
+        let b = cc.head;
+        // SAFETY: callers only pop after adding at least one block.
+        cc.head = unsafe { (*b).next };
+        cc.count -= 1;
+        b.cast()
+    }
+
+    /// Looks through the thread's other slabs of `class` for free blocks,
+    /// draining their remote lists; EMPTY ones go to the recycle boundary.
+    fn find_partial(&mut self, class: usize) -> Option<*mut Slab> {
+        let active = self.tiny[class].active;
+        let mut cur = self.tiny[class].owned;
+        while !cur.is_null() {
+            // SAFETY: slabs on the owned list belong to this thread.
+            let s = unsafe { &mut *cur };
+            let next = s.next;
+            if cur != active {
+                if s.has_remote() {
+                    drain_remote(s);
+                }
+                if s.used == 0 {
+                    if self.on_empty(class, cur) {
+                        cur = next;
+                        continue;
+                    }
+                }
+                if s.has_free() {
+                    return Some(cur);
+                }
+            }
+            cur = next;
+        }
+        None
+    }
+
+    /// Returns `n` blocks from the TLS SLL of `class` to their slabs.
+    fn drain(&mut self, class: usize, n: u32, why: DrainWhy) {
+        probes::tls_drain(class, n, why);
+        let mut legacy_head: *mut Block = null_mut();
+        let mut legacy_tail: *mut Block = null_mut();
+        for _ in 0..n {
+            let b = self.tiny[class].head;
+            // SAFETY: n <= count, so b is a block on the SLL.
+            self.tiny[class].head = unsafe { (*b).next };
+            self.tiny[class].count -= 1;
+            let kind = segment::lookup(b as usize).map(|h| h.kind);
+            if kind == Some(SegKind::SuperSlab) {
+                let (_, slab, _) = slab_of(b as usize);
+                // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
+                if unsafe { (*slab).give_back(b) } {
+                    self.on_empty(class, slab);
+                }
+            } else {
+                // SAFETY: a legacy block; relink into the local chain.
+                unsafe { (*b).next = legacy_head };
+                if legacy_head.is_null() {
+                    legacy_tail = b;
+                }
+                legacy_head = b;
+            }
+        }
+        if !legacy_head.is_null() {
+            // SAFETY: the chain holds free legacy blocks of `class`.
+            unsafe { legacy::give_back(class, legacy_head, legacy_tail) };
+        }
+    }
+
+    /// A drain found `slab` EMPTY: hand it to the recycle boundary. True if released.
+    fn on_empty(&mut self, class: usize, slab: *mut Slab) -> bool {
+        let is_active = slab == self.tiny[class].active;
+        // SAFETY: we own the slab; the unlink runs before the pool takes it.
+        unsafe { pool::recycle(slab, is_active, |s| self.unlink_owned(class, s)) }
+    }
+
+    fn link_owned(&mut self, class: usize, s: *mut Slab) {
+        let cc = &mut self.tiny[class];
+        // SAFETY: `s` is owned by this thread and on no list.
+        unsafe {
+            (*s).prev = null_mut();
+            (*s).next = cc.owned;
+            if !cc.owned.is_null() {
+                (*cc.owned).prev = s;
+            }
+        }
+        cc.owned = s;
+    }
+
+    fn unlink_owned(&mut self, class: usize, s: *mut Slab) {
+        let cc = &mut self.tiny[class];
+        // SAFETY: `s` is on this thread's owned list for `class`.
+        unsafe {
+            let (prev, next) = ((*s).prev, (*s).next);
+            if prev.is_null() {
+                cc.owned = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+            (*s).next = null_mut();
+            (*s).prev = null_mut();
+        }
+        if cc.active == s {
+            cc.active = null_mut();
+        }
+    }
+
+    /// Thread exit: every cached block back to its slab, every slab back to the
+    /// pool (EMPTY) or parked for adoption (still has blocks out).
+    fn release_all(&mut self) {
+        for class in 0..TINY_CLASSES {
+            let n = self.tiny[class].count;
+            if n > 0 {
+                self.drain(class, n, DrainWhy::ThreadExit);
+            }
+            self.tiny[class].active = null_mut();
+            while !self.tiny[class].owned.is_null() {
+                let s = self.tiny[class].owned;
+                // SAFETY: owned slabs are ours.
+                unsafe { drain_remote(&mut *s) };
+                // SAFETY: as above.
+                if unsafe { (*s).used } == 0 && self.on_empty(class, s) {
+                    continue;
+                }
+                self.unlink_owned(class, s);
+                pool::abandon(s);
+            }
+        }
+        crate::ace::release_thread(&mut self.ace);
+        self.registered = false;
+    }
+}
+
+fn drain_remote(s: &mut Slab) {
+    let n = s.drain_remote();
+    if n > 0 {
+        probes::remote_drain(s.class as usize, n);
+    }
+}
+
+/// The thread-exit hook (from the pthread key destructor).
+pub fn thread_exit() {
+    with_cache(|tc| tc.release_all());
+}

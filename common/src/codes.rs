@@ -1,0 +1,80 @@
+//! Numeric codes carried in probe arguments.
+
+/// Number of tiny size classes (8 B .. 1024 B, powers of two).
+pub const TINY_CLASSES: usize = 8;
+/// Block size of each tiny class.
+pub const TINY_CLASS_SIZES: [usize; TINY_CLASSES] = [8, 16, 32, 64, 128, 256, 512, 1024];
+
+/// Number of ACE (mid-size) classes.
+pub const ACE_CLASSES: usize = 9;
+/// Block size of each ACE class: 1024 < size <= 32 KiB, steps of 1.5x/1.33x so that
+/// internal fragmentation stays below 33% (powers of two alone waste up to 50%).
+pub const ACE_CLASS_SIZES: [usize; ACE_CLASSES] = [
+    2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768,
+];
+/// `class` argument of `ace_fail` when the size matches no class.
+pub const NO_CLASS: u64 = 255;
+
+/// Shared pool stage that served a slab request (`ss_acquire` argument `stage`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// An EMPTY slab reused from the Stage 1 list.
+    ReuseEmpty = 1,
+    /// A never-used slot claimed in an existing SuperSlab.
+    ClaimFresh = 2,
+    /// A newly mapped SuperSlab.
+    MapNew = 3,
+}
+pub const STAGES: usize = 3;
+pub const STAGE_NAMES: [&str; STAGES] = ["stage1", "stage2", "stage3"];
+
+/// Outcome of a recycle check at a drain boundary (`slab_recycle` argument `outcome`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecycleOutcome {
+    /// `used == 0 && capacity > 0`: the slab is EMPTY.
+    Empty = 0,
+    /// The EMPTY slab was released to the shared pool (pushed on the Stage 1 list).
+    Released = 1,
+    /// EMPTY, but it is the thread's current slab for its class: kept, not released.
+    SkipActive = 2,
+    /// EMPTY, but recycling is turned off (`HAKMEM_TINY_RECYCLE=0`).
+    SkipDisabled = 3,
+}
+pub const OUTCOMES: usize = 4;
+pub const OUTCOME_NAMES: [&str; OUTCOMES] = ["empty", "released", "skip_active", "skip_disabled"];
+
+/// Why the shared pool gave up and the legacy path served (`shared_fail` argument `reason`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// Stage 3 asked the OS for a SuperSlab and was refused.
+    MapFailed = 0,
+    /// Stage 3 would exceed the SuperSlab budget (`HAKMEM_SS_MAX`).
+    Budget = 1,
+}
+pub const REASONS: usize = 2;
+pub const REASON_NAMES: [&str; REASONS] = ["map_failed", "budget"];
+
+/// Kind of ACE failure (`ace_fail` argument `kind`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AceFailKind {
+    /// The size matches no (enabled) ACE class.
+    Threshold = 0,
+    /// The class's pool is depleted and may not grow (segment budget reached).
+    Exhaustion = 1,
+    /// The OS refused memory for a new segment.
+    MapFail = 2,
+}
+pub const ACE_KINDS: usize = 3;
+pub const ACE_KIND_NAMES: [&str; ACE_KINDS] = ["threshold", "exhaustion", "map_fail"];
+
+/// Why a TLS SLL was drained (`tls_drain` argument `why`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainWhy {
+    Overflow = 0,
+    ThreadExit = 1,
+}

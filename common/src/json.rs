@@ -1,0 +1,57 @@
+//! The tally as JSON, written through `core::fmt` so the allocator can print it
+//! at exit from a stack buffer without allocating. hakctl writes its counts with
+//! the same function, so the two documents share one schema (docs/json-schema.md).
+
+use crate::codes::*;
+use crate::probe::PROBES;
+use crate::tally::Tally;
+use core::fmt::{self, Write};
+
+/// Writes `{"probes":{...},"classes":[...],"ace_fail":{...},"ss_bytes":{...}}`.
+pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
+    w.write_str("{\"probes\":{")?;
+    for (i, p) in PROBES.iter().enumerate() {
+        sep(w, i)?;
+        write!(w, "\"{}\":{}", p.name, t.probe(p.id))?;
+    }
+    w.write_str("},\"classes\":[")?;
+    for c in 0..TINY_CLASSES {
+        sep(w, c)?;
+        write!(w, "{{\"class\":{},\"size\":{}", c, TINY_CLASS_SIZES[c])?;
+        for s in 1..=STAGES {
+            write!(w, ",\"{}\":{}", STAGE_NAMES[s - 1], t.acquire(c, s))?;
+        }
+        w.write_str(",\"recycle\":{")?;
+        for (o, name) in OUTCOME_NAMES.iter().enumerate() {
+            sep(w, o)?;
+            let v = t.slots[crate::tally::SLOT_RECYCLE + c * OUTCOMES + o];
+            write!(w, "\"{name}\":{v}")?;
+        }
+        w.write_str("},\"shared_fail\":{")?;
+        for (r, name) in REASON_NAMES.iter().enumerate() {
+            sep(w, r)?;
+            write!(w, "\"{name}\":{}", t.shared_fail(c, r))?;
+        }
+        write!(
+            w,
+            "}},\"tls_drain_blocks\":{},\"remote_drain_blocks\":{},\"legacy_blocks\":{}}}",
+            t.tls_drain_blocks(c),
+            t.remote_drain_blocks(c),
+            t.legacy_blocks(c)
+        )?;
+    }
+    w.write_str("],\"ace_fail\":{")?;
+    for (k, name) in ACE_KIND_NAMES.iter().enumerate() {
+        sep(w, k)?;
+        write!(w, "\"{name}\":{}", t.slots[crate::tally::SLOT_ACE_FAIL + k])?;
+    }
+    let (mapped, unmapped) = t.ss_bytes();
+    write!(w, "}},\"ss_bytes\":{{\"mapped\":{mapped},\"unmapped\":{unmapped}}}}}")
+}
+
+fn sep(w: &mut impl Write, i: usize) -> fmt::Result {
+    if i > 0 {
+        w.write_char(',')?;
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The tally: a flat array of event counters that both the allocator
+//! (`HAKMEM_STATS=1`) and the eBPF programs fill from the same probe arguments,
+//! through the same [`record`] function. hakctl's counts and the allocator's own
+//! tally are therefore the same numbers by construction of the layout, and a test
+//! that compares them checks only what can really differ: whether every event
+//! reached the tracer with the right arguments.
+
+use crate::codes::*;
+use crate::probe::{ProbeId, PROBE_COUNT};
+
+pub const SLOT_PROBES: usize = 0;
+pub const SLOT_ACQUIRE: usize = SLOT_PROBES + PROBE_COUNT;
+pub const SLOT_RECYCLE: usize = SLOT_ACQUIRE + TINY_CLASSES * STAGES;
+pub const SLOT_SHARED_FAIL: usize = SLOT_RECYCLE + TINY_CLASSES * OUTCOMES;
+pub const SLOT_ACE_FAIL: usize = SLOT_SHARED_FAIL + TINY_CLASSES * REASONS;
+pub const SLOT_TLS_DRAIN_BLOCKS: usize = SLOT_ACE_FAIL + ACE_KINDS;
+pub const SLOT_REMOTE_DRAIN_BLOCKS: usize = SLOT_TLS_DRAIN_BLOCKS + TINY_CLASSES;
+pub const SLOT_LEGACY_BLOCKS: usize = SLOT_REMOTE_DRAIN_BLOCKS + TINY_CLASSES;
+pub const SLOT_SS_MAPPED_BYTES: usize = SLOT_LEGACY_BLOCKS + TINY_CLASSES;
+pub const SLOT_SS_UNMAPPED_BYTES: usize = SLOT_SS_MAPPED_BYTES + 1;
+/// Number of counters in a tally.
+pub const TALLY_SLOTS: usize = SLOT_SS_UNMAPPED_BYTES + 1;
+
+/// A tally as plain counters (userspace and eBPF map value layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tally {
+    pub slots: [u64; TALLY_SLOTS],
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally { slots: [0; TALLY_SLOTS] }
+    }
+}
+
+/// Calls `add(slot, n)` for each counter that one probe event increments.
+/// Out-of-range codes are counted in the per-probe total only, so a corrupt or
+/// future argument can never index outside the tally.
+#[inline(always)]
+pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
+    if probe as usize >= PROBE_COUNT {
+        return;
+    }
+    add(SLOT_PROBES + probe as usize, 1);
+    let class = a0 as usize;
+    match probe {
+        p if p == ProbeId::SlabRecycle as u32 => {
+            let outcome = a1 as usize;
+            if class < TINY_CLASSES && outcome < OUTCOMES {
+                add(SLOT_RECYCLE + class * OUTCOMES + outcome, 1);
+            }
+        }
+        p if p == ProbeId::SsAcquire as u32 => {
+            let stage = a1 as usize;
+            if class < TINY_CLASSES && (1..=STAGES).contains(&stage) {
+                add(SLOT_ACQUIRE + class * STAGES + stage - 1, 1);
+            }
+        }
+        p if p == ProbeId::SharedFail as u32 => {
+            let reason = a1 as usize;
+            if class < TINY_CLASSES && reason < REASONS {
+                add(SLOT_SHARED_FAIL + class * REASONS + reason, 1);
+            }
+        }
+        p if p == ProbeId::AceFail as u32 => {
+            let kind = a0 as usize;
+            if kind < ACE_KINDS {
+                add(SLOT_ACE_FAIL + kind, 1);
+            }
+        }
+        p if p == ProbeId::TlsDrain as u32 => {
+            if class < TINY_CLASSES {
+                add(SLOT_TLS_DRAIN_BLOCKS + class, a1);
+            }
+        }
+        p if p == ProbeId::RemoteDrain as u32 => {
+            if class < TINY_CLASSES {
+                add(SLOT_REMOTE_DRAIN_BLOCKS + class, a1);
+            }
+        }
+        p if p == ProbeId::LegacyRefill as u32 => {
+            if class < TINY_CLASSES {
+                add(SLOT_LEGACY_BLOCKS + class, a1);
+            }
+        }
+        p if p == ProbeId::SsMap as u32 => add(SLOT_SS_MAPPED_BYTES, a0),
+        p if p == ProbeId::SsUnmap as u32 => add(SLOT_SS_UNMAPPED_BYTES, a0),
+        _ => {}
+    }
+}
+
+impl Tally {
+    pub fn record(&mut self, probe: u32, a0: u64, a1: u64) {
+        record(probe, a0, a1, |slot, n| self.slots[slot] += n);
+    }
+
+    pub fn probe(&self, p: ProbeId) -> u64 {
+        self.slots[SLOT_PROBES + p as usize]
+    }
+    pub fn acquire(&self, class: usize, stage: usize) -> u64 {
+        self.slots[SLOT_ACQUIRE + class * STAGES + stage - 1]
+    }
+    pub fn recycle(&self, class: usize, outcome: RecycleOutcome) -> u64 {
+        self.slots[SLOT_RECYCLE + class * OUTCOMES + outcome as usize]
+    }
+    pub fn shared_fail(&self, class: usize, reason: usize) -> u64 {
+        self.slots[SLOT_SHARED_FAIL + class * REASONS + reason]
+    }
+    pub fn ace_fail(&self, kind: AceFailKind) -> u64 {
+        self.slots[SLOT_ACE_FAIL + kind as usize]
+    }
+    pub fn tls_drain_blocks(&self, class: usize) -> u64 {
+        self.slots[SLOT_TLS_DRAIN_BLOCKS + class]
+    }
+    pub fn remote_drain_blocks(&self, class: usize) -> u64 {
+        self.slots[SLOT_REMOTE_DRAIN_BLOCKS + class]
+    }
+    pub fn legacy_blocks(&self, class: usize) -> u64 {
+        self.slots[SLOT_LEGACY_BLOCKS + class]
+    }
+    pub fn ss_bytes(&self) -> (u64, u64) {
+        (self.slots[SLOT_SS_MAPPED_BYTES], self.slots[SLOT_SS_UNMAPPED_BYTES])
+    }
+
+    /// `self - earlier`, counter by counter (saturating, for counters read at two times).
+    pub fn since(&self, earlier: &Tally) -> Tally {
+        let mut out = Tally::default();
+        for (i, o) in out.slots.iter_mut().enumerate() {
+            *o = self.slots[i].saturating_sub(earlier.slots[i]);
+        }
+        out
+    }
+}
