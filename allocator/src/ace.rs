@@ -38,7 +38,12 @@ pub struct AceCache {
 }
 
 impl AceCache {
-    pub const NEW: AceCache = AceCache { head: null_mut(), count: 0, cap: MIN_CAP, misses_since_flush: 0 };
+    pub const NEW: AceCache = AceCache {
+        head: null_mut(),
+        count: 0,
+        cap: MIN_CAP,
+        misses_since_flush: 0,
+    };
 }
 
 #[repr(C)]
@@ -75,8 +80,12 @@ struct AceClass {
 unsafe impl Send for AceClass {}
 
 #[allow(clippy::declare_interior_mutable_const)]
-const NEW_CLASS: SpinLock<AceClass> =
-    SpinLock::new(AceClass { partial: null_mut(), free: null_mut(), free_count: 0, segments: 0 });
+const NEW_CLASS: SpinLock<AceClass> = SpinLock::new(AceClass {
+    partial: null_mut(),
+    free: null_mut(),
+    free_count: 0,
+    segments: 0,
+});
 static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
 
 /// Allocates `size` (TINY_MAX < size <= ACE_MAX) from ACE, or null after
@@ -260,7 +269,9 @@ impl AceClass {
                     s.free = unsafe { (*b).next };
                     b
                 } else if s.carved < s.capacity {
-                    let b = (seg as usize + HEADER_RESERVE + s.carved as usize * s.block_size as usize) as *mut Block;
+                    let b =
+                        (seg as usize + HEADER_RESERVE + s.carved as usize * s.block_size as usize)
+                            as *mut Block;
                     s.carved += 1;
                     b
                 } else {

@@ -26,7 +26,11 @@ fn set_errno(e: i32) {
 /// None beyond the C contract; unsafe because it hands out raw memory.
 #[inline]
 pub unsafe fn malloc(size: usize) -> *mut u8 {
-    let p = if size <= TINY_MAX { tiny::alloc(tiny_class(size)) } else { alloc_above_tiny(size) };
+    let p = if size <= TINY_MAX {
+        tiny::alloc(tiny_class(size))
+    } else {
+        alloc_above_tiny(size)
+    };
     if p.is_null() {
         set_errno(libc::ENOMEM);
     }
@@ -64,7 +68,10 @@ pub unsafe fn free(ptr: *mut u8) {
             // SAFETY: the registry vouched for the SuperSlab; the slab's
             // format fields do not change while any of its blocks is out.
             let s = unsafe { &*slab };
-            if s.state != SlabState::InUse || p < s.area() || (p - s.area()) & (s.block_size as usize - 1) != 0 {
+            if s.state != SlabState::InUse
+                || p < s.area()
+                || (p - s.area()) & (s.block_size as usize - 1) != 0
+            {
                 return invalid_pointer("free(): invalid pointer", p);
             }
             // SAFETY: a block of an in-use slab, freed by its user.
@@ -85,7 +92,9 @@ pub unsafe fn free(ptr: *mut u8) {
 /// `malloc_usable_size` (0 for null or a pointer that is not ours).
 pub fn usable_size(ptr: *const u8) -> usize {
     let p = ptr as usize;
-    let Some(h) = segment::lookup(p) else { return 0 };
+    let Some(h) = segment::lookup(p) else {
+        return 0;
+    };
     match h.kind {
         SegKind::SuperSlab => {
             let (_, slab, _) = slab_of(p);
@@ -190,7 +199,11 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
         tiny::alloc(tiny_class(need))
     } else if align <= 1024 && size <= ACE_MAX {
         let p = ace::alloc(size.max(TINY_MAX + 1));
-        if p.is_null() { large::alloc(size, align).0 } else { p }
+        if p.is_null() {
+            large::alloc(size, align).0
+        } else {
+            p
+        }
     } else if align <= MAX_ALIGN {
         large::alloc(size, align).0
     } else {
@@ -224,10 +237,104 @@ pub unsafe fn alloc_aligned_zeroed(align: usize, size: usize) -> *mut u8 {
 fn invalid_pointer(what: &str, ptr: usize) {
     let mut msg = StackBuf::<128>::new();
     let abort = config::get().invalid_free_abort;
-    let _ = write!(msg, "hakmem: {what}: {ptr:#x}{}\n", if abort { "" } else { " (ignored)" });
+    let _ = writeln!(
+        msg,
+        "hakmem: {what}: {ptr:#x}{}",
+        if abort { "" } else { " (ignored)" }
+    );
     write_fd(2, msg.as_bytes());
     if abort {
         // SAFETY: abort has no preconditions; continuing would corrupt the heap.
         unsafe { libc::abort() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::class::tiny_class;
+
+    #[test]
+    fn pointers_find_their_segment_and_slab() {
+        for size in [
+            1usize,
+            8,
+            9,
+            100,
+            1000,
+            1024,
+            1025,
+            5000,
+            32768,
+            32769,
+            40_000,
+            5 << 20,
+        ] {
+            // SAFETY: plain allocation, checked, freed below.
+            let p = unsafe { malloc(size) };
+            assert!(!p.is_null());
+            let h = segment::lookup(p as usize).expect("our pointer is in a registered segment");
+            if size <= TINY_MAX {
+                assert!(
+                    matches!(h.kind, SegKind::SuperSlab | SegKind::Legacy),
+                    "size {size}"
+                );
+                if h.kind == SegKind::SuperSlab {
+                    let (ss, slab, idx) = slab_of(p as usize);
+                    assert_eq!(ss as usize, p as usize & !(crate::registry::CHUNK - 1));
+                    // SAFETY: the slab of a live block.
+                    let s = unsafe { &*slab };
+                    assert_eq!(s.class as usize, tiny_class(size));
+                    assert!(p as usize >= s.area() && idx < crate::superslab::SLABS_PER_SS);
+                }
+            } else if size <= ACE_MAX {
+                assert_eq!(h.kind, SegKind::Ace, "size {size}");
+            } else {
+                assert_eq!(h.kind, SegKind::Large, "size {size}");
+            }
+            assert!(usable_size(p) >= size);
+            // SAFETY: allocated above.
+            unsafe { free(p) };
+        }
+        let on_stack = 5u64;
+        assert!(segment::lookup(&on_stack as *const u64 as usize).is_none());
+        assert!(segment::lookup(0x1000).is_none());
+        assert!(segment::lookup(usize::MAX - 7).is_none());
+        assert_eq!(usable_size(&on_stack as *const u64 as *const u8), 0);
+    }
+
+    #[test]
+    fn aligned_allocations_honour_their_alignment() {
+        for shift in 3..=20 {
+            let align = 1usize << shift;
+            for size in [1usize, 24, 100, 1024, 3000, 50_000] {
+                // SAFETY: plain allocation, checked, freed below.
+                let p = unsafe { alloc_aligned(align, size) };
+                assert!(!p.is_null(), "align {align} size {size}");
+                assert_eq!(p as usize % align, 0, "align {align} size {size}");
+                assert!(usable_size(p) >= size);
+                // SAFETY: p has size writable bytes.
+                unsafe { core::ptr::write_bytes(p, 0xab, size) };
+                // SAFETY: allocated above.
+                unsafe { free(p) };
+            }
+        }
+    }
+
+    #[test]
+    fn calloc_overflow_and_realloc_semantics() {
+        // SAFETY: each call follows the C contract.
+        unsafe {
+            assert!(calloc(usize::MAX / 2, 3).is_null());
+            let p = calloc(100, 10);
+            assert!(core::slice::from_raw_parts(p, 1000).iter().all(|&b| b == 0));
+            core::ptr::write_bytes(p, 7, 1000);
+            let q = realloc(p, 20_000);
+            assert!(core::slice::from_raw_parts(q, 1000).iter().all(|&b| b == 7));
+            assert!(realloc(q, 0).is_null());
+            let r = realloc(core::ptr::null_mut(), 10);
+            assert!(!r.is_null());
+            free(r);
+        }
     }
 }

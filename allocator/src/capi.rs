@@ -48,7 +48,7 @@ pub unsafe extern "C" fn reallocarray(ptr: *mut c_void, n: usize, size: usize) -
 
 #[no_mangle]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 {
-    if !align.is_power_of_two() || align % core::mem::size_of::<*mut c_void>() != 0 {
+    if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<*mut c_void>()) {
         return libc::EINVAL;
     }
     // SAFETY: C contract.
@@ -75,7 +75,10 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
 #[no_mangle]
 pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
     // glibc rounds a non-power-of-two alignment up.
-    let align = align.max(1).checked_next_power_of_two().unwrap_or(usize::MAX);
+    let align = align
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(usize::MAX);
     // SAFETY: C contract.
     unsafe { api::alloc_aligned(align, size).cast() }
 }

@@ -23,7 +23,10 @@ pub fn tiny_class(size: usize) -> usize {
 #[inline]
 pub fn ace_class(size: usize) -> usize {
     debug_assert!(size > TINY_MAX && size <= ACE_MAX);
-    ACE_CLASS_SIZES.iter().position(|&s| size <= s).unwrap_or(ACE_CLASSES - 1)
+    ACE_CLASS_SIZES
+        .iter()
+        .position(|&s| size <= s)
+        .unwrap_or(ACE_CLASSES - 1)
 }
 
 #[cfg(test)]
@@ -43,7 +46,10 @@ mod tests {
             let c = tiny_class(size);
             assert!(TINY_CLASS_SIZES[c] >= size, "size {size} class {c}");
             if c > 0 {
-                assert!(TINY_CLASS_SIZES[c - 1] < size, "size {size} not in smallest class");
+                assert!(
+                    TINY_CLASS_SIZES[c - 1] < size,
+                    "size {size} not in smallest class"
+                );
             }
         }
     }

@@ -20,7 +20,10 @@ pub fn ensure_init() {
 
 #[cold]
 fn init_slow() {
-    if INIT.compare_exchange(0, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if INIT
+        .compare_exchange(0, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         while INIT.load(Ordering::Acquire) != DONE {
             // SAFETY: sched_yield has no preconditions.
             unsafe { libc::sched_yield() };
@@ -29,7 +32,10 @@ fn init_slow() {
     }
     config::get();
     if !registry::init() {
-        stats::write_fd(2, b"hakmem: cannot map the segment registry; out of memory\n");
+        stats::write_fd(
+            2,
+            b"hakmem: cannot map the segment registry; out of memory\n",
+        );
         // SAFETY: abort has no preconditions; there is no way to serve memory.
         unsafe { libc::abort() };
     }

@@ -40,7 +40,11 @@ struct Cache {
 }
 
 static CACHE: SpinLock<Cache> = SpinLock::new(Cache {
-    slots: [Cached { base: 0, size: 0, freed_at: 0 }; CACHE_SLOTS],
+    slots: [Cached {
+        base: 0,
+        size: 0,
+        freed_at: 0,
+    }; CACHE_SLOTS],
     len: 0,
     bytes: 0,
     frees: 0,
@@ -51,7 +55,10 @@ static CACHE: SpinLock<Cache> = SpinLock::new(Cache {
 pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     crate::global::ensure_init();
     let offset = HEADER.max(align);
-    let Some(total) = size.checked_add(offset).and_then(|t| t.checked_add(PAGE - 1)) else {
+    let Some(total) = size
+        .checked_add(offset)
+        .and_then(|t| t.checked_add(PAGE - 1))
+    else {
         return (null_mut(), false);
     };
     let total = total & !(PAGE - 1);
@@ -69,7 +76,12 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     // SAFETY: `base` is a mapping of at least `total` bytes that we own.
     let map_size = unsafe {
         if fresh {
-            h.write(LargeHeader { hdr: SegHeader::new(SegKind::Large, 0), map_size: total, user_offset: 0, live: false });
+            h.write(LargeHeader {
+                hdr: SegHeader::new(SegKind::Large, 0),
+                map_size: total,
+                user_offset: 0,
+                live: false,
+            });
         }
         (*h).user_offset = offset;
         (*h).live = true;
@@ -104,8 +116,19 @@ pub fn free(chunk: usize) {
         h.live = false;
         h.map_size
     };
-    let mut evicted = [Cached { base: 0, size: 0, freed_at: 0 }; CACHE_SLOTS + 1];
-    let n = CACHE.lock().put(Cached { base: chunk, size, freed_at: 0 }, &mut evicted);
+    let mut evicted = [Cached {
+        base: 0,
+        size: 0,
+        freed_at: 0,
+    }; CACHE_SLOTS + 1];
+    let n = CACHE.lock().put(
+        Cached {
+            base: chunk,
+            size,
+            freed_at: 0,
+        },
+        &mut evicted,
+    );
     for e in &evicted[..n] {
         registry::remove(e.base);
         // SAFETY: an evicted mapping is no longer referenced by the cache or a user.
@@ -127,7 +150,10 @@ impl Cache {
         let mut best: Option<usize> = None;
         for i in 0..self.len {
             let s = self.slots[i].size;
-            if s >= total && s <= total.saturating_mul(2) && best.is_none_or(|b| s < self.slots[b].size) {
+            if s >= total
+                && s <= total.saturating_mul(2)
+                && best.is_none_or(|b| s < self.slots[b].size)
+            {
                 best = Some(i);
             }
         }
@@ -163,7 +189,9 @@ impl Cache {
         }
         // Make room: evict the oldest until the new one fits.
         while self.len == CACHE_SLOTS || self.bytes + m.size > CACHE_BYTES {
-            let oldest = (0..self.len).min_by_key(|&j| self.slots[j].freed_at).unwrap_or(0);
+            let oldest = (0..self.len)
+                .min_by_key(|&j| self.slots[j].freed_at)
+                .unwrap_or(0);
             out[n] = self.slots[oldest];
             n += 1;
             self.bytes -= self.slots[oldest].size;

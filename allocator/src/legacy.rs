@@ -11,8 +11,8 @@ use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
 use crate::superslab::Block;
 use crate::sync::SpinLock;
-use hakmem_common::{TINY_CLASSES, TINY_CLASS_SIZES};
 use core::ptr::null_mut;
+use hakmem_common::{TINY_CLASSES, TINY_CLASS_SIZES};
 
 /// Header area at the start of each legacy segment (keeps blocks 4 KiB-aligned).
 const HEADER_RESERVE: usize = 4096;
@@ -28,7 +28,11 @@ struct LegacyClass {
 unsafe impl Send for LegacyClass {}
 
 #[allow(clippy::declare_interior_mutable_const)]
-const EMPTY: SpinLock<LegacyClass> = SpinLock::new(LegacyClass { free: null_mut(), bump: 0, end: 0 });
+const EMPTY: SpinLock<LegacyClass> = SpinLock::new(LegacyClass {
+    free: null_mut(),
+    bump: 0,
+    end: 0,
+});
 static CLASSES: [SpinLock<LegacyClass>; TINY_CLASSES] = [EMPTY; TINY_CLASSES];
 
 /// Moves up to `want` blocks of `class` onto `*head`; returns how many (0: out of memory).

@@ -19,20 +19,20 @@
 // carries a SAFETY comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod api;
 mod ace;
+pub mod api;
 #[cfg(feature = "c-abi")]
 mod capi;
 pub mod class;
 pub mod config;
 mod global;
-mod segment;
 mod large;
 mod legacy;
 mod os;
 mod pool;
 mod probes;
 mod registry;
+mod segment;
 pub mod stats;
 mod superslab;
 mod sync;
@@ -54,4 +54,20 @@ mod usdt_probes {
     fn ss_map(bytes: u64, ss: u64) {}
     fn ss_unmap(bytes: u64, ss: u64) {}
     fn legacy_refill(class: u64, batch: u64) {}
+}
+
+/// Whether a tracer has raised the semaphore of `ss_acquire` (hakctl and
+/// bpftrace raise it on attach). For programs that wait for a tracer.
+pub fn probes_enabled() -> bool {
+    #[cfg(feature = "probes")]
+    {
+        extern "C" {
+            static __usdt_sema_hakmem_ss_acquire: u16;
+        }
+        // SAFETY: the semaphore is a 2-byte static emitted by the usdt macros;
+        // the kernel updates it, so it is read volatile.
+        unsafe { core::ptr::addr_of!(__usdt_sema_hakmem_ss_acquire).read_volatile() != 0 }
+    }
+    #[cfg(not(feature = "probes"))]
+    false
 }

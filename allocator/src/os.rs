@@ -7,7 +7,6 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 pub const PAGE: usize = 4096;
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
 
-
 fn reserve(bytes: usize) -> bool {
     let limit = config::get().os_limit_bytes;
     let mut cur = MAPPED.load(Ordering::Relaxed);
@@ -26,7 +25,7 @@ fn reserve(bytes: usize) -> bool {
 /// Maps `bytes` (a multiple of PAGE) aligned to `align` (a power of two >= PAGE).
 /// Returns null when the budget or the OS refuses.
 pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
-    debug_assert!(bytes % PAGE == 0 && align.is_power_of_two() && align >= PAGE);
+    debug_assert!(bytes.is_multiple_of(PAGE) && align.is_power_of_two() && align >= PAGE);
     if !reserve(bytes) {
         return core::ptr::null_mut();
     }

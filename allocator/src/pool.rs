@@ -9,9 +9,9 @@ use crate::probes;
 use crate::registry;
 use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
 use crate::sync::SpinLock;
-use hakmem_common::{FailReason, RecycleOutcome, Stage, TINY_CLASSES};
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
+use hakmem_common::{FailReason, RecycleOutcome, Stage, TINY_CLASSES};
 
 struct Pool {
     /// EMPTY slabs (doubly linked through Slab::next/prev): Stage 1.

@@ -36,7 +36,12 @@ pub fn init() -> bool {
         return false;
     }
     if BITS
-        .compare_exchange(core::ptr::null_mut(), p.cast(), Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(
+            core::ptr::null_mut(),
+            p.cast(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
         .is_err()
     {
         // SAFETY: we lost the race; our mapping was never published.

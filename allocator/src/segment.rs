@@ -27,7 +27,11 @@ pub struct SegHeader {
 
 impl SegHeader {
     pub const fn new(kind: SegKind, class: u32) -> Self {
-        SegHeader { magic: SEG_MAGIC, kind, class }
+        SegHeader {
+            magic: SEG_MAGIC,
+            kind,
+            class,
+        }
     }
 }
 

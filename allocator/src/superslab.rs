@@ -92,7 +92,6 @@ impl SuperSlab {
         }
         ss
     }
-
 }
 
 /// First byte of slab `idx`'s block area.
@@ -196,7 +195,10 @@ impl Slab {
         loop {
             // SAFETY: `b` was freed by its user and is ours to link.
             unsafe { (*b).next = head };
-            match self.remote.compare_exchange_weak(head, b, Ordering::Release, Ordering::Relaxed) {
+            match self
+                .remote
+                .compare_exchange_weak(head, b, Ordering::Release, Ordering::Relaxed)
+            {
                 Ok(_) => return,
                 Err(h) => head = h,
             }

@@ -17,7 +17,11 @@ pub fn init() {
         if libc::pthread_key_create(&mut key, Some(on_thread_exit)) == 0 {
             KEY.store(key as usize + 1, Ordering::Release);
         }
-        libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_parent),
+            Some(after_fork_child),
+        );
     }
 }
 
@@ -27,7 +31,12 @@ pub fn register_current() {
     let k = KEY.load(Ordering::Acquire);
     if k != 0 {
         // SAFETY: the key was created by `init`; any non-null value arms the destructor.
-        unsafe { libc::pthread_setspecific((k - 1) as libc::pthread_key_t, 1 as *const libc::c_void) };
+        unsafe {
+            libc::pthread_setspecific(
+                (k - 1) as libc::pthread_key_t,
+                core::ptr::dangling::<libc::c_void>(),
+            )
+        };
     }
 }
 

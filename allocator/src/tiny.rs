@@ -30,7 +30,12 @@ pub struct ClassCache {
 }
 
 impl ClassCache {
-    const NEW: ClassCache = ClassCache { head: null_mut(), count: 0, active: null_mut(), owned: null_mut() };
+    const NEW: ClassCache = ClassCache {
+        head: null_mut(),
+        count: 0,
+        active: null_mut(),
+        owned: null_mut(),
+    };
 }
 
 pub struct ThreadCache {
@@ -91,7 +96,12 @@ pub fn alloc(class: usize) -> *mut u8 {
 pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
     // SAFETY: per the contract `slab` is live metadata; owner is atomic and class
     // is stable while any block of the slab is out.
-    let (owner, class) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).class as usize) };
+    let (owner, class) = unsafe {
+        (
+            (*slab).owner.load(Ordering::Relaxed),
+            (*slab).class as usize,
+        )
+    };
     let b = ptr as *mut Block;
     let local = with_cache(|tc| {
         if owner != tc.id || owner == 0 {
@@ -213,11 +223,9 @@ impl ThreadCache {
                 if s.has_remote() {
                     drain_remote(s);
                 }
-                if s.used == 0 {
-                    if self.on_empty(class, cur) {
-                        cur = next;
-                        continue;
-                    }
+                if s.used == 0 && self.on_empty(class, cur) {
+                    cur = next;
+                    continue;
                 }
                 if s.has_free() {
                     return Some(cur);

@@ -61,5 +61,8 @@ fn main() {
         *p = std::ptr::null_mut();
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("bench_random_mixed ops={ops} slots={slots} sizes={min}..{max} time={secs:.3}s ops/s={:.0}", ops as f64 / secs);
+    println!(
+        "bench_random_mixed ops={ops} slots={slots} sizes={min}..{max} time={secs:.3}s ops/s={:.0}",
+        ops as f64 / secs
+    );
 }

@@ -15,9 +15,9 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
         write!(w, "\"{}\":{}", p.name, t.probe(p.id))?;
     }
     w.write_str("},\"classes\":[")?;
-    for c in 0..TINY_CLASSES {
+    for (c, size) in TINY_CLASS_SIZES.iter().enumerate() {
         sep(w, c)?;
-        write!(w, "{{\"class\":{},\"size\":{}", c, TINY_CLASS_SIZES[c])?;
+        write!(w, "{{\"class\":{c},\"size\":{size}")?;
         for s in 1..=STAGES {
             write!(w, ",\"{}\":{}", STAGE_NAMES[s - 1], t.acquire(c, s))?;
         }
@@ -46,7 +46,10 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
         write!(w, "\"{name}\":{}", t.slots[crate::tally::SLOT_ACE_FAIL + k])?;
     }
     let (mapped, unmapped) = t.ss_bytes();
-    write!(w, "}},\"ss_bytes\":{{\"mapped\":{mapped},\"unmapped\":{unmapped}}}}}")
+    write!(
+        w,
+        "}},\"ss_bytes\":{{\"mapped\":{mapped},\"unmapped\":{unmapped}}}}}"
+    )
 }
 
 fn sep(w: &mut impl Write, i: usize) -> fmt::Result {

@@ -30,16 +30,56 @@ pub struct ProbeDesc {
 }
 
 pub const PROBES: [ProbeDesc; PROBE_COUNT] = [
-    ProbeDesc { id: ProbeId::SlabRecycle, name: "slab_recycle", args: &["class", "outcome", "slab", "used"] },
-    ProbeDesc { id: ProbeId::SsAcquireBegin, name: "ss_acquire_begin", args: &["class"] },
-    ProbeDesc { id: ProbeId::SsAcquire, name: "ss_acquire", args: &["class", "stage", "slab"] },
-    ProbeDesc { id: ProbeId::SharedFail, name: "shared_fail", args: &["class", "reason"] },
-    ProbeDesc { id: ProbeId::AceFail, name: "ace_fail", args: &["kind", "size", "class"] },
-    ProbeDesc { id: ProbeId::TlsDrain, name: "tls_drain", args: &["class", "batch", "why"] },
-    ProbeDesc { id: ProbeId::RemoteDrain, name: "remote_drain", args: &["class", "batch"] },
-    ProbeDesc { id: ProbeId::SsMap, name: "ss_map", args: &["bytes", "ss"] },
-    ProbeDesc { id: ProbeId::SsUnmap, name: "ss_unmap", args: &["bytes", "ss"] },
-    ProbeDesc { id: ProbeId::LegacyRefill, name: "legacy_refill", args: &["class", "batch"] },
+    ProbeDesc {
+        id: ProbeId::SlabRecycle,
+        name: "slab_recycle",
+        args: &["class", "outcome", "slab", "used"],
+    },
+    ProbeDesc {
+        id: ProbeId::SsAcquireBegin,
+        name: "ss_acquire_begin",
+        args: &["class"],
+    },
+    ProbeDesc {
+        id: ProbeId::SsAcquire,
+        name: "ss_acquire",
+        args: &["class", "stage", "slab"],
+    },
+    ProbeDesc {
+        id: ProbeId::SharedFail,
+        name: "shared_fail",
+        args: &["class", "reason"],
+    },
+    ProbeDesc {
+        id: ProbeId::AceFail,
+        name: "ace_fail",
+        args: &["kind", "size", "class"],
+    },
+    ProbeDesc {
+        id: ProbeId::TlsDrain,
+        name: "tls_drain",
+        args: &["class", "batch", "why"],
+    },
+    ProbeDesc {
+        id: ProbeId::RemoteDrain,
+        name: "remote_drain",
+        args: &["class", "batch"],
+    },
+    ProbeDesc {
+        id: ProbeId::SsMap,
+        name: "ss_map",
+        args: &["bytes", "ss"],
+    },
+    ProbeDesc {
+        id: ProbeId::SsUnmap,
+        name: "ss_unmap",
+        args: &["bytes", "ss"],
+    },
+    ProbeDesc {
+        id: ProbeId::LegacyRefill,
+        name: "legacy_refill",
+        args: &["class", "batch"],
+    },
 ];
 
 impl ProbeId {

@@ -30,7 +30,9 @@ pub struct Tally {
 
 impl Default for Tally {
     fn default() -> Self {
-        Tally { slots: [0; TALLY_SLOTS] }
+        Tally {
+            slots: [0; TALLY_SLOTS],
+        }
     }
 }
 
@@ -69,20 +71,14 @@ pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
                 add(SLOT_ACE_FAIL + kind, 1);
             }
         }
-        p if p == ProbeId::TlsDrain as u32 => {
-            if class < TINY_CLASSES {
-                add(SLOT_TLS_DRAIN_BLOCKS + class, a1);
-            }
+        p if p == ProbeId::TlsDrain as u32 && class < TINY_CLASSES => {
+            add(SLOT_TLS_DRAIN_BLOCKS + class, a1)
         }
-        p if p == ProbeId::RemoteDrain as u32 => {
-            if class < TINY_CLASSES {
-                add(SLOT_REMOTE_DRAIN_BLOCKS + class, a1);
-            }
+        p if p == ProbeId::RemoteDrain as u32 && class < TINY_CLASSES => {
+            add(SLOT_REMOTE_DRAIN_BLOCKS + class, a1)
         }
-        p if p == ProbeId::LegacyRefill as u32 => {
-            if class < TINY_CLASSES {
-                add(SLOT_LEGACY_BLOCKS + class, a1);
-            }
+        p if p == ProbeId::LegacyRefill as u32 && class < TINY_CLASSES => {
+            add(SLOT_LEGACY_BLOCKS + class, a1)
         }
         p if p == ProbeId::SsMap as u32 => add(SLOT_SS_MAPPED_BYTES, a0),
         p if p == ProbeId::SsUnmap as u32 => add(SLOT_SS_UNMAPPED_BYTES, a0),
@@ -120,7 +116,10 @@ impl Tally {
         self.slots[SLOT_LEGACY_BLOCKS + class]
     }
     pub fn ss_bytes(&self) -> (u64, u64) {
-        (self.slots[SLOT_SS_MAPPED_BYTES], self.slots[SLOT_SS_UNMAPPED_BYTES])
+        (
+            self.slots[SLOT_SS_MAPPED_BYTES],
+            self.slots[SLOT_SS_UNMAPPED_BYTES],
+        )
     }
 
     /// `self - earlier`, counter by counter (saturating, for counters read at two times).

@@ -1,0 +1,125 @@
+//! Each allocator path, driven end to end by `hakmem-scenario` in a child
+//! process (so the knobs are real environment variables and the test harness's
+//! own threads do not disturb the counts). Assertions are on the tally of
+//! exactly the scenario's workload.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn scenario(name: &str, env: &[(&str, &str)]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_hakmem-scenario"))
+        .arg(name)
+        .env("HAKMEM_STATS", "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run hakmem-scenario");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "scenario {name} failed: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tally: "))
+        .expect("tally line");
+    serde_json::from_str(line).expect("tally is JSON")
+}
+
+fn class(t: &Value, c: usize) -> &Value {
+    &t["classes"][c]
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().expect("counter")
+}
+
+#[test]
+fn remote_free_drain_recycle_then_stage1_hit_in_another_class() {
+    let t = scenario("recycle", &[]);
+    let c7 = class(&t, 7);
+    assert_eq!(
+        n(&c7["remote_drain_blocks"]),
+        256,
+        "every remote free was drained: {c7}"
+    );
+    assert!(
+        n(&c7["recycle"]["empty"]) >= 2,
+        "class 7 slabs were detected EMPTY: {c7}"
+    );
+    assert!(
+        n(&c7["recycle"]["released"]) >= 2,
+        "and released to the pool: {c7}"
+    );
+    assert!(
+        n(&class(&t, 3)["stage1"]) >= 1,
+        "class 3 was served from the Stage 1 list: {}",
+        class(&t, 3)
+    );
+    assert_eq!(n(&t["probes"]["shared_fail"]), 0);
+}
+
+#[test]
+fn superslab_budget_sends_requests_to_legacy() {
+    let t = scenario("legacy", &[("HAKMEM_SS_MAX", "1")]);
+    let fails: u64 = (0..8)
+        .map(|c| n(&class(&t, c)["shared_fail"]["budget"]))
+        .sum();
+    let legacy: u64 = (0..8).map(|c| n(&class(&t, c)["legacy_blocks"])).sum();
+    assert!(fails > 0, "Stage 3 hit the budget: {t}");
+    assert_eq!(n(&t["probes"]["shared_fail"]), fails);
+    assert_eq!(
+        n(&t["probes"]["legacy_refill"]),
+        fails,
+        "each failure is served by one legacy refill"
+    );
+    assert!(legacy > 0);
+    assert_eq!(
+        n(&t["probes"]["ss_map"]),
+        0,
+        "no SuperSlab beyond the budget"
+    );
+}
+
+#[test]
+fn superslab_off_serves_everything_from_legacy() {
+    let t = scenario("legacy", &[("HAKMEM_TINY_USE_SUPERSLAB", "0")]);
+    assert_eq!(n(&t["probes"]["ss_acquire"]), 0);
+    assert_eq!(n(&t["probes"]["shared_fail"]), 0);
+    assert!(n(&t["probes"]["legacy_refill"]) > 0);
+}
+
+#[test]
+fn ace_threshold_failures() {
+    let t = scenario("ace", &[("HAKMEM_ACE_MAX_BYTES", "16384")]);
+    assert_eq!(
+        n(&t["ace_fail"]["threshold"]),
+        100,
+        "every 30000-byte request is above the threshold: {t}"
+    );
+    assert_eq!(n(&t["ace_fail"]["exhaustion"]), 0);
+}
+
+#[test]
+fn ace_exhaustion_failures() {
+    // One 2 MiB segment holds 63 blocks of 32 KiB: the rest of the 100 exhaust the class.
+    let t = scenario("ace", &[("HAKMEM_ACE_MAX_SEGMENTS", "1")]);
+    assert_eq!(n(&t["ace_fail"]["exhaustion"]), 37, "{t}");
+    assert_eq!(n(&t["ace_fail"]["threshold"]), 0);
+}
+
+#[test]
+fn ace_map_failures_and_enomem() {
+    let t = scenario("ace-mapfail", &[("HAKMEM_OS_LIMIT_MB", "16")]);
+    assert!(n(&t["ace_fail"]["map_fail"]) >= 1, "{t}");
+}
+
+#[test]
+fn multithreaded_stress_with_cross_thread_frees_keeps_contents() {
+    let t = scenario("stress", &[]);
+    let remote: u64 = (0..8)
+        .map(|c| n(&class(&t, c)["remote_drain_blocks"]))
+        .sum();
+    assert!(remote > 0, "the stress handed blocks across threads: {t}");
+}
