@@ -78,6 +78,9 @@ fn check(p: *const u8, len: usize, seed: u8) {
 }
 
 struct SendPtr(*mut u8);
+
+/// Blocks handed to one thread: (block, size, fill byte).
+type Mailbox = Mutex<Vec<(SendPtr, usize, u8)>>;
 // SAFETY: the pointer is handed from one thread to another, never shared.
 unsafe impl Send for SendPtr {}
 
@@ -188,7 +191,7 @@ fn ace_mapfail() {
 fn stress() {
     const THREADS: usize = 4;
     const ROUNDS: usize = 20_000;
-    let mailboxes: Arc<Vec<Mutex<Vec<(SendPtr, usize, u8)>>>> =
+    let mailboxes: Arc<Vec<Mailbox>> =
         Arc::new((0..THREADS).map(|_| Mutex::new(Vec::new())).collect());
     let barrier = Arc::new(Barrier::new(THREADS));
     let handles: Vec<_> = (0..THREADS)
