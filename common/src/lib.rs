@@ -11,6 +11,7 @@ pub mod hist;
 pub mod json;
 pub mod probe;
 pub mod tally;
+pub mod trace;
 
 pub use codes::*;
 pub use probe::{ProbeId, PROBES, PROBE_COUNT};

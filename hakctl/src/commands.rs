@@ -1,0 +1,412 @@
+//! The subcommands.
+
+use crate::report::Report;
+use crate::session::{Session, Snapshot};
+use crate::target::{self, HakmemObject};
+use anyhow::{bail, Context, Result};
+use hakmem_common::trace::TraceEvent;
+use hakmem_common::{ProbeId, PROBES, PROBE_COUNT};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// How a collection loop ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Interrupted,
+    Elapsed,
+    TargetExited,
+}
+
+pub fn probes(target_arg: &str) -> Result<ExitCode> {
+    let (pid, objects) = match target_arg.parse::<i32>() {
+        Ok(pid) => (Some(pid), target::find_in_process(pid)?),
+        Err(_) => (
+            None,
+            vec![target::find_in_file(std::path::Path::new(target_arg))?],
+        ),
+    };
+    println!(
+        "{:<18} {:>5}  {:<18} {:<10} ARGUMENTS",
+        "PROBE", "SITES", "SEMAPHORE", "ENABLED"
+    );
+    for obj in &objects {
+        println!("# {}", obj.path);
+        let mut by_name: BTreeMap<&str, Vec<&crate::stapsdt::ProbeSite>> = BTreeMap::new();
+        for s in &obj.sites {
+            by_name.entry(s.name.as_str()).or_default().push(s);
+        }
+        for (name, sites) in by_name {
+            let s = sites[0];
+            let addr = obj.load_bias.wrapping_add(s.semaphore);
+            let enabled = match pid {
+                Some(pid) => match target::read_semaphore(pid, obj, s) {
+                    Some(v) => format!("{} ({v})", if v > 0 { "yes" } else { "no" }),
+                    None => "unknown".into(),
+                },
+                None => "-".into(),
+            };
+            let args = ProbeId::from_name(name)
+                .map(|id| PROBES[id as usize].args.join(", "))
+                .unwrap_or_else(|| s.args.clone());
+            println!(
+                "{name:<18} {:>5}  {:<#18x} {enabled:<10} {args}",
+                sites.len(),
+                addr
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn attach(pid: i32) -> Result<(Session, Vec<HakmemObject>)> {
+    let objects = target::find_in_process(pid)?;
+    let session = Session::attach(pid, objects.clone()).map_err(|e| {
+        if target::exited(pid) {
+            anyhow::anyhow!("process {pid} exited while hakctl was attaching")
+        } else {
+            e
+        }
+    })?;
+    Ok((session, objects))
+}
+
+/// Waits up to `d` (or forever), returning early on Ctrl-C or when the target exits.
+async fn wait(pid: i32, d: Option<Duration>, until: Instant) -> End {
+    let deadline = d.map(|d| until.min(Instant::now() + d));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        if target::exited(pid) {
+            return End::TargetExited;
+        }
+        let step = Duration::from_millis(50);
+        let sleep = match deadline {
+            Some(dl) => {
+                let now = Instant::now();
+                if now >= dl {
+                    return End::Elapsed;
+                }
+                step.min(dl - now)
+            }
+            None => step,
+        };
+        tokio::select! {
+            _ = &mut ctrl_c => return End::Interrupted,
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+fn report<'a>(
+    s: &Session,
+    kind: &'static str,
+    total: &'a Snapshot,
+    prev: Option<&Snapshot>,
+    exited: bool,
+) -> Report<'a> {
+    Report {
+        kind,
+        pid: s.pid,
+        process: target::process_name(s.pid),
+        locations: s.locations,
+        total,
+        elapsed: total.at.duration_since(s.started).as_secs_f64(),
+        interval: prev.map(|p| {
+            (
+                total.tally.since(&p.tally),
+                total.at.duration_since(p.at).as_secs_f64().max(1e-9),
+            )
+        }),
+        target_exited: exited,
+    }
+}
+
+pub async fn watch(pid: i32, interval: f64, duration: Option<f64>, json: bool) -> Result<ExitCode> {
+    let (session, _) = attach(pid)?;
+    watch_session(&session, interval, duration, json, "watch").await
+}
+
+async fn watch_session(
+    session: &Session,
+    interval: f64,
+    duration: Option<f64>,
+    json: bool,
+    kind: &'static str,
+) -> Result<ExitCode> {
+    if !(interval > 0.0 && interval.is_finite()) {
+        bail!("--interval must be a positive number of seconds");
+    }
+    let tty = std::io::stdout().is_terminal() && !json;
+    let stop_at = duration
+        .map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)))
+        .unwrap_or(Instant::now() + Duration::from_secs(u32::MAX as u64));
+    let mut prev = session.snapshot()?;
+    let mut out = std::io::stdout().lock();
+    if tty {
+        // Alternate screen, hidden cursor: redrawn in place.
+        let _ = write!(out, "\x1b[?1049h\x1b[?25l");
+    }
+    let end = loop {
+        let end = wait(
+            session.pid,
+            Some(Duration::from_secs_f64(interval)),
+            stop_at,
+        )
+        .await;
+        let exited = end == End::TargetExited;
+        let cur = session.snapshot()?;
+        let r = report(session, kind, &cur, Some(&prev), exited);
+        if json {
+            let _ = writeln!(out, "{}", r.json());
+        } else if tty {
+            let _ = write!(out, "\x1b[H\x1b[2J{}\n(Ctrl-C to quit)", r.tables(true));
+        } else {
+            let _ = writeln!(out, "{}", r.line());
+        }
+        let _ = out.flush();
+        prev = cur;
+        if end != End::Elapsed || Instant::now() >= stop_at {
+            break end;
+        }
+    };
+    if tty {
+        let _ = write!(out, "\x1b[?25h\x1b[?1049l");
+        let last = session.snapshot()?;
+        let _ = write!(
+            out,
+            "{}",
+            report(session, kind, &last, None, end == End::TargetExited).tables(false)
+        );
+    }
+    drop(out);
+    match end {
+        End::TargetExited => eprintln!("hakctl: process {} exited; detached", session.pid),
+        End::Interrupted => eprintln!("hakctl: interrupted; detached"),
+        End::Elapsed => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn stage_stats(pid: i32, duration: Option<f64>, json: bool) -> Result<ExitCode> {
+    let (session, _) = attach(pid)?;
+    eprintln!(
+        "hakctl: attached to {} probe locations in process {pid}",
+        session.locations
+    );
+    let end = wait(
+        pid,
+        duration.map(|d| Duration::from_secs_f64(d.max(0.0))),
+        Instant::now() + Duration::from_secs(u32::MAX as u64),
+    )
+    .await;
+    let snap = session.snapshot()?;
+    let r = report(
+        &session,
+        "stage-stats",
+        &snap,
+        None,
+        end == End::TargetExited,
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r.json())?);
+    } else {
+        print!("{}", r.tables(false));
+    }
+    if end == End::TargetExited {
+        eprintln!("hakctl: process {pid} exited; counts cover its whole run after attach");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn trace(
+    pid: i32,
+    probes: &[String],
+    class: Option<u64>,
+    duration: Option<f64>,
+) -> Result<ExitCode> {
+    let mut mask = 0u64;
+    for name in probes {
+        let id = ProbeId::from_name(name).with_context(|| {
+            format!(
+                "unknown probe {name:?}; known: {}",
+                PROBES.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        mask |= 1 << id as u32;
+    }
+    if mask == 0 {
+        mask = (1 << PROBE_COUNT) - 1;
+    }
+    let (mut session, _) = attach(pid)?;
+    session.set_trace_mask(mask)?;
+    let mut events = session.take_events()?;
+    let stop_at = duration
+        .map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)))
+        .unwrap_or(Instant::now() + Duration::from_secs(u32::MAX as u64));
+    let mut out = std::io::stdout().lock();
+    let mut printed = 0u64;
+    let end = loop {
+        while let Some(item) = events.next() {
+            if item.len() < std::mem::size_of::<TraceEvent>() {
+                continue;
+            }
+            // SAFETY: the eBPF program writes whole TraceEvents; read_unaligned copes with ring buffer alignment.
+            let ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if let Some(c) = class {
+                if class_of(&ev) != Some(c) {
+                    continue;
+                }
+            }
+            if writeln!(out, "{}", format_event(&ev)).is_err() {
+                return Ok(ExitCode::SUCCESS); // reader went away (e.g. `| head`)
+            }
+            printed += 1;
+        }
+        let _ = out.flush();
+        let end = wait(pid, Some(Duration::from_millis(100)), stop_at).await;
+        if end != End::Elapsed || Instant::now() >= stop_at {
+            break end;
+        }
+    };
+    // Drain what arrived before the end.
+    while let Some(item) = events.next() {
+        if item.len() >= std::mem::size_of::<TraceEvent>() {
+            // SAFETY: as above.
+            let ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if class.is_none_or(|c| class_of(&ev) == Some(c)) {
+                let _ = writeln!(out, "{}", format_event(&ev));
+                printed += 1;
+            }
+        }
+    }
+    drop(out);
+    let drops = session.snapshot()?.trace_drops;
+    eprintln!(
+        "hakctl: {printed} events printed, {drops} dropped (ring buffer full){}",
+        if end == End::TargetExited {
+            "; target exited"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn class_of(ev: &TraceEvent) -> Option<u64> {
+    match ProbeId::from_u32(ev.probe)? {
+        ProbeId::AceFail => Some(ev.args[2]),
+        ProbeId::SsMap | ProbeId::SsUnmap => None,
+        _ => Some(ev.args[0]),
+    }
+}
+
+/// `[SLAB_RECYCLE] EMPTY cls=7 slab=0x... used=0`, in the spirit of the old debug logs.
+pub fn format_event(ev: &TraceEvent) -> String {
+    use hakmem_common::codes::*;
+    let tid = ev.pid_tgid & 0xffff_ffff;
+    let a = ev.args;
+    let pick = |names: &[&'static str], i: u64| {
+        names
+            .get(i as usize)
+            .map(|s| s.to_uppercase())
+            .unwrap_or_else(|| format!("?{i}"))
+    };
+    let body = match ProbeId::from_u32(ev.probe) {
+        Some(ProbeId::SlabRecycle) => format!(
+            "{} cls={} slab={:#x} used={}",
+            pick(&OUTCOME_NAMES, a[1]),
+            a[0],
+            a[2],
+            a[3]
+        ),
+        Some(ProbeId::SsAcquireBegin) => format!("cls={}", a[0]),
+        Some(ProbeId::SsAcquire) => format!("STAGE{} cls={} slab={:#x}", a[1], a[0], a[2]),
+        Some(ProbeId::SharedFail) => {
+            format!("{} cls={} -> legacy", pick(&REASON_NAMES, a[1]), a[0])
+        }
+        Some(ProbeId::AceFail) => format!(
+            "{} size={} cls={}",
+            pick(&ACE_KIND_NAMES, a[0]),
+            a[1],
+            a[2] as i64
+        ),
+        Some(ProbeId::TlsDrain) => format!(
+            "cls={} batch={} why={}",
+            a[0],
+            a[1],
+            if a[2] == 0 { "overflow" } else { "thread_exit" }
+        ),
+        Some(ProbeId::RemoteDrain) => format!("cls={} batch={}", a[0], a[1]),
+        Some(ProbeId::SsMap) | Some(ProbeId::SsUnmap) => format!("bytes={} ss={:#x}", a[0], a[1]),
+        Some(ProbeId::LegacyRefill) => format!("cls={} batch={}", a[0], a[1]),
+        None => format!("probe {} args {:?}", ev.probe, a),
+    };
+    let name = ProbeId::from_u32(ev.probe)
+        .map(|p| p.name().to_uppercase())
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "{:>14.6} tid={tid:<7} [{name}] {body}",
+        ev.ts_ns as f64 / 1e9
+    )
+}
+
+/// The library `run` preloads: HAKMEM_LIB, or libhakmem.so beside hakctl.
+fn preload_library() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().context("locating hakctl")?;
+    let lib = exe.with_file_name("libhakmem.so");
+    if !lib.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p hakmem) or name it with HAKMEM_LIB",
+            lib.display()
+        );
+    }
+    Ok(lib)
+}
+
+pub async fn run(cmd: &[String], interval: f64, json: bool) -> Result<ExitCode> {
+    let lib = preload_library()?.canonicalize().context("libhakmem.so")?;
+    let objects = vec![target::find_in_file(&lib)?];
+    target::check_environment()?;
+    // The shell stops itself before exec'ing CMD: hakctl attaches (uprobes are
+    // keyed by file, so they take effect when CMD maps the library), then lets it go.
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg("kill -STOP $$; LD_PRELOAD=\"$HAKCTL_PRELOAD${LD_PRELOAD:+ $LD_PRELOAD}\" exec \"$@\"")
+        .arg("hakctl-run")
+        .args(cmd)
+        .env("HAKCTL_PRELOAD", &lib)
+        .spawn()
+        .with_context(|| format!("cannot start {}", cmd[0]))?;
+    let pid = child.id() as i32;
+    wait_stopped(pid)?;
+    let session = match Session::attach(pid, objects) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = child.kill();
+            return Err(e);
+        }
+    };
+    // SAFETY: continuing our own stopped child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    watch_session(&session, interval, None, json, "run").await?;
+    let status = child.wait().context("waiting for the command")?;
+    eprintln!("hakctl: {} exited with {status}", cmd[0]);
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+fn wait_stopped(pid: i32) -> Result<()> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child with WUNTRACED; does not reap a running child.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+    if r != pid || !libc::WIFSTOPPED(status) {
+        bail!("the command did not start (status {status:#x})");
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! What hakctl shows: derived figures (rates, stage hit rates, the recycle
+//! funnel, percentiles) and their renderings: tables for people, JSON for
+//! programs (schema in docs/json-schema.md).
+
+use crate::session::Snapshot;
+use hakmem_common::codes::*;
+use hakmem_common::hist::{
+    bucket_low, HIST_ACQUIRE_NS, HIST_BUCKETS, HIST_REMOTE_DRAIN_BATCH, HIST_TLS_DRAIN_BATCH,
+};
+use hakmem_common::{ProbeId, Tally, PROBES};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::fmt::Write;
+
+pub const SCHEMA: &str = "hakctl/1";
+
+pub struct Report<'a> {
+    pub kind: &'static str,
+    pub pid: i32,
+    pub process: String,
+    pub locations: usize,
+    /// Counts since attach.
+    pub total: &'a Snapshot,
+    /// Seconds since attach.
+    pub elapsed: f64,
+    /// Counts of the last interval (for rates), and its length in seconds.
+    pub interval: Option<(Tally, f64)>,
+    pub target_exited: bool,
+}
+
+/// The tally as JSON: the same document the allocator prints with HAKMEM_STATS=1.
+pub fn tally_json(t: &Tally) -> Value {
+    let mut s = String::new();
+    hakmem_common::json::write_tally(&mut s, t).expect("writing to a String");
+    serde_json::from_str(&s).expect("the tally writer emits JSON")
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+pub fn percentiles(buckets: &[u64; HIST_BUCKETS]) -> Percentiles {
+    let mut h = Histogram::<u64>::new(3).expect("3 significant figures is valid");
+    for (b, &n) in buckets.iter().enumerate() {
+        if n > 0 {
+            let _ = h.record_n(bucket_low(b), n);
+        }
+    }
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.50),
+        p90: h.value_at_quantile(0.90),
+        p99: h.value_at_quantile(0.99),
+        max: h.max(),
+    }
+}
+
+fn pct_json(p: Percentiles) -> Value {
+    json!({"count": p.count, "p50": p.p50, "p90": p.p90, "p99": p.p99, "max": p.max})
+}
+
+/// Per class: (stage 1, 2, 3 acquires, shared_fail total).
+fn stage_counts(t: &Tally, class: usize) -> ([u64; STAGES], u64) {
+    let s = [
+        t.acquire(class, 1),
+        t.acquire(class, 2),
+        t.acquire(class, 3),
+    ];
+    let fails = (0..REASONS).map(|r| t.shared_fail(class, r)).sum();
+    (s, fails)
+}
+
+fn ratio(n: u64, d: u64) -> f64 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f64 / d as f64
+    }
+}
+
+impl Report<'_> {
+    pub fn json(&self) -> Value {
+        let t = &self.total.tally;
+        let hit_rates: Vec<Value> = (0..TINY_CLASSES)
+            .map(|c| {
+                let (s, fails) = stage_counts(t, c);
+                let requests = s.iter().sum::<u64>() + fails;
+                json!({
+                    "class": c, "size": TINY_CLASS_SIZES[c], "requests": requests,
+                    "stage1": ratio(s[0], requests), "stage2": ratio(s[1], requests),
+                    "stage3": ratio(s[2], requests), "legacy": ratio(fails, requests),
+                })
+            })
+            .collect();
+        let h = &self.total.hists;
+        let rates = self.interval.as_ref().map(|(d, secs)| {
+            let mut m = serde_json::Map::new();
+            for p in PROBES.iter() {
+                m.insert(p.name.to_string(), json!(d.probe(p.id) as f64 / secs));
+            }
+            Value::Object(m)
+        });
+        let events: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
+        json!({
+            "schema": SCHEMA,
+            "kind": self.kind,
+            "pid": self.pid,
+            "process": self.process,
+            "elapsed_s": self.elapsed,
+            "target_exited": self.target_exited,
+            "probe_locations": self.locations,
+            "counts": tally_json(t),
+            "rates_per_s": rates,
+            "stage_hit_rates": hit_rates,
+            "funnel": self.funnel_json(),
+            "histograms": {
+                "tls_drain_batch": pct_json(percentiles(&h[HIST_TLS_DRAIN_BATCH as usize])),
+                "remote_drain_batch": pct_json(percentiles(&h[HIST_REMOTE_DRAIN_BATCH as usize])),
+                "acquire_ns": {
+                    "stage1": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize])),
+                    "stage2": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize + 1])),
+                    "stage3": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize + 2])),
+                },
+            },
+            "cost": {
+                "events": events,
+                "events_per_s": events as f64 / self.elapsed.max(1e-9),
+                "bpf_run_count": self.total.bpf_run_count,
+                "bpf_run_time_ns": self.total.bpf_run_time_ns,
+                "bpf_ns_per_event": ratio(self.total.bpf_run_time_ns, self.total.bpf_run_count),
+                "trace_drops": self.total.trace_drops,
+            },
+        })
+    }
+
+    fn funnel_json(&self) -> Value {
+        let t = &self.total.tally;
+        let sum = |o: RecycleOutcome| (0..TINY_CLASSES).map(|c| t.recycle(c, o)).sum::<u64>();
+        let reused: u64 = (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum();
+        json!({
+            "empty": sum(RecycleOutcome::Empty),
+            "released": sum(RecycleOutcome::Released),
+            "skip_active": sum(RecycleOutcome::SkipActive),
+            "skip_disabled": sum(RecycleOutcome::SkipDisabled),
+            "reused_stage1": reused,
+        })
+    }
+
+    /// Full tables; `bars` draws hit-rate bars (terminal view).
+    pub fn tables(&self, bars: bool) -> String {
+        let t = &self.total.tally;
+        let mut o = String::new();
+        let state = if self.target_exited {
+            "  [target exited]"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "hakctl {} pid {} ({})  attached {:.1}s  {} probe locations{state}",
+            self.kind, self.pid, self.process, self.elapsed, self.locations
+        );
+        let _ = writeln!(o, "\nPROBE              TOTAL        RATE/s");
+        for p in PROBES.iter() {
+            let rate = match &self.interval {
+                Some((d, secs)) => format!("{:>12.0}", d.probe(p.id) as f64 / secs),
+                None => format!("{:>12}", "-"),
+            };
+            let _ = writeln!(o, "{:<16} {:>9} {rate}", p.name, t.probe(p.id));
+        }
+        let _ = writeln!(
+            o,
+            "\nCLASS  SIZE   STAGE1   STAGE2   STAGE3  LEGACY  STAGE1%"
+        );
+        for c in 0..TINY_CLASSES {
+            let (s, fails) = stage_counts(t, c);
+            let requests = s.iter().sum::<u64>() + fails;
+            let r = ratio(s[0], requests);
+            let bar = if bars {
+                format!("  {}", bar(r, 24))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "{c:>5} {:>5} {:>8} {:>8} {:>8} {:>7}  {:>6.1}%{bar}",
+                TINY_CLASS_SIZES[c],
+                s[0],
+                s[1],
+                s[2],
+                fails,
+                r * 100.0
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nRECYCLE FUNNEL (per class: EMPTY detected -> released -> reused by Stage 1)"
+        );
+        let _ = writeln!(
+            o,
+            "CLASS    EMPTY  RELEASED  SKIP_ACTIVE  SKIP_DISABLED  STAGE1_REUSE"
+        );
+        for c in 0..TINY_CLASSES {
+            let _ = writeln!(
+                o,
+                "{c:>5} {:>8} {:>9} {:>12} {:>14} {:>13}",
+                t.recycle(c, RecycleOutcome::Empty),
+                t.recycle(c, RecycleOutcome::Released),
+                t.recycle(c, RecycleOutcome::SkipActive),
+                t.recycle(c, RecycleOutcome::SkipDisabled),
+                t.acquire(c, 1)
+            );
+        }
+        let f = self.funnel_json();
+        let _ = writeln!(
+            o,
+            "  all: {} EMPTY -> {} released -> {} reused{}",
+            f["empty"],
+            f["released"],
+            f["reused_stage1"],
+            funnel_break(&f)
+        );
+        let _ = writeln!(o, "\nSHARED_FAIL -> LEGACY (class: map_failed/budget)");
+        let fails: Vec<String> = (0..TINY_CLASSES)
+            .filter(|&c| (0..REASONS).any(|r| t.shared_fail(c, r) > 0))
+            .map(|c| format!("c{c}: {}/{}", t.shared_fail(c, 0), t.shared_fail(c, 1)))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  {}",
+            if fails.is_empty() {
+                "none".to_string()
+            } else {
+                fails.join("  ")
+            }
+        );
+        let _ = writeln!(
+            o,
+            "\nACE FAILURES  threshold {}  exhaustion {}  map_fail {}",
+            t.ace_fail(AceFailKind::Threshold),
+            t.ace_fail(AceFailKind::Exhaustion),
+            t.ace_fail(AceFailKind::MapFail)
+        );
+        let h = &self.total.hists;
+        let _ = writeln!(
+            o,
+            "\nHISTOGRAM              COUNT      P50      P90      P99      MAX"
+        );
+        let rows = [
+            ("tls_drain batch", HIST_TLS_DRAIN_BATCH as usize),
+            ("remote_drain batch", HIST_REMOTE_DRAIN_BATCH as usize),
+            ("acquire stage1 ns", HIST_ACQUIRE_NS as usize),
+            ("acquire stage2 ns", HIST_ACQUIRE_NS as usize + 1),
+            ("acquire stage3 ns", HIST_ACQUIRE_NS as usize + 2),
+        ];
+        for (name, row) in rows {
+            let p = percentiles(&h[row]);
+            let _ = writeln!(
+                o,
+                "{name:<20} {:>7} {:>8} {:>8} {:>8} {:>8}",
+                p.count, p.p50, p.p90, p.p99, p.max
+            );
+        }
+        let events: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
+        let _ = writeln!(
+            o,
+            "\nCOST  {events} events ({:.0}/s)  eBPF: {} runs, {:.0} ns/run, {:.3} ms total{}",
+            events as f64 / self.elapsed.max(1e-9),
+            self.total.bpf_run_count,
+            ratio(self.total.bpf_run_time_ns, self.total.bpf_run_count),
+            self.total.bpf_run_time_ns as f64 / 1e6,
+            if self.total.trace_drops > 0 {
+                format!("  trace drops {}", self.total.trace_drops)
+            } else {
+                String::new()
+            }
+        );
+        o
+    }
+
+    /// One line per tick for logs and pipes.
+    pub fn line(&self) -> String {
+        let t = &self.total.tally;
+        let acquires: u64 = (0..TINY_CLASSES)
+            .flat_map(|c| (1..=STAGES).map(move |s| (c, s)))
+            .map(|(c, s)| t.acquire(c, s))
+            .sum();
+        let s1: u64 = (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum();
+        let fails = t.probe(ProbeId::SharedFail);
+        let rate = self.interval.as_ref().map(|(d, secs)| {
+            let n: u64 = PROBES.iter().map(|p| d.probe(p.id)).sum();
+            n as f64 / secs
+        });
+        format!(
+            "t={:.1}s events/s={:.0} acquires={acquires} stage1={:.1}% shared_fail={fails} recycled={} ace_fail={}{}",
+            self.elapsed,
+            rate.unwrap_or(0.0),
+            ratio(s1, acquires + fails) * 100.0,
+            (0..TINY_CLASSES).map(|c| t.recycle(c, RecycleOutcome::Released)).sum::<u64>(),
+            t.probe(ProbeId::AceFail),
+            if self.target_exited { " [target exited]" } else { "" }
+        )
+    }
+}
+
+fn funnel_break(f: &Value) -> &'static str {
+    let (e, r, u) = (
+        f["empty"].as_u64().unwrap_or(0),
+        f["released"].as_u64().unwrap_or(0),
+        f["reused_stage1"].as_u64().unwrap_or(0),
+    );
+    if e == 0 {
+        "   <- no slab ever became EMPTY"
+    } else if r == 0 {
+        "   <- EMPTY slabs are never released"
+    } else if u == 0 {
+        "   <- released slabs are never reused"
+    } else {
+        ""
+    }
+}
+
+fn bar(fraction: f64, width: usize) -> String {
+    let filled = (fraction.clamp(0.0, 1.0) * width as f64).round() as usize;
+    format!("{}{}", "█".repeat(filled), "·".repeat(width - filled))
+}

@@ -1,0 +1,160 @@
+//! A tracing session: the eBPF object loaded, attached to every hakmem probe
+//! location of one process, and its maps read on demand.
+
+use crate::attach::{self, UprobeLink};
+use crate::target::HakmemObject;
+use anyhow::{anyhow, Context, Result};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::programs::UProbe;
+use aya::Ebpf;
+use hakmem_common::hist::{HIST_BUCKETS, HIST_ROWS};
+use hakmem_common::trace::CONFIG_TRACE_MASK;
+use hakmem_common::{ProbeId, Tally, TALLY_SLOTS};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Instant;
+
+const PROGRAM: &str = "hakmem_probe";
+
+/// Everything hakctl reads from the maps at one moment.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub tally: Tally,
+    pub hists: Vec<[u64; HIST_BUCKETS]>,
+    pub trace_drops: u64,
+    /// Kernel run-time statistics of the program (0 if the kernel keeps none).
+    pub bpf_run_time_ns: u64,
+    pub bpf_run_count: u64,
+}
+
+pub struct Session {
+    ebpf: Ebpf,
+    _links: Vec<UprobeLink>,
+    _stats: Option<OwnedFd>,
+    pub pid: i32,
+    pub locations: usize,
+    pub started: Instant,
+}
+
+impl Session {
+    /// Loads the programs and attaches them to every hakmem probe site of `objects` in `pid`.
+    pub fn attach(pid: i32, objects: Vec<HakmemObject>) -> Result<Session> {
+        crate::target::check_environment()?;
+        // Run-time statistics (best effort: older kernels or missing privilege just show 0).
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/hakmem-probes"
+        )))
+        .map_err(|e| load_error(e.into()))?;
+        let prog: &mut UProbe = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {PROGRAM}"))?
+            .try_into()
+            .context("eBPF program type")?;
+        prog.load().map_err(|e| load_error(e.into()))?;
+        let prog_fd = prog.fd().context("eBPF program fd")?.as_fd().as_raw_fd();
+        let pmu = attach::uprobe_pmu_type()?;
+        let mut links = Vec::new();
+        for obj in &objects {
+            for site in &obj.sites {
+                let Some(id) = ProbeId::from_name(&site.name) else {
+                    // A newer allocator may have probes this hakctl does not know.
+                    continue;
+                };
+                let link = attach::attach(
+                    pmu,
+                    prog_fd,
+                    &obj.attach_path,
+                    site.pc_offset,
+                    site.semaphore_offset,
+                    pid,
+                    id as u64,
+                )
+                .with_context(|| {
+                    format!(
+                        "attaching to {}:{} in {}",
+                        site.provider, site.name, obj.path
+                    )
+                })?;
+                links.push(link);
+            }
+        }
+        let locations = links.len();
+        Ok(Session {
+            ebpf,
+            _links: links,
+            _stats: stats,
+            pid,
+            locations,
+            started: Instant::now(),
+        })
+    }
+
+    /// Sends the probes in `mask` (bit = probe id) through the trace ring buffer.
+    pub fn set_trace_mask(&mut self, mask: u64) -> Result<()> {
+        let mut config: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
+        config.set(CONFIG_TRACE_MASK, mask, 0)?;
+        Ok(())
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<aya::maps::MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let tally_map: PerCpuArray<&MapData, [u64; TALLY_SLOTS]> =
+            PerCpuArray::try_from(self.ebpf.map("TALLY").context("TALLY map")?)?;
+        let mut tally = Tally::default();
+        for cpu in tally_map.get(&0, 0)?.iter() {
+            for (t, v) in tally.slots.iter_mut().zip(cpu.iter()) {
+                *t += v;
+            }
+        }
+        let hist_map: PerCpuArray<&MapData, [u64; HIST_BUCKETS]> =
+            PerCpuArray::try_from(self.ebpf.map("HIST").context("HIST map")?)?;
+        let mut hists = Vec::with_capacity(HIST_ROWS as usize);
+        for row in 0..HIST_ROWS {
+            let mut sum = [0u64; HIST_BUCKETS];
+            for cpu in hist_map.get(&row, 0)?.iter() {
+                for (s, v) in sum.iter_mut().zip(cpu.iter()) {
+                    *s += v;
+                }
+            }
+            hists.push(sum);
+        }
+        let drops_map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS map")?)?;
+        let trace_drops = drops_map.get(&0, 0)?.iter().sum();
+        let (bpf_run_time_ns, bpf_run_count) = self.program_stats();
+        Ok(Snapshot {
+            at: Instant::now(),
+            tally,
+            hists,
+            trace_drops,
+            bpf_run_time_ns,
+            bpf_run_count,
+        })
+    }
+
+    fn program_stats(&self) -> (u64, u64) {
+        let Some(prog) = self.ebpf.program(PROGRAM) else {
+            return (0, 0);
+        };
+        match prog.info() {
+            Ok(info) => (info.run_time().as_nanos() as u64, info.run_count()),
+            Err(_) => (0, 0),
+        }
+    }
+}
+
+fn load_error(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow!("cannot load eBPF programs: not enough privilege (needs root, or CAP_BPF and CAP_PERFMON): {text}")
+    } else {
+        anyhow!("cannot load the eBPF programs: {text}")
+    }
+}

@@ -1,0 +1,229 @@
+//! Finding hakmem in a process: `/proc/PID/maps`, then each mapped ELF's
+//! `.note.stapsdt`; and the checks that turn missing privileges or kernel
+//! features into messages a person understands.
+
+use crate::stapsdt::{probe_sites, ProbeSite};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const PROVIDER: &str = "hakmem";
+
+/// One ELF object with hakmem probes, as mapped in a process (or a plain file).
+#[derive(Debug, Clone)]
+pub struct HakmemObject {
+    /// The path as the process sees it (for people).
+    pub path: String,
+    /// A path that names the mapped inode itself (for the kernel).
+    pub attach_path: PathBuf,
+    /// Run-time address minus link-time address (0 for a file).
+    pub load_bias: u64,
+    pub sites: Vec<ProbeSite>,
+}
+
+/// Whether `pid` exists.
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether `pid` is gone or a zombie (exited, not yet reaped).
+pub fn exited(pid: i32) -> bool {
+    if !alive(pid) {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+            .unwrap_or(false),
+        Err(_) => true,
+    }
+}
+
+pub fn process_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The hakmem objects mapped in `pid`.
+pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
+    if pid <= 0 || !alive(pid) {
+        bail!("no such process: {pid}");
+    }
+    let maps_path = format!("/proc/{pid}/maps");
+    let maps = std::fs::read_to_string(&maps_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::anyhow!("cannot read {maps_path}: permission denied (run hakctl as root, or with CAP_SYS_PTRACE)")
+        } else if !alive(pid) {
+            anyhow::anyhow!("process {pid} exited")
+        } else {
+            anyhow::anyhow!("cannot read {maps_path}: {e}")
+        }
+    })?;
+    // path -> (lowest start with file offset 0, end of that mapping)
+    let mut files: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let path: String = f.collect::<Vec<_>>().join(" ");
+        if !path.starts_with('/') || path.ends_with("(deleted)") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(offset)) = (
+            u64::from_str_radix(start, 16),
+            u64::from_str_radix(end, 16),
+            u64::from_str_radix(offset, 16),
+        ) else {
+            continue;
+        };
+        if offset == 0 {
+            files
+                .entry(path)
+                .and_modify(|e| {
+                    if start < e.0 {
+                        *e = (start, end)
+                    }
+                })
+                .or_insert((start, end));
+        }
+    }
+    let mut found = Vec::new();
+    for (path, (start, end)) in files {
+        // map_files names the mapped inode even if the path was replaced since.
+        let by_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+        let by_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+        let attach_path = if std::fs::metadata(&by_mapping).is_ok() {
+            by_mapping
+        } else {
+            by_root
+        };
+        let Ok(data) = std::fs::read(&attach_path) else {
+            continue;
+        };
+        if !data.starts_with(b"\x7fELF") {
+            continue;
+        }
+        let sites = match probe_sites(&data) {
+            Ok(sites) => sites,
+            Err(e) if has_hakmem_note(&data) => return Err(e.context(format!("{path}"))),
+            Err(_) => continue,
+        };
+        let sites: Vec<ProbeSite> = sites
+            .into_iter()
+            .filter(|s| s.provider == PROVIDER)
+            .collect();
+        if sites.is_empty() {
+            continue;
+        }
+        let load_bias = start.wrapping_sub(first_load_vaddr(&data));
+        found.push(HakmemObject {
+            path,
+            attach_path,
+            load_bias,
+            sites,
+        });
+    }
+    if found.is_empty() {
+        if !alive(pid) {
+            bail!("process {pid} exited");
+        }
+        bail!(
+            "no hakmem probes in process {pid} ({}): it neither preloads libhakmem.so nor links hakmem as its allocator",
+            process_name(pid)
+        );
+    }
+    Ok(found)
+}
+
+/// The hakmem probes of an ELF file on disk.
+pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let sites = probe_sites(&data).with_context(|| format!("{}", path.display()))?;
+    let sites: Vec<ProbeSite> = sites
+        .into_iter()
+        .filter(|s| s.provider == PROVIDER)
+        .collect();
+    if sites.is_empty() {
+        bail!("no hakmem probes in {}", path.display());
+    }
+    Ok(HakmemObject {
+        path: path.display().to_string(),
+        attach_path: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
+        load_bias: 0,
+        sites,
+    })
+}
+
+fn has_hakmem_note(data: &[u8]) -> bool {
+    data.windows(PROVIDER.len() + 1).any(|w| w == b"hakmem\0")
+}
+
+/// Link-time address of the mapping at file offset 0 (the first PT_LOAD, page-aligned).
+fn first_load_vaddr(data: &[u8]) -> u64 {
+    use object::{Object, ObjectSegment};
+    let Ok(file) = object::File::parse(data) else {
+        return 0;
+    };
+    let min = file
+        .segments()
+        .filter(|s| s.file_range().0 == 0)
+        .map(|s| s.address())
+        .min();
+    min.unwrap_or(0) & !0xfff
+}
+
+/// Reads a probe's semaphore in the live process (None if it cannot be read).
+pub fn read_semaphore(pid: i32, obj: &HakmemObject, site: &ProbeSite) -> Option<u16> {
+    use std::os::unix::fs::FileExt;
+    if site.semaphore == 0 {
+        return None;
+    }
+    let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = [0u8; 2];
+    f.read_exact_at(&mut buf, obj.load_bias.wrapping_add(site.semaphore))
+        .ok()?;
+    Some(u16::from_ne_bytes(buf))
+}
+
+/// Checks that this process may load BPF programs and open uprobe events,
+/// and that the kernel has uprobes with reference counters.
+pub fn check_environment() -> Result<()> {
+    let pmu = Path::new("/sys/bus/event_source/devices/uprobe");
+    if !pmu.join("type").exists() {
+        bail!("this kernel has no uprobe event source (/sys/bus/event_source/devices/uprobe): it was built without CONFIG_UPROBE_EVENTS");
+    }
+    if !pmu.join("format/ref_ctr_offset").exists() {
+        bail!("this kernel's uprobes have no reference-counter support (needs Linux 4.20+): USDT semaphores cannot be raised");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let caps = effective_caps();
+        const CAP_SYS_ADMIN: u32 = 21;
+        const CAP_PERFMON: u32 = 38;
+        const CAP_BPF: u32 = 39;
+        let has = |c: u32| caps & (1u64 << c) != 0;
+        if !has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_PERFMON)) {
+            bail!("not enough privilege: hakctl loads eBPF programs and opens uprobe perf events, which needs root, or the capabilities CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE to read another user's process)");
+        }
+    }
+    Ok(())
+}
+
+fn effective_caps() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}

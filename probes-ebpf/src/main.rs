@@ -1,0 +1,146 @@
+//! The eBPF side of hakctl: one uprobe program attached to every hakmem USDT
+//! probe location. The attach cookie says which probe fired; the arguments come
+//! from registers (the probes pass integers only), so no user memory is read.
+//!
+//! Per hit it updates the per-CPU tally through `hakmem_common::tally::record`
+//! (the same function the allocator's own `HAKMEM_STATS` tally uses), buckets
+//! drain batches and slab acquire latencies into per-CPU log-linear
+//! histograms, and, when `hakctl trace` asked for this probe, sends the event
+//! through the ring buffer (counting what did not fit).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::helpers::generated::bpf_get_attach_cookie;
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::macros::{map, uprobe};
+use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::ProbeContext;
+use aya_ebpf::EbpfContext;
+use hakmem_common::hist::{
+    bucket_of, HistRow, HIST_ACQUIRE_NS, HIST_BUCKETS, HIST_REMOTE_DRAIN_BATCH, HIST_ROWS,
+    HIST_TLS_DRAIN_BATCH,
+};
+use hakmem_common::trace::{TraceEvent, CONFIG_ENTRIES, CONFIG_TRACE_MASK};
+use hakmem_common::{tally, ProbeId, Tally, STAGES, TALLY_SLOTS};
+
+#[map(name = "TALLY")]
+static TALLY: PerCpuArray<Tally> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "HIST")]
+static HIST: PerCpuArray<HistRow> = PerCpuArray::with_max_entries(HIST_ROWS, 0);
+
+/// Start time of a slab request per thread, between `ss_acquire_begin` and its end.
+#[map(name = "ACQUIRE_START")]
+static ACQUIRE_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_ENTRIES, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map(name = "DROPS")]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[uprobe]
+pub fn hakmem_probe(ctx: ProbeContext) -> u32 {
+    handle(&ctx);
+    0
+}
+
+#[inline(always)]
+fn handle(ctx: &ProbeContext) {
+    // SAFETY: the helper reads the cookie hakctl attached with; ctx is the program's context.
+    let probe = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let a0: u64 = ctx.arg(0).unwrap_or(0);
+    let a1: u64 = ctx.arg(1).unwrap_or(0);
+
+    if let Some(t) = TALLY.get_ptr_mut(0) {
+        tally::record(probe, a0, a1, |slot, n| {
+            if slot < TALLY_SLOTS {
+                // SAFETY: `t` is this CPU's tally (no concurrent writer: per-CPU,
+                // and uprobe programs do not nest on one CPU); slot is in bounds.
+                unsafe { *(*t).slots.get_unchecked_mut(slot) += n };
+            }
+        });
+    }
+
+    let pid_tgid = bpf_get_current_pid_tgid();
+    match probe {
+        p if p == ProbeId::TlsDrain as u32 => hist(HIST_TLS_DRAIN_BATCH, a1),
+        p if p == ProbeId::RemoteDrain as u32 => hist(HIST_REMOTE_DRAIN_BATCH, a1),
+        p if p == ProbeId::SsAcquireBegin as u32 => {
+            // SAFETY: the helper has no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let _ = ACQUIRE_START.insert(&pid_tgid, &now, 0);
+        }
+        p if p == ProbeId::SsAcquire as u32 => {
+            // SAFETY: the map value is a plain u64 copied out at once.
+            if let Some(&start) = unsafe { ACQUIRE_START.get(&pid_tgid) } {
+                // SAFETY: the helper has no preconditions.
+                let now = unsafe { bpf_ktime_get_ns() };
+                if (1..=STAGES as u64).contains(&a1) {
+                    hist(HIST_ACQUIRE_NS + a1 as u32 - 1, now.wrapping_sub(start));
+                }
+                let _ = ACQUIRE_START.remove(&pid_tgid);
+            }
+        }
+        p if p == ProbeId::SharedFail as u32 => {
+            let _ = ACQUIRE_START.remove(&pid_tgid);
+        }
+        _ => {}
+    }
+
+    trace(ctx, probe, pid_tgid, a0, a1);
+}
+
+#[inline(always)]
+fn hist(row: u32, value: u64) {
+    if let Some(h) = HIST.get_ptr_mut(row) {
+        let b = bucket_of(value) & (HIST_BUCKETS - 1);
+        // SAFETY: this CPU's row; b < HIST_BUCKETS.
+        unsafe { *(*h).buckets.get_unchecked_mut(b) += 1 };
+    }
+}
+
+#[inline(always)]
+fn trace(ctx: &ProbeContext, probe: u32, pid_tgid: u64, a0: u64, a1: u64) {
+    let mask = match CONFIG.get(CONFIG_TRACE_MASK) {
+        Some(&m) => m,
+        None => return,
+    };
+    if probe >= 64 || mask & (1u64 << probe) == 0 {
+        return;
+    }
+    match EVENTS.reserve::<TraceEvent>(0) {
+        Some(mut entry) => {
+            let ev = TraceEvent {
+                // SAFETY: the helper has no preconditions.
+                ts_ns: unsafe { bpf_ktime_get_ns() },
+                pid_tgid,
+                probe,
+                _pad: 0,
+                args: [a0, a1, ctx.arg(2).unwrap_or(0), ctx.arg(3).unwrap_or(0)],
+            };
+            entry.write(ev);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(d) = DROPS.get_ptr_mut(0) {
+                // SAFETY: this CPU's counter.
+                unsafe { *d += 1 };
+            }
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: every index above is checked; the verifier rejects any path here.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
