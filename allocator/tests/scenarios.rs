@@ -123,3 +123,39 @@ fn multithreaded_stress_with_cross_thread_frees_keeps_contents() {
         .sum();
     assert!(remote > 0, "the stress handed blocks across threads: {t}");
 }
+
+#[test]
+fn a_freed_burst_returns_superslabs_and_rss_falls() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hakmem-scenario"))
+        .arg("burst")
+        .env("HAKMEM_STATS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let t: Value = serde_json::from_str(
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("tally: "))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(n(&t["probes"]["ss_map"]) >= 10, "{t}");
+    assert!(
+        n(&t["probes"]["ss_unmap"]) >= n(&t["probes"]["ss_map"]) - 4,
+        "all but the kept SuperSlabs went back: {t}"
+    );
+    let rss = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rss_kib "))
+        .unwrap();
+    let get = |k: &str| -> u64 {
+        rss.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (peak, after) = (get("peak="), get("after="));
+    assert!(after * 2 < peak, "RSS fell after the burst: {rss}");
+}

@@ -180,7 +180,7 @@ impl Report<'_> {
             o,
             "\nCLASS  SIZE   STAGE1   STAGE2   STAGE3  LEGACY  STAGE1%"
         );
-        for c in 0..TINY_CLASSES {
+        for (c, size) in TINY_CLASS_SIZES.iter().enumerate() {
             let (s, fails) = stage_counts(t, c);
             let requests = s.iter().sum::<u64>() + fails;
             let r = ratio(s[0], requests);

@@ -115,7 +115,7 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
         }
         let sites = match probe_sites(&data) {
             Ok(sites) => sites,
-            Err(e) if has_hakmem_note(&data) => return Err(e.context(format!("{path}"))),
+            Err(e) if has_hakmem_note(&data) => return Err(e.context(path.clone())),
             Err(_) => continue,
         };
         let sites: Vec<ProbeSite> = sites
@@ -212,7 +212,8 @@ pub fn check_environment() -> Result<()> {
         const CAP_PERFMON: u32 = 38;
         const CAP_BPF: u32 = 39;
         let has = |c: u32| caps & (1u64 << c) != 0;
-        if !has(CAP_SYS_ADMIN) && !(has(CAP_BPF) && has(CAP_PERFMON)) {
+        let allowed = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
+        if !allowed {
             bail!("not enough privilege: hakctl loads eBPF programs and opens uprobe perf events, which needs root, or the capabilities CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE to read another user's process)");
         }
     }

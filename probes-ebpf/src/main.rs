@@ -72,21 +72,21 @@ fn handle(ctx: &ProbeContext) {
         p if p == ProbeId::SsAcquireBegin as u32 => {
             // SAFETY: the helper has no preconditions.
             let now = unsafe { bpf_ktime_get_ns() };
-            let _ = ACQUIRE_START.insert(&pid_tgid, &now, 0);
+            let _ = ACQUIRE_START.insert(pid_tgid, now, 0);
         }
         p if p == ProbeId::SsAcquire as u32 => {
             // SAFETY: the map value is a plain u64 copied out at once.
-            if let Some(&start) = unsafe { ACQUIRE_START.get(&pid_tgid) } {
+            if let Some(&start) = unsafe { ACQUIRE_START.get(pid_tgid) } {
                 // SAFETY: the helper has no preconditions.
                 let now = unsafe { bpf_ktime_get_ns() };
                 if (1..=STAGES as u64).contains(&a1) {
                     hist(HIST_ACQUIRE_NS + a1 as u32 - 1, now.wrapping_sub(start));
                 }
-                let _ = ACQUIRE_START.remove(&pid_tgid);
+                let _ = ACQUIRE_START.remove(pid_tgid);
             }
         }
         p if p == ProbeId::SharedFail as u32 => {
-            let _ = ACQUIRE_START.remove(&pid_tgid);
+            let _ = ACQUIRE_START.remove(pid_tgid);
         }
         _ => {}
     }

@@ -27,8 +27,10 @@ fn main() {
         "ace-mapfail" => ace_mapfail,
         "stress" => stress,
         "mixed" => mixed,
+        "burst" => burst,
+        "forever" => forever,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|forever [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -247,4 +249,54 @@ fn stress() {
 fn mixed() {
     recycle();
     stress();
+}
+
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+/// A burst of 60k 512-byte blocks (about 15 SuperSlabs), all freed: EMPTY
+/// SuperSlabs beyond the hysteresis go back to the OS and RSS falls.
+fn burst() {
+    let before = rss_kib();
+    let blocks: Vec<*mut u8> = (0..60_000)
+        .map(|i| {
+            // SAFETY: plain allocation, checked.
+            let p = unsafe { hakmem::api::malloc(500) };
+            assert!(!p.is_null());
+            fill(p, 500, i as u8);
+            p
+        })
+        .collect();
+    let peak = rss_kib();
+    for (i, p) in blocks.iter().enumerate() {
+        check(*p, 500, i as u8);
+        // SAFETY: allocated above, freed once.
+        unsafe { hakmem::api::free(*p) };
+    }
+    drop(blocks);
+    let after = rss_kib();
+    println!("rss_kib before={before} peak={peak} after={after}");
+}
+
+/// Allocates and frees in a loop until killed (a target for attach/detach tests).
+fn forever() {
+    let mut round = 0u64;
+    loop {
+        let v: Vec<*mut u8> = (0..2000)
+            .map(|i| unsafe { hakmem::api::malloc(16 + (i * 37 + round as usize) % 1000) })
+            .collect();
+        for p in v {
+            // SAFETY: allocated above.
+            unsafe { hakmem::api::free(p) };
+        }
+        round += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }

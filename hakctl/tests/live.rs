@@ -1,0 +1,341 @@
+//! hakctl against real processes with real eBPF. As root with BPF usable these
+//! always run; where BPF is unusable they are skipped, except under
+//! HAKMEM_REQUIRE_BPF=1 (CI), where they fail.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn hakctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hakctl"))
+}
+
+/// Sibling binaries of this test's build (target/<profile>/...).
+fn built(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace` (or `just test`) so that it is built",
+        p.display()
+    );
+    p
+}
+
+/// The release libhakmem.so (`cargo build --release -p hakmem`, done by `just test`), or HAKMEM_LIB.
+fn release_lib() -> PathBuf {
+    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release -p hakmem` (or run `just test`)",
+        p.display()
+    );
+    p
+}
+
+fn bpf_usable() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    if !std::path::Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
+        return Err("no uprobe PMU".into());
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err("no kernel BTF".into());
+    }
+    Ok(())
+}
+
+/// True if the BPF tests should run; panics if BPF is required but unusable.
+fn need_bpf(test: &str) -> bool {
+    match bpf_usable() {
+        Ok(()) => true,
+        Err(why) if std::env::var("HAKMEM_REQUIRE_BPF").as_deref() == Ok("1") => {
+            panic!("{test}: BPF is required (HAKMEM_REQUIRE_BPF=1) but unusable here: {why}")
+        }
+        Err(why) => {
+            eprintln!("{test}: skipped, BPF unusable: {why}");
+            false
+        }
+    }
+}
+
+struct Target {
+    child: Child,
+    pid: i32,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+fn start_scenario(name: &str, env: &[(&str, &str)], wait_attach: bool) -> Target {
+    let mut cmd = Command::new(built("hakmem-scenario"));
+    cmd.arg(name)
+        .env("HAKMEM_STATS", "1")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if wait_attach {
+        cmd.arg("--wait-attach");
+    }
+    let mut child = cmd.spawn().expect("start hakmem-scenario");
+    let pid = child.id() as i32;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    if wait_attach {
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.starts_with("waiting for a tracer"), "{first}");
+    } else {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Target { child, pid, lines }
+}
+
+/// Runs a scenario under `hakctl stage-stats --json` and returns (hakctl's counts, the target's own tally).
+fn traced(name: &str, env: &[(&str, &str)]) -> (Value, Value) {
+    let mut t = start_scenario(name, env, true);
+    let ctl = hakctl()
+        .args(["stage-stats", &t.pid.to_string(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tally_line = t.lines.find_map(|l| {
+        l.ok()
+            .and_then(|l| l.strip_prefix("tally: ").map(str::to_string))
+    });
+    let status = t.child.wait().unwrap();
+    let out = ctl.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "hakctl failed: {stderr}");
+    assert!(status.success(), "scenario {name} failed: {status:?}");
+    assert!(
+        stderr.contains("exited"),
+        "hakctl says the target exited: {stderr}"
+    );
+    let tally: Value =
+        serde_json::from_str(&tally_line.expect("the scenario printed its tally")).unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).expect("stage-stats --json output");
+    assert_eq!(report["schema"], "hakctl/1");
+    assert_eq!(report["target_exited"], true);
+    (report["counts"].clone(), tally)
+}
+
+#[test]
+fn counts_equal_the_allocators_own_tally_for_every_probe() {
+    if !need_bpf("counts_equal_the_allocators_own_tally_for_every_probe") {
+        return;
+    }
+    let runs: &[(&str, &[(&str, &str)])] = &[
+        ("mixed", &[]),
+        ("legacy", &[("HAKMEM_SS_MAX", "1")]),
+        ("ace", &[("HAKMEM_ACE_MAX_BYTES", "16384")]),
+        ("ace", &[("HAKMEM_ACE_MAX_SEGMENTS", "1")]),
+        ("ace-mapfail", &[("HAKMEM_OS_LIMIT_MB", "16")]),
+        ("burst", &[]),
+    ];
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    for (name, env) in runs {
+        let (counts, tally) = traced(name, env);
+        assert_eq!(
+            counts, tally,
+            "hakctl's counts differ from the allocator's tally for scenario {name} {env:?}"
+        );
+        for (probe, n) in tally["probes"].as_object().unwrap() {
+            *seen.entry(probe.clone()).or_default() += n.as_u64().unwrap();
+        }
+    }
+    for (probe, n) in &seen {
+        assert!(
+            *n > 0,
+            "probe {probe} never fired across the scenarios: {seen:?}"
+        );
+    }
+    assert_eq!(seen.len(), hakmem_common::PROBE_COUNT);
+}
+
+fn semaphores(pid: i32) -> Vec<String> {
+    let out = hakctl()
+        .args(["probes", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("PROBE"))
+        .map(|l| l.split_whitespace().nth(3).unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn sigkill_drops_the_semaphores_and_the_target_runs_on() {
+    if !need_bpf("sigkill_drops_the_semaphores_and_the_target_runs_on") {
+        return;
+    }
+    let mut t = start_scenario("forever", &[], false);
+    assert!(
+        semaphores(t.pid).iter().all(|s| s == "no"),
+        "nobody listens yet"
+    );
+    let mut watch = hakctl()
+        .args(["watch", &t.pid.to_string(), "--json", "--interval", "0.2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut watch_lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&watch_lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["kind"], "watch");
+    assert!(
+        semaphores(t.pid).iter().all(|s| s == "yes"),
+        "attached: every semaphore raised"
+    );
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGKILL) };
+    let _ = watch.wait();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !semaphores(t.pid).iter().all(|s| s == "no") {
+        assert!(
+            Instant::now() < deadline,
+            "semaphores still raised after SIGKILL: {:?}",
+            semaphores(t.pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(t.child.try_wait().unwrap().is_none(), "the target runs on");
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
+
+#[test]
+fn run_preloads_and_watches_from_the_first_allocation() {
+    if !need_bpf("run_preloads_and_watches_from_the_first_allocation") {
+        return;
+    }
+    let out = hakctl()
+        .env("HAKMEM_LIB", release_lib())
+        .args([
+            "run",
+            "--json",
+            "--interval",
+            "0.5",
+            "--",
+            "python3",
+            "-c",
+            "x = [bytes(i % 900) for i in range(200000)]",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let last: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("a JSON line"),
+    )
+    .unwrap();
+    assert_eq!(last["target_exited"], true);
+    assert!(
+        last["counts"]["probes"]["ss_acquire"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    // From the first allocation: the first slabs of the process come from Stage 3 (a new SuperSlab).
+    assert!(
+        last["counts"]["probes"]["ss_map"].as_u64().unwrap() >= 1,
+        "{last}"
+    );
+}
+
+fn fails_with(out: Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+}
+
+#[test]
+fn clear_errors_for_bad_targets() {
+    fails_with(
+        hakctl()
+            .args(["stage-stats", "2147483000", "--duration", "1"])
+            .output()
+            .unwrap(),
+        "no such process: 2147483000",
+    );
+    fails_with(
+        hakctl().args(["probes", "2147483000"]).output().unwrap(),
+        "no such process",
+    );
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    fails_with(
+        hakctl()
+            .args(["watch", &sleeper.id().to_string()])
+            .output()
+            .unwrap(),
+        "no hakmem probes in process",
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    fails_with(
+        hakctl().args(["probes", "/bin/ls"]).output().unwrap(),
+        "no hakmem probes in /bin/ls",
+    );
+    fails_with(
+        hakctl()
+            .args(["probes", "/nonexistent/file"])
+            .output()
+            .unwrap(),
+        "cannot read /nonexistent/file",
+    );
+    fails_with(
+        hakctl()
+            .args(["trace", "1", "--probe", "nope"])
+            .output()
+            .unwrap(),
+        "unknown probe \"nope\"",
+    );
+}
+
+#[test]
+fn a_corrupt_note_is_an_error_not_a_panic() {
+    let mut data = std::fs::read(built("hakmem-scenario")).unwrap();
+    // Every stapsdt note: make its descriptor size run past the section.
+    let owner = b"stapsdt\0";
+    let mut hits = 0;
+    let mut i = 0;
+    while let Some(pos) = data[i..].windows(owner.len()).position(|w| w == owner) {
+        let at = i + pos;
+        if at >= 12
+            && data[at - 4..at] == 3u32.to_le_bytes()
+            && data[at - 12..at - 8] == 8u32.to_le_bytes()
+        {
+            data[at - 8..at - 4].copy_from_slice(&0x7fff_ff00u32.to_le_bytes());
+            hits += 1;
+        }
+        i = at + owner.len();
+    }
+    assert!(hits > 0, "found the notes");
+    let path = std::env::temp_dir().join(format!("hakctl-corrupt-{}", std::process::id()));
+    std::fs::write(&path, &data).unwrap();
+    let out = hakctl().arg("probes").arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    fails_with(out, "corrupt .note.stapsdt");
+}
