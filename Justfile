@@ -1,0 +1,35 @@
+# hakmem task runner. `./run RECIPE` installs prerequisites first; `just RECIPE` assumes them.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+release := "target/release"
+
+default: test
+
+# Install the toolchain pieces and Debian packages the project needs (idempotent).
+setup:
+    bash scripts/setup.sh
+
+# Release build: libhakmem.so, hakctl (with its eBPF programs), the benchmarks.
+build:
+    cargo build --release
+
+# Format and lint gates.
+lint:
+    cargo fmt --all --check
+    cargo clippy --all-targets -- -D warnings
+
+# The test suite (CI sets HAKMEM_REQUIRE_BPF=1 so BPF tests fail instead of skipping).
+test: build lint
+    cargo test
+
+# Run bench_random_mixed under libhakmem.so, watched live by hakctl from its first allocation.
+demo ops="300000000" slots="8192": build
+    {{release}}/hakctl run -- {{release}}/bench_random_mixed {{ops}} {{slots}}
+
+# Attach to an already running process.
+watch pid:
+    {{release}}/hakctl watch {{pid}}
+
+# bench_random_mixed under glibc, hakmem and the peers installed, interleaved; medians and ratios.
+bench ops="10000000" slots="8192" reps="5": build
+    bash benches/compare.sh {{ops}} {{slots}} {{reps}}
