@@ -45,7 +45,7 @@ fn init_slow() {
 
 /// hakmem as a Rust global allocator:
 ///
-/// ```ignore
+/// ```text
 /// #[global_allocator]
 /// static GLOBAL: hakmem::HakMem = hakmem::HakMem;
 /// ```

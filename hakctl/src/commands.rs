@@ -61,6 +61,7 @@ pub fn probes(target_arg: &str) -> Result<ExitCode> {
 }
 
 fn attach(pid: i32) -> Result<(Session, Vec<HakmemObject>)> {
+    target::check_environment()?;
     let objects = target::find_in_process(pid)?;
     let session = Session::attach(pid, objects.clone()).map_err(|e| {
         if target::exited(pid) {

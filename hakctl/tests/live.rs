@@ -339,3 +339,99 @@ fn a_corrupt_note_is_an_error_not_a_panic() {
     let _ = std::fs::remove_file(&path);
     fails_with(out, "corrupt .note.stapsdt");
 }
+
+#[test]
+fn side_by_side_with_bpftrace_and_with_another_hakctl() {
+    if !need_bpf("side_by_side_with_bpftrace_and_with_another_hakctl") {
+        return;
+    }
+    let mut t = start_scenario("forever", &[], false);
+    let pid = t.pid.to_string();
+    let exe = built("hakmem-scenario");
+    let probe = format!(
+        "usdt:{}:hakmem:tls_drain {{ @drains = count(); }} interval:s:3 {{ exit(); }}",
+        exe.display()
+    );
+    let bpftrace = Command::new("bpftrace")
+        .args(["-p", &pid, "-e", &probe])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let bpftrace = match bpftrace {
+        Ok(b) => b,
+        Err(e) => panic!("bpftrace is needed for this test (scripts/setup.sh installs it): {e}"),
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    let a = hakctl()
+        .args(["stage-stats", &pid, "--duration", "1", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = hakctl()
+        .args(["stage-stats", &pid, "--duration", "1", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v["counts"]["probes"]["tls_drain"].as_u64().unwrap() > 0,
+            "{v}"
+        );
+    }
+    let bt = bpftrace.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&bt.stdout);
+    let drains: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("@drains: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        drains > 0,
+        "bpftrace counted beside hakctl: {text}\n{}",
+        String::from_utf8_lossy(&bt.stderr)
+    );
+    assert!(t.child.try_wait().unwrap().is_none(), "the target runs on");
+    assert!(
+        semaphores(t.pid).iter().all(|s| s == "no"),
+        "all tracers gone: semaphores back to 0"
+    );
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
+
+#[test]
+fn an_ordinary_user_gets_a_clear_refusal() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // needs root to switch to an ordinary user
+    }
+    let mut t = start_scenario("forever", &[], false);
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_hakctl"))
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let pid = t.pid.to_string();
+    fails_with(
+        as_nobody(&["stage-stats", &pid, "--duration", "1"]),
+        "not enough privilege",
+    );
+    fails_with(as_nobody(&["probes", &pid]), "permission denied");
+    assert!(
+        t.child.try_wait().unwrap().is_none(),
+        "the target is unharmed"
+    );
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
