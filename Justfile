@@ -33,3 +33,7 @@ watch pid:
 # bench_random_mixed under glibc, hakmem and the peers installed, interleaved; medians and ratios.
 bench ops="10000000" slots="8192" reps="5": build
     bash benches/compare.sh {{ops}} {{slots}} {{reps}}
+
+# Probe cost: probes compiled out vs nobody attached vs hakctl attached, interleaved.
+bench-overhead ops="10000000" slots="8192" reps="5": build
+    bash benches/overhead.sh {{ops}} {{slots}} {{reps}}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Probe cost: bench_random_mixed OPS SLOTS under libhakmem.so, REPS interleaved runs of
+#   noprobes  - a build with the probes compiled out (--no-default-features --features c-abi)
+#   idle      - the normal build, nobody attached (semaphores 0)
+#   watched   - the normal build under `hakctl run` (every probe attached, eBPF counting)
+# prints medians and ratios to `idle`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OPS=${1:-10000000}; SLOTS=${2:-8192}; REPS=${3:-5}
+REL=target/release
+cargo build --release -q -p hakmem --no-default-features --features c-abi --target-dir target/noprobes
+NOPROBES=target/noprobes/release/libhakmem.so
+ops_of() { sed -nE 's/^bench_random_mixed .*ops\/s=([0-9]+).*/\1/p'; }
+declare -A R
+for rep in $(seq 1 "$REPS"); do
+    R[noprobes]+="$(LD_PRELOAD=$PWD/$NOPROBES $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of) "
+    R[idle]+="$(LD_PRELOAD=$PWD/$REL/libhakmem.so $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of) "
+    R[watched]+="$(HAKMEM_LIB=$PWD/$REL/libhakmem.so $REL/hakctl run --json --interval 0.5 -- $REL/bench_random_mixed "$OPS" "$SLOTS" 2>/dev/null | ops_of) "
+    echo "rep $rep: noprobes ${R[noprobes]##* } idle ${R[idle]##* } watched ${R[watched]##* }" | tr -s ' '
+done
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2))}'; }
+idle=$(median "${R[idle]}")
+echo
+echo "probe cost, bench_random_mixed $OPS $SLOTS, median of $REPS interleaved runs"
+printf '%-9s %14s %9s\n' build ops/s vs_idle
+for k in noprobes idle watched; do
+    m=$(median "${R[$k]}")
+    printf '%-9s %14s %9s\n' "$k" "$m" "$(awk -v a="$m" -v b="$idle" 'BEGIN {printf "%.3f", a/b}')"
+done
