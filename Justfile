@@ -37,3 +37,12 @@ bench ops="10000000" slots="8192" reps="5": build
 # Probe cost: probes compiled out vs nobody attached vs hakctl attached, interleaved.
 bench-overhead ops="10000000" slots="8192" reps="5": build
     bash benches/overhead.sh {{ops}} {{slots}} {{reps}}
+
+# Real programs under LD_PRELOAD, the long selection too (CPython's regression suite, sqlite3, git, gcc, sort).
+real-programs: build
+    cargo test -p hakmem --test preload -- --include-ignored
+
+# Many threads handing blocks of every size class to each other, contents checked, for SECONDS.
+soak seconds="300" threads="8":
+    cargo build --release -p hakmem --bin hakmem-scenario
+    HAKMEM_STATS=1 STRESS_THREADS={{threads}} STRESS_SECONDS={{seconds}} target/release/hakmem-scenario stress

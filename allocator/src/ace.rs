@@ -154,6 +154,10 @@ pub fn free(ptr: *mut u8, class: usize) {
     let overflow = with_cache(|tc| {
         let c = &mut tc.ace[class];
         let b = ptr as *mut Block;
+        if c.head == b {
+            crate::misuse::invalid_free("free(): double free detected in ACE cache", ptr as usize);
+            return false;
+        }
         // SAFETY: the user freed the block; its first word becomes the link.
         unsafe { (*b).next = c.head };
         c.head = b;
@@ -324,6 +328,10 @@ impl AceClass {
     fn put(&mut self, seg: *mut AceSegment, b: *mut Block) -> Option<*mut AceSegment> {
         // SAFETY: `b` lies in `seg`, a live ACE segment of this class (lock held).
         let s = unsafe { &mut *seg };
+        if s.used == 0 {
+            crate::misuse::invalid_free("free(): double free detected (ACE segment over-freed)", b as usize);
+            return None;
+        }
         // SAFETY: the block is free; link it.
         unsafe { (*b).next = s.free };
         s.free = b;

@@ -2,12 +2,9 @@
 //! C allocation semantics; `capi` exports them unprefixed, `HakMem` wraps them.
 
 use crate::class::{tiny_class, ACE_MAX, TINY_MAX};
-use crate::config;
 use crate::segment::{self, SegKind};
-use crate::stats::{write_fd, StackBuf};
 use crate::superslab::{slab_of, SlabState};
-use crate::{ace, large, tiny};
-use core::fmt::Write;
+use crate::{ace, large, misuse, tiny};
 use core::ptr::null_mut;
 
 /// Largest alignment served (the large path keeps header and block in one chunk).
@@ -60,7 +57,7 @@ pub unsafe fn free(ptr: *mut u8) {
     }
     let p = ptr as usize;
     let Some(h) = segment::lookup(p) else {
-        return invalid_pointer("free(): invalid pointer", p);
+        return misuse::invalid_free("free(): invalid pointer", p);
     };
     match h.kind {
         SegKind::SuperSlab => {
@@ -72,7 +69,7 @@ pub unsafe fn free(ptr: *mut u8) {
                 || p < s.area()
                 || (p - s.area()) & (s.block_size as usize - 1) != 0
             {
-                return invalid_pointer("free(): invalid pointer", p);
+                return misuse::invalid_free("free(): invalid pointer", p);
             }
             // SAFETY: a block of an in-use slab, freed by its user.
             unsafe { tiny::free_superslab(ptr, slab) }
@@ -82,7 +79,7 @@ pub unsafe fn free(ptr: *mut u8) {
         SegKind::Large => {
             let chunk = segment::chunk_of(p);
             if !large::is_live_block(p, chunk) {
-                return invalid_pointer("free(): double free or invalid pointer", p);
+                return misuse::invalid_free("free(): double free or invalid pointer", p);
             }
             large::free(chunk)
         }
@@ -161,7 +158,7 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     }
     let old = usable_size(ptr);
     if old == 0 {
-        invalid_pointer("realloc(): invalid pointer", ptr as usize);
+        misuse::invalid_free("realloc(): invalid pointer", ptr as usize);
         set_errno(libc::EINVAL);
         return null_mut();
     }
@@ -233,21 +230,6 @@ pub unsafe fn alloc_aligned_zeroed(align: usize, size: usize) -> *mut u8 {
     p
 }
 
-#[cold]
-fn invalid_pointer(what: &str, ptr: usize) {
-    let mut msg = StackBuf::<128>::new();
-    let abort = config::get().invalid_free_abort;
-    let _ = writeln!(
-        msg,
-        "hakmem: {what}: {ptr:#x}{}",
-        if abort { "" } else { " (ignored)" }
-    );
-    write_fd(2, msg.as_bytes());
-    if abort {
-        // SAFETY: abort has no preconditions; continuing would corrupt the heap.
-        unsafe { libc::abort() };
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,8 @@ pub struct Config {
     pub stats: bool,
     /// `HAKMEM_INVALID_FREE` (default abort): `abort` or `ignore` (log and go on).
     pub invalid_free_abort: bool,
+    /// `HAKMEM_STATS_FILE`: append the exit tally to this file instead of stderr (implies stats).
+    pub stats_file: Option<&'static core::ffi::CStr>,
 }
 
 impl Config {
@@ -36,6 +38,7 @@ impl Config {
         os_limit_bytes: usize::MAX,
         stats: false,
         invalid_free_abort: true,
+        stats_file: None,
     };
 }
 
@@ -106,6 +109,10 @@ fn load() {
     if let Some(v) = env_bytes(c"HAKMEM_INVALID_FREE") {
         c.invalid_free_abort = v != b"ignore";
     }
+    if let Some(path) = env_cstr(c"HAKMEM_STATS_FILE") {
+        c.stats = true;
+        c.stats_file = Some(path);
+    }
     // SAFETY: only the thread that won the UNREAD -> READING exchange writes,
     // and no reader dereferences CONFIG before it observes READY.
     unsafe { *core::ptr::addr_of_mut!(CONFIG) = c };
@@ -113,7 +120,7 @@ fn load() {
     STATE.store(READY, Ordering::Release);
 }
 
-fn env_bytes(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+fn env_cstr(name: &core::ffi::CStr) -> Option<&'static core::ffi::CStr> {
     // SAFETY: getenv takes a NUL-terminated name and returns NULL or a pointer
     // into the environment block, which lives for the process (we never call
     // setenv, and a program that does races with every getenv user anyway).
@@ -122,8 +129,12 @@ fn env_bytes(name: &core::ffi::CStr) -> Option<&'static [u8]> {
         if p.is_null() {
             return None;
         }
-        Some(core::ffi::CStr::from_ptr(p).to_bytes())
+        Some(core::ffi::CStr::from_ptr(p))
     }
+}
+
+fn env_bytes(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    env_cstr(name).map(|s| s.to_bytes())
 }
 
 fn env_u64(name: &core::ffi::CStr) -> Option<u64> {

@@ -28,6 +28,7 @@ pub mod config;
 mod global;
 mod large;
 mod legacy;
+mod misuse;
 mod os;
 mod pool;
 mod probes;

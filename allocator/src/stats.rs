@@ -77,14 +77,28 @@ pub fn write_fd(fd: i32, mut bytes: &[u8]) {
     }
 }
 
-/// Writes `hakmem-stats: {json}` for `t` to stderr.
+/// Writes `hakmem-stats: {json}` for `t` to stderr, or appends it to
+/// `HAKMEM_STATS_FILE` (one line per process, so programs that check their
+/// own stderr are not disturbed).
 pub fn print_tally(t: &Tally) {
     let mut out = StackBuf::<8192>::new();
     let ok = out.write_str("hakmem-stats: ").is_ok()
         && hakmem_common::json::write_tally(&mut out, t).is_ok()
         && out.write_str("\n").is_ok();
-    if ok {
-        write_fd(2, out.as_bytes());
+    if !ok {
+        return;
+    }
+    match config::get().stats_file {
+        Some(path) => {
+            // SAFETY: a NUL-terminated path; the fd is closed below.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC, 0o644) };
+            if fd >= 0 {
+                write_fd(fd, out.as_bytes());
+                // SAFETY: our fd.
+                unsafe { libc::close(fd) };
+            }
+        }
+        None => write_fd(2, out.as_bytes()),
     }
 }
 

@@ -181,6 +181,11 @@ impl Slab {
     /// Owner only.
     #[inline]
     pub fn give_back(&mut self, b: *mut Block) -> bool {
+        if self.used == 0 {
+            // More blocks came back than went out: some block was freed twice.
+            crate::misuse::invalid_free("free(): double free detected (slab over-freed)", b as usize);
+            return false;
+        }
         // SAFETY: `b` is a block of this slab that its user has freed.
         unsafe { (*b).next = self.free };
         self.free = b;
@@ -220,6 +225,10 @@ impl Slab {
             self.free = b;
             b = next;
             n += 1;
+        }
+        if n > self.used {
+            crate::misuse::invalid_free("free(): double free detected (remote frees exceed blocks out)", self.free as usize);
+            self.used = n;
         }
         self.used -= n;
         n

@@ -125,6 +125,9 @@ pub fn free_legacy(ptr: *mut u8, class: usize) {
 #[inline(always)]
 fn push_local(tc: &mut ThreadCache, class: usize, b: *mut Block) {
     let cc = &mut tc.tiny[class];
+    if cc.head == b {
+        return crate::misuse::invalid_free("free(): double free detected in tcache", b as usize);
+    }
     // SAFETY: the block was freed by its user; its first word becomes the link.
     unsafe { (*b).next = cc.head };
     cc.head = b;

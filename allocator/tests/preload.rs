@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 fn lib() -> PathBuf {
     if let Some(p) = std::env::var_os("HAKMEM_LIB") {
@@ -20,55 +21,51 @@ fn lib() -> PathBuf {
     p.canonicalize().unwrap()
 }
 
-fn run(cmd: &mut Command, preload: bool) -> Output {
+/// Runs `cmd`, with hakmem preloaded or not. With hakmem, each process of
+/// the run appends its tally to a stats file (not stderr, so programs that
+/// check their own stderr are undisturbed); returns the output and those tallies.
+fn run(cmd: &mut Command, preload: bool) -> (Output, Vec<serde_json::Value>) {
+    let stats = std::env::temp_dir().join(format!("hakmem-stats-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_file(&stats);
     if preload {
-        cmd.env("LD_PRELOAD", lib()).env("HAKMEM_STATS", "1");
+        cmd.env("LD_PRELOAD", lib()).env("HAKMEM_STATS_FILE", &stats);
     } else {
-        cmd.env_remove("LD_PRELOAD").env_remove("HAKMEM_STATS");
+        cmd.env_remove("LD_PRELOAD").env_remove("HAKMEM_STATS_FILE");
     }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} (preload {preload}) failed: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    cmd.env_remove("HAKMEM_STATS");
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} (preload {preload}) failed: {:?}\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let tallies = std::fs::read_to_string(&stats)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("hakmem-stats: "))
+        .map(|j| serde_json::from_str(j).expect("stats JSON"))
+        .collect();
+    let _ = std::fs::remove_file(&stats);
+    (out, tallies)
 }
 
-/// Total slab acquisitions + legacy refills + ACE/large activity over every
-/// process of the run (each prints one `hakmem-stats:` line at exit).
-fn served(out: &Output) -> u64 {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let mut total = 0;
-    let mut lines = 0;
-    for l in stderr.lines() {
-        if let Some(json) = l.strip_prefix("hakmem-stats: ") {
-            let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
-            lines += 1;
-            total += v["probes"]["ss_acquire"].as_u64().unwrap()
-                + v["probes"]["legacy_refill"].as_u64().unwrap();
-        }
-    }
-    assert!(
-        lines > 0,
-        "no hakmem-stats line: hakmem was not loaded\n{stderr}"
-    );
-    total
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Slab acquisitions + legacy refills over every process of the run.
+fn served(tallies: &[serde_json::Value]) -> u64 {
+    assert!(!tallies.is_empty(), "no process wrote a tally: hakmem was not loaded");
+    tallies.iter().map(|v| v["probes"]["ss_acquire"].as_u64().unwrap() + v["probes"]["legacy_refill"].as_u64().unwrap()).sum()
+}
+
+/// Runs without and with hakmem; the outputs (filtered by `keep`) must match.
+fn same_output_filtered(make: impl Fn() -> Command, keep: impl Fn(&str) -> bool) -> u64 {
+    let (plain, _) = run(&mut make(), false);
+    let (hak, tallies) = run(&mut make(), true);
+    let filter = |o: &Output| String::from_utf8_lossy(&o.stdout).lines().filter(|l| keep(l)).collect::<Vec<_>>().join("\n");
+    assert_eq!(filter(&plain), filter(&hak));
+    let n = served(&tallies);
+    assert!(n > 0, "hakmem's tally is empty");
+    n
 }
 
 fn same_output(make: impl Fn() -> Command) -> u64 {
-    let plain = run(&mut make(), false);
-    let hak = run(&mut make(), true);
-    assert_eq!(
-        String::from_utf8_lossy(&plain.stdout),
-        String::from_utf8_lossy(&hak.stdout)
-    );
-    let n = served(&hak);
-    assert!(n > 0, "hakmem's tally is empty");
-    n
+    same_output_filtered(make, |_| true)
 }
 
 /// The real interpreter, not a version-manager shim script.
@@ -210,4 +207,69 @@ fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn sqlite3_runs_a_generated_workload() {
+    let dir = tempdir("sqlite");
+    let sql = r#"
+CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, grp INTEGER, payload BLOB);
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)
+INSERT INTO t SELECT i, printf('name-%d-%s', i, hex(i * 7919)), i % 97, zeroblob(i % 300) FROM n;
+CREATE INDEX t_grp ON t(grp, name);
+SELECT grp, count(*), sum(length(payload)), min(name), max(name) FROM t GROUP BY grp ORDER BY grp LIMIT 10;
+UPDATE t SET name = name || '-x' WHERE id % 3 = 0;
+DELETE FROM t WHERE id % 5 = 0;
+SELECT count(*), sum(length(name)) FROM t;
+SELECT group_concat(name, ',') FROM (SELECT name FROM t ORDER BY name DESC LIMIT 50);
+"#;
+    std::fs::write(dir.join("work.sql"), sql).unwrap();
+    same_output(|| {
+        let mut c = Command::new("bash");
+        c.arg("-c").arg("rm -f db.sqlite && sqlite3 db.sqlite < work.sql").current_dir(&dir);
+        c
+    });
+}
+
+/// A selection of CPython's own regression suite: its result line must read SUCCESS both ways.
+fn python_regrtest(modules: &[&str]) {
+    same_output_filtered(
+        || {
+            let mut c = Command::new(python());
+            c.args(["-m", "test", "-q"]).args(modules);
+            c
+        },
+        |l| l.starts_with("Result:") || l.starts_with("Total tests:"),
+    );
+}
+
+#[test]
+fn python_regression_suite_short() {
+    python_regrtest(&["test_dict", "test_list", "test_json", "test_queue"]);
+}
+
+/// The longer selection (`just real-programs`): threads, gc, weakrefs, subprocesses.
+#[test]
+#[ignore]
+fn python_regression_suite_long() {
+    python_regrtest(&["test_threading", "test_gc", "test_weakref", "test_set", "test_unicode", "test_bytes", "test_subprocess", "test_concurrent_futures"]);
+}
+
+/// A larger gcc job (`just real-programs`): 40 translation units of generated C.
+#[test]
+#[ignore]
+fn gcc_compiles_many_units() {
+    let dir = tempdir("gcc-many");
+    for i in 0..40 {
+        let mut src = String::from("#include <stdio.h>\n#include <string.h>\n");
+        for f in 0..60 {
+            src.push_str(&format!("int f{i}_{f}(const char *s) {{ int h = {f}; for (size_t k = 0; k < strlen(s); k++) h = h * 31 + s[k]; return h ^ {i}; }}\n"));
+        }
+        std::fs::write(dir.join(format!("u{i}.c")), src).unwrap();
+    }
+    same_output(|| {
+        let mut c = Command::new("bash");
+        c.arg("-c").arg("gcc -O2 -c u*.c && sha256sum u*.o | sha256sum").current_dir(&dir);
+        c
+    });
 }

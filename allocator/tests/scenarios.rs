@@ -159,3 +159,61 @@ fn a_freed_burst_returns_superslabs_and_rss_falls() {
     let (peak, after) = (get("peak="), get("after="));
     assert!(after * 2 < peak, "RSS fell after the burst: {rss}");
 }
+
+/// Runs a scenario with a deadline (a hang is a deadlock, not a slow test).
+fn run_with_deadline(name: &str, env: &[(&str, &str)], secs: u64) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hakmem-scenario"))
+        .arg(name)
+        .env("HAKMEM_STATS", "1")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("scenario {name} still running after {secs}s: deadlock?");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn fork_from_a_multithreaded_process_then_allocate_and_exec() {
+    let out = run_with_deadline("fork", &[], 120);
+    assert!(out.status.success(), "{:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn out_of_memory_returns_null_with_enomem_and_fires_the_probes() {
+    let t = scenario("oom", &[]);
+    let map_failed: u64 = (0..8).map(|c| n(&class(&t, c)["shared_fail"]["map_failed"])).sum();
+    assert!(map_failed >= 1, "Stage 3 could not map: {t}");
+    assert!(n(&t["ace_fail"]["map_fail"]) >= 1, "ACE could not map: {t}");
+}
+
+#[test]
+fn double_free_aborts_with_a_message_or_is_ignored_by_request() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_with_deadline("double-free", &[], 30);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
+    assert!(stderr.contains("hakmem: free(): double free detected"), "{stderr}");
+    let out = run_with_deadline("double-free", &[("HAKMEM_INVALID_FREE", "ignore")], 30);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("(ignored)").count(), 2, "the tiny and the large double free: {stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("survived"));
+}
+
+#[test]
+fn foreign_pointer_free_aborts_with_a_message() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_with_deadline("foreign-free", &[], 30);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
+    assert!(stderr.contains("hakmem: free(): invalid pointer: 0x"), "{stderr}");
+}

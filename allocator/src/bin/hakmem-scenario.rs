@@ -29,12 +29,16 @@ fn main() {
         "mixed" => mixed,
         "burst" => burst,
         "forever" => forever,
+        "fork" => fork,
+        "oom" => oom,
+        "double-free" => double_free,
+        "foreign-free" => foreign_free,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|forever [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|forever|fork|oom|double-free|foreign-free [--wait-attach]");
             std::process::exit(2);
         }
     };
-    if !hakmem::config::get().stats && name != "forever" {
+    if !hakmem::config::get().stats && !matches!(name, "forever" | "double-free" | "foreign-free") {
         eprintln!("hakmem-scenario: run with HAKMEM_STATS=1");
         std::process::exit(2);
     }
@@ -188,39 +192,36 @@ fn ace_mapfail() {
     }
 }
 
-/// Threads hand blocks of every size range to each other; every block's
-/// contents are written by the allocating thread and checked by the freeing one.
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Threads (STRESS_THREADS, default 4: more than the cores here) hand blocks of
+/// every size range to each other; every block's contents are written by the
+/// allocating thread and checked by the freeing one. STRESS_SECONDS > 0 turns
+/// the fixed 20k rounds per thread into a soak of that many seconds.
 fn stress() {
-    const THREADS: usize = 4;
-    const ROUNDS: usize = 20_000;
-    let mailboxes: Arc<Vec<Mailbox>> =
-        Arc::new((0..THREADS).map(|_| Mutex::new(Vec::new())).collect());
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
+    let threads = env_usize("STRESS_THREADS", 4).max(2);
+    let seconds = env_usize("STRESS_SECONDS", 0) as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..threads).map(|_| Mutex::new(Vec::new())).collect());
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
         .map(|t| {
             let mb = mailboxes.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let mut x = 0x1234_5678_9abc_def1u64 ^ (t as u64) << 7;
+                let mut x = 0x1234_5678_9abc_def1u64 ^ ((t as u64) << 7);
                 barrier.wait();
-                for r in 0..ROUNDS {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let size = match x % 16 {
-                        0 => 1024 + (x >> 8) as usize % 40_000,
-                        1 => 40_000 + (x >> 8) as usize % 200_000,
-                        _ => 1 + (x >> 8) as usize % 1024,
-                    };
+                let mut r = 0usize;
+                while if seconds > 0 { r % 1024 != 0 || std::time::Instant::now() < deadline } else { r < 20_000 } {
+                    let size = random_size(&mut x);
                     // SAFETY: plain allocation, checked.
                     let p = unsafe { hakmem::api::malloc(size) };
                     assert!(!p.is_null());
                     let seed = (r as u8) ^ (t as u8);
                     fill(p, size, seed);
-                    mb[(t + 1) % THREADS]
-                        .lock()
-                        .unwrap()
-                        .push((SendPtr(p), size, seed));
+                    mb[(t + 1 + r % (threads - 1)) % threads].lock().unwrap().push((SendPtr(p), size, seed));
                     if r % 8 == 0 {
                         let mine: Vec<_> = std::mem::take(&mut *mb[t].lock().unwrap());
                         for (p, size, seed) in mine {
@@ -229,20 +230,23 @@ fn stress() {
                             unsafe { hakmem::api::free(p.0) };
                         }
                     }
+                    r += 1;
                 }
+                r
             })
         })
         .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    let ops: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let mut leftover = 0;
     for mb in mailboxes.iter() {
         for (p, size, seed) in std::mem::take(&mut *mb.lock().unwrap()) {
             check(p.0, size, seed);
             // SAFETY: allocated by a worker, freed once here.
             unsafe { hakmem::api::free(p.0) };
+            leftover += 1;
         }
     }
+    println!("stress threads={threads} allocations={ops} checked_and_freed={ops} (leftover handed back at the end: {leftover})");
 }
 
 /// A fixed mix that fires every tiny-path probe: recycle, then stress.
@@ -299,4 +303,149 @@ fn forever() {
         round += 1;
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
+}
+
+fn random_size(x: &mut u64) -> usize {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    match *x % 16 {
+        0 => 1025 + (*x >> 8) as usize % 31_000,
+        1 => 33_000 + (*x >> 8) as usize % 300_000,
+        _ => 1 + (*x >> 8) as usize % 1024,
+    }
+}
+
+/// Allocates, fills, checks and frees `n` blocks of random sizes.
+fn churn(n: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut live: Vec<(*mut u8, usize, u8)> = Vec::with_capacity(64);
+    for i in 0..n {
+        let size = random_size(&mut x);
+        // SAFETY: plain allocation, checked.
+        let p = unsafe { hakmem::api::malloc(size) };
+        assert!(!p.is_null());
+        fill(p, size, i as u8);
+        live.push((p, size, i as u8));
+        if live.len() == 64 {
+            for (p, size, seed) in live.drain(..) {
+                check(p, size, seed);
+                // SAFETY: allocated above.
+                unsafe { hakmem::api::free(p) };
+            }
+        }
+    }
+    for (p, size, seed) in live {
+        check(p, size, seed);
+        // SAFETY: allocated above.
+        unsafe { hakmem::api::free(p) };
+    }
+}
+
+/// fork() from a multi-threaded process while other threads allocate; the
+/// child allocates (and half the time execs), the parent goes on.
+fn fork() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    churn(500, t * 1000 + round);
+                    round += 1;
+                }
+            })
+        })
+        .collect();
+    for i in 0..40 {
+        // SAFETY: fork; the child only allocates, frees and exits or execs.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            churn(2000, 77 + i);
+            if i % 2 == 0 {
+                let prog = c"/bin/true";
+                let argv = [prog.as_ptr(), std::ptr::null()];
+                // SAFETY: a NUL-terminated argv; execv only returns on failure.
+                unsafe { libc::execv(prog.as_ptr(), argv.as_ptr()) };
+            }
+            // SAFETY: leave the child without running the parent's atexit work.
+            unsafe { libc::_exit(0) };
+        }
+        churn(500, i);
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child {i} failed: {status:#x}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+/// With RLIMIT_AS lowered: every path returns NULL with ENOMEM instead of
+/// crashing, the probes fire, and overflowing calloc/realloc are refused.
+fn oom() {
+    use std::io::Error;
+    let errno = || Error::last_os_error().raw_os_error();
+    // SAFETY: each call follows the C contract; results are checked.
+    unsafe {
+        assert!(hakmem::api::calloc(usize::MAX / 4, 8).is_null());
+        assert_eq!(errno(), Some(libc::ENOMEM));
+        let keep = hakmem::api::malloc(100);
+        fill(keep, 100, 9);
+        let mut status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm: u64 = status.lines().find_map(|l| l.strip_prefix("VmSize:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+        status.clear();
+        let limit = (vm + 96 * 1024) * 1024;
+        let rl = libc::rlimit { rlim_cur: limit, rlim_max: libc::RLIM_INFINITY };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &rl), 0);
+        // Fill the address space with each kind until it says no.
+        let mut held: [*mut u8; 40_000] = [std::ptr::null_mut(); 40_000];
+        let mut n = 0;
+        for size in [1_000_000usize, 20_000, 700] {
+            loop {
+                let p = hakmem::api::malloc(size);
+                if p.is_null() {
+                    assert_eq!(errno(), Some(libc::ENOMEM), "size {size}");
+                    break;
+                }
+                assert!(n < held.len(), "the limit was never reached for size {size}");
+                held[n] = p;
+                n += 1;
+            }
+        }
+        // A failing realloc leaves the block alone.
+        assert!(hakmem::api::realloc(keep, 50_000_000).is_null());
+        check(keep, 100, 9);
+        for p in &held[..n] {
+            hakmem::api::free(*p);
+        }
+        hakmem::api::free(keep);
+    }
+}
+
+/// A double free: aborts with a message, or is logged and ignored with HAKMEM_INVALID_FREE=ignore.
+fn double_free() {
+    // SAFETY: deliberately wrong, to test the detection.
+    unsafe {
+        let p = hakmem::api::malloc(64);
+        hakmem::api::free(p);
+        hakmem::api::free(p);
+        let q = hakmem::api::malloc(100_000);
+        hakmem::api::free(q);
+        hakmem::api::free(q);
+    }
+    println!("survived");
+}
+
+/// A free of a pointer hakmem never handed out.
+fn foreign_free() {
+    let on_stack = [0u64; 4];
+    // SAFETY: deliberately wrong, to test the detection.
+    unsafe { hakmem::api::free(on_stack.as_ptr() as *mut u8) };
+    println!("survived");
 }
