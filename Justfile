@@ -46,3 +46,17 @@ real-programs: build
 soak seconds="300" threads="8":
     cargo build --release -p hakmem --bin hakmem-scenario
     HAKMEM_STATS=1 STRESS_THREADS={{threads}} STRESS_SECONDS={{seconds}} target/release/hakmem-scenario stress
+
+# Fuzz sequences of malloc/free/realloc/calloc/aligned allocation with content checks (bounded time).
+fuzz seconds="120":
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    cd fuzz && cargo +nightly fuzz run alloc_ops -- -max_total_time={{seconds}} -rss_limit_mb=4096
+
+# The pure logic (tally, histogram buckets, JSON writer) under Miri.
+miri:
+    rustup component add miri --toolchain nightly
+    cargo +nightly miri test -p hakmem-common
+
+# The benchmark suite: every workload under glibc, hakmem, jemalloc, tcmalloc, mimalloc (tables, CSV, SVG).
+bench-suite reps="5" scale="1": build
+    {{release}}/bench-suite --reps {{reps}} --scale {{scale}} --out target/bench-suite

@@ -1,0 +1,275 @@
+//! `hakbench WORKLOAD [SCALE]`: the workloads of the benchmark suite. Every
+//! allocation goes through the C ABI (libc::malloc & co.), so the same binary
+//! measures any allocator under LD_PRELOAD. Prints one line:
+//! `hakbench workload=NAME ops=N time=S ops/s=R`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() >> 16) as usize % (hi - lo + 1)
+    }
+}
+
+struct Ptr(*mut u8);
+// SAFETY: blocks are handed between threads, never shared.
+unsafe impl Send for Ptr {}
+
+fn malloc(size: usize) -> *mut u8 {
+    // SAFETY: plain malloc; checked.
+    let p = unsafe { libc::malloc(size) } as *mut u8;
+    if p.is_null() {
+        eprintln!("hakbench: malloc({size}) failed");
+        std::process::exit(1);
+    }
+    p
+}
+
+fn free(p: *mut u8) {
+    // SAFETY: p came from malloc/realloc and is freed once.
+    unsafe { libc::free(p.cast()) }
+}
+
+/// Writes the first and last byte (touching the block as a program would).
+fn touch(p: *mut u8, size: usize, v: u8) {
+    // SAFETY: p has size >= 1 bytes.
+    unsafe {
+        *p = v;
+        *p.add(size - 1) = v;
+    }
+}
+
+fn check(p: *mut u8, size: usize, v: u8) {
+    // SAFETY: as in touch.
+    let ok = unsafe { *p == v && *p.add(size - 1) == v };
+    if !ok {
+        eprintln!("hakbench: block {p:?} ({size} bytes) was corrupted");
+        std::process::exit(3);
+    }
+}
+
+/// bench_random_mixed's loop: `ops` operations over `slots` slots, sizes lo..=hi.
+fn random_mixed(ops: u64, slots: usize, lo: usize, hi: usize, seed: u64) -> u64 {
+    let mut table: Vec<(*mut u8, usize)> = vec![(std::ptr::null_mut(), 0); slots];
+    let mut rng = Rng(seed | 1);
+    for _ in 0..ops {
+        let slot = rng.next() as usize % slots;
+        let (p, size) = table[slot];
+        if p.is_null() {
+            let size = rng.range(lo, hi);
+            let q = malloc(size);
+            touch(q, size, slot as u8);
+            table[slot] = (q, size);
+        } else {
+            check(p, size, slot as u8);
+            free(p);
+            table[slot] = (std::ptr::null_mut(), 0);
+        }
+    }
+    for (p, _) in table {
+        if !p.is_null() {
+            free(p);
+        }
+    }
+    ops
+}
+
+fn threads<F: Fn(usize) -> u64 + Send + Sync + 'static>(n: usize, f: F) -> u64 {
+    let f = Arc::new(f);
+    let hs: Vec<_> = (0..n).map(|t| {
+        let f = f.clone();
+        std::thread::spawn(move || f(t))
+    }).collect();
+    hs.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+/// A producer allocates and fills blocks, a consumer checks and frees them: every free is remote.
+fn producer_consumer(items: u64) -> u64 {
+    let queue: Arc<Mutex<Vec<(Ptr, usize)>>> = Arc::new(Mutex::new(Vec::with_capacity(4096)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (q2, d2) = (queue.clone(), done.clone());
+    let consumer = std::thread::spawn(move || {
+        let mut freed = 0u64;
+        let mut batch = Vec::with_capacity(4096);
+        loop {
+            std::mem::swap(&mut batch, &mut *q2.lock().unwrap());
+            if batch.is_empty() {
+                if d2.load(Ordering::Acquire) == 1 && q2.lock().unwrap().is_empty() {
+                    break;
+                }
+                std::thread::yield_now();
+                continue;
+            }
+            for (p, size) in batch.drain(..) {
+                check(p.0, size, size as u8);
+                free(p.0);
+                freed += 1;
+            }
+        }
+        freed
+    });
+    let mut rng = Rng(0xfeed);
+    let mut local = Vec::with_capacity(256);
+    for _ in 0..items {
+        let size = rng.range(16, 1024);
+        let p = malloc(size);
+        touch(p, size, size as u8);
+        local.push((Ptr(p), size));
+        if local.len() == 256 {
+            queue.lock().unwrap().append(&mut local);
+        }
+    }
+    queue.lock().unwrap().append(&mut local);
+    done.store(1, Ordering::Release);
+    items + consumer.join().unwrap()
+}
+
+/// In the spirit of larson: each thread replaces random blocks in its array and,
+/// every so often, swaps a chunk of its array with a neighbour's, so blocks are
+/// freed by threads that did not allocate them.
+fn larson(nthreads: usize, rounds: u64) -> u64 {
+    const SLOTS: usize = 1024;
+    let boards: Arc<Vec<Mutex<Vec<(Ptr, usize)>>>> = Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
+    threads(nthreads, move |t| {
+        let mut rng = Rng(0xabcdef ^ (t as u64 + 1) * 7919);
+        let mut mine: Vec<(Ptr, usize)> = (0..SLOTS).map(|_| { let s = rng.range(16, 512); let p = malloc(s); touch(p, s, s as u8); (Ptr(p), s) }).collect();
+        let mut ops = 0;
+        for r in 0..rounds {
+            let i = rng.next() as usize % SLOTS;
+            check(mine[i].0 .0, mine[i].1, mine[i].1 as u8);
+            free(mine[i].0 .0);
+            let s = rng.range(16, 512);
+            let p = malloc(s);
+            touch(p, s, s as u8);
+            mine[i] = (Ptr(p), s);
+            ops += 2;
+            if r % 4096 == 0 {
+                // Hand 64 blocks to the next thread, take whatever was handed to us.
+                let give: Vec<_> = mine.drain(..64).collect();
+                boards[(t + 1) % boards.len()].lock().unwrap().extend(give);
+                let got: Vec<_> = std::mem::take(&mut *boards[t].lock().unwrap());
+                mine.extend(got);
+                while mine.len() < SLOTS {
+                    let s = rng.range(16, 512);
+                    let p = malloc(s);
+                    touch(p, s, s as u8);
+                    mine.push((Ptr(p), s));
+                }
+                for (p, _) in mine.drain(SLOTS..) {
+                    free(p.0);
+                }
+            }
+        }
+        for (p, _) in mine {
+            free(p.0);
+        }
+        for (p, _) in std::mem::take(&mut *boards[t].lock().unwrap()) {
+            free(p.0);
+        }
+        ops
+    })
+}
+
+/// Strings growing by realloc, as a text buffer or a vector would.
+fn realloc_growth(buffers: u64) -> u64 {
+    let mut ops = 0;
+    let mut rng = Rng(0x5eed);
+    let mut live: Vec<*mut u8> = Vec::new();
+    for b in 0..buffers {
+        let mut cap = 16usize;
+        let mut p = malloc(cap);
+        touch(p, cap, 1);
+        let target = rng.range(64, 64 * 1024);
+        while cap < target {
+            cap = cap + cap / 2 + 8;
+            // SAFETY: p is live; the result replaces it.
+            let q = unsafe { libc::realloc(p.cast(), cap) } as *mut u8;
+            if q.is_null() {
+                std::process::exit(1);
+            }
+            p = q;
+            check(p, 1, 1);
+            touch(p, cap, 1);
+            ops += 1;
+        }
+        live.push(p);
+        if live.len() > 64 || b + 1 == buffers {
+            for q in live.drain(..) {
+                free(q);
+                ops += 1;
+            }
+        }
+    }
+    ops
+}
+
+/// Many threads (4x the cores here), sizes across tiny, mid and large, blocks
+/// handed between threads, every block's contents checked before its free.
+fn stress(nthreads: usize, rounds: u64) -> u64 {
+    let boxes: Arc<Vec<Mutex<Vec<(Ptr, usize, u8)>>>> = Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
+    threads(nthreads, move |t| {
+        let mut rng = Rng(0x77 + t as u64 * 131);
+        let mut ops = 0;
+        for r in 0..rounds {
+            let size = match rng.next() % 32 {
+                0 => rng.range(33_000, 200_000),
+                1..=4 => rng.range(1025, 32_768),
+                _ => rng.range(1, 1024),
+            };
+            let p = malloc(size);
+            let v = (r as u8) ^ (t as u8);
+            // SAFETY: p has size bytes.
+            unsafe { std::ptr::write_bytes(p, v, size.min(256)) };
+            boxes[(t + 1 + r as usize % (nthreads - 1)) % nthreads].lock().unwrap().push((Ptr(p), size, v));
+            ops += 1;
+            if r % 16 == 0 {
+                for (p, size, v) in std::mem::take(&mut *boxes[t].lock().unwrap()) {
+                    // SAFETY: p has size bytes, the first min(size, 256) written with v.
+                    let s = unsafe { std::slice::from_raw_parts(p.0, size.min(256)) };
+                    if !s.iter().all(|&b| b == v) {
+                        eprintln!("hakbench: stress block corrupted");
+                        std::process::exit(3);
+                    }
+                    free(p.0);
+                    ops += 1;
+                }
+            }
+        }
+        ops
+    })
+}
+
+pub const WORKLOADS: &[&str] = &["tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args.get(1).map(String::as_str).unwrap_or("");
+    let scale: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let n = move |base: u64| ((base as f64 * scale) as u64).max(1);
+    let start = Instant::now();
+    let ops = match name {
+        "tiny" => random_mixed(n(10_000_000), 8192, 16, 128, 1),
+        "mixed" => random_mixed(n(10_000_000), 8192, 16, 1024, 2),
+        "mid" => random_mixed(n(2_000_000), 2048, 1025, 32 * 1024, 3),
+        "mixed-2t" => threads(2, move |t| random_mixed(n(5_000_000), 8192, 16, 1024, 10 + t as u64)),
+        "prodcons" => producer_consumer(n(3_000_000)),
+        "larson" => larson(4, n(1_000_000)),
+        "realloc" => realloc_growth(n(20_000)),
+        "stress" => stress(8, n(200_000)),
+        _ => {
+            eprintln!("usage: hakbench {} [SCALE]", WORKLOADS.join("|"));
+            std::process::exit(2);
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    println!("hakbench workload={name} ops={ops} time={secs:.4} ops/s={:.0}", ops as f64 / secs);
+}
