@@ -166,6 +166,14 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     if size <= old && size > old / 2 {
         return ptr;
     }
+    if size > old {
+        if let Some(h) = segment::lookup(ptr as usize) {
+            let chunk = segment::chunk_of(ptr as usize);
+            if h.kind == SegKind::Large && large::is_live_block(ptr as usize, chunk) && large::resize_in_place(chunk, size) {
+                return ptr;
+            }
+        }
+    }
     // SAFETY: forwarding.
     let new = unsafe { alloc_aligned(align, size) };
     if new.is_null() {

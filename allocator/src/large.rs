@@ -108,6 +108,31 @@ pub fn is_live_block(ptr: usize, chunk: usize) -> bool {
     h.live && chunk + h.user_offset == ptr
 }
 
+/// Tries to make the large block at `chunk` hold `size` bytes without moving
+/// it: true if it already does or its mapping could grow in place (mremap),
+/// which spares the copy and the page faults of a fresh mapping.
+pub fn resize_in_place(chunk: usize, size: usize) -> bool {
+    // SAFETY: the caller checked that `chunk` holds a live large block of its own.
+    let h = unsafe { &mut *(chunk as *mut LargeHeader) };
+    let Some(need) = size.checked_add(h.user_offset).and_then(|t| t.checked_add(PAGE - 1)) else {
+        return false;
+    };
+    let need = need & !(PAGE - 1);
+    if need <= h.map_size {
+        return true;
+    }
+    // Grow by at least half again, so a growing buffer remaps rarely.
+    let want = need.max(h.map_size + h.map_size / 2) & !(PAGE - 1);
+    // SAFETY: `chunk`/`map_size` is exactly this block's mapping.
+    for target in [want, need] {
+        if unsafe { os::grow_in_place(chunk as *mut u8, h.map_size, target) } {
+            h.map_size = target;
+            return true;
+        }
+    }
+    false
+}
+
 /// Frees the large block whose mapping starts at `chunk`.
 pub fn free(chunk: usize) {
     // SAFETY: the caller checked `is_live_block`; the header is ours.

@@ -66,6 +66,25 @@ pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
     aligned as *mut u8
 }
 
+/// Grows a mapping in place (never moves it): true if the pages after it were
+/// free and the budget allows.
+///
+/// # Safety
+/// `ptr`/`old` is exactly a live mapping made by this layer (possibly grown before).
+pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
+    debug_assert!(new > old && new.is_multiple_of(PAGE));
+    if !reserve(new - old) {
+        return false;
+    }
+    // SAFETY: per the contract the range is our mapping; flags 0 forbids moving it.
+    let r = unsafe { libc::mremap(ptr.cast(), old, new, 0) };
+    if r == libc::MAP_FAILED {
+        MAPPED.fetch_sub(new - old, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
 /// Returns a mapping made by `map_aligned` to the OS.
 ///
 /// # Safety
