@@ -28,7 +28,7 @@ const HEADER_RESERVE: usize = 4096;
 const MIN_CAP: u32 = 2;
 const MAX_CAP: u32 = 64;
 /// Free segments a class keeps mapped before returning more to the OS.
-const KEEP_FREE_SEGMENTS: usize = 1;
+const KEEP_FREE_SEGMENTS: usize = 4;
 
 pub struct AceCache {
     head: *mut Block,
