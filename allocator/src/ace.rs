@@ -329,7 +329,10 @@ impl AceClass {
         // SAFETY: `b` lies in `seg`, a live ACE segment of this class (lock held).
         let s = unsafe { &mut *seg };
         if s.used == 0 {
-            crate::misuse::invalid_free("free(): double free detected (ACE segment over-freed)", b as usize);
+            crate::misuse::invalid_free(
+                "free(): double free detected (ACE segment over-freed)",
+                b as usize,
+            );
             return None;
         }
         // SAFETY: the block is free; link it.

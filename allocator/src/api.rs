@@ -169,7 +169,10 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     if size > old {
         if let Some(h) = segment::lookup(ptr as usize) {
             let chunk = segment::chunk_of(ptr as usize);
-            if h.kind == SegKind::Large && large::is_live_block(ptr as usize, chunk) && large::resize_in_place(chunk, size) {
+            if h.kind == SegKind::Large
+                && large::is_live_block(ptr as usize, chunk)
+                && large::resize_in_place(chunk, size)
+            {
                 return ptr;
             }
         }
@@ -237,7 +240,6 @@ pub unsafe fn alloc_aligned_zeroed(align: usize, size: usize) -> *mut u8 {
     }
     p
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@
 //!   page fault for the pages already touched, and growth by `realloc` up to
 //!   the chunk happens in place;
 //! - bigger mappings are cached by size (best fit within 2x).
+//!
 //! A cached mapping goes back to the OS when the cache is over its bounds or
 //! it has gone unused for `MAX_IDLE_FREES` large frees.
 
@@ -45,7 +46,12 @@ struct Cached {
     freed_at: u64,
 }
 
-const NONE: Cached = Cached { base: 0, size: 0, resident: 0, freed_at: 0 };
+const NONE: Cached = Cached {
+    base: 0,
+    size: 0,
+    resident: 0,
+    freed_at: 0,
+};
 
 struct Cache {
     slots: [Cached; CACHE_SLOTS + KEEP_CHUNKS],
@@ -54,8 +60,12 @@ struct Cache {
     frees: u64,
 }
 
-static CACHE: SpinLock<Cache> =
-    SpinLock::new(Cache { slots: [NONE; CACHE_SLOTS + KEEP_CHUNKS], len: 0, bytes: 0, frees: 0 });
+static CACHE: SpinLock<Cache> = SpinLock::new(Cache {
+    slots: [NONE; CACHE_SLOTS + KEEP_CHUNKS],
+    len: 0,
+    bytes: 0,
+    frees: 0,
+});
 
 fn round_page(v: usize) -> Option<usize> {
     Some(v.checked_add(PAGE - 1)? & !(PAGE - 1))
@@ -85,7 +95,13 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     // one keeps its header and its true mapped size.
     unsafe {
         if fresh {
-            h.write(LargeHeader { hdr: SegHeader::new(SegKind::Large, 0), map_size: map, user_offset: 0, usable: 0, live: false });
+            h.write(LargeHeader {
+                hdr: SegHeader::new(SegKind::Large, 0),
+                map_size: map,
+                user_offset: 0,
+                usable: 0,
+                live: false,
+            });
         }
         (*h).user_offset = offset;
         (*h).usable = total - offset;
@@ -123,7 +139,9 @@ pub fn resize_in_place(chunk: usize, size: usize) -> bool {
         // Grow by at least half again, so a growing buffer remaps rarely.
         let want = need.max(h.map_size + h.map_size / 2) & !(PAGE - 1);
         // SAFETY: `chunk`/`map_size` is exactly this block's mapping.
-        let grown = [want, need].into_iter().find(|&t| unsafe { os::grow_in_place(chunk as *mut u8, h.map_size, t) });
+        let grown = [want, need]
+            .into_iter()
+            .find(|&t| unsafe { os::grow_in_place(chunk as *mut u8, h.map_size, t) });
         match grown {
             Some(t) => h.map_size = t,
             None => return false,
@@ -142,7 +160,15 @@ pub fn free(chunk: usize) {
         (h.map_size, h.user_offset + h.usable)
     };
     let mut evicted = [NONE; CACHE_SLOTS + KEEP_CHUNKS + 1];
-    let n = CACHE.lock().put(Cached { base: chunk, size, resident, freed_at: 0 }, &mut evicted);
+    let n = CACHE.lock().put(
+        Cached {
+            base: chunk,
+            size,
+            resident,
+            freed_at: 0,
+        },
+        &mut evicted,
+    );
     for e in &evicted[..n] {
         registry::remove(e.base);
         // SAFETY: an evicted mapping is no longer referenced by the cache or a user.
@@ -164,7 +190,11 @@ impl Cache {
         let mut best: Option<usize> = None;
         for i in 0..self.len {
             let s = self.slots[i].size;
-            let fits = if map == CHUNK { s == CHUNK } else { s >= map && s <= map.saturating_mul(2) };
+            let fits = if map == CHUNK {
+                s == CHUNK
+            } else {
+                s >= map && s <= map.saturating_mul(2)
+            };
             if fits && best.is_none_or(|b| s < self.slots[b].size) {
                 best = Some(i);
             }
@@ -182,7 +212,10 @@ impl Cache {
     }
 
     fn count_chunks(&self) -> usize {
-        self.slots[..self.len].iter().filter(|c| c.size == CHUNK).count()
+        self.slots[..self.len]
+            .iter()
+            .filter(|c| c.size == CHUNK)
+            .count()
     }
 
     /// Caches `m`; writes what must be unmapped into `out` and returns how many.
@@ -206,12 +239,18 @@ impl Cache {
         // Make room among blocks of the same kind (chunks, or sized mappings): evict the oldest.
         let chunk = m.size == CHUNK;
         loop {
-            let same = if chunk { self.count_chunks() } else { self.len - self.count_chunks() };
+            let same = if chunk {
+                self.count_chunks()
+            } else {
+                self.len - self.count_chunks()
+            };
             let full = same == if chunk { KEEP_CHUNKS } else { CACHE_SLOTS };
             if !full && self.bytes + m.resident <= CACHE_BYTES {
                 break;
             }
-            let oldest = (0..self.len).filter(|&j| (self.slots[j].size == CHUNK) == chunk || !full).min_by_key(|&j| self.slots[j].freed_at);
+            let oldest = (0..self.len)
+                .filter(|&j| (self.slots[j].size == CHUNK) == chunk || !full)
+                .min_by_key(|&j| self.slots[j].freed_at);
             match oldest {
                 Some(j) => {
                     out[n] = self.remove(j);

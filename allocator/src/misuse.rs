@@ -14,7 +14,11 @@ use core::fmt::Write;
 pub fn invalid_free(what: &str, ptr: usize) {
     let mut msg = StackBuf::<160>::new();
     let abort = config::get().invalid_free_abort;
-    let _ = writeln!(msg, "hakmem: {what}: {ptr:#x}{}", if abort { "" } else { " (ignored)" });
+    let _ = writeln!(
+        msg,
+        "hakmem: {what}: {ptr:#x}{}",
+        if abort { "" } else { " (ignored)" }
+    );
     write_fd(2, msg.as_bytes());
     if abort {
         // SAFETY: abort has no preconditions; continuing would corrupt the heap.

@@ -91,7 +91,13 @@ pub fn print_tally(t: &Tally) {
     match config::get().stats_file {
         Some(path) => {
             // SAFETY: a NUL-terminated path; the fd is closed below.
-            let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC, 0o644) };
+            let fd = unsafe {
+                libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC,
+                    0o644,
+                )
+            };
             if fd >= 0 {
                 write_fd(fd, out.as_bytes());
                 // SAFETY: our fd.

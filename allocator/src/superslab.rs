@@ -183,7 +183,10 @@ impl Slab {
     pub fn give_back(&mut self, b: *mut Block) -> bool {
         if self.used == 0 {
             // More blocks came back than went out: some block was freed twice.
-            crate::misuse::invalid_free("free(): double free detected (slab over-freed)", b as usize);
+            crate::misuse::invalid_free(
+                "free(): double free detected (slab over-freed)",
+                b as usize,
+            );
             return false;
         }
         // SAFETY: `b` is a block of this slab that its user has freed.
@@ -227,7 +230,10 @@ impl Slab {
             n += 1;
         }
         if n > self.used {
-            crate::misuse::invalid_free("free(): double free detected (remote frees exceed blocks out)", self.free as usize);
+            crate::misuse::invalid_free(
+                "free(): double free detected (remote frees exceed blocks out)",
+                self.free as usize,
+            );
             self.used = n;
         }
         self.used -= n;

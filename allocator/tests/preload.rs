@@ -25,16 +25,29 @@ fn lib() -> PathBuf {
 /// the run appends its tally to a stats file (not stderr, so programs that
 /// check their own stderr are undisturbed); returns the output and those tallies.
 fn run(cmd: &mut Command, preload: bool) -> (Output, Vec<serde_json::Value>) {
-    let stats = std::env::temp_dir().join(format!("hakmem-stats-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let stats = std::env::temp_dir().join(format!(
+        "hakmem-stats-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_file(&stats);
     if preload {
-        cmd.env("LD_PRELOAD", lib()).env("HAKMEM_STATS_FILE", &stats);
+        cmd.env("LD_PRELOAD", lib())
+            .env("HAKMEM_STATS_FILE", &stats);
     } else {
         cmd.env_remove("LD_PRELOAD").env_remove("HAKMEM_STATS_FILE");
     }
     cmd.env_remove("HAKMEM_STATS");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} (preload {preload}) failed: {:?}\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} (preload {preload}) failed: {:?}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tallies = std::fs::read_to_string(&stats)
         .unwrap_or_default()
         .lines()
@@ -49,15 +62,30 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Slab acquisitions + legacy refills over every process of the run.
 fn served(tallies: &[serde_json::Value]) -> u64 {
-    assert!(!tallies.is_empty(), "no process wrote a tally: hakmem was not loaded");
-    tallies.iter().map(|v| v["probes"]["ss_acquire"].as_u64().unwrap() + v["probes"]["legacy_refill"].as_u64().unwrap()).sum()
+    assert!(
+        !tallies.is_empty(),
+        "no process wrote a tally: hakmem was not loaded"
+    );
+    tallies
+        .iter()
+        .map(|v| {
+            v["probes"]["ss_acquire"].as_u64().unwrap()
+                + v["probes"]["legacy_refill"].as_u64().unwrap()
+        })
+        .sum()
 }
 
 /// Runs without and with hakmem; the outputs (filtered by `keep`) must match.
 fn same_output_filtered(make: impl Fn() -> Command, keep: impl Fn(&str) -> bool) -> u64 {
     let (plain, _) = run(&mut make(), false);
     let (hak, tallies) = run(&mut make(), true);
-    let filter = |o: &Output| String::from_utf8_lossy(&o.stdout).lines().filter(|l| keep(l)).collect::<Vec<_>>().join("\n");
+    let filter = |o: &Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| keep(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(filter(&plain), filter(&hak));
     let n = served(&tallies);
     assert!(n > 0, "hakmem's tally is empty");
@@ -226,7 +254,9 @@ SELECT group_concat(name, ',') FROM (SELECT name FROM t ORDER BY name DESC LIMIT
     std::fs::write(dir.join("work.sql"), sql).unwrap();
     same_output(|| {
         let mut c = Command::new("bash");
-        c.arg("-c").arg("rm -f db.sqlite && sqlite3 db.sqlite < work.sql").current_dir(&dir);
+        c.arg("-c")
+            .arg("rm -f db.sqlite && sqlite3 db.sqlite < work.sql")
+            .current_dir(&dir);
         c
     });
 }
@@ -252,7 +282,16 @@ fn python_regression_suite_short() {
 #[test]
 #[ignore]
 fn python_regression_suite_long() {
-    python_regrtest(&["test_threading", "test_gc", "test_weakref", "test_set", "test_unicode", "test_bytes", "test_subprocess", "test_concurrent_futures"]);
+    python_regrtest(&[
+        "test_threading",
+        "test_gc",
+        "test_weakref",
+        "test_set",
+        "test_unicode",
+        "test_bytes",
+        "test_subprocess",
+        "test_concurrent_futures",
+    ]);
 }
 
 /// A larger gcc job (`just real-programs`): 40 translation units of generated C.
@@ -269,7 +308,9 @@ fn gcc_compiles_many_units() {
     }
     same_output(|| {
         let mut c = Command::new("bash");
-        c.arg("-c").arg("gcc -O2 -c u*.c && sha256sum u*.o | sha256sum").current_dir(&dir);
+        c.arg("-c")
+            .arg("gcc -O2 -c u*.c && sha256sum u*.o | sha256sum")
+            .current_dir(&dir);
         c
     });
 }

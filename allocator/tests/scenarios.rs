@@ -184,13 +184,20 @@ fn run_with_deadline(name: &str, env: &[(&str, &str)], secs: u64) -> std::proces
 #[test]
 fn fork_from_a_multithreaded_process_then_allocate_and_exec() {
     let out = run_with_deadline("fork", &[], 120);
-    assert!(out.status.success(), "{:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn out_of_memory_returns_null_with_enomem_and_fires_the_probes() {
     let t = scenario("oom", &[]);
-    let map_failed: u64 = (0..8).map(|c| n(&class(&t, c)["shared_fail"]["map_failed"])).sum();
+    let map_failed: u64 = (0..8)
+        .map(|c| n(&class(&t, c)["shared_fail"]["map_failed"]))
+        .sum();
     assert!(map_failed >= 1, "Stage 3 could not map: {t}");
     assert!(n(&t["ace_fail"]["map_fail"]) >= 1, "ACE could not map: {t}");
 }
@@ -201,11 +208,18 @@ fn double_free_aborts_with_a_message_or_is_ignored_by_request() {
     let out = run_with_deadline("double-free", &[], 30);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
-    assert!(stderr.contains("hakmem: free(): double free detected"), "{stderr}");
+    assert!(
+        stderr.contains("hakmem: free(): double free detected"),
+        "{stderr}"
+    );
     let out = run_with_deadline("double-free", &[("HAKMEM_INVALID_FREE", "ignore")], 30);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(stderr.matches("(ignored)").count(), 2, "the tiny and the large double free: {stderr}");
+    assert_eq!(
+        stderr.matches("(ignored)").count(),
+        2,
+        "the tiny and the large double free: {stderr}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("survived"));
 }
 
@@ -215,5 +229,8 @@ fn foreign_pointer_free_aborts_with_a_message() {
     let out = run_with_deadline("foreign-free", &[], 30);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
-    assert!(stderr.contains("hakmem: free(): invalid pointer: 0x"), "{stderr}");
+    assert!(
+        stderr.contains("hakmem: free(): invalid pointer: 0x"),
+        "{stderr}"
+    );
 }

@@ -10,10 +10,15 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const WORKLOADS: &[&str] = &["tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress"];
+const WORKLOADS: &[&str] = &[
+    "tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress",
+];
 const PEERS: &[(&str, &str)] = &[
     ("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
-    ("tcmalloc", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+    (
+        "tcmalloc",
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    ),
     ("mimalloc", "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2"),
 ];
 
@@ -22,14 +27,23 @@ struct Run {
     rss_kib: u64,
 }
 
-fn run_one(bench: &Path, workload: &str, scale: f64, preload: Option<&Path>) -> Result<Run, String> {
+fn run_one(
+    bench: &Path,
+    workload: &str,
+    scale: f64,
+    preload: Option<&Path>,
+) -> Result<Run, String> {
     let mut cmd = Command::new(bench);
-    cmd.arg(workload).arg(scale.to_string()).stdout(std::process::Stdio::piped());
+    cmd.arg(workload)
+        .arg(scale.to_string())
+        .stdout(std::process::Stdio::piped());
     match preload {
         Some(lib) => cmd.env("LD_PRELOAD", lib),
         None => cmd.env_remove("LD_PRELOAD"),
     };
-    let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", bench.display()))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bench.display()))?;
     let pid = child.id() as i32;
     let mut stdout = child.stdout.ok_or("no stdout")?;
     let mut text = String::new();
@@ -49,30 +63,51 @@ fn run_one(bench: &Path, workload: &str, scale: f64, preload: Option<&Path>) -> 
         .find_map(|kv| kv.strip_prefix("time="))
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("no time in {text:?}"))?;
-    Ok(Run { secs, rss_kib: usage.ru_maxrss as u64 })
+    Ok(Run {
+        secs,
+        rss_kib: usage.ru_maxrss as u64,
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let reps: usize = opt("--reps").and_then(|v| v.parse().ok()).unwrap_or(5);
     let scale: f64 = opt("--scale").and_then(|v| v.parse().ok()).unwrap_or(1.0);
     let out = PathBuf::from(opt("--out").unwrap_or_else(|| "target/bench-suite".into()));
-    let only: Option<Vec<String>> = opt("--only").map(|s| s.split(',').map(str::to_string).collect());
-    let dir = std::env::current_exe().expect("own path").parent().expect("target dir").to_path_buf();
+    let only: Option<Vec<String>> =
+        opt("--only").map(|s| s.split(',').map(str::to_string).collect());
+    let dir = std::env::current_exe()
+        .expect("own path")
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
     let bench = dir.join("hakbench");
     let hakmem = dir.join("libhakmem.so");
     if !hakmem.exists() {
-        eprintln!("bench-suite: {} is missing: cargo build --release", hakmem.display());
+        eprintln!(
+            "bench-suite: {} is missing: cargo build --release",
+            hakmem.display()
+        );
         std::process::exit(2);
     }
-    let mut allocators: Vec<(String, Option<PathBuf>)> = vec![("glibc".into(), None), ("hakmem".into(), Some(hakmem))];
+    let mut allocators: Vec<(String, Option<PathBuf>)> =
+        vec![("glibc".into(), None), ("hakmem".into(), Some(hakmem))];
     for (name, path) in PEERS {
         if Path::new(path).exists() {
             allocators.push((name.to_string(), Some(PathBuf::from(path))));
@@ -80,7 +115,11 @@ fn main() {
             eprintln!("bench-suite: {name} not installed ({path}); scripts/setup.sh installs it");
         }
     }
-    let workloads: Vec<&str> = WORKLOADS.iter().copied().filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w))).collect();
+    let workloads: Vec<&str> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w)))
+        .collect();
     // (workload, allocator) -> runs
     let mut results: BTreeMap<(String, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for rep in 1..=reps {
@@ -88,7 +127,10 @@ fn main() {
             for (name, lib) in &allocators {
                 match run_one(&bench, w, scale, lib.as_deref()) {
                     Ok(r) => {
-                        eprintln!("rep {rep} {w:<9} {name:<9} {:>8.4}s {:>8} KiB", r.secs, r.rss_kib);
+                        eprintln!(
+                            "rep {rep} {w:<9} {name:<9} {:>8.4}s {:>8} KiB",
+                            r.secs, r.rss_kib
+                        );
                         let e = results.entry((w.to_string(), name.clone())).or_default();
                         e.0.push(r.secs);
                         e.1.push(r.rss_kib as f64);
@@ -106,7 +148,9 @@ fn main() {
     for ((w, a), (t, r)) in results.iter_mut() {
         med.insert((w.clone(), a.clone()), (median(t), median(r)));
     }
-    let ratio = |w: &str, a: &str| med[&(w.to_string(), a.to_string())].0 / med[&(w.to_string(), "glibc".to_string())].0;
+    let ratio = |w: &str, a: &str| {
+        med[&(w.to_string(), a.to_string())].0 / med[&(w.to_string(), "glibc".to_string())].0
+    };
 
     let mut md = String::new();
     let _ = writeln!(md, "Median of {reps} interleaved runs, scale {scale}. Cells: time in seconds (ratio to glibc, lower is better) / peak RSS MiB.\n");
@@ -125,7 +169,8 @@ fn main() {
     let mut geo_row = String::from("| **geomean vs glibc** |");
     let mut geos = Vec::new();
     for a in &names {
-        let g = (workloads.iter().map(|w| ratio(w, a).ln()).sum::<f64>() / workloads.len() as f64).exp();
+        let g = (workloads.iter().map(|w| ratio(w, a).ln()).sum::<f64>() / workloads.len() as f64)
+            .exp();
         geos.push(g);
         let _ = write!(geo_row, " **{g:.3}** |");
     }
@@ -134,43 +179,103 @@ fn main() {
     std::fs::create_dir_all(&out).expect("output directory");
     std::fs::write(out.join("suite.md"), &md).expect("write suite.md");
     std::fs::write(out.join("suite.csv"), &csv).expect("write suite.csv");
-    std::fs::write(out.join("suite.svg"), svg(&workloads, &names, &ratio, &geos)).expect("write suite.svg");
-    eprintln!("bench-suite: wrote {}/suite.md, suite.csv, suite.svg", out.display());
+    std::fs::write(
+        out.join("suite.svg"),
+        svg(&workloads, &names, &ratio, &geos),
+    )
+    .expect("write suite.svg");
+    eprintln!(
+        "bench-suite: wrote {}/suite.md, suite.csv, suite.svg",
+        out.display()
+    );
 }
 
 /// Grouped bars: time relative to glibc per workload (1.0 line marked), plus the geomean.
-fn svg(workloads: &[&str], names: &[&str], ratio: &dyn Fn(&str, &str) -> f64, geos: &[f64]) -> String {
-    const COLORS: &[&str] = &["#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"];
+fn svg(
+    workloads: &[&str],
+    names: &[&str],
+    ratio: &dyn Fn(&str, &str) -> f64,
+    geos: &[f64],
+) -> String {
+    const COLORS: &[&str] = &[
+        "#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
+    ];
     let groups: Vec<(String, Vec<f64>)> = workloads
         .iter()
         .map(|w| (w.to_string(), names.iter().map(|a| ratio(w, a)).collect()))
         .chain(std::iter::once(("geomean".to_string(), geos.to_vec())))
         .collect();
-    let max = groups.iter().flat_map(|(_, v)| v.iter().copied()).fold(1.0f64, f64::max).min(6.0) * 1.1;
+    let max = groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(1.0f64, f64::max)
+        .min(6.0)
+        * 1.1;
     let (bw, gap, left, top, h) = (14.0, 18.0, 50.0, 40.0, 300.0);
     let gw = bw * names.len() as f64 + gap;
     let width = left + gw * groups.len() as f64 + 20.0;
     let y = |v: f64| top + h - (v.min(max) / max) * h;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{:.0}" font-family="sans-serif" font-size="11">"#, top + h + 70.0);
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">Time relative to glibc (lower is better)</text>"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{:.0}" font-family="sans-serif" font-size="11">"#,
+        top + h + 70.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">Time relative to glibc (lower is better)</text>"#
+    );
     let mut tick = 0.0;
     while tick <= max {
-        let _ = writeln!(s, r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick:.1}</text>"##, width - 10.0, y(tick), y(tick), left - 5.0, y(tick) + 4.0);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick:.1}</text>"##,
+            width - 10.0,
+            y(tick),
+            y(tick),
+            left - 5.0,
+            y(tick) + 4.0
+        );
         tick += 0.5;
     }
-    let _ = writeln!(s, r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="4 3"/>"##, width - 10.0, y(1.0), y(1.0));
+    let _ = writeln!(
+        s,
+        r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="4 3"/>"##,
+        width - 10.0,
+        y(1.0),
+        y(1.0)
+    );
     for (g, (label, vals)) in groups.iter().enumerate() {
         let x0 = left + gap / 2.0 + g as f64 * gw;
         for (i, v) in vals.iter().enumerate() {
             let x = x0 + i as f64 * bw;
-            let _ = writeln!(s, r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {label}: {v:.3}</title></rect>"#, y(*v), bw - 2.0, top + h - y(*v), COLORS[i % COLORS.len()], names[i]);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {label}: {v:.3}</title></rect>"#,
+                y(*v),
+                bw - 2.0,
+                top + h - y(*v),
+                COLORS[i % COLORS.len()],
+                names[i]
+            );
         }
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#, x0 + bw * names.len() as f64 / 2.0, top + h + 15.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#,
+            x0 + bw * names.len() as f64 / 2.0,
+            top + h + 15.0
+        );
     }
     for (i, n) in names.iter().enumerate() {
         let x = left + i as f64 * 90.0;
-        let _ = writeln!(s, r#"<rect x="{x:.0}" y="{:.0}" width="10" height="10" fill="{}"/><text x="{:.0}" y="{:.0}">{n}</text>"#, top + h + 35.0, COLORS[i % COLORS.len()], x + 14.0, top + h + 44.0);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x:.0}" y="{:.0}" width="10" height="10" fill="{}"/><text x="{:.0}" y="{:.0}">{n}</text>"#,
+            top + h + 35.0,
+            COLORS[i % COLORS.len()],
+            x + 14.0,
+            top + h + 44.0
+        );
     }
     s.push_str("</svg>\n");
     s

@@ -85,10 +85,12 @@ fn random_mixed(ops: u64, slots: usize, lo: usize, hi: usize, seed: u64) -> u64 
 
 fn threads<F: Fn(usize) -> u64 + Send + Sync + 'static>(n: usize, f: F) -> u64 {
     let f = Arc::new(f);
-    let hs: Vec<_> = (0..n).map(|t| {
-        let f = f.clone();
-        std::thread::spawn(move || f(t))
-    }).collect();
+    let hs: Vec<_> = (0..n)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || f(t))
+        })
+        .collect();
     hs.into_iter().map(|h| h.join().unwrap()).sum()
 }
 
@@ -138,10 +140,18 @@ fn producer_consumer(items: u64) -> u64 {
 /// freed by threads that did not allocate them.
 fn larson(nthreads: usize, rounds: u64) -> u64 {
     const SLOTS: usize = 1024;
-    let boards: Arc<Vec<Mutex<Vec<(Ptr, usize)>>>> = Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
+    let boards: Arc<Vec<Mutex<Vec<(Ptr, usize)>>>> =
+        Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
     threads(nthreads, move |t| {
         let mut rng = Rng(0xabcdef ^ (t as u64 + 1) * 7919);
-        let mut mine: Vec<(Ptr, usize)> = (0..SLOTS).map(|_| { let s = rng.range(16, 512); let p = malloc(s); touch(p, s, s as u8); (Ptr(p), s) }).collect();
+        let mut mine: Vec<(Ptr, usize)> = (0..SLOTS)
+            .map(|_| {
+                let s = rng.range(16, 512);
+                let p = malloc(s);
+                touch(p, s, s as u8);
+                (Ptr(p), s)
+            })
+            .collect();
         let mut ops = 0;
         for r in 0..rounds {
             let i = rng.next() as usize % SLOTS;
@@ -215,7 +225,8 @@ fn realloc_growth(buffers: u64) -> u64 {
 /// Many threads (4x the cores here), sizes across tiny, mid and large, blocks
 /// handed between threads, every block's contents checked before its free.
 fn stress(nthreads: usize, rounds: u64) -> u64 {
-    let boxes: Arc<Vec<Mutex<Vec<(Ptr, usize, u8)>>>> = Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
+    let boxes: Arc<Vec<Mutex<Vec<(Ptr, usize, u8)>>>> =
+        Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
     threads(nthreads, move |t| {
         let mut rng = Rng(0x77 + t as u64 * 131);
         let mut ops = 0;
@@ -229,7 +240,10 @@ fn stress(nthreads: usize, rounds: u64) -> u64 {
             let v = (r as u8) ^ (t as u8);
             // SAFETY: p has size bytes.
             unsafe { std::ptr::write_bytes(p, v, size.min(256)) };
-            boxes[(t + 1 + r as usize % (nthreads - 1)) % nthreads].lock().unwrap().push((Ptr(p), size, v));
+            boxes[(t + 1 + r as usize % (nthreads - 1)) % nthreads]
+                .lock()
+                .unwrap()
+                .push((Ptr(p), size, v));
             ops += 1;
             if r % 16 == 0 {
                 for (p, size, v) in std::mem::take(&mut *boxes[t].lock().unwrap()) {
@@ -248,7 +262,9 @@ fn stress(nthreads: usize, rounds: u64) -> u64 {
     })
 }
 
-pub const WORKLOADS: &[&str] = &["tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress"];
+pub const WORKLOADS: &[&str] = &[
+    "tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress",
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -260,7 +276,9 @@ fn main() {
         "tiny" => random_mixed(n(10_000_000), 8192, 16, 128, 1),
         "mixed" => random_mixed(n(10_000_000), 8192, 16, 1024, 2),
         "mid" => random_mixed(n(2_000_000), 2048, 1025, 32 * 1024, 3),
-        "mixed-2t" => threads(2, move |t| random_mixed(n(5_000_000), 8192, 16, 1024, 10 + t as u64)),
+        "mixed-2t" => threads(2, move |t| {
+            random_mixed(n(5_000_000), 8192, 16, 1024, 10 + t as u64)
+        }),
         "prodcons" => producer_consumer(n(3_000_000)),
         "larson" => larson(4, n(1_000_000)),
         "realloc" => realloc_growth(n(20_000)),
@@ -271,5 +289,8 @@ fn main() {
         }
     };
     let secs = start.elapsed().as_secs_f64();
-    println!("hakbench workload={name} ops={ops} time={secs:.4} ops/s={:.0}", ops as f64 / secs);
+    println!(
+        "hakbench workload={name} ops={ops} time={secs:.4} ops/s={:.0}",
+        ops as f64 / secs
+    );
 }

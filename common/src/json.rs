@@ -58,3 +58,49 @@ fn sep(w: &mut impl Write, i: usize) -> fmt::Result {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Buf {
+        b: [u8; 8192],
+        n: usize,
+    }
+    impl Write for Buf {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            let end = self.n + s.len();
+            if end > self.b.len() {
+                return Err(fmt::Error);
+            }
+            self.b[self.n..end].copy_from_slice(s.as_bytes());
+            self.n = end;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_document_has_every_field_and_fits_the_allocators_buffer() {
+        let mut t = Tally::default();
+        for s in t.slots.iter_mut() {
+            *s = u64::MAX;
+        }
+        let mut buf = Buf { b: [0; 8192], n: 0 };
+        write_tally(&mut buf, &t).expect("fits in 8 KiB even with the largest counters");
+        let s = core::str::from_utf8(&buf.b[..buf.n]).unwrap();
+        assert!(s.starts_with("{\"probes\":{\"slab_recycle\":"));
+        assert!(s.ends_with("}}"));
+        for key in [
+            "\"classes\":[",
+            "\"stage1\":",
+            "\"recycle\":{",
+            "\"shared_fail\":{",
+            "\"ace_fail\":{",
+            "\"ss_bytes\":{",
+            "\"legacy_blocks\":",
+        ] {
+            assert!(s.contains(key), "{key} missing");
+        }
+        assert_eq!(s.matches("{\"class\":").count(), TINY_CLASSES);
+    }
+}

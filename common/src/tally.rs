@@ -131,3 +131,68 @@ impl Tally {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::PROBES;
+
+    #[test]
+    fn each_probe_counts_itself_and_its_arguments() {
+        let mut t = Tally::default();
+        t.record(ProbeId::SsAcquire as u32, 7, 1);
+        t.record(ProbeId::SsAcquire as u32, 7, 3);
+        t.record(
+            ProbeId::SlabRecycle as u32,
+            2,
+            RecycleOutcome::Released as u64,
+        );
+        t.record(ProbeId::SharedFail as u32, 5, FailReason::Budget as u64);
+        t.record(ProbeId::AceFail as u32, AceFailKind::MapFail as u64, 40_000);
+        t.record(ProbeId::TlsDrain as u32, 3, 17);
+        t.record(ProbeId::RemoteDrain as u32, 4, 9);
+        t.record(ProbeId::LegacyRefill as u32, 6, 32);
+        t.record(ProbeId::SsMap as u32, 2 << 20, 0);
+        assert_eq!(t.acquire(7, 1), 1);
+        assert_eq!(t.acquire(7, 3), 1);
+        assert_eq!(t.recycle(2, RecycleOutcome::Released), 1);
+        assert_eq!(t.shared_fail(5, FailReason::Budget as usize), 1);
+        assert_eq!(t.ace_fail(AceFailKind::MapFail), 1);
+        assert_eq!(
+            (
+                t.tls_drain_blocks(3),
+                t.remote_drain_blocks(4),
+                t.legacy_blocks(6)
+            ),
+            (17, 9, 32)
+        );
+        assert_eq!(t.ss_bytes(), (2 << 20, 0));
+        let total: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
+        assert_eq!(total, 9);
+    }
+
+    #[test]
+    fn out_of_range_codes_count_only_the_probe() {
+        let mut t = Tally::default();
+        t.record(ProbeId::SsAcquire as u32, 99, 1);
+        t.record(ProbeId::SsAcquire as u32, 1, 0);
+        t.record(ProbeId::SlabRecycle as u32, 1, 77);
+        t.record(ProbeId::AceFail as u32, 9, 1);
+        t.record(1000, 0, 0);
+        assert_eq!(t.probe(ProbeId::SsAcquire), 2);
+        assert_eq!(t.probe(ProbeId::SlabRecycle), 1);
+        let per_class: u64 = t.slots[SLOT_ACQUIRE..].iter().sum();
+        assert_eq!(per_class, 0, "nothing outside the per-probe totals");
+    }
+
+    #[test]
+    fn since_subtracts_counter_by_counter() {
+        let mut a = Tally::default();
+        a.record(ProbeId::TlsDrain as u32, 1, 5);
+        let mut b = a;
+        b.record(ProbeId::TlsDrain as u32, 1, 7);
+        let d = b.since(&a);
+        assert_eq!(d.probe(ProbeId::TlsDrain), 1);
+        assert_eq!(d.tls_drain_blocks(1), 7);
+    }
+}

@@ -193,7 +193,10 @@ fn ace_mapfail() {
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Threads (STRESS_THREADS, default 4: more than the cores here) hand blocks of
@@ -204,7 +207,8 @@ fn stress() {
     let threads = env_usize("STRESS_THREADS", 4).max(2);
     let seconds = env_usize("STRESS_SECONDS", 0) as u64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
-    let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..threads).map(|_| Mutex::new(Vec::new())).collect());
+    let mailboxes: Arc<Vec<Mailbox>> =
+        Arc::new((0..threads).map(|_| Mutex::new(Vec::new())).collect());
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -214,14 +218,21 @@ fn stress() {
                 let mut x = 0x1234_5678_9abc_def1u64 ^ ((t as u64) << 7);
                 barrier.wait();
                 let mut r = 0usize;
-                while if seconds > 0 { r % 1024 != 0 || std::time::Instant::now() < deadline } else { r < 20_000 } {
+                while if seconds > 0 {
+                    r % 1024 != 0 || std::time::Instant::now() < deadline
+                } else {
+                    r < 20_000
+                } {
                     let size = random_size(&mut x);
                     // SAFETY: plain allocation, checked.
                     let p = unsafe { hakmem::api::malloc(size) };
                     assert!(!p.is_null());
                     let seed = (r as u8) ^ (t as u8);
                     fill(p, size, seed);
-                    mb[(t + 1 + r % (threads - 1)) % threads].lock().unwrap().push((SendPtr(p), size, seed));
+                    mb[(t + 1 + r % (threads - 1)) % threads]
+                        .lock()
+                        .unwrap()
+                        .push((SendPtr(p), size, seed));
                     if r % 8 == 0 {
                         let mine: Vec<_> = std::mem::take(&mut *mb[t].lock().unwrap());
                         for (p, size, seed) in mine {
@@ -378,7 +389,10 @@ fn fork() {
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child {i} failed: {status:#x}");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child {i} failed: {status:#x}"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -398,10 +412,21 @@ fn oom() {
         let keep = hakmem::api::malloc(100);
         fill(keep, 100, 9);
         let mut status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let vm: u64 = status.lines().find_map(|l| l.strip_prefix("VmSize:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+        let vm: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" kB")
+            .trim()
+            .parse()
+            .unwrap();
         status.clear();
         let limit = (vm + 96 * 1024) * 1024;
-        let rl = libc::rlimit { rlim_cur: limit, rlim_max: libc::RLIM_INFINITY };
+        let rl = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &rl), 0);
         // Fill the address space with each kind until it says no.
         let mut held: [*mut u8; 40_000] = [std::ptr::null_mut(); 40_000];
@@ -413,7 +438,10 @@ fn oom() {
                     assert_eq!(errno(), Some(libc::ENOMEM), "size {size}");
                     break;
                 }
-                assert!(n < held.len(), "the limit was never reached for size {size}");
+                assert!(
+                    n < held.len(),
+                    "the limit was never reached for size {size}"
+                );
                 held[n] = p;
                 n += 1;
             }
