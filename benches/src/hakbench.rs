@@ -21,6 +21,11 @@ impl Rng {
 }
 
 struct Ptr(*mut u8);
+
+/// Blocks handed to one thread: (block, size).
+type Board = Mutex<Vec<(Ptr, usize)>>;
+/// Blocks handed to one thread: (block, size, fill byte).
+type Mailbox = Mutex<Vec<(Ptr, usize, u8)>>;
 // SAFETY: blocks are handed between threads, never shared.
 unsafe impl Send for Ptr {}
 
@@ -140,10 +145,9 @@ fn producer_consumer(items: u64) -> u64 {
 /// freed by threads that did not allocate them.
 fn larson(nthreads: usize, rounds: u64) -> u64 {
     const SLOTS: usize = 1024;
-    let boards: Arc<Vec<Mutex<Vec<(Ptr, usize)>>>> =
-        Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
+    let boards: Arc<Vec<Board>> = Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
     threads(nthreads, move |t| {
-        let mut rng = Rng(0xabcdef ^ (t as u64 + 1) * 7919);
+        let mut rng = Rng(0xabcdef ^ ((t as u64 + 1) * 7919));
         let mut mine: Vec<(Ptr, usize)> = (0..SLOTS)
             .map(|_| {
                 let s = rng.range(16, 512);
@@ -225,7 +229,7 @@ fn realloc_growth(buffers: u64) -> u64 {
 /// Many threads (4x the cores here), sizes across tiny, mid and large, blocks
 /// handed between threads, every block's contents checked before its free.
 fn stress(nthreads: usize, rounds: u64) -> u64 {
-    let boxes: Arc<Vec<Mutex<Vec<(Ptr, usize, u8)>>>> =
+    let boxes: Arc<Vec<Mailbox>> =
         Arc::new((0..nthreads).map(|_| Mutex::new(Vec::new())).collect());
     threads(nthreads, move |t| {
         let mut rng = Rng(0x77 + t as u64 * 131);

@@ -219,7 +219,7 @@ fn stress() {
                 barrier.wait();
                 let mut r = 0usize;
                 while if seconds > 0 {
-                    r % 1024 != 0 || std::time::Instant::now() < deadline
+                    !r.is_multiple_of(1024) || std::time::Instant::now() < deadline
                 } else {
                     r < 20_000
                 } {
@@ -233,7 +233,7 @@ fn stress() {
                         .lock()
                         .unwrap()
                         .push((SendPtr(p), size, seed));
-                    if r % 8 == 0 {
+                    if r.is_multiple_of(8) {
                         let mine: Vec<_> = std::mem::take(&mut *mb[t].lock().unwrap());
                         for (p, size, seed) in mine {
                             check(p.0, size, seed);
