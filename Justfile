@@ -51,6 +51,7 @@ soak seconds="300" threads="8":
 fuzz seconds="120":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     cd fuzz && cargo +nightly fuzz run alloc_ops -- -max_total_time={{seconds}} -rss_limit_mb=4096
+    cd fuzz && cargo +nightly fuzz run stapsdt_notes -- -max_total_time={{seconds}}
 
 # The pure logic (tally, histogram buckets, JSON writer) under Miri.
 miri:
