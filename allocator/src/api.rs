@@ -1,7 +1,7 @@
 //! The front: size -> class, and routing to tiny / ACE / large. These are the
 //! C allocation semantics; `capi` exports them unprefixed, `HakMem` wraps them.
 
-use crate::class::{tiny_class, ACE_MAX, TINY_MAX};
+use crate::class::{tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
 use crate::superslab::{slab_of, SlabState};
 use crate::{ace, large, misuse, tiny};
@@ -24,7 +24,7 @@ fn set_errno(e: i32) {
 #[inline]
 pub unsafe fn malloc(size: usize) -> *mut u8 {
     let p = if size <= TINY_MAX {
-        tiny::alloc(tiny_class(size))
+        tiny::alloc(tiny_bin(size))
     } else {
         alloc_above_tiny(size)
     };
@@ -65,10 +65,7 @@ pub unsafe fn free(ptr: *mut u8) {
             // SAFETY: the registry vouched for the SuperSlab; the slab's
             // format fields do not change while any of its blocks is out.
             let s = unsafe { &*slab };
-            if s.state != SlabState::InUse
-                || p < s.area()
-                || (p - s.area()) & (s.block_size as usize - 1) != 0
-            {
+            if s.state != SlabState::InUse || p < s.area() {
                 return misuse::invalid_free("free(): invalid pointer", p);
             }
             // SAFETY: a block of an in-use slab, freed by its user.
@@ -98,7 +95,7 @@ pub fn usable_size(ptr: *const u8) -> usize {
             // SAFETY: as in `free`.
             unsafe { (*slab).block_size as usize }
         }
-        SegKind::Legacy => hakmem_common::TINY_CLASS_SIZES[h.class as usize],
+        SegKind::Legacy => BIN_SIZES[h.class as usize],
         SegKind::Ace => ace::block_size(h.class as usize),
         SegKind::Large => large::usable_size(segment::chunk_of(p)),
     }
@@ -201,10 +198,10 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
         // SAFETY: forwarding.
         return unsafe { malloc(size) };
     }
-    let need = size.max(align);
-    // Power-of-two tiny blocks are aligned to their size; ACE blocks to 1 KiB.
+    // Power-of-two tiny bins are aligned to their size; ACE blocks to 1 KiB.
+    let need = size.max(align).next_power_of_two();
     let p = if need <= TINY_MAX {
-        tiny::alloc(tiny_class(need))
+        tiny::alloc(tiny_bin(need))
     } else if align <= 1024 && size <= ACE_MAX {
         let p = ace::alloc(size.max(TINY_MAX + 1));
         if p.is_null() {
@@ -244,7 +241,7 @@ pub unsafe fn alloc_aligned_zeroed(align: usize, size: usize) -> *mut u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::class::tiny_class;
+    use crate::class::{class_of_bin, tiny_bin, tiny_class};
 
     #[test]
     fn pointers_find_their_segment_and_slab() {
@@ -276,7 +273,8 @@ mod tests {
                     assert_eq!(ss as usize, p as usize & !(crate::registry::CHUNK - 1));
                     // SAFETY: the slab of a live block.
                     let s = unsafe { &*slab };
-                    assert_eq!(s.class as usize, tiny_class(size));
+                    assert_eq!(s.bin as usize, tiny_bin(size));
+                    assert_eq!(class_of_bin(s.bin as usize), tiny_class(size));
                     assert!(p as usize >= s.area() && idx < crate::superslab::SLABS_PER_SS);
                 }
             } else if size <= ACE_MAX {

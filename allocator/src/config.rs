@@ -25,6 +25,9 @@ pub struct Config {
     pub invalid_free_abort: bool,
     /// `HAKMEM_STATS_FILE`: append the exit tally to this file instead of stderr (implies stats).
     pub stats_file: Option<&'static core::ffi::CStr>,
+    /// `HAKMEM_STOP_AT_START=PID`: the process with this pid stops itself (SIGSTOP) at its
+    /// first allocation, so `hakctl run` can attach before anything is counted.
+    pub stop_at_start_pid: u64,
 }
 
 impl Config {
@@ -39,6 +42,7 @@ impl Config {
         stats: false,
         invalid_free_abort: true,
         stats_file: None,
+        stop_at_start_pid: 0,
     };
 }
 
@@ -108,6 +112,9 @@ fn load() {
     }
     if let Some(v) = env_bytes(c"HAKMEM_INVALID_FREE") {
         c.invalid_free_abort = v != b"ignore";
+    }
+    if let Some(pid) = env_u64(c"HAKMEM_STOP_AT_START") {
+        c.stop_at_start_pid = pid;
     }
     if let Some(path) = env_cstr(c"HAKMEM_STATS_FILE") {
         c.stats = true;

@@ -41,6 +41,11 @@ fn init_slow() {
     }
     INIT.store(DONE, Ordering::Release);
     thread::init();
+    let stop_for = config::get().stop_at_start_pid;
+    // SAFETY: getpid and raise have no preconditions; no allocator lock is held here.
+    if stop_for != 0 && stop_for == unsafe { libc::getpid() } as u64 {
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
 }
 
 /// hakmem as a Rust global allocator:

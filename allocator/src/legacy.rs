@@ -5,6 +5,7 @@
 //! returned; batches move to and from the thread caches, so the lock is taken
 //! once per batch, not per block.
 
+use crate::class::{class_of_bin, BINS, BIN_SIZES};
 use crate::os;
 use crate::probes;
 use crate::registry::{self, CHUNK};
@@ -12,7 +13,6 @@ use crate::segment::{SegHeader, SegKind};
 use crate::superslab::Block;
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
-use hakmem_common::{TINY_CLASSES, TINY_CLASS_SIZES};
 
 /// Header area at the start of each legacy segment (keeps blocks 4 KiB-aligned).
 const HEADER_RESERVE: usize = 4096;
@@ -33,14 +33,14 @@ const EMPTY: SpinLock<LegacyClass> = SpinLock::new(LegacyClass {
     bump: 0,
     end: 0,
 });
-static CLASSES: [SpinLock<LegacyClass>; TINY_CLASSES] = [EMPTY; TINY_CLASSES];
+static CLASSES: [SpinLock<LegacyClass>; BINS] = [EMPTY; BINS];
 
-/// Moves up to `want` blocks of `class` onto `*head`; returns how many (0: out of memory).
-pub fn refill(class: usize, want: u32, head: &mut *mut Block) -> u32 {
-    let bs = TINY_CLASS_SIZES[class];
+/// Moves up to `want` blocks of `bin` onto `*head`; returns how many (0: out of memory).
+pub fn refill(bin: usize, want: u32, head: &mut *mut Block) -> u32 {
+    let bs = BIN_SIZES[bin];
     let mut n = 0;
     {
-        let mut c = CLASSES[class].lock();
+        let mut c = CLASSES[bin].lock();
         while n < want {
             let b = if !c.free.is_null() {
                 let b = c.free;
@@ -48,7 +48,7 @@ pub fn refill(class: usize, want: u32, head: &mut *mut Block) -> u32 {
                 c.free = unsafe { (*b).next };
                 b
             } else {
-                if c.bump + bs > c.end && !c.grow(class) {
+                if c.bump + bs > c.end && !c.grow(bin) {
                     break;
                 }
                 let b = c.bump as *mut Block;
@@ -62,17 +62,17 @@ pub fn refill(class: usize, want: u32, head: &mut *mut Block) -> u32 {
         }
     }
     if n > 0 {
-        probes::legacy_refill(class, n);
+        probes::legacy_refill(class_of_bin(bin), n);
     }
     n
 }
 
-/// Returns a chain of `class` blocks (`head` .. `tail`, linked) to the free list.
+/// Returns a chain of `bin` blocks (`head` .. `tail`, linked) to the free list.
 ///
 /// # Safety
-/// The chain consists of free legacy blocks of `class`, linked through `next`.
-pub unsafe fn give_back(class: usize, head: *mut Block, tail: *mut Block) {
-    let mut c = CLASSES[class].lock();
+/// The chain consists of free legacy blocks of `bin`, linked through `next`.
+pub unsafe fn give_back(bin: usize, head: *mut Block, tail: *mut Block) {
+    let mut c = CLASSES[bin].lock();
     // SAFETY: per the contract `tail` is the chain's last block.
     unsafe { (*tail).next = c.free };
     c.free = head;
@@ -87,13 +87,13 @@ pub fn unlock_after_fork() {
 }
 
 impl LegacyClass {
-    fn grow(&mut self, class: usize) -> bool {
+    fn grow(&mut self, bin: usize) -> bool {
         let base = os::map_aligned(CHUNK, CHUNK);
         if base.is_null() {
             return false;
         }
         // SAFETY: a fresh, writable, chunk-aligned mapping of ours.
-        unsafe { (base as *mut SegHeader).write(SegHeader::new(SegKind::Legacy, class as u32)) };
+        unsafe { (base as *mut SegHeader).write(SegHeader::new(SegKind::Legacy, bin as u32)) };
         registry::insert(base as usize);
         self.bump = base as usize + HEADER_RESERVE;
         self.end = base as usize + CHUNK;

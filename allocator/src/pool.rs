@@ -3,6 +3,7 @@
 //! all three fail. Also the one recycle boundary: every drain site reports an
 //! EMPTY slab to `recycle`, which decides, fires `slab_recycle` and releases it.
 
+use crate::class::{class_of_bin, BINS};
 use crate::config;
 use crate::os;
 use crate::probes;
@@ -11,7 +12,7 @@ use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
-use hakmem_common::{FailReason, RecycleOutcome, Stage, TINY_CLASSES};
+use hakmem_common::{FailReason, RecycleOutcome, Stage};
 
 struct Pool {
     /// EMPTY slabs (doubly linked through Slab::next/prev): Stage 1.
@@ -22,8 +23,8 @@ struct Pool {
     superslabs: usize,
     /// SuperSlabs all of whose claimed slabs are EMPTY.
     idle_superslabs: usize,
-    /// Slabs of exited threads still holding blocks, per class (through Slab::next).
-    abandoned: [*mut Slab; TINY_CLASSES],
+    /// Slabs of exited threads still holding blocks, per bin (through Slab::next).
+    abandoned: [*mut Slab; BINS],
 }
 
 // SAFETY: the raw pointers are only touched under the pool lock.
@@ -34,7 +35,7 @@ static POOL: SpinLock<Pool> = SpinLock::new(Pool {
     fresh: null_mut(),
     superslabs: 0,
     idle_superslabs: 0,
-    abandoned: [null_mut(); TINY_CLASSES],
+    abandoned: [null_mut(); BINS],
 });
 
 /// Result of a slab request.
@@ -43,8 +44,9 @@ pub enum Acquired {
     Failed,
 }
 
-/// Hands out a slab formatted for `class`, owned by `owner`.
-pub fn acquire(class: usize, block_size: usize, owner: usize) -> Acquired {
+/// Hands out a slab formatted for `bin`, owned by `owner`.
+pub fn acquire(bin: usize, block_size: usize, owner: usize) -> Acquired {
+    let class = class_of_bin(bin);
     probes::ss_acquire_begin(class);
     let (slab, stage) = {
         let mut pool = POOL.lock();
@@ -65,7 +67,7 @@ pub fn acquire(class: usize, block_size: usize, owner: usize) -> Acquired {
     };
     // SAFETY: the slab was just removed from the pool's lists under the lock;
     // nobody else references it until we publish it to the owner.
-    unsafe { (*slab).format(class, block_size, owner) };
+    unsafe { (*slab).format(bin, block_size, owner) };
     probes::ss_acquire(class, stage, slab as usize);
     Acquired::Slab(slab)
 }
@@ -81,7 +83,7 @@ pub fn acquire(class: usize, block_size: usize, owner: usize) -> Acquired {
 pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut Slab)) -> bool {
     // SAFETY: per the contract the caller holds the slab exclusively.
     let s = unsafe { &mut *slab };
-    let class = s.class as usize;
+    let class = class_of_bin(s.bin as usize);
     let used = s.used;
     if used != 0 || s.capacity == 0 {
         return false;
@@ -118,24 +120,24 @@ pub fn abandon(slab: *mut Slab) {
     let mut pool = POOL.lock();
     // SAFETY: the exiting owner hands the slab over; its links are ours to set.
     unsafe {
-        let class = (*slab).class as usize;
+        let bin = (*slab).bin as usize;
         (*slab).owner.store(0, Ordering::Release);
         (*slab).prev = null_mut();
-        (*slab).next = pool.abandoned[class];
-        pool.abandoned[class] = slab;
+        (*slab).next = pool.abandoned[bin];
+        pool.abandoned[bin] = slab;
     }
 }
 
-/// Takes over an abandoned slab of `class`, if any.
-pub fn adopt(class: usize, owner: usize) -> Option<*mut Slab> {
+/// Takes over an abandoned slab of `bin`, if any.
+pub fn adopt(bin: usize, owner: usize) -> Option<*mut Slab> {
     let mut pool = POOL.lock();
-    let slab = pool.abandoned[class];
+    let slab = pool.abandoned[bin];
     if slab.is_null() {
         return None;
     }
     // SAFETY: the slab is on our list under the lock; we unlink and own it.
     unsafe {
-        pool.abandoned[class] = (*slab).next;
+        pool.abandoned[bin] = (*slab).next;
         (*slab).next = null_mut();
         (*slab).owner.store(owner, Ordering::Release);
     }

@@ -42,7 +42,8 @@ pub enum SlabState {
 #[repr(C)]
 pub struct Slab {
     pub state: SlabState,
-    pub class: u8,
+    /// The bin it serves (see `class`); its class is `class_of_bin(bin)`.
+    pub bin: u8,
     pub block_size: u32,
     pub capacity: u32,
     /// Blocks handed out of this slab (including ones in a TLS SLL or on the remote list).
@@ -128,12 +129,12 @@ impl Slab {
         slab_area(self.superslab() as usize, self.index())
     }
 
-    /// Prepares the slab to serve `class` for `owner`.
-    pub fn format(&mut self, class: usize, block_size: usize, owner: usize) {
+    /// Prepares the slab to serve `bin` for `owner`.
+    pub fn format(&mut self, bin: usize, block_size: usize, owner: usize) {
         let idx = self.index();
         let len = SLAB_SIZE - if idx == 0 { SS_HEADER_RESERVE } else { 0 };
         self.state = SlabState::InUse;
-        self.class = class as u8;
+        self.bin = bin as u8;
         self.block_size = block_size as u32;
         self.capacity = (len / block_size) as u32;
         self.used = 0;

@@ -4,6 +4,7 @@
 //! thread exit) is out of line.
 
 use crate::ace::AceCache;
+use crate::class::{class_of_bin, BINS, BIN_SIZES};
 use crate::config;
 use crate::legacy;
 use crate::pool::{self, Acquired};
@@ -14,10 +15,25 @@ use crate::thread;
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
-use hakmem_common::{DrainWhy, ACE_CLASSES, TINY_CLASSES, TINY_CLASS_SIZES};
+use hakmem_common::{DrainWhy, ACE_CLASSES};
 
-/// Blocks moved per refill, per class.
-const BATCH: [u32; TINY_CLASSES] = [64, 64, 64, 64, 32, 32, 16, 16];
+/// Blocks moved per refill, per bin: about 4 KiB worth, at least 16.
+const BATCH: [u32; BINS] = {
+    let mut t = [0u32; BINS];
+    let mut b = 0;
+    while b < BINS {
+        let n = 4096 / BIN_SIZES[b];
+        t[b] = if n > 64 {
+            64
+        } else if n < 16 {
+            16
+        } else {
+            n as u32
+        };
+        b += 1;
+    }
+    t
+};
 
 pub struct ClassCache {
     /// The TLS SLL.
@@ -25,7 +41,7 @@ pub struct ClassCache {
     count: u32,
     /// The slab refills carve from.
     active: *mut Slab,
-    /// Every slab this thread owns for the class (through Slab::next/prev).
+    /// Every slab this thread owns for the bin (through Slab::next/prev).
     owned: *mut Slab,
 }
 
@@ -39,7 +55,7 @@ impl ClassCache {
 }
 
 pub struct ThreadCache {
-    tiny: [ClassCache; TINY_CLASSES],
+    tiny: [ClassCache; BINS],
     pub ace: [AceCache; ACE_CLASSES],
     /// Owner id stamped on this thread's slabs (0 until the first refill).
     id: usize,
@@ -52,7 +68,7 @@ thread_local! {
     // from the pthread key in `thread`.
     static CACHE: UnsafeCell<ThreadCache> = const {
         UnsafeCell::new(ThreadCache {
-            tiny: [ClassCache::NEW; TINY_CLASSES],
+            tiny: [ClassCache::NEW; BINS],
             ace: [AceCache::NEW; ACE_CLASSES],
             id: 0,
             registered: false,
@@ -76,11 +92,11 @@ pub fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> R {
     f(unsafe { &mut *cache_ptr() })
 }
 
-/// Allocates a block of tiny class `class`.
+/// Allocates a block of tiny bin `bin`.
 #[inline(always)]
-pub fn alloc(class: usize) -> *mut u8 {
+pub fn alloc(bin: usize) -> *mut u8 {
     let hit = with_cache(|tc| {
-        let cc = &mut tc.tiny[class];
+        let cc = &mut tc.tiny[bin];
         let b = cc.head;
         if !b.is_null() {
             // SAFETY: blocks on the TLS SLL are free and link through their first word.
@@ -92,7 +108,7 @@ pub fn alloc(class: usize) -> *mut u8 {
     if !hit.is_null() {
         return hit.cast();
     }
-    refill_and_alloc(class)
+    refill_and_alloc(bin)
 }
 
 /// Frees a block of a SuperSlab slab (`slab` is its metadata).
@@ -101,20 +117,15 @@ pub fn alloc(class: usize) -> *mut u8 {
 /// `ptr` is a block of `slab`, handed out by hakmem and not yet freed.
 #[inline(always)]
 pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
-    // SAFETY: per the contract `slab` is live metadata; owner is atomic and class
+    // SAFETY: per the contract `slab` is live metadata; owner is atomic and bin
     // is stable while any block of the slab is out.
-    let (owner, class) = unsafe {
-        (
-            (*slab).owner.load(Ordering::Relaxed),
-            (*slab).class as usize,
-        )
-    };
+    let (owner, bin) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).bin as usize) };
     let b = ptr as *mut Block;
     let local = with_cache(|tc| {
         if owner != tc.id || owner == 0 {
             return false;
         }
-        push_local(tc, class, b);
+        push_local(tc, bin, b);
         true
     });
     if !local {
@@ -123,15 +134,15 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
     }
 }
 
-/// Frees a legacy block of `class` (any thread: legacy blocks have no owner).
+/// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
 #[inline]
-pub fn free_legacy(ptr: *mut u8, class: usize) {
-    with_cache(|tc| push_local(tc, class, ptr as *mut Block));
+pub fn free_legacy(ptr: *mut u8, bin: usize) {
+    with_cache(|tc| push_local(tc, bin, ptr as *mut Block));
 }
 
 #[inline(always)]
-fn push_local(tc: &mut ThreadCache, class: usize, b: *mut Block) {
-    let cc = &mut tc.tiny[class];
+fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
+    let cc = &mut tc.tiny[bin];
     if cc.head == b {
         return crate::misuse::invalid_free("free(): double free detected in tcache", b as usize);
     }
@@ -140,14 +151,14 @@ fn push_local(tc: &mut ThreadCache, class: usize, b: *mut Block) {
     cc.head = b;
     cc.count += 1;
     let count = cc.count;
-    if count > BATCH[class] * 2 {
-        tc.drain(class, count - BATCH[class], DrainWhy::Overflow);
+    if count > BATCH[bin] * 2 {
+        tc.drain(bin, count - BATCH[bin], DrainWhy::Overflow);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn refill_and_alloc(class: usize) -> *mut u8 {
+fn refill_and_alloc(bin: usize) -> *mut u8 {
     crate::global::ensure_init();
     // Registering the thread-exit hook can allocate (pthread_setspecific); do
     // it before any reference into the cache is taken.
@@ -161,58 +172,58 @@ fn refill_and_alloc(class: usize) -> *mut u8 {
         });
         thread::register_current();
     }
-    with_cache(|tc| tc.refill(class))
+    with_cache(|tc| tc.refill(bin))
 }
 
 impl ThreadCache {
-    fn refill(&mut self, class: usize) -> *mut u8 {
-        let want = BATCH[class];
+    fn refill(&mut self, bin: usize) -> *mut u8 {
+        let want = BATCH[bin];
         if config::get().use_superslab {
             loop {
-                let active = self.tiny[class].active;
+                let active = self.tiny[bin].active;
                 if !active.is_null() {
                     // SAFETY: the active slab is owned by this thread.
                     let s = unsafe { &mut *active };
-                    let mut n = s.take_batch(want, &mut self.tiny[class].head);
+                    let mut n = s.take_batch(want, &mut self.tiny[bin].head);
                     if n == 0 && s.has_remote() {
                         drain_remote(s);
-                        n = s.take_batch(want, &mut self.tiny[class].head);
+                        n = s.take_batch(want, &mut self.tiny[bin].head);
                     }
                     if n > 0 {
-                        self.tiny[class].count += n;
-                        return self.pop(class);
+                        self.tiny[bin].count += n;
+                        return self.pop(bin);
                     }
                 }
-                if let Some(s) = self.find_partial(class) {
-                    self.tiny[class].active = s;
+                if let Some(s) = self.find_partial(bin) {
+                    self.tiny[bin].active = s;
                     continue;
                 }
-                if let Some(s) = pool::adopt(class, self.id) {
+                if let Some(s) = pool::adopt(bin, self.id) {
                     // SAFETY: adopt handed us exclusive ownership of `s`.
                     unsafe { drain_remote(&mut *s) };
-                    self.link_owned(class, s);
-                    self.tiny[class].active = s;
+                    self.link_owned(bin, s);
+                    self.tiny[bin].active = s;
                     continue;
                 }
-                match pool::acquire(class, TINY_CLASS_SIZES[class], self.id) {
+                match pool::acquire(bin, BIN_SIZES[bin], self.id) {
                     Acquired::Slab(s) => {
-                        self.link_owned(class, s);
-                        self.tiny[class].active = s;
+                        self.link_owned(bin, s);
+                        self.tiny[bin].active = s;
                     }
                     Acquired::Failed => break,
                 }
             }
         }
-        let n = legacy::refill(class, want, &mut self.tiny[class].head);
+        let n = legacy::refill(bin, want, &mut self.tiny[bin].head);
         if n == 0 {
             return null_mut();
         }
-        self.tiny[class].count += n;
-        self.pop(class)
+        self.tiny[bin].count += n;
+        self.pop(bin)
     }
 
-    fn pop(&mut self, class: usize) -> *mut u8 {
-        let cc = &mut self.tiny[class];
+    fn pop(&mut self, bin: usize) -> *mut u8 {
+        let cc = &mut self.tiny[bin];
         let b = cc.head;
         // SAFETY: callers only pop after adding at least one block.
         cc.head = unsafe { (*b).next };
@@ -220,11 +231,11 @@ impl ThreadCache {
         b.cast()
     }
 
-    /// Looks through the thread's other slabs of `class` for free blocks,
+    /// Looks through the thread's other slabs of `bin` for free blocks,
     /// draining their remote lists; EMPTY ones go to the recycle boundary.
-    fn find_partial(&mut self, class: usize) -> Option<*mut Slab> {
-        let active = self.tiny[class].active;
-        let mut cur = self.tiny[class].owned;
+    fn find_partial(&mut self, bin: usize) -> Option<*mut Slab> {
+        let active = self.tiny[bin].active;
+        let mut cur = self.tiny[bin].owned;
         while !cur.is_null() {
             // SAFETY: slabs on the owned list belong to this thread.
             let s = unsafe { &mut *cur };
@@ -233,7 +244,7 @@ impl ThreadCache {
                 if s.has_remote() {
                     drain_remote(s);
                 }
-                if s.used == 0 && self.on_empty(class, cur) {
+                if s.used == 0 && self.on_empty(bin, cur) {
                     cur = next;
                     continue;
                 }
@@ -246,22 +257,22 @@ impl ThreadCache {
         None
     }
 
-    /// Returns `n` blocks from the TLS SLL of `class` to their slabs.
-    fn drain(&mut self, class: usize, n: u32, why: DrainWhy) {
-        probes::tls_drain(class, n, why);
+    /// Returns `n` blocks from the TLS SLL of `bin` to their slabs.
+    fn drain(&mut self, bin: usize, n: u32, why: DrainWhy) {
+        probes::tls_drain(class_of_bin(bin), n, why);
         let mut legacy_head: *mut Block = null_mut();
         let mut legacy_tail: *mut Block = null_mut();
         for _ in 0..n {
-            let b = self.tiny[class].head;
+            let b = self.tiny[bin].head;
             // SAFETY: n <= count, so b is a block on the SLL.
-            self.tiny[class].head = unsafe { (*b).next };
-            self.tiny[class].count -= 1;
+            self.tiny[bin].head = unsafe { (*b).next };
+            self.tiny[bin].count -= 1;
             let kind = segment::lookup(b as usize).map(|h| h.kind);
             if kind == Some(SegKind::SuperSlab) {
                 let (_, slab, _) = slab_of(b as usize);
                 // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
                 if unsafe { (*slab).give_back(b) } {
-                    self.on_empty(class, slab);
+                    self.on_empty(bin, slab);
                 }
             } else {
                 // SAFETY: a legacy block; relink into the local chain.
@@ -273,20 +284,20 @@ impl ThreadCache {
             }
         }
         if !legacy_head.is_null() {
-            // SAFETY: the chain holds free legacy blocks of `class`.
-            unsafe { legacy::give_back(class, legacy_head, legacy_tail) };
+            // SAFETY: the chain holds free legacy blocks of `bin`.
+            unsafe { legacy::give_back(bin, legacy_head, legacy_tail) };
         }
     }
 
     /// A drain found `slab` EMPTY: hand it to the recycle boundary. True if released.
-    fn on_empty(&mut self, class: usize, slab: *mut Slab) -> bool {
-        let is_active = slab == self.tiny[class].active;
+    fn on_empty(&mut self, bin: usize, slab: *mut Slab) -> bool {
+        let is_active = slab == self.tiny[bin].active;
         // SAFETY: we own the slab; the unlink runs before the pool takes it.
-        unsafe { pool::recycle(slab, is_active, |s| self.unlink_owned(class, s)) }
+        unsafe { pool::recycle(slab, is_active, |s| self.unlink_owned(bin, s)) }
     }
 
-    fn link_owned(&mut self, class: usize, s: *mut Slab) {
-        let cc = &mut self.tiny[class];
+    fn link_owned(&mut self, bin: usize, s: *mut Slab) {
+        let cc = &mut self.tiny[bin];
         // SAFETY: `s` is owned by this thread and on no list.
         unsafe {
             (*s).prev = null_mut();
@@ -298,9 +309,9 @@ impl ThreadCache {
         cc.owned = s;
     }
 
-    fn unlink_owned(&mut self, class: usize, s: *mut Slab) {
-        let cc = &mut self.tiny[class];
-        // SAFETY: `s` is on this thread's owned list for `class`.
+    fn unlink_owned(&mut self, bin: usize, s: *mut Slab) {
+        let cc = &mut self.tiny[bin];
+        // SAFETY: `s` is on this thread's owned list for `bin`.
         unsafe {
             let (prev, next) = ((*s).prev, (*s).next);
             if prev.is_null() {
@@ -322,21 +333,21 @@ impl ThreadCache {
     /// Thread exit: every cached block back to its slab, every slab back to the
     /// pool (EMPTY) or parked for adoption (still has blocks out).
     fn release_all(&mut self) {
-        for class in 0..TINY_CLASSES {
-            let n = self.tiny[class].count;
+        for bin in 0..BINS {
+            let n = self.tiny[bin].count;
             if n > 0 {
-                self.drain(class, n, DrainWhy::ThreadExit);
+                self.drain(bin, n, DrainWhy::ThreadExit);
             }
-            self.tiny[class].active = null_mut();
-            while !self.tiny[class].owned.is_null() {
-                let s = self.tiny[class].owned;
+            self.tiny[bin].active = null_mut();
+            while !self.tiny[bin].owned.is_null() {
+                let s = self.tiny[bin].owned;
                 // SAFETY: owned slabs are ours.
                 unsafe { drain_remote(&mut *s) };
                 // SAFETY: as above.
-                if unsafe { (*s).used } == 0 && self.on_empty(class, s) {
+                if unsafe { (*s).used } == 0 && self.on_empty(bin, s) {
                     continue;
                 }
-                self.unlink_owned(class, s);
+                self.unlink_owned(bin, s);
                 pool::abandon(s);
             }
         }
@@ -348,7 +359,7 @@ impl ThreadCache {
 fn drain_remote(s: &mut Slab) {
     let n = s.drain_remote();
     if n > 0 {
-        probes::remote_drain(s.class as usize, n);
+        probes::remote_drain(class_of_bin(s.bin as usize), n);
     }
 }
 

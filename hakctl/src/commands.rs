@@ -110,7 +110,7 @@ fn report<'a>(
     Report {
         kind,
         pid: s.pid,
-        process: target::process_name(s.pid),
+        process: s.process.clone(),
         locations: s.locations,
         total,
         elapsed: total.at.duration_since(s.started).as_secs_f64(),
@@ -126,7 +126,8 @@ fn report<'a>(
 
 pub async fn watch(pid: i32, interval: f64, duration: Option<f64>, json: bool) -> Result<ExitCode> {
     let (session, _) = attach(pid)?;
-    watch_session(&session, interval, duration, json, "watch").await
+    watch_session(&session, interval, duration, json, "watch").await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn watch_session(
@@ -135,7 +136,7 @@ async fn watch_session(
     duration: Option<f64>,
     json: bool,
     kind: &'static str,
-) -> Result<ExitCode> {
+) -> Result<End> {
     if !(interval > 0.0 && interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
@@ -159,14 +160,7 @@ async fn watch_session(
         let exited = end == End::TargetExited;
         let cur = session.snapshot()?;
         let r = report(session, kind, &cur, Some(&prev), exited);
-        if json {
-            let _ = writeln!(out, "{}", r.json());
-        } else if tty {
-            let _ = write!(out, "\x1b[H\x1b[2J{}\n(Ctrl-C to quit)", r.tables(true));
-        } else {
-            let _ = writeln!(out, "{}", r.line());
-        }
-        let _ = out.flush();
+        render(&mut out, &r, json, tty);
         prev = cur;
         if end != End::Elapsed || Instant::now() >= stop_at {
             break end;
@@ -187,7 +181,19 @@ async fn watch_session(
         End::Interrupted => eprintln!("hakctl: interrupted; detached"),
         End::Elapsed => {}
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(end)
+}
+
+/// One refresh: a JSON line, a full-screen redraw on a terminal, or a plain line.
+fn render(out: &mut impl Write, r: &Report, json: bool, tty: bool) {
+    if json {
+        let _ = writeln!(out, "{}", r.json());
+    } else if tty {
+        let _ = write!(out, "\x1b[H\x1b[2J{}\n(Ctrl-C to quit)", r.tables(true));
+    } else {
+        let _ = writeln!(out, "{}", r.line());
+    }
+    let _ = out.flush();
 }
 
 pub async fn stage_stats(pid: i32, duration: Option<f64>, json: bool) -> Result<ExitCode> {
@@ -370,44 +376,70 @@ fn preload_library() -> Result<std::path::PathBuf> {
 }
 
 pub async fn run(cmd: &[String], interval: f64, json: bool) -> Result<ExitCode> {
-    let lib = preload_library()?.canonicalize().context("libhakmem.so")?;
-    let objects = vec![target::find_in_file(&lib)?];
-    target::check_environment()?;
-    // The shell stops itself before exec'ing CMD: hakctl attaches (uprobes are
-    // keyed by file, so they take effect when CMD maps the library), then lets it go.
-    let mut child = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg("kill -STOP $$; LD_PRELOAD=\"$HAKCTL_PRELOAD${LD_PRELOAD:+ $LD_PRELOAD}\" exec \"$@\"")
-        .arg("hakctl-run")
-        .args(cmd)
-        .env("HAKCTL_PRELOAD", &lib)
-        .spawn()
-        .with_context(|| format!("cannot start {}", cmd[0]))?;
-    let pid = child.id() as i32;
-    wait_stopped(pid)?;
-    let session = match Session::attach(pid, objects) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = child.kill();
-            return Err(e);
-        }
-    };
-    // SAFETY: continuing our own stopped child.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    watch_session(&session, interval, None, json, "run").await?;
-    let status = child.wait().context("waiting for the command")?;
-    eprintln!("hakctl: {} exited with {status}", cmd[0]);
-    Ok(ExitCode::from(
-        status.code().unwrap_or(1).clamp(0, 255) as u8
-    ))
-}
-
-fn wait_stopped(pid: i32) -> Result<()> {
-    let mut status = 0;
-    // SAFETY: waiting for our own child with WUNTRACED; does not reap a running child.
-    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
-    if r != pid || !libc::WIFSTOPPED(status) {
-        bail!("the command did not start (status {status:#x})");
+    if !(interval > 0.0 && interval.is_finite()) {
+        bail!("--interval must be a positive number of seconds");
     }
-    Ok(())
+    let lib = preload_library()?.canonicalize().context("libhakmem.so")?;
+    target::find_in_file(&lib)?;
+    target::check_environment()?;
+    let mut child = crate::run::spawn(cmd, &lib)?;
+    let tty = std::io::stdout().is_terminal() && !json;
+    let mut out = std::io::stdout().lock();
+    if tty {
+        let _ = write!(out, "\x1b[?1049h\x1b[?25l");
+    }
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut prev: Option<Snapshot> = None;
+    let mut code = None;
+    let mut interrupted = false;
+    while code.is_none() && !interrupted {
+        let tick = Instant::now() + Duration::from_secs_f64(interval);
+        while Instant::now() < tick {
+            match child.poll()? {
+                crate::run::Event::Running => {}
+                crate::run::Event::Attached => prev = None,
+                crate::run::Event::Exited(c) => {
+                    code = Some(c);
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = &mut ctrl_c => { interrupted = true; break; }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        if let Some(session) = &child.session {
+            let cur = session.snapshot()?;
+            render(
+                &mut out,
+                &report(session, "run", &cur, prev.as_ref(), code.is_some()),
+                json,
+                tty,
+            );
+            prev = Some(cur);
+        }
+    }
+    if tty {
+        let _ = write!(out, "\x1b[?25h\x1b[?1049l");
+        if let Some(session) = &child.session {
+            let last = session.snapshot()?;
+            let _ = write!(
+                out,
+                "{}",
+                report(session, "run", &last, None, code.is_some()).tables(false)
+            );
+        }
+    }
+    drop(out);
+    match code {
+        Some(c) => {
+            eprintln!("hakctl: {} exited with status {c}", cmd[0]);
+            Ok(ExitCode::from(c.clamp(0, 255) as u8))
+        }
+        None => {
+            eprintln!("hakctl: interrupted; the command is ended with hakctl");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -3,6 +3,7 @@
 mod attach;
 mod commands;
 mod report;
+mod run;
 mod session;
 mod stapsdt;
 mod target;

@@ -32,6 +32,8 @@ pub struct Session {
     _links: Vec<UprobeLink>,
     _stats: Option<OwnedFd>,
     pub pid: i32,
+    /// The process's name at attach (it may be gone when the last report is written).
+    pub process: String,
     pub locations: usize,
     pub started: Instant,
 }
@@ -86,6 +88,7 @@ impl Session {
             _links: links,
             _stats: stats,
             pid,
+            process: crate::target::process_name(pid),
             locations,
             started: Instant::now(),
         })

@@ -1,0 +1,106 @@
+//! `hakctl run`: start a command with libhakmem.so preloaded and watch it from
+//! its first allocation, across the programs it execs (a wrapper script that
+//! execs the real program is common).
+//!
+//! Each program image stops itself at its first allocation
+//! (`HAKMEM_STOP_AT_START`), when the library and its semaphores are mapped;
+//! hakctl attaches then. USDT semaphores cannot follow an exec (the kernel
+//! would find nothing to decrement in the new image and leak the uprobe), so
+//! hakctl traces the child with ptrace only to learn of each exec, and
+//! detaches its probes there, before the new image maps anything.
+
+use crate::session::Session;
+use crate::target;
+use anyhow::{bail, Context, Result};
+use std::os::unix::process::CommandExt;
+
+const PTRACE_EVENT_EXEC: i32 = 4;
+
+/// What happened to the child since the last look.
+pub enum Event {
+    Running,
+    /// A program image reached its first allocation: a new session is attached.
+    Attached,
+    Exited(i32),
+}
+
+pub struct Child {
+    pub pid: i32,
+    pub session: Option<Session>,
+}
+
+/// Starts `cmd` traced, with the preload and the stop request in its environment.
+pub fn spawn(cmd: &[String], lib: &std::path::Path) -> Result<Child> {
+    let mut c = std::process::Command::new("/bin/sh");
+    c.arg("-c")
+        .arg("HAKMEM_STOP_AT_START=$$ LD_PRELOAD=\"$HAKCTL_PRELOAD${LD_PRELOAD:+ $LD_PRELOAD}\" exec \"$@\"")
+        .arg("hakctl-run")
+        .args(cmd)
+        .env("HAKCTL_PRELOAD", lib);
+    // SAFETY: PTRACE_TRACEME is async-signal-safe and allocates nothing; the
+    // child then stops at its exec of /bin/sh, which hakctl continues.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = c
+        .spawn()
+        .with_context(|| format!("cannot start {}", cmd[0]))?;
+    let pid = child.id() as i32;
+    // The exec of /bin/sh stops with SIGTRAP; from here on, report execs as events.
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid || !libc::WIFSTOPPED(status) {
+        bail!("the command did not start (wait status {status:#x})");
+    }
+    let opts = libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL;
+    // SAFETY: our stopped tracee; plain integer arguments.
+    unsafe {
+        libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts as libc::c_long);
+        libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
+    }
+    Ok(Child { pid, session: None })
+}
+
+impl Child {
+    /// Handles every stop that is pending, without blocking.
+    pub fn poll(&mut self) -> Result<Event> {
+        let mut event = Event::Running;
+        loop {
+            let mut status = 0;
+            // SAFETY: waiting for our own tracee without blocking.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+            if r == 0 {
+                return Ok(event);
+            }
+            if r < 0 {
+                bail!("waitpid: {}", std::io::Error::last_os_error());
+            }
+            if libc::WIFEXITED(status) {
+                return Ok(Event::Exited(libc::WEXITSTATUS(status)));
+            }
+            if libc::WIFSIGNALED(status) {
+                return Ok(Event::Exited(128 + libc::WTERMSIG(status)));
+            }
+            let sig = libc::WSTOPSIG(status);
+            let mut deliver = 0;
+            if status >> 16 == PTRACE_EVENT_EXEC {
+                // A new image: drop the probes before it maps the library again.
+                self.session = None;
+            } else if sig == libc::SIGSTOP && self.session.is_none() {
+                // Its first allocation: attach, and swallow the stop.
+                let objects = target::find_in_process(self.pid)?;
+                self.session = Some(Session::attach(self.pid, objects)?);
+                event = Event::Attached;
+            } else {
+                deliver = sig;
+            }
+            // SAFETY: resuming our stopped tracee, passing its signal on.
+            unsafe { libc::ptrace(libc::PTRACE_CONT, self.pid, 0, deliver as libc::c_long) };
+        }
+    }
+}
