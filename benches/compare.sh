@@ -3,6 +3,7 @@
 # prints each run, then the median ops/s and the ratio to glibc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 OPS=${1:-10000000}; SLOTS=${2:-8192}; REPS=${3:-5}
 BENCH=target/release/bench_random_mixed
 declare -A LIBS=([glibc]="" [hakmem]="$PWD/target/release/libhakmem.so")
@@ -21,7 +22,6 @@ for rep in $(seq 1 "$REPS"); do
         echo "rep $rep $name $ops"
     done
 done
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2))}'; }
 base=$(median "${RESULTS[glibc]}")
 echo
 echo "bench_random_mixed $OPS $SLOTS, median of $REPS interleaved runs"
@@ -29,5 +29,5 @@ printf '%-10s %14s %10s\n' allocator ops/s vs_glibc
 for name in "${ORDER[@]}"; do
     [ -v "RESULTS[$name]" ] || continue
     m=$(median "${RESULTS[$name]}")
-    printf '%-10s %14s %10s\n' "$name" "$m" "$(awk -v a="$m" -v b="$base" 'BEGIN {printf "%.2f", a/b}')"
+    printf '%-10s %14s %10s\n' "$name" "$m" "$(ratio "$m" "$base")"
 done

@@ -6,6 +6,7 @@
 # prints medians and ratios to `idle`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 OPS=${1:-10000000}; SLOTS=${2:-8192}; REPS=${3:-5}
 REL=target/release
 cargo build --release -q -p hakmem --no-default-features --features c-abi --target-dir target/noprobes
@@ -18,12 +19,11 @@ for rep in $(seq 1 "$REPS"); do
     R[watched]+="$(HAKMEM_LIB=$PWD/$REL/libhakmem.so $REL/hakctl run --json --interval 0.5 -- $REL/bench_random_mixed "$OPS" "$SLOTS" 2>/dev/null | ops_of) "
     echo "rep $rep: noprobes ${R[noprobes]##* } idle ${R[idle]##* } watched ${R[watched]##* }" | tr -s ' '
 done
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2))}'; }
 idle=$(median "${R[idle]}")
 echo
 echo "probe cost, bench_random_mixed $OPS $SLOTS, median of $REPS interleaved runs"
 printf '%-9s %14s %9s\n' build ops/s vs_idle
 for k in noprobes idle watched; do
     m=$(median "${R[$k]}")
-    printf '%-9s %14s %9s\n' "$k" "$m" "$(awk -v a="$m" -v b="$idle" 'BEGIN {printf "%.3f", a/b}')"
+    printf '%-9s %14s %9s\n' "$k" "$m" "$(ratio "$m" "$idle" 3)"
 done

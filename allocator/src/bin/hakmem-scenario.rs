@@ -125,43 +125,33 @@ fn recycle() {
     }
 }
 
-/// With HAKMEM_SS_MAX small: Stage 3 hits the budget, shared_fail, legacy serves.
-fn legacy() {
-    let mut v = Vec::new();
-    for i in 0..20_000usize {
-        let size = 16 << (i % 7);
-        // SAFETY: plain allocation, checked.
-        let p = unsafe { hakmem::api::malloc(size) };
-        assert!(
-            !p.is_null(),
-            "legacy path must serve when the pool gives up"
-        );
-        fill(p, size, i as u8);
-        v.push((p, size, i as u8));
-    }
-    for (p, size, seed) in v {
+/// Allocates a block of `size(i)` bytes for each i, fills each, then checks and frees them all.
+fn fill_then_free(n: usize, size: impl Fn(usize) -> usize) {
+    let blocks: Vec<(*mut u8, usize, u8)> = (0..n)
+        .map(|i| {
+            let size = size(i);
+            // SAFETY: plain allocation, checked.
+            let p = unsafe { hakmem::api::malloc(size) };
+            assert!(!p.is_null(), "malloc({size}) failed");
+            fill(p, size, i as u8);
+            (p, size, i as u8)
+        })
+        .collect();
+    for (p, size, seed) in blocks {
         check(p, size, seed);
         // SAFETY: allocated above.
         unsafe { hakmem::api::free(p) };
     }
 }
 
+/// With HAKMEM_SS_MAX small: Stage 3 hits the budget, shared_fail, the legacy path serves.
+fn legacy() {
+    fill_then_free(20_000, |i| 16 << (i % 7));
+}
+
 /// ACE: Threshold (with HAKMEM_ACE_MAX_BYTES) and Exhaustion (with HAKMEM_ACE_MAX_SEGMENTS).
 fn ace() {
-    let mut v = Vec::new();
-    for i in 0..200usize {
-        let size = if i % 2 == 0 { 30_000 } else { 3000 };
-        // SAFETY: plain allocation, checked.
-        let p = unsafe { hakmem::api::malloc(size) };
-        assert!(!p.is_null());
-        fill(p, size, i as u8);
-        v.push((p, size, i as u8));
-    }
-    for (p, size, seed) in v {
-        check(p, size, seed);
-        // SAFETY: allocated above.
-        unsafe { hakmem::api::free(p) };
-    }
+    fill_then_free(200, |i| if i % 2 == 0 { 30_000 } else { 3000 });
 }
 
 /// With HAKMEM_OS_LIMIT_MB small: ACE cannot map a segment (MapFail), and
