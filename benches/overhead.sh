@@ -14,10 +14,11 @@ NOPROBES=target/noprobes/release/libhakmem.so
 ops_of() { sed -nE 's/^bench_random_mixed .*ops\/s=([0-9]+).*/\1/p'; }
 declare -A R
 for rep in $(seq 1 "$REPS"); do
-    R[noprobes]+="$(LD_PRELOAD=$PWD/$NOPROBES $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of) "
-    R[idle]+="$(LD_PRELOAD=$PWD/$REL/libhakmem.so $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of) "
-    R[watched]+="$(HAKMEM_LIB=$PWD/$REL/libhakmem.so $REL/hakctl run --json --interval 0.5 -- $REL/bench_random_mixed "$OPS" "$SLOTS" 2>/dev/null | ops_of) "
-    echo "rep $rep: noprobes ${R[noprobes]##* } idle ${R[idle]##* } watched ${R[watched]##* }" | tr -s ' '
+    n=$(LD_PRELOAD=$PWD/$NOPROBES $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of)
+    i=$(LD_PRELOAD=$PWD/$REL/libhakmem.so $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of)
+    w=$(HAKMEM_LIB=$PWD/$REL/libhakmem.so $REL/hakctl run --json --interval 0.5 -- $REL/bench_random_mixed "$OPS" "$SLOTS" 2>/dev/null | ops_of)
+    R[noprobes]+="$n "; R[idle]+="$i "; R[watched]+="$w "
+    echo "rep $rep: noprobes $n idle $i watched $w"
 done
 idle=$(median "${R[idle]}")
 echo
