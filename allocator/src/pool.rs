@@ -128,6 +128,44 @@ pub fn abandon(slab: *mut Slab) {
     }
 }
 
+/// Owner id held while a freeing thread reclaims an abandoned slab (never a thread's id).
+const RECLAIMING: usize = usize::MAX;
+
+/// A free reached a slab whose owner exited (owner 0). Take it off the
+/// abandoned list if it is still there, drain its remote frees, and recycle
+/// it if that left it EMPTY; otherwise park it again. Without this, a slab
+/// abandoned with blocks out would stay mapped until some thread allocated
+/// from its bin again.
+pub fn reclaim_abandoned(slab: *mut Slab) {
+    for _ in 0..2 {
+        {
+            let mut pool = POOL.lock();
+            // SAFETY: the metadata of a live slab with a block still out (ours, being freed).
+            let s = unsafe { &*slab };
+            if s.owner.load(Ordering::Acquire) != 0 || !pool.unlink_abandoned(s.bin as usize, slab)
+            {
+                return;
+            }
+            s.owner.store(RECLAIMING, Ordering::Release);
+        }
+        // SAFETY: unlinked under the lock with owner RECLAIMING: only we touch its local state.
+        let s = unsafe { &mut *slab };
+        let n = s.drain_remote();
+        if n > 0 {
+            probes::remote_drain(class_of_bin(s.bin as usize), n);
+        }
+        // SAFETY: we hold the slab exclusively; it is on no list.
+        if s.used == 0 && unsafe { recycle(slab, false, |_| {}) } {
+            return;
+        }
+        abandon(slab);
+        // A remote free that raced with the drain saw RECLAIMING and left it to us.
+        if !s.has_remote() {
+            return;
+        }
+    }
+}
+
 /// Takes over an abandoned slab of `bin`, if any.
 pub fn adopt(bin: usize, owner: usize) -> Option<*mut Slab> {
     let mut pool = POOL.lock();
@@ -168,6 +206,23 @@ impl Pool {
             ss.empty -= 1;
         }
         Some(slab)
+    }
+
+    /// Removes `slab` from the abandoned list of `bin`; false if it is not there.
+    fn unlink_abandoned(&mut self, bin: usize, slab: *mut Slab) -> bool {
+        let mut link: *mut *mut Slab = &mut self.abandoned[bin];
+        // SAFETY: walking the abandoned list under the lock.
+        unsafe {
+            while !(*link).is_null() {
+                if *link == slab {
+                    *link = (*slab).next;
+                    (*slab).next = null_mut();
+                    return true;
+                }
+                link = &mut (**link).next;
+            }
+        }
+        false
     }
 
     fn claim_fresh(&mut self) -> Option<*mut Slab> {

@@ -131,6 +131,9 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
     if !local {
         // SAFETY: per the contract, the block is ours to link onto the remote list.
         unsafe { (*slab).push_remote(b) };
+        if owner == 0 {
+            pool::reclaim_abandoned(slab);
+        }
     }
 }
 

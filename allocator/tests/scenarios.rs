@@ -234,3 +234,14 @@ fn foreign_pointer_free_aborts_with_a_message() {
         "{stderr}"
     );
 }
+
+#[test]
+fn slabs_abandoned_by_an_exited_thread_come_back_when_their_blocks_are_freed() {
+    let t = scenario("abandon", &[("HAKMEM_SS_KEEP", "0")]);
+    let c6 = class(&t, 6);
+    // 20k blocks of 512 bytes fill about 157 slabs; all but the few that are
+    // still some thread's current slab must be released once freed.
+    assert!(n(&c6["recycle"]["released"]) >= 150, "{c6}");
+    assert!(n(&c6["remote_drain_blocks"]) >= 19_000, "{c6}");
+    assert!(n(&t["probes"]["ss_unmap"]) >= 4, "{t}");
+}

@@ -33,8 +33,9 @@ fn main() {
         "oom" => oom,
         "double-free" => double_free,
         "foreign-free" => foreign_free,
+        "abandon" => abandon,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|forever|fork|oom|double-free|foreign-free [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -466,4 +467,28 @@ fn foreign_free() {
     // SAFETY: deliberately wrong, to test the detection.
     unsafe { hakmem::api::free(on_stack.as_ptr() as *mut u8) };
     println!("survived");
+}
+
+/// A thread allocates 20k blocks and exits with all of them still out; the
+/// main thread frees them: the abandoned slabs must come back (recycled, and
+/// their SuperSlabs unmapped beyond the hysteresis).
+fn abandon() {
+    let blocks: Vec<SendPtr> = std::thread::spawn(|| {
+        (0..20_000)
+            .map(|i| {
+                // SAFETY: plain allocation, checked.
+                let p = unsafe { hakmem::api::malloc(500) };
+                assert!(!p.is_null());
+                fill(p, 500, i as u8);
+                SendPtr(p)
+            })
+            .collect()
+    })
+    .join()
+    .unwrap();
+    for (i, b) in blocks.iter().enumerate() {
+        check(b.0, 500, i as u8);
+        // SAFETY: allocated by the exited thread, freed once here.
+        unsafe { hakmem::api::free(b.0) };
+    }
 }
