@@ -3,7 +3,7 @@
 
 use crate::class::{tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
-use crate::superslab::{slab_of, SlabState};
+use crate::superslab::{slab_area, slab_of, SlabState};
 use crate::{ace, large, misuse, tiny};
 use core::ptr::null_mut;
 
@@ -61,11 +61,11 @@ pub unsafe fn free(ptr: *mut u8) {
     };
     match h.kind {
         SegKind::SuperSlab => {
-            let (_, slab, _) = slab_of(p);
+            let (ss, slab, idx) = slab_of(p);
             // SAFETY: the registry vouched for the SuperSlab; the slab's
             // format fields do not change while any of its blocks is out.
             let s = unsafe { &*slab };
-            if s.state != SlabState::InUse || p < s.area() {
+            if s.state != SlabState::InUse || p < slab_area(ss as usize, idx) {
                 return misuse::invalid_free("free(): invalid pointer", p);
             }
             // SAFETY: a block of an in-use slab, freed by its user.
@@ -86,9 +86,11 @@ pub unsafe fn free(ptr: *mut u8) {
 /// `malloc_usable_size` (0 for null or a pointer that is not ours).
 pub fn usable_size(ptr: *const u8) -> usize {
     let p = ptr as usize;
-    let Some(h) = segment::lookup(p) else {
-        return 0;
-    };
+    segment::lookup(p).map_or(0, |h| usable_in(h, p))
+}
+
+/// Usable size of the block at `p`, whose segment header is `h`.
+fn usable_in(h: &segment::SegHeader, p: usize) -> usize {
     match h.kind {
         SegKind::SuperSlab => {
             let (_, slab, _) = slab_of(p);
@@ -153,26 +155,24 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         unsafe { free(ptr) };
         return null_mut();
     }
-    let old = usable_size(ptr);
-    if old == 0 {
-        misuse::invalid_free("realloc(): invalid pointer", ptr as usize);
+    let p = ptr as usize;
+    let Some(h) = segment::lookup(p) else {
+        misuse::invalid_free("realloc(): invalid pointer", p);
         set_errno(libc::EINVAL);
         return null_mut();
-    }
+    };
+    let old = usable_in(h, p);
     // Keep the block when the new size still fits and does not waste over half.
     if size <= old && size > old / 2 {
         return ptr;
     }
-    if size > old {
-        if let Some(h) = segment::lookup(ptr as usize) {
-            let chunk = segment::chunk_of(ptr as usize);
-            if h.kind == SegKind::Large
-                && large::is_live_block(ptr as usize, chunk)
-                && large::resize_in_place(chunk, size)
-            {
-                return ptr;
-            }
-        }
+    let chunk = segment::chunk_of(p);
+    if size > old
+        && h.kind == SegKind::Large
+        && large::is_live_block(p, chunk)
+        && large::resize_in_place(chunk, size)
+    {
+        return ptr;
     }
     // SAFETY: forwarding.
     let new = unsafe { alloc_aligned(align, size) };
