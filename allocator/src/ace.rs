@@ -41,9 +41,20 @@ impl AceCache {
     pub const NEW: AceCache = AceCache {
         head: null_mut(),
         count: 0,
-        cap: MIN_CAP,
+        // 0 reads as MIN_CAP (see `cap`): the cache is all zeros when new,
+        // so it can live in zero-initialised thread-local storage.
+        cap: 0,
         misses_since_flush: 0,
     };
+
+    pub const fn is_zero(&self) -> bool {
+        self.head.is_null() && self.count == 0 && self.cap == 0 && self.misses_since_flush == 0
+    }
+
+    #[inline(always)]
+    fn cap(&self) -> u32 {
+        self.cap.max(MIN_CAP)
+    }
 }
 
 #[repr(C)]
@@ -117,7 +128,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::global::ensure_init();
     let want = with_cache(|tc| {
         let c = &mut tc.ace[class];
-        c.cap = (c.cap * 2).min(MAX_CAP);
+        c.cap = (c.cap() * 2).min(MAX_CAP);
         c.misses_since_flush += 1;
         c.cap / 2
     });
@@ -162,7 +173,7 @@ pub fn free(ptr: *mut u8, class: usize) {
         unsafe { (*b).next = c.head };
         c.head = b;
         c.count += 1;
-        c.count > c.cap
+        c.count > c.cap()
     });
     if overflow {
         flush(class);
@@ -174,7 +185,7 @@ fn flush(class: usize) {
     let (head, n) = with_cache(|tc| {
         let c = &mut tc.ace[class];
         if c.misses_since_flush == 0 {
-            c.cap = (c.cap / 2).max(MIN_CAP);
+            c.cap = (c.cap() / 2).max(MIN_CAP);
         }
         c.misses_since_flush = 0;
         let keep = c.cap / 2;

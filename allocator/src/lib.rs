@@ -39,6 +39,7 @@ mod superslab;
 mod sync;
 mod thread;
 mod tiny;
+mod tls;
 
 pub use global::HakMem;
 

@@ -12,7 +12,6 @@ use crate::probes;
 use crate::segment::{self, SegKind};
 use crate::superslab::{slab_of, Block, Slab};
 use crate::thread;
-use core::cell::UnsafeCell;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
 use hakmem_common::{DrainWhy, ACE_CLASSES};
@@ -62,26 +61,37 @@ pub struct ThreadCache {
     registered: bool,
 }
 
-thread_local! {
-    // Const-initialised and without Drop, so the first access neither allocates
-    // nor registers a destructor (see DESIGN.md, pitfalls); thread exit comes
-    // from the pthread key in `thread`.
-    static CACHE: UnsafeCell<ThreadCache> = const {
-        UnsafeCell::new(ThreadCache {
-            tiny: [ClassCache::NEW; BINS],
-            ace: [AceCache::NEW; ACE_CLASSES],
-            id: 0,
-            registered: false,
-        })
+impl ThreadCache {
+    /// An empty cache: all zero bytes (see `tls`, which relies on it).
+    pub const NEW: ThreadCache = ThreadCache {
+        tiny: [ClassCache::NEW; BINS],
+        ace: [AceCache::NEW; ACE_CLASSES],
+        id: 0,
+        registered: false,
     };
+
+    /// Whether every field is zero (what `tls` checks of `NEW`).
+    pub const fn is_zero(&self) -> bool {
+        let mut i = 0;
+        while i < BINS {
+            let c = &self.tiny[i];
+            if !c.head.is_null() || c.count != 0 || !c.active.is_null() || !c.owned.is_null() {
+                return false;
+            }
+            i += 1;
+        }
+        let mut i = 0;
+        while i < ACE_CLASSES {
+            if !self.ace[i].is_zero() {
+                return false;
+            }
+            i += 1;
+        }
+        self.id == 0 && !self.registered
+    }
 }
 
-/// This thread's cache. The closure only fetches the address, so it always
-/// inlines into the fast paths (a larger one did not, costing a call per op).
-#[inline(always)]
-fn cache_ptr() -> *mut ThreadCache {
-    CACHE.with(|c| c.get())
-}
+use crate::tls::cache_ptr;
 
 /// Runs `f` on this thread's cache.
 #[inline(always)]
@@ -370,3 +380,4 @@ fn drain_remote(s: &mut Slab) {
 pub fn thread_exit() {
     with_cache(|tc| tc.release_all());
 }
+
