@@ -329,7 +329,7 @@ impl AceClass {
                 list: SegList::None,
             })
         };
-        registry::insert(base as usize);
+        registry::insert(base as usize, SegKind::Ace as u8);
         self.segments += 1;
         Ok(seg)
     }

@@ -3,7 +3,7 @@
 
 use crate::class::{tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
-use crate::superslab::{slab_area, slab_of, SlabState};
+use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
 use crate::{ace, large, misuse, tiny};
 use core::ptr::null_mut;
 
@@ -56,23 +56,31 @@ pub unsafe fn free(ptr: *mut u8) {
         return;
     }
     let p = ptr as usize;
+    if !segment::in_superslab(p) {
+        return free_outside_superslab(p);
+    }
+    let (_, slab, _) = slab_of(p);
+    // SAFETY: the registry vouched for the SuperSlab; the slab's format
+    // fields do not change while any of its blocks is out.
+    let s = unsafe { &*slab };
+    // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
+    if s.state != SlabState::InUse || p & (SS_SIZE - 1) < SS_HEADER_RESERVE {
+        return misuse::invalid_free("free(): invalid pointer", p);
+    }
+    // SAFETY: a block of an in-use slab, freed by its user.
+    unsafe { tiny::free_superslab(ptr, slab) }
+}
+
+#[inline(never)]
+fn free_outside_superslab(p: usize) {
     let Some(h) = segment::lookup(p) else {
         return misuse::invalid_free("free(): invalid pointer", p);
     };
     match h.kind {
-        SegKind::SuperSlab => {
-            let (ss, slab, idx) = slab_of(p);
-            // SAFETY: the registry vouched for the SuperSlab; the slab's
-            // format fields do not change while any of its blocks is out.
-            let s = unsafe { &*slab };
-            if s.state != SlabState::InUse || p < slab_area(ss as usize, idx) {
-                return misuse::invalid_free("free(): invalid pointer", p);
-            }
-            // SAFETY: a block of an in-use slab, freed by its user.
-            unsafe { tiny::free_superslab(ptr, slab) }
-        }
-        SegKind::Legacy => tiny::free_legacy(ptr, h.class as usize),
-        SegKind::Ace => ace::free(ptr, h.class as usize),
+        // `free` serves these itself before calling here.
+        SegKind::SuperSlab => {}
+        SegKind::Legacy => tiny::free_legacy(p as *mut u8, h.class as usize),
+        SegKind::Ace => ace::free(p as *mut u8, h.class as usize),
         SegKind::Large => {
             let chunk = segment::chunk_of(p);
             if !large::is_live_block(p, chunk) {

@@ -108,7 +108,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         (*h).live = true;
     }
     if fresh {
-        registry::insert(base);
+        registry::insert(base, SegKind::Large as u8);
     }
     ((base + offset) as *mut u8, fresh)
 }

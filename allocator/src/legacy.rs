@@ -94,7 +94,7 @@ impl LegacyClass {
         }
         // SAFETY: a fresh, writable, chunk-aligned mapping of ours.
         unsafe { (base as *mut SegHeader).write(SegHeader::new(SegKind::Legacy, bin as u32)) };
-        registry::insert(base as usize);
+        registry::insert(base as usize, SegKind::Legacy as u8);
         self.bump = base as usize + HEADER_RESERVE;
         self.end = base as usize + CHUNK;
         true

@@ -8,6 +8,7 @@ use crate::config;
 use crate::os;
 use crate::probes;
 use crate::registry;
+use crate::segment::SegKind;
 use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
@@ -115,13 +116,18 @@ pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut
     true
 }
 
+/// Owner id of a slab whose thread exited with blocks still out (never a
+/// thread's id: those are cache addresses). Not 0, so that a thread that has
+/// no id yet (0) never takes such a slab for its own in `tiny::free_superslab`.
+pub const ABANDONED: usize = 1;
+
 /// Parks a slab of an exiting thread that still has blocks out.
 pub fn abandon(slab: *mut Slab) {
     let mut pool = POOL.lock();
     // SAFETY: the exiting owner hands the slab over; its links are ours to set.
     unsafe {
         let bin = (*slab).bin as usize;
-        (*slab).owner.store(0, Ordering::Release);
+        (*slab).owner.store(ABANDONED, Ordering::Release);
         (*slab).prev = null_mut();
         (*slab).next = pool.abandoned[bin];
         pool.abandoned[bin] = slab;
@@ -131,7 +137,7 @@ pub fn abandon(slab: *mut Slab) {
 /// Owner id held while a freeing thread reclaims an abandoned slab (never a thread's id).
 const RECLAIMING: usize = usize::MAX;
 
-/// A free reached a slab whose owner exited (owner 0). Take it off the
+/// A free reached a slab whose owner exited (owner ABANDONED). Take it off the
 /// abandoned list if it is still there, drain its remote frees, and recycle
 /// it if that left it EMPTY; otherwise park it again. Without this, a slab
 /// abandoned with blocks out would stay mapped until some thread allocated
@@ -142,7 +148,7 @@ pub fn reclaim_abandoned(slab: *mut Slab) {
             let mut pool = POOL.lock();
             // SAFETY: the metadata of a live slab with a block still out (ours, being freed).
             let s = unsafe { &*slab };
-            if s.owner.load(Ordering::Acquire) != 0 || !pool.unlink_abandoned(s.bin as usize, slab)
+            if s.owner.load(Ordering::Acquire) != ABANDONED || !pool.unlink_abandoned(s.bin as usize, slab)
             {
                 return;
             }
@@ -253,7 +259,7 @@ impl Pool {
         }
         // SAFETY: a fresh SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
         let ss = unsafe { SuperSlab::init(base) };
-        registry::insert(base as usize);
+        registry::insert(base as usize, SegKind::SuperSlab as u8);
         self.superslabs += 1;
         probes::ss_map(SS_SIZE, base as usize);
         // SAFETY: `ss` was just initialised; pushing it on the fresh list.

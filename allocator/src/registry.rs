@@ -1,27 +1,29 @@
-//! Which 2 MiB chunks of the address space are hakmem segments.
+//! Which 2 MiB chunks of the address space are hakmem segments, and of which kind.
 //!
-//! A bitmap with one bit per 2 MiB chunk of the 47-bit user address space
-//! (8 MiB of virtual memory, mapped NORESERVE so only touched pages cost RSS).
-//! `free` masks a pointer down to its chunk and tests one bit before it reads
-//! any header, so a foreign pointer is detected instead of dereferenced.
+//! One byte per 2 MiB chunk of the 47-bit user address space: 0 for "not
+//! ours", else the segment's `SegKind`. That is 64 MiB of virtual memory,
+//! mapped NORESERVE: only the pages covering chunks hakmem uses are ever
+//! touched (one 4 KiB page covers 8 GiB of address space). `free` reads one
+//! byte before it reads any header, so a foreign pointer is detected instead
+//! of dereferenced, and the byte already says which path frees the block.
 
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 
 pub const CHUNK_SHIFT: u32 = 21;
 pub const CHUNK: usize = 1 << CHUNK_SHIFT;
 const ADDR_BITS: u32 = 47;
-const WORDS: usize = 1 << (ADDR_BITS - CHUNK_SHIFT - 6);
+const ENTRIES: usize = 1 << (ADDR_BITS - CHUNK_SHIFT);
 
-static BITS: AtomicPtr<AtomicU64> = AtomicPtr::new(core::ptr::null_mut());
+static KINDS: AtomicPtr<AtomicU8> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Maps the bitmap; called once from `global::init`.
 pub fn init() -> bool {
-    if !BITS.load(Ordering::Acquire).is_null() {
+    if !KINDS.load(Ordering::Acquire).is_null() {
         return true;
     }
-    let bytes = WORDS * 8;
+    let bytes = ENTRIES;
     // SAFETY: anonymous mapping, checked for failure; zero-filled by the kernel,
-    // which is a valid all-false bitmap of AtomicU64.
+    // which is a valid table of AtomicU8 saying "not ours" everywhere.
     let p = unsafe {
         libc::mmap(
             core::ptr::null_mut(),
@@ -35,7 +37,7 @@ pub fn init() -> bool {
     if p == libc::MAP_FAILED {
         return false;
     }
-    if BITS
+    if KINDS
         .compare_exchange(
             core::ptr::null_mut(),
             p.cast(),
@@ -50,38 +52,40 @@ pub fn init() -> bool {
     true
 }
 
-#[inline]
-fn word(addr: usize) -> Option<(&'static AtomicU64, u64)> {
+#[inline(always)]
+fn entry(addr: usize) -> Option<&'static AtomicU8> {
     let idx = addr >> CHUNK_SHIFT;
-    if idx >= WORDS * 64 {
+    if idx >= ENTRIES {
         return None;
     }
-    let base = BITS.load(Ordering::Acquire);
+    let base = KINDS.load(Ordering::Acquire);
     if base.is_null() {
         return None;
     }
-    // SAFETY: idx / 64 < WORDS, the bitmap's length; the mapping is never unmapped.
-    let w = unsafe { &*base.add(idx >> 6) };
-    Some((w, 1u64 << (idx & 63)))
+    // SAFETY: idx < ENTRIES, the table's length; the mapping is never unmapped.
+    Some(unsafe { &*base.add(idx) })
 }
 
-/// Whether the chunk containing `addr` is a live hakmem segment.
-#[inline]
-pub fn contains(addr: usize) -> bool {
-    match word(addr) {
-        Some((w, bit)) => w.load(Ordering::Relaxed) & bit != 0,
-        None => false,
+/// The kind (`SegKind as u8`) of the live hakmem segment holding `addr`, or 0.
+#[inline(always)]
+pub fn kind(addr: usize) -> u8 {
+    match entry(addr) {
+        Some(e) => e.load(Ordering::Relaxed),
+        None => 0,
     }
 }
 
-pub fn insert(chunk: usize) {
-    if let Some((w, bit)) = word(chunk) {
-        w.fetch_or(bit, Ordering::Release);
+/// Records the chunk at `chunk` as a segment of `kind` (non-zero), after its header is written.
+pub fn insert(chunk: usize, kind: u8) {
+    debug_assert!(kind != 0);
+    if let Some(e) = entry(chunk) {
+        e.store(kind, Ordering::Release);
     }
 }
 
+/// Forgets the chunk at `chunk`, before it is unmapped.
 pub fn remove(chunk: usize) {
-    if let Some((w, bit)) = word(chunk) {
-        w.fetch_and(!bit, Ordering::Release);
+    if let Some(e) = entry(chunk) {
+        e.store(0, Ordering::Release);
     }
 }

@@ -40,11 +40,17 @@ pub fn chunk_of(ptr: usize) -> usize {
     ptr & !(CHUNK - 1)
 }
 
+/// Whether `ptr` lies in a live SuperSlab (one registry read, no header read).
+#[inline(always)]
+pub fn in_superslab(ptr: usize) -> bool {
+    registry::kind(ptr) == SegKind::SuperSlab as u8
+}
+
 /// The segment header for `ptr`, or None if `ptr` is not inside a hakmem segment.
 #[inline]
 pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
     let chunk = chunk_of(ptr);
-    if !registry::contains(chunk) {
+    if registry::kind(chunk) == 0 {
         return None;
     }
     // SAFETY: a registered chunk is a live mapping that starts with a SegHeader

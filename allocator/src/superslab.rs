@@ -33,7 +33,7 @@ pub enum SlabState {
     /// Never claimed (Stage 2 material); the zero of a fresh mapping.
     #[allow(dead_code)]
     Fresh = 0,
-    /// Owned by a thread (or abandoned by an exited one, owner 0), serving a class.
+    /// Owned by a thread (or abandoned by an exited one, `pool::ABANDONED`), serving a class.
     InUse = 1,
     /// On the shared pool's empty list (Stage 1 material).
     Empty = 2,
@@ -54,7 +54,7 @@ pub struct Slab {
     pub free: *mut Block,
     /// Frees from other threads, drained by the owner.
     pub remote: AtomicPtr<Block>,
-    /// Owning thread id (0: none).
+    /// Owning thread id (0: none, `pool::ABANDONED`: its thread exited).
     pub owner: AtomicUsize,
     /// Links: the owner's per-class list, or the pool's empty list.
     pub next: *mut Slab,

@@ -9,7 +9,7 @@ use crate::config;
 use crate::legacy;
 use crate::pool::{self, Acquired};
 use crate::probes;
-use crate::segment::{self, SegKind};
+use crate::segment;
 use crate::superslab::{slab_of, Block, Slab};
 use crate::thread;
 use core::ptr::null_mut;
@@ -131,8 +131,9 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
     // is stable while any block of the slab is out.
     let (owner, bin) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).bin as usize) };
     let b = ptr as *mut Block;
+    // Thread ids and ABANDONED are never 0, so a thread without an id (0) never matches.
     let local = with_cache(|tc| {
-        if owner != tc.id || owner == 0 {
+        if owner != tc.id {
             return false;
         }
         push_local(tc, bin, b);
@@ -141,7 +142,7 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
     if !local {
         // SAFETY: per the contract, the block is ours to link onto the remote list.
         unsafe { (*slab).push_remote(b) };
-        if owner == 0 {
+        if owner == pool::ABANDONED {
             pool::reclaim_abandoned(slab);
         }
     }
@@ -155,7 +156,10 @@ pub fn free_legacy(ptr: *mut u8, bin: usize) {
 
 #[inline(always)]
 fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
-    let cc = &mut tc.tiny[bin];
+    debug_assert!(bin < BINS);
+    // SAFETY: `bin` comes from a slab's or a legacy segment's metadata, which
+    // only ever holds bin numbers below BINS.
+    let (cc, batch) = unsafe { (tc.tiny.get_unchecked_mut(bin), *BATCH.get_unchecked(bin)) };
     if cc.head == b {
         return crate::misuse::invalid_free("free(): double free detected in tcache", b as usize);
     }
@@ -164,8 +168,8 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
     cc.head = b;
     cc.count += 1;
     let count = cc.count;
-    if count > BATCH[bin] * 2 {
-        tc.drain(bin, count - BATCH[bin], DrainWhy::Overflow);
+    if count > batch * 2 {
+        tc.drain(bin, count - batch, DrainWhy::Overflow);
     }
 }
 
@@ -280,8 +284,7 @@ impl ThreadCache {
             // SAFETY: n <= count, so b is a block on the SLL.
             self.tiny[bin].head = unsafe { (*b).next };
             self.tiny[bin].count -= 1;
-            let kind = segment::lookup(b as usize).map(|h| h.kind);
-            if kind == Some(SegKind::SuperSlab) {
+            if segment::in_superslab(b as usize) {
                 let (_, slab, _) = slab_of(b as usize);
                 // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
                 if unsafe { (*slab).give_back(b) } {
