@@ -148,7 +148,8 @@ pub fn reclaim_abandoned(slab: *mut Slab) {
             let mut pool = POOL.lock();
             // SAFETY: the metadata of a live slab with a block still out (ours, being freed).
             let s = unsafe { &*slab };
-            if s.owner.load(Ordering::Acquire) != ABANDONED || !pool.unlink_abandoned(s.bin as usize, slab)
+            if s.owner.load(Ordering::Acquire) != ABANDONED
+                || !pool.unlink_abandoned(s.bin as usize, slab)
             {
                 return;
             }

@@ -383,4 +383,3 @@ fn drain_remote(s: &mut Slab) {
 pub fn thread_exit() {
     with_cache(|tc| tc.release_all());
 }
-
