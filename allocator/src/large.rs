@@ -185,17 +185,21 @@ pub fn unlock_after_fork() {
 }
 
 impl Cache {
-    /// A whole chunk for `map == CHUNK`; otherwise the best fit no more than twice `map`.
+    /// A whole chunk for `map == CHUNK` (the most recently freed: its pages are
+    /// the likeliest to be in cache, and older ones age out); otherwise the
+    /// best fit no more than twice `map`.
     fn take(&mut self, map: usize) -> Option<usize> {
         let mut best: Option<usize> = None;
         for i in 0..self.len {
-            let s = self.slots[i].size;
-            let fits = if map == CHUNK {
-                s == CHUNK
+            let c = &self.slots[i];
+            let better = if map == CHUNK {
+                c.size == CHUNK && best.is_none_or(|b| c.freed_at > self.slots[b].freed_at)
             } else {
-                s >= map && s <= map.saturating_mul(2)
+                c.size >= map
+                    && c.size <= map.saturating_mul(2)
+                    && best.is_none_or(|b| c.size < self.slots[b].size)
             };
-            if fits && best.is_none_or(|b| s < self.slots[b].size) {
+            if better {
                 best = Some(i);
             }
         }

@@ -1,14 +1,23 @@
-//! A spin lock for the slow paths (pool, legacy, ACE refills). Unlike a
-//! pthread mutex it is const-initialised, never allocates, and can be reset in
-//! a fork child. It spins briefly, then yields the CPU (2 cores: a holder that
-//! was preempted must be let run).
+//! The lock of the slow paths (pool, legacy, ACE refills, large cache).
+//! Unlike a pthread mutex it is const-initialised, never allocates, and can be
+//! reset in a fork child. It spins briefly, then sleeps on a futex (a
+//! three-state mutex: 0 free, 1 held, 2 held with sleepers). Sleeping instead
+//! of `sched_yield` matters with more threads than cores: a yielding waiter
+//! keeps being rescheduled while the preempted holder waits for a CPU (the
+//! `stress` workload made 21k sched_yield calls before this).
 
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+const FREE: u32 = 0;
+const HELD: u32 = 1;
+const CONTENDED: u32 = 2;
+/// Spins before sleeping: about the length of the short critical sections here.
+const SPINS: u32 = 100;
 
 pub struct SpinLock<T> {
-    locked: AtomicBool,
+    state: AtomicU32,
     value: UnsafeCell<T>,
 }
 
@@ -24,27 +33,50 @@ pub struct Guard<'a, T> {
 impl<T> SpinLock<T> {
     pub const fn new(value: T) -> Self {
         SpinLock {
-            locked: AtomicBool::new(false),
+            state: AtomicU32::new(FREE),
             value: UnsafeCell::new(value),
         }
     }
 
+    #[inline]
     pub fn lock(&self) -> Guard<'_, T> {
-        let mut spins = 0u32;
-        while self
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        if self
+            .state
+            .compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            spins += 1;
-            if spins < 64 {
-                core::hint::spin_loop();
-            } else {
-                // SAFETY: sched_yield has no preconditions.
-                unsafe { libc::sched_yield() };
-            }
+            self.lock_contended();
         }
         Guard { lock: self }
+    }
+
+    #[cold]
+    fn lock_contended(&self) {
+        for _ in 0..SPINS {
+            core::hint::spin_loop();
+            if self.state.load(Ordering::Relaxed) == FREE
+                && self
+                    .state
+                    .compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return;
+            }
+        }
+        // Announce a sleeper; whoever unlocks a CONTENDED lock wakes one.
+        while self.state.swap(CONTENDED, Ordering::Acquire) != FREE {
+            futex(
+                &self.state,
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                CONTENDED,
+            );
+        }
+    }
+
+    fn unlock(&self) {
+        if self.state.swap(FREE, Ordering::Release) == CONTENDED {
+            futex(&self.state, libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, 1);
+        }
     }
 
     /// Takes the lock and leaves it held (fork prepare handler).
@@ -52,9 +84,25 @@ impl<T> SpinLock<T> {
         core::mem::forget(self.lock());
     }
 
-    /// Releases a lock taken by `acquire_for_fork` (fork parent and child handlers).
+    /// Releases a lock taken by `acquire_for_fork` (fork parent and child; in
+    /// the child the parent's sleepers do not exist, and waking none is harmless).
     pub fn release_after_fork(&self) {
-        self.locked.store(false, Ordering::Release);
+        self.unlock();
+    }
+}
+
+fn futex(word: &AtomicU32, op: i32, val: u32) {
+    // SAFETY: `word` is a live, aligned u32; FUTEX_WAIT returns at once if the
+    // word no longer holds `val`, FUTEX_WAKE touches no memory. Errors (EAGAIN,
+    // EINTR) only mean "look again", which every caller does.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            op,
+            val,
+            core::ptr::null::<libc::timespec>(),
+        );
     }
 }
 
@@ -75,6 +123,6 @@ impl<T> DerefMut for Guard<'_, T> {
 
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
-        self.lock.locked.store(false, Ordering::Release);
+        self.lock.unlock();
     }
 }
