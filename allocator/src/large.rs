@@ -4,13 +4,16 @@
 //! Returning memory costs dearly on these machines (about 3.5 us per page fault
 //! to get it back), so freed mappings are cached:
 //! - a block that fits in one 2 MiB chunk gets a whole chunk, and freed chunks
-//!   are kept (up to `KEEP_CHUNKS`) for the next large block: no syscall, no
-//!   page fault for the pages already touched, and growth by `realloc` up to
-//!   the chunk happens in place;
-//! - bigger mappings are cached by size (best fit within 2x).
+//!   are kept (up to `KEEP_CHUNKS`, a ring used as a stack: the most recently
+//!   freed is reused first, the oldest is evicted first, both O(1)) for the
+//!   next large block: no syscall, no page fault for the pages already
+//!   touched, and growth by `realloc` up to the chunk happens in place;
+//! - bigger mappings are cached by size (best fit within 2x, `CACHE_SLOTS`).
 //!
-//! A cached mapping goes back to the OS when the cache is over its bounds or
-//! it has gone unused for `MAX_IDLE_FREES` large frees.
+//! A cached mapping goes back to the OS when the cache holds more than
+//! `CACHE_BYTES` of what its users touched, or it has gone unused for
+//! `MAX_IDLE_FREES` large frees. When the OS refuses a mapping, the cache is
+//! emptied and the mapping tried once more.
 
 use crate::os::{self, PAGE};
 use crate::registry::{self, CHUNK};
@@ -19,10 +22,16 @@ use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
 const HEADER: usize = 64;
-const KEEP_CHUNKS: usize = 128;
+/// Freed chunks kept. Many programs keep hundreds of 32 KiB..2 MiB blocks
+/// live and churn through them (the `stress` workload peaks near 900); the
+/// bound that matters for memory is `CACHE_BYTES`.
+const KEEP_CHUNKS: usize = 1024;
 const CACHE_SLOTS: usize = 16;
 const CACHE_BYTES: usize = 64 << 20;
 const MAX_IDLE_FREES: u64 = 1024;
+/// Mappings `put` may hand back for unmapping in one call (each put adds one
+/// mapping, so two keep the bounds; idle ones go a few at a time).
+const EVICT_MAX: usize = 4;
 
 #[repr(C)]
 struct LargeHeader {
@@ -54,15 +63,24 @@ const NONE: Cached = Cached {
 };
 
 struct Cache {
-    slots: [Cached; CACHE_SLOTS + KEEP_CHUNKS],
-    len: usize,
+    /// Freed chunks: a ring, oldest at `chunk_head`.
+    chunks: [Cached; KEEP_CHUNKS],
+    chunk_head: usize,
+    chunk_len: usize,
+    /// Freed mappings larger than a chunk, unordered.
+    sized: [Cached; CACHE_SLOTS],
+    sized_len: usize,
+    /// Sum of `resident` over everything cached.
     bytes: usize,
     frees: u64,
 }
 
 static CACHE: SpinLock<Cache> = SpinLock::new(Cache {
-    slots: [NONE; CACHE_SLOTS + KEEP_CHUNKS],
-    len: 0,
+    chunks: [NONE; KEEP_CHUNKS],
+    chunk_head: 0,
+    chunk_len: 0,
+    sized: [NONE; CACHE_SLOTS],
+    sized_len: 0,
     bytes: 0,
     frees: 0,
 });
@@ -80,10 +98,15 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         return (null_mut(), false);
     };
     let map = if total <= CHUNK { CHUNK } else { total };
-    let (base, fresh) = match CACHE.lock().take(map) {
+    // Its own statement: the guard must be dropped before `flush_cache` locks again.
+    let cached = CACHE.lock().take(map);
+    let (base, fresh) = match cached {
         Some(base) => (base, false),
         None => {
-            let p = os::map_aligned(map, CHUNK);
+            let mut p = os::map_aligned(map, CHUNK);
+            if p.is_null() && flush_cache() {
+                p = os::map_aligned(map, CHUNK);
+            }
             if p.is_null() {
                 return (null_mut(), false);
             }
@@ -159,7 +182,7 @@ pub fn free(chunk: usize) {
         h.live = false;
         (h.map_size, h.user_offset + h.usable)
     };
-    let mut evicted = [NONE; CACHE_SLOTS + KEEP_CHUNKS + 1];
+    let mut evicted = [NONE; EVICT_MAX];
     let n = CACHE.lock().put(
         Cached {
             base: chunk,
@@ -169,10 +192,38 @@ pub fn free(chunk: usize) {
         },
         &mut evicted,
     );
-    for e in &evicted[..n] {
-        registry::remove(e.base);
-        // SAFETY: an evicted mapping is no longer referenced by the cache or a user.
-        unsafe { os::unmap(e.base as *mut u8, e.size) };
+    evicted[..n].iter().for_each(unmap);
+}
+
+fn unmap(c: &Cached) {
+    registry::remove(c.base);
+    // SAFETY: an evicted mapping is no longer referenced by the cache or a user.
+    unsafe { os::unmap(c.base as *mut u8, c.size) };
+}
+
+/// Returns every cached mapping to the OS (it refused a new one). True if there was any.
+fn flush_cache() -> bool {
+    let mut any = false;
+    loop {
+        let mut out = [NONE; EVICT_MAX];
+        let mut n = 0;
+        {
+            let mut c = CACHE.lock();
+            while n < EVICT_MAX {
+                match c.evict_oldest() {
+                    Some(m) => {
+                        out[n] = m;
+                        n += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        if n == 0 {
+            return any;
+        }
+        any = true;
+        out[..n].iter().for_each(unmap);
     }
 }
 
@@ -185,89 +236,111 @@ pub fn unlock_after_fork() {
 }
 
 impl Cache {
-    /// A whole chunk for `map == CHUNK` (the most recently freed: its pages are
-    /// the likeliest to be in cache, and older ones age out); otherwise the
-    /// best fit no more than twice `map`.
+    /// A whole chunk for `map == CHUNK` (the most recently freed); otherwise
+    /// the best fit no more than twice `map`.
     fn take(&mut self, map: usize) -> Option<usize> {
-        let mut best: Option<usize> = None;
-        for i in 0..self.len {
-            let c = &self.slots[i];
-            let better = if map == CHUNK {
-                c.size == CHUNK && best.is_none_or(|b| c.freed_at > self.slots[b].freed_at)
-            } else {
-                c.size >= map
-                    && c.size <= map.saturating_mul(2)
-                    && best.is_none_or(|b| c.size < self.slots[b].size)
-            };
-            if better {
-                best = Some(i);
+        let c = if map == CHUNK {
+            if self.chunk_len == 0 {
+                return None;
             }
-        }
-        let i = best?;
-        Some(self.remove(i).base)
+            self.chunk_len -= 1;
+            self.chunks[(self.chunk_head + self.chunk_len) % KEEP_CHUNKS]
+        } else {
+            let i = (0..self.sized_len)
+                .filter(|&i| {
+                    self.sized[i].size >= map && self.sized[i].size <= map.saturating_mul(2)
+                })
+                .min_by_key(|&i| self.sized[i].size)?;
+            self.remove_sized(i)
+        };
+        self.bytes -= c.resident;
+        Some(c.base)
     }
 
-    fn remove(&mut self, i: usize) -> Cached {
-        let c = self.slots[i];
-        self.len -= 1;
-        self.slots[i] = self.slots[self.len];
-        self.bytes -= c.resident;
+    fn remove_sized(&mut self, i: usize) -> Cached {
+        let c = self.sized[i];
+        self.sized_len -= 1;
+        self.sized[i] = self.sized[self.sized_len];
         c
     }
 
-    fn count_chunks(&self) -> usize {
-        self.slots[..self.len]
-            .iter()
-            .filter(|c| c.size == CHUNK)
-            .count()
+    fn oldest_sized(&self) -> Option<usize> {
+        (0..self.sized_len).min_by_key(|&i| self.sized[i].freed_at)
+    }
+
+    /// Removes the least recently freed mapping of either kind.
+    fn evict_oldest(&mut self) -> Option<Cached> {
+        let chunk_age = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
+        let sized = self.oldest_sized();
+        let c = match (chunk_age, sized) {
+            (None, None) => return None,
+            (Some(a), Some(i)) if self.sized[i].freed_at < a => self.remove_sized(i),
+            (None, Some(i)) => self.remove_sized(i),
+            _ => self.pop_oldest_chunk(),
+        };
+        self.bytes -= c.resident;
+        Some(c)
+    }
+
+    fn pop_oldest_chunk(&mut self) -> Cached {
+        let c = self.chunks[self.chunk_head];
+        self.chunk_head = (self.chunk_head + 1) % KEEP_CHUNKS;
+        self.chunk_len -= 1;
+        c
     }
 
     /// Caches `m`; writes what must be unmapped into `out` and returns how many.
-    fn put(&mut self, mut m: Cached, out: &mut [Cached; CACHE_SLOTS + KEEP_CHUNKS + 1]) -> usize {
+    fn put(&mut self, mut m: Cached, out: &mut [Cached; EVICT_MAX]) -> usize {
         self.frees += 1;
         m.freed_at = self.frees;
-        let mut n = 0;
-        let mut i = 0;
-        while i < self.len {
-            if self.frees - self.slots[i].freed_at > MAX_IDLE_FREES {
-                out[n] = self.remove(i);
-                n += 1;
-            } else {
-                i += 1;
-            }
-        }
         if m.resident > CACHE_BYTES / 4 {
+            out[0] = m;
+            return 1;
+        }
+        let mut n = 0;
+        // Make room among mappings of the same kind, then within the byte bound.
+        let chunk = m.size == CHUNK;
+        if chunk && self.chunk_len == KEEP_CHUNKS {
+            out[n] = self.pop_oldest_chunk();
+            self.bytes -= out[n].resident;
+            n += 1;
+        } else if let Some(i) = self
+            .oldest_sized()
+            .filter(|_| self.sized_len == CACHE_SLOTS)
+        {
+            out[n] = self.remove_sized(i);
+            self.bytes -= out[n].resident;
+            n += 1;
+        }
+        // Leave one slot of `out` for `m` itself.
+        while self.bytes + m.resident > CACHE_BYTES && n < EVICT_MAX - 1 {
+            let Some(c) = self.evict_oldest() else { break };
+            out[n] = c;
+            n += 1;
+        }
+        if self.bytes + m.resident > CACHE_BYTES {
             out[n] = m;
             return n + 1;
         }
-        // Make room among blocks of the same kind (chunks, or sized mappings): evict the oldest.
-        let chunk = m.size == CHUNK;
-        loop {
-            let same = if chunk {
-                self.count_chunks()
-            } else {
-                self.len - self.count_chunks()
-            };
-            let full = same == if chunk { KEEP_CHUNKS } else { CACHE_SLOTS };
-            if !full && self.bytes + m.resident <= CACHE_BYTES {
+        // Age out what has sat unused for long, a little per call.
+        while n < EVICT_MAX {
+            let idle = |freed_at: u64| self.frees - freed_at > MAX_IDLE_FREES;
+            let oldest_chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
+            let oldest_sized = self.oldest_sized().map(|i| self.sized[i].freed_at);
+            if !oldest_chunk.is_some_and(idle) && !oldest_sized.is_some_and(idle) {
                 break;
             }
-            let oldest = (0..self.len)
-                .filter(|&j| (self.slots[j].size == CHUNK) == chunk || !full)
-                .min_by_key(|&j| self.slots[j].freed_at);
-            match oldest {
-                Some(j) => {
-                    out[n] = self.remove(j);
-                    n += 1;
-                }
-                None => {
-                    out[n] = m;
-                    return n + 1;
-                }
-            }
+            let Some(c) = self.evict_oldest() else { break };
+            out[n] = c;
+            n += 1;
         }
-        self.slots[self.len] = m;
-        self.len += 1;
+        if chunk {
+            self.chunks[(self.chunk_head + self.chunk_len) % KEEP_CHUNKS] = m;
+            self.chunk_len += 1;
+        } else {
+            self.sized[self.sized_len] = m;
+            self.sized_len += 1;
+        }
         self.bytes += m.resident;
         n
     }

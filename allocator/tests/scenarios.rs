@@ -6,13 +6,11 @@
 use serde_json::Value;
 use std::process::Command;
 
+/// Every scenario runs in seconds; a hang (a lock taken twice, say) fails the test.
+const DEADLINE_SECS: u64 = 120;
+
 fn scenario(name: &str, env: &[(&str, &str)]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_hakmem-scenario"))
-        .arg(name)
-        .env("HAKMEM_STATS", "1")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run hakmem-scenario");
+    let out = run_with_deadline(name, env, DEADLINE_SECS);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -126,11 +124,7 @@ fn multithreaded_stress_with_cross_thread_frees_keeps_contents() {
 
 #[test]
 fn a_freed_burst_returns_superslabs_and_rss_falls() {
-    let out = Command::new(env!("CARGO_BIN_EXE_hakmem-scenario"))
-        .arg("burst")
-        .env("HAKMEM_STATS", "1")
-        .output()
-        .unwrap();
+    let out = run_with_deadline("burst", &[], DEADLINE_SECS);
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let t: Value = serde_json::from_str(
@@ -183,7 +177,7 @@ fn run_with_deadline(name: &str, env: &[(&str, &str)], secs: u64) -> std::proces
 
 #[test]
 fn fork_from_a_multithreaded_process_then_allocate_and_exec() {
-    let out = run_with_deadline("fork", &[], 120);
+    let out = run_with_deadline("fork", &[], DEADLINE_SECS);
     assert!(
         out.status.success(),
         "{:?}\n{}",
