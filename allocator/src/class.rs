@@ -78,14 +78,35 @@ pub fn class_of_bin(bin: usize) -> usize {
     CLASS_OF_BIN[bin] as usize
 }
 
-/// ACE class of `size` (`TINY_MAX < size <= ACE_MAX`).
+/// ACE class of every size rounded up to a KiB: index `(size + 1023) / 1024`
+/// (the ACE classes are whole KiB, so the rounding never skips one).
+const ACE_BY_KIB: [u8; ACE_MAX / 1024 + 1] = {
+    let mut t = [0u8; ACE_MAX / 1024 + 1];
+    let mut kib = 1;
+    while kib < t.len() {
+        let mut c = 0;
+        while ACE_CLASS_SIZES[c] < kib * 1024 {
+            c += 1;
+        }
+        t[kib] = c as u8;
+        kib += 1;
+    }
+    t
+};
+const _: () = {
+    let mut c = 0;
+    while c < ACE_CLASSES {
+        assert!(ACE_CLASS_SIZES[c] % 1024 == 0);
+        c += 1;
+    }
+};
+
+/// ACE class of `size` (`TINY_MAX < size <= ACE_MAX`): one table load, no
+/// search (a search over the classes mispredicts on mixed sizes).
 #[inline]
 pub fn ace_class(size: usize) -> usize {
     debug_assert!(size > TINY_MAX && size <= ACE_MAX);
-    ACE_CLASS_SIZES
-        .iter()
-        .position(|&s| size <= s)
-        .unwrap_or(ACE_CLASSES - 1)
+    ACE_BY_KIB[(size + 1023) >> 10] as usize
 }
 
 #[cfg(test)]
