@@ -96,7 +96,7 @@ const ACE_BY_KIB: [u8; ACE_MAX / 1024 + 1] = {
 const _: () = {
     let mut c = 0;
     while c < ACE_CLASSES {
-        assert!(ACE_CLASS_SIZES[c] % 1024 == 0);
+        assert!(ACE_CLASS_SIZES[c].is_multiple_of(1024));
         c += 1;
     }
 };
