@@ -39,7 +39,10 @@ pub enum SlabState {
     Empty = 2,
 }
 
-#[repr(C)]
+/// One cache line per slab: slabs of one SuperSlab are owned by different
+/// threads, and a slab straddling two lines shared each with its neighbour
+/// (false sharing on every refill and drain).
+#[repr(C, align(64))]
 pub struct Slab {
     pub state: SlabState,
     /// The bin it serves (see `class`); its class is `class_of_bin(bin)`.
@@ -74,6 +77,7 @@ pub struct SuperSlab {
 }
 
 const _: () = assert!(core::mem::size_of::<SuperSlab>() <= SS_HEADER_RESERVE);
+const _: () = assert!(core::mem::size_of::<Slab>() == 64);
 
 impl SuperSlab {
     /// Writes a fresh header into a new mapping.
