@@ -24,12 +24,13 @@ pub const BIN_SIZES: [usize; BINS] = [
     1024,
 ];
 
-/// Bin of every size rounded up to 16 bytes: index `(size + 15) / 16`.
-const BIN_BY_16: [u8; TINY_MAX / 16 + 1] = {
-    let mut t = [0u8; TINY_MAX / 16 + 1];
+/// Bin of every size rounded up to 8 bytes: index `(size + 7) / 8` (sizes 0
+/// and 1..=8 land on bin 0, so `tiny_bin` needs no branch).
+const BIN_BY_8: [u8; TINY_MAX / 8 + 1] = {
+    let mut t = [0u8; TINY_MAX / 8 + 1];
     let mut i = 1;
     while i < t.len() {
-        let size = i * 16;
+        let size = i * 8;
         let mut b = 0;
         while BIN_SIZES[b] < size {
             b += 1;
@@ -65,11 +66,7 @@ pub const fn tiny_class(size: usize) -> usize {
 /// Bin of `size` (`size <= TINY_MAX`): the smallest bin that holds it.
 #[inline(always)]
 pub fn tiny_bin(size: usize) -> usize {
-    if size <= 8 {
-        0
-    } else {
-        BIN_BY_16[(size + 15) >> 4] as usize
-    }
+    BIN_BY_8[(size + 7) >> 3] as usize
 }
 
 /// The class a bin belongs to.

@@ -38,6 +38,9 @@ pub struct ClassCache {
     /// The TLS SLL.
     head: *mut Block,
     count: u32,
+    /// Drain when `count` passes this (2 x BATCH; 0 until the first use,
+    /// which sets it, so a zeroed cache is valid).
+    limit: u32,
     /// The slab refills carve from.
     active: *mut Slab,
     /// Every slab this thread owns for the bin (through Slab::next/prev).
@@ -48,6 +51,7 @@ impl ClassCache {
     const NEW: ClassCache = ClassCache {
         head: null_mut(),
         count: 0,
+        limit: 0,
         active: null_mut(),
         owned: null_mut(),
     };
@@ -75,7 +79,12 @@ impl ThreadCache {
         let mut i = 0;
         while i < BINS {
             let c = &self.tiny[i];
-            if !c.head.is_null() || c.count != 0 || !c.active.is_null() || !c.owned.is_null() {
+            if !c.head.is_null()
+                || c.count != 0
+                || c.limit != 0
+                || !c.active.is_null()
+                || !c.owned.is_null()
+            {
                 return false;
             }
             i += 1;
@@ -159,7 +168,7 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
     debug_assert!(bin < BINS);
     // SAFETY: `bin` comes from a slab's or a legacy segment's metadata, which
     // only ever holds bin numbers below BINS.
-    let (cc, batch) = unsafe { (tc.tiny.get_unchecked_mut(bin), *BATCH.get_unchecked(bin)) };
+    let cc = unsafe { tc.tiny.get_unchecked_mut(bin) };
     if cc.head == b {
         return crate::misuse::invalid_free("free(): double free detected in tcache", b as usize);
     }
@@ -167,9 +176,8 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
     unsafe { (*b).next = cc.head };
     cc.head = b;
     cc.count += 1;
-    let count = cc.count;
-    if count > batch * 2 {
-        tc.drain(bin, count - batch, DrainWhy::Overflow);
+    if cc.count > cc.limit {
+        tc.overflow(bin);
     }
 }
 
@@ -193,8 +201,22 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
 }
 
 impl ThreadCache {
+    /// The TLS SLL of `bin` went over its limit (or the limit was never set).
+    #[cold]
+    #[inline(never)]
+    fn overflow(&mut self, bin: usize) {
+        let batch = BATCH[bin];
+        let cc = &mut self.tiny[bin];
+        cc.limit = batch * 2;
+        if cc.count > cc.limit {
+            let n = cc.count - batch;
+            self.drain(bin, n, DrainWhy::Overflow);
+        }
+    }
+
     fn refill(&mut self, bin: usize) -> *mut u8 {
         let want = BATCH[bin];
+        self.tiny[bin].limit = want * 2;
         if config::get().use_superslab {
             loop {
                 let active = self.tiny[bin].active;
