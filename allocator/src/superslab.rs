@@ -201,19 +201,20 @@ impl Slab {
         self.used == 0
     }
 
-    /// Pushes a block freed by a non-owner thread. Any thread.
+    /// Pushes the chain `head ..= tail` (linked through `next`) of blocks freed
+    /// by non-owner threads. Any thread.
     #[inline]
-    pub fn push_remote(&self, b: *mut Block) {
-        let mut head = self.remote.load(Ordering::Relaxed);
+    pub fn push_remote(&self, head: *mut Block, tail: *mut Block) {
+        let mut old = self.remote.load(Ordering::Relaxed);
         loop {
-            // SAFETY: `b` was freed by its user and is ours to link.
-            unsafe { (*b).next = head };
+            // SAFETY: the chain's blocks were freed by their users and are ours to link.
+            unsafe { (*tail).next = old };
             match self
                 .remote
-                .compare_exchange_weak(head, b, Ordering::Release, Ordering::Relaxed)
+                .compare_exchange_weak(old, head, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => return,
-                Err(h) => head = h,
+                Err(h) => old = h,
             }
         }
     }

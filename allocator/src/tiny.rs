@@ -1,6 +1,7 @@
 //! The tiny path (classes 0..7): per-thread singly linked free lists (TLS SLL)
-//! in front of slabs. Allocation pops and an owner's free pushes, with no
-//! atomics, locks or syscalls; everything else (refill, drains, remote frees,
+//! in front of slabs. Allocation pops and every free pushes (whichever thread
+//! owns the block's slab), with no atomics, locks or syscalls; everything else
+//! (refill, drains, which send other threads' blocks to their remote lists,
 //! thread exit) is out of line.
 
 use crate::ace::AceCache;
@@ -130,31 +131,22 @@ pub fn alloc(bin: usize) -> *mut u8 {
     refill_and_alloc(bin)
 }
 
-/// Frees a block of a SuperSlab slab (`slab` is its metadata).
+/// Frees a block of a SuperSlab slab (`slab` is its metadata), whoever owns
+/// the slab: the block goes on this thread's TLS SLL, where the next malloc of
+/// its bin reuses it while it is hot. Blocks of slabs owned by other threads
+/// go to their owner's remote list only when a drain takes them off the SLL
+/// (`drain`), still counted as out of their slab until then. (Sending each
+/// one to its owner on free made cross-thread workloads pay an atomic
+/// operation per free and lose the block's cache warmth.)
 ///
 /// # Safety
 /// `ptr` is a block of `slab`, handed out by hakmem and not yet freed.
 #[inline(always)]
 pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
-    // SAFETY: per the contract `slab` is live metadata; owner is atomic and bin
-    // is stable while any block of the slab is out.
-    let (owner, bin) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).bin as usize) };
-    let b = ptr as *mut Block;
-    // Thread ids and ABANDONED are never 0, so a thread without an id (0) never matches.
-    let local = with_cache(|tc| {
-        if owner != tc.id {
-            return false;
-        }
-        push_local(tc, bin, b);
-        true
-    });
-    if !local {
-        // SAFETY: per the contract, the block is ours to link onto the remote list.
-        unsafe { (*slab).push_remote(b) };
-        if owner == pool::ABANDONED {
-            pool::reclaim_abandoned(slab);
-        }
-    }
+    // SAFETY: per the contract `slab` is live metadata; bin is stable while
+    // any block of the slab is out.
+    let bin = unsafe { (*slab).bin as usize };
+    with_cache(|tc| push_local(tc, bin, ptr as *mut Block));
 }
 
 /// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
@@ -205,6 +197,12 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn overflow(&mut self, bin: usize) {
+        if !self.registered {
+            // No exit hook yet to drain the SLL when the thread ends (it has
+            // not allocated): hold nothing back.
+            let n = self.tiny[bin].count;
+            return self.drain(bin, n, DrainWhy::Overflow);
+        }
         let batch = BATCH[bin];
         let cc = &mut self.tiny[bin];
         cc.limit = batch * 2;
@@ -296,34 +294,43 @@ impl ThreadCache {
         None
     }
 
-    /// Returns `n` blocks from the TLS SLL of `bin` to their slabs.
+    /// Returns `n` blocks from the TLS SLL of `bin` to their slabs: ours
+    /// directly, other threads' through their remote lists, one push per run
+    /// of consecutive blocks of the same slab.
     fn drain(&mut self, bin: usize, n: u32, why: DrainWhy) {
         probes::tls_drain(class_of_bin(bin), n, why);
-        let mut legacy_head: *mut Block = null_mut();
-        let mut legacy_tail: *mut Block = null_mut();
+        let mut legacy = Chain::EMPTY;
+        let mut remote = Chain::EMPTY;
+        let mut remote_slab: *mut Slab = null_mut();
         for _ in 0..n {
             let b = self.tiny[bin].head;
             // SAFETY: n <= count, so b is a block on the SLL.
             self.tiny[bin].head = unsafe { (*b).next };
             self.tiny[bin].count -= 1;
-            if segment::in_superslab(b as usize) {
-                let (_, slab, _) = slab_of(b as usize);
-                // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
+            if !segment::in_superslab(b as usize) {
+                legacy.push(b);
+                continue;
+            }
+            let (_, slab, _) = slab_of(b as usize);
+            // SAFETY: a block on our SLL is out of its slab, so the slab is live.
+            if unsafe { (*slab).owner.load(Ordering::Relaxed) } == self.id {
+                // SAFETY: we own the slab.
                 if unsafe { (*slab).give_back(b) } {
                     self.on_empty(bin, slab);
                 }
-            } else {
-                // SAFETY: a legacy block; relink into the local chain.
-                unsafe { (*b).next = legacy_head };
-                if legacy_head.is_null() {
-                    legacy_tail = b;
-                }
-                legacy_head = b;
+                continue;
             }
+            if slab != remote_slab {
+                push_remote_run(remote_slab, remote);
+                remote_slab = slab;
+                remote = Chain::EMPTY;
+            }
+            remote.push(b);
         }
-        if !legacy_head.is_null() {
+        push_remote_run(remote_slab, remote);
+        if !legacy.head.is_null() {
             // SAFETY: the chain holds free legacy blocks of `bin`.
-            unsafe { legacy::give_back(bin, legacy_head, legacy_tail) };
+            unsafe { legacy::give_back(bin, legacy.head, legacy.tail) };
         }
     }
 
@@ -391,6 +398,46 @@ impl ThreadCache {
         }
         crate::ace::release_thread(&mut self.ace);
         self.registered = false;
+    }
+}
+
+/// Blocks linked through `next`, newest at `head`.
+struct Chain {
+    head: *mut Block,
+    tail: *mut Block,
+}
+
+impl Chain {
+    const EMPTY: Chain = Chain {
+        head: null_mut(),
+        tail: null_mut(),
+    };
+
+    fn push(&mut self, b: *mut Block) {
+        // SAFETY: `b` is a free block taken off the SLL; its link is ours.
+        unsafe { (*b).next = self.head };
+        if self.head.is_null() {
+            self.tail = b;
+        }
+        self.head = b;
+    }
+}
+
+/// Hands a run of free blocks of `slab` (owned by another thread, or by none
+/// since its thread exited) to the slab's remote list.
+fn push_remote_run(slab: *mut Slab, run: Chain) {
+    if run.head.is_null() {
+        return;
+    }
+    // SAFETY: the run's blocks are out of `slab` (counted in `used`), so it is
+    // live; the owner is read before the push, as `reclaim_abandoned` expects.
+    let owner = unsafe {
+        let owner = (*slab).owner.load(Ordering::Acquire);
+        (*slab).push_remote(run.head, run.tail);
+        owner
+    };
+    if owner == pool::ABANDONED {
+        pool::reclaim_abandoned(slab);
     }
 }
 
