@@ -1,6 +1,6 @@
 //! One-time initialisation and the Rust `GlobalAlloc` front.
 
-use crate::{api, config, registry, stats, thread};
+use crate::{api, config, thread};
 use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::{AtomicU8, Ordering};
 
@@ -31,14 +31,6 @@ fn init_slow() {
         return;
     }
     config::get();
-    if !registry::init() {
-        stats::write_fd(
-            2,
-            b"hakmem: cannot map the segment registry; out of memory\n",
-        );
-        // SAFETY: abort has no preconditions; there is no way to serve memory.
-        unsafe { libc::abort() };
-    }
     INIT.store(DONE, Ordering::Release);
     thread::init();
     let stop_for = config::get().stop_at_start_pid;

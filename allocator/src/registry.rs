@@ -1,55 +1,61 @@
 //! Which 2 MiB chunks of the address space are hakmem segments, and of which kind.
 //!
 //! One byte per 2 MiB chunk of the 47-bit user address space: 0 for "not
-//! ours", else the segment's `SegKind`. That is 64 MiB of virtual memory,
-//! mapped NORESERVE: only the pages covering chunks hakmem uses are ever
+//! ours", else the segment's `SegKind`. That is 64 MiB of virtual memory
+//! (zero-filled .bss): only the pages covering chunks hakmem uses are ever
 //! touched (one 4 KiB page covers 8 GiB of address space). `free` reads one
 //! byte before it reads any header, so a foreign pointer is detected instead
 //! of dereferenced, and the byte already says which path frees the block.
 
-use core::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 pub const CHUNK_SHIFT: u32 = 21;
 pub const CHUNK: usize = 1 << CHUNK_SHIFT;
 const ADDR_BITS: u32 = 47;
 const ENTRIES: usize = 1 << (ADDR_BITS - CHUNK_SHIFT);
 
-static KINDS: AtomicPtr<AtomicU8> = AtomicPtr::new(core::ptr::null_mut());
+// The table, in the zero-filled `.bss`: its address is a link-time constant,
+// so a lookup is one load (no pointer to fetch and test first). Defined in
+// assembly because a Rust array initialiser of 64 Mi elements costs the
+// compiler about 15 s; global and hidden, as `tls` explains for its block.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .bss.hakmem_registry,\"aw\",@nobits",
+    ".globl hakmem_registry",
+    ".hidden hakmem_registry",
+    ".type hakmem_registry,@object",
+    ".p2align 12",
+    "hakmem_registry:",
+    ".zero {size}",
+    ".size hakmem_registry, {size}",
+    ".popsection",
+    size = const ENTRIES,
+);
 
-/// Maps the bitmap; called once from `global::init`.
-pub fn init() -> bool {
-    if !KINDS.load(Ordering::Acquire).is_null() {
-        return true;
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn table() -> *const AtomicU8 {
+    let p: *const AtomicU8;
+    // SAFETY: computes the address of the table above (no memory access); the
+    // address never changes, hence `pure, nomem`.
+    unsafe {
+        core::arch::asm!(
+            "lea {p}, [rip + hakmem_registry]",
+            p = out(reg) p,
+            options(pure, nomem, nostack, preserves_flags),
+        );
     }
-    let bytes = ENTRIES;
-    // SAFETY: anonymous mapping, checked for failure; zero-filled by the kernel,
-    // which is a valid table of AtomicU8 saying "not ours" everywhere.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return false;
-    }
-    if KINDS
-        .compare_exchange(
-            core::ptr::null_mut(),
-            p.cast(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_err()
-    {
-        // SAFETY: we lost the race; our mapping was never published.
-        unsafe { libc::munmap(p, bytes) };
-    }
-    true
+    p
+}
+
+// Elsewhere the plain Rust static (slow to compile, same layout).
+#[cfg(not(target_arch = "x86_64"))]
+static TABLE: [AtomicU8; ENTRIES] = [const { AtomicU8::new(0) }; ENTRIES];
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn table() -> *const AtomicU8 {
+    TABLE.as_ptr()
 }
 
 #[inline(always)]
@@ -58,12 +64,9 @@ fn entry(addr: usize) -> Option<&'static AtomicU8> {
     if idx >= ENTRIES {
         return None;
     }
-    let base = KINDS.load(Ordering::Acquire);
-    if base.is_null() {
-        return None;
-    }
-    // SAFETY: idx < ENTRIES, the table's length; the mapping is never unmapped.
-    Some(unsafe { &*base.add(idx) })
+    // SAFETY: idx < ENTRIES, checked above; the table is ENTRIES bytes of
+    // zero-initialised static memory, a valid array of AtomicU8.
+    Some(unsafe { &*table().add(idx) })
 }
 
 /// The kind (`SegKind as u8`) of the live hakmem segment holding `addr`, or 0.
