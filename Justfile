@@ -38,6 +38,10 @@ bench ops="10000000" slots="8192" reps="5": build
 bench-overhead ops="10000000" slots="8192" reps="5": build
     bash benches/overhead.sh {{ops}} {{slots}} {{reps}}
 
+# Instructions per run (callgrind): allocators side by side, probes compiled out, SuperSlab off.
+bench-instructions ops="2000000" slots="8192": build
+    bash benches/instructions.sh {{ops}} {{slots}}
+
 # Real programs under LD_PRELOAD, the long selection too (CPython's regression suite, sqlite3, git, gcc, sort).
 real-programs: build
     cargo test -p hakmem --test preload -- --include-ignored
