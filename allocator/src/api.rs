@@ -50,25 +50,31 @@ fn alloc_above_tiny(size: usize) -> *mut u8 {
 ///
 /// # Safety
 /// `ptr` is null or a live block from this allocator.
-#[inline]
+#[inline(always)]
 pub unsafe fn free(ptr: *mut u8) {
     if ptr.is_null() {
         return;
     }
     let p = ptr as usize;
-    if !segment::in_superslab(p) {
-        return free_outside_superslab(p);
+    let kind = segment::kind_of(p);
+    if kind == SegKind::SuperSlab as u8 {
+        let (_, slab, _) = slab_of(p);
+        // SAFETY: the registry vouched for the SuperSlab; the slab's format
+        // fields do not change while any of its blocks is out.
+        let s = unsafe { &*slab };
+        // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
+        if s.state != SlabState::InUse || p & (SS_SIZE - 1) < SS_HEADER_RESERVE {
+            return misuse::invalid_free("free(): invalid pointer", p);
+        }
+        // SAFETY: a block of an in-use slab, freed by its user.
+        return unsafe { tiny::free_superslab(ptr, slab) };
     }
-    let (_, slab, _) = slab_of(p);
-    // SAFETY: the registry vouched for the SuperSlab; the slab's format
-    // fields do not change while any of its blocks is out.
-    let s = unsafe { &*slab };
-    // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
-    if s.state != SlabState::InUse || p & (SS_SIZE - 1) < SS_HEADER_RESERVE {
-        return misuse::invalid_free("free(): invalid pointer", p);
+    if kind == SegKind::Ace as u8 {
+        // SAFETY: the registry vouched for the segment.
+        let class = unsafe { segment::header_of(p) }.class as usize;
+        return ace::free(ptr, class);
     }
-    // SAFETY: a block of an in-use slab, freed by its user.
-    unsafe { tiny::free_superslab(ptr, slab) }
+    free_outside_superslab(p)
 }
 
 #[inline(never)]
@@ -78,9 +84,8 @@ fn free_outside_superslab(p: usize) {
     };
     match h.kind {
         // `free` serves these itself before calling here.
-        SegKind::SuperSlab => {}
+        SegKind::SuperSlab | SegKind::Ace => {}
         SegKind::Legacy => tiny::free_legacy(p as *mut u8, h.class as usize),
-        SegKind::Ace => ace::free(p as *mut u8, h.class as usize),
         SegKind::Large => {
             let chunk = segment::chunk_of(p);
             if !large::is_live_block(p, chunk) {

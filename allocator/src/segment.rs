@@ -46,6 +46,23 @@ pub fn in_superslab(ptr: usize) -> bool {
     registry::kind(ptr) == SegKind::SuperSlab as u8
 }
 
+/// The registry's kind byte for `ptr` (`SegKind as u8`, 0 if not ours).
+#[inline(always)]
+pub fn kind_of(ptr: usize) -> u8 {
+    registry::kind(ptr)
+}
+
+/// The header of the live segment holding `ptr`.
+///
+/// # Safety
+/// The registry says `ptr` lies in a live segment (`kind_of(ptr) != 0`).
+#[inline(always)]
+pub unsafe fn header_of(ptr: usize) -> &'static SegHeader {
+    // SAFETY: per the contract the chunk is a live mapping starting with a
+    // SegHeader (registered after the header is written, removed before unmapping).
+    unsafe { &*(chunk_of(ptr) as *const SegHeader) }
+}
+
 /// The segment header for `ptr`, or None if `ptr` is not inside a hakmem segment.
 #[inline]
 pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
