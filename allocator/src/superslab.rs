@@ -12,7 +12,7 @@
 use crate::registry::CHUNK;
 use crate::segment::{SegHeader, SegKind};
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 pub const SS_SIZE: usize = CHUNK;
 pub const SLAB_SHIFT: u32 = 16;
@@ -53,6 +53,9 @@ pub struct Slab {
     pub used: u32,
     /// Blocks carved so far (bump index).
     pub carved: u32,
+    /// Blocks pushed onto `remote` and not yet subtracted from `used` (each
+    /// pusher adds after its push, the owner takes it before the list).
+    pub remote_count: AtomicU32,
     /// Owner-local free list.
     pub free: *mut Block,
     /// Frees from other threads, drained by the owner.
@@ -145,6 +148,7 @@ impl Slab {
         self.carved = 0;
         self.free = null_mut();
         self.remote.store(null_mut(), Ordering::Relaxed);
+        self.remote_count.store(0, Ordering::Relaxed);
         self.owner.store(owner, Ordering::Release);
         self.next = null_mut();
         self.prev = null_mut();
@@ -201,10 +205,10 @@ impl Slab {
         self.used == 0
     }
 
-    /// Pushes the chain `head ..= tail` (linked through `next`) of blocks freed
-    /// by non-owner threads. Any thread.
+    /// Pushes the chain `head ..= tail` (linked through `next`) of `n` blocks
+    /// freed by non-owner threads. Any thread.
     #[inline]
-    pub fn push_remote(&self, head: *mut Block, tail: *mut Block) {
+    pub fn push_remote(&self, head: *mut Block, tail: *mut Block, n: u32) {
         let mut old = self.remote.load(Ordering::Relaxed);
         loop {
             // SAFETY: the chain's blocks were freed by their users and are ours to link.
@@ -213,27 +217,38 @@ impl Slab {
                 .remote
                 .compare_exchange_weak(old, head, Ordering::Release, Ordering::Relaxed)
             {
-                Ok(_) => return,
+                Ok(_) => break,
                 Err(h) => old = h,
             }
         }
+        // After the push: a drain that counts these blocks has them on the list
+        // or already took them, so `used` is never lowered for a block still out.
+        self.remote_count.fetch_add(n, Ordering::Release);
     }
 
-    /// Moves the remote list onto the local free list; returns how many blocks. Owner only.
+    /// Moves the remote list onto the local free list and subtracts what its
+    /// pushers have counted so far; returns that count. Owner only. With an
+    /// empty free list (a refill's case) this is O(1): the list becomes the
+    /// free list, unwalked. A count still in flight is taken by a later drain
+    /// (`used` is high meanwhile, never low).
     pub fn drain_remote(&mut self) -> u32 {
-        if self.remote.load(Ordering::Relaxed).is_null() {
+        if !self.has_remote() {
             return 0;
         }
-        let mut b = self.remote.swap(null_mut(), Ordering::Acquire);
-        let mut n = 0;
-        while !b.is_null() {
+        let n = self.remote_count.swap(0, Ordering::Acquire);
+        let list = self.remote.swap(null_mut(), Ordering::Acquire);
+        if self.free.is_null() {
+            self.free = list;
+        } else if !list.is_null() {
+            let mut tail = list;
             // SAFETY: the swap gave us exclusive ownership of the whole list.
-            let next = unsafe { (*b).next };
-            // SAFETY: as above; relinking onto our own free list.
-            unsafe { (*b).next = self.free };
-            self.free = b;
-            b = next;
-            n += 1;
+            unsafe {
+                while !(*tail).next.is_null() {
+                    tail = (*tail).next;
+                }
+                (*tail).next = self.free;
+            }
+            self.free = list;
         }
         if n > self.used {
             crate::misuse::invalid_free(
@@ -252,5 +267,6 @@ impl Slab {
 
     pub fn has_remote(&self) -> bool {
         !self.remote.load(Ordering::Relaxed).is_null()
+            || self.remote_count.load(Ordering::Relaxed) != 0
     }
 }

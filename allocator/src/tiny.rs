@@ -405,12 +405,14 @@ impl ThreadCache {
 struct Chain {
     head: *mut Block,
     tail: *mut Block,
+    len: u32,
 }
 
 impl Chain {
     const EMPTY: Chain = Chain {
         head: null_mut(),
         tail: null_mut(),
+        len: 0,
     };
 
     fn push(&mut self, b: *mut Block) {
@@ -420,6 +422,7 @@ impl Chain {
             self.tail = b;
         }
         self.head = b;
+        self.len += 1;
     }
 }
 
@@ -433,7 +436,7 @@ fn push_remote_run(slab: *mut Slab, run: Chain) {
     // live; the owner is read before the push, as `reclaim_abandoned` expects.
     let owner = unsafe {
         let owner = (*slab).owner.load(Ordering::Acquire);
-        (*slab).push_remote(run.head, run.tail);
+        (*slab).push_remote(run.head, run.tail, run.len);
         owner
     };
     if owner == pool::ABANDONED {
