@@ -13,6 +13,7 @@ use crate::probes;
 use crate::segment;
 use crate::superslab::{slab_of, Block, Slab};
 use crate::thread;
+use crate::tls::cache_ptr;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
 use hakmem_common::{DrainWhy, ACE_CLASSES};
@@ -100,8 +101,6 @@ impl ThreadCache {
         self.id == 0 && !self.registered
     }
 }
-
-use crate::tls::cache_ptr;
 
 /// Runs `f` on this thread's cache.
 #[inline(always)]
