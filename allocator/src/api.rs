@@ -211,11 +211,12 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
         // SAFETY: forwarding.
         return unsafe { malloc(size) };
     }
-    // Power-of-two tiny bins are aligned to their size; ACE blocks to 1 KiB.
+    // Power-of-two tiny bins are aligned to their size; ACE blocks to 64 bytes
+    // (ace::COLOR); larger alignments of mid sizes take a large mapping.
     let need = size.max(align).next_power_of_two();
     let p = if need <= TINY_MAX {
         tiny::alloc(tiny_bin(need))
-    } else if align <= 1024 && size <= ACE_MAX {
+    } else if align <= ace::COLOR && size <= ACE_MAX {
         let p = ace::alloc(size.max(TINY_MAX + 1));
         if p.is_null() {
             large::alloc(size, align).0
