@@ -74,11 +74,11 @@ pub unsafe fn free(ptr: *mut u8) {
         let class = unsafe { segment::header_of(p) }.class as usize;
         return ace::free(ptr, class);
     }
-    free_outside_superslab(p)
+    free_legacy_or_large(p)
 }
 
 #[inline(never)]
-fn free_outside_superslab(p: usize) {
+fn free_legacy_or_large(p: usize) {
     let Some(h) = segment::lookup(p) else {
         return misuse::invalid_free("free(): invalid pointer", p);
     };

@@ -210,7 +210,7 @@ fn flush_cache() -> bool {
         {
             let mut c = CACHE.lock();
             while n < EVICT_MAX {
-                match c.evict_oldest() {
+                match c.evict_oldest(u64::MAX) {
                     Some(m) => {
                         out[n] = m;
                         n += 1;
@@ -243,8 +243,7 @@ impl Cache {
             if self.chunk_len == 0 {
                 return None;
             }
-            self.chunk_len -= 1;
-            self.chunks[(self.chunk_head + self.chunk_len) % KEEP_CHUNKS]
+            self.remove_chunk(self.chunk_len - 1)
         } else {
             let i = (0..self.sized_len)
                 .filter(|&i| {
@@ -253,14 +252,27 @@ impl Cache {
                 .min_by_key(|&i| self.sized[i].size)?;
             self.remove_sized(i)
         };
-        self.bytes -= c.resident;
         Some(c.base)
+    }
+
+    /// Removes the chunk `k` places after the oldest: 0 is the oldest,
+    /// `chunk_len - 1` the newest (the ring is only cut at its two ends).
+    fn remove_chunk(&mut self, k: usize) -> Cached {
+        debug_assert!(k == 0 || k + 1 == self.chunk_len);
+        let c = self.chunks[(self.chunk_head + k) % KEEP_CHUNKS];
+        if k == 0 {
+            self.chunk_head = (self.chunk_head + 1) % KEEP_CHUNKS;
+        }
+        self.chunk_len -= 1;
+        self.bytes -= c.resident;
+        c
     }
 
     fn remove_sized(&mut self, i: usize) -> Cached {
         let c = self.sized[i];
         self.sized_len -= 1;
         self.sized[i] = self.sized[self.sized_len];
+        self.bytes -= c.resident;
         c
     }
 
@@ -268,25 +280,18 @@ impl Cache {
         (0..self.sized_len).min_by_key(|&i| self.sized[i].freed_at)
     }
 
-    /// Removes the least recently freed mapping of either kind.
-    fn evict_oldest(&mut self) -> Option<Cached> {
-        let chunk_age = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
-        let sized = self.oldest_sized();
-        let c = match (chunk_age, sized) {
-            (None, None) => return None,
-            (Some(a), Some(i)) if self.sized[i].freed_at < a => self.remove_sized(i),
-            (None, Some(i)) => self.remove_sized(i),
-            _ => self.pop_oldest_chunk(),
-        };
-        self.bytes -= c.resident;
-        Some(c)
-    }
-
-    fn pop_oldest_chunk(&mut self) -> Cached {
-        let c = self.chunks[self.chunk_head];
-        self.chunk_head = (self.chunk_head + 1) % KEEP_CHUNKS;
-        self.chunk_len -= 1;
-        c
+    /// Removes the least recently freed mapping of either kind, if it was
+    /// freed at or before `by` (a `frees` count).
+    fn evict_oldest(&mut self, by: u64) -> Option<Cached> {
+        let chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
+        let sized = self.oldest_sized().map(|i| (i, self.sized[i].freed_at));
+        match (chunk, sized) {
+            (_, Some((i, age))) if age <= by && chunk.is_none_or(|a| age < a) => {
+                Some(self.remove_sized(i))
+            }
+            (Some(age), _) if age <= by => Some(self.remove_chunk(0)),
+            _ => None,
+        }
     }
 
     /// Caches `m`; writes what must be unmapped into `out` and returns how many.
@@ -301,20 +306,20 @@ impl Cache {
         // Make room among mappings of the same kind, then within the byte bound.
         let chunk = m.size == CHUNK;
         if chunk && self.chunk_len == KEEP_CHUNKS {
-            out[n] = self.pop_oldest_chunk();
-            self.bytes -= out[n].resident;
+            out[n] = self.remove_chunk(0);
             n += 1;
         } else if let Some(i) = self
             .oldest_sized()
-            .filter(|_| self.sized_len == CACHE_SLOTS)
+            .filter(|_| !chunk && self.sized_len == CACHE_SLOTS)
         {
             out[n] = self.remove_sized(i);
-            self.bytes -= out[n].resident;
             n += 1;
         }
-        // Leave one slot of `out` for `m` itself.
+        // Over the byte bound: the oldest go, leaving one slot of `out` for `m`.
         while self.bytes + m.resident > CACHE_BYTES && n < EVICT_MAX - 1 {
-            let Some(c) = self.evict_oldest() else { break };
+            let Some(c) = self.evict_oldest(u64::MAX) else {
+                break;
+            };
             out[n] = c;
             n += 1;
         }
@@ -324,13 +329,9 @@ impl Cache {
         }
         // Age out what has sat unused for long, a little per call.
         while n < EVICT_MAX {
-            let idle = |freed_at: u64| self.frees - freed_at > MAX_IDLE_FREES;
-            let oldest_chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
-            let oldest_sized = self.oldest_sized().map(|i| self.sized[i].freed_at);
-            if !oldest_chunk.is_some_and(idle) && !oldest_sized.is_some_and(idle) {
+            let Some(c) = self.evict_oldest(self.frees.saturating_sub(MAX_IDLE_FREES + 1)) else {
                 break;
-            }
-            let Some(c) = self.evict_oldest() else { break };
+            };
             out[n] = c;
             n += 1;
         }

@@ -46,7 +46,7 @@ pub enum Acquired {
 }
 
 /// Hands out a slab formatted for `bin`, owned by `owner`.
-pub fn acquire(bin: usize, block_size: usize, owner: usize) -> Acquired {
+pub fn acquire(bin: usize, owner: usize) -> Acquired {
     let class = class_of_bin(bin);
     probes::ss_acquire_begin(class);
     let (slab, stage) = {
@@ -68,7 +68,7 @@ pub fn acquire(bin: usize, block_size: usize, owner: usize) -> Acquired {
     };
     // SAFETY: the slab was just removed from the pool's lists under the lock;
     // nobody else references it until we publish it to the owner.
-    unsafe { (*slab).format(bin, block_size, owner) };
+    unsafe { (*slab).format(bin, owner) };
     probes::ss_acquire(class, stage, slab as usize);
     Acquired::Slab(slab)
 }

@@ -9,6 +9,7 @@
 //! A slab knows nothing of the pool: it counts `used` and reports EMPTY to
 //! its caller, and the pool's recycle boundary decides.
 
+use crate::class::BIN_SIZES;
 use crate::registry::CHUNK;
 use crate::segment::{SegHeader, SegKind};
 use core::ptr::null_mut;
@@ -137,7 +138,8 @@ impl Slab {
     }
 
     /// Prepares the slab to serve `bin` for `owner`.
-    pub fn format(&mut self, bin: usize, block_size: usize, owner: usize) {
+    pub fn format(&mut self, bin: usize, owner: usize) {
+        let block_size = BIN_SIZES[bin];
         let idx = self.index();
         let len = SLAB_SIZE - if idx == 0 { SS_HEADER_RESERVE } else { 0 };
         self.state = SlabState::InUse;
@@ -205,25 +207,24 @@ impl Slab {
         self.used == 0
     }
 
-    /// Pushes the chain `head ..= tail` (linked through `next`) of `n` blocks
-    /// freed by non-owner threads. Any thread.
+    /// Pushes a block freed by a non-owner thread. Any thread.
     #[inline]
-    pub fn push_remote(&self, head: *mut Block, tail: *mut Block, n: u32) {
+    pub fn push_remote(&self, b: *mut Block) {
         let mut old = self.remote.load(Ordering::Relaxed);
         loop {
-            // SAFETY: the chain's blocks were freed by their users and are ours to link.
-            unsafe { (*tail).next = old };
+            // SAFETY: `b` was freed by its user and is ours to link.
+            unsafe { (*b).next = old };
             match self
                 .remote
-                .compare_exchange_weak(old, head, Ordering::Release, Ordering::Relaxed)
+                .compare_exchange_weak(old, b, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => break,
                 Err(h) => old = h,
             }
         }
-        // After the push: a drain that counts these blocks has them on the list
-        // or already took them, so `used` is never lowered for a block still out.
-        self.remote_count.fetch_add(n, Ordering::Release);
+        // After the push: a drain that counts this block has it on the list
+        // or already took it, so `used` is never lowered for a block still out.
+        self.remote_count.fetch_add(1, Ordering::Release);
     }
 
     /// Moves the remote list onto the local free list and subtracts what its

@@ -155,14 +155,12 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
         true
     });
     if !local {
-        push_remote_run(
-            slab,
-            Chain {
-                head: b,
-                tail: b,
-                len: 1,
-            },
-        );
+        // SAFETY: per the contract, the block is ours to link onto the remote list.
+        unsafe { (*slab).push_remote(b) };
+        // The owner read before the push, as `reclaim_abandoned` expects.
+        if owner == pool::ABANDONED {
+            pool::reclaim_abandoned(slab);
+        }
     }
 }
 
@@ -259,7 +257,7 @@ impl ThreadCache {
                     self.tiny[bin].active = s;
                     continue;
                 }
-                match pool::acquire(bin, BIN_SIZES[bin], self.id) {
+                match pool::acquire(bin, self.id) {
                     Acquired::Slab(s) => {
                         self.link_owned(bin, s);
                         self.tiny[bin].active = s;
@@ -311,17 +309,12 @@ impl ThreadCache {
         None
     }
 
-    /// Returns `n` blocks from the TLS SLL of `bin` to their slabs: ours
-    /// directly, legacy ones to their lists. A SuperSlab block reaches the SLL
-    /// only while this thread owns its slab, but the drain checks the owner
-    /// anyway and sends any other block home through its slab's remote list
-    /// (one push per run of the same slab), so no future change of owner can
-    /// make it count a block into a slab it does not own.
+    /// Returns `n` blocks from the TLS SLL of `bin` to their slabs (a
+    /// SuperSlab block reaches the SLL only while this thread owns its slab)
+    /// or, legacy ones, to their bin's list in one chain.
     fn drain(&mut self, bin: usize, n: u32, why: DrainWhy) {
         probes::tls_drain(class_of_bin(bin), n, why);
         let mut legacy = Chain::EMPTY;
-        let mut remote = Chain::EMPTY;
-        let mut remote_slab: *mut Slab = null_mut();
         for _ in 0..n {
             let b = self.tiny[bin].head;
             // SAFETY: n <= count, so b is a block on the SLL.
@@ -332,22 +325,11 @@ impl ThreadCache {
                 continue;
             }
             let (_, slab, _) = slab_of(b as usize);
-            // SAFETY: a block on our SLL is out of its slab, so the slab is live.
-            if unsafe { (*slab).owner.load(Ordering::Relaxed) } == self.id {
-                // SAFETY: we own the slab.
-                if unsafe { (*slab).give_back(b) } {
-                    self.on_empty(bin, slab);
-                }
-                continue;
+            // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
+            if unsafe { (*slab).give_back(b) } {
+                self.on_empty(bin, slab);
             }
-            if slab != remote_slab {
-                push_remote_run(remote_slab, remote);
-                remote_slab = slab;
-                remote = Chain::EMPTY;
-            }
-            remote.push(b);
         }
-        push_remote_run(remote_slab, remote);
         if !legacy.head.is_null() {
             // SAFETY: the chain holds free legacy blocks of `bin`.
             unsafe { legacy::give_back(bin, legacy.head, legacy.tail) };
@@ -425,14 +407,12 @@ impl ThreadCache {
 struct Chain {
     head: *mut Block,
     tail: *mut Block,
-    len: u32,
 }
 
 impl Chain {
     const EMPTY: Chain = Chain {
         head: null_mut(),
         tail: null_mut(),
-        len: 0,
     };
 
     fn push(&mut self, b: *mut Block) {
@@ -442,25 +422,6 @@ impl Chain {
             self.tail = b;
         }
         self.head = b;
-        self.len += 1;
-    }
-}
-
-/// Hands a run of free blocks of `slab` (owned by another thread, or by none
-/// since its thread exited) to the slab's remote list.
-fn push_remote_run(slab: *mut Slab, run: Chain) {
-    if run.head.is_null() {
-        return;
-    }
-    // SAFETY: the run's blocks are out of `slab` (counted in `used`), so it is
-    // live; the owner is read before the push, as `reclaim_abandoned` expects.
-    let owner = unsafe {
-        let owner = (*slab).owner.load(Ordering::Acquire);
-        (*slab).push_remote(run.head, run.tail, run.len);
-        owner
-    };
-    if owner == pool::ABANDONED {
-        pool::reclaim_abandoned(slab);
     }
 }
 
