@@ -66,13 +66,11 @@ pub unsafe fn header_of(ptr: usize) -> &'static SegHeader {
 /// The segment header for `ptr`, or None if `ptr` is not inside a hakmem segment.
 #[inline]
 pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
-    let chunk = chunk_of(ptr);
-    if registry::kind(chunk) == 0 {
+    if kind_of(ptr) == 0 {
         return None;
     }
-    // SAFETY: a registered chunk is a live mapping that starts with a SegHeader
-    // (registered after the header is written, removed before unmapping).
-    let h = unsafe { &*(chunk as *const SegHeader) };
+    // SAFETY: the registry says the chunk is a live segment.
+    let h = unsafe { header_of(ptr) };
     if h.magic != SEG_MAGIC {
         return None;
     }
