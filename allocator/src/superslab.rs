@@ -13,13 +13,23 @@ use crate::class::BIN_SIZES;
 use crate::registry::CHUNK;
 use crate::segment::{SegHeader, SegKind};
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub const SS_SIZE: usize = CHUNK;
 pub const SLAB_SHIFT: u32 = 16;
 pub const SLAB_SIZE: usize = 1 << SLAB_SHIFT;
 pub const SLABS_PER_SS: usize = SS_SIZE / SLAB_SIZE;
 pub const SS_HEADER_RESERVE: usize = 4096;
+
+/// The remote list is one word: the head block's address in the low
+/// `REMOTE_ADDR_BITS` bits, the list's length above them. One CAS pushes a
+/// block and counts it, and one swap gives the owner the list and its exact
+/// length, so the owner can hand the list on without walking it (each block
+/// on it was last written by another core: a miss per step).
+pub const REMOTE_ADDR_BITS: u32 = 48;
+const REMOTE_ADDR_MASK: u64 = (1 << REMOTE_ADDR_BITS) - 1;
+// The length field holds any slab's capacity.
+const _: () = assert!(SLAB_SIZE / BIN_SIZES[0] < 1 << (64 - REMOTE_ADDR_BITS));
 
 /// A free block: the first word links to the next.
 #[repr(C)]
@@ -54,13 +64,11 @@ pub struct Slab {
     pub used: u32,
     /// Blocks carved so far (bump index).
     pub carved: u32,
-    /// Blocks pushed onto `remote` and not yet subtracted from `used` (each
-    /// pusher adds after its push, the owner takes it before the list).
-    pub remote_count: AtomicU32,
-    /// Owner-local free list.
+    /// Owner-local free list; its length is `carved - used`.
     pub free: *mut Block,
-    /// Frees from other threads, drained by the owner.
-    pub remote: AtomicPtr<Block>,
+    /// Frees from other threads, drained by the owner: head and length in
+    /// one word (see `REMOTE_ADDR_BITS`). Its blocks still count in `used`.
+    remote: AtomicU64,
     /// Owning thread id (0: none, `pool::ABANDONED`: its thread exited).
     pub owner: AtomicUsize,
     /// Links: the owner's per-class list, or the pool's empty list.
@@ -149,16 +157,24 @@ impl Slab {
         self.used = 0;
         self.carved = 0;
         self.free = null_mut();
-        self.remote.store(null_mut(), Ordering::Relaxed);
-        self.remote_count.store(0, Ordering::Relaxed);
+        self.remote.store(0, Ordering::Relaxed);
         self.owner.store(owner, Ordering::Release);
         self.next = null_mut();
         self.prev = null_mut();
     }
 
-    /// Moves up to `want` blocks onto the singly linked list at `*head`; returns how many.
-    /// Owner only.
+    /// Moves blocks onto the singly linked list at `*head`: up to `want`, or
+    /// the whole free list without walking it when `*head` is empty and the
+    /// list holds at most `2 * want` (what a thread cache keeps). Returns how
+    /// many. Owner only.
     pub fn take_batch(&mut self, want: u32, head: &mut *mut Block) -> u32 {
+        let free_len = self.carved.saturating_sub(self.used);
+        if head.is_null() && !self.free.is_null() && free_len <= 2 * want {
+            *head = self.free;
+            self.free = null_mut();
+            self.used += free_len;
+            return free_len;
+        }
         let mut n = 0;
         while n < want && !self.free.is_null() {
             let b = self.free;
@@ -210,41 +226,40 @@ impl Slab {
     /// Pushes a block freed by a non-owner thread. Any thread.
     #[inline]
     pub fn push_remote(&self, b: *mut Block) {
+        debug_assert!(b as u64 & !REMOTE_ADDR_MASK == 0);
         let mut old = self.remote.load(Ordering::Relaxed);
         loop {
             // SAFETY: `b` was freed by its user and is ours to link.
-            unsafe { (*b).next = old };
+            unsafe { (*b).next = (old & REMOTE_ADDR_MASK) as *mut Block };
+            let new = b as u64 | ((old >> REMOTE_ADDR_BITS) + 1) << REMOTE_ADDR_BITS;
             match self
                 .remote
-                .compare_exchange_weak(old, b, Ordering::Release, Ordering::Relaxed)
+                .compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => break,
                 Err(h) => old = h,
             }
         }
-        // After the push: a drain that counts this block has it on the list
-        // or already took it, so `used` is never lowered for a block still out.
-        self.remote_count.fetch_add(1, Ordering::Release);
     }
 
-    /// Moves the remote list onto the local free list and subtracts what its
-    /// pushers have counted so far; returns that count. Owner only. With an
-    /// empty free list (a refill's case) this is O(1): the list becomes the
-    /// free list, unwalked. A count still in flight is taken by a later drain
-    /// (`used` is high meanwhile, never low).
+    /// Moves the remote list onto the local free list and subtracts its
+    /// length from `used`; returns that length. Owner only. With an empty free
+    /// list (a refill's case) this is O(1): the list becomes the free list,
+    /// unwalked.
     pub fn drain_remote(&mut self) -> u32 {
         if !self.has_remote() {
             return 0;
         }
-        let n = self.remote_count.swap(0, Ordering::Acquire);
-        let list = self.remote.swap(null_mut(), Ordering::Acquire);
+        let word = self.remote.swap(0, Ordering::Acquire);
+        let list = (word & REMOTE_ADDR_MASK) as *mut Block;
+        let n = (word >> REMOTE_ADDR_BITS) as u32;
         if self.free.is_null() {
             self.free = list;
-        } else if !list.is_null() {
+        } else {
             let mut tail = list;
-            // SAFETY: the swap gave us exclusive ownership of the whole list.
+            // SAFETY: the swap gave us exclusive ownership of the n >= 1 blocks.
             unsafe {
-                while !(*tail).next.is_null() {
+                for _ in 1..n {
                     tail = (*tail).next;
                 }
                 (*tail).next = self.free;
@@ -267,7 +282,6 @@ impl Slab {
     }
 
     pub fn has_remote(&self) -> bool {
-        !self.remote.load(Ordering::Relaxed).is_null()
-            || self.remote_count.load(Ordering::Relaxed) != 0
+        self.remote.load(Ordering::Relaxed) != 0
     }
 }
