@@ -94,3 +94,14 @@ pub unsafe fn unmap(ptr: *mut u8, bytes: usize) {
     unsafe { libc::munmap(ptr.cast(), bytes) };
     MAPPED.fetch_sub(bytes, Ordering::Relaxed);
 }
+
+/// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
