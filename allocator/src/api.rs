@@ -187,8 +187,17 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     {
         return ptr;
     }
+    // A block that grows by realloc tends to grow again (strings, vectors):
+    // give a small or mid block room to double, so that the next growth step
+    // is served in place and only every other step copies. Large blocks grow
+    // in their mapping instead (above).
+    let want = if size > old && size <= ACE_MAX {
+        size.max(old.saturating_mul(2).min(ACE_MAX))
+    } else {
+        size
+    };
     // SAFETY: forwarding.
-    let new = unsafe { alloc_aligned(align, size) };
+    let new = unsafe { alloc_aligned(align, want) };
     if new.is_null() {
         return null_mut();
     }
