@@ -163,13 +163,12 @@ impl Slab {
         self.prev = null_mut();
     }
 
-    /// Moves blocks onto the singly linked list at `*head`: up to `want`, or
-    /// the whole free list without walking it when `*head` is empty and the
-    /// list holds at most `2 * want` (what a thread cache keeps). Returns how
-    /// many. Owner only.
-    pub fn take_batch(&mut self, want: u32, head: &mut *mut Block) -> u32 {
+    /// Moves blocks onto the singly linked list at `*head`: the whole free
+    /// list without walking it when `*head` is empty and the list holds at
+    /// most `whole_max`, else up to `want`. Returns how many. Owner only.
+    pub fn take_batch(&mut self, want: u32, whole_max: u32, head: &mut *mut Block) -> u32 {
         let free_len = self.carved.saturating_sub(self.used);
-        if head.is_null() && !self.free.is_null() && free_len <= 2 * want {
+        if head.is_null() && !self.free.is_null() && free_len <= whole_max {
             *head = self.free;
             self.free = null_mut();
             self.used += free_len;

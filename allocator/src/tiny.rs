@@ -35,6 +35,10 @@ const BATCH: [u32; BINS] = {
     t
 };
 
+/// Most blocks a refill takes whole from a drained remote list (bounds what
+/// a thread cache holds beyond its limit, and what its next overflow walks).
+const REMOTE_WHOLE_MAX: u32 = 256;
+
 pub struct ClassCache {
     /// The TLS SLL.
     head: *mut Block,
@@ -236,13 +240,18 @@ impl ThreadCache {
                 if !active.is_null() {
                     // SAFETY: the active slab is owned by this thread.
                     let s = unsafe { &mut *active };
-                    let mut n = s.take_batch(want, &mut self.tiny[bin].head);
+                    let cc = &mut self.tiny[bin];
+                    let mut n = s.take_batch(want, 2 * want, &mut cc.head);
                     if n == 0 && s.has_remote() {
+                        // Other threads freed these blocks: each link is a
+                        // miss to read, so take the list whole, unwalked, and
+                        // let the cache hold it until the thread uses it.
                         drain_remote(s);
-                        n = s.take_batch(want, &mut self.tiny[bin].head);
+                        n = s.take_batch(want, REMOTE_WHOLE_MAX, &mut cc.head);
+                        cc.limit = cc.limit.max(n);
                     }
                     if n > 0 {
-                        self.tiny[bin].count += n;
+                        cc.count += n;
                         return self.pop(bin);
                     }
                 }
