@@ -337,7 +337,7 @@ impl AceClass {
                 list: SegList::None,
             })
         };
-        registry::insert(base as usize, SegKind::Ace as u8);
+        registry::insert(base as usize, crate::segment::ace_byte(class));
         self.segments += 1;
         Ok(seg)
     }

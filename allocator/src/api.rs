@@ -69,9 +69,7 @@ pub unsafe fn free(ptr: *mut u8) {
         // SAFETY: a block of an in-use slab, freed by its user.
         return unsafe { tiny::free_superslab(ptr, slab) };
     }
-    if kind == SegKind::Ace as u8 {
-        // SAFETY: the registry vouched for the segment.
-        let class = unsafe { segment::header_of(p) }.class as usize;
+    if let Some(class) = segment::ace_class_of(kind) {
         return ace::free(ptr, class);
     }
     free_legacy_or_large(p)

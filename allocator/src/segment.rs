@@ -46,10 +46,29 @@ pub fn in_superslab(ptr: usize) -> bool {
     registry::kind(ptr) == SegKind::SuperSlab as u8
 }
 
-/// The registry's kind byte for `ptr` (`SegKind as u8`, 0 if not ours).
+/// The registry's byte for `ptr`: 0 if not ours, `SegKind as u8`, or for an
+/// ACE segment `ACE_BYTE + class` (see `ace_class_of`).
 #[inline(always)]
 pub fn kind_of(ptr: usize) -> u8 {
     registry::kind(ptr)
+}
+
+/// The registry byte of an ACE segment of class 0; class c is `ACE_BYTE + c`.
+/// An ACE free learns its class from the byte the registry read anyway, with
+/// no read of the segment header: every header sits at a 2 MiB-aligned
+/// address, so the headers of all classes compete for the same cache sets.
+pub const ACE_BYTE: u8 = 16;
+const _: () = assert!(ACE_BYTE as usize + crate::class::ACE_CLASSES <= 256);
+
+/// The registry byte for an ACE segment of `class`.
+pub const fn ace_byte(class: usize) -> u8 {
+    ACE_BYTE + class as u8
+}
+
+/// The ACE class a registry byte names, if it names one.
+#[inline(always)]
+pub fn ace_class_of(byte: u8) -> Option<usize> {
+    byte.checked_sub(ACE_BYTE).map(|c| c as usize)
 }
 
 /// The header of the live segment holding `ptr`.
