@@ -17,6 +17,8 @@ build:
 lint:
     cargo fmt --all --check
     cargo clippy --all-targets -- -D warnings
+    # The build with the probes compiled out (benches/instructions.sh, the probe-cost A/B).
+    cargo clippy -p hakmem --no-default-features --features c-abi --target-dir target/noprobes -- -D warnings
 
 # The test suite (CI sets HAKMEM_REQUIRE_BPF=1 so BPF tests fail instead of skipping).
 test: build lint

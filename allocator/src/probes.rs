@@ -10,10 +10,14 @@ macro_rules! usdt_fire {
     ($name:ident, $arg:expr) => {
         #[cfg(feature = "probes")]
         crate::usdt_probes::$name!(|| $arg as u64);
+        #[cfg(not(feature = "probes"))]
+        let _ = $arg;
     };
     ($name:ident, $($arg:expr),+) => {
         #[cfg(feature = "probes")]
         crate::usdt_probes::$name!(|| ($($arg as u64,)+));
+        #[cfg(not(feature = "probes"))]
+        let _ = ($($arg,)+);
     };
 }
 
