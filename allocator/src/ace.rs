@@ -1,4 +1,4 @@
-//! ACE, the adaptive mid-size pool (1 KiB < size <= 32 KiB, classes in
+//! ACE, the adaptive mid-size pool (1 KiB < size <= 256 KiB, classes in
 //! `hakmem_common::ACE_CLASS_SIZES`).
 //!
 //! Each class has a per-thread cache in front of a locked pool of 2 MiB
@@ -33,7 +33,19 @@ const HEADER_RESERVE: usize = 4096;
 /// aligned (see `api::alloc_aligned`).
 pub const COLOR: usize = 64;
 const MIN_CAP: u32 = 2;
-const MAX_CAP: u32 = 64;
+/// Most blocks a thread cache of each class may hold: 64, or fewer for the
+/// big classes so that no class holds more than about 2 MiB per thread.
+const MAX_CAP: [u32; ACE_CLASSES] = {
+    let mut t = [0u32; ACE_CLASSES];
+    let mut c = 0;
+    while c < ACE_CLASSES {
+        let n = (2 << 20) / ACE_CLASS_SIZES[c];
+        t[c] = if n > 64 { 64 } else { n as u32 };
+        c += 1;
+    }
+    t
+};
+const _: () = assert!(MAX_CAP[ACE_CLASSES - 1] >= MIN_CAP);
 /// Free segments a class keeps mapped before returning more to the OS.
 const KEEP_FREE_SEGMENTS: usize = 4;
 
@@ -135,7 +147,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::global::ensure_init();
     let want = with_cache(|tc| {
         let c = &mut tc.ace[class];
-        c.cap = (c.cap() * 2).min(MAX_CAP);
+        c.cap = (c.cap() * 2).min(MAX_CAP[class]);
         c.misses_since_flush += 1;
         c.cap / 2
     });

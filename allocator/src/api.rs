@@ -11,6 +11,8 @@ use core::ptr::null_mut;
 pub const MAX_ALIGN: usize = 1 << 20;
 /// Alignment every malloc result has, except blocks of 8 bytes or less (8).
 const MIN_ALIGN: usize = 16;
+/// A block that `realloc` must move to grow past this goes to the large path.
+const GROW_IN_CHUNK: usize = 32 * 1024;
 
 fn set_errno(e: i32) {
     // SAFETY: __errno_location returns this thread's errno slot.
@@ -185,17 +187,25 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     {
         return ptr;
     }
-    // A block that grows by realloc tends to grow again (strings, vectors):
-    // give a small or mid block room to double, so that the next growth step
-    // is served in place and only every other step copies. Large blocks grow
-    // in their mapping instead (above).
-    let want = if size > old && size <= ACE_MAX {
-        size.max(old.saturating_mul(2).min(ACE_MAX))
+    // A block that grows by realloc tends to grow again (strings, vectors).
+    // Past GROW_IN_CHUNK it moves to a large block, which grows in its chunk
+    // (up to 2 MiB, then by mremap) without copying; below, it gets room to
+    // double, so that only every other growth step copies.
+    let new = if size > old && size > GROW_IN_CHUNK {
+        let p = large::alloc(size, align.max(MIN_ALIGN)).0;
+        if p.is_null() {
+            set_errno(libc::ENOMEM);
+        }
+        p
     } else {
-        size
+        let want = if size > old {
+            size.max(old.saturating_mul(2).min(GROW_IN_CHUNK))
+        } else {
+            size
+        };
+        // SAFETY: forwarding.
+        unsafe { alloc_aligned(align, want) }
     };
-    // SAFETY: forwarding.
-    let new = unsafe { alloc_aligned(align, want) };
     if new.is_null() {
         return null_mut();
     }
@@ -278,6 +288,9 @@ mod tests {
             32768,
             32769,
             40_000,
+            ACE_MAX,
+            ACE_MAX + 1,
+            300_000,
             5 << 20,
         ] {
             // SAFETY: plain allocation, checked, freed below.
@@ -329,6 +342,33 @@ mod tests {
                 // SAFETY: allocated above.
                 unsafe { free(p) };
             }
+        }
+    }
+
+    #[test]
+    fn realloc_growth_gets_headroom_then_a_chunk() {
+        // SAFETY: each call follows the C contract; every block is written within its size.
+        unsafe {
+            let p = malloc(3000);
+            core::ptr::write_bytes(p, 5, 3000);
+            let old = usable_size(p);
+            let q = realloc(p, 5000);
+            // Room to double what it had: the next step stays in place.
+            assert!(usable_size(q) >= 2 * old);
+            let r = realloc(q, 2 * old);
+            assert_eq!(r, q);
+            let big = realloc(r, 40_000);
+            assert_eq!(segment::lookup(big as usize).unwrap().kind, SegKind::Large);
+            assert!(core::slice::from_raw_parts(big, 3000)
+                .iter()
+                .all(|&b| b == 5));
+            let bigger = realloc(big, 1 << 20);
+            assert_eq!(bigger, big, "a chunk-backed block grows in place");
+            free(bigger);
+            // A plain malloc of the same size stays in ACE.
+            let m = malloc(40_000);
+            assert_eq!(segment::lookup(m as usize).unwrap().kind, SegKind::Ace);
+            free(m);
         }
     }
 

@@ -165,7 +165,9 @@ mod tests {
         assert_eq!(ace_class(1025), 0);
         assert_eq!(ace_class(2048), 0);
         assert_eq!(ace_class(2049), 1);
-        assert_eq!(ace_class(32768), ACE_CLASSES - 1);
+        assert_eq!(ace_class(32768), 8);
+        assert_eq!(ace_class(32769), 9);
+        assert_eq!(ace_class(ACE_MAX), ACE_CLASSES - 1);
         for size in TINY_MAX + 1..=ACE_MAX {
             let c = ace_class(size);
             assert!(ACE_CLASS_SIZES[c] >= size);

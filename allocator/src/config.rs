@@ -13,7 +13,7 @@ pub struct Config {
     pub ss_max: usize,
     /// `HAKMEM_SS_KEEP` (default 2): fully EMPTY SuperSlabs kept mapped before unmapping.
     pub ss_keep: usize,
-    /// `HAKMEM_ACE_MAX_BYTES` (default 32768): largest size ACE serves; bigger mid sizes are Threshold failures.
+    /// `HAKMEM_ACE_MAX_BYTES` (default 262144, ACE's largest class): largest size ACE serves; bigger mid sizes are Threshold failures.
     pub ace_max_bytes: usize,
     /// `HAKMEM_ACE_MAX_SEGMENTS`: segments per ACE class; a depleted class beyond it is an Exhaustion failure.
     pub ace_max_segments: usize,
@@ -36,7 +36,7 @@ impl Config {
         recycle: true,
         ss_max: usize::MAX,
         ss_keep: 2,
-        ace_max_bytes: 32 * 1024,
+        ace_max_bytes: crate::class::ACE_MAX,
         ace_max_segments: usize::MAX,
         os_limit_bytes: usize::MAX,
         stats: false,

@@ -1,4 +1,5 @@
-//! Large requests (above ACE, ACE failures, big alignments): one chunk-aligned
+//! Large requests (above ACE, ACE failures, big alignments, buffers that
+//! realloc grows past 32 KiB): one chunk-aligned
 //! mapping per block, with a header in front of the user block.
 //!
 //! Returning memory costs dearly on these machines (about 3.5 us per page fault
@@ -27,9 +28,9 @@ use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
 const HEADER: usize = 64;
-/// Freed chunks kept. Many programs keep hundreds of 32 KiB..2 MiB blocks
-/// live and churn through them (the `stress` workload peaks near 900); the
-/// bound that matters for memory is `CACHE_BYTES`.
+/// Freed chunks kept. Programs can keep hundreds of 256 KiB..2 MiB blocks
+/// (and of realloc-grown buffers) live and churn through them; the bound that
+/// matters for memory is `CACHE_BYTES`.
 const KEEP_CHUNKS: usize = 1024;
 const CACHE_SLOTS: usize = 16;
 const CACHE_BYTES: usize = 64 << 20;
