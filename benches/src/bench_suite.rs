@@ -10,9 +10,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const WORKLOADS: &[&str] = &[
-    "tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress",
-];
+mod workloads;
+use workloads::WORKLOADS;
 const PEERS: &[(&str, &str)] = &[
     ("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
     (

@@ -6,6 +6,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use workloads::WORKLOADS;
+
+mod workloads;
 
 struct Rng(u64);
 impl Rng {
@@ -266,10 +269,6 @@ fn stress(nthreads: usize, rounds: u64) -> u64 {
     })
 }
 
-pub const WORKLOADS: &[&str] = &[
-    "tiny", "mixed", "mid", "mixed-2t", "prodcons", "larson", "realloc", "stress",
-];
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).map(String::as_str).unwrap_or("");
@@ -280,6 +279,7 @@ fn main() {
         "tiny" => random_mixed(n(10_000_000), 8192, 16, 128, 1),
         "mixed" => random_mixed(n(10_000_000), 8192, 16, 1024, 2),
         "mid" => random_mixed(n(2_000_000), 2048, 1025, 32 * 1024, 3),
+        "big" => random_mixed(n(400_000), 1024, 32 * 1024 + 1, 256 * 1024, 4),
         "mixed-2t" => threads(2, move |t| {
             random_mixed(n(5_000_000), 8192, 16, 1024, 10 + t as u64)
         }),
