@@ -284,3 +284,72 @@ impl Slab {
         self.remote.load(Ordering::Relaxed) != 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os;
+
+    /// Blocks pushed from several threads at once come back in one drain with
+    /// their exact count, each block once, and `used` falls by that count.
+    #[test]
+    fn concurrent_remote_frees_drain_with_their_exact_count() {
+        const THREADS: usize = 4;
+        let base = os::map_aligned(SS_SIZE, SS_SIZE);
+        assert!(!base.is_null());
+        // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
+        let ss = unsafe { SuperSlab::init(base) };
+        // SAFETY: slab 1 of the new SuperSlab; nobody else knows of it.
+        let slab = unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[1]) };
+        slab.format(4, 7); // bin 4: 64-byte blocks, 1024 of them
+        let mut head = null_mut();
+        let mut taken = 0;
+        while taken < slab.capacity {
+            taken += slab.take_batch(64, 0, &mut head);
+        }
+        assert_eq!((taken, slab.used), (slab.capacity, slab.capacity));
+        let mut blocks = Vec::new();
+        while !head.is_null() {
+            blocks.push(head as usize);
+            // SAFETY: walking the list take_batch built.
+            head = unsafe { (*head).next };
+        }
+        let per_thread = blocks.len() / THREADS;
+        let slab_addr = slab as *mut Slab as usize;
+        std::thread::scope(|s| {
+            for chunk in blocks.chunks(per_thread) {
+                s.spawn(move || {
+                    // SAFETY: the slab outlives the scope; push_remote takes &self.
+                    let slab = unsafe { &*(slab_addr as *const Slab) };
+                    for &b in chunk {
+                        slab.push_remote(b as *mut Block);
+                    }
+                });
+            }
+        });
+        let n = slab.drain_remote();
+        assert_eq!(n as usize, blocks.len());
+        assert_eq!(slab.used, 0);
+        let mut seen = std::collections::HashSet::new();
+        let mut cur = slab.free;
+        while !cur.is_null() {
+            assert!(seen.insert(cur as usize), "a block came back twice");
+            // SAFETY: walking the drained free list.
+            cur = unsafe { (*cur).next };
+        }
+        assert_eq!(seen.len(), blocks.len());
+        assert!(!slab.has_remote());
+        // A refill into an empty cache takes the whole list when it is short enough...
+        let mut head = null_mut();
+        assert_eq!(slab.take_batch(16, 2048, &mut head), slab.capacity);
+        assert_eq!((slab.used, slab.free), (slab.capacity, null_mut()));
+        // ...and a batch of `want` when it is not.
+        for &b in &blocks[..100] {
+            assert!(!slab.give_back(b as *mut Block));
+        }
+        let mut head = null_mut();
+        assert_eq!(slab.take_batch(16, 32, &mut head), 16);
+        // SAFETY: the mapping is ours and nothing refers to it any more.
+        unsafe { os::unmap(base, SS_SIZE) };
+    }
+}
