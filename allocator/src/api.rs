@@ -191,20 +191,19 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     // Past GROW_IN_CHUNK it moves to a large block, which grows in its chunk
     // (up to 2 MiB, then by mremap) without copying; below, it gets room to
     // double, so that only every other growth step copies.
-    let new = if size > old && size > GROW_IN_CHUNK {
+    let new = if size <= old {
+        // SAFETY: forwarding.
+        unsafe { alloc_aligned(align, size) }
+    } else if size > GROW_IN_CHUNK {
         let p = large::alloc(size, align.max(MIN_ALIGN)).0;
         if p.is_null() {
             set_errno(libc::ENOMEM);
         }
         p
     } else {
-        let want = if size > old {
-            size.max(old.saturating_mul(2).min(GROW_IN_CHUNK))
-        } else {
-            size
-        };
+        let room = old.saturating_mul(2).min(GROW_IN_CHUNK);
         // SAFETY: forwarding.
-        unsafe { alloc_aligned(align, want) }
+        unsafe { alloc_aligned(align, size.max(room)) }
     };
     if new.is_null() {
         return null_mut();

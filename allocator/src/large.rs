@@ -212,19 +212,8 @@ fn flush_cache() -> bool {
     let mut any = false;
     loop {
         let mut out = [NONE; EVICT_MAX];
-        let mut n = 0;
-        {
-            let mut c = CACHE.lock();
-            while n < EVICT_MAX {
-                match c.evict_oldest(u64::MAX) {
-                    Some(m) => {
-                        out[n] = m;
-                        n += 1;
-                    }
-                    None => break,
-                }
-            }
-        }
+        // Its own statement: the lock is not held while unmapping.
+        let n = CACHE.lock().evict(u64::MAX, 0, &mut out, 0);
         if n == 0 {
             return any;
         }
@@ -300,6 +289,21 @@ impl Cache {
         }
     }
 
+    /// Moves into `out[n..]`, oldest first, mappings freed at or before `by`
+    /// while the cache holds more than `keep_bytes` (every cached mapping
+    /// counts at least its header page, so 0 means no byte bound); returns the
+    /// new `n`.
+    fn evict(&mut self, by: u64, keep_bytes: usize, out: &mut [Cached], mut n: usize) -> usize {
+        while n < out.len() && self.bytes > keep_bytes {
+            let Some(c) = self.evict_oldest(by) else {
+                break;
+            };
+            out[n] = c;
+            n += 1;
+        }
+        n
+    }
+
     /// Caches `m`; writes what must be unmapped into `out` and returns how many.
     fn put(&mut self, m: Cached, out: &mut [Cached; EVICT_MAX]) -> usize {
         let now = m.freed_at;
@@ -321,25 +325,14 @@ impl Cache {
             n += 1;
         }
         // Over the byte bound: the oldest go, leaving one slot of `out` for `m`.
-        while self.bytes + m.resident > CACHE_BYTES && n < EVICT_MAX - 1 {
-            let Some(c) = self.evict_oldest(u64::MAX) else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
-        if self.bytes + m.resident > CACHE_BYTES {
+        let room = CACHE_BYTES - m.resident;
+        n = self.evict(u64::MAX, room, &mut out[..EVICT_MAX - 1], n);
+        if self.bytes > room {
             out[n] = m;
             return n + 1;
         }
         // Age out what has sat unused for long, a little per call.
-        while n < EVICT_MAX {
-            let Some(c) = self.evict_oldest(now.saturating_sub(MAX_IDLE_NS)) else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
+        n = self.evict(now.saturating_sub(MAX_IDLE_NS), 0, out, n);
         if chunk {
             self.chunks[(self.chunk_head + self.chunk_len) % KEEP_CHUNKS] = m;
             self.chunk_len += 1;

@@ -9,7 +9,7 @@ use crate::os;
 use crate::probes;
 use crate::registry;
 use crate::segment::SegKind;
-use crate::superslab::{Slab, SlabState, SuperSlab, REMOTE_ADDR_BITS, SLABS_PER_SS, SS_SIZE};
+use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
@@ -258,10 +258,8 @@ impl Pool {
         if base.is_null() {
             return Err(FailReason::MapFailed);
         }
-        if (base as usize + SS_SIZE) as u64 > 1 << REMOTE_ADDR_BITS {
-            // Blocks must fit the remote list's address field. Linux maps
-            // above 2^47 only when asked to by a hint; should it happen, the
-            // legacy path serves.
+        if !SuperSlab::addressable(base as usize) {
+            // Should it ever happen, the legacy path serves.
             // SAFETY: the mapping was just made and nothing refers to it.
             unsafe { os::unmap(base, SS_SIZE) };
             return Err(FailReason::MapFailed);

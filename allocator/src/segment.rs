@@ -71,25 +71,15 @@ pub fn ace_class_of(byte: u8) -> Option<usize> {
     byte.checked_sub(ACE_BYTE).map(|c| c as usize)
 }
 
-/// The header of the live segment holding `ptr`.
-///
-/// # Safety
-/// The registry says `ptr` lies in a live segment (`kind_of(ptr) != 0`).
-#[inline(always)]
-pub unsafe fn header_of(ptr: usize) -> &'static SegHeader {
-    // SAFETY: per the contract the chunk is a live mapping starting with a
-    // SegHeader (registered after the header is written, removed before unmapping).
-    unsafe { &*(chunk_of(ptr) as *const SegHeader) }
-}
-
 /// The segment header for `ptr`, or None if `ptr` is not inside a hakmem segment.
 #[inline]
 pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
     if kind_of(ptr) == 0 {
         return None;
     }
-    // SAFETY: the registry says the chunk is a live segment.
-    let h = unsafe { header_of(ptr) };
+    // SAFETY: a registered chunk is a live mapping that starts with a SegHeader
+    // (registered after the header is written, removed before unmapping).
+    let h = unsafe { &*(chunk_of(ptr) as *const SegHeader) };
     if h.magic != SEG_MAGIC {
         return None;
     }

@@ -26,7 +26,7 @@ pub const SS_HEADER_RESERVE: usize = 4096;
 /// block and counts it, and one swap gives the owner the list and its exact
 /// length, so the owner can hand the list on without walking it (each block
 /// on it was last written by another core: a miss per step).
-pub const REMOTE_ADDR_BITS: u32 = 48;
+const REMOTE_ADDR_BITS: u32 = 48;
 const REMOTE_ADDR_MASK: u64 = (1 << REMOTE_ADDR_BITS) - 1;
 // The length field holds any slab's capacity.
 const _: () = assert!(SLAB_SIZE / BIN_SIZES[0] < 1 << (64 - REMOTE_ADDR_BITS));
@@ -92,6 +92,13 @@ const _: () = assert!(core::mem::size_of::<SuperSlab>() <= SS_HEADER_RESERVE);
 const _: () = assert!(core::mem::size_of::<Slab>() == 64);
 
 impl SuperSlab {
+    /// Whether a SuperSlab at `base` can serve: its blocks' addresses must fit
+    /// the remote list's address field. (Linux maps above 2^47 only when a
+    /// hint asks for it.)
+    pub fn addressable(base: usize) -> bool {
+        (base + SS_SIZE) as u64 <= 1 << REMOTE_ADDR_BITS
+    }
+
     /// Writes a fresh header into a new mapping.
     ///
     /// # Safety
