@@ -24,30 +24,42 @@ fn reserve(bytes: usize) -> bool {
 
 /// Maps `bytes` (a multiple of PAGE) aligned to `align` (a power of two >= PAGE).
 /// Returns null when the budget or the OS refuses.
+///
+/// First asks for exactly `bytes`: hakmem's mappings are all multiples of their
+/// alignment and the kernel places new mappings just below the previous ones,
+/// so that one is usually aligned already (one syscall). Only when it is not
+/// does it map `bytes + align` and trim the ends (three).
 pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
     debug_assert!(bytes.is_multiple_of(PAGE) && align.is_power_of_two() && align >= PAGE);
     if !reserve(bytes) {
         return core::ptr::null_mut();
     }
+    let exact = map_anonymous(bytes);
+    if exact as usize & (align - 1) == 0 {
+        // Aligned, or null (refused: asking for more would not help).
+        if exact.is_null() {
+            MAPPED.fetch_sub(bytes, Ordering::Relaxed);
+        }
+        return exact;
+    }
+    // SAFETY: `exact` is the mapping of `bytes` just made, unused.
+    unsafe { libc::munmap(exact.cast(), bytes) };
+    let p = map_and_trim(bytes, align);
+    if p.is_null() {
+        MAPPED.fetch_sub(bytes, Ordering::Relaxed);
+    }
+    p
+}
+
+/// Maps `bytes + align - PAGE` and unmaps what lies outside the aligned
+/// `bytes` in it. Null if the OS refuses.
+fn map_and_trim(bytes: usize, align: usize) -> *mut u8 {
     let Some(over) = bytes.checked_add(align - PAGE) else {
-        MAPPED.fetch_sub(bytes, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
-    // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
-    // existing memory; the result is checked for MAP_FAILED.
-    let raw = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            over,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED {
-        MAPPED.fetch_sub(bytes, Ordering::Relaxed);
-        return core::ptr::null_mut();
+    let raw = map_anonymous(over);
+    if raw.is_null() {
+        return raw;
     }
     let start = raw as usize;
     let aligned = (start + align - 1) & !(align - 1);
@@ -57,13 +69,34 @@ pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
     // part of the returned region.
     unsafe {
         if head > 0 {
-            libc::munmap(raw, head);
+            libc::munmap(raw.cast(), head);
         }
         if tail > 0 {
             libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
         }
     }
     aligned as *mut u8
+}
+
+/// An anonymous read-write mapping of `bytes` anywhere, or null.
+fn map_anonymous(bytes: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
+    // existing memory; the result is checked for MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        core::ptr::null_mut()
+    } else {
+        p.cast()
+    }
 }
 
 /// Grows a mapping in place (never moves it): true if the pages after it were
@@ -104,4 +137,27 @@ pub fn now_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_ways_of_mapping_aligned_memory_give_aligned_writable_memory() {
+        const ALIGN: usize = 2 << 20;
+        for round in 0..4 {
+            // The first call usually takes its first try; the second always trims.
+            for p in [map_aligned(ALIGN, ALIGN), map_and_trim(ALIGN, ALIGN)] {
+                assert!(!p.is_null());
+                assert_eq!(p as usize % ALIGN, 0, "round {round}");
+                // SAFETY: `p` is our fresh ALIGN-byte mapping.
+                unsafe {
+                    *p = 1;
+                    *p.add(ALIGN - 1) = 1;
+                    libc::munmap(p.cast(), ALIGN);
+                }
+            }
+        }
+    }
 }
