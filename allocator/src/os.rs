@@ -128,6 +128,28 @@ pub unsafe fn unmap(ptr: *mut u8, bytes: usize) {
     MAPPED.fetch_sub(bytes, Ordering::Relaxed);
 }
 
+/// Bytes of `base..base + len` in RAM (`base` page-aligned, the range mapped),
+/// or None if the kernel will not say.
+pub fn resident_bytes(base: usize, len: usize) -> Option<usize> {
+    const STEP: usize = 512;
+    let mut pages = [0u8; STEP];
+    let mut resident = 0;
+    let mut at = base;
+    let end = base.checked_add(len)?;
+    while at < end {
+        let n = (end - at).div_ceil(PAGE).min(STEP);
+        // SAFETY: mincore only writes one byte per page of the range into
+        // `pages`, which has room for `n`.
+        let r = unsafe { libc::mincore(at as *mut libc::c_void, n * PAGE, pages.as_mut_ptr()) };
+        if r != 0 {
+            return None;
+        }
+        resident += pages[..n].iter().filter(|&&b| b & 1 != 0).count() * PAGE;
+        at += n * PAGE;
+    }
+    Some(resident)
+}
+
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -142,6 +164,24 @@ pub fn now_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_bytes_counts_the_touched_pages() {
+        let len = 64 * PAGE;
+        let p = map_aligned(len, PAGE);
+        assert!(!p.is_null());
+        assert_eq!(resident_bytes(p as usize, len), Some(0));
+        // SAFETY: `p` is our fresh mapping of `len` bytes.
+        unsafe {
+            *p = 1;
+            *p.add(10 * PAGE + 5) = 1;
+            *p.add(len - 1) = 1;
+        }
+        assert_eq!(resident_bytes(p as usize, len), Some(3 * PAGE));
+        // SAFETY: as above, no longer used.
+        unsafe { unmap(p, len) };
+        assert_eq!(resident_bytes(p as usize, len), None);
+    }
 
     #[test]
     fn both_ways_of_mapping_aligned_memory_give_aligned_writable_memory() {

@@ -139,6 +139,15 @@ fn a_freed_burst_returns_superslabs_and_rss_falls() {
         n(&t["probes"]["ss_unmap"]) >= n(&t["probes"]["ss_map"]) - 4,
         "all but the kept SuperSlabs went back: {t}"
     );
+    let (peak, after) = peak_and_after(&stdout);
+    assert!(
+        after * 2 < peak,
+        "RSS fell after the burst: {peak} -> {after} KiB"
+    );
+}
+
+/// `rss_kib peak=P after=A` from a scenario's output.
+fn peak_and_after(stdout: &str) -> (u64, u64) {
     let rss = stdout
         .lines()
         .find_map(|l| l.strip_prefix("rss_kib "))
@@ -150,8 +159,27 @@ fn a_freed_burst_returns_superslabs_and_rss_falls() {
             .parse()
             .unwrap()
     };
-    let (peak, after) = (get("peak="), get("after="));
-    assert!(after * 2 < peak, "RSS fell after the burst: {rss}");
+    (get("peak="), get("after="))
+}
+
+#[test]
+fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
+    let out = run_with_deadline("large-cache", &[], DEADLINE_SECS);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let reused: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("large_reused "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Counting whole blocks, 64 MiB of cache held 63 of them.
+    assert!(reused >= 450, "{stdout}");
+    // 100 blocks of 1.9 MiB written whole: 190 MiB at the peak; the cache may
+    // keep 64 MiB of them.
+    let (peak, after) = peak_and_after(&stdout);
+    assert!(peak >= after + 100 * 1024, "{stdout}");
 }
 
 /// Runs a scenario with a deadline (a hang is a deadlock, not a slow test).

@@ -203,8 +203,9 @@ fn larson(nthreads: usize, rounds: u64) -> u64 {
     })
 }
 
-/// Strings growing by realloc, as a text buffer or a vector would.
-fn realloc_growth(buffers: u64) -> u64 {
+/// Strings growing by realloc, as a text buffer or a vector would; `keep`
+/// buffers stay live at once (each batch is freed when the next would pass it).
+fn realloc_growth(buffers: u64, keep: usize) -> u64 {
     let mut ops = 0;
     let mut rng = Rng(0x5eed);
     let mut live: Vec<*mut u8> = Vec::new();
@@ -226,7 +227,7 @@ fn realloc_growth(buffers: u64) -> u64 {
             ops += 1;
         }
         live.push(p);
-        if live.len() > 64 || b + 1 == buffers {
+        if live.len() > keep || b + 1 == buffers {
             for q in live.drain(..) {
                 free(q);
                 ops += 1;
@@ -234,6 +235,27 @@ fn realloc_growth(buffers: u64) -> u64 {
         }
     }
     ops
+}
+
+/// Rounds of `per_round` large blocks (256 KiB..2 MiB, first and last page
+/// touched) made, all kept, checked and freed in the order made: a program's
+/// buffers for one request, one file, one frame.
+fn large_rounds(rounds: u64, per_round: usize) -> u64 {
+    let mut rng = Rng(0x1a29e);
+    let mut live: Vec<(*mut u8, usize)> = Vec::with_capacity(per_round);
+    for r in 0..rounds {
+        for _ in 0..per_round {
+            let size = rng.range(256 * 1024, 2 << 20);
+            let p = malloc(size);
+            touch(p, size, r as u8);
+            live.push((p, size));
+        }
+        for (p, size) in live.drain(..) {
+            check(p, size, r as u8);
+            free(p);
+        }
+    }
+    rounds * per_round as u64 * 2
 }
 
 /// Many threads (4x the cores here), sizes across tiny, mid and large, blocks
@@ -292,7 +314,9 @@ fn main() {
         }),
         "prodcons" => producer_consumer(n(3_000_000)),
         "larson" => larson(4, n(1_000_000)),
-        "realloc" => realloc_growth(n(20_000)),
+        "realloc" => realloc_growth(n(20_000), 64),
+        "realloc-kept" => realloc_growth(n(20_000), usize::MAX),
+        "large" => large_rounds(n(10), 1000),
         "stress" => stress(8, n(200_000)),
         _ => {
             eprintln!("usage: hakbench {} [SCALE]", WORKLOADS.join("|"));

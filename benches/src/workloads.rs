@@ -2,5 +2,15 @@
 //! (shared by `hakbench` and `bench-suite`).
 
 pub const WORKLOADS: &[&str] = &[
-    "tiny", "mixed", "mid", "big", "mixed-2t", "prodcons", "larson", "realloc", "stress",
+    "tiny",
+    "mixed",
+    "mid",
+    "big",
+    "large",
+    "mixed-2t",
+    "prodcons",
+    "larson",
+    "realloc",
+    "realloc-kept",
+    "stress",
 ];

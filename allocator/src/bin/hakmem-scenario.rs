@@ -28,6 +28,7 @@ fn main() {
         "stress" => stress,
         "mixed" => mixed,
         "burst" => burst,
+        "large-cache" => large_cache,
         "forever" => forever,
         "fork" => fork,
         "oom" => oom,
@@ -35,7 +36,7 @@ fn main() {
         "foreign-free" => foreign_free,
         "abandon" => abandon,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|large-cache|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -289,6 +290,42 @@ fn burst() {
     drop(blocks);
     let after = rss_kib();
     println!("rss_kib before={before} peak={peak} after={after}");
+}
+
+/// The large cache keeps blocks that were barely touched and lets go of
+/// blocks that were: 500 blocks of 1 MiB with one page written, freed and made
+/// again (prints how many came back at the same address), then 100 blocks of
+/// 1.9 MiB written whole and freed (prints RSS at the peak and after).
+fn large_cache() {
+    let make = |n: usize, size: usize, touch: usize| -> Vec<usize> {
+        (0..n)
+            .map(|i| {
+                // SAFETY: plain allocation, checked.
+                let p = unsafe { hakmem::api::malloc(size) };
+                assert!(!p.is_null());
+                fill(p, touch, i as u8);
+                p as usize
+            })
+            .collect()
+    };
+    let free_all = |blocks: &[usize]| {
+        for &p in blocks {
+            // SAFETY: allocated by `make`, freed once.
+            unsafe { hakmem::api::free(p as *mut u8) };
+        }
+    };
+    let first = make(500, 1 << 20, 4096);
+    free_all(&first);
+    let second = make(500, 1 << 20, 4096);
+    let reused = second.iter().filter(|p| first.contains(p)).count();
+    free_all(&second);
+    println!("large_reused {reused} of 500");
+    let whole = 1900 * 1024;
+    let touched = make(100, whole, whole);
+    let peak = rss_kib();
+    free_all(&touched);
+    let after = rss_kib();
+    println!("rss_kib peak={peak} after={after}");
 }
 
 /// Allocates and frees in a loop until killed (a target for attach/detach tests).
