@@ -215,6 +215,7 @@ fn realloc_growth(buffers: u64, keep: usize) -> u64 {
         touch(p, cap, 1);
         let target = rng.range(64, 64 * 1024);
         while cap < target {
+            let old = cap;
             cap = cap + cap / 2 + 8;
             // SAFETY: p is live; the result replaces it.
             let q = unsafe { libc::realloc(p.cast(), cap) } as *mut u8;
@@ -222,8 +223,10 @@ fn realloc_growth(buffers: u64, keep: usize) -> u64 {
                 std::process::exit(1);
             }
             p = q;
-            check(p, 1, 1);
-            touch(p, cap, 1);
+            check(p, old, 1);
+            // Append: a text buffer or a vector writes what it grew by.
+            // SAFETY: p has cap bytes.
+            unsafe { std::ptr::write_bytes(p.add(old), 1, cap - old) };
             ops += 1;
         }
         live.push(p);
