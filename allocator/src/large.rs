@@ -45,6 +45,9 @@ const MAX_IDLE_NS: u64 = 1_000_000_000;
 /// a lone 2 MiB chunk with 40 KB touched costs about 15 us to unmap, one of a
 /// run of 16 about 7 us.
 const EVICT_MAX: usize = 32;
+/// Smallest block whose resident pages a free counts: below, counting it whole
+/// costs the cache little and the mincore call would cost more.
+const MEASURE_MIN: usize = 256 << 10;
 /// Largest block whose resident pages a free counts (mincore, one call per
 /// 2 MiB); a bigger one is counted as wholly touched.
 const MEASURE_MAX: usize = 16 << 20;
@@ -204,7 +207,9 @@ pub fn free(chunk: usize) {
     // Counted as wholly touched while the cache is less than half full; past
     // that, its pages are counted (mincore), so that a program touching a
     // little of big blocks keeps them cached instead of mapping them anew.
-    if CACHE.lock().bytes + resident > CACHE_BYTES / 2 && resident <= MEASURE_MAX {
+    if (MEASURE_MIN..=MEASURE_MAX).contains(&resident)
+        && CACHE.lock().bytes + resident > CACHE_BYTES / 2
+    {
         resident = os::resident_bytes(chunk, resident).unwrap_or(resident);
     }
     let mut evicted = [NONE; EVICT_MAX];
