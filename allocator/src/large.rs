@@ -65,6 +65,10 @@ struct LargeHeader {
     user_offset: usize,
     /// Bytes the user may use (page-rounded request, at most map_size - user_offset).
     usable: usize,
+    /// Bytes from the mapping's start that any of its users could have
+    /// touched: a cached mapping keeps its pages, so one reused for a smaller
+    /// block still holds what a bigger one before it wrote.
+    extent: usize,
     live: bool,
 }
 
@@ -145,11 +149,13 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
                 map_size: map,
                 user_offset: 0,
                 usable: 0,
+                extent: 0,
                 live: false,
             });
         }
         (*h).user_offset = offset;
         (*h).usable = total - offset;
+        (*h).extent = (*h).extent.max(total);
         (*h).live = true;
     }
     if fresh {
@@ -193,6 +199,7 @@ pub fn resize_in_place(chunk: usize, size: usize) -> bool {
         }
     }
     h.usable = need - h.user_offset;
+    h.extent = h.extent.max(need);
     true
 }
 
@@ -202,7 +209,7 @@ pub fn free(chunk: usize) {
     let (size, mut resident) = unsafe {
         let h = &mut *(chunk as *mut LargeHeader);
         h.live = false;
-        (h.map_size, h.user_offset + h.usable)
+        (h.map_size, h.extent)
     };
     // Counted as wholly touched while the cache is less than half full; past
     // that, its pages are counted (mincore), so that a program touching a

@@ -29,6 +29,7 @@ fn main() {
         "mixed" => mixed,
         "burst" => burst,
         "large-cache" => large_cache,
+        "large-stale" => large_stale,
         "forever" => forever,
         "fork" => fork,
         "oom" => oom,
@@ -36,7 +37,7 @@ fn main() {
         "foreign-free" => foreign_free,
         "abandon" => abandon,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|large-cache|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -292,28 +293,49 @@ fn burst() {
     println!("rss_kib before={before} peak={peak} after={after}");
 }
 
+/// `n` blocks of `size` bytes with their first `touch` bytes written.
+fn make(n: usize, size: usize, touch: usize) -> Vec<usize> {
+    (0..n)
+        .map(|i| {
+            // SAFETY: plain allocation, checked.
+            let p = unsafe { hakmem::api::malloc(size) };
+            assert!(!p.is_null());
+            fill(p, touch, i as u8);
+            p as usize
+        })
+        .collect()
+}
+
+fn free_all(blocks: &[usize]) {
+    for &p in blocks {
+        // SAFETY: allocated by `make`, freed once.
+        unsafe { hakmem::api::free(p as *mut u8) };
+    }
+}
+
+/// A cached chunk reused for a small block still holds what the big block
+/// before it wrote, and the cache must count it: 30 blocks of 1.9 MiB written
+/// whole and freed; 30 blocks of 300 KB (reusing those chunks, one page
+/// written) kept while 30 more of 1.9 MiB are made and written; those freed,
+/// then the small ones.
+/// Prints RSS before and after (the cache may keep 64 MiB).
+fn large_stale() {
+    let whole = 1900 * 1024;
+    let before = rss_kib();
+    free_all(&make(30, whole, whole));
+    let small = make(30, 300 * 1024, 4096);
+    let big = make(30, whole, whole);
+    free_all(&big);
+    free_all(&small);
+    let after = rss_kib();
+    println!("rss_kib before={before} after={after}");
+}
+
 /// The large cache keeps blocks that were barely touched and lets go of
 /// blocks that were: 500 blocks of 1 MiB with one page written, freed and made
 /// again (prints how many came back at the same address), then 100 blocks of
 /// 1.9 MiB written whole and freed (prints RSS at the peak and after).
 fn large_cache() {
-    let make = |n: usize, size: usize, touch: usize| -> Vec<usize> {
-        (0..n)
-            .map(|i| {
-                // SAFETY: plain allocation, checked.
-                let p = unsafe { hakmem::api::malloc(size) };
-                assert!(!p.is_null());
-                fill(p, touch, i as u8);
-                p as usize
-            })
-            .collect()
-    };
-    let free_all = |blocks: &[usize]| {
-        for &p in blocks {
-            // SAFETY: allocated by `make`, freed once.
-            unsafe { hakmem::api::free(p as *mut u8) };
-        }
-    };
     let first = make(500, 1 << 20, 4096);
     free_all(&first);
     let second = make(500, 1 << 20, 4096);
