@@ -51,6 +51,9 @@ const MEASURE_MIN: usize = 256 << 10;
 /// Largest block whose resident pages a free counts (mincore, one call per
 /// 2 MiB); a bigger one is counted as wholly touched.
 const MEASURE_MAX: usize = 16 << 20;
+/// How many of the most recently freed chunks a large allocation looks at for
+/// the best fit.
+const FIT_SCAN: usize = 32;
 /// When the ring of chunks is full, this many of the oldest go at once.
 const EVICT_CHUNKS: usize = 16;
 /// When over `CACHE_BYTES`, eviction goes this far below it.
@@ -77,7 +80,9 @@ struct Cached {
     base: usize,
     /// Bytes mapped.
     size: usize,
-    /// Bytes its last user could have touched (what it may hold resident).
+    /// Bytes from `base` that any of its users could have touched.
+    extent: usize,
+    /// Bytes it may hold resident: its extent, or what mincore counted.
     resident: usize,
     /// When it was freed (`now_ns`).
     freed_at: u64,
@@ -86,6 +91,7 @@ struct Cached {
 const NONE: Cached = Cached {
     base: 0,
     size: 0,
+    extent: 0,
     resident: 0,
     freed_at: 0,
 };
@@ -125,7 +131,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     };
     let map = if total <= CHUNK { CHUNK } else { total };
     // Its own statement: the guard must be dropped before `flush_cache` locks again.
-    let cached = CACHE.lock().take(map);
+    let cached = CACHE.lock().take(map, total);
     let (base, fresh) = match cached {
         Some(base) => (base, false),
         None => {
@@ -206,11 +212,12 @@ pub fn resize_in_place(chunk: usize, size: usize) -> bool {
 /// Frees the large block whose mapping starts at `chunk`.
 pub fn free(chunk: usize) {
     // SAFETY: the caller checked `is_live_block`; the header is ours.
-    let (size, mut resident) = unsafe {
+    let (size, extent) = unsafe {
         let h = &mut *(chunk as *mut LargeHeader);
         h.live = false;
         (h.map_size, h.extent)
     };
+    let mut resident = extent;
     // Counted as wholly touched while the cache is less than half full; past
     // that, its pages are counted (mincore), so that a program touching a
     // little of big blocks keeps them cached instead of mapping them anew.
@@ -225,6 +232,7 @@ pub fn free(chunk: usize) {
         Cached {
             base: chunk,
             size,
+            extent,
             resident,
             freed_at: now,
         },
@@ -275,14 +283,20 @@ pub fn unlock_after_fork() {
 }
 
 impl Cache {
-    /// A whole chunk for `map == CHUNK` (the most recently freed); otherwise
-    /// the best fit no more than twice `map`.
-    fn take(&mut self, map: usize) -> Option<usize> {
+    /// For `map == CHUNK`, a whole chunk for a block of `extent` bytes: among
+    /// the `FIT_SCAN` most recently freed, the one whose extent is the smallest
+    /// that covers it, else the most recently freed. Each chunk so keeps to
+    /// blocks of about one size, and its extent (what a free must count, see
+    /// `free`) stays near that size instead of growing to the largest block
+    /// it ever held. Otherwise the best fit no more than twice `map`.
+    fn take(&mut self, map: usize, extent: usize) -> Option<usize> {
         let c = if map == CHUNK {
-            if self.chunk_len == 0 {
-                return None;
-            }
-            self.remove_chunk(self.chunk_len - 1)
+            let newest = self.chunk_len.checked_sub(1)?;
+            let k = (self.chunk_len.saturating_sub(FIT_SCAN)..self.chunk_len)
+                .filter(|&k| self.chunks[self.ring(k)].extent >= extent)
+                .min_by_key(|&k| self.chunks[self.ring(k)].extent)
+                .unwrap_or(newest);
+            self.remove_chunk(k)
         } else {
             let i = (0..self.sized_len)
                 .filter(|&i| {
@@ -294,13 +308,22 @@ impl Cache {
         Some(c.base)
     }
 
-    /// Removes the chunk `k` places after the oldest: 0 is the oldest,
-    /// `chunk_len - 1` the newest (the ring is only cut at its two ends).
+    /// Ring index of the chunk `k` places after the oldest.
+    fn ring(&self, k: usize) -> usize {
+        (self.chunk_head + k) % KEEP_CHUNKS
+    }
+
+    /// Removes the chunk `k` places after the oldest (0 is the oldest,
+    /// `chunk_len - 1` the newest); the newer ones move down a place, so the
+    /// ring stays in the order freed.
     fn remove_chunk(&mut self, k: usize) -> Cached {
-        debug_assert!(k == 0 || k + 1 == self.chunk_len);
-        let c = self.chunks[(self.chunk_head + k) % KEEP_CHUNKS];
+        let c = self.chunks[self.ring(k)];
         if k == 0 {
-            self.chunk_head = (self.chunk_head + 1) % KEEP_CHUNKS;
+            self.chunk_head = self.ring(1);
+        } else {
+            for j in k..self.chunk_len - 1 {
+                self.chunks[self.ring(j)] = self.chunks[self.ring(j + 1)];
+            }
         }
         self.chunk_len -= 1;
         self.bytes -= c.resident;
@@ -382,7 +405,8 @@ impl Cache {
         // Age out what has sat unused for long, a little per call.
         n = self.evict(now.saturating_sub(MAX_IDLE_NS), 0, out, n);
         if chunk {
-            self.chunks[(self.chunk_head + self.chunk_len) % KEEP_CHUNKS] = m;
+            let top = self.ring(self.chunk_len);
+            self.chunks[top] = m;
             self.chunk_len += 1;
         } else {
             self.sized[self.sized_len] = m;
@@ -401,21 +425,26 @@ mod tests {
         Cached {
             base,
             size: CHUNK,
+            extent: PAGE,
             resident: PAGE,
             freed_at,
         }
     }
 
-    #[test]
-    fn a_full_ring_of_chunks_evicts_its_oldest_in_one_batch() {
-        let mut cache = Cache {
+    fn empty_cache() -> Cache {
+        Cache {
             chunks: [NONE; KEEP_CHUNKS],
             chunk_head: 0,
             chunk_len: 0,
             sized: [NONE; CACHE_SLOTS],
             sized_len: 0,
             bytes: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_full_ring_of_chunks_evicts_its_oldest_in_one_batch() {
+        let mut cache = empty_cache();
         let mut out = [NONE; EVICT_MAX];
         // Addresses only: the cache never touches the memory it tracks.
         for i in 0..KEEP_CHUNKS {
@@ -431,6 +460,26 @@ mod tests {
             cache.put(chunk_at((KEEP_CHUNKS + 2) * CHUNK, 1), &mut out),
             0
         );
+    }
+
+    #[test]
+    fn a_chunk_goes_to_the_block_its_extent_fits_best_and_the_rest_keep_their_order() {
+        let mut cache = empty_cache();
+        let mut out = [NONE; EVICT_MAX];
+        for (i, kib) in [2048, 512, 1024, 768].into_iter().enumerate() {
+            let c = Cached {
+                extent: kib << 10,
+                ..chunk_at((i + 1) * CHUNK, 1)
+            };
+            assert_eq!(cache.put(c, &mut out), 0);
+        }
+        assert_eq!(cache.take(CHUNK, 600 << 10), Some(4 * CHUNK));
+        assert_eq!(cache.take(CHUNK, 600 << 10), Some(3 * CHUNK));
+        // Nothing covers 3 MiB: the most recently freed.
+        assert_eq!(cache.take(CHUNK, 3 << 20), Some(2 * CHUNK));
+        assert_eq!(cache.take(CHUNK, 1), Some(CHUNK));
+        assert_eq!(cache.take(CHUNK, 1), None);
+        assert_eq!(cache.bytes, 0);
     }
 
     #[test]
