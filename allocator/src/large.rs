@@ -13,12 +13,17 @@
 //!
 //! A cached mapping goes back to the OS when the cache holds more than
 //! `CACHE_BYTES` of what its users touched, or it has gone unused for
-//! `MAX_IDLE_NS` (checked at large frees). What a user touched is taken to be
-//! its whole block while the cache is less than half full, and counted
-//! (mincore) past that: a program that makes and frees a thousand 1 MiB
-//! blocks, touching a few pages of each, keeps them all cached (no map, no
-//! fault next time) where counting whole blocks kept 58. When the OS refuses a mapping, the
+//! `MAX_IDLE_NS` (checked at large frees). When the OS refuses a mapping, the
 //! cache is emptied and the mapping tried once more.
+//!
+//! What a mapping may hold is its extent: every byte any of its users could
+//! have touched (a reused chunk keeps the pages an earlier, bigger block
+//! wrote). Past half full, the cache counts the pages a freed block of 256 KiB
+//! or more really holds (mincore), so a program that makes and frees a
+//! thousand 1 MiB blocks, touching a few pages of each, keeps them all cached
+//! (no map, no fault next time) where counting whole blocks kept 58. A chunk
+//! goes to the block its extent fits best, so extents stay near one block
+//! size and the count walks few page-table entries.
 //!
 //! Idleness is measured in time, not in frees: with a count (1024 frees), a
 //! program that churns large blocks quickly (the `stress` workload: 50,000
@@ -108,14 +113,16 @@ struct Cache {
     bytes: usize,
 }
 
-static CACHE: SpinLock<Cache> = SpinLock::new(Cache {
+const EMPTY: Cache = Cache {
     chunks: [NONE; KEEP_CHUNKS],
     chunk_head: 0,
     chunk_len: 0,
     sized: [NONE; CACHE_SLOTS],
     sized_len: 0,
     bytes: 0,
-});
+};
+
+static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
 
 fn round_page(v: usize) -> Option<usize> {
     Some(v.checked_add(PAGE - 1)? & !(PAGE - 1))
@@ -396,7 +403,12 @@ impl Cache {
         // Over the byte bound: the oldest go, leaving one slot of `out` for `m`.
         let room = CACHE_BYTES - m.resident;
         if self.bytes > room {
-            n = self.evict(u64::MAX, room - EVICT_SLACK, &mut out[..EVICT_MAX - 1], n);
+            n = self.evict(
+                u64::MAX,
+                room.saturating_sub(EVICT_SLACK),
+                &mut out[..EVICT_MAX - 1],
+                n,
+            );
         }
         if self.bytes > room {
             out[n] = m;
@@ -431,20 +443,9 @@ mod tests {
         }
     }
 
-    fn empty_cache() -> Cache {
-        Cache {
-            chunks: [NONE; KEEP_CHUNKS],
-            chunk_head: 0,
-            chunk_len: 0,
-            sized: [NONE; CACHE_SLOTS],
-            sized_len: 0,
-            bytes: 0,
-        }
-    }
-
     #[test]
     fn a_full_ring_of_chunks_evicts_its_oldest_in_one_batch() {
-        let mut cache = empty_cache();
+        let mut cache = EMPTY;
         let mut out = [NONE; EVICT_MAX];
         // Addresses only: the cache never touches the memory it tracks.
         for i in 0..KEEP_CHUNKS {
@@ -464,7 +465,7 @@ mod tests {
 
     #[test]
     fn a_chunk_goes_to_the_block_its_extent_fits_best_and_the_rest_keep_their_order() {
-        let mut cache = empty_cache();
+        let mut cache = EMPTY;
         let mut out = [NONE; EVICT_MAX];
         for (i, kib) in [2048, 512, 1024, 768].into_iter().enumerate() {
             let c = Cached {
