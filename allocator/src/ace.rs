@@ -329,7 +329,7 @@ impl AceClass {
         if self.segments >= config::get().ace_max_segments {
             return Err(AceFailKind::Exhaustion);
         }
-        let base = os::map_aligned(CHUNK, CHUNK);
+        let base = os::map_chunk();
         if base.is_null() {
             return Err(AceFailKind::MapFail);
         }

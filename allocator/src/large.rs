@@ -142,9 +142,9 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     let (base, fresh) = match cached {
         Some(base) => (base, false),
         None => {
-            let mut p = os::map_aligned(map, CHUNK);
+            let mut p = map_fresh(map);
             if p.is_null() && flush_cache() {
-                p = os::map_aligned(map, CHUNK);
+                p = map_fresh(map);
             }
             if p.is_null() {
                 return (null_mut(), false);
@@ -175,6 +175,15 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         registry::insert(base, SegKind::Large as u8);
     }
     ((base + offset) as *mut u8, fresh)
+}
+
+/// A new mapping of `map` bytes (CHUNK or more), chunk-aligned.
+fn map_fresh(map: usize) -> *mut u8 {
+    if map == CHUNK {
+        os::map_chunk()
+    } else {
+        os::map_aligned(map, CHUNK)
+    }
 }
 
 /// Usable bytes of the large block whose mapping starts at `chunk`.

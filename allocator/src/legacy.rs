@@ -88,7 +88,7 @@ pub fn unlock_after_fork() {
 
 impl LegacyClass {
     fn grow(&mut self, bin: usize) -> bool {
-        let base = os::map_aligned(CHUNK, CHUNK);
+        let base = os::map_chunk();
         if base.is_null() {
             return false;
         }

@@ -254,7 +254,7 @@ impl Pool {
         if self.superslabs >= config::get().ss_max {
             return Err(FailReason::Budget);
         }
-        let base = os::map_aligned(SS_SIZE, SS_SIZE);
+        let base = os::map_chunk();
         if base.is_null() {
             return Err(FailReason::MapFailed);
         }

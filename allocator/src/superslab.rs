@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn concurrent_remote_frees_drain_with_their_exact_count() {
         const THREADS: usize = 4;
-        let base = os::map_aligned(SS_SIZE, SS_SIZE);
+        let base = os::map_chunk();
         assert!(!base.is_null());
         // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
         let ss = unsafe { SuperSlab::init(base) };

@@ -55,9 +55,11 @@ extern "C" fn before_fork() {
     crate::legacy::lock_for_fork();
     crate::ace::lock_for_fork();
     crate::large::lock_for_fork();
+    crate::os::lock_for_fork();
 }
 
 fn unlock_all() {
+    crate::os::unlock_after_fork();
     crate::large::unlock_after_fork();
     crate::ace::unlock_after_fork();
     crate::legacy::unlock_after_fork();
