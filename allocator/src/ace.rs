@@ -6,7 +6,8 @@
 //! every miss (the thread wants more than it keeps) and halves when the cache
 //! overflows twice with no miss in between (the thread keeps more than it
 //! uses). A segment whose blocks are all free is returned to the OS once the
-//! class already keeps one such segment (hysteresis against map/unmap churn).
+//! class already keeps four such segments or all classes together keep 32
+//! (hysteresis against map/unmap churn, bounded in memory).
 //!
 //! Failures, each an `ace_fail` probe, fall through to the large path:
 //! Threshold (size above `HAKMEM_ACE_MAX_BYTES`), Exhaustion (the class may not
@@ -22,6 +23,7 @@ use crate::superslab::Block;
 use crate::sync::SpinLock;
 use crate::tiny::with_cache;
 use core::ptr::null_mut;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use hakmem_common::{AceFailKind, ACE_CLASSES, NO_CLASS};
 
 const HEADER_RESERVE: usize = 4096;
@@ -48,6 +50,11 @@ const MAX_CAP: [u32; ACE_CLASSES] = {
 const _: () = assert!(MAX_CAP[ACE_CLASSES - 1] >= MIN_CAP);
 /// Free segments a class keeps mapped before returning more to the OS.
 const KEEP_FREE_SEGMENTS: usize = 4;
+/// Free segments all classes together keep mapped (64 MiB; checked without a
+/// common lock, so two classes at once may pass it by one each). With 27
+/// classes, four each could hold 216 MiB of a program's freed memory.
+const KEEP_FREE_TOTAL: usize = 32;
+static FREE_KEPT: AtomicUsize = AtomicUsize::new(0);
 
 pub struct AceCache {
     head: *mut Block,
@@ -284,6 +291,7 @@ impl AceClass {
                 let s = self.free;
                 self.unlink(s);
                 self.free_count -= 1;
+                FREE_KEPT.fetch_sub(1, Ordering::Relaxed);
                 self.link(s, SegList::Partial);
                 s
             } else {
@@ -377,7 +385,9 @@ impl AceClass {
             return None;
         }
         self.unlink(seg);
-        if self.free_count < KEEP_FREE_SEGMENTS {
+        if self.free_count < KEEP_FREE_SEGMENTS
+            && FREE_KEPT.load(Ordering::Relaxed) < KEEP_FREE_TOTAL
+        {
             self.keep_free(seg);
             return None;
         }
@@ -388,6 +398,7 @@ impl AceClass {
     fn keep_free(&mut self, seg: *mut AceSegment) {
         self.link(seg, SegList::Free);
         self.free_count += 1;
+        FREE_KEPT.fetch_add(1, Ordering::Relaxed);
     }
 
     fn link(&mut self, seg: *mut AceSegment, list: SegList) {
