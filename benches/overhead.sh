@@ -2,7 +2,8 @@
 # Probe cost: bench_random_mixed OPS SLOTS under libhakmem.so, REPS interleaved runs of
 #   noprobes  - a build with the probes compiled out (--no-default-features --features c-abi)
 #   idle      - the normal build, nobody attached (semaphores 0)
-#   watched   - the normal build under `hakctl run` (every probe attached, eBPF counting)
+#   watched   - the normal build under `hakctl run` (every probe but the drain probes)
+#   drains    - the same with `hakctl run --drains` (a trap per thread-cache drain too)
 # prints medians and ratios to `idle`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,15 +17,17 @@ declare -A R
 for rep in $(seq 1 "$REPS"); do
     n=$(LD_PRELOAD=$PWD/$NOPROBES $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of)
     i=$(LD_PRELOAD=$PWD/$REL/libhakmem.so $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of)
-    w=$(HAKMEM_LIB=$PWD/$REL/libhakmem.so $REL/hakctl run --json --interval 0.5 -- $REL/bench_random_mixed "$OPS" "$SLOTS" 2>/dev/null | ops_of)
-    R[noprobes]+="$n "; R[idle]+="$i "; R[watched]+="$w "
-    echo "rep $rep: noprobes $n idle $i watched $w"
+    watch() { HAKMEM_LIB=$PWD/$REL/libhakmem.so $REL/hakctl run --json --interval 0.5 "$@" -- $REL/bench_random_mixed "$OPS" "$SLOTS" 2>/dev/null | ops_of; }
+    w=$(watch)
+    d=$(watch --drains)
+    R[noprobes]+="$n "; R[idle]+="$i "; R[watched]+="$w "; R[drains]+="$d "
+    echo "rep $rep: noprobes $n idle $i watched $w drains $d"
 done
 idle=$(median "${R[idle]}")
 echo
 echo "probe cost, bench_random_mixed $OPS $SLOTS, median of $REPS interleaved runs"
 printf '%-9s %14s %9s\n' build ops/s vs_idle
-for k in noprobes idle watched; do
+for k in noprobes idle watched drains; do
     m=$(median "${R[$k]}")
     printf '%-9s %14s %9s\n' "$k" "$m" "$(ratio "$m" "$idle" 3)"
 done

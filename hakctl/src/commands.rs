@@ -1,7 +1,7 @@
 //! The subcommands.
 
 use crate::report::Report;
-use crate::session::{Session, Snapshot};
+use crate::session::{Session, Snapshot, DRAIN_PROBES};
 use crate::target::{self, HakmemObject};
 use anyhow::{bail, Context, Result};
 use hakmem_common::trace::TraceEvent;
@@ -60,10 +60,10 @@ pub fn probes(target_arg: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn attach(pid: i32) -> Result<(Session, Vec<HakmemObject>)> {
+fn attach(pid: i32, drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
     target::check_environment()?;
     let objects = target::find_in_process(pid)?;
-    let session = Session::attach(pid, objects.clone()).map_err(|e| {
+    let session = Session::attach(pid, objects.clone(), drains).map_err(|e| {
         if target::exited(pid) {
             anyhow::anyhow!("process {pid} exited while hakctl was attaching")
         } else {
@@ -112,6 +112,7 @@ fn report<'a>(
         pid: s.pid,
         process: s.process.clone(),
         locations: s.locations,
+        drains: s.drains,
         total,
         elapsed: total.at.duration_since(s.started).as_secs_f64(),
         interval: prev.map(|p| {
@@ -124,8 +125,14 @@ fn report<'a>(
     }
 }
 
-pub async fn watch(pid: i32, interval: f64, duration: Option<f64>, json: bool) -> Result<ExitCode> {
-    let (session, _) = attach(pid)?;
+pub async fn watch(
+    pid: i32,
+    interval: f64,
+    duration: Option<f64>,
+    json: bool,
+    drains: bool,
+) -> Result<ExitCode> {
+    let (session, _) = attach(pid, drains)?;
     watch_session(&session, interval, duration, json, "watch").await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -196,8 +203,13 @@ fn render(out: &mut impl Write, r: &Report, json: bool, tty: bool) {
     let _ = out.flush();
 }
 
-pub async fn stage_stats(pid: i32, duration: Option<f64>, json: bool) -> Result<ExitCode> {
-    let (session, _) = attach(pid)?;
+pub async fn stage_stats(
+    pid: i32,
+    duration: Option<f64>,
+    json: bool,
+    drains: bool,
+) -> Result<ExitCode> {
+    let (session, _) = attach(pid, drains)?;
     eprintln!(
         "hakctl: attached to {} probe locations in process {pid}",
         session.locations
@@ -246,7 +258,9 @@ pub async fn trace(
     if mask == 0 {
         mask = (1 << PROBE_COUNT) - 1;
     }
-    let (mut session, _) = attach(pid)?;
+    // Tracing is asking for events: the drain probes too, unless filtered out.
+    let drains = DRAIN_PROBES.iter().any(|&id| mask & (1 << id as u32) != 0);
+    let (mut session, _) = attach(pid, drains)?;
     session.set_trace_mask(mask)?;
     let mut events = session.take_events()?;
     let stop_at = duration
@@ -375,14 +389,14 @@ fn preload_library() -> Result<std::path::PathBuf> {
     Ok(lib)
 }
 
-pub async fn run(cmd: &[String], interval: f64, json: bool) -> Result<ExitCode> {
+pub async fn run(cmd: &[String], interval: f64, json: bool, drains: bool) -> Result<ExitCode> {
     if !(interval > 0.0 && interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
     let lib = preload_library()?.canonicalize().context("libhakmem.so")?;
     target::find_in_file(&lib)?;
     target::check_environment()?;
-    let mut child = crate::run::spawn(cmd, &lib)?;
+    let mut child = crate::run::spawn(cmd, &lib, drains)?;
     let tty = std::io::stdout().is_terminal() && !json;
     let mut out = std::io::stdout().lock();
     if tty {

@@ -41,6 +41,10 @@ enum Command {
         /// One JSON document per refresh (schema: docs/json-schema.md).
         #[arg(long)]
         json: bool,
+        /// Also attach tls_drain and remote_drain (a trap per thread-cache drain:
+        /// a busy program can run 10-15% slower while watched).
+        #[arg(long)]
+        drains: bool,
     },
     /// Attach for a while, then print per-class stage hit rates, legacy fallbacks and recycle outcomes.
     StageStats {
@@ -51,6 +55,9 @@ enum Command {
         /// Print the raw counts as JSON (schema: docs/json-schema.md).
         #[arg(long)]
         json: bool,
+        /// Also attach tls_drain and remote_drain (see `watch --drains`).
+        #[arg(long)]
+        drains: bool,
     },
     /// One line per probe event, through a ring buffer.
     Trace {
@@ -71,6 +78,9 @@ enum Command {
         interval: f64,
         #[arg(long)]
         json: bool,
+        /// Also attach tls_drain and remote_drain (see `watch --drains`).
+        #[arg(long)]
+        drains: bool,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
@@ -100,12 +110,14 @@ fn main() -> ExitCode {
                 interval,
                 duration,
                 json,
-            } => commands::watch(pid, interval, duration, json).await,
+                drains,
+            } => commands::watch(pid, interval, duration, json, drains).await,
             Command::StageStats {
                 pid,
                 duration,
                 json,
-            } => commands::stage_stats(pid, duration, json).await,
+                drains,
+            } => commands::stage_stats(pid, duration, json, drains).await,
             Command::Trace {
                 pid,
                 probes,
@@ -115,8 +127,9 @@ fn main() -> ExitCode {
             Command::Run {
                 interval,
                 json,
+                drains,
                 cmd,
-            } => commands::run(&cmd, interval, json).await,
+            } => commands::run(&cmd, interval, json, drains).await,
         }
     });
     match result {

@@ -19,6 +19,8 @@ pub struct Report<'a> {
     pub pid: i32,
     pub process: String,
     pub locations: usize,
+    /// Whether the drain probes are attached (if not, their counts stay 0).
+    pub drains: bool,
     /// Counts since attach.
     pub total: &'a Snapshot,
     /// Seconds since attach.
@@ -87,6 +89,11 @@ fn ratio(n: u64, d: u64) -> f64 {
 }
 
 impl Report<'_> {
+    /// Whether probe `id` was attached (its count means something).
+    fn attached(&self, id: ProbeId) -> bool {
+        self.drains || !crate::session::DRAIN_PROBES.contains(&id)
+    }
+
     pub fn json(&self) -> Value {
         let t = &self.total.tally;
         let hit_rates: Vec<Value> = (0..TINY_CLASSES)
@@ -117,6 +124,7 @@ impl Report<'_> {
             "elapsed_s": self.elapsed,
             "target_exited": self.target_exited,
             "probe_locations": self.locations,
+            "drains_attached": self.drains,
             "counts": tally_json(t),
             "rates_per_s": rates,
             "stage_hit_rates": hit_rates,
@@ -170,6 +178,10 @@ impl Report<'_> {
         );
         let _ = writeln!(o, "\nPROBE              TOTAL        RATE/s");
         for p in PROBES.iter() {
+            if !self.attached(p.id) {
+                let _ = writeln!(o, "{:<16} {:>9} {:>12}", p.name, "off", "--drains");
+                continue;
+            }
             let rate = match &self.interval {
                 Some((d, secs)) => format!("{:>12.0}", d.probe(p.id) as f64 / secs),
                 None => format!("{:>12}", "-"),
@@ -261,6 +273,13 @@ impl Report<'_> {
             ("acquire stage3 ns", HIST_ACQUIRE_NS as usize + 2),
         ];
         for (name, row) in rows {
+            let drain_row = [HIST_TLS_DRAIN_BATCH, HIST_REMOTE_DRAIN_BATCH]
+                .iter()
+                .any(|&r| r as usize == row);
+            if drain_row && !self.drains {
+                let _ = writeln!(o, "{name:<20} {:>7}", "off");
+                continue;
+            }
             let p = percentiles(&h[row]);
             let _ = writeln!(
                 o,

@@ -27,10 +27,12 @@ pub enum Event {
 pub struct Child {
     pub pid: i32,
     pub session: Option<Session>,
+    /// Attach the drain probes too (see `session::DRAIN_PROBES`).
+    drains: bool,
 }
 
 /// Starts `cmd` traced, with the preload and the stop request in its environment.
-pub fn spawn(cmd: &[String], lib: &std::path::Path) -> Result<Child> {
+pub fn spawn(cmd: &[String], lib: &std::path::Path, drains: bool) -> Result<Child> {
     let mut c = std::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg("HAKMEM_STOP_AT_START=$$ LD_PRELOAD=\"$HAKCTL_PRELOAD${LD_PRELOAD:+ $LD_PRELOAD}\" exec \"$@\"")
@@ -63,7 +65,11 @@ pub fn spawn(cmd: &[String], lib: &std::path::Path) -> Result<Child> {
         libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts as libc::c_long);
         libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
     }
-    Ok(Child { pid, session: None })
+    Ok(Child {
+        pid,
+        session: None,
+        drains,
+    })
 }
 
 impl Child {
@@ -94,7 +100,7 @@ impl Child {
             } else if sig == libc::SIGSTOP && self.session.is_none() {
                 // Its first allocation: attach, and swallow the stop.
                 let objects = target::find_in_process(self.pid)?;
-                self.session = Some(Session::attach(self.pid, objects)?);
+                self.session = Some(Session::attach(self.pid, objects, self.drains)?);
                 event = Event::Attached;
             } else {
                 deliver = sig;

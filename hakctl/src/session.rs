@@ -15,6 +15,11 @@ use std::time::Instant;
 
 const PROGRAM: &str = "hakmem_probe";
 
+/// Probes that fire once per thread-cache drain: tens of thousands of times a
+/// second in a busy program, each a trap into the kernel (bench_random_mixed
+/// ran 12-16% slower with them attached). Attached only on request.
+pub const DRAIN_PROBES: [ProbeId; 2] = [ProbeId::TlsDrain, ProbeId::RemoteDrain];
+
 /// Everything hakctl reads from the maps at one moment.
 #[derive(Clone)]
 pub struct Snapshot {
@@ -35,12 +40,15 @@ pub struct Session {
     /// The process's name at attach (it may be gone when the last report is written).
     pub process: String,
     pub locations: usize,
+    /// Whether the `DRAIN_PROBES` are attached.
+    pub drains: bool,
     pub started: Instant,
 }
 
 impl Session {
-    /// Loads the programs and attaches them to every hakmem probe site of `objects` in `pid`.
-    pub fn attach(pid: i32, objects: Vec<HakmemObject>) -> Result<Session> {
+    /// Loads the programs and attaches them to every hakmem probe site of
+    /// `objects` in `pid` (the `DRAIN_PROBES` only if `drains`).
+    pub fn attach(pid: i32, objects: Vec<HakmemObject>, drains: bool) -> Result<Session> {
         crate::target::check_environment()?;
         // Run-time statistics (best effort: older kernels or missing privilege just show 0).
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -64,6 +72,9 @@ impl Session {
                     // A newer allocator may have probes this hakctl does not know.
                     continue;
                 };
+                if !drains && DRAIN_PROBES.contains(&id) {
+                    continue;
+                }
                 let link = attach::attach(
                     pmu,
                     prog_fd,
@@ -90,6 +101,7 @@ impl Session {
             pid,
             process: crate::target::process_name(pid),
             locations,
+            drains,
             started: Instant::now(),
         })
     }

@@ -104,7 +104,7 @@ fn start_scenario(name: &str, env: &[(&str, &str)], wait_attach: bool) -> Target
 fn traced(name: &str, env: &[(&str, &str)]) -> (Value, Value) {
     let mut t = start_scenario(name, env, true);
     let ctl = hakctl()
-        .args(["stage-stats", &t.pid.to_string(), "--json"])
+        .args(["stage-stats", &t.pid.to_string(), "--json", "--drains"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -163,7 +163,8 @@ fn counts_equal_the_allocators_own_tally_for_every_probe() {
     assert_eq!(seen.len(), hakmem_common::PROBE_COUNT);
 }
 
-fn semaphores(pid: i32) -> Vec<String> {
+/// (probe, "yes"/"no") for every probe of the process.
+fn semaphores(pid: i32) -> Vec<(String, String)> {
     let out = hakctl()
         .args(["probes", &pid.to_string()])
         .output()
@@ -176,8 +177,16 @@ fn semaphores(pid: i32) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.starts_with('#') && !l.starts_with("PROBE"))
-        .map(|l| l.split_whitespace().nth(3).unwrap_or("").to_string())
+        .map(|l| {
+            let mut cols = l.split_whitespace();
+            let name = cols.next().unwrap_or("").to_string();
+            (name, cols.nth(2).unwrap_or("").to_string())
+        })
         .collect()
+}
+
+fn all_down(pid: i32) -> bool {
+    semaphores(pid).iter().all(|(_, s)| s == "no")
 }
 
 #[test]
@@ -186,10 +195,7 @@ fn sigkill_drops_the_semaphores_and_the_target_runs_on() {
         return;
     }
     let mut t = start_scenario("forever", &[], false);
-    assert!(
-        semaphores(t.pid).iter().all(|s| s == "no"),
-        "nobody listens yet"
-    );
+    assert!(all_down(t.pid), "nobody listens yet");
     let mut watch = hakctl()
         .args(["watch", &t.pid.to_string(), "--json", "--interval", "0.2"])
         .stdout(Stdio::piped())
@@ -199,15 +205,20 @@ fn sigkill_drops_the_semaphores_and_the_target_runs_on() {
     let mut watch_lines = BufReader::new(watch.stdout.take().unwrap()).lines();
     let first: Value = serde_json::from_str(&watch_lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["kind"], "watch");
-    assert!(
-        semaphores(t.pid).iter().all(|s| s == "yes"),
-        "attached: every semaphore raised"
-    );
+    // Without --drains, every semaphore but the drain probes' is raised.
+    for (probe, state) in semaphores(t.pid) {
+        let drain = probe == "tls_drain" || probe == "remote_drain";
+        assert_eq!(
+            state,
+            if drain { "no" } else { "yes" },
+            "{probe} while watched"
+        );
+    }
     // SAFETY: killing our own child.
     unsafe { libc::kill(watch.id() as i32, libc::SIGKILL) };
     let _ = watch.wait();
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !semaphores(t.pid).iter().all(|s| s == "no") {
+    while !all_down(t.pid) {
         assert!(
             Instant::now() < deadline,
             "semaphores still raised after SIGKILL: {:?}",
@@ -363,13 +374,13 @@ fn side_by_side_with_bpftrace_and_with_another_hakctl() {
     };
     std::thread::sleep(Duration::from_millis(1000));
     let a = hakctl()
-        .args(["stage-stats", &pid, "--duration", "1", "--json"])
+        .args(["stage-stats", &pid, "--duration", "1", "--json", "--drains"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let b = hakctl()
-        .args(["stage-stats", &pid, "--duration", "1", "--json"])
+        .args(["stage-stats", &pid, "--duration", "1", "--json", "--drains"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -399,10 +410,7 @@ fn side_by_side_with_bpftrace_and_with_another_hakctl() {
         String::from_utf8_lossy(&bt.stderr)
     );
     assert!(t.child.try_wait().unwrap().is_none(), "the target runs on");
-    assert!(
-        semaphores(t.pid).iter().all(|s| s == "no"),
-        "all tracers gone: semaphores back to 0"
-    );
+    assert!(all_down(t.pid), "all tracers gone: semaphores back to 0");
     let _ = t.child.kill();
     let _ = t.child.wait();
 }
