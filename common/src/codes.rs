@@ -6,15 +6,17 @@ pub const TINY_CLASSES: usize = 8;
 pub const TINY_CLASS_SIZES: [usize; TINY_CLASSES] = [8, 16, 32, 64, 128, 256, 512, 1024];
 
 /// Number of ACE (mid-size) classes.
-pub const ACE_CLASSES: usize = 27;
-/// Block size of each ACE class: 1024 < size <= 256 KiB, four classes per doubling from
-/// 4 KiB (steps of 1.14x-1.25x, whole KiB), so that internal waste stays under a fifth and a
-/// block reused by a request of about its size has its last pages where the previous user
-/// had them (with steps of 1.33x-1.5x the mid workload took 12% longer and the big one 17%).
+pub const ACE_CLASSES: usize = 47;
+/// Block size of each ACE class: 1024 < size <= 256 KiB, every KiB up to 8 KiB, then eight
+/// classes per doubling (steps of 1/8 of the lower power of two, as mimalloc and tcmalloc
+/// space theirs), so that internal waste stays under an eighth and a block reused by a
+/// request of about its size has its last pages where the previous user had them. Against
+/// 18 classes of 1.33x-1.5x steps: mid 19% less time, big 36% less (TLB misses).
 pub const ACE_CLASS_SIZES: [usize; ACE_CLASSES] = [
-    2048, 3072, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672,
-    32768, 40960, 49152, 57344, 65536, 81920, 98304, 114688, 131072, 163840, 196608, 229376,
-    262144,
+    2048, 3072, 4096, 5120, 6144, 7168, 8192, 9216, 10240, 11264, 12288, 13312, 14336, 15360,
+    16384, 18432, 20480, 22528, 24576, 26624, 28672, 30720, 32768, 36864, 40960, 45056, 49152,
+    53248, 57344, 61440, 65536, 73728, 81920, 90112, 98304, 106496, 114688, 122880, 131072, 147456,
+    163840, 180224, 196608, 212992, 229376, 245760, 262144,
 ];
 /// `class` argument of `ace_fail` when the size matches no class.
 pub const NO_CLASS: u64 = 255;
