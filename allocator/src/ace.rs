@@ -51,8 +51,8 @@ const _: () = assert!(MAX_CAP[ACE_CLASSES - 1] >= MIN_CAP);
 /// Free segments a class keeps mapped before returning more to the OS.
 const KEEP_FREE_SEGMENTS: usize = 4;
 /// Free segments all classes together keep mapped (64 MiB; checked without a
-/// common lock, so two classes at once may pass it by one each). With 27
-/// classes, four each could hold 216 MiB of a program's freed memory.
+/// common lock, so two classes at once may pass it by one each). With 47
+/// classes, four each could hold 376 MiB of a program's freed memory.
 const KEEP_FREE_TOTAL: usize = 32;
 static FREE_KEPT: AtomicUsize = AtomicUsize::new(0);
 
