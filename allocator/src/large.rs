@@ -5,10 +5,10 @@
 //! Returning memory costs dearly on these machines (about 3.5 us per page fault
 //! to get it back), so freed mappings are cached:
 //! - a block that fits in one 2 MiB chunk gets a whole chunk, and freed chunks
-//!   are kept (up to `KEEP_CHUNKS`, a ring used as a stack: the most recently
-//!   freed is reused first, the oldest is evicted first, both O(1)) for the
-//!   next large block: no syscall, no page fault for the pages already
-//!   touched, and growth by `realloc` up to the chunk happens in place;
+//!   are kept (up to `KEEP_CHUNKS`, a ring in the order freed: a new block
+//!   takes the best fit among the most recently freed, the oldest is evicted
+//!   first) for the next large block: no syscall, no page fault for the pages
+//!   already touched, and growth by `realloc` up to the chunk happens in place;
 //! - bigger mappings are cached by size (best fit within 2x, `CACHE_SLOTS`).
 //!
 //! A cached mapping goes back to the OS when the cache holds more than

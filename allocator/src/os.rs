@@ -27,10 +27,16 @@ fn reserve(bytes: usize) -> bool {
 /// Maps `bytes` (a multiple of PAGE) aligned to `align` (a power of two >= PAGE).
 /// Returns null when the budget or the OS refuses.
 pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
+    charged(bytes, || map_aligned_uncharged(bytes, align))
+}
+
+/// Runs `map` within the budget: `bytes` are reserved before and given back
+/// if it returns null.
+fn charged(bytes: usize, map: impl FnOnce() -> *mut u8) -> *mut u8 {
     if !reserve(bytes) {
         return core::ptr::null_mut();
     }
-    let p = map_aligned_uncharged(bytes, align);
+    let p = map();
     if p.is_null() {
         MAPPED.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -55,20 +61,20 @@ static REGION: SpinLock<Region> = SpinLock::new(Region { next: 0, end: 0 });
 /// Maps one chunk (CHUNK bytes, CHUNK-aligned), from the current region or a
 /// new one. Null when the budget or the OS refuses. Return it with `unmap`.
 pub fn map_chunk() -> *mut u8 {
-    if !reserve(CHUNK) {
-        return core::ptr::null_mut();
-    }
+    charged(CHUNK, || {
+        // Not even the address space for a region: try the one chunk.
+        chunk_from_region().unwrap_or_else(|| map_aligned_uncharged(CHUNK, CHUNK))
+    })
+}
+
+/// The next chunk of the current region, mapping a new region when it is
+/// used up; None if the OS refuses a region.
+fn chunk_from_region() -> Option<*mut u8> {
     let mut region = REGION.lock();
     if region.next == region.end {
         let base = map_aligned_uncharged(REGION_CHUNKS * CHUNK, CHUNK) as usize;
         if base == 0 {
-            drop(region);
-            // Not even the address space for a region: try the one chunk.
-            let p = map_aligned_uncharged(CHUNK, CHUNK);
-            if p.is_null() {
-                MAPPED.fetch_sub(CHUNK, Ordering::Relaxed);
-            }
-            return p;
+            return None;
         }
         *region = Region {
             next: base,
@@ -77,7 +83,7 @@ pub fn map_chunk() -> *mut u8 {
     }
     let p = region.next;
     region.next += CHUNK;
-    p as *mut u8
+    Some(p as *mut u8)
 }
 
 pub fn lock_for_fork() {

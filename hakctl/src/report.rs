@@ -265,18 +265,21 @@ impl Report<'_> {
             o,
             "\nHISTOGRAM              COUNT      P50      P90      P99      MAX"
         );
+        // Each row with the probe that fills it.
         let rows = [
-            ("tls_drain batch", HIST_TLS_DRAIN_BATCH as usize),
-            ("remote_drain batch", HIST_REMOTE_DRAIN_BATCH as usize),
-            ("acquire stage1 ns", HIST_ACQUIRE_NS as usize),
-            ("acquire stage2 ns", HIST_ACQUIRE_NS as usize + 1),
-            ("acquire stage3 ns", HIST_ACQUIRE_NS as usize + 2),
+            ("tls_drain batch", HIST_TLS_DRAIN_BATCH, ProbeId::TlsDrain),
+            (
+                "remote_drain batch",
+                HIST_REMOTE_DRAIN_BATCH,
+                ProbeId::RemoteDrain,
+            ),
+            ("acquire stage1 ns", HIST_ACQUIRE_NS, ProbeId::SsAcquire),
+            ("acquire stage2 ns", HIST_ACQUIRE_NS + 1, ProbeId::SsAcquire),
+            ("acquire stage3 ns", HIST_ACQUIRE_NS + 2, ProbeId::SsAcquire),
         ];
-        for (name, row) in rows {
-            let drain_row = [HIST_TLS_DRAIN_BATCH, HIST_REMOTE_DRAIN_BATCH]
-                .iter()
-                .any(|&r| r as usize == row);
-            if drain_row && !self.drains {
+        for (name, row, probe) in rows {
+            let row = row as usize;
+            if !self.attached(probe) {
                 let _ = writeln!(o, "{name:<20} {:>7}", "off");
                 continue;
             }
