@@ -152,6 +152,8 @@ pub fn alloc(size: usize) -> *mut u8 {
 #[cold]
 fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::global::ensure_init();
+    // A slow path: see `tiny::refill_and_alloc`.
+    crate::large::decay_if_due();
     let want = with_cache(|tc| {
         let c = &mut tc.ace[class];
         c.cap = (c.cap() * 2).min(MAX_CAP[class]);
@@ -208,6 +210,7 @@ pub fn free(ptr: *mut u8, class: usize) {
 
 #[cold]
 fn flush(class: usize) {
+    crate::large::decay_if_due();
     let (head, n) = with_cache(|tc| {
         let c = &mut tc.ace[class];
         if c.misses_since_flush == 0 {

@@ -11,19 +11,32 @@
 //!   already touched, and growth by `realloc` up to the chunk happens in place;
 //! - bigger mappings are cached by size (best fit within 2x, `CACHE_SLOTS`).
 //!
-//! A cached mapping goes back to the OS when the cache holds more than
-//! `CACHE_BYTES` of what its users touched, or it has gone unused for
-//! `MAX_IDLE_NS` (checked at large frees). When the OS refuses a mapping, the
-//! cache is emptied and the mapping tried once more.
+//! A cached mapping goes back to the OS (oldest first):
+//! - when it has gone unused for `MAX_IDLE_NS` (1 s), within a reserve of
+//!   `CACHE_BYTES` (64 MiB) of what the cached mappings' users touched;
+//! - beyond the reserve, a freed burst waits `BURST_IDLE_NS` (100 ms) for the
+//!   program to reuse it (a program that frees 800 MB of grown buffers and
+//!   exits, or makes the next round of big blocks, pays no munmap; returning
+//!   them at once was 13% of such a run);
+//! - at once beyond `BURST_BYTES` (1 GiB).
+//!
+//! Idle mappings are returned at allocator slow paths (`decay_if_due`: large
+//! calls, tiny and ACE refills, ACE flushes), so a program that goes on with
+//! small blocks only still gets them back; one that makes no allocator call
+//! at all keeps them. When the OS refuses a mapping, the cache is emptied and
+//! the mapping tried once more.
 //!
 //! What a mapping may hold is its extent: every byte any of its users could
 //! have touched (a reused chunk keeps the pages an earlier, bigger block
-//! wrote). Past half full, the cache counts the pages a freed block of 256 KiB
-//! or more really holds (mincore), so a program that makes and frees a
-//! thousand 1 MiB blocks, touching a few pages of each, keeps them all cached
-//! (no map, no fault next time) where counting whole blocks kept 58. A chunk
-//! goes to the block its extent fits best, so extents stay near one block
-//! size and the count walks few page-table entries.
+//! wrote). The cache holds at most the sum of its mappings' extents, and at
+//! most the process's peak RSS when last read (getrusage, one syscall) plus
+//! what was cached since: a program that makes and frees a thousand 1 MiB
+//! blocks, touching a few pages of each, keeps them all cached (no map, no
+//! fault next time). When neither bound is low enough, a freed block of
+//! 256 KiB or more counts the pages it really holds (mincore, a page-table
+//! walk: 6-10 us a chunk, which was half the time of the `large` workload
+//! while the cache's bound was 64 MiB). A chunk goes to the block its extent
+//! fits best, so extents stay near one block size.
 //!
 //! Idleness is measured in time, not in frees: with a count (1024 frees), a
 //! program that churns large blocks quickly (the `stress` workload: 50,000
@@ -35,15 +48,27 @@ use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 const HEADER: usize = 64;
-/// Freed chunks kept. Programs can keep hundreds of 256 KiB..2 MiB blocks
-/// (and of realloc-grown buffers) live and churn through them; the bound that
-/// matters for memory is `CACHE_BYTES`.
-const KEEP_CHUNKS: usize = 1024;
+/// Freed chunks kept. Programs can keep thousands of realloc-grown buffers
+/// and 256 KiB..2 MiB blocks live and free them in a burst; the bounds that
+/// matter for memory are `CACHE_BYTES` and `BURST_BYTES`. (40 bytes each, in
+/// zero pages until used.)
+const KEEP_CHUNKS: usize = 16384;
 const CACHE_SLOTS: usize = 16;
+/// What the cache keeps for up to `MAX_IDLE_NS`: a reserve for programs that
+/// make and free big blocks now and then.
 const CACHE_BYTES: usize = 64 << 20;
 const MAX_IDLE_NS: u64 = 1_000_000_000;
+/// Beyond `CACHE_BYTES`, freed memory waits `BURST_IDLE_NS` before it goes
+/// back to the OS, and never more than `BURST_BYTES` of it: a program that
+/// frees a burst and makes the next one soon (a request, a frame, a round)
+/// takes it back without a syscall or a page fault, and one that does not
+/// gets its memory returned at its next allocator slow path after the delay.
+/// (mimalloc waits 10 ms by default, jemalloc decays over 10 s.)
+const BURST_BYTES: usize = 1 << 30;
+const BURST_IDLE_NS: u64 = 100_000_000;
 /// Mappings `put` may hand back for unmapping in one call. Eviction works in
 /// batches so that `unmap_all` can merge neighbours (a program frees its blocks
 /// in about the order it made them, and the kernel maps them side by side):
@@ -61,8 +86,11 @@ const MEASURE_MAX: usize = 16 << 20;
 const FIT_SCAN: usize = 32;
 /// When the ring of chunks is full, this many of the oldest go at once.
 const EVICT_CHUNKS: usize = 16;
-/// When over `CACHE_BYTES`, eviction goes this far below it.
+/// When over `BURST_BYTES`, eviction goes this far below it.
 const EVICT_SLACK: usize = CACHE_BYTES / 16;
+/// The peak-RSS ceiling (see `Cache::held`) is read again only after this
+/// much has been cached since the last reading.
+const CEILING_STALE: usize = BURST_BYTES / 8;
 
 #[repr(C)]
 struct LargeHeader {
@@ -111,6 +139,12 @@ struct Cache {
     sized_len: usize,
     /// Sum of `resident` over everything cached.
     bytes: usize,
+    /// Sum of `resident` over everything ever cached (wrapping).
+    added: usize,
+    /// The process's peak RSS when last read (`usize::MAX`: not read), and
+    /// `added` just before it was read. See `held`.
+    ceiling: usize,
+    ceiling_mark: usize,
 }
 
 const EMPTY: Cache = Cache {
@@ -120,9 +154,23 @@ const EMPTY: Cache = Cache {
     sized: [NONE; CACHE_SLOTS],
     sized_len: 0,
     bytes: 0,
+    added: 0,
+    ceiling: usize::MAX,
+    ceiling_mark: 0,
 };
 
 static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
+/// When the oldest cached mapping is due to go back (`now_ns`; `u64::MAX`:
+/// nothing cached). Read without the lock by `decay_if_due`.
+static DUE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Runs `f` on the cache under its lock, then publishes when it is next due.
+fn with_cache<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
+    let mut c = CACHE.lock();
+    let r = f(&mut c);
+    DUE.store(c.due(), Ordering::Relaxed);
+    r
+}
 
 fn round_page(v: usize) -> Option<usize> {
     Some(v.checked_add(PAGE - 1)? & !(PAGE - 1))
@@ -137,8 +185,9 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         return (null_mut(), false);
     };
     let map = if total <= CHUNK { CHUNK } else { total };
+    decay_if_due();
     // Its own statement: the guard must be dropped before `flush_cache` locks again.
-    let cached = CACHE.lock().take(map, total);
+    let cached = with_cache(|c| c.take(map, total));
     let (base, fresh) = match cached {
         Some(base) => (base, false),
         None => {
@@ -233,28 +282,72 @@ pub fn free(chunk: usize) {
         h.live = false;
         (h.map_size, h.extent)
     };
-    let mut resident = extent;
-    // Counted as wholly touched while the cache is less than half full; past
-    // that, its pages are counted (mincore), so that a program touching a
-    // little of big blocks keeps them cached instead of mapping them anew.
-    if (MEASURE_MIN..=MEASURE_MAX).contains(&resident)
-        && CACHE.lock().bytes + resident > CACHE_BYTES / 2
-    {
-        resident = os::resident_bytes(chunk, resident).unwrap_or(resident);
-    }
+    let resident = if (MEASURE_MIN..=MEASURE_MAX).contains(&extent) {
+        count_resident(chunk, extent)
+    } else {
+        extent
+    };
     let mut evicted = [NONE; EVICT_MAX];
     let now = os::now_ns();
-    let n = CACHE.lock().put(
-        Cached {
-            base: chunk,
-            size,
-            extent,
-            resident,
-            freed_at: now,
-        },
-        &mut evicted,
-    );
+    let freed = Cached {
+        base: chunk,
+        size,
+        extent,
+        resident,
+        freed_at: now,
+    };
+    let n = with_cache(|c| c.put(freed, &mut evicted));
     unmap_all(&mut evicted[..n]);
+}
+
+/// What the freed block of `extent` bytes at `chunk` may hold resident. Its
+/// extent while the cache is less than half full; past that, so that a
+/// program touching a little of big blocks keeps them cached instead of
+/// mapping them anew, a fresh ceiling (one getrusage: the cache cannot hold
+/// more than the process ever had resident), and if that is not enough its
+/// pages are counted (mincore, 2 us and about 16 ns per page-table entry).
+fn count_resident(chunk: usize, extent: usize) -> usize {
+    let half = BURST_BYTES / 2;
+    let (held, mark, stale) = {
+        let c = CACHE.lock();
+        let stale =
+            c.ceiling == usize::MAX || c.added.wrapping_sub(c.ceiling_mark) >= CEILING_STALE;
+        (c.held(), c.added, stale)
+    };
+    if held + extent <= half {
+        return extent;
+    }
+    if stale {
+        if let Some(peak) = os::peak_rss() {
+            let mut c = CACHE.lock();
+            c.ceiling = peak;
+            c.ceiling_mark = mark;
+            if c.held() + extent <= half {
+                return extent;
+            }
+        }
+    }
+    os::resident_bytes(chunk, extent).unwrap_or(extent)
+}
+
+/// Returns to the OS what has waited in the cache long enough (see
+/// `BURST_IDLE_NS`). Cheap when nothing is due (a clock read from the vDSO
+/// and a load), so allocator slow paths call it: a program that frees a burst
+/// of big blocks and then only makes small ones still gets it returned.
+pub fn decay_if_due() {
+    let now = os::now_ns();
+    if now < DUE.load(Ordering::Relaxed) {
+        return;
+    }
+    loop {
+        let mut out = [NONE; EVICT_MAX];
+        // Its own statement: the lock is not held while unmapping.
+        let n = with_cache(|c| c.decay(now, &mut out, 0));
+        unmap_all(&mut out[..n]);
+        if n < EVICT_MAX {
+            return;
+        }
+    }
 }
 
 /// Returns evicted mappings to the OS, one munmap per run of adjacent ones.
@@ -281,7 +374,7 @@ fn flush_cache() -> bool {
     loop {
         let mut out = [NONE; EVICT_MAX];
         // Its own statement: the lock is not held while unmapping.
-        let n = CACHE.lock().evict(u64::MAX, 0, &mut out, 0);
+        let n = with_cache(|c| c.evict(u64::MAX, 0, &mut out, 0));
         if n == 0 {
             return any;
         }
@@ -372,12 +465,41 @@ impl Cache {
         }
     }
 
+    /// What the cache may hold resident at most: the sum of what each
+    /// mapping may hold, or, when smaller, the process's peak RSS when last
+    /// read plus what was cached since. Sound because cached memory is
+    /// untouched: what was cached before the reading was resident within it.
+    fn held(&self) -> usize {
+        let since = self.added.wrapping_sub(self.ceiling_mark);
+        self.bytes.min(self.ceiling.saturating_add(since))
+    }
+
+    /// When the oldest cached mapping is due to go back (`u64::MAX`: nothing
+    /// cached): `BURST_IDLE_NS` after its free while the cache holds more
+    /// than `CACHE_BYTES`, else `MAX_IDLE_NS`.
+    fn due(&self) -> u64 {
+        let oldest_chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
+        let oldest_sized = self.oldest_sized().map(|i| self.sized[i].freed_at);
+        match oldest_chunk.into_iter().chain(oldest_sized).min() {
+            None => u64::MAX,
+            Some(t) if self.held() > CACHE_BYTES => t + BURST_IDLE_NS,
+            Some(t) => t + MAX_IDLE_NS,
+        }
+    }
+
+    /// Moves into `out[n..]` what has waited long enough (see `due`),
+    /// oldest first; returns the new `n`.
+    fn decay(&mut self, now: u64, out: &mut [Cached], n: usize) -> usize {
+        let n = self.evict(now.saturating_sub(BURST_IDLE_NS), CACHE_BYTES, out, n);
+        self.evict(now.saturating_sub(MAX_IDLE_NS), 0, out, n)
+    }
+
     /// Moves into `out[n..]`, oldest first, mappings freed at or before `by`
-    /// while the cache holds more than `keep_bytes` (every cached mapping
+    /// while the cache may hold more than `keep_bytes` (every cached mapping
     /// counts at least its header page, so 0 means no byte bound); returns the
     /// new `n`.
     fn evict(&mut self, by: u64, keep_bytes: usize, out: &mut [Cached], mut n: usize) -> usize {
-        while n < out.len() && self.bytes > keep_bytes {
+        while n < out.len() && self.held() > keep_bytes {
             let Some(c) = self.evict_oldest(by) else {
                 break;
             };
@@ -409,9 +531,9 @@ impl Cache {
             out[n] = self.remove_sized(i);
             n += 1;
         }
-        // Over the byte bound: the oldest go, leaving one slot of `out` for `m`.
-        let room = CACHE_BYTES - m.resident;
-        if self.bytes > room {
+        // Over the hard bound: the oldest go, leaving one slot of `out` for `m`.
+        let room = BURST_BYTES - m.resident;
+        if self.held() > room {
             n = self.evict(
                 u64::MAX,
                 room.saturating_sub(EVICT_SLACK),
@@ -419,12 +541,11 @@ impl Cache {
                 n,
             );
         }
-        if self.bytes > room {
+        if self.held() > room {
             out[n] = m;
             return n + 1;
         }
-        // Age out what has sat unused for long, a little per call.
-        n = self.evict(now.saturating_sub(MAX_IDLE_NS), 0, out, n);
+        n = self.decay(now, out, n);
         if chunk {
             let top = self.ring(self.chunk_len);
             self.chunks[top] = m;
@@ -434,6 +555,7 @@ impl Cache {
             self.sized_len += 1;
         }
         self.bytes += m.resident;
+        self.added = self.added.wrapping_add(m.resident);
         n
     }
 }
@@ -470,6 +592,74 @@ mod tests {
             cache.put(chunk_at((KEEP_CHUNKS + 2) * CHUNK, 1), &mut out),
             0
         );
+    }
+
+    #[test]
+    fn a_burst_beyond_the_reserve_waits_the_burst_delay_and_the_reserve_a_second() {
+        let mut cache = EMPTY;
+        let mut out = [NONE; EVICT_MAX];
+        let burst = 2 * CACHE_BYTES / CHUNK;
+        // Twice the reserve, wholly touched, freed at t = 1 s.
+        let t0 = 1_000_000_000;
+        for i in 0..burst {
+            let c = Cached {
+                extent: CHUNK,
+                resident: CHUNK,
+                ..chunk_at((i + 1) * CHUNK, t0)
+            };
+            assert_eq!(cache.put(c, &mut out), 0, "kept, not returned at once");
+        }
+        assert_eq!(cache.held(), 2 * CACHE_BYTES);
+        assert_eq!(cache.due(), t0 + BURST_IDLE_NS);
+        // Not yet due.
+        assert_eq!(cache.decay(t0 + BURST_IDLE_NS - 1, &mut out, 0), 0);
+        // Due: the oldest go until the reserve is left (32 per call at most).
+        let mut returned = Vec::new();
+        loop {
+            let n = cache.decay(t0 + BURST_IDLE_NS, &mut out, 0);
+            returned.extend(out[..n].iter().map(|c| c.base / CHUNK));
+            if n < EVICT_MAX {
+                break;
+            }
+        }
+        assert_eq!(returned, (1..=burst / 2).collect::<Vec<_>>());
+        assert_eq!(cache.held(), CACHE_BYTES);
+        // The reserve waits a second.
+        assert_eq!(cache.due(), t0 + MAX_IDLE_NS);
+        assert_eq!(cache.decay(t0 + MAX_IDLE_NS - 1, &mut out, 0), 0);
+        assert_eq!(cache.decay(t0 + MAX_IDLE_NS, &mut out, 0), EVICT_MAX);
+    }
+
+    #[test]
+    fn what_the_cache_holds_is_bounded_by_the_peak_rss_read_plus_what_came_since() {
+        let mut cache = EMPTY;
+        let mut out = [NONE; EVICT_MAX];
+        for i in 0..4 {
+            let c = Cached {
+                extent: CHUNK,
+                resident: CHUNK,
+                ..chunk_at((i + 1) * CHUNK, 1)
+            };
+            cache.put(c, &mut out);
+        }
+        assert_eq!(cache.held(), 4 * CHUNK);
+        // The process never had more than one chunk's worth resident.
+        cache.ceiling = CHUNK;
+        cache.ceiling_mark = cache.added;
+        assert_eq!(cache.held(), CHUNK);
+        // What is cached after the reading counts whole.
+        let c = Cached {
+            extent: CHUNK,
+            resident: CHUNK,
+            ..chunk_at(5 * CHUNK, 1)
+        };
+        cache.put(c, &mut out);
+        assert_eq!(cache.held(), 2 * CHUNK);
+        // Taking chunks out never makes the bound exceed the sum.
+        for _ in 0..4 {
+            cache.take(CHUNK, PAGE);
+        }
+        assert_eq!(cache.held(), CHUNK);
     }
 
     #[test]

@@ -212,6 +212,18 @@ pub fn resident_bytes(base: usize, len: usize) -> Option<usize> {
     Some(resident)
 }
 
+/// The most this process has had resident (getrusage), in bytes, or None if
+/// the kernel will not say. One syscall, no page-table walk.
+pub fn peak_rss() -> Option<usize> {
+    // SAFETY: an all-zero rusage is a valid value of a plain C struct.
+    let mut ru: libc::rusage = unsafe { core::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    usize::try_from(ru.ru_maxrss).ok()?.checked_mul(1024)
+}
+
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {

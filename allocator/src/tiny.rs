@@ -196,6 +196,9 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
 #[inline(never)]
 fn refill_and_alloc(bin: usize) -> *mut u8 {
     crate::global::ensure_init();
+    // A slow path: big blocks freed a while ago go back to the OS even in a
+    // program that now makes only small ones.
+    crate::large::decay_if_due();
     // Registering the thread-exit hook can allocate (pthread_setspecific); do
     // it before any reference into the cache is taken.
     let must_register = with_cache(|tc| !tc.registered);

@@ -313,12 +313,20 @@ fn free_all(blocks: &[usize]) {
     }
 }
 
+/// Lets freed big blocks wait out the large cache's burst delay (100 ms),
+/// then makes one allocator call: what waited beyond 64 MiB goes back.
+fn after_burst_delay() {
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    free_all(&make(1, 1 << 20, 0));
+}
+
 /// A cached chunk reused for a small block still holds what the big block
 /// before it wrote, and the cache must count it: 30 blocks of 1.9 MiB written
 /// whole and freed; 30 blocks of 300 KB (reusing those chunks, one page
 /// written) kept while 30 more of 1.9 MiB are made and written; those freed,
 /// then the small ones.
-/// Prints RSS before and after (the cache may keep 64 MiB).
+/// Prints RSS before, at once after, and after the burst delay (the cache
+/// may keep 64 MiB).
 fn large_stale() {
     let whole = 1900 * 1024;
     let before = rss_kib();
@@ -327,14 +335,17 @@ fn large_stale() {
     let big = make(30, whole, whole);
     free_all(&big);
     free_all(&small);
+    let freed = rss_kib();
+    after_burst_delay();
     let after = rss_kib();
-    println!("rss_kib before={before} after={after}");
+    println!("rss_kib before={before} freed={freed} after={after}");
 }
 
 /// The large cache keeps blocks that were barely touched and lets go of
 /// blocks that were: 500 blocks of 1 MiB with one page written, freed and made
 /// again (prints how many came back at the same address), then 100 blocks of
-/// 1.9 MiB written whole and freed (prints RSS at the peak and after).
+/// 1.9 MiB written whole and freed (prints RSS at the peak, at once after the
+/// frees, and after the burst delay).
 fn large_cache() {
     let first = make(500, 1 << 20, 4096);
     free_all(&first);
@@ -346,8 +357,10 @@ fn large_cache() {
     let touched = make(100, whole, whole);
     let peak = rss_kib();
     free_all(&touched);
+    let freed = rss_kib();
+    after_burst_delay();
     let after = rss_kib();
-    println!("rss_kib peak={peak} after={after}");
+    println!("rss_kib peak={peak} freed={freed} after={after}");
 }
 
 /// Allocates and frees in a loop until killed (a target for attach/detach tests).
