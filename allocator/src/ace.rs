@@ -5,9 +5,12 @@
 //! segments dedicated to the class. The cache's capacity adapts: it doubles on
 //! every miss (the thread wants more than it keeps) and halves when the cache
 //! overflows twice with no miss in between (the thread keeps more than it
-//! uses). A segment whose blocks are all free is returned to the OS once the
-//! class already keeps four such segments or all classes together keep 32
-//! (hysteresis against map/unmap churn, bounded in memory).
+//! uses). A segment whose blocks are all free stays with its class while the
+//! class keeps fewer than four such segments and all classes together fewer
+//! than 32; beyond that its chunk goes to the large cache, which gives it to
+//! the next segment or large block or returns it to the OS by its policy
+//! (`large`: a reserve kept up to a second, bursts 100 ms). A new segment
+//! takes a chunk from that cache before it maps one.
 //!
 //! Failures, each an `ace_fail` probe, fall through to the large path:
 //! Threshold (size above `HAKMEM_ACE_MAX_BYTES`), Exhaustion (the class may not
@@ -256,9 +259,12 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
         }
     }
     for &s in &unmap[..unmapped] {
-        registry::remove(s as usize);
-        // SAFETY: `put` removed the segment from every list; all its blocks are free.
-        unsafe { os::unmap(s.cast(), CHUNK) };
+        // SAFETY: `put` removed the segment from every list and all its
+        // blocks are free: nothing references it.
+        unsafe {
+            let carved = (*s).carved as usize * ((*s).block_size as usize + COLOR);
+            crate::large::cache_chunk(s as usize, HEADER_RESERVE + carved);
+        }
     }
 }
 
@@ -340,7 +346,9 @@ impl AceClass {
         if self.segments >= config::get().ace_max_segments {
             return Err(AceFailKind::Exhaustion);
         }
-        let base = os::map_chunk();
+        // A chunk the large cache kept (an ACE segment or a large block
+        // before) saves the mapping and the page faults.
+        let base = crate::large::take_chunk().unwrap_or_else(os::map_chunk);
         if base.is_null() {
             return Err(AceFailKind::MapFail);
         }

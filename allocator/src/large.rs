@@ -282,6 +282,41 @@ pub fn free(chunk: usize) {
         h.live = false;
         (h.map_size, h.extent)
     };
+    cache(chunk, size, extent);
+}
+
+/// A cached chunk for an ACE segment: one whose pages were all touched if
+/// the most recently freed have one (no page faults), else the newest.
+pub fn take_chunk() -> Option<*mut u8> {
+    with_cache(|c| c.take(CHUNK, CHUNK)).map(|base| base as *mut u8)
+}
+
+/// Caches the 2 MiB chunk of an ACE segment whose blocks are all free (its
+/// first `extent` bytes may have been touched), so that ACE and large blocks
+/// share one cache and one policy for giving memory back.
+///
+/// # Safety
+/// The caller owns `chunk`, a chunk from `os::map_chunk` that nothing
+/// references any more.
+pub unsafe fn cache_chunk(chunk: usize, extent: usize) {
+    // SAFETY: the caller hands over the chunk; its start is writable.
+    unsafe {
+        (chunk as *mut LargeHeader).write(LargeHeader {
+            hdr: SegHeader::new(SegKind::Large, 0),
+            map_size: CHUNK,
+            user_offset: 0,
+            usable: 0,
+            extent,
+            live: false,
+        })
+    };
+    registry::insert(chunk, SegKind::Large as u8);
+    cache(chunk, CHUNK, extent);
+}
+
+/// Caches the freed mapping at `chunk` (its header up to date), returning to
+/// the OS what the cache lets go.
+fn cache(chunk: usize, size: usize, extent: usize) {
     let resident = if (MEASURE_MIN..=MEASURE_MAX).contains(&extent) {
         count_resident(chunk, extent)
     } else {

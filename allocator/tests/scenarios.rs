@@ -192,6 +192,23 @@ fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
 }
 
 #[test]
+fn a_freed_burst_of_ace_segments_waits_in_the_large_cache_then_goes_back() {
+    let out = run_with_deadline("ace-burst", &[], DEADLINE_SECS);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // 192 MiB of 32 KiB blocks; the class keeps 4 free segments (8 MiB), the
+    // large cache 64 MiB after the burst delay.
+    let (peak, after) = peak_and_after(&stdout);
+    let freed = rss_field(&stdout, "freed=");
+    assert!(peak >= 180 * 1024, "{stdout}");
+    assert!(
+        freed + 10 * 1024 >= peak,
+        "kept for reuse at first: {stdout}"
+    );
+    assert!(after + 100 * 1024 <= peak, "{stdout}");
+}
+
+#[test]
 fn the_large_cache_counts_what_a_reused_chunk_still_holds() {
     let out = run_with_deadline("large-stale", &[], DEADLINE_SECS);
     assert!(out.status.success());

@@ -28,6 +28,7 @@ fn main() {
         "stress" => stress,
         "mixed" => mixed,
         "burst" => burst,
+        "ace-burst" => ace_burst,
         "large-cache" => large_cache,
         "large-stale" => large_stale,
         "forever" => forever,
@@ -37,7 +38,7 @@ fn main() {
         "foreign-free" => foreign_free,
         "abandon" => abandon,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -291,6 +292,20 @@ fn burst() {
     drop(blocks);
     let after = rss_kib();
     println!("rss_kib before={before} peak={peak} after={after}");
+}
+
+/// A burst of 6,000 mid blocks of 32 KiB (192 MiB, about 100 ACE segments)
+/// written whole and freed: prints RSS at the peak, at once after the frees,
+/// and after the large cache's burst delay (the segments' chunks wait there).
+fn ace_burst() {
+    let size = 32 << 10;
+    let blocks = make(6000, size, size);
+    let peak = rss_kib();
+    free_all(&blocks);
+    let freed = rss_kib();
+    after_burst_delay();
+    let after = rss_kib();
+    println!("rss_kib peak={peak} freed={freed} after={after}");
 }
 
 /// `n` blocks of `size` bytes with their first `touch` bytes written.
