@@ -366,12 +366,17 @@ fn count_resident(chunk: usize, extent: usize) -> usize {
 }
 
 /// Returns to the OS what has waited in the cache long enough (see
-/// `BURST_IDLE_NS`). Cheap when nothing is due (a clock read from the vDSO
-/// and a load), so allocator slow paths call it: a program that frees a burst
-/// of big blocks and then only makes small ones still gets it returned.
+/// `BURST_IDLE_NS`). Cheap when nothing is due (a load, and a clock read from
+/// the vDSO when anything is cached), so allocator slow paths call it: a
+/// program that frees a burst of big blocks and then only makes small ones
+/// still gets it returned.
 pub fn decay_if_due() {
+    let due = DUE.load(Ordering::Relaxed);
+    if due == u64::MAX {
+        return;
+    }
     let now = os::now_ns();
-    if now < DUE.load(Ordering::Relaxed) {
+    if now < due {
         return;
     }
     loop {
