@@ -141,7 +141,8 @@ struct Cache {
     bytes: usize,
     /// Sum of `resident` over everything ever cached (wrapping).
     added: usize,
-    /// The process's peak RSS when last read (`usize::MAX`: not read), and
+    /// The process's peak RSS when last read (0: not read, so that the cache
+    /// is all zeros and sits in `.bss`, not in the library's file), and
     /// `added` just before it was read. See `held`.
     ceiling: usize,
     ceiling_mark: usize,
@@ -155,7 +156,7 @@ const EMPTY: Cache = Cache {
     sized_len: 0,
     bytes: 0,
     added: 0,
-    ceiling: usize::MAX,
+    ceiling: 0,
     ceiling_mark: 0,
 };
 
@@ -345,8 +346,7 @@ fn count_resident(chunk: usize, extent: usize) -> usize {
     let half = BURST_BYTES / 2;
     let (held, mark, stale) = {
         let c = CACHE.lock();
-        let stale =
-            c.ceiling == usize::MAX || c.added.wrapping_sub(c.ceiling_mark) >= CEILING_STALE;
+        let stale = c.ceiling == 0 || c.added.wrapping_sub(c.ceiling_mark) >= CEILING_STALE;
         (c.held(), c.added, stale)
     };
     if held + extent <= half {
@@ -510,6 +510,9 @@ impl Cache {
     /// read plus what was cached since. Sound because cached memory is
     /// untouched: what was cached before the reading was resident within it.
     fn held(&self) -> usize {
+        if self.ceiling == 0 {
+            return self.bytes;
+        }
         let since = self.added.wrapping_sub(self.ceiling_mark);
         self.bytes.min(self.ceiling.saturating_add(since))
     }
@@ -612,6 +615,20 @@ mod tests {
             resident: PAGE,
             freed_at,
         }
+    }
+
+    #[test]
+    fn an_empty_cache_is_all_zero_bytes_so_it_sits_in_bss() {
+        static ZERO: Cache = EMPTY;
+        // SAFETY: `Cache` is integers only (no padding, no pointers to
+        // follow); its bytes are readable for its size.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(
+                (&ZERO as *const Cache).cast::<u8>(),
+                core::mem::size_of::<Cache>(),
+            )
+        };
+        assert!(bytes.iter().all(|&b| b == 0));
     }
 
     #[test]
