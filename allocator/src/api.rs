@@ -1,7 +1,7 @@
 //! The front: size -> class, and routing to tiny / ACE / large. These are the
 //! C allocation semantics; `capi` exports them unprefixed, `HakMem` wraps them.
 
-use crate::class::{tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
+use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
 use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
 use crate::{ace, large, misuse, tiny};
@@ -227,11 +227,11 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
         // SAFETY: forwarding.
         return unsafe { malloc(size) };
     }
-    // Power-of-two tiny bins are aligned to their size; ACE blocks to 64 bytes
+    // The aligned tiny bins are aligned to their size; ACE blocks to 64 bytes
     // (ace::COLOR); larger alignments of mid sizes take a large mapping.
     let need = size.max(align).next_power_of_two();
     let p = if need <= TINY_MAX {
-        tiny::alloc(tiny_bin(need))
+        tiny::alloc(aligned_bin(need))
     } else if align <= ace::COLOR && size <= ACE_MAX {
         let p = ace::alloc(size.max(TINY_MAX + 1));
         if p.is_null() {
@@ -331,15 +331,25 @@ mod tests {
         for shift in 3..=20 {
             let align = 1usize << shift;
             for size in [1usize, 24, 100, 1024, 3000, 50_000] {
-                // SAFETY: plain allocation, checked, freed below.
-                let p = unsafe { alloc_aligned(align, size) };
-                assert!(!p.is_null(), "align {align} size {size}");
-                assert_eq!(p as usize % align, 0, "align {align} size {size}");
-                assert!(usable_size(p) >= size);
-                // SAFETY: p has size writable bytes.
-                unsafe { core::ptr::write_bytes(p, 0xab, size) };
-                // SAFETY: allocated above.
-                unsafe { free(p) };
+                // Tiny ones by the hundred: enough to span slabs of several
+                // colours (see `superslab`).
+                let n = if size.max(align) <= TINY_MAX { 200 } else { 2 };
+                let blocks: Vec<*mut u8> = (0..n)
+                    .map(|_| {
+                        // SAFETY: plain allocation, checked, freed below.
+                        let p = unsafe { alloc_aligned(align, size) };
+                        assert!(!p.is_null(), "align {align} size {size}");
+                        assert_eq!(p as usize % align, 0, "align {align} size {size}");
+                        assert!(usable_size(p) >= size);
+                        // SAFETY: p has size writable bytes.
+                        unsafe { core::ptr::write_bytes(p, 0xab, size) };
+                        p
+                    })
+                    .collect();
+                for p in blocks {
+                    // SAFETY: allocated above, freed once.
+                    unsafe { free(p) };
+                }
             }
         }
     }

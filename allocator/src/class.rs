@@ -6,8 +6,12 @@
 //! class 7 (513..1024) has bins 640, 768, 896 and 1024. With powers of two
 //! alone a uniform request mix wastes about a quarter of its memory, and the
 //! larger working set costs cache misses on every access; bins cut the waste
-//! to about a tenth. Every bin size is a multiple of 16 (16-byte alignment),
-//! and the power-of-two bins keep their blocks aligned to their size.
+//! to about a tenth. Every bin size is a multiple of 16 (16-byte alignment).
+//!
+//! Slabs of these bins are coloured (`superslab::Slab::format`), so their
+//! blocks are 64-byte aligned, no more. Aligned requests of 128..1024 bytes
+//! take the *aligned bins* after them: the same sizes, uncoloured, every
+//! block aligned to its size.
 
 pub use hakmem_common::{ACE_CLASSES, ACE_CLASS_SIZES, TINY_CLASSES, TINY_CLASS_SIZES};
 
@@ -16,13 +20,18 @@ pub const TINY_MAX: usize = 1024;
 /// Largest request ACE can ever serve (its largest class).
 pub const ACE_MAX: usize = ACE_CLASS_SIZES[ACE_CLASSES - 1];
 
-/// Number of tiny bins.
-pub const BINS: usize = 21;
+/// Number of tiny bins: the coloured ones, then the aligned ones.
+pub const BINS: usize = COLORED_BINS + 4;
+/// Bins `tiny_bin` hands out; the rest serve aligned requests (`aligned_bin`).
+pub const COLORED_BINS: usize = 21;
 /// Block size of each bin.
 pub const BIN_SIZES: [usize; BINS] = [
     8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
-    1024,
+    1024, // the aligned bins:
+    128, 256, 512, 1024,
 ];
+/// Largest alignment a coloured bin's blocks keep (colours are whole cache lines).
+pub const COLORED_ALIGN: usize = 64;
 
 /// Bin of every size rounded up to 8 bytes: index `(size + 7) / 8` (sizes 0
 /// and 1..=8 land on bin 0, so `tiny_bin` needs no branch).
@@ -67,6 +76,25 @@ pub const fn tiny_class(size: usize) -> usize {
 #[inline(always)]
 pub fn tiny_bin(size: usize) -> usize {
     BIN_BY_8[(size + 7) >> 3] as usize
+}
+
+/// Bin for an aligned request: `need` is a power of two up to `TINY_MAX`, at
+/// least the size and the alignment; every block of the bin is aligned to it.
+#[inline]
+pub fn aligned_bin(need: usize) -> usize {
+    debug_assert!(need.is_power_of_two() && need <= TINY_MAX);
+    if need <= COLORED_ALIGN {
+        tiny_bin(need)
+    } else {
+        // 128 -> the first aligned bin.
+        COLORED_BINS + need.trailing_zeros() as usize - 7
+    }
+}
+
+/// Whether slabs of `bin` are coloured (see the module doc).
+#[inline]
+pub fn is_colored(bin: usize) -> bool {
+    bin < COLORED_BINS
 }
 
 /// The class a bin belongs to.
