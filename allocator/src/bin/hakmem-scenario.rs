@@ -299,13 +299,7 @@ fn burst() {
 /// and after the large cache's burst delay (the segments' chunks wait there).
 fn ace_burst() {
     let size = 32 << 10;
-    let blocks = make(6000, size, size);
-    let peak = rss_kib();
-    free_all(&blocks);
-    let freed = rss_kib();
-    after_burst_delay();
-    let after = rss_kib();
-    println!("rss_kib peak={peak} freed={freed} after={after}");
+    free_burst(&make(6000, size, size));
 }
 
 /// `n` blocks of `size` bytes with their first `touch` bytes written.
@@ -326,6 +320,17 @@ fn free_all(blocks: &[usize]) {
         // SAFETY: allocated by `make`, freed once.
         unsafe { hakmem::api::free(p as *mut u8) };
     }
+}
+
+/// Frees `blocks` at once and prints RSS before (`peak`), right after
+/// (`freed`) and after the large cache's burst delay (`after`).
+fn free_burst(blocks: &[usize]) {
+    let peak = rss_kib();
+    free_all(blocks);
+    let freed = rss_kib();
+    after_burst_delay();
+    let after = rss_kib();
+    println!("rss_kib peak={peak} freed={freed} after={after}");
 }
 
 /// Lets freed big blocks wait out the large cache's burst delay (100 ms),
@@ -369,13 +374,7 @@ fn large_cache() {
     free_all(&second);
     println!("large_reused {reused} of 500");
     let whole = 1900 * 1024;
-    let touched = make(100, whole, whole);
-    let peak = rss_kib();
-    free_all(&touched);
-    let freed = rss_kib();
-    after_burst_delay();
-    let after = rss_kib();
-    println!("rss_kib peak={peak} freed={freed} after={after}");
+    free_burst(&make(100, whole, whole));
 }
 
 /// Allocates and frees in a loop until killed (a target for attach/detach tests).
