@@ -337,7 +337,7 @@ fn cache(chunk: usize, size: usize, extent: usize) {
 }
 
 /// What the freed block of `extent` bytes at `chunk` may hold resident. Its
-/// extent while the cache is less than half full; past that, so that a
+/// extent while the cache holds less than half of `BURST_BYTES`; past that, so that a
 /// program touching a little of big blocks keeps them cached instead of
 /// mapping them anew, a fresh ceiling (one getrusage: the cache cannot hold
 /// more than the process ever had resident), and if that is not enough its
