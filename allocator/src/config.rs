@@ -19,6 +19,9 @@ pub struct Config {
     pub ace_max_segments: usize,
     /// `HAKMEM_OS_LIMIT_MB`: cap on memory mapped from the OS; beyond it mapping is refused as by the OS.
     pub os_limit_bytes: usize,
+    /// `HAKMEM_PURGE_DELAY_MS` (default 100): how long freed memory beyond the large cache's
+    /// 64 MiB reserve waits for reuse before it goes back to the OS; 0 returns it at once.
+    pub purge_delay_ns: u64,
     /// `HAKMEM_STATS` (default 0): 1 counts every probe event and prints the tally at exit.
     pub stats: bool,
     /// `HAKMEM_INVALID_FREE` (default abort): `abort` or `ignore` (log and go on).
@@ -39,6 +42,7 @@ impl Config {
         ace_max_bytes: crate::class::ACE_MAX,
         ace_max_segments: usize::MAX,
         os_limit_bytes: usize::MAX,
+        purge_delay_ns: 100_000_000,
         stats: false,
         invalid_free_abort: true,
         stats_file: None,
@@ -106,6 +110,9 @@ fn load() {
     }
     if let Some(v) = env_u64(c"HAKMEM_OS_LIMIT_MB") {
         c.os_limit_bytes = (v as usize).saturating_mul(1 << 20);
+    }
+    if let Some(v) = env_u64(c"HAKMEM_PURGE_DELAY_MS") {
+        c.purge_delay_ns = v.saturating_mul(1_000_000);
     }
     if let Some(v) = env_u64(c"HAKMEM_STATS") {
         c.stats = v != 0;

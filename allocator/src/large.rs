@@ -14,7 +14,7 @@
 //! A cached mapping goes back to the OS (oldest first):
 //! - when it has gone unused for `MAX_IDLE_NS` (1 s), within a reserve of
 //!   `CACHE_BYTES` (64 MiB) of what the cached mappings' users touched;
-//! - beyond the reserve, a freed burst waits `BURST_IDLE_NS` (100 ms) for the
+//! - beyond the reserve, a freed burst waits 100 ms (`HAKMEM_PURGE_DELAY_MS`) for the
 //!   program to reuse it (a program that frees 800 MB of grown buffers and
 //!   exits, or makes the next round of big blocks, pays no munmap; returning
 //!   them at once was 13% of such a run);
@@ -61,14 +61,13 @@ const CACHE_SLOTS: usize = 16;
 /// make and free big blocks now and then.
 const CACHE_BYTES: usize = 64 << 20;
 const MAX_IDLE_NS: u64 = 1_000_000_000;
-/// Beyond `CACHE_BYTES`, freed memory waits `BURST_IDLE_NS` before it goes
+/// Beyond `CACHE_BYTES`, freed memory waits `burst_idle_ns` before it goes
 /// back to the OS, and never more than `BURST_BYTES` of it: a program that
 /// frees a burst and makes the next one soon (a request, a frame, a round)
 /// takes it back without a syscall or a page fault, and one that does not
 /// gets its memory returned at its next allocator slow path after the delay.
 /// (mimalloc waits 10 ms by default, jemalloc decays over 10 s.)
 const BURST_BYTES: usize = 1 << 30;
-const BURST_IDLE_NS: u64 = 100_000_000;
 /// Mappings `put` may hand back for unmapping in one call. Eviction works in
 /// batches so that `unmap_all` can merge neighbours (a program frees its blocks
 /// in about the order it made them, and the kernel maps them side by side):
@@ -86,7 +85,7 @@ const MEASURE_MAX: usize = 16 << 20;
 const FIT_SCAN: usize = 32;
 /// When the ring of chunks is full, this many of the oldest go at once.
 const EVICT_CHUNKS: usize = 16;
-/// When over `BURST_BYTES`, eviction goes this far below it.
+/// When over its bound (`hold_bound`), eviction goes this far below it.
 const EVICT_SLACK: usize = CACHE_BYTES / 16;
 /// The peak-RSS ceiling (see `Cache::held`) is read again only after this
 /// much has been cached since the last reading.
@@ -164,6 +163,22 @@ static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
 /// When the oldest cached mapping is due to go back (`now_ns`; `u64::MAX`:
 /// nothing cached). Read without the lock by `decay_if_due`.
 static DUE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// How long freed memory beyond the reserve waits for reuse
+/// (`HAKMEM_PURGE_DELAY_MS`, default 100 ms).
+fn burst_idle_ns() -> u64 {
+    crate::config::get().purge_delay_ns
+}
+
+/// The most the cache may hold: `BURST_BYTES`, or with no burst delay the
+/// reserve alone (each free beyond it returns the oldest at once).
+fn hold_bound() -> usize {
+    if burst_idle_ns() == 0 {
+        CACHE_BYTES
+    } else {
+        BURST_BYTES
+    }
+}
 
 /// Runs `f` on the cache under its lock, then publishes when it is next due.
 fn with_cache<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
@@ -337,13 +352,13 @@ fn cache(chunk: usize, size: usize, extent: usize) {
 }
 
 /// What the freed block of `extent` bytes at `chunk` may hold resident. Its
-/// extent while the cache holds less than half of `BURST_BYTES`; past that, so that a
+/// extent while the cache holds less than half its bound; past that, so that a
 /// program touching a little of big blocks keeps them cached instead of
 /// mapping them anew, a fresh ceiling (one getrusage: the cache cannot hold
 /// more than the process ever had resident), and if that is not enough its
 /// pages are counted (mincore, 2 us and about 16 ns per page-table entry).
 fn count_resident(chunk: usize, extent: usize) -> usize {
-    let half = BURST_BYTES / 2;
+    let half = hold_bound() / 2;
     let (held, mark, stale) = {
         let c = CACHE.lock();
         let stale = c.ceiling == 0 || c.added.wrapping_sub(c.ceiling_mark) >= CEILING_STALE;
@@ -366,7 +381,7 @@ fn count_resident(chunk: usize, extent: usize) -> usize {
 }
 
 /// Returns to the OS what has waited in the cache long enough (see
-/// `BURST_IDLE_NS`). Cheap when nothing is due (a load, and a clock read from
+/// `burst_idle_ns`). Cheap when nothing is due (a load, and a clock read from
 /// the vDSO when anything is cached), so allocator slow paths call it: a
 /// program that frees a burst of big blocks and then only makes small ones
 /// still gets it returned.
@@ -518,14 +533,14 @@ impl Cache {
     }
 
     /// When the oldest cached mapping is due to go back (`u64::MAX`: nothing
-    /// cached): `BURST_IDLE_NS` after its free while the cache holds more
+    /// cached): `burst_idle_ns` after its free while the cache holds more
     /// than `CACHE_BYTES`, else `MAX_IDLE_NS`.
     fn due(&self) -> u64 {
         let oldest_chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
         let oldest_sized = self.oldest_sized().map(|i| self.sized[i].freed_at);
         match oldest_chunk.into_iter().chain(oldest_sized).min() {
             None => u64::MAX,
-            Some(t) if self.held() > CACHE_BYTES => t + BURST_IDLE_NS,
+            Some(t) if self.held() > CACHE_BYTES => t + burst_idle_ns(),
             Some(t) => t + MAX_IDLE_NS,
         }
     }
@@ -533,7 +548,7 @@ impl Cache {
     /// Moves into `out[n..]` what has waited long enough (see `due`),
     /// oldest first; returns the new `n`.
     fn decay(&mut self, now: u64, out: &mut [Cached], n: usize) -> usize {
-        let n = self.evict(now.saturating_sub(BURST_IDLE_NS), CACHE_BYTES, out, n);
+        let n = self.evict(now.saturating_sub(burst_idle_ns()), CACHE_BYTES, out, n);
         self.evict(now.saturating_sub(MAX_IDLE_NS), 0, out, n)
     }
 
@@ -575,7 +590,7 @@ impl Cache {
             n += 1;
         }
         // Over the hard bound: the oldest go, leaving one slot of `out` for `m`.
-        let room = BURST_BYTES - m.resident;
+        let room = hold_bound() - m.resident;
         if self.held() > room {
             n = self.evict(
                 u64::MAX,
@@ -667,13 +682,13 @@ mod tests {
             assert_eq!(cache.put(c, &mut out), 0, "kept, not returned at once");
         }
         assert_eq!(cache.held(), 2 * CACHE_BYTES);
-        assert_eq!(cache.due(), t0 + BURST_IDLE_NS);
+        assert_eq!(cache.due(), t0 + burst_idle_ns());
         // Not yet due.
-        assert_eq!(cache.decay(t0 + BURST_IDLE_NS - 1, &mut out, 0), 0);
+        assert_eq!(cache.decay(t0 + burst_idle_ns() - 1, &mut out, 0), 0);
         // Due: the oldest go until the reserve is left (32 per call at most).
         let mut returned = Vec::new();
         loop {
-            let n = cache.decay(t0 + BURST_IDLE_NS, &mut out, 0);
+            let n = cache.decay(t0 + burst_idle_ns(), &mut out, 0);
             returned.extend(out[..n].iter().map(|c| c.base / CHUNK));
             if n < EVICT_MAX {
                 break;

@@ -192,6 +192,20 @@ fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
 }
 
 #[test]
+fn without_a_purge_delay_a_freed_burst_goes_back_at_once() {
+    let out = run_with_deadline(
+        "large-cache",
+        &[("HAKMEM_PURGE_DELAY_MS", "0")],
+        DEADLINE_SECS,
+    );
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (peak, _) = peak_and_after(&stdout);
+    let freed = rss_field(&stdout, "freed=");
+    assert!(peak >= freed + 100 * 1024, "{stdout}");
+}
+
+#[test]
 fn a_freed_burst_of_ace_segments_waits_in_the_large_cache_then_goes_back() {
     let out = run_with_deadline("ace-burst", &[], DEADLINE_SECS);
     assert!(out.status.success());
