@@ -29,7 +29,8 @@ use core::ptr::null_mut;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use hakmem_common::{AceFailKind, ACE_CLASSES, NO_CLASS};
 
-const HEADER_RESERVE: usize = 4096;
+/// Bytes at the start of a segment before its first block (the header).
+pub const HEADER_RESERVE: usize = 4096;
 /// Blocks sit `block size + COLOR` apart. Every ACE class is a whole number
 /// of KiB, so without the pad every block would start at one of a few offsets
 /// in its page and the blocks' first lines would all fall into a few cache

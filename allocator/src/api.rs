@@ -72,6 +72,12 @@ pub unsafe fn free(ptr: *mut u8) {
         return unsafe { tiny::free_superslab(ptr, slab) };
     }
     if let Some(class) = segment::ace_class_of(kind) {
+        // No block lies in the header: a pointer there is stale, most likely
+        // a large block freed again after its chunk became this segment
+        // (they share the chunk cache).
+        if p - segment::chunk_of(p) < ace::HEADER_RESERVE {
+            return misuse::invalid_free("free(): invalid pointer", p);
+        }
         return ace::free(ptr, class);
     }
     free_legacy_or_large(p)

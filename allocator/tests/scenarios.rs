@@ -310,6 +310,29 @@ fn foreign_pointer_free_aborts_with_a_message() {
 }
 
 #[test]
+fn a_large_block_freed_again_after_its_chunk_became_an_ace_segment_is_caught() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_with_deadline("stale-free", &[], 30);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("chunk reused: true"), "{stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
+    assert!(
+        stderr.contains("hakmem: free(): invalid pointer: 0x"),
+        "{stderr}"
+    );
+    let out = run_with_deadline("stale-free", &[("HAKMEM_INVALID_FREE", "ignore")], 30);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("survived"));
+}
+
+#[test]
 fn slabs_abandoned_by_an_exited_thread_come_back_when_their_blocks_are_freed() {
     let t = scenario("abandon", &[("HAKMEM_SS_KEEP", "0")]);
     let c6 = class(&t, 6);

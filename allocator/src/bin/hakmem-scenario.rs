@@ -36,13 +36,19 @@ fn main() {
         "oom" => oom,
         "double-free" => double_free,
         "foreign-free" => foreign_free,
+        "stale-free" => stale_free,
         "abandon" => abandon,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|abandon [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon [--wait-attach]");
             std::process::exit(2);
         }
     };
-    if !hakmem::config::get().stats && !matches!(name, "forever" | "double-free" | "foreign-free") {
+    if !hakmem::config::get().stats
+        && !matches!(
+            name,
+            "forever" | "double-free" | "foreign-free" | "stale-free"
+        )
+    {
         eprintln!("hakmem-scenario: run with HAKMEM_STATS=1");
         std::process::exit(2);
     }
@@ -552,6 +558,35 @@ fn foreign_free() {
     let on_stack = [0u64; 4];
     // SAFETY: deliberately wrong, to test the detection.
     unsafe { hakmem::api::free(on_stack.as_ptr() as *mut u8) };
+    println!("survived");
+}
+
+/// A large block freed, its chunk taken by a new ACE segment (they share the
+/// chunk cache), then the large block freed again.
+fn stale_free() {
+    let chunk_of = |p: *mut u8| p as usize & !((2 << 20) - 1);
+    // SAFETY: deliberately wrong (the second free of `big`), to test the detection.
+    unsafe {
+        let big = hakmem::api::malloc(1 << 20);
+        fill(big, 4096, 1);
+        hakmem::api::free(big);
+        let mut mid = Vec::new();
+        while mid.len() < 1000 {
+            let p = hakmem::api::malloc(30_000);
+            mid.push(p);
+            if chunk_of(p) == chunk_of(big) {
+                break;
+            }
+        }
+        println!(
+            "chunk reused: {}",
+            chunk_of(*mid.last().unwrap()) == chunk_of(big)
+        );
+        hakmem::api::free(big);
+        for p in mid {
+            hakmem::api::free(p);
+        }
+    }
     println!("survived");
 }
 
