@@ -52,7 +52,7 @@ const MAX_CAP: [u32; ACE_CLASSES] = {
     t
 };
 const _: () = assert!(MAX_CAP[ACE_CLASSES - 1] >= MIN_CAP);
-/// Free segments a class keeps mapped before returning more to the OS.
+/// Free segments a class keeps before handing more to the large cache.
 const KEEP_FREE_SEGMENTS: usize = 4;
 /// Free segments all classes together keep mapped (64 MiB; checked without a
 /// common lock, so two classes at once may pass it by one each). With 47
@@ -99,6 +99,14 @@ struct AceSegment {
     next: *mut AceSegment,
     prev: *mut AceSegment,
     list: SegList,
+}
+
+impl AceSegment {
+    /// Offset of the first block not yet carved: every byte below it may
+    /// have been touched.
+    fn carved_end(&self) -> usize {
+        HEADER_RESERVE + self.carved as usize * (self.block_size as usize + COLOR)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -240,8 +248,8 @@ fn flush(class: usize) {
 }
 
 fn give_back(class: usize, mut b: *mut Block, n: u32) {
-    let mut unmap: [*mut AceSegment; 4] = [null_mut(); 4];
-    let mut unmapped = 0;
+    let mut release: [*mut AceSegment; 4] = [null_mut(); 4];
+    let mut released = 0;
     {
         let mut pool = CLASSES[class].lock();
         for _ in 0..n {
@@ -249,9 +257,9 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
             let next = unsafe { (*b).next };
             let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
             if let Some(s) = pool.put(seg, b) {
-                if unmapped < unmap.len() {
-                    unmap[unmapped] = s;
-                    unmapped += 1;
+                if released < release.len() {
+                    release[released] = s;
+                    released += 1;
                 } else {
                     pool.keep_free(s);
                 }
@@ -259,13 +267,10 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
             b = next;
         }
     }
-    for &s in &unmap[..unmapped] {
+    for &s in &release[..released] {
         // SAFETY: `put` removed the segment from every list and all its
         // blocks are free: nothing references it.
-        unsafe {
-            let carved = (*s).carved as usize * ((*s).block_size as usize + COLOR);
-            crate::large::cache_chunk(s as usize, HEADER_RESERVE + carved);
-        }
+        unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end()) };
     }
 }
 
@@ -321,10 +326,7 @@ impl AceClass {
                     s.free = unsafe { (*b).next };
                     b
                 } else if s.carved < s.capacity {
-                    let b = (seg as usize
-                        + HEADER_RESERVE
-                        + s.carved as usize * (s.block_size as usize + COLOR))
-                        as *mut Block;
+                    let b = (seg as usize + s.carved_end()) as *mut Block;
                     s.carved += 1;
                     b
                 } else {
@@ -374,7 +376,7 @@ impl AceClass {
         Ok(seg)
     }
 
-    /// Returns a block to its segment; Some(segment) if it should be unmapped
+    /// Returns a block to its segment; Some(segment) if it should go to the large cache
     /// (already removed from the lists and counts).
     fn put(&mut self, seg: *mut AceSegment, b: *mut Block) -> Option<*mut AceSegment> {
         // SAFETY: `b` lies in `seg`, a live ACE segment of this class (lock held).

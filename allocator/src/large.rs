@@ -394,13 +394,21 @@ pub fn decay_if_due() {
     if now < due {
         return;
     }
+    return_batches(|c, out| c.decay(now, out, 0));
+}
+
+/// Returns to the OS, a batch at a time and not under the lock, what `pick`
+/// moves out of the cache, until it moves less than a full batch. True if
+/// anything went.
+fn return_batches(mut pick: impl FnMut(&mut Cache, &mut [Cached]) -> usize) -> bool {
+    let mut any = false;
     loop {
         let mut out = [NONE; EVICT_MAX];
-        // Its own statement: the lock is not held while unmapping.
-        let n = with_cache(|c| c.decay(now, &mut out, 0));
+        let n = with_cache(|c| pick(c, &mut out));
+        any |= n > 0;
         unmap_all(&mut out[..n]);
         if n < EVICT_MAX {
-            return;
+            return any;
         }
     }
 }
@@ -425,17 +433,7 @@ fn unmap_all(maps: &mut [Cached]) {
 
 /// Returns every cached mapping to the OS (it refused a new one). True if there was any.
 fn flush_cache() -> bool {
-    let mut any = false;
-    loop {
-        let mut out = [NONE; EVICT_MAX];
-        // Its own statement: the lock is not held while unmapping.
-        let n = with_cache(|c| c.evict(u64::MAX, 0, &mut out, 0));
-        if n == 0 {
-            return any;
-        }
-        any = true;
-        unmap_all(&mut out[..n]);
-    }
+    return_batches(|c, out| c.evict(u64::MAX, 0, out, 0))
 }
 
 pub fn lock_for_fork() {
@@ -506,18 +504,28 @@ impl Cache {
         (0..self.sized_len).min_by_key(|&i| self.sized[i].freed_at)
     }
 
+    /// The least recently freed mapping of either kind: when it was freed,
+    /// and its index in `sized` if it is not a chunk (the oldest chunk is at
+    /// the ring's head). A chunk wins a tie.
+    fn oldest(&self) -> Option<(u64, Option<usize>)> {
+        let chunk = (self.chunk_len > 0).then(|| (self.chunks[self.chunk_head].freed_at, None));
+        let sized = self
+            .oldest_sized()
+            .map(|i| (self.sized[i].freed_at, Some(i)));
+        match (chunk, sized) {
+            (Some(c), Some(s)) => Some(if s.0 < c.0 { s } else { c }),
+            (c, s) => c.or(s),
+        }
+    }
+
     /// Removes the least recently freed mapping of either kind, if it was
     /// freed at or before `by` (a `now_ns` time).
     fn evict_oldest(&mut self, by: u64) -> Option<Cached> {
-        let chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
-        let sized = self.oldest_sized().map(|i| (i, self.sized[i].freed_at));
-        match (chunk, sized) {
-            (_, Some((i, age))) if age <= by && chunk.is_none_or(|a| age < a) => {
-                Some(self.remove_sized(i))
-            }
-            (Some(age), _) if age <= by => Some(self.remove_chunk(0)),
-            _ => None,
-        }
+        let (_, sized) = self.oldest().filter(|&(at, _)| at <= by)?;
+        Some(match sized {
+            Some(i) => self.remove_sized(i),
+            None => self.remove_chunk(0),
+        })
     }
 
     /// What the cache may hold resident at most: the sum of what each
@@ -536,12 +544,10 @@ impl Cache {
     /// cached): `burst_idle_ns` after its free while the cache holds more
     /// than `CACHE_BYTES`, else `MAX_IDLE_NS`.
     fn due(&self) -> u64 {
-        let oldest_chunk = (self.chunk_len > 0).then(|| self.chunks[self.chunk_head].freed_at);
-        let oldest_sized = self.oldest_sized().map(|i| self.sized[i].freed_at);
-        match oldest_chunk.into_iter().chain(oldest_sized).min() {
+        match self.oldest() {
             None => u64::MAX,
-            Some(t) if self.held() > CACHE_BYTES => t + burst_idle_ns(),
-            Some(t) => t + MAX_IDLE_NS,
+            Some((t, _)) if self.held() > CACHE_BYTES => t + burst_idle_ns(),
+            Some((t, _)) => t + MAX_IDLE_NS,
         }
     }
 

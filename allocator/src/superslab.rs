@@ -176,12 +176,12 @@ impl Slab {
         } else {
             0
         };
-        let len = SLAB_SIZE - if idx == 0 { SS_HEADER_RESERVE } else { 0 } - color;
         self.state = SlabState::InUse;
         self.bin = bin as u8;
         self.color = color as u16;
+        let end = self.superslab() as usize + (idx + 1) * SLAB_SIZE;
         self.block_size = block_size as u32;
-        self.capacity = (len / block_size) as u32;
+        self.capacity = ((end - self.area()) / block_size) as u32;
         self.used = 0;
         self.carved = 0;
         self.free = null_mut();
