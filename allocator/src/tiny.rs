@@ -35,6 +35,11 @@ const BATCH: [u32; BINS] = {
     t
 };
 
+/// Most owned slabs one `find_partial` looks at. A thread can own thousands of
+/// full slabs of a bin (a program that keeps millions of small blocks); looking
+/// at all of them whenever the active slab ran out made growth quadratic.
+const PARTIAL_SCAN: u32 = 8;
+
 /// Most blocks a refill takes whole from a drained remote list (bounds what
 /// a thread cache holds beyond its limit, and what its next overflow walks).
 const REMOTE_WHOLE_MAX: u32 = 256;
@@ -48,7 +53,8 @@ pub struct ClassCache {
     limit: u32,
     /// The slab refills carve from.
     active: *mut Slab,
-    /// Every slab this thread owns for the bin (through Slab::next/prev).
+    /// Every slab this thread owns for the bin: a ring through Slab::next/prev,
+    /// slabs likely to have free blocks towards this end (see `find_partial`).
     owned: *mut Slab,
 }
 
@@ -295,28 +301,34 @@ impl ThreadCache {
         b.cast()
     }
 
-    /// Looks through the thread's other slabs of `bin` for free blocks,
-    /// draining their remote lists; EMPTY ones go to the recycle boundary.
+    /// Looks at up to PARTIAL_SCAN of the thread's other slabs of `bin`, from
+    /// the front of the ring, for free blocks, draining their remote lists;
+    /// EMPTY ones go to the recycle boundary. A full slab (and the active one)
+    /// is rotated to the back, so the next call looks at others; a drain moves
+    /// a slab that gets a block back to the front. So a slab with free blocks
+    /// is found at once if they came from this thread, and within ring/8
+    /// calls if only other threads freed them.
     fn find_partial(&mut self, bin: usize) -> Option<*mut Slab> {
         let active = self.tiny[bin].active;
-        let mut cur = self.tiny[bin].owned;
-        while !cur.is_null() {
-            // SAFETY: slabs on the owned list belong to this thread.
+        for _ in 0..PARTIAL_SCAN {
+            let cur = self.tiny[bin].owned;
+            if cur.is_null() {
+                break;
+            }
+            // SAFETY: slabs on the owned ring belong to this thread.
             let s = unsafe { &mut *cur };
-            let next = s.next;
             if cur != active {
                 if s.has_remote() {
                     drain_remote(s);
                 }
                 if s.used == 0 && self.on_empty(bin, cur) {
-                    cur = next;
                     continue;
                 }
                 if s.has_free() {
                     return Some(cur);
                 }
             }
-            cur = next;
+            self.tiny[bin].owned = s.next;
         }
         None
     }
@@ -338,8 +350,12 @@ impl ThreadCache {
             }
             let (_, slab, _) = slab_of(b as usize);
             // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
-            if unsafe { (*slab).give_back(b) } {
+            let (had_none, empty) = unsafe { ((*slab).free.is_null(), (*slab).give_back(b)) };
+            if empty {
                 self.on_empty(bin, slab);
+            } else if had_none {
+                // Its first free block since it ran out: where refills look first.
+                self.move_to_front(bin, slab);
             }
         }
         if !legacy.head.is_null() {
@@ -355,31 +371,40 @@ impl ThreadCache {
         unsafe { pool::recycle(slab, is_active, |s| self.unlink_owned(bin, s)) }
     }
 
+    /// Puts `s` (owned by this thread, on no list) at the front of the ring.
     fn link_owned(&mut self, bin: usize, s: *mut Slab) {
         let cc = &mut self.tiny[bin];
-        // SAFETY: `s` is owned by this thread and on no list.
+        let front = cc.owned;
+        // SAFETY: `s` is ours and on no list; the ring's slabs are ours.
         unsafe {
-            (*s).prev = null_mut();
-            (*s).next = cc.owned;
-            if !cc.owned.is_null() {
-                (*cc.owned).prev = s;
+            if front.is_null() {
+                (*s).next = s;
+                (*s).prev = s;
+            } else {
+                let back = (*front).prev;
+                (*s).next = front;
+                (*s).prev = back;
+                (*back).next = s;
+                (*front).prev = s;
             }
         }
         cc.owned = s;
     }
 
+    /// Takes `s` off the ring (and the active slot).
     fn unlink_owned(&mut self, bin: usize, s: *mut Slab) {
         let cc = &mut self.tiny[bin];
-        // SAFETY: `s` is on this thread's owned list for `bin`.
+        // SAFETY: `s` is on this thread's ring for `bin`, as are its neighbours.
         unsafe {
             let (prev, next) = ((*s).prev, (*s).next);
-            if prev.is_null() {
-                cc.owned = next;
+            if next == s {
+                cc.owned = null_mut();
             } else {
                 (*prev).next = next;
-            }
-            if !next.is_null() {
                 (*next).prev = prev;
+                if cc.owned == s {
+                    cc.owned = next;
+                }
             }
             (*s).next = null_mut();
             (*s).prev = null_mut();
@@ -387,6 +412,16 @@ impl ThreadCache {
         if cc.active == s {
             cc.active = null_mut();
         }
+    }
+
+    fn move_to_front(&mut self, bin: usize, s: *mut Slab) {
+        if self.tiny[bin].owned == s {
+            return;
+        }
+        let active = self.tiny[bin].active;
+        self.unlink_owned(bin, s);
+        self.link_owned(bin, s);
+        self.tiny[bin].active = active;
     }
 
     /// Thread exit: every cached block back to its slab, every slab back to the
@@ -447,4 +482,65 @@ fn drain_remote(s: &mut Slab) {
 /// The thread-exit hook (from the pthread key destructor).
 pub fn thread_exit() {
     with_cache(|tc| tc.release_all());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::class::tiny_bin;
+
+    /// Every block of `s` carved and handed out, as a list.
+    fn take_all(s: *mut Slab) -> Vec<*mut Block> {
+        let mut head = null_mut();
+        // SAFETY: the test owns `s`, freshly acquired.
+        let n = unsafe { (*s).take_batch(u32::MAX, u32::MAX, &mut head) };
+        let mut blocks = Vec::with_capacity(n as usize);
+        while !head.is_null() {
+            blocks.push(head);
+            // SAFETY: blocks on the taken list link through their first word.
+            head = unsafe { (*head).next };
+        }
+        blocks
+    }
+
+    #[test]
+    fn a_refill_looks_at_a_few_owned_slabs_and_drained_ones_come_first() {
+        crate::global::ensure_init();
+        let bin = tiny_bin(1024);
+        let mut tc = Box::new(ThreadCache::NEW);
+        tc.id = &*tc as *const ThreadCache as usize;
+        let mut slabs = Vec::new();
+        let mut blocks = Vec::new();
+        for _ in 0..40 {
+            let Acquired::Slab(s) = pool::acquire(bin, tc.id) else {
+                panic!("no slab");
+            };
+            blocks.push(take_all(s));
+            tc.link_owned(bin, s);
+            slabs.push(s);
+        }
+        // Another thread frees a block of the slab at the back of the ring.
+        let b = blocks[0].pop().unwrap();
+        // SAFETY: a block of slabs[0], handed out above.
+        unsafe { (*slabs[0]).push_remote(b) };
+        assert_eq!(tc.find_partial(bin), None, "looked at more than 8 slabs");
+        let calls = (2..=6).find(|_| tc.find_partial(bin).is_some());
+        assert_eq!(calls, Some(5), "found after the 32 full slabs before it");
+        assert_eq!(tc.find_partial(bin), Some(slabs[0]));
+        // This thread frees a block of a full slab: the drain puts it in front.
+        let b = blocks[20].pop().unwrap();
+        tc.tiny[bin].head = b;
+        tc.tiny[bin].count = 1;
+        tc.drain(bin, 1, DrainWhy::Overflow);
+        assert_eq!(tc.find_partial(bin), Some(slabs[20]));
+        // Everything back: every slab goes EMPTY and leaves the ring.
+        for b in blocks.into_iter().flatten() {
+            // SAFETY: every block left was handed out above and is freed once.
+            unsafe { (*b).next = tc.tiny[bin].head };
+            tc.tiny[bin].head = b;
+            tc.tiny[bin].count += 1;
+        }
+        tc.release_all();
+        assert!(tc.tiny[bin].owned.is_null());
+    }
 }

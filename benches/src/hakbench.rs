@@ -240,15 +240,16 @@ fn realloc_growth(buffers: u64, keep: usize) -> u64 {
     ops
 }
 
-/// Rounds of `per_round` large blocks (256 KiB..2 MiB, first and last page
-/// touched) made, all kept, checked and freed in the order made: a program's
-/// buffers for one request, one file, one frame.
-fn large_rounds(rounds: u64, per_round: usize) -> u64 {
+/// Rounds of `per_round` blocks of lo..=hi bytes (first and last byte
+/// written) made, all kept, checked and freed in the order made: a program's
+/// buffers for one request, one file, one frame; or, in one round of millions
+/// of small blocks, a program that builds a big data structure and drops it.
+fn kept_rounds(rounds: u64, per_round: usize, lo: usize, hi: usize) -> u64 {
     let mut rng = Rng(0x1a29e);
     let mut live: Vec<(*mut u8, usize)> = Vec::with_capacity(per_round);
     for r in 0..rounds {
         for _ in 0..per_round {
-            let size = rng.range(256 * 1024, 2 << 20);
+            let size = rng.range(lo, hi);
             let p = malloc(size);
             touch(p, size, r as u8);
             live.push((p, size));
@@ -319,7 +320,8 @@ fn main() {
         "larson" => larson(4, n(1_000_000)),
         "realloc" => realloc_growth(n(20_000), 64),
         "realloc-kept" => realloc_growth(n(20_000), usize::MAX),
-        "large" => large_rounds(n(10), 1000),
+        "large" => kept_rounds(n(10), 1000, 256 * 1024, 2 << 20),
+        "kept" => kept_rounds(1, n(3_000_000) as usize, 16, 128),
         "stress" => stress(8, n(200_000)),
         _ => {
             eprintln!("usage: hakbench {} [SCALE]", WORKLOADS.join("|"));

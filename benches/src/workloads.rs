@@ -12,5 +12,6 @@ pub const WORKLOADS: &[&str] = &[
     "larson",
     "realloc",
     "realloc-kept",
+    "kept",
     "stress",
 ];
