@@ -354,7 +354,8 @@ impl ThreadCache {
             if empty {
                 self.on_empty(bin, slab);
             } else if had_none {
-                // Its first free block since it ran out: where refills look first.
+                // Its first free block on its list: it may have been full and
+                // rotated to the back; refills look at the front first.
                 self.move_to_front(bin, slab);
             }
         }
