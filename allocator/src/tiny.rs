@@ -392,8 +392,23 @@ impl ThreadCache {
         cc.owned = s;
     }
 
-    /// Takes `s` off the ring (and the active slot).
+    /// Takes `s` off the ring and out of the active slot.
     fn unlink_owned(&mut self, bin: usize, s: *mut Slab) {
+        self.ring_remove(bin, s);
+        let cc = &mut self.tiny[bin];
+        if cc.active == s {
+            cc.active = null_mut();
+        }
+    }
+
+    fn move_to_front(&mut self, bin: usize, s: *mut Slab) {
+        if self.tiny[bin].owned != s {
+            self.ring_remove(bin, s);
+            self.link_owned(bin, s);
+        }
+    }
+
+    fn ring_remove(&mut self, bin: usize, s: *mut Slab) {
         let cc = &mut self.tiny[bin];
         // SAFETY: `s` is on this thread's ring for `bin`, as are its neighbours.
         unsafe {
@@ -410,19 +425,6 @@ impl ThreadCache {
             (*s).next = null_mut();
             (*s).prev = null_mut();
         }
-        if cc.active == s {
-            cc.active = null_mut();
-        }
-    }
-
-    fn move_to_front(&mut self, bin: usize, s: *mut Slab) {
-        if self.tiny[bin].owned == s {
-            return;
-        }
-        let active = self.tiny[bin].active;
-        self.unlink_owned(bin, s);
-        self.link_owned(bin, s);
-        self.tiny[bin].active = active;
     }
 
     /// Thread exit: every cached block back to its slab, every slab back to the

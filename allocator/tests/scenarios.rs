@@ -10,14 +10,24 @@ use std::process::Command;
 const DEADLINE_SECS: u64 = 120;
 
 fn scenario(name: &str, env: &[(&str, &str)]) -> Value {
+    tally_of(&scenario_stdout(name, env))
+}
+
+/// Runs scenario `name` (which must succeed) and returns what it printed.
+fn scenario_stdout(name: &str, env: &[(&str, &str)]) -> String {
     let out = run_with_deadline(name, env, DEADLINE_SECS);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "scenario {name} failed: {:?}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// The `tally: {json}` line of a scenario's output.
+fn tally_of(stdout: &str) -> Value {
     let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("tally: "))
@@ -126,16 +136,8 @@ fn multithreaded_stress_with_cross_thread_frees_keeps_contents() {
 
 #[test]
 fn a_freed_burst_returns_superslabs_and_rss_falls() {
-    let out = run_with_deadline("burst", &[], DEADLINE_SECS);
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let t: Value = serde_json::from_str(
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("tally: "))
-            .unwrap(),
-    )
-    .unwrap();
+    let stdout = scenario_stdout("burst", &[]);
+    let t = tally_of(&stdout);
     assert!(n(&t["probes"]["ss_map"]) >= 10, "{t}");
     assert!(
         n(&t["probes"]["ss_unmap"]) >= n(&t["probes"]["ss_map"]) - 4,
@@ -168,9 +170,7 @@ fn rss_field(stdout: &str, key: &str) -> u64 {
 
 #[test]
 fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
-    let out = run_with_deadline("large-cache", &[], DEADLINE_SECS);
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = scenario_stdout("large-cache", &[]);
     let reused: u64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("large_reused "))
@@ -193,13 +193,7 @@ fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
 
 #[test]
 fn without_a_purge_delay_a_freed_burst_goes_back_at_once() {
-    let out = run_with_deadline(
-        "large-cache",
-        &[("HAKMEM_PURGE_DELAY_MS", "0")],
-        DEADLINE_SECS,
-    );
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = scenario_stdout("large-cache", &[("HAKMEM_PURGE_DELAY_MS", "0")]);
     let (peak, _) = peak_and_after(&stdout);
     let freed = rss_field(&stdout, "freed=");
     assert!(peak >= freed + 100 * 1024, "{stdout}");
@@ -207,9 +201,7 @@ fn without_a_purge_delay_a_freed_burst_goes_back_at_once() {
 
 #[test]
 fn a_freed_burst_of_ace_segments_waits_in_the_large_cache_then_goes_back() {
-    let out = run_with_deadline("ace-burst", &[], DEADLINE_SECS);
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = scenario_stdout("ace-burst", &[]);
     // 192 MiB of 32 KiB blocks; the class keeps 4 free segments (8 MiB), the
     // large cache 64 MiB after the burst delay.
     let (peak, after) = peak_and_after(&stdout);
@@ -224,9 +216,7 @@ fn a_freed_burst_of_ace_segments_waits_in_the_large_cache_then_goes_back() {
 
 #[test]
 fn the_large_cache_counts_what_a_reused_chunk_still_holds() {
-    let out = run_with_deadline("large-stale", &[], DEADLINE_SECS);
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = scenario_stdout("large-stale", &[]);
     // 60 chunks of 1.9 MiB written whole pass through a cache of 64 MiB;
     // counting only what the last (small) users asked for kept all 111 MiB
     // (here: after the burst delay, when what is beyond 64 MiB goes back).
