@@ -40,6 +40,17 @@ const BATCH: [u32; BINS] = {
 /// at all of them whenever the active slab ran out made growth quadratic.
 const PARTIAL_SCAN: u32 = 8;
 
+/// A bin's cache limit, in batches: it starts at 2 and grows by one at each
+/// refill (the cache ran empty) up to LIMIT_MAX_BATCHES; every LIMIT_SHRINK_AFTER
+/// overflows take one back. A bin that is both allocated and freed a lot (the
+/// cache walks between empty and full at random) ends at the top, where a
+/// walk reaches either end 16 times less often than at 2 batches; a bin that
+/// is mostly freed (its blocks come back from elsewhere) stays at the bottom.
+/// As tcmalloc's free lists grow and shrink.
+const LIMIT_MIN_BATCHES: u32 = 2;
+const LIMIT_MAX_BATCHES: u32 = 8;
+const LIMIT_SHRINK_AFTER: u8 = 3;
+
 /// Most blocks a refill takes whole from a drained remote list (bounds what
 /// a thread cache holds beyond its limit, and what its next overflow walks).
 const REMOTE_WHOLE_MAX: u32 = 256;
@@ -48,8 +59,8 @@ pub struct ClassCache {
     /// The TLS SLL.
     head: *mut Block,
     count: u32,
-    /// Drain when `count` passes this (2 x BATCH; 0 until the first use,
-    /// which sets it, so a zeroed cache is valid).
+    /// Drain when `count` passes this (LIMIT_MIN_BATCHES..=LIMIT_MAX_BATCHES
+    /// x BATCH; 0 until the first use, which sets it, so a zeroed cache is valid).
     limit: u32,
     /// The slab refills carve from.
     active: *mut Slab,
@@ -71,6 +82,8 @@ impl ClassCache {
 pub struct ThreadCache {
     tiny: [ClassCache; BINS],
     pub ace: [AceCache; ACE_CLASSES],
+    /// Overflows of each bin since its limit last shrank (see LIMIT_SHRINK_AFTER).
+    overflows: [u8; BINS],
     /// Owner id stamped on this thread's slabs (0 until the first refill).
     id: usize,
     registered: bool,
@@ -81,6 +94,7 @@ impl ThreadCache {
     pub const NEW: ThreadCache = ThreadCache {
         tiny: [ClassCache::NEW; BINS],
         ace: [AceCache::NEW; ACE_CLASSES],
+        overflows: [0; BINS],
         id: 0,
         registered: false,
     };
@@ -103,6 +117,13 @@ impl ThreadCache {
         let mut i = 0;
         while i < ACE_CLASSES {
             if !self.ace[i].is_zero() {
+                return false;
+            }
+            i += 1;
+        }
+        let mut i = 0;
+        while i < BINS {
+            if self.overflows[i] != 0 {
                 return false;
             }
             i += 1;
@@ -233,16 +254,33 @@ impl ThreadCache {
         }
         let batch = BATCH[bin];
         let cc = &mut self.tiny[bin];
-        cc.limit = batch * 2;
-        if cc.count > cc.limit {
-            let n = cc.count - batch;
-            self.drain(bin, n, DrainWhy::Overflow);
+        // Unset (0), or raised past the top by a remote list taken whole.
+        cc.limit = cc
+            .limit
+            .clamp(LIMIT_MIN_BATCHES * batch, LIMIT_MAX_BATCHES * batch);
+        if cc.count <= cc.limit {
+            return;
         }
+        // Keep half: the walk restarts as far from empty as from full.
+        let n = cc.count - cc.limit / 2;
+        self.overflows[bin] += 1;
+        if self.overflows[bin] >= LIMIT_SHRINK_AFTER {
+            self.overflows[bin] = 0;
+            cc.limit = (cc.limit - batch).max(LIMIT_MIN_BATCHES * batch);
+        }
+        self.drain(bin, n, DrainWhy::Overflow);
+    }
+
+    /// The cache of `bin` ran empty: one batch more room, up to the top.
+    fn grow_limit(&mut self, bin: usize) {
+        let batch = BATCH[bin];
+        let cc = &mut self.tiny[bin];
+        cc.limit = (cc.limit + batch).clamp(LIMIT_MIN_BATCHES * batch, LIMIT_MAX_BATCHES * batch);
     }
 
     fn refill(&mut self, bin: usize) -> *mut u8 {
         let want = BATCH[bin];
-        self.tiny[bin].limit = want * 2;
+        self.grow_limit(bin);
         if config::get().use_superslab {
             loop {
                 let active = self.tiny[bin].active;
@@ -543,6 +581,40 @@ mod tests {
             tc.tiny[bin].head = b;
             tc.tiny[bin].count += 1;
         }
+        tc.release_all();
+        assert!(tc.tiny[bin].owned.is_null());
+    }
+
+    #[test]
+    fn a_bin_that_runs_empty_gets_room_and_one_that_only_frees_gives_it_back() {
+        crate::global::ensure_init();
+        let bin = tiny_bin(1024);
+        let batch = BATCH[bin];
+        let mut tc = Box::new(ThreadCache::NEW);
+        tc.id = &*tc as *const ThreadCache as usize;
+        tc.registered = true;
+        // Allocate 1,000 blocks: the cache runs empty at every batch.
+        let mut blocks = Vec::new();
+        while blocks.len() < 1000 {
+            let b = if tc.tiny[bin].count == 0 {
+                tc.refill(bin)
+            } else {
+                tc.pop(bin)
+            };
+            assert!(!b.is_null());
+            blocks.push(b as *mut Block);
+        }
+        assert_eq!(tc.tiny[bin].limit, LIMIT_MAX_BATCHES * batch);
+        // Free them all: the cache overflows again and again with no refill
+        // in between, so its room shrinks back to the bottom.
+        let mut most = 0;
+        for b in blocks {
+            push_local(&mut tc, bin, b);
+            most = most.max(tc.tiny[bin].count);
+        }
+        assert_eq!(tc.tiny[bin].limit, LIMIT_MIN_BATCHES * batch);
+        assert!(most <= LIMIT_MAX_BATCHES * batch + 1, "held {most} blocks");
+        assert!(tc.tiny[bin].count <= LIMIT_MIN_BATCHES * batch);
         tc.release_all();
         assert!(tc.tiny[bin].owned.is_null());
     }
