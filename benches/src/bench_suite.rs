@@ -1,4 +1,4 @@
-//! `bench-suite [--reps N] [--scale F] [--out DIR] [--only a,b]`: runs every
+//! `bench-suite [--reps N] [--scale F] [--out DIR] [--only a,b]` (`--help`): runs every
 //! hakbench workload under every allocator (glibc, hakmem, and the Debian peers
 //! that are installed) via LD_PRELOAD, interleaved, N times; reports median
 //! time, ratio to glibc, peak RSS, and the geometric mean over workloads, as a
@@ -78,19 +78,46 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Runs every hakbench workload under glibc, hakmem and the installed peers
+/// (LD_PRELOAD), interleaved; reports medians, ratios to glibc and peak RSS as
+/// a Markdown table, a CSV and an SVG chart.
+#[derive(clap::Parser)]
+#[command(name = "bench-suite")]
+struct Args {
+    /// Interleaved repetitions of every (workload, allocator) pair.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+    /// Multiplies every workload's operation count.
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    scale: f64,
+    /// Where suite.md, suite.csv and suite.svg go.
+    #[arg(long, default_value = "target/bench-suite")]
+    out: PathBuf,
+    /// Only these workloads (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(WORKLOADS))]
+    only: Option<Vec<String>>,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let reps: usize = opt("--reps").and_then(|v| v.parse().ok()).unwrap_or(5);
-    let scale: f64 = opt("--scale").and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    let out = PathBuf::from(opt("--out").unwrap_or_else(|| "target/bench-suite".into()));
-    let only: Option<Vec<String>> =
-        opt("--only").map(|s| s.split(',').map(str::to_string).collect());
+    let Args {
+        reps,
+        scale,
+        out,
+        only,
+    } = clap::Parser::parse();
+    let reps = reps as usize;
+    // Before the runs, so that a bad --out fails at once, not after the suite.
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("bench-suite: cannot create {}: {e}", out.display());
+        std::process::exit(2);
+    }
     let dir = std::env::current_exe()
         .expect("own path")
         .parent()
@@ -175,14 +202,14 @@ fn main() {
     }
     let _ = writeln!(md, "{geo_row}");
     print!("{md}");
-    std::fs::create_dir_all(&out).expect("output directory");
-    std::fs::write(out.join("suite.md"), &md).expect("write suite.md");
-    std::fs::write(out.join("suite.csv"), &csv).expect("write suite.csv");
-    std::fs::write(
-        out.join("suite.svg"),
-        svg(&workloads, &names, &ratio, &geos),
-    )
-    .expect("write suite.svg");
+    let svg = svg(&workloads, &names, &ratio, &geos);
+    for (file, text) in [("suite.md", &md), ("suite.csv", &csv), ("suite.svg", &svg)] {
+        let path = out.join(file);
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("bench-suite: cannot write {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    }
     eprintln!(
         "bench-suite: wrote {}/suite.md, suite.csv, suite.svg",
         out.display()
