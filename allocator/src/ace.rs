@@ -52,6 +52,7 @@ const MAX_CAP: [u32; ACE_CLASSES] = {
     t
 };
 const _: () = assert!(MAX_CAP[ACE_CLASSES - 1] >= MIN_CAP);
+const _: () = assert!(MAX_CAP[0] <= u16::MAX as u32);
 /// Free segments a class keeps before handing more to the large cache.
 const KEEP_FREE_SEGMENTS: usize = 4;
 /// Free segments all classes together keep mapped (64 MiB; checked without a
@@ -63,8 +64,11 @@ static FREE_KEPT: AtomicUsize = AtomicUsize::new(0);
 pub struct AceCache {
     head: *mut Block,
     count: u32,
-    cap: u32,
-    misses_since_flush: u32,
+    /// Small fields, so that the thread cache (with one of these per class)
+    /// fits glibc's static TLS surplus for a `dlopen` (see `tls`).
+    cap: u16,
+    /// Whether the cache ran empty since its last flush.
+    missed_since_flush: bool,
 }
 
 impl AceCache {
@@ -74,16 +78,16 @@ impl AceCache {
         // 0 reads as MIN_CAP (see `cap`): the cache is all zeros when new,
         // so it can live in zero-initialised thread-local storage.
         cap: 0,
-        misses_since_flush: 0,
+        missed_since_flush: false,
     };
 
     pub const fn is_zero(&self) -> bool {
-        self.head.is_null() && self.count == 0 && self.cap == 0 && self.misses_since_flush == 0
+        self.head.is_null() && self.count == 0 && self.cap == 0 && !self.missed_since_flush
     }
 
     #[inline(always)]
     fn cap(&self) -> u32 {
-        self.cap.max(MIN_CAP)
+        (self.cap as u32).max(MIN_CAP)
     }
 }
 
@@ -168,9 +172,9 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::large::decay_if_due();
     let want = with_cache(|tc| {
         let c = &mut tc.ace[class];
-        c.cap = (c.cap() * 2).min(MAX_CAP[class]);
-        c.misses_since_flush += 1;
-        c.cap / 2
+        c.cap = (c.cap() * 2).min(MAX_CAP[class]) as u16;
+        c.missed_since_flush = true;
+        c.cap() / 2
     });
     let mut head = null_mut();
     let got = CLASSES[class].lock().take(class, want.max(1), &mut head);
@@ -225,11 +229,11 @@ fn flush(class: usize) {
     crate::large::decay_if_due();
     let (head, n) = with_cache(|tc| {
         let c = &mut tc.ace[class];
-        if c.misses_since_flush == 0 {
-            c.cap = (c.cap() / 2).max(MIN_CAP);
+        if !c.missed_since_flush {
+            c.cap = (c.cap() / 2).max(MIN_CAP) as u16;
         }
-        c.misses_since_flush = 0;
-        let keep = c.cap / 2;
+        c.missed_since_flush = false;
+        let keep = c.cap() / 2;
         let n = c.count - keep;
         let head = c.head;
         let mut last = head;
@@ -283,7 +287,7 @@ pub fn release_thread(caches: &mut [AceCache; ACE_CLASSES]) {
             c.count = 0;
             give_back(class, head, n);
         }
-        c.cap = MIN_CAP;
+        c.cap = MIN_CAP as u16;
     }
 }
 

@@ -105,6 +105,42 @@ fn python() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Loaded after start-up (`dlopen`, as ctypes does, or as a Rust plugin that
+/// uses hakmem as its global allocator would be), the library's thread cache
+/// must fit glibc's default static TLS surplus: the cache is initial-exec TLS.
+#[test]
+fn python_dlopens_the_library_and_allocates_through_it() {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            r#"
+import ctypes, sys
+h = ctypes.CDLL(sys.argv[1])
+h.malloc.restype = ctypes.c_void_p
+h.malloc.argtypes = [ctypes.c_size_t]
+h.free.argtypes = [ctypes.c_void_p]
+ps = [h.malloc(n) for n in (16, 1000, 50000, 3 << 20)]
+assert all(ps), ps
+for p, n in zip(ps, (16, 1000, 50000, 3 << 20)):
+    ctypes.memset(p, 7, n)
+    h.free(p)
+print("ok")
+"#,
+        ])
+        .arg(lib())
+        .env_remove("LD_PRELOAD")
+        .env_remove("GLIBC_TUNABLES")
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "dlopen of {} failed: {}{}",
+        lib().display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn python_allocating_heavily() {
     same_output(|| {
