@@ -44,12 +44,20 @@ const PARTIAL_SCAN: u32 = 8;
 /// refill (the cache ran empty) up to LIMIT_MAX_BATCHES; every LIMIT_SHRINK_AFTER
 /// overflows take one back. A bin that is both allocated and freed a lot (the
 /// cache walks between empty and full at random) ends at the top, where a
-/// walk reaches either end 16 times less often than at 2 batches; a bin that
-/// is mostly freed (its blocks come back from elsewhere) stays at the bottom.
-/// As tcmalloc's free lists grow and shrink.
+/// walk reaches either end 16 times less often than at 2 batches; a bin the
+/// thread mostly frees (blocks it made before) stays at the bottom. As
+/// tcmalloc's free lists grow and shrink.
 const LIMIT_MIN_BATCHES: u32 = 2;
 const LIMIT_MAX_BATCHES: u32 = 8;
 const LIMIT_SHRINK_AFTER: u8 = 3;
+
+/// `limit` brought within the bounds of `bin`'s cache limit.
+fn bounded_limit(bin: usize, limit: u32) -> u32 {
+    limit.clamp(
+        LIMIT_MIN_BATCHES * BATCH[bin],
+        LIMIT_MAX_BATCHES * BATCH[bin],
+    )
+}
 
 /// Most blocks a refill takes whole from a drained remote list (bounds what
 /// a thread cache holds beyond its limit, and what its next overflow walks).
@@ -252,12 +260,9 @@ impl ThreadCache {
             let n = self.tiny[bin].count;
             return self.drain(bin, n, DrainWhy::Overflow);
         }
-        let batch = BATCH[bin];
         let cc = &mut self.tiny[bin];
         // Unset (0), or raised past the top by a remote list taken whole.
-        cc.limit = cc
-            .limit
-            .clamp(LIMIT_MIN_BATCHES * batch, LIMIT_MAX_BATCHES * batch);
+        cc.limit = bounded_limit(bin, cc.limit);
         if cc.count <= cc.limit {
             return;
         }
@@ -266,16 +271,15 @@ impl ThreadCache {
         self.overflows[bin] += 1;
         if self.overflows[bin] >= LIMIT_SHRINK_AFTER {
             self.overflows[bin] = 0;
-            cc.limit = (cc.limit - batch).max(LIMIT_MIN_BATCHES * batch);
+            cc.limit = bounded_limit(bin, cc.limit - BATCH[bin]);
         }
         self.drain(bin, n, DrainWhy::Overflow);
     }
 
     /// The cache of `bin` ran empty: one batch more room, up to the top.
     fn grow_limit(&mut self, bin: usize) {
-        let batch = BATCH[bin];
         let cc = &mut self.tiny[bin];
-        cc.limit = (cc.limit + batch).clamp(LIMIT_MIN_BATCHES * batch, LIMIT_MAX_BATCHES * batch);
+        cc.limit = bounded_limit(bin, cc.limit + BATCH[bin]);
     }
 
     fn refill(&mut self, bin: usize) -> *mut u8 {
