@@ -307,21 +307,27 @@ impl Report<'_> {
         o
     }
 
-    /// One line per tick for logs and pipes.
+    /// One line per tick for logs and pipes. Beside the Stage 1 share since
+    /// attach, the last interval's: a run's first acquisitions are all fresh
+    /// slabs (Stage 2), and they dominate the total long after the program
+    /// has settled.
     pub fn line(&self) -> String {
         let t = &self.total.tally;
-        let acquires: u64 = (0..TINY_CLASSES)
-            .flat_map(|c| (1..=STAGES).map(move |s| (c, s)))
-            .map(|(c, s)| t.acquire(c, s))
-            .sum();
-        let s1: u64 = (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum();
+        let (acquires, s1) = acquires_and_stage1(t);
         let fails = t.probe(ProbeId::SharedFail);
         let rate = self.interval.as_ref().map(|(d, secs)| {
             let n: u64 = PROBES.iter().map(|p| d.probe(p.id)).sum();
             n as f64 / secs
         });
+        let recent = match &self.interval {
+            Some((d, secs)) => match acquires_and_stage1(d) {
+                (0, _) => format!(" (last {secs:.1}s: none)"),
+                (n, s1) => format!(" (last {secs:.1}s: {s1} of {n})"),
+            },
+            None => String::new(),
+        };
         format!(
-            "t={:.1}s events/s={:.0} acquires={acquires} stage1={:.1}% shared_fail={fails} recycled={} ace_fail={}{}",
+            "t={:.1}s events/s={:.0} acquires={acquires} stage1={:.1}%{recent} shared_fail={fails} recycled={} ace_fail={}{}",
             self.elapsed,
             rate.unwrap_or(0.0),
             ratio(s1, acquires + fails) * 100.0,
@@ -330,6 +336,15 @@ impl Report<'_> {
             if self.target_exited { " [target exited]" } else { "" }
         )
     }
+}
+
+/// Slab acquisitions of every tiny class and stage, and those from Stage 1.
+fn acquires_and_stage1(t: &Tally) -> (u64, u64) {
+    let all = (0..TINY_CLASSES)
+        .flat_map(|c| (1..=STAGES).map(move |s| (c, s)))
+        .map(|(c, s)| t.acquire(c, s))
+        .sum();
+    (all, (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum())
 }
 
 fn funnel_break(f: &Value) -> &'static str {
@@ -352,4 +367,53 @@ fn funnel_break(f: &Value) -> &'static str {
 fn bar(fraction: f64, width: usize) -> String {
     let filled = (fraction.clamp(0.0, 1.0) * width as f64).round() as usize;
     format!("{}{}", "█".repeat(filled), "·".repeat(width - filled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acquisitions(stages: &[u64]) -> Tally {
+        let mut t = Tally::default();
+        for &stage in stages {
+            t.record(ProbeId::SsAcquire as u32, 7, stage);
+        }
+        t
+    }
+
+    #[test]
+    fn the_line_gives_the_last_intervals_stage1_share_beside_the_total() {
+        // 50 fresh slabs at start-up, then 3 acquisitions, 2 of them recycled.
+        let mut all = vec![2; 50];
+        all.extend([1, 1, 2]);
+        let total = Snapshot {
+            at: std::time::Instant::now(),
+            tally: acquisitions(&all),
+            hists: Vec::new(),
+            trace_drops: 0,
+            bpf_run_time_ns: 0,
+            bpf_run_count: 0,
+        };
+        let mut r = Report {
+            kind: "run",
+            pid: 1,
+            process: "p".into(),
+            locations: 19,
+            drains: false,
+            total: &total,
+            elapsed: 3.0,
+            interval: Some((acquisitions(&[1, 1, 2]), 1.0)),
+            target_exited: false,
+        };
+        assert!(line_has(&r, "acquires=53 stage1=3.8% (last 1.0s: 2 of 3) "));
+        r.interval = Some((Tally::default(), 1.0));
+        assert!(line_has(&r, "stage1=3.8% (last 1.0s: none) "));
+        r.interval = None;
+        assert!(line_has(&r, "stage1=3.8% shared_fail=0"));
+    }
+
+    fn line_has(r: &Report, part: &str) -> bool {
+        let line = r.line();
+        line.contains(part) || panic!("{part:?} not in {line:?}")
+    }
 }
