@@ -319,10 +319,14 @@ impl Report<'_> {
             let n: u64 = PROBES.iter().map(|p| d.probe(p.id)).sum();
             n as f64 / secs
         });
+        // Counted as the total's share is: shared-pool failures are requests too.
         let recent = match &self.interval {
             Some((d, secs)) => match acquires_and_stage1(d) {
-                (0, _) => format!(" (last {secs:.1}s: none)"),
-                (n, s1) => format!(" (last {secs:.1}s: {s1} of {n})"),
+                (n, s1) if n + d.probe(ProbeId::SharedFail) > 0 => format!(
+                    " (last {secs:.1}s: {s1} of {})",
+                    n + d.probe(ProbeId::SharedFail)
+                ),
+                _ => format!(" (last {secs:.1}s: none)"),
             },
             None => String::new(),
         };
@@ -408,6 +412,11 @@ mod tests {
         assert!(line_has(&r, "acquires=53 stage1=3.8% (last 1.0s: 2 of 3) "));
         r.interval = Some((Tally::default(), 1.0));
         assert!(line_has(&r, "stage1=3.8% (last 1.0s: none) "));
+        // A shared-pool failure is a request that Stage 1 did not serve.
+        let mut failed = Tally::default();
+        failed.record(ProbeId::SharedFail as u32, 7, 0);
+        r.interval = Some((failed, 1.0));
+        assert!(line_has(&r, "(last 1.0s: 0 of 1) "));
         r.interval = None;
         assert!(line_has(&r, "stage1=3.8% shared_fail=0"));
     }
