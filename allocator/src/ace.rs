@@ -170,6 +170,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::global::ensure_init();
     // A slow path: see `tiny::refill_and_alloc`.
     crate::large::decay_if_due();
+    crate::tiny::ensure_registered();
     let want = with_cache(|tc| {
         let c = &mut tc.ace[class];
         c.cap = (c.cap() * 2).min(MAX_CAP[class]) as u16;
@@ -206,19 +207,31 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
 
 /// Frees an ACE block of `class`.
 pub fn free(ptr: *mut u8, class: usize) {
-    let overflow = with_cache(|tc| {
+    let (overflow, registered) = with_cache(|tc| {
         let c = &mut tc.ace[class];
         let b = ptr as *mut Block;
         if c.head == b {
             crate::misuse::invalid_free("free(): double free detected in ACE cache", ptr as usize);
-            return false;
+            return (false, true);
         }
         // SAFETY: the user freed the block; its first word becomes the link.
         unsafe { (*b).next = c.head };
         c.head = b;
         c.count += 1;
-        c.count > c.cap()
+        (c.count > c.cap(), tc.registered())
     });
+    if overflow | !registered {
+        free_slow(class, overflow);
+    }
+}
+
+/// A free that overflowed the cache, or the first cached by a thread that
+/// has made no allocation of its own yet (a consumer of others' blocks):
+/// without the exit hook, what it caches would stay behind when it exits.
+#[cold]
+#[inline(never)]
+fn free_slow(class: usize, overflow: bool) {
+    crate::tiny::ensure_registered();
     if overflow {
         flush(class);
     }

@@ -107,6 +107,12 @@ impl ThreadCache {
         registered: false,
     };
 
+    /// Whether the thread-exit hook will empty this cache (see `ensure_registered`).
+    #[inline(always)]
+    pub fn registered(&self) -> bool {
+        self.registered
+    }
+
     /// Whether every field is zero (what `tls` checks of `NEW`).
     pub const fn is_zero(&self) -> bool {
         let mut i = 0;
@@ -234,8 +240,16 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
     // A slow path: big blocks freed a while ago go back to the OS even in a
     // program that now makes only small ones.
     crate::large::decay_if_due();
-    // Registering the thread-exit hook can allocate (pthread_setspecific); do
-    // it before any reference into the cache is taken.
+    ensure_registered();
+    with_cache(|tc| tc.refill(bin))
+}
+
+/// Gives the thread an owner id and the exit hook that empties its caches,
+/// if it has none yet. Whatever a cache may hold must go through here first:
+/// a thread that exits without the hook strands its cached blocks.
+/// Registering can allocate (pthread_setspecific), so callers hold no
+/// reference into the cache.
+pub(crate) fn ensure_registered() {
     let must_register = with_cache(|tc| !tc.registered);
     if must_register {
         with_cache(|tc| {
@@ -246,7 +260,6 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
         });
         thread::register_current();
     }
-    with_cache(|tc| tc.refill(bin))
 }
 
 impl ThreadCache {

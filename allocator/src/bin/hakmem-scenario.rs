@@ -29,6 +29,7 @@ fn main() {
         "mixed" => mixed,
         "burst" => burst,
         "ace-burst" => ace_burst,
+        "ace-free-threads" => ace_free_threads,
         "large-cache" => large_cache,
         "large-stale" => large_stale,
         "forever" => forever,
@@ -39,7 +40,7 @@ fn main() {
         "stale-free" => stale_free,
         "abandon" => abandon,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -306,6 +307,47 @@ fn burst() {
 fn ace_burst() {
     let size = 32 << 10;
     free_burst(&make(6000, size, size));
+}
+
+/// 300 short-lived threads, each of which only frees 48 blocks of 40 KiB that
+/// the main thread made (a pool of consumers), then exits. What they free
+/// must not stay behind with them: prints `rss_kib first= last=`, after the
+/// first round and the last.
+fn ace_free_threads() {
+    extern "C" fn consume(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` points to the round's Vec, which outlives this thread
+        // (joined before the Vec is dropped).
+        let blocks = unsafe { &*(arg as *const Vec<usize>) };
+        for &p in blocks {
+            // SAFETY: made by `make`, freed once, here.
+            unsafe { hakmem::api::free(p as *mut u8) };
+        }
+        core::ptr::null_mut()
+    }
+    let mut first = 0;
+    for round in 0..300 {
+        let blocks = make(48, 40 << 10, 40 << 10);
+        let mut t: libc::pthread_t = 0;
+        // A raw thread, not std's: it must allocate nothing of its own, as a
+        // C consumer thread would not.
+        // SAFETY: `consume` matches the start routine's signature and the
+        // argument lives until the join below.
+        let rc = unsafe {
+            libc::pthread_create(
+                &mut t,
+                core::ptr::null(),
+                consume,
+                &blocks as *const Vec<usize> as *mut libc::c_void,
+            )
+        };
+        assert_eq!(rc, 0, "pthread_create");
+        // SAFETY: `t` is the thread just created, joined once.
+        unsafe { libc::pthread_join(t, core::ptr::null_mut()) };
+        if round == 0 {
+            first = rss_kib();
+        }
+    }
+    println!("rss_kib first={first} last={}", rss_kib());
 }
 
 /// `n` blocks of `size` bytes with their first `touch` bytes written.
