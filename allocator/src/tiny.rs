@@ -245,13 +245,16 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
 }
 
 /// Gives the thread an owner id and the exit hook that empties its caches,
-/// if it has none yet. Whatever a cache may hold must go through here first:
-/// a thread that exits without the hook strands its cached blocks.
-/// Registering can allocate (pthread_setspecific), so callers hold no
-/// reference into the cache.
+/// if it has none yet. Every path that leaves blocks in a cache passes here
+/// (a refill before it fills the cache, an ACE free right after its push): a
+/// thread that exits without the hook strands its cached blocks. Registering
+/// can allocate (pthread_setspecific), so callers hold no reference into the
+/// cache.
 pub(crate) fn ensure_registered() {
     let must_register = with_cache(|tc| !tc.registered);
     if must_register {
+        // The hook's key is made at initialisation.
+        crate::global::ensure_init();
         with_cache(|tc| {
             tc.registered = true;
             if tc.id == 0 {
