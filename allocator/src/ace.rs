@@ -66,6 +66,10 @@ pub struct AceCache {
     count: u32,
     /// Small fields, so that the thread cache (with one of these per class)
     /// fits glibc's static TLS surplus for a `dlopen` (see `tls`).
+    ///
+    /// 0: not set up (new, or emptied at thread exit). It reads as MIN_CAP,
+    /// but the first free into it overflows, so that `free_slow` registers
+    /// the thread's exit hook before the cache keeps anything.
     cap: u16,
     /// Whether the cache ran empty since its last flush.
     missed_since_flush: bool,
@@ -207,31 +211,38 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
 
 /// Frees an ACE block of `class`.
 pub fn free(ptr: *mut u8, class: usize) {
-    let (overflow, registered) = with_cache(|tc| {
+    let overflow = with_cache(|tc| {
         let c = &mut tc.ace[class];
         let b = ptr as *mut Block;
         if c.head == b {
             crate::misuse::invalid_free("free(): double free detected in ACE cache", ptr as usize);
-            return (false, true);
+            return false;
         }
         // SAFETY: the user freed the block; its first word becomes the link.
         unsafe { (*b).next = c.head };
         c.head = b;
         c.count += 1;
-        (c.count > c.cap(), tc.registered())
+        // The raw cap: 0 (not set up) sends the first free to the slow path.
+        c.count > c.cap as u32
     });
-    if overflow | !registered {
-        free_slow(class, overflow);
+    if overflow {
+        free_slow(class);
     }
 }
 
-/// A free that overflowed the cache, or the first cached by a thread that
-/// has made no allocation of its own yet (a consumer of others' blocks):
-/// without the exit hook, what it caches would stay behind when it exits.
+/// A free that overflowed the cache, or the first into a cache not set up:
+/// possibly of a thread that has made no allocation of its own (a consumer of
+/// others' blocks), which has no exit hook yet; without it, what the cache
+/// holds would stay behind when the thread exits.
 #[cold]
 #[inline(never)]
-fn free_slow(class: usize, overflow: bool) {
+fn free_slow(class: usize) {
     crate::tiny::ensure_registered();
+    let overflow = with_cache(|tc| {
+        let c = &mut tc.ace[class];
+        c.cap = c.cap() as u16;
+        c.count > c.cap()
+    });
     if overflow {
         flush(class);
     }
@@ -300,7 +311,9 @@ pub fn release_thread(caches: &mut [AceCache; ACE_CLASSES]) {
             c.count = 0;
             give_back(class, head, n);
         }
-        c.cap = MIN_CAP as u16;
+        // Not set up: a free after this (from a later thread-exit
+        // destructor) registers the hook again before anything is kept.
+        c.cap = 0;
     }
 }
 

@@ -107,12 +107,6 @@ impl ThreadCache {
         registered: false,
     };
 
-    /// Whether the thread-exit hook will empty this cache (see `ensure_registered`).
-    #[inline(always)]
-    pub fn registered(&self) -> bool {
-        self.registered
-    }
-
     /// Whether every field is zero (what `tls` checks of `NEW`).
     pub const fn is_zero(&self) -> bool {
         let mut i = 0;
@@ -246,7 +240,8 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
 
 /// Gives the thread an owner id and the exit hook that empties its caches,
 /// if it has none yet. Every path that leaves blocks in a cache passes here
-/// (a refill before it fills the cache, an ACE free right after its push): a
+/// (a refill before it fills the cache, the first ACE free into a cache not
+/// set up, right after its push): a
 /// thread that exits without the hook strands its cached blocks. Registering
 /// can allocate (pthread_setspecific), so callers hold no reference into the
 /// cache.

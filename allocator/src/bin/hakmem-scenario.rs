@@ -317,11 +317,7 @@ fn ace_free_threads() {
     extern "C" fn consume(arg: *mut libc::c_void) -> *mut libc::c_void {
         // SAFETY: `arg` points to the round's Vec, which outlives this thread
         // (joined before the Vec is dropped).
-        let blocks = unsafe { &*(arg as *const Vec<usize>) };
-        for &p in blocks {
-            // SAFETY: made by `make`, freed once, here.
-            unsafe { hakmem::api::free(p as *mut u8) };
-        }
+        free_all(unsafe { &*(arg as *const Vec<usize>) });
         core::ptr::null_mut()
     }
     let mut first = 0;
