@@ -18,7 +18,6 @@
 
 use crate::class::{ace_class, ACE_CLASS_SIZES};
 use crate::config;
-use crate::os;
 use crate::probes;
 use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
@@ -381,7 +380,7 @@ impl AceClass {
         }
         // A chunk the large cache kept (an ACE segment or a large block
         // before) saves the mapping and the page faults.
-        let base = crate::large::take_chunk().unwrap_or_else(os::map_chunk);
+        let base = crate::large::chunk_for_ace();
         if base.is_null() {
             return Err(AceFailKind::MapFail);
         }

@@ -44,11 +44,13 @@
 //! it again at the next one, about 4,000 maps per run and 20% of its time.
 
 use crate::os::{self, PAGE};
+use crate::probes;
 use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
+use hakmem_common::{CacheUser, ReturnWhy, TakeSource};
 
 const HEADER: usize = 64;
 /// Freed chunks kept. Programs can keep thousands of realloc-grown buffers
@@ -126,6 +128,19 @@ const NONE: Cached = Cached {
     extent: 0,
     resident: 0,
     freed_at: 0,
+};
+
+/// A mapping moved out of the cache to go back to the OS, and why (the
+/// `os_return` probe's reason).
+#[derive(Clone, Copy)]
+struct Evicted {
+    map: Cached,
+    why: ReturnWhy,
+}
+
+const NO_EVICTION: Evicted = Evicted {
+    map: NONE,
+    why: ReturnWhy::Bound,
 };
 
 struct Cache {
@@ -239,6 +254,9 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     if fresh {
         registry::insert(base, SegKind::Large as u8);
     }
+    // SAFETY: as above; a cached mapping's header has its true size.
+    let mapped = unsafe { (*h).map_size };
+    probes::cache_take(mapped, source_of(fresh), CacheUser::Large);
     ((base + offset) as *mut u8, fresh)
 }
 
@@ -301,10 +319,24 @@ pub fn free(chunk: usize) {
     cache(chunk, size, extent);
 }
 
-/// A cached chunk for an ACE segment: one whose pages were all touched if
-/// the most recently freed have one (no page faults), else the newest.
-pub fn take_chunk() -> Option<*mut u8> {
-    with_cache(|c| c.take(CHUNK, CHUNK)).map(|base| base as *mut u8)
+fn source_of(fresh: bool) -> TakeSource {
+    if fresh {
+        TakeSource::Fresh
+    } else {
+        TakeSource::Cached
+    }
+}
+
+/// A chunk for a new ACE segment (null if the OS refused): a cached one,
+/// whose pages were all touched if the most recently freed have one (no
+/// page faults), else the newest; else a fresh mapping.
+pub fn chunk_for_ace() -> *mut u8 {
+    let cached = with_cache(|c| c.take(CHUNK, CHUNK));
+    let chunk = cached.map_or_else(os::map_chunk, |base| base as *mut u8);
+    if !chunk.is_null() {
+        probes::cache_take(CHUNK, source_of(cached.is_none()), CacheUser::Ace);
+    }
+    chunk
 }
 
 /// Caches the 2 MiB chunk of an ACE segment whose blocks are all free (its
@@ -338,7 +370,7 @@ fn cache(chunk: usize, size: usize, extent: usize) {
     } else {
         extent
     };
-    let mut evicted = [NONE; EVICT_MAX];
+    let mut evicted = [NO_EVICTION; EVICT_MAX];
     let now = os::now_ns();
     let freed = Cached {
         base: chunk,
@@ -400,10 +432,10 @@ pub fn decay_if_due() {
 /// Returns to the OS, a batch at a time and not under the lock, what `pick`
 /// moves out of the cache, until it moves less than a full batch. True if
 /// anything went.
-fn return_batches(mut pick: impl FnMut(&mut Cache, &mut [Cached]) -> usize) -> bool {
+fn return_batches(mut pick: impl FnMut(&mut Cache, &mut [Evicted]) -> usize) -> bool {
     let mut any = false;
     loop {
-        let mut out = [NONE; EVICT_MAX];
+        let mut out = [NO_EVICTION; EVICT_MAX];
         let n = with_cache(|c| pick(c, &mut out));
         any |= n > 0;
         unmap_all(&mut out[..n]);
@@ -413,27 +445,45 @@ fn return_batches(mut pick: impl FnMut(&mut Cache, &mut [Cached]) -> usize) -> b
     }
 }
 
-/// Returns evicted mappings to the OS, one munmap per run of adjacent ones.
-fn unmap_all(maps: &mut [Cached]) {
-    maps.sort_unstable_by_key(|c| c.base);
+/// Returns evicted mappings to the OS, one munmap per run of adjacent ones,
+/// and fires `os_return` once for each reason among them.
+fn unmap_all(maps: &mut [Evicted]) {
+    // Per reason: bytes mapped, bytes they may have held resident, mappings.
+    let mut sums = [(0usize, 0usize, 0usize); hakmem_common::RETURN_WHYS];
+    for e in maps.iter() {
+        let s = &mut sums[e.why as usize];
+        *s = (s.0 + e.map.size, s.1 + e.map.resident, s.2 + 1);
+    }
+    maps.sort_unstable_by_key(|e| e.map.base);
     let mut i = 0;
     while i < maps.len() {
-        let start = maps[i].base;
+        let start = maps[i].map.base;
         let mut end = start;
-        while i < maps.len() && maps[i].base == end {
+        while i < maps.len() && maps[i].map.base == end {
             registry::remove(end);
-            end += maps[i].size;
+            end += maps[i].map.size;
             i += 1;
         }
         // SAFETY: evicted mappings are no longer referenced by the cache or a
         // user, and `start..end` is exactly a run of them.
         unsafe { os::unmap(start as *mut u8, end - start) };
     }
+    for why in [
+        ReturnWhy::Idle,
+        ReturnWhy::Burst,
+        ReturnWhy::Bound,
+        ReturnWhy::Refused,
+    ] {
+        let (bytes, resident, mappings) = sums[why as usize];
+        if mappings > 0 {
+            probes::os_return(bytes, why, resident, mappings);
+        }
+    }
 }
 
 /// Returns every cached mapping to the OS (it refused a new one). True if there was any.
 fn flush_cache() -> bool {
-    return_batches(|c, out| c.evict(u64::MAX, 0, out, 0))
+    return_batches(|c, out| c.evict(u64::MAX, 0, ReturnWhy::Refused, out, 0))
 }
 
 pub fn lock_for_fork() {
@@ -553,31 +603,44 @@ impl Cache {
 
     /// Moves into `out[n..]` what has waited long enough (see `due`),
     /// oldest first; returns the new `n`.
-    fn decay(&mut self, now: u64, out: &mut [Cached], n: usize) -> usize {
-        let n = self.evict(now.saturating_sub(burst_idle_ns()), CACHE_BYTES, out, n);
-        self.evict(now.saturating_sub(MAX_IDLE_NS), 0, out, n)
+    fn decay(&mut self, now: u64, out: &mut [Evicted], n: usize) -> usize {
+        let burst_by = now.saturating_sub(burst_idle_ns());
+        let n = self.evict(burst_by, CACHE_BYTES, ReturnWhy::Burst, out, n);
+        let idle_by = now.saturating_sub(MAX_IDLE_NS);
+        self.evict(idle_by, 0, ReturnWhy::Idle, out, n)
     }
 
     /// Moves into `out[n..]`, oldest first, mappings freed at or before `by`
     /// while the cache may hold more than `keep_bytes` (every cached mapping
     /// counts at least its header page, so 0 means no byte bound); returns the
-    /// new `n`.
-    fn evict(&mut self, by: u64, keep_bytes: usize, out: &mut [Cached], mut n: usize) -> usize {
+    /// new `n`. Each goes for `why`.
+    fn evict(
+        &mut self,
+        by: u64,
+        keep_bytes: usize,
+        why: ReturnWhy,
+        out: &mut [Evicted],
+        mut n: usize,
+    ) -> usize {
         while n < out.len() && self.held() > keep_bytes {
-            let Some(c) = self.evict_oldest(by) else {
+            let Some(map) = self.evict_oldest(by) else {
                 break;
             };
-            out[n] = c;
+            out[n] = Evicted { map, why };
             n += 1;
         }
         n
     }
 
     /// Caches `m`; writes what must be unmapped into `out` and returns how many.
-    fn put(&mut self, m: Cached, out: &mut [Cached; EVICT_MAX]) -> usize {
+    fn put(&mut self, m: Cached, out: &mut [Evicted; EVICT_MAX]) -> usize {
         let now = m.freed_at;
+        let bound = |map| Evicted {
+            map,
+            why: ReturnWhy::Bound,
+        };
         if m.resident > CACHE_BYTES / 4 {
-            out[0] = m;
+            out[0] = bound(m);
             return 1;
         }
         let mut n = 0;
@@ -585,14 +648,14 @@ impl Cache {
         let chunk = m.size == CHUNK;
         if chunk && self.chunk_len == KEEP_CHUNKS {
             while n < EVICT_CHUNKS {
-                out[n] = self.remove_chunk(0);
+                out[n] = bound(self.remove_chunk(0));
                 n += 1;
             }
         } else if let Some(i) = self
             .oldest_sized()
             .filter(|_| !chunk && self.sized_len == CACHE_SLOTS)
         {
-            out[n] = self.remove_sized(i);
+            out[n] = bound(self.remove_sized(i));
             n += 1;
         }
         // Over the hard bound: the oldest go, leaving one slot of `out` for `m`.
@@ -601,12 +664,13 @@ impl Cache {
             n = self.evict(
                 u64::MAX,
                 room.saturating_sub(EVICT_SLACK),
+                ReturnWhy::Bound,
                 &mut out[..EVICT_MAX - 1],
                 n,
             );
         }
         if self.held() > room {
-            out[n] = m;
+            out[n] = bound(m);
             return n + 1;
         }
         n = self.decay(now, out, n);
@@ -655,15 +719,16 @@ mod tests {
     #[test]
     fn a_full_ring_of_chunks_evicts_its_oldest_in_one_batch() {
         let mut cache = EMPTY;
-        let mut out = [NONE; EVICT_MAX];
+        let mut out = [NO_EVICTION; EVICT_MAX];
         // Addresses only: the cache never touches the memory it tracks.
         for i in 0..KEEP_CHUNKS {
             assert_eq!(cache.put(chunk_at((i + 1) * CHUNK, 1), &mut out), 0);
         }
         let n = cache.put(chunk_at((KEEP_CHUNKS + 1) * CHUNK, 1), &mut out);
         assert_eq!(n, EVICT_CHUNKS);
-        let evicted: Vec<usize> = out[..n].iter().map(|c| c.base / CHUNK).collect();
+        let evicted: Vec<usize> = out[..n].iter().map(|e| e.map.base / CHUNK).collect();
         assert_eq!(evicted, (1..=EVICT_CHUNKS).collect::<Vec<_>>());
+        assert!(out[..n].iter().all(|e| e.why == ReturnWhy::Bound));
         assert_eq!(cache.chunk_len, KEEP_CHUNKS - EVICT_CHUNKS + 1);
         // The next frees find room without evicting.
         assert_eq!(
@@ -675,7 +740,7 @@ mod tests {
     #[test]
     fn a_burst_beyond_the_reserve_waits_the_burst_delay_and_the_reserve_a_second() {
         let mut cache = EMPTY;
-        let mut out = [NONE; EVICT_MAX];
+        let mut out = [NO_EVICTION; EVICT_MAX];
         let burst = 2 * CACHE_BYTES / CHUNK;
         // Twice the reserve, wholly touched, freed at t = 1 s.
         let t0 = 1_000_000_000;
@@ -695,7 +760,8 @@ mod tests {
         let mut returned = Vec::new();
         loop {
             let n = cache.decay(t0 + burst_idle_ns(), &mut out, 0);
-            returned.extend(out[..n].iter().map(|c| c.base / CHUNK));
+            returned.extend(out[..n].iter().map(|e| e.map.base / CHUNK));
+            assert!(out[..n].iter().all(|e| e.why == ReturnWhy::Burst));
             if n < EVICT_MAX {
                 break;
             }
@@ -706,12 +772,13 @@ mod tests {
         assert_eq!(cache.due(), t0 + MAX_IDLE_NS);
         assert_eq!(cache.decay(t0 + MAX_IDLE_NS - 1, &mut out, 0), 0);
         assert_eq!(cache.decay(t0 + MAX_IDLE_NS, &mut out, 0), EVICT_MAX);
+        assert!(out.iter().all(|e| e.why == ReturnWhy::Idle));
     }
 
     #[test]
     fn what_the_cache_holds_is_bounded_by_the_peak_rss_read_plus_what_came_since() {
         let mut cache = EMPTY;
-        let mut out = [NONE; EVICT_MAX];
+        let mut out = [NO_EVICTION; EVICT_MAX];
         for i in 0..4 {
             let c = Cached {
                 extent: CHUNK,
@@ -743,7 +810,7 @@ mod tests {
     #[test]
     fn a_chunk_goes_to_the_block_its_extent_fits_best_and_the_rest_keep_their_order() {
         let mut cache = EMPTY;
-        let mut out = [NONE; EVICT_MAX];
+        let mut out = [NO_EVICTION; EVICT_MAX];
         for (i, kib) in [2048, 512, 1024, 768].into_iter().enumerate() {
             let c = Cached {
                 extent: kib << 10,
@@ -766,9 +833,12 @@ mod tests {
         let base = os::map_aligned(N * CHUNK, CHUNK) as usize;
         assert_ne!(base, 0);
         // Out of order, as eviction may hand them over.
-        let mut maps = [3, 0, 2, 1].map(|i| chunk_at(base + i * CHUNK, 0));
-        for m in &maps {
-            registry::insert(m.base, SegKind::Large as u8);
+        let mut maps = [3, 0, 2, 1].map(|i| Evicted {
+            map: chunk_at(base + i * CHUNK, 0),
+            why: ReturnWhy::Idle,
+        });
+        for e in &maps {
+            registry::insert(e.map.base, SegKind::Large as u8);
         }
         unmap_all(&mut maps);
         for i in 0..N {

@@ -56,6 +56,8 @@ mod usdt_probes {
     fn ss_map(bytes: u64, ss: u64) {}
     fn ss_unmap(bytes: u64, ss: u64) {}
     fn legacy_refill(class: u64, batch: u64) {}
+    fn cache_take(bytes: u64, source: u64, user: u64) {}
+    fn os_return(bytes: u64, why: u64, resident: u64, mappings: u64) {}
 }
 
 /// Whether a tracer has raised the semaphore of `ss_acquire` (hakctl and

@@ -4,7 +4,10 @@
 //! branches; probes sit on slow paths only.
 
 use crate::stats;
-use hakmem_common::{AceFailKind, DrainWhy, FailReason, ProbeId, RecycleOutcome, Stage};
+use hakmem_common::{
+    AceFailKind, CacheUser, DrainWhy, FailReason, ProbeId, RecycleOutcome, ReturnWhy, Stage,
+    TakeSource,
+};
 
 macro_rules! usdt_fire {
     ($name:ident, $arg:expr) => {
@@ -79,4 +82,16 @@ pub fn ss_unmap(bytes: usize, ss: usize) {
 pub fn legacy_refill(class: usize, batch: u32) {
     stats::record(ProbeId::LegacyRefill, class as u64, batch as u64);
     usdt_fire!(legacy_refill, class, batch);
+}
+
+#[inline]
+pub fn cache_take(bytes: usize, source: TakeSource, user: CacheUser) {
+    stats::record(ProbeId::CacheTake, bytes as u64, source as u64);
+    usdt_fire!(cache_take, bytes, source as u8, user as u8);
+}
+
+#[inline]
+pub fn os_return(bytes: usize, why: ReturnWhy, resident: usize, mappings: usize) {
+    stats::record(ProbeId::OsReturn, bytes as u64, why as u64);
+    usdt_fire!(os_return, bytes, why as u8, resident, mappings);
 }

@@ -84,3 +84,42 @@ pub enum DrainWhy {
     Overflow = 0,
     ThreadExit = 1,
 }
+
+/// Who took a mapping from the large cache (`cache_take` argument `user`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheUser {
+    /// A large block (above ACE, or one ACE could not serve).
+    Large = 0,
+    /// A new ACE segment.
+    Ace = 1,
+}
+
+/// Where a mapping for a large block or an ACE segment came from
+/// (`cache_take` argument `source`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakeSource {
+    /// Mapped fresh from the OS (a syscall, and page faults as it is touched).
+    Fresh = 0,
+    /// Reused from the large cache (no syscall; touched pages stay resident).
+    Cached = 1,
+}
+pub const SOURCES: usize = 2;
+pub const SOURCE_NAMES: [&str; SOURCES] = ["fresh", "cached"];
+
+/// Why the large cache gave mappings back to the OS (`os_return` argument `why`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReturnWhy {
+    /// Within the reserve, unused for a second.
+    Idle = 0,
+    /// Beyond the reserve, unused for the burst delay (`HAKMEM_PURGE_DELAY_MS`).
+    Burst = 1,
+    /// Over the cache's bounds (bytes or slots), or too big to cache at all.
+    Bound = 2,
+    /// The OS refused a new mapping, so everything cached went back first.
+    Refused = 3,
+}
+pub const RETURN_WHYS: usize = 4;
+pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] = ["idle", "burst", "bound", "refused"];

@@ -7,7 +7,7 @@ use crate::probe::PROBES;
 use crate::tally::Tally;
 use core::fmt::{self, Write};
 
-/// Writes `{"probes":{...},"classes":[...],"ace_fail":{...},"ss_bytes":{...}}`.
+/// Writes `{"probes":{...},"classes":[...],"ace_fail":{...},"ss_bytes":{...},"large_cache":{...}}`.
 pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
     w.write_str("{\"probes\":{")?;
     for (i, p) in PROBES.iter().enumerate() {
@@ -48,8 +48,25 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
     let (mapped, unmapped) = t.ss_bytes();
     write!(
         w,
-        "}},\"ss_bytes\":{{\"mapped\":{mapped},\"unmapped\":{unmapped}}}}}"
-    )
+        "}},\"ss_bytes\":{{\"mapped\":{mapped},\"unmapped\":{unmapped}}},\"large_cache\":{{"
+    )?;
+    for (s, name) in SOURCE_NAMES.iter().enumerate() {
+        let (n, bytes) = (
+            t.slots[crate::tally::SLOT_TAKES + s],
+            t.slots[crate::tally::SLOT_TAKE_BYTES + s],
+        );
+        write!(w, "\"{name}\":{n},\"{name}_bytes\":{bytes},")?;
+    }
+    w.write_str("\"returned_bytes\":{")?;
+    for (r, name) in RETURN_WHY_NAMES.iter().enumerate() {
+        sep(w, r)?;
+        write!(
+            w,
+            "\"{name}\":{}",
+            t.slots[crate::tally::SLOT_RETURNED_BYTES + r]
+        )?;
+    }
+    w.write_str("}}}")
 }
 
 fn sep(w: &mut impl Write, i: usize) -> fmt::Result {
@@ -98,6 +115,9 @@ mod tests {
             "\"ace_fail\":{",
             "\"ss_bytes\":{",
             "\"legacy_blocks\":",
+            "\"large_cache\":{\"fresh\":",
+            "\"cached_bytes\":",
+            "\"returned_bytes\":{\"idle\":",
         ] {
             assert!(s.contains(key), "{key} missing");
         }

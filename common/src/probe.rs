@@ -18,9 +18,11 @@ pub enum ProbeId {
     SsMap = 7,
     SsUnmap = 8,
     LegacyRefill = 9,
+    CacheTake = 10,
+    OsReturn = 11,
 }
 
-pub const PROBE_COUNT: usize = 10;
+pub const PROBE_COUNT: usize = 12;
 
 /// Static description of one probe.
 pub struct ProbeDesc {
@@ -79,6 +81,16 @@ pub const PROBES: [ProbeDesc; PROBE_COUNT] = [
         id: ProbeId::LegacyRefill,
         name: "legacy_refill",
         args: &["class", "batch"],
+    },
+    ProbeDesc {
+        id: ProbeId::CacheTake,
+        name: "cache_take",
+        args: &["bytes", "source", "user"],
+    },
+    ProbeDesc {
+        id: ProbeId::OsReturn,
+        name: "os_return",
+        args: &["bytes", "why", "resident", "mappings"],
     },
 ];
 

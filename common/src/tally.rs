@@ -18,8 +18,11 @@ pub const SLOT_REMOTE_DRAIN_BLOCKS: usize = SLOT_TLS_DRAIN_BLOCKS + TINY_CLASSES
 pub const SLOT_LEGACY_BLOCKS: usize = SLOT_REMOTE_DRAIN_BLOCKS + TINY_CLASSES;
 pub const SLOT_SS_MAPPED_BYTES: usize = SLOT_LEGACY_BLOCKS + TINY_CLASSES;
 pub const SLOT_SS_UNMAPPED_BYTES: usize = SLOT_SS_MAPPED_BYTES + 1;
+pub const SLOT_TAKES: usize = SLOT_SS_UNMAPPED_BYTES + 1;
+pub const SLOT_TAKE_BYTES: usize = SLOT_TAKES + SOURCES;
+pub const SLOT_RETURNED_BYTES: usize = SLOT_TAKE_BYTES + SOURCES;
 /// Number of counters in a tally.
-pub const TALLY_SLOTS: usize = SLOT_SS_UNMAPPED_BYTES + 1;
+pub const TALLY_SLOTS: usize = SLOT_RETURNED_BYTES + RETURN_WHYS;
 
 /// A tally as plain counters (userspace and eBPF map value layout).
 #[repr(C)]
@@ -82,6 +85,13 @@ pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
         }
         p if p == ProbeId::SsMap as u32 => add(SLOT_SS_MAPPED_BYTES, a0),
         p if p == ProbeId::SsUnmap as u32 => add(SLOT_SS_UNMAPPED_BYTES, a0),
+        p if p == ProbeId::CacheTake as u32 && (a1 as usize) < SOURCES => {
+            add(SLOT_TAKES + a1 as usize, 1);
+            add(SLOT_TAKE_BYTES + a1 as usize, a0);
+        }
+        p if p == ProbeId::OsReturn as u32 && (a1 as usize) < RETURN_WHYS => {
+            add(SLOT_RETURNED_BYTES + a1 as usize, a0)
+        }
         _ => {}
     }
 }
@@ -121,6 +131,17 @@ impl Tally {
             self.slots[SLOT_SS_UNMAPPED_BYTES],
         )
     }
+    /// Mappings a large block or an ACE segment took from `source`, and their bytes.
+    pub fn takes(&self, source: TakeSource) -> (u64, u64) {
+        (
+            self.slots[SLOT_TAKES + source as usize],
+            self.slots[SLOT_TAKE_BYTES + source as usize],
+        )
+    }
+    /// Bytes the large cache gave back to the OS for `why`.
+    pub fn returned_bytes(&self, why: ReturnWhy) -> u64 {
+        self.slots[SLOT_RETURNED_BYTES + why as usize]
+    }
 
     /// `self - earlier`, counter by counter (saturating, for counters read at two times).
     pub fn since(&self, earlier: &Tally) -> Tally {
@@ -153,6 +174,14 @@ mod tests {
         t.record(ProbeId::RemoteDrain as u32, 4, 9);
         t.record(ProbeId::LegacyRefill as u32, 6, 32);
         t.record(ProbeId::SsMap as u32, 2 << 20, 0);
+        t.record(
+            ProbeId::CacheTake as u32,
+            4 << 20,
+            TakeSource::Cached as u64,
+        );
+        t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
+        t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
+        t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
         assert_eq!(t.acquire(7, 1), 1);
         assert_eq!(t.acquire(7, 3), 1);
         assert_eq!(t.recycle(2, RecycleOutcome::Released), 1);
@@ -167,8 +196,12 @@ mod tests {
             (17, 9, 32)
         );
         assert_eq!(t.ss_bytes(), (2 << 20, 0));
+        assert_eq!(t.takes(TakeSource::Cached), (1, 4 << 20));
+        assert_eq!(t.takes(TakeSource::Fresh), (2, 4 << 20));
+        assert_eq!(t.returned_bytes(ReturnWhy::Burst), 6 << 20);
+        assert_eq!(t.returned_bytes(ReturnWhy::Idle), 0);
         let total: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
-        assert_eq!(total, 9);
+        assert_eq!(total, 13);
     }
 
     #[test]
@@ -178,6 +211,8 @@ mod tests {
         t.record(ProbeId::SsAcquire as u32, 1, 0);
         t.record(ProbeId::SlabRecycle as u32, 1, 77);
         t.record(ProbeId::AceFail as u32, 9, 1);
+        t.record(ProbeId::CacheTake as u32, 1 << 20, 2);
+        t.record(ProbeId::OsReturn as u32, 1 << 20, 4);
         t.record(1000, 0, 0);
         assert_eq!(t.probe(ProbeId::SsAcquire), 2);
         assert_eq!(t.probe(ProbeId::SlabRecycle), 1);

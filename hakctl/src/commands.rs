@@ -318,7 +318,7 @@ pub async fn trace(
 fn class_of(ev: &TraceEvent) -> Option<u64> {
     match ProbeId::from_u32(ev.probe)? {
         ProbeId::AceFail => Some(ev.args[2]),
-        ProbeId::SsMap | ProbeId::SsUnmap => None,
+        ProbeId::SsMap | ProbeId::SsUnmap | ProbeId::CacheTake | ProbeId::OsReturn => None,
         _ => Some(ev.args[0]),
     }
 }
@@ -362,6 +362,23 @@ pub fn format_event(ev: &TraceEvent) -> String {
         Some(ProbeId::RemoteDrain) => format!("cls={} batch={}", a[0], a[1]),
         Some(ProbeId::SsMap) | Some(ProbeId::SsUnmap) => format!("bytes={} ss={:#x}", a[0], a[1]),
         Some(ProbeId::LegacyRefill) => format!("cls={} batch={}", a[0], a[1]),
+        Some(ProbeId::CacheTake) => format!(
+            "{} bytes={} for={}",
+            pick(&SOURCE_NAMES, a[1]),
+            a[0],
+            if a[2] == CacheUser::Ace as u64 {
+                "ace"
+            } else {
+                "large"
+            }
+        ),
+        Some(ProbeId::OsReturn) => format!(
+            "{} bytes={} resident<={} mappings={}",
+            pick(&RETURN_WHY_NAMES, a[1]),
+            a[0],
+            a[2],
+            a[3]
+        ),
         None => format!("probe {} args {:?}", ev.probe, a),
     };
     let name = ProbeId::from_u32(ev.probe)

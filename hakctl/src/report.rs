@@ -260,6 +260,7 @@ impl Report<'_> {
             t.ace_fail(AceFailKind::Exhaustion),
             t.ace_fail(AceFailKind::MapFail)
         );
+        o.push_str(&os_memory(t));
         let h = &self.total.hists;
         let _ = writeln!(
             o,
@@ -342,6 +343,45 @@ impl Report<'_> {
     }
 }
 
+/// Memory to and from the OS: SuperSlabs, and the large cache in front of
+/// large blocks and ACE segments (what it served without a syscall, what it
+/// gave back and why). Where a program's RSS goes, in one place.
+fn os_memory(t: &Tally) -> String {
+    let (ss_mapped, ss_unmapped) = t.ss_bytes();
+    let (cached, cached_bytes) = t.takes(TakeSource::Cached);
+    let (fresh, fresh_bytes) = t.takes(TakeSource::Fresh);
+    let returned: Vec<String> = [
+        ReturnWhy::Idle,
+        ReturnWhy::Burst,
+        ReturnWhy::Bound,
+        ReturnWhy::Refused,
+    ]
+    .into_iter()
+    .map(|why| {
+        format!(
+            "{} {}",
+            RETURN_WHY_NAMES[why as usize],
+            mib(t.returned_bytes(why))
+        )
+    })
+    .collect();
+    format!(
+        "\nOS MEMORY  superslabs: mapped {}  returned {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  returned: {}\n",
+        mib(ss_mapped),
+        mib(ss_unmapped),
+        cached + fresh,
+        ratio(cached, cached + fresh) * 100.0,
+        mib(cached_bytes),
+        mib(fresh_bytes),
+        returned.join("  ")
+    )
+}
+
+/// Bytes as MiB, one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
 /// Slab acquisitions of every tiny class and stage, and those from Stage 1.
 fn acquires_and_stage1(t: &Tally) -> (u64, u64) {
     let all = (0..TINY_CLASSES)
@@ -419,6 +459,29 @@ mod tests {
         assert!(line_has(&r, "(last 1.0s: 0 of 1) "));
         r.interval = None;
         assert!(line_has(&r, "stage1=3.8% shared_fail=0"));
+    }
+
+    #[test]
+    fn os_memory_shows_what_the_large_cache_served_and_gave_back_by_reason() {
+        let mut t = Tally::default();
+        t.record(ProbeId::SsMap as u32, 4 << 20, 0);
+        t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
+        t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
+        t.record(
+            ProbeId::CacheTake as u32,
+            2 << 20,
+            TakeSource::Cached as u64,
+        );
+        t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
+        t.record(ProbeId::OsReturn as u32, 1 << 20, ReturnWhy::Refused as u64);
+        let text = os_memory(&t);
+        for part in [
+            "superslabs: mapped 4.0 MiB  returned 0.0 MiB",
+            "1 of 3 takes cached (33.3%, 2.0 MiB)  2 mapped fresh (4.0 MiB)",
+            "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text:?}");
+        }
     }
 
     fn line_has(r: &Report, part: &str) -> bool {

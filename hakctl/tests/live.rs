@@ -142,6 +142,7 @@ fn counts_equal_the_allocators_own_tally_for_every_probe() {
         ("ace", &[("HAKMEM_ACE_MAX_SEGMENTS", "1")]),
         ("ace-mapfail", &[("HAKMEM_OS_LIMIT_MB", "16")]),
         ("burst", &[]),
+        ("large-cache", &[]),
     ];
     let mut seen = std::collections::BTreeMap::<String, u64>::new();
     for (name, env) in runs {
