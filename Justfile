@@ -19,6 +19,9 @@ lint:
     cargo clippy --all-targets -- -D warnings
     # The build with the probes compiled out (benches/instructions.sh, the probe-cost A/B).
     cargo clippy -p hakmem --no-default-features --features c-abi --target-dir target/noprobes -- -D warnings
+    # The build a dlopen-ed Rust library uses (examples/plugin).
+    cargo clippy -p hakmem --no-default-features --features dynamic-tls,probes --target-dir target/plugin -- -D warnings
+    cd examples/plugin && cargo fmt --check && cargo clippy --target-dir ../../target/plugin -- -D warnings
 
 # The test suite (CI sets HAKMEM_REQUIRE_BPF=1 so BPF tests fail instead of skipping).
 test: build lint

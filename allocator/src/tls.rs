@@ -18,11 +18,28 @@
 //! (the test `python_dlopens_the_library_and_allocates_through_it` checks it),
 //! so fields added to `ThreadCache` must be paid for elsewhere in it.
 //!
+//! A library that uses hakmem as its global allocator and is itself loaded
+//! with dlopen can turn on the `dynamic-tls` feature instead: the portable
+//! `thread_local!` (general-dynamic in a shared object), which needs no static
+//! TLS at all (`examples/plugin`, and the test
+//! `a_plugin_with_dynamic_tls_loads_where_static_tls_is_full`). libhakmem.so
+//! cannot: the C library allocates dynamic TLS blocks with malloc.
+//!
 //! Elsewhere, the portable `thread_local!` (const-initialised, no destructor).
 
 use crate::tiny::ThreadCache;
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+// The cache starts as zero bytes (`.tbss`, or a zeroed dynamic TLS block).
+const _: () = assert!(ThreadCache::NEW.is_zero());
+
+#[cfg(all(feature = "dynamic-tls", feature = "c-abi"))]
+compile_error!("`dynamic-tls` cannot serve the C ABI: glibc allocates dynamic TLS with malloc");
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "dynamic-tls")
+))]
 mod imp {
     use super::ThreadCache;
 
@@ -49,8 +66,6 @@ mod imp {
         SIZE <= 1600,
         "the thread cache outgrew the static TLS surplus"
     );
-    // The zero-filled block must be the empty cache.
-    const _: () = assert!(ThreadCache::NEW.is_zero());
 
     #[inline(always)]
     pub fn cache_ptr() -> *mut ThreadCache {
@@ -72,7 +87,11 @@ mod imp {
     }
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    not(feature = "dynamic-tls")
+)))]
 mod imp {
     use super::ThreadCache;
     use core::cell::UnsafeCell;

@@ -141,6 +141,60 @@ print("ok")
     );
 }
 
+/// A Rust library loaded with dlopen that uses hakmem as its global allocator
+/// (`examples/plugin`, feature `dynamic-tls`) needs no static TLS: where none
+/// is left, libhakmem.so (initial-exec) cannot load and the plugin can, and
+/// hakmem serves its blocks on every thread.
+#[test]
+fn a_plugin_with_dynamic_tls_loads_where_static_tls_is_full() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = root.join("target/plugin");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(root.join("examples/plugin/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("cargo");
+    assert!(built.success(), "building examples/plugin failed");
+    let plugin = target.join("release/libhakmem_plugin_example.so");
+    let load = |library: &Path| {
+        Command::new(python())
+            .args([
+                "-c",
+                r#"
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+if hasattr(lib, "plugin_churn"):
+    lib.plugin_churn.restype = ctypes.c_uint64
+    lib.plugin_churn.argtypes = [ctypes.c_uint32]
+    print(lib.plugin_churn(3))
+else:
+    print("loaded")
+"#,
+            ])
+            .arg(library)
+            .env_remove("LD_PRELOAD")
+            .env("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=0")
+            .output()
+            .expect("python3")
+    };
+    let out = load(&lib());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("static TLS"),
+        "libhakmem.so should not fit with no static TLS surplus: {out:?}"
+    );
+    let out = load(&plugin);
+    // Four threads, 200 rounds of 6 sizes each.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "4800",
+        "the plugin did not load or hakmem did not serve it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn python_allocating_heavily() {
     same_output(|| {
