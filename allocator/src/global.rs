@@ -34,8 +34,9 @@ fn init_slow() {
     INIT.store(DONE, Ordering::Release);
     thread::init();
     let stop_for = config::get().stop_at_start_pid;
-    // SAFETY: getpid and raise have no preconditions; no allocator lock is held here.
+    // SAFETY: getpid has no preconditions.
     if stop_for != 0 && stop_for == unsafe { libc::getpid() } as u64 {
+        // SAFETY: raise has no preconditions; no allocator lock is held here.
         unsafe { libc::raise(libc::SIGSTOP) };
     }
 }

@@ -124,10 +124,12 @@ fn recycle() {
     .unwrap();
     // Refill class 7 until the owner drains its remote lists.
     let again: Vec<*mut u8> = (0..128)
+        // SAFETY: a plain malloc, freed below.
         .map(|_| unsafe { hakmem::api::malloc(1000) })
         .collect();
     // Many blocks of class 3: at least one new slab, which Stage 1 serves.
     let small: Vec<*mut u8> = (0..4096)
+        // SAFETY: a plain malloc, freed below.
         .map(|_| unsafe { hakmem::api::malloc(60) })
         .collect();
     for p in again.into_iter().chain(small) {
@@ -426,6 +428,7 @@ fn forever() {
     let mut round = 0u64;
     loop {
         let v: Vec<*mut u8> = (0..2000)
+            // SAFETY: a plain malloc, freed below.
             .map(|i| unsafe { hakmem::api::malloc(16 + (i * 37 + round as usize) % 1000) })
             .collect();
         for p in v {
