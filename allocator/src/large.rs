@@ -448,11 +448,8 @@ fn return_batches(mut pick: impl FnMut(&mut Cache, &mut [Evicted]) -> usize) -> 
 /// Returns evicted mappings to the OS, one munmap per run of adjacent ones,
 /// and fires `os_return` once for each reason among them.
 fn unmap_all(maps: &mut [Evicted]) {
-    // Per reason: bytes mapped, bytes they may have held resident, mappings.
-    let mut sums = [(0usize, 0usize, 0usize); hakmem_common::RETURN_WHYS];
-    for e in maps.iter() {
-        let s = &mut sums[e.why as usize];
-        *s = (s.0 + e.map.size, s.1 + e.map.resident, s.2 + 1);
+    if probes::os_return_wanted() {
+        report_returns(maps);
     }
     maps.sort_unstable_by_key(|e| e.map.base);
     let mut i = 0;
@@ -467,6 +464,16 @@ fn unmap_all(maps: &mut [Evicted]) {
         // SAFETY: evicted mappings are no longer referenced by the cache or a
         // user, and `start..end` is exactly a run of them.
         unsafe { os::unmap(start as *mut u8, end - start) };
+    }
+}
+
+/// Fires `os_return` for each reason among `maps`: bytes mapped, bytes they
+/// may have held resident, how many.
+fn report_returns(maps: &[Evicted]) {
+    let mut sums = [(0usize, 0usize, 0usize); hakmem_common::RETURN_WHYS];
+    for e in maps {
+        let s = &mut sums[e.why as usize];
+        *s = (s.0 + e.map.size, s.1 + e.map.resident, s.2 + 1);
     }
     for why in [
         ReturnWhy::Idle,

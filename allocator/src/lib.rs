@@ -63,15 +63,5 @@ mod usdt_probes {
 /// Whether a tracer has raised the semaphore of `ss_acquire` (hakctl and
 /// bpftrace raise it on attach). For programs that wait for a tracer.
 pub fn probes_enabled() -> bool {
-    #[cfg(feature = "probes")]
-    {
-        extern "C" {
-            static __usdt_sema_hakmem_ss_acquire: u16;
-        }
-        // SAFETY: the semaphore is a 2-byte static emitted by the usdt macros;
-        // the kernel updates it, so it is read volatile.
-        unsafe { core::ptr::addr_of!(__usdt_sema_hakmem_ss_acquire).read_volatile() != 0 }
-    }
-    #[cfg(not(feature = "probes"))]
-    false
+    probes::semaphore_raised!(ss_acquire)
 }

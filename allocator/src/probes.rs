@@ -9,6 +9,26 @@ use hakmem_common::{
     TakeSource,
 };
 
+/// Whether a tracer has raised probe `$name`'s semaphore (hakctl and
+/// bpftrace raise it on attach); false with the probes compiled out.
+macro_rules! semaphore_raised {
+    ($name:ident) => {{
+        #[cfg(feature = "probes")]
+        {
+            extern "C" {
+                #[link_name = concat!("__usdt_sema_hakmem_", stringify!($name))]
+                static SEMAPHORE: u16;
+            }
+            // SAFETY: the semaphore is a 2-byte static emitted by the usdt
+            // macros; the kernel updates it, so it is read volatile.
+            unsafe { core::ptr::addr_of!(SEMAPHORE).read_volatile() != 0 }
+        }
+        #[cfg(not(feature = "probes"))]
+        false
+    }};
+}
+pub(crate) use semaphore_raised;
+
 macro_rules! usdt_fire {
     ($name:ident, $arg:expr) => {
         #[cfg(feature = "probes")]
@@ -88,6 +108,13 @@ pub fn legacy_refill(class: usize, batch: u32) {
 pub fn cache_take(bytes: usize, source: TakeSource, user: CacheUser) {
     stats::record(ProbeId::CacheTake, bytes as u64, source as u64);
     usdt_fire!(cache_take, bytes, source as u8, user as u8);
+}
+
+/// Whether anyone takes `os_return`'s figures (the tally is on, or a tracer
+/// attached): its arguments are sums over a batch, made only then.
+#[inline]
+pub fn os_return_wanted() -> bool {
+    crate::config::stats_enabled() || semaphore_raised!(os_return)
 }
 
 #[inline]
