@@ -316,7 +316,7 @@ pub fn free(chunk: usize) {
         h.live = false;
         (h.map_size, h.extent)
     };
-    cache(chunk, size, extent);
+    cache(chunk, size, extent, CacheUser::Large);
 }
 
 fn source_of(fresh: bool) -> TakeSource {
@@ -359,17 +359,18 @@ pub unsafe fn cache_chunk(chunk: usize, extent: usize) {
         })
     };
     registry::insert(chunk, SegKind::Large as u8);
-    cache(chunk, CHUNK, extent);
+    cache(chunk, CHUNK, extent, CacheUser::Ace);
 }
 
 /// Caches the freed mapping at `chunk` (its header up to date), returning to
 /// the OS what the cache lets go.
-fn cache(chunk: usize, size: usize, extent: usize) {
+fn cache(chunk: usize, size: usize, extent: usize, user: CacheUser) {
     let resident = if (MEASURE_MIN..=MEASURE_MAX).contains(&extent) {
         count_resident(chunk, extent)
     } else {
         extent
     };
+    probes::cache_put(size, user, resident);
     let mut evicted = [NO_EVICTION; EVICT_MAX];
     let now = os::now_ns();
     let freed = Cached {

@@ -58,6 +58,7 @@ mod usdt_probes {
     fn legacy_refill(class: u64, batch: u64) {}
     fn cache_take(bytes: u64, source: u64, user: u64) {}
     fn os_return(bytes: u64, why: u64, resident: u64, mappings: u64) {}
+    fn cache_put(bytes: u64, user: u64, resident: u64) {}
 }
 
 /// Whether a tracer has raised the semaphore of `ss_acquire` (hakctl and

@@ -110,6 +110,12 @@ pub fn cache_take(bytes: usize, source: TakeSource, user: CacheUser) {
     usdt_fire!(cache_take, bytes, source as u8, user as u8);
 }
 
+#[inline]
+pub fn cache_put(bytes: usize, user: CacheUser, resident: usize) {
+    stats::record(ProbeId::CachePut, bytes as u64, user as u64);
+    usdt_fire!(cache_put, bytes, user as u8, resident);
+}
+
 /// Whether anyone takes `os_return`'s figures (the tally is on, or a tracer
 /// attached): its arguments are sums over a batch, made only then.
 #[inline]

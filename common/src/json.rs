@@ -57,7 +57,7 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
         );
         write!(w, "\"{name}\":{n},\"{name}_bytes\":{bytes},")?;
     }
-    w.write_str("\"returned_bytes\":{")?;
+    write!(w, "\"put_bytes\":{},\"returned_bytes\":{{", t.put_bytes())?;
     for (r, name) in RETURN_WHY_NAMES.iter().enumerate() {
         sep(w, r)?;
         write!(
@@ -117,6 +117,7 @@ mod tests {
             "\"legacy_blocks\":",
             "\"large_cache\":{\"fresh\":",
             "\"cached_bytes\":",
+            "\"put_bytes\":",
             "\"returned_bytes\":{\"idle\":",
         ] {
             assert!(s.contains(key), "{key} missing");

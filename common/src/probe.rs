@@ -20,9 +20,10 @@ pub enum ProbeId {
     LegacyRefill = 9,
     CacheTake = 10,
     OsReturn = 11,
+    CachePut = 12,
 }
 
-pub const PROBE_COUNT: usize = 12;
+pub const PROBE_COUNT: usize = 13;
 
 /// Static description of one probe.
 pub struct ProbeDesc {
@@ -91,6 +92,11 @@ pub const PROBES: [ProbeDesc; PROBE_COUNT] = [
         id: ProbeId::OsReturn,
         name: "os_return",
         args: &["bytes", "why", "resident", "mappings"],
+    },
+    ProbeDesc {
+        id: ProbeId::CachePut,
+        name: "cache_put",
+        args: &["bytes", "user", "resident"],
     },
 ];
 

@@ -21,8 +21,9 @@ pub const SLOT_SS_UNMAPPED_BYTES: usize = SLOT_SS_MAPPED_BYTES + 1;
 pub const SLOT_TAKES: usize = SLOT_SS_UNMAPPED_BYTES + 1;
 pub const SLOT_TAKE_BYTES: usize = SLOT_TAKES + SOURCES;
 pub const SLOT_RETURNED_BYTES: usize = SLOT_TAKE_BYTES + SOURCES;
+pub const SLOT_PUT_BYTES: usize = SLOT_RETURNED_BYTES + RETURN_WHYS;
 /// Number of counters in a tally.
-pub const TALLY_SLOTS: usize = SLOT_RETURNED_BYTES + RETURN_WHYS;
+pub const TALLY_SLOTS: usize = SLOT_PUT_BYTES + 1;
 
 /// A tally as plain counters (userspace and eBPF map value layout).
 #[repr(C)]
@@ -92,6 +93,7 @@ pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
         p if p == ProbeId::OsReturn as u32 && (a1 as usize) < RETURN_WHYS => {
             add(SLOT_RETURNED_BYTES + a1 as usize, a0)
         }
+        p if p == ProbeId::CachePut as u32 => add(SLOT_PUT_BYTES, a0),
         _ => {}
     }
 }
@@ -142,6 +144,20 @@ impl Tally {
     pub fn returned_bytes(&self, why: ReturnWhy) -> u64 {
         self.slots[SLOT_RETURNED_BYTES + why as usize]
     }
+    /// Bytes of mappings freed into the large cache (kept or, over its
+    /// bounds, returned at once).
+    pub fn put_bytes(&self) -> u64 {
+        self.slots[SLOT_PUT_BYTES]
+    }
+    /// Bytes of mappings the large cache holds: put in, less taken out and
+    /// returned (for counts read since the process started; a tracer that
+    /// attached later sees the change since then).
+    pub fn held_bytes(&self) -> i64 {
+        let returned: u64 = self.slots[SLOT_RETURNED_BYTES..SLOT_RETURNED_BYTES + RETURN_WHYS]
+            .iter()
+            .sum();
+        self.put_bytes() as i64 - self.takes(TakeSource::Cached).1 as i64 - returned as i64
+    }
 
     /// `self - earlier`, counter by counter (saturating, for counters read at two times).
     pub fn since(&self, earlier: &Tally) -> Tally {
@@ -182,6 +198,7 @@ mod tests {
         t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
         t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
         t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
+        t.record(ProbeId::CachePut as u32, 16 << 20, CacheUser::Ace as u64);
         assert_eq!(t.acquire(7, 1), 1);
         assert_eq!(t.acquire(7, 3), 1);
         assert_eq!(t.recycle(2, RecycleOutcome::Released), 1);
@@ -200,8 +217,10 @@ mod tests {
         assert_eq!(t.takes(TakeSource::Fresh), (2, 4 << 20));
         assert_eq!(t.returned_bytes(ReturnWhy::Burst), 6 << 20);
         assert_eq!(t.returned_bytes(ReturnWhy::Idle), 0);
+        assert_eq!(t.put_bytes(), 16 << 20);
+        assert_eq!(t.held_bytes(), (16 - 4 - 6) << 20);
         let total: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
-        assert_eq!(total, 13);
+        assert_eq!(total, 14);
     }
 
     #[test]

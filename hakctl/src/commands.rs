@@ -318,7 +318,11 @@ pub async fn trace(
 fn class_of(ev: &TraceEvent) -> Option<u64> {
     match ProbeId::from_u32(ev.probe)? {
         ProbeId::AceFail => Some(ev.args[2]),
-        ProbeId::SsMap | ProbeId::SsUnmap | ProbeId::CacheTake | ProbeId::OsReturn => None,
+        ProbeId::SsMap
+        | ProbeId::SsUnmap
+        | ProbeId::CacheTake
+        | ProbeId::OsReturn
+        | ProbeId::CachePut => None,
         _ => Some(ev.args[0]),
     }
 }
@@ -367,6 +371,16 @@ pub fn format_event(ev: &TraceEvent) -> String {
             pick(&SOURCE_NAMES, a[1]),
             a[0],
             if a[2] == CacheUser::Ace as u64 {
+                "ace"
+            } else {
+                "large"
+            }
+        ),
+        Some(ProbeId::CachePut) => format!(
+            "bytes={} resident<={} from={}",
+            a[0],
+            a[2],
+            if a[1] == CacheUser::Ace as u64 {
                 "ace"
             } else {
                 "large"

@@ -365,14 +365,18 @@ fn os_memory(t: &Tally) -> String {
         )
     })
     .collect();
+    let held = t.held_bytes();
     format!(
-        "\nOS MEMORY  superslabs: mapped {}  returned {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  returned: {}\n",
+        "\nOS MEMORY  superslabs: mapped {}  returned {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  freed into it {}, holding {}{} more than at attach\n  returned: {}\n",
         mib(ss_mapped),
         mib(ss_unmapped),
         cached + fresh,
         ratio(cached, cached + fresh) * 100.0,
         mib(cached_bytes),
         mib(fresh_bytes),
+        mib(t.put_bytes()),
+        if held < 0 { "-" } else { "" },
+        mib(held.unsigned_abs()),
         returned.join("  ")
     )
 }
@@ -474,11 +478,13 @@ mod tests {
         );
         t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
         t.record(ProbeId::OsReturn as u32, 1 << 20, ReturnWhy::Refused as u64);
+        t.record(ProbeId::CachePut as u32, 12 << 20, CacheUser::Large as u64);
         let text = os_memory(&t);
         for part in [
             "superslabs: mapped 4.0 MiB  returned 0.0 MiB",
             "1 of 3 takes cached (33.3%, 2.0 MiB)  2 mapped fresh (4.0 MiB)",
             "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB",
+            "freed into it 12.0 MiB, holding 3.0 MiB more than at attach",
         ] {
             assert!(text.contains(part), "{part:?} not in {text:?}");
         }
