@@ -102,6 +102,16 @@ fn free_legacy_or_large(p: usize) {
     }
 }
 
+/// `malloc_trim`: gives back to the OS the memory hakmem holds free for
+/// reuse: the free segments ACE keeps and everything in the large cache
+/// (which otherwise go only at allocator calls after their delay). Thread
+/// caches, and the EMPTY SuperSlabs kept by `HAKMEM_SS_KEEP`, stay. True if
+/// anything went back.
+pub fn trim() -> bool {
+    let ace = ace::trim();
+    large::trim() || ace
+}
+
 /// `malloc_usable_size` (0 for null or a pointer that is not ours).
 pub fn usable_size(ptr: *const u8) -> usize {
     let p = ptr as usize;

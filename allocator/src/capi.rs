@@ -104,3 +104,10 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
 pub unsafe extern "C" fn malloc_usable_size(ptr: *mut c_void) -> usize {
     api::usable_size(ptr.cast())
 }
+
+/// glibc's `malloc_trim`: 1 if memory went back to the OS, else 0. `pad` (what
+/// to leave at the top of glibc's heap) has no meaning here.
+#[no_mangle]
+pub extern "C" fn malloc_trim(_pad: usize) -> i32 {
+    i32::from(api::trim())
+}

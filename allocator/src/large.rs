@@ -23,8 +23,8 @@
 //! Idle mappings are returned at allocator slow paths (`decay_if_due`: large
 //! calls, tiny and ACE refills, ACE flushes), so a program that goes on with
 //! small blocks only still gets them back; one that makes no allocator call
-//! at all keeps them. When the OS refuses a mapping, the cache is emptied and
-//! the mapping tried once more.
+//! at all keeps them, unless it calls `malloc_trim` (`trim`). When the OS
+//! refuses a mapping, the cache is emptied and the mapping tried once more.
 //!
 //! What a mapping may hold is its extent: every byte any of its users could
 //! have touched (a reused chunk keeps the pages an earlier, bigger block
@@ -481,6 +481,7 @@ fn report_returns(maps: &[Evicted]) {
         ReturnWhy::Burst,
         ReturnWhy::Bound,
         ReturnWhy::Refused,
+        ReturnWhy::Trim,
     ] {
         let (bytes, resident, mappings) = sums[why as usize];
         if mappings > 0 {
@@ -492,6 +493,11 @@ fn report_returns(maps: &[Evicted]) {
 /// Returns every cached mapping to the OS (it refused a new one). True if there was any.
 fn flush_cache() -> bool {
     return_batches(|c, out| c.evict(u64::MAX, 0, ReturnWhy::Refused, out, 0))
+}
+
+/// Returns every cached mapping to the OS (`malloc_trim`). True if there was any.
+pub fn trim() -> bool {
+    return_batches(|c, out| c.evict(u64::MAX, 0, ReturnWhy::Trim, out, 0))
 }
 
 pub fn lock_for_fork() {

@@ -195,6 +195,51 @@ else:
     );
 }
 
+/// `malloc_trim(0)`, as Python services call it through ctypes to shrink
+/// after a burst, gives hakmem's freed memory back at once: the large cache's
+/// mappings and the free segments ACE keeps, which would otherwise wait for
+/// later allocator calls (or, ACE's, for reuse).
+#[test]
+fn malloc_trim_returns_what_a_freed_burst_left_cached() {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            r#"
+import ctypes, os
+libc = ctypes.CDLL(None)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+big = [bytearray(1 << 20) for _ in range(48)]
+mid = [bytearray(40000) for _ in range(2000)]
+peak = rss()
+del big, mid
+freed = rss()
+r = libc.malloc_trim(0)
+print(r, peak, freed, rss(), libc.malloc_trim(0))
+"#,
+        ])
+        .env("LD_PRELOAD", lib())
+        .env_remove("HAKMEM_STATS")
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<i64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        out.status.success() && v.len() == 5,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (first, peak, freed, trimmed, second) = (v[0], v[1], v[2], v[3], v[4]);
+    assert_eq!(first, 1, "the first trim returned memory: {text}");
+    // 48 MiB of large blocks and 80 MB of mid-size ones were freed but kept.
+    assert!(freed > peak - 32, "freeing kept the memory cached: {text}");
+    assert!(trimmed < freed - 100, "the trim gave it back: {text}");
+    assert_eq!(second, 0, "nothing was left for a second trim: {text}");
+}
+
 #[test]
 fn python_allocating_heavily() {
     same_output(|| {

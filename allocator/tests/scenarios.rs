@@ -189,6 +189,13 @@ fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
         "kept for reuse at first: {stdout}"
     );
     assert!(peak >= after + 100 * 1024, "{stdout}");
+    // The reserve (up to 64 MiB of those blocks) goes at a trim.
+    let trim = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("trim returned=true rss_kib="))
+        .unwrap_or_else(|| panic!("the trim returned memory: {stdout}"));
+    let trimmed: u64 = trim.parse().unwrap();
+    assert!(after >= trimmed + 32 * 1024, "{stdout}");
 }
 
 #[test]

@@ -120,6 +120,8 @@ pub enum ReturnWhy {
     Bound = 2,
     /// The OS refused a new mapping, so everything cached went back first.
     Refused = 3,
+    /// The program called `malloc_trim`.
+    Trim = 4,
 }
-pub const RETURN_WHYS: usize = 4;
-pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] = ["idle", "burst", "bound", "refused"];
+pub const RETURN_WHYS: usize = 5;
+pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] = ["idle", "burst", "bound", "refused", "trim"];

@@ -230,8 +230,8 @@ mod tests {
         t.record(ProbeId::SsAcquire as u32, 1, 0);
         t.record(ProbeId::SlabRecycle as u32, 1, 77);
         t.record(ProbeId::AceFail as u32, 9, 1);
-        t.record(ProbeId::CacheTake as u32, 1 << 20, 2);
-        t.record(ProbeId::OsReturn as u32, 1 << 20, 4);
+        t.record(ProbeId::CacheTake as u32, 1 << 20, SOURCES as u64);
+        t.record(ProbeId::OsReturn as u32, 1 << 20, RETURN_WHYS as u64);
         t.record(1000, 0, 0);
         assert_eq!(t.probe(ProbeId::SsAcquire), 2);
         assert_eq!(t.probe(ProbeId::SlabRecycle), 1);

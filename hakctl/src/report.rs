@@ -355,6 +355,7 @@ fn os_memory(t: &Tally) -> String {
         ReturnWhy::Burst,
         ReturnWhy::Bound,
         ReturnWhy::Refused,
+        ReturnWhy::Trim,
     ]
     .into_iter()
     .map(|why| {
@@ -483,7 +484,7 @@ mod tests {
         for part in [
             "superslabs: mapped 4.0 MiB  returned 0.0 MiB",
             "1 of 3 takes cached (33.3%, 2.0 MiB)  2 mapped fresh (4.0 MiB)",
-            "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB",
+            "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB  trim 0.0 MiB",
             "freed into it 12.0 MiB, holding 3.0 MiB more than at attach",
         ] {
             assert!(text.contains(part), "{part:?} not in {text:?}");

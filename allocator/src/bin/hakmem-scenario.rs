@@ -411,7 +411,7 @@ fn large_stale() {
 /// blocks that were: 500 blocks of 1 MiB with one page written, freed and made
 /// again (prints how many came back at the same address), then 100 blocks of
 /// 1.9 MiB written whole and freed (prints RSS at the peak, at once after the
-/// frees, and after the burst delay).
+/// frees, and after the burst delay), then a `malloc_trim` (prints RSS after).
 fn large_cache() {
     let first = make(500, 1 << 20, 4096);
     free_all(&first);
@@ -421,6 +421,9 @@ fn large_cache() {
     println!("large_reused {reused} of 500");
     let whole = 1900 * 1024;
     free_burst(&make(100, whole, whole));
+    // What the reserve kept goes back at a `malloc_trim`.
+    let trimmed = hakmem::api::trim();
+    println!("trim returned={trimmed} rss_kib={}", rss_kib());
 }
 
 /// Allocates and frees in a loop until killed (a target for attach/detach tests).
