@@ -302,30 +302,36 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
 }
 
 /// `malloc_trim`: the free segments every class keeps go to the large cache
-/// (which `large::trim` then empties). True if there were any.
+/// (which `large::trim` then empties), a few at a time so that none is
+/// handed over under the class lock. True if there were any.
 pub fn trim() -> bool {
     let mut any = false;
     for class in CLASSES.iter() {
-        let mut free: [*mut AceSegment; KEEP_FREE_SEGMENTS] = [null_mut(); KEEP_FREE_SEGMENTS];
-        let mut n = 0;
-        {
-            let mut pool = class.lock();
-            while !pool.free.is_null() && n < free.len() {
-                let s = pool.free;
-                pool.unlink(s);
-                pool.free_count -= 1;
-                pool.segments -= 1;
-                FREE_KEPT.fetch_sub(1, Ordering::Relaxed);
-                free[n] = s;
-                n += 1;
+        loop {
+            let mut free: [*mut AceSegment; KEEP_FREE_SEGMENTS] = [null_mut(); KEEP_FREE_SEGMENTS];
+            let mut n = 0;
+            {
+                let mut pool = class.lock();
+                while !pool.free.is_null() && n < free.len() {
+                    let s = pool.free;
+                    pool.unlink(s);
+                    pool.free_count -= 1;
+                    pool.segments -= 1;
+                    FREE_KEPT.fetch_sub(1, Ordering::Relaxed);
+                    free[n] = s;
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            any = true;
+            for &s in &free[..n] {
+                // SAFETY: unlinked from every list under the lock, with all its
+                // blocks free: nothing references the segment any more.
+                unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end()) };
             }
         }
-        for &s in &free[..n] {
-            // SAFETY: unlinked from every list under the lock, with all its
-            // blocks free: nothing references the segment any more.
-            unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end()) };
-        }
-        any |= n > 0;
     }
     any
 }
