@@ -476,13 +476,7 @@ fn report_returns(maps: &[Evicted]) {
         let s = &mut sums[e.why as usize];
         *s = (s.0 + e.map.size, s.1 + e.map.resident, s.2 + 1);
     }
-    for why in [
-        ReturnWhy::Idle,
-        ReturnWhy::Burst,
-        ReturnWhy::Bound,
-        ReturnWhy::Refused,
-        ReturnWhy::Trim,
-    ] {
+    for why in ReturnWhy::ALL {
         let (bytes, resident, mappings) = sums[why as usize];
         if mappings > 0 {
             probes::os_return(bytes, why, resident, mappings);

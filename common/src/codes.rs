@@ -124,4 +124,21 @@ pub enum ReturnWhy {
     Trim = 4,
 }
 pub const RETURN_WHYS: usize = 5;
+impl ReturnWhy {
+    /// Every reason, in code order.
+    pub const ALL: [ReturnWhy; RETURN_WHYS] = [
+        ReturnWhy::Idle,
+        ReturnWhy::Burst,
+        ReturnWhy::Bound,
+        ReturnWhy::Refused,
+        ReturnWhy::Trim,
+    ];
+}
+const _: () = {
+    let mut i = 0;
+    while i < RETURN_WHYS {
+        assert!(ReturnWhy::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] = ["idle", "burst", "bound", "refused", "trim"];

@@ -350,22 +350,16 @@ fn os_memory(t: &Tally) -> String {
     let (ss_mapped, ss_unmapped) = t.ss_bytes();
     let (cached, cached_bytes) = t.takes(TakeSource::Cached);
     let (fresh, fresh_bytes) = t.takes(TakeSource::Fresh);
-    let returned: Vec<String> = [
-        ReturnWhy::Idle,
-        ReturnWhy::Burst,
-        ReturnWhy::Bound,
-        ReturnWhy::Refused,
-        ReturnWhy::Trim,
-    ]
-    .into_iter()
-    .map(|why| {
-        format!(
-            "{} {}",
-            RETURN_WHY_NAMES[why as usize],
-            mib(t.returned_bytes(why))
-        )
-    })
-    .collect();
+    let returned: Vec<String> = ReturnWhy::ALL
+        .into_iter()
+        .map(|why| {
+            format!(
+                "{} {}",
+                RETURN_WHY_NAMES[why as usize],
+                mib(t.returned_bytes(why))
+            )
+        })
+        .collect();
     let held = t.held_bytes();
     format!(
         "\nOS MEMORY  superslabs: mapped {}  returned {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  freed into it {}, holding {}{} more than at attach\n  returned: {}\n",
