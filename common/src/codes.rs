@@ -94,6 +94,8 @@ pub enum CacheUser {
     /// A new ACE segment.
     Ace = 1,
 }
+pub const CACHE_USERS: usize = 2;
+pub const CACHE_USER_NAMES: [&str; CACHE_USERS] = ["large", "ace"];
 
 /// Where a mapping for a large block or an ACE segment came from
 /// (`cache_take` argument `source`).

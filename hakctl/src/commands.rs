@@ -370,21 +370,13 @@ pub fn format_event(ev: &TraceEvent) -> String {
             "{} bytes={} for={}",
             pick(&SOURCE_NAMES, a[1]),
             a[0],
-            if a[2] == CacheUser::Ace as u64 {
-                "ace"
-            } else {
-                "large"
-            }
+            pick(&CACHE_USER_NAMES, a[2])
         ),
         Some(ProbeId::CachePut) => format!(
             "bytes={} resident<={} from={}",
             a[0],
             a[2],
-            if a[1] == CacheUser::Ace as u64 {
-                "ace"
-            } else {
-                "large"
-            }
+            pick(&CACHE_USER_NAMES, a[1])
         ),
         Some(ProbeId::OsReturn) => format!(
             "{} bytes={} resident<={} mappings={}",
