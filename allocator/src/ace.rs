@@ -26,7 +26,7 @@ use crate::sync::SpinLock;
 use crate::tiny::with_cache;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicUsize, Ordering};
-use hakmem_common::{AceFailKind, ACE_CLASSES, NO_CLASS};
+use hakmem_common::{AceFailKind, CacheUser, ACE_CLASSES, NO_CLASS};
 
 /// Bytes at the start of a segment before its first block (the header).
 pub const HEADER_RESERVE: usize = 4096;
@@ -297,7 +297,7 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
     for &s in &release[..released] {
         // SAFETY: `put` removed the segment from every list and all its
         // blocks are free: nothing references it.
-        unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end()) };
+        unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
     }
 }
 
@@ -329,7 +329,7 @@ pub fn trim() -> bool {
             for &s in &free[..n] {
                 // SAFETY: unlinked from every list under the lock, with all its
                 // blocks free: nothing references the segment any more.
-                unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end()) };
+                unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
             }
         }
     }
@@ -415,7 +415,7 @@ impl AceClass {
         }
         // A chunk the large cache kept (an ACE segment or a large block
         // before) saves the mapping and the page faults.
-        let base = crate::large::chunk_for_ace();
+        let (base, _) = crate::large::take_chunk(CacheUser::Ace);
         if base.is_null() {
             return Err(AceFailKind::MapFail);
         }

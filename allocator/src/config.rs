@@ -11,7 +11,8 @@ pub struct Config {
     pub recycle: bool,
     /// `HAKMEM_SS_MAX`: most SuperSlabs mapped at once; Stage 3 fails (budget) beyond it.
     pub ss_max: usize,
-    /// `HAKMEM_SS_KEEP` (default 2): fully EMPTY SuperSlabs kept mapped before unmapping.
+    /// `HAKMEM_SS_KEEP` (default 2): fully EMPTY SuperSlabs kept in the pool before retiring
+    /// further ones to the large cache.
     pub ss_keep: usize,
     /// `HAKMEM_ACE_MAX_BYTES` (default 262144, ACE's largest class): largest size ACE serves; bigger mid sizes are Threshold failures.
     pub ace_max_bytes: usize,

@@ -327,26 +327,28 @@ fn source_of(fresh: bool) -> TakeSource {
     }
 }
 
-/// A chunk for a new ACE segment (null if the OS refused): a cached one,
-/// whose pages were all touched if the most recently freed have one (no
-/// page faults), else the newest; else a fresh mapping.
-pub fn chunk_for_ace() -> *mut u8 {
+/// A chunk for a new ACE segment or SuperSlab (null if the OS refused): a
+/// cached one, whose pages were all touched if the most recently freed have
+/// one (no page faults), else the newest; else a fresh mapping. The second
+/// value says whether it came from the cache (its bytes are not zero).
+pub fn take_chunk(user: CacheUser) -> (*mut u8, bool) {
     let cached = with_cache(|c| c.take(CHUNK, CHUNK));
     let chunk = cached.map_or_else(os::map_chunk, |base| base as *mut u8);
     if !chunk.is_null() {
-        probes::cache_take(CHUNK, source_of(cached.is_none()), CacheUser::Ace);
+        probes::cache_take(CHUNK, source_of(cached.is_none()), user);
     }
-    chunk
+    (chunk, cached.is_some())
 }
 
-/// Caches the 2 MiB chunk of an ACE segment whose blocks are all free (its
-/// first `extent` bytes may have been touched), so that ACE and large blocks
-/// share one cache and one policy for giving memory back.
+/// Caches the 2 MiB chunk of an ACE segment whose blocks are all free, or of
+/// a SuperSlab whose slabs are all EMPTY (its first `extent` bytes may have
+/// been touched), so that large blocks, ACE and SuperSlabs share one cache
+/// and one policy for giving memory back.
 ///
 /// # Safety
 /// The caller owns `chunk`, a chunk from `os::map_chunk` that nothing
 /// references any more.
-pub unsafe fn cache_chunk(chunk: usize, extent: usize) {
+pub unsafe fn cache_chunk(chunk: usize, extent: usize, user: CacheUser) {
     // SAFETY: the caller hands over the chunk; its start is writable.
     unsafe {
         (chunk as *mut LargeHeader).write(LargeHeader {
@@ -359,7 +361,7 @@ pub unsafe fn cache_chunk(chunk: usize, extent: usize) {
         })
     };
     registry::insert(chunk, SegKind::Large as u8);
-    cache(chunk, CHUNK, extent, CacheUser::Ace);
+    cache(chunk, CHUNK, extent, user);
 }
 
 /// Caches the freed mapping at `chunk` (its header up to date), returning to

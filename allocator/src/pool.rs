@@ -5,22 +5,23 @@
 
 use crate::class::{class_of_bin, BINS};
 use crate::config;
+use crate::large;
 use crate::os;
 use crate::probes;
 use crate::registry;
 use crate::segment::SegKind;
-use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
+use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SLAB_SIZE, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
-use hakmem_common::{FailReason, RecycleOutcome, Stage};
+use hakmem_common::{CacheUser, FailReason, RecycleOutcome, Stage};
 
 struct Pool {
     /// EMPTY slabs (doubly linked through Slab::next/prev): Stage 1.
     empty: *mut Slab,
     /// SuperSlabs with unclaimed slots (through SuperSlab::next_fresh): Stage 2.
     fresh: *mut SuperSlab,
-    /// SuperSlabs mapped now.
+    /// SuperSlabs in the pool now (made and not retired).
     superslabs: usize,
     /// SuperSlabs all of whose claimed slabs are EMPTY.
     idle_superslabs: usize,
@@ -102,16 +103,14 @@ pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut
     s.owner.store(0, Ordering::Release);
     s.state = SlabState::Empty;
     probes::slab_recycle(class, RecycleOutcome::Released, slab as usize, used);
-    let unmap = POOL.lock().release(slab);
-    if let Some(ss) = unmap {
-        let base = ss as usize;
+    let retired = POOL.lock().release(slab);
+    if let Some(ss) = retired {
         // SAFETY: `release` unlinked every slab of this SuperSlab and removed it
         // from all pool lists; no block of it is in use (all slabs EMPTY).
-        unsafe {
-            registry::remove(base);
-            os::unmap(base as *mut u8, SS_SIZE);
-        }
-        probes::ss_unmap(SS_SIZE, base);
+        let extent = unsafe { (*ss).claimed as usize * SLAB_SIZE };
+        probes::ss_unmap(SS_SIZE, ss as usize);
+        // SAFETY: as above: nothing references the SuperSlab any more.
+        unsafe { large::cache_chunk(ss as usize, extent, CacheUser::SuperSlab) };
     }
     true
 }
@@ -254,17 +253,22 @@ impl Pool {
         if self.superslabs >= config::get().ss_max {
             return Err(FailReason::Budget);
         }
-        let base = os::map_chunk();
+        // A chunk the large cache kept saves the mapping and the page faults.
+        let (base, _) = large::take_chunk(CacheUser::SuperSlab);
         if base.is_null() {
             return Err(FailReason::MapFailed);
         }
         if !SuperSlab::addressable(base as usize) {
             // Should it ever happen, the legacy path serves.
-            // SAFETY: the mapping was just made and nothing refers to it.
-            unsafe { os::unmap(base, SS_SIZE) };
+            // SAFETY: the mapping was just made or taken from the cache, and
+            // nothing refers to it.
+            unsafe {
+                registry::remove(base as usize);
+                os::unmap(base, SS_SIZE);
+            }
             return Err(FailReason::MapFailed);
         }
-        // SAFETY: a fresh SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
+        // SAFETY: an SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
         let ss = unsafe { SuperSlab::init(base) };
         registry::insert(base as usize, SegKind::SuperSlab as u8);
         self.superslabs += 1;
@@ -277,7 +281,8 @@ impl Pool {
         Ok(self.claim_fresh().expect("a new SuperSlab has free slots"))
     }
 
-    /// Pushes an EMPTY slab; returns a SuperSlab to unmap if the hysteresis says so.
+    /// Pushes an EMPTY slab; returns a SuperSlab to retire (its chunk goes to
+    /// the large cache) if the hysteresis says so.
     fn release(&mut self, slab: *mut Slab) -> Option<*mut SuperSlab> {
         // SAFETY: the slab was handed to the pool by its owner (lock held).
         unsafe {

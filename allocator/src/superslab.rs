@@ -106,20 +106,20 @@ impl SuperSlab {
         (base + SS_SIZE) as u64 <= 1 << REMOTE_ADDR_BITS
     }
 
-    /// Writes a fresh header into a new mapping.
+    /// Writes a fresh header into a chunk: a new mapping, or one the large
+    /// cache kept (an earlier SuperSlab, ACE segment or large block), so
+    /// every byte of the header is written.
     ///
     /// # Safety
     /// `base` is a writable, SS_SIZE-aligned mapping of SS_SIZE bytes owned by the caller.
     pub unsafe fn init(base: *mut u8) -> *mut SuperSlab {
         let ss = base as *mut SuperSlab;
-        // SAFETY: per the contract the header area is ours and writable; a
-        // freshly mapped page is zero, which is a valid (Fresh, null) Slab, so
-        // only the non-zero fields are written.
+        // SAFETY: per the contract the header area is ours and writable. All
+        // zero bytes are a valid (Fresh, null) Slab, so only the non-zero
+        // fields are written after the zeroing.
         unsafe {
+            core::ptr::write_bytes(ss, 0, 1);
             core::ptr::addr_of_mut!((*ss).hdr).write(SegHeader::new(SegKind::SuperSlab, 0));
-            (*ss).claimed = 0;
-            (*ss).empty = 0;
-            (*ss).next_fresh = null_mut();
         }
         ss
     }

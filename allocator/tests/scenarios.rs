@@ -135,19 +135,30 @@ fn multithreaded_stress_with_cross_thread_frees_keeps_contents() {
 }
 
 #[test]
-fn a_freed_burst_returns_superslabs_and_rss_falls() {
+fn a_freed_burst_of_superslabs_serves_the_next_burst_from_the_large_cache_then_goes_back() {
     let stdout = scenario_stdout("burst", &[]);
     let t = tally_of(&stdout);
-    assert!(n(&t["probes"]["ss_map"]) >= 10, "{t}");
+    let (made, retired) = (n(&t["probes"]["ss_map"]), n(&t["probes"]["ss_unmap"]));
+    assert!(made >= 20, "two bursts of about 15 SuperSlabs: {t}");
     assert!(
-        n(&t["probes"]["ss_unmap"]) >= n(&t["probes"]["ss_map"]) - 4,
-        "all but the kept SuperSlabs went back: {t}"
+        retired >= made - 4,
+        "all but the kept SuperSlabs were retired: {t}"
     );
+    // The second burst took the first's chunks from the cache: no new
+    // mapping, no page fault.
+    let cache = &t["large_cache"];
+    assert!(n(&cache["cached"]) >= 10, "{t}");
     let (peak, after) = peak_and_after(&stdout);
+    let freed = rss_field(&stdout, "freed=");
+    assert!(
+        freed + 8 * 1024 >= peak,
+        "kept for reuse at first: {stdout}"
+    );
     assert!(
         after * 2 < peak,
-        "RSS fell after the burst: {peak} -> {after} KiB"
+        "RSS fell after the reserve's idle second: {peak} -> {after} KiB"
     );
+    assert!(n(&cache["returned_bytes"]["idle"]) >= 20 << 20, "{t}");
 }
 
 /// `rss_kib peak=P after=A` from a scenario's output.

@@ -85,7 +85,8 @@ pub enum DrainWhy {
     ThreadExit = 1,
 }
 
-/// Who took a mapping from the large cache (`cache_take` argument `user`).
+/// Who took a mapping from the large cache or freed one into it
+/// (`cache_take` and `cache_put` argument `user`).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheUser {
@@ -93,11 +94,13 @@ pub enum CacheUser {
     Large = 0,
     /// A new ACE segment.
     Ace = 1,
+    /// A new SuperSlab.
+    SuperSlab = 2,
 }
-pub const CACHE_USERS: usize = 2;
-pub const CACHE_USER_NAMES: [&str; CACHE_USERS] = ["large", "ace"];
+pub const CACHE_USERS: usize = 3;
+pub const CACHE_USER_NAMES: [&str; CACHE_USERS] = ["large", "ace", "superslab"];
 
-/// Where a mapping for a large block or an ACE segment came from
+/// Where a mapping for a large block, an ACE segment or a SuperSlab came from
 /// (`cache_take` argument `source`).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -347,7 +347,7 @@ impl Report<'_> {
 /// large blocks and ACE segments (what it served without a syscall, what it
 /// gave back and why). Where a program's RSS goes, in one place.
 fn os_memory(t: &Tally) -> String {
-    let (ss_mapped, ss_unmapped) = t.ss_bytes();
+    let (ss_made, ss_retired) = t.ss_bytes();
     let (cached, cached_bytes) = t.takes(TakeSource::Cached);
     let (fresh, fresh_bytes) = t.takes(TakeSource::Fresh);
     let returned: Vec<String> = ReturnWhy::ALL
@@ -362,9 +362,9 @@ fn os_memory(t: &Tally) -> String {
         .collect();
     let held = t.held_bytes();
     format!(
-        "\nOS MEMORY  superslabs: mapped {}  returned {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  freed into it {}, holding {}{} more than at attach\n  returned: {}\n",
-        mib(ss_mapped),
-        mib(ss_unmapped),
+        "\nOS MEMORY  superslabs: made {}  retired {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  freed into it {}, holding {}{} more than at attach\n  returned: {}\n",
+        mib(ss_made),
+        mib(ss_retired),
         cached + fresh,
         ratio(cached, cached + fresh) * 100.0,
         mib(cached_bytes),
@@ -476,7 +476,7 @@ mod tests {
         t.record(ProbeId::CachePut as u32, 12 << 20, CacheUser::Large as u64);
         let text = os_memory(&t);
         for part in [
-            "superslabs: mapped 4.0 MiB  returned 0.0 MiB",
+            "superslabs: made 4.0 MiB  retired 0.0 MiB",
             "1 of 3 takes cached (33.3%, 2.0 MiB)  2 mapped fresh (4.0 MiB)",
             "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB  trim 0.0 MiB",
             "freed into it 12.0 MiB, holding 3.0 MiB more than at attach",

@@ -279,28 +279,27 @@ fn rss_kib() -> u64 {
     pages * 4
 }
 
-/// A burst of 60k 512-byte blocks (about 15 SuperSlabs), all freed: EMPTY
-/// SuperSlabs beyond the hysteresis go back to the OS and RSS falls.
+/// Two bursts of 60k 512-byte blocks (about 15 SuperSlabs each), each
+/// freed whole: EMPTY SuperSlabs beyond the hysteresis are retired to the
+/// large cache, the second burst's SuperSlabs come from there, and once the
+/// cache's reserve has gone unused for its second, RSS falls. Prints RSS
+/// before, at the first peak, at once after the second burst's frees
+/// (`freed`) and after the idle second (`after`).
 fn burst() {
     let before = rss_kib();
-    let blocks: Vec<*mut u8> = (0..60_000)
-        .map(|i| {
-            // SAFETY: plain allocation, checked.
-            let p = unsafe { hakmem::api::malloc(500) };
-            assert!(!p.is_null());
-            fill(p, 500, i as u8);
-            p
-        })
-        .collect();
+    let first = make(60_000, 500, 500);
     let peak = rss_kib();
-    for (i, p) in blocks.iter().enumerate() {
-        check(*p, 500, i as u8);
-        // SAFETY: allocated above, freed once.
-        unsafe { hakmem::api::free(*p) };
+    free_all(&first);
+    // Blocks of the reused chunks hold what was written into them.
+    let second = make(60_000, 500, 500);
+    for (i, &p) in second.iter().enumerate() {
+        check(p as *mut u8, 500, i as u8);
     }
-    drop(blocks);
+    free_all(&second);
+    let freed = rss_kib();
+    after_idle_reserve();
     let after = rss_kib();
-    println!("rss_kib before={before} peak={peak} after={after}");
+    println!("rss_kib before={before} peak={peak} freed={freed} after={after}");
 }
 
 /// A burst of 6,000 mid blocks of 32 KiB (192 MiB, about 100 ACE segments)
@@ -382,7 +381,18 @@ fn free_burst(blocks: &[usize]) {
 /// Lets freed big blocks wait out the large cache's burst delay (100 ms),
 /// then makes one allocator call: what waited beyond 64 MiB goes back.
 fn after_burst_delay() {
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    allocate_after(150);
+}
+
+/// Lets the large cache's reserve go unused for its second, then makes one
+/// allocator call: everything cached goes back.
+fn after_idle_reserve() {
+    allocate_after(1100);
+}
+
+/// Sleeps `ms`, then makes (and frees) one large block, an allocator slow path.
+fn allocate_after(ms: u64) {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
     free_all(&make(1, 1 << 20, 0));
 }
 
