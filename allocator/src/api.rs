@@ -4,7 +4,7 @@
 use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
 use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
-use crate::{ace, large, misuse, tiny};
+use crate::{ace, large, misuse, os, tiny};
 use core::ptr::null_mut;
 
 /// Largest alignment served (the large path keeps header and block in one chunk).
@@ -211,9 +211,14 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         // SAFETY: forwarding.
         unsafe { alloc_aligned(align, size) }
     } else if size > GROW_IN_CHUNK {
-        let p = large::alloc(size, align.max(MIN_ALIGN)).0;
+        let (p, fresh) = large::alloc(size, align.max(MIN_ALIGN));
         if p.is_null() {
             set_errno(libc::ENOMEM);
+        } else if fresh {
+            // The copy below writes these pages at once: one syscall, not a
+            // page fault each.
+            // SAFETY: the block's first `old` bytes lie in its fresh mapping.
+            unsafe { os::populate(p, old) };
         }
         p
     } else {

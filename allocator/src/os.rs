@@ -4,7 +4,7 @@
 use crate::config;
 use crate::registry::CHUNK;
 use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub const PAGE: usize = 4096;
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
@@ -224,6 +224,47 @@ pub fn peak_rss() -> Option<usize> {
     usize::try_from(ru.ru_maxrss).ok()?.checked_mul(1024)
 }
 
+/// Whether `populate` still asks the kernel (cleared when it refuses
+/// `MADV_POPULATE_WRITE`: kernels before 5.14).
+static POPULATE: AtomicBool = AtomicBool::new(true);
+
+/// Faults in, writable, the pages holding `ptr..ptr + len` that are not yet
+/// resident: one syscall instead of a page fault per page (2.4 against 3.2 us
+/// a page on these machines). Only for bytes about to be written anyway: it
+/// makes them resident now. A hint: false where the kernel refused (nothing
+/// else happens).
+///
+/// # Safety
+/// The range lies in one of our writable mappings.
+pub unsafe fn populate(ptr: *mut u8, len: usize) -> bool {
+    if len == 0 || !POPULATE.load(Ordering::Relaxed) {
+        return false;
+    }
+    let start = ptr as usize & !(PAGE - 1);
+    let end = (ptr as usize + len).next_multiple_of(PAGE);
+    // SAFETY: errno of this thread.
+    let saved = unsafe { *libc::__errno_location() };
+    // SAFETY: per the contract the pages are ours and writable; populating
+    // changes no byte of them.
+    let rc = unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            end - start,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if rc != 0 {
+        // SAFETY: errno of this thread. A hint's failure is not the
+        // program's business: errno goes back to what it was.
+        let errno = unsafe { &mut *libc::__errno_location() };
+        if *errno == libc::EINVAL {
+            POPULATE.store(false, Ordering::Relaxed);
+        }
+        *errno = saved;
+    }
+    rc == 0
+}
+
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -290,6 +331,34 @@ mod tests {
         // Page 1 is below mmap_min_addr: never mapped. (An address just
         // unmapped could be mapped again at once by a test running beside.)
         assert_eq!(resident_bytes(PAGE, PAGE), None);
+    }
+
+    #[test]
+    fn populate_makes_exactly_the_range_s_pages_resident_and_keeps_errno() {
+        let len = 64 * PAGE;
+        let p = map_aligned(len, PAGE);
+        assert!(!p.is_null());
+        // SAFETY: `p` is our fresh mapping of `len` bytes; the range is inside it.
+        assert!(unsafe { populate(p.add(100), 10 * PAGE) });
+        // Bytes 100..100 + 10 pages touch 11 pages.
+        assert_eq!(resident_bytes(p as usize, len), Some(11 * PAGE));
+        // SAFETY: as above, no longer used.
+        unsafe { unmap(p, len) };
+        // A range with a hole cannot be populated: the call fails (ENOMEM;
+        // not EINVAL, which would turn populating off), and errno is the
+        // program's again. (The tests beside this one map whole chunks,
+        // which cannot fill a one-page hole.)
+        let q = map_aligned(3 * PAGE, PAGE);
+        assert!(!q.is_null());
+        // SAFETY: `q` is our fresh three-page mapping; errno is this thread's.
+        unsafe {
+            libc::munmap(q.add(PAGE).cast(), PAGE);
+            *libc::__errno_location() = 1234;
+            assert!(!populate(q, 3 * PAGE));
+            assert_eq!(*libc::__errno_location(), 1234);
+            assert!(POPULATE.load(Ordering::Relaxed));
+            libc::munmap(q.cast(), 3 * PAGE);
+        }
     }
 
     #[test]
