@@ -167,6 +167,15 @@ impl Slab {
         slab_area(self.superslab() as usize, self.index()) + self.color as usize
     }
 
+    /// Faults in the slab's block area in one syscall (`os::populate`):
+    /// for a slab that a growing program will fill.
+    pub fn populate(&self) {
+        let area = self.area();
+        let end = self.superslab() as usize + (self.index() + 1) * SLAB_SIZE;
+        // SAFETY: the area is this slab's part of its SuperSlab's mapping.
+        unsafe { crate::os::populate(area as *mut u8, end - area) };
+    }
+
     /// Prepares the slab to serve `bin` for `owner`.
     pub fn format(&mut self, bin: usize, owner: usize) {
         let block_size = BIN_SIZES[bin];
@@ -320,6 +329,29 @@ impl Slab {
 mod tests {
     use super::*;
     use crate::os;
+
+    #[test]
+    fn a_populated_slab_has_its_whole_area_resident_and_no_more() {
+        let base = os::map_chunk();
+        assert!(!base.is_null());
+        // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
+        let ss = unsafe { SuperSlab::init(base) };
+        // SAFETY: a slab of the new SuperSlab; nobody else knows of it.
+        let slab = unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[3]) };
+        slab.format(crate::class::tiny_bin(100), 7);
+        let start = base as usize + 3 * SLAB_SIZE;
+        assert_eq!(os::resident_bytes(start, 3 * SLAB_SIZE), Some(0));
+        slab.populate();
+        // The colour's lines before the first block share its page.
+        assert_eq!(os::resident_bytes(start, SLAB_SIZE), Some(SLAB_SIZE));
+        assert_eq!(
+            os::resident_bytes(start + SLAB_SIZE, 2 * SLAB_SIZE),
+            Some(0)
+        );
+        assert_eq!(os::resident_bytes(start - SLAB_SIZE, SLAB_SIZE), Some(0));
+        // SAFETY: ours, unused by anything else.
+        unsafe { os::unmap(base, SS_SIZE) };
+    }
 
     #[test]
     fn slabs_of_a_bin_start_their_blocks_on_different_cache_lines_but_aligned_bins_do_not() {

@@ -334,7 +334,10 @@ impl ThreadCache {
                     self.tiny[bin].active = s;
                     continue;
                 }
-                match pool::acquire(bin, self.id) {
+                // Every slab of the bin the thread owns is full (or it owns
+                // none: a first slab, or a program that freed them all).
+                let growing = !self.tiny[bin].owned.is_null();
+                match pool::acquire(bin, self.id, growing) {
                     Acquired::Slab(s) => {
                         self.link_owned(bin, s);
                         self.tiny[bin].active = s;
@@ -574,7 +577,7 @@ mod tests {
         let mut slabs = Vec::new();
         let mut blocks = Vec::new();
         for _ in 0..40 {
-            let Acquired::Slab(s) = pool::acquire(bin, tc.id) else {
+            let Acquired::Slab(s) = pool::acquire(bin, tc.id, false) else {
                 panic!("no slab");
             };
             blocks.push(take_all(s));
