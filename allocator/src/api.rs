@@ -4,7 +4,7 @@
 use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
 use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
-use crate::{ace, large, misuse, os, tiny};
+use crate::{ace, large, misuse, os, parcel, tiny};
 use core::ptr::null_mut;
 
 /// Largest alignment served (the large path keeps header and block in one chunk).
@@ -99,6 +99,11 @@ fn free_legacy_or_large(p: usize) {
             }
             large::free(chunk)
         }
+        SegKind::Parcel => {
+            if !parcel::free(p) {
+                misuse::invalid_free("free(): double free or invalid pointer", p);
+            }
+        }
     }
 }
 
@@ -129,6 +134,7 @@ fn usable_in(h: &segment::SegHeader, p: usize) -> usize {
         SegKind::Legacy => BIN_SIZES[h.class as usize],
         SegKind::Ace => ace::block_size(h.class as usize),
         SegKind::Large => large::usable_size(segment::chunk_of(p)),
+        SegKind::Parcel => parcel::usable_size(p),
     }
 }
 
@@ -196,20 +202,34 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         return ptr;
     }
     let chunk = segment::chunk_of(p);
-    if size > old
-        && h.kind == SegKind::Large
-        && large::is_live_block(p, chunk)
-        && large::resize_in_place(chunk, size)
-    {
+    let grown_in_place = size > old
+        && match h.kind {
+            SegKind::Large => large::is_live_block(p, chunk) && large::resize_in_place(chunk, size),
+            SegKind::Parcel => parcel::resize_in_place(p, size),
+            _ => false,
+        };
+    if grown_in_place {
         return ptr;
     }
     // A block that grows by realloc tends to grow again (strings, vectors).
-    // Past GROW_IN_CHUNK it moves to a large block, which grows in its chunk
-    // (up to 2 MiB, then by mremap) without copying; below, it gets room to
-    // double, so that only every other growth step copies.
+    // Past GROW_IN_CHUNK it moves to a parcel, where it grows in place up to
+    // 252 KiB, and then to a large block, which grows in its chunk (up to
+    // 2 MiB, then by mremap); below, it gets room to double, so that only
+    // every other growth step copies.
     let new = if size <= old {
         // SAFETY: forwarding.
         unsafe { alloc_aligned(align, size) }
+    } else if size > GROW_IN_CHUNK && size <= parcel::MAX && align <= MIN_ALIGN {
+        let (p, touched) = parcel::alloc(size);
+        if p.is_null() {
+            set_errno(libc::ENOMEM);
+        } else if touched < old {
+            // The copy below writes these pages at once: one syscall, not a
+            // page fault each.
+            // SAFETY: the block's first `old` bytes lie in its parcel.
+            unsafe { os::populate(p.add(touched), old - touched) };
+        }
+        p
     } else if size > GROW_IN_CHUNK {
         let (p, fresh) = large::alloc(size, align.max(MIN_ALIGN));
         if p.is_null() {
@@ -376,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn realloc_growth_gets_headroom_then_a_chunk() {
+    fn realloc_growth_gets_headroom_then_a_parcel_then_a_chunk() {
         // SAFETY: each call follows the C contract; every block is written within its size.
         unsafe {
             let p = malloc(3000);
@@ -387,11 +407,22 @@ mod tests {
             assert!(usable_size(q) >= 2 * old);
             let r = realloc(q, 2 * old);
             assert_eq!(r, q);
-            let big = realloc(r, 40_000);
-            assert_eq!(segment::lookup(big as usize).unwrap().kind, SegKind::Large);
-            assert!(core::slice::from_raw_parts(big, 3000)
+            let grown = realloc(r, 40_000);
+            assert_eq!(
+                segment::lookup(grown as usize).unwrap().kind,
+                SegKind::Parcel
+            );
+            assert!(core::slice::from_raw_parts(grown, 3000)
                 .iter()
                 .all(|&b| b == 5));
+            core::ptr::write_bytes(grown, 6, 40_000);
+            let more = realloc(grown, 200_000);
+            assert_eq!(more, grown, "a parcel's block grows in place");
+            let big = realloc(more, 300_000);
+            assert_eq!(segment::lookup(big as usize).unwrap().kind, SegKind::Large);
+            assert!(core::slice::from_raw_parts(big, 40_000)
+                .iter()
+                .all(|&b| b == 6));
             let bigger = realloc(big, 1 << 20);
             assert_eq!(bigger, big, "a chunk-backed block grows in place");
             free(bigger);

@@ -8,7 +8,7 @@
 //!   -> api: size -> class, route to tiny / ACE / large
 //!     -> tiny: thread cache (TLS SLL, refill, drain, thread exit)
 //!       -> pool: stages 1-3, legacy fallback, the recycle boundary
-//!         -> superslab, legacy, ace, large
+//!         -> superslab, legacy, ace, parcel, large
 //!           -> registry, os
 //! ```
 //!
@@ -30,6 +30,7 @@ mod large;
 mod legacy;
 mod misuse;
 mod os;
+mod parcel;
 mod pool;
 mod probes;
 mod registry;

@@ -1,7 +1,8 @@
 //! The header every hakmem segment starts with, and pointer -> segment lookup.
 //!
 //! Every block hakmem hands out lies in a 2 MiB-aligned chunk whose first bytes
-//! are a `SegHeader` (SuperSlab, legacy segment, ACE segment or large mapping),
+//! are a `SegHeader` (SuperSlab, legacy segment, ACE segment, large mapping or
+//! parcel chunk),
 //! so `ptr & !(2 MiB - 1)` finds the header once the registry has vouched for it.
 
 use crate::registry::{self, CHUNK};
@@ -15,6 +16,8 @@ pub enum SegKind {
     Legacy = 2,
     Ace = 3,
     Large = 4,
+    /// Eight realloc-grown buffers (see `parcel`).
+    Parcel = 5,
 }
 
 #[repr(C)]

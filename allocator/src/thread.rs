@@ -54,6 +54,7 @@ extern "C" fn before_fork() {
     crate::pool::lock_for_fork();
     crate::legacy::lock_for_fork();
     crate::ace::lock_for_fork();
+    crate::parcel::lock_for_fork();
     crate::large::lock_for_fork();
     crate::os::lock_for_fork();
 }
@@ -61,6 +62,7 @@ extern "C" fn before_fork() {
 fn unlock_all() {
     crate::os::unlock_after_fork();
     crate::large::unlock_after_fork();
+    crate::parcel::unlock_after_fork();
     crate::ace::unlock_after_fork();
     crate::legacy::unlock_after_fork();
     crate::pool::unlock_after_fork();

@@ -161,6 +161,23 @@ fn a_freed_burst_of_superslabs_serves_the_next_burst_from_the_large_cache_then_g
     assert!(n(&cache["returned_bytes"]["idle"]) >= 20 << 20, "{t}");
 }
 
+#[test]
+fn buffers_grown_by_realloc_share_chunks_and_their_page_tables() {
+    let stdout = scenario_stdout("grown", &[]);
+    // 3,000 buffers of 40-250 KB (about 430 MB): with a 2 MiB chunk each,
+    // 12 MB of page tables; eight to a chunk, about 1.5 MB.
+    let pte: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("vmpte_kib="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pte < 4 * 1024, "{stdout}");
+    // Freed (half by the other thread) and trimmed: the chunks went back.
+    let after = rss_field(&stdout, "after=");
+    assert!(after < 64 * 1024, "{stdout}");
+}
+
 /// `rss_kib peak=P after=A` from a scenario's output.
 fn peak_and_after(stdout: &str) -> (u64, u64) {
     (rss_field(stdout, "peak="), rss_field(stdout, "after="))

@@ -39,8 +39,9 @@ fn main() {
         "foreign-free" => foreign_free,
         "stale-free" => stale_free,
         "abandon" => abandon,
+        "grown" => grown,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -269,6 +270,17 @@ fn mixed() {
     stress();
 }
 
+/// A `kB` line of /proc/self/status (`key` with its colon), 0 if missing.
+fn status_kib(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn rss_kib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -300,6 +312,46 @@ fn burst() {
     after_idle_reserve();
     let after = rss_kib();
     println!("rss_kib before={before} peak={peak} freed={freed} after={after}");
+}
+
+/// Two threads each grow 1,500 buffers by realloc (1.5x a step, each step's
+/// new bytes written) to 40-250 KB, checking what each move copied; then
+/// each frees the other's. Prints the page tables' size with all 3,000 live
+/// (`vmpte_kib=`: with a 2 MiB chunk per buffer, 4 KiB each) and RSS once
+/// all are freed and trimmed.
+fn grown() {
+    fn grow(seed: u8) -> Vec<usize> {
+        (0..1500)
+            .map(|i| {
+                let target = 40_000 + (i * 7919) % 210_000;
+                let mut cap = 64;
+                // SAFETY: plain allocation, checked.
+                let mut p = unsafe { hakmem::api::malloc(cap) };
+                assert!(!p.is_null());
+                fill(p, cap, seed);
+                while cap < target {
+                    let old = cap;
+                    cap = (cap + cap / 2).min(target);
+                    // SAFETY: `p` is live; the result replaces it.
+                    p = unsafe { hakmem::api::realloc(p, cap) };
+                    assert!(!p.is_null(), "realloc({cap}) failed");
+                    check(p, old, seed);
+                    // SAFETY: `p` has `cap` bytes.
+                    fill(unsafe { p.add(old) }, cap - old, seed);
+                }
+                p as usize
+            })
+            .collect()
+    }
+    let a = std::thread::spawn(|| grow(1));
+    let b = grow(2);
+    let a = a.join().unwrap();
+    println!("vmpte_kib={}", status_kib("VmPTE:"));
+    let other = std::thread::spawn(move || free_all(&b));
+    free_all(&a);
+    other.join().unwrap();
+    hakmem::api::trim();
+    println!("rss_kib after={}", rss_kib());
 }
 
 /// A burst of 6,000 mid blocks of 32 KiB (192 MiB, about 100 ACE segments)
