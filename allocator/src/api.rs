@@ -11,7 +11,8 @@ use core::ptr::null_mut;
 pub const MAX_ALIGN: usize = 1 << 20;
 /// Alignment every malloc result has, except blocks of 8 bytes or less (8).
 const MIN_ALIGN: usize = 16;
-/// A block that `realloc` must move to grow past this goes to the large path.
+/// A block that `realloc` must move to grow past this goes to a parcel (past
+/// `parcel::MAX`, or with a larger alignment, to the large path).
 const GROW_IN_CHUNK: usize = 32 * 1024;
 
 fn set_errno(e: i32) {
@@ -219,26 +220,22 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     let new = if size <= old {
         // SAFETY: forwarding.
         unsafe { alloc_aligned(align, size) }
-    } else if size > GROW_IN_CHUNK && size <= parcel::MAX && align <= MIN_ALIGN {
-        let (p, touched) = parcel::alloc(size);
+    } else if size > GROW_IN_CHUNK {
+        // The new block, and how many of its first bytes an earlier user
+        // may have made resident.
+        let (p, touched) = if size <= parcel::MAX && align <= MIN_ALIGN {
+            parcel::alloc(size)
+        } else {
+            let (p, fresh) = large::alloc(size, align.max(MIN_ALIGN));
+            (p, if fresh { 0 } else { usize::MAX })
+        };
         if p.is_null() {
             set_errno(libc::ENOMEM);
         } else if touched < old {
             // The copy below writes these pages at once: one syscall, not a
             // page fault each.
-            // SAFETY: the block's first `old` bytes lie in its parcel.
+            // SAFETY: the block's first `old` bytes lie in its mapping.
             unsafe { os::populate(p.add(touched), old - touched) };
-        }
-        p
-    } else if size > GROW_IN_CHUNK {
-        let (p, fresh) = large::alloc(size, align.max(MIN_ALIGN));
-        if p.is_null() {
-            set_errno(libc::ENOMEM);
-        } else if fresh {
-            // The copy below writes these pages at once: one syscall, not a
-            // page fault each.
-            // SAFETY: the block's first `old` bytes lie in its fresh mapping.
-            unsafe { os::populate(p, old) };
         }
         p
     } else {
