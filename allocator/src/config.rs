@@ -23,6 +23,9 @@ pub struct Config {
     /// `HAKMEM_PURGE_DELAY_MS` (default 100): how long freed memory beyond the large cache's
     /// 64 MiB reserve waits for reuse before it goes back to the OS; 0 returns it at once.
     pub purge_delay_ns: u64,
+    /// `HAKMEM_PURGE_THREAD` (default 0): 1 starts a background thread that returns what the
+    /// large cache holds past its delays without waiting for an allocator call (see `purge`).
+    pub purge_thread: bool,
     /// `HAKMEM_STATS` (default 0): 1 counts every probe event and prints the tally at exit.
     pub stats: bool,
     /// `HAKMEM_INVALID_FREE` (default abort): `abort` or `ignore` (log and go on).
@@ -44,6 +47,7 @@ impl Config {
         ace_max_segments: usize::MAX,
         os_limit_bytes: usize::MAX,
         purge_delay_ns: 100_000_000,
+        purge_thread: false,
         stats: false,
         invalid_free_abort: true,
         stats_file: None,
@@ -114,6 +118,9 @@ fn load() {
     }
     if let Some(v) = env_u64(c"HAKMEM_PURGE_DELAY_MS") {
         c.purge_delay_ns = v.saturating_mul(1_000_000);
+    }
+    if let Some(v) = env_u64(c"HAKMEM_PURGE_THREAD") {
+        c.purge_thread = v != 0;
     }
     if let Some(v) = env_u64(c"HAKMEM_STATS") {
         c.stats = v != 0;

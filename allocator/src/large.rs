@@ -217,6 +217,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     };
     let map = if total <= CHUNK { CHUNK } else { total };
     decay_if_due();
+    crate::purge::start_if_wanted();
     // Its own statement: the guard must be dropped before `flush_cache` locks again.
     let cached = with_cache(|c| c.take(map, total));
     let (base, fresh) = match cached {
@@ -413,6 +414,13 @@ fn count_resident(chunk: usize, extent: usize) -> usize {
         }
     }
     os::resident_bytes(chunk, extent).unwrap_or(extent)
+}
+
+/// When the oldest cached mapping is next due to go back (`now_ns` time),
+/// or None when nothing is cached.
+pub fn next_due_ns() -> Option<u64> {
+    let due = DUE.load(Ordering::Relaxed);
+    (due != u64::MAX).then_some(due)
 }
 
 /// Returns to the OS what has waited in the cache long enough (see

@@ -33,6 +33,7 @@ mod os;
 mod parcel;
 mod pool;
 mod probes;
+mod purge;
 mod registry;
 mod segment;
 pub mod stats;

@@ -74,5 +74,6 @@ extern "C" fn after_fork_parent() {
 
 extern "C" fn after_fork_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+    crate::purge::forget_after_fork();
     unlock_all();
 }

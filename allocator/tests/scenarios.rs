@@ -178,6 +178,23 @@ fn buffers_grown_by_realloc_share_chunks_and_their_page_tables() {
     assert!(after < 64 * 1024, "{stdout}");
 }
 
+#[test]
+fn an_idle_process_gets_a_freed_burst_back_only_with_the_purge_thread() {
+    // 100 MiB of small blocks freed, then 1.5 s without an allocator call.
+    let without = scenario_stdout("idle-burst", &[]);
+    let (peak, after) = peak_and_after(&without);
+    assert!(peak >= 90 * 1024, "{without}");
+    assert!(
+        after + 10 * 1024 >= peak,
+        "no allocator call, no thread: kept for reuse: {without}"
+    );
+    let with = scenario_stdout("idle-burst", &[("HAKMEM_PURGE_THREAD", "1")]);
+    let (peak, after) = peak_and_after(&with);
+    let freed = rss_field(&with, "freed=");
+    assert!(freed + 10 * 1024 >= peak, "kept at first: {with}");
+    assert!(after * 4 < peak, "the purge thread returned it: {with}");
+}
+
 /// `rss_kib peak=P after=A` from a scenario's output.
 fn peak_and_after(stdout: &str) -> (u64, u64) {
     (rss_field(stdout, "peak="), rss_field(stdout, "after="))

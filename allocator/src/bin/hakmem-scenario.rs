@@ -40,8 +40,9 @@ fn main() {
         "stale-free" => stale_free,
         "abandon" => abandon,
         "grown" => grown,
+        "idle-burst" => idle_burst,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -352,6 +353,42 @@ fn grown() {
     other.join().unwrap();
     hakmem::api::trim();
     println!("rss_kib after={}", rss_kib());
+}
+
+/// A burst of 200,000 blocks of 500 bytes (about 100 MiB of SuperSlabs),
+/// freed, then 1.5 s with no allocator call at all (RSS is read without
+/// allocating): what the large cache holds goes back only if the purge
+/// thread (`HAKMEM_PURGE_THREAD=1`) returns it. Prints RSS at the peak, at
+/// once after the frees and after the pause.
+fn idle_burst() {
+    let blocks = make(200_000, 500, 500);
+    let peak = rss_kib_without_allocating();
+    free_all(&blocks);
+    let freed = rss_kib_without_allocating();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let after = rss_kib_without_allocating();
+    drop(blocks);
+    println!("rss_kib peak={peak} freed={freed} after={after}");
+}
+
+/// RSS from /proc/self/statm through a stack buffer: no allocator call.
+fn rss_kib_without_allocating() -> u64 {
+    let mut buf = [0u8; 128];
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe { libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY) };
+    assert!(fd >= 0, "open /proc/self/statm");
+    // SAFETY: `buf` has room for what is read.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+    assert!(n > 0, "read /proc/self/statm");
+    let pages = buf[..n as usize]
+        .split(|&b| b == b' ')
+        .nth(1)
+        .and_then(|f| std::str::from_utf8(f).ok())
+        .and_then(|f| f.parse::<u64>().ok())
+        .expect("statm's second field");
+    pages * 4
 }
 
 /// A burst of 6,000 mid blocks of 32 KiB (192 MiB, about 100 ACE segments)

@@ -1,0 +1,64 @@
+//! The opt-in purge thread (`HAKMEM_PURGE_THREAD=1`).
+//!
+//! What the large cache holds past its delays goes back to the OS at the next
+//! allocator slow path (`large::decay_if_due`), so a process that makes no
+//! allocator call after a burst keeps it. With this knob, one background
+//! thread sleeps until the cache's next due time (at most a second, at least
+//! 10 ms) and returns what is due, as jemalloc's `background_thread` does.
+//! It is off by default: a library that starts threads surprises programs
+//! that count theirs or fork without exec.
+//!
+//! The thread starts at the first tiny refill or large allocation, where no
+//! lock and no thread-cache reference is held: `pthread_create` allocates
+//! (glibc's TLS vector), and that allocation may come back here. A forked
+//! child has no such thread; it starts its own the same way.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+const MIN_SLEEP_NS: u64 = 10_000_000;
+const MAX_SLEEP_NS: u64 = 1_000_000_000;
+
+/// Starts the purge thread if the knob asks for it and it is not running.
+/// Call only where no lock and no thread-cache reference is held.
+pub fn start_if_wanted() {
+    if !crate::config::get().purge_thread || STARTED.load(Ordering::Relaxed) {
+        return;
+    }
+    if STARTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let mut t: libc::pthread_t = 0;
+    // SAFETY: `run` has the start routine's signature and takes no argument.
+    let rc = unsafe { libc::pthread_create(&mut t, core::ptr::null(), run, core::ptr::null_mut()) };
+    if rc == 0 {
+        // SAFETY: `t` is the thread just created; detached, it is never joined.
+        unsafe {
+            libc::pthread_setname_np(t, c"hakmem-purge".as_ptr());
+            libc::pthread_detach(t);
+        }
+    }
+    // On failure the process goes on without it (returns at slow paths).
+}
+
+/// After a fork, in the child: the thread did not come along.
+pub fn forget_after_fork() {
+    STARTED.store(false, Ordering::Relaxed);
+}
+
+extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
+    loop {
+        let now = crate::os::now_ns();
+        let wait = crate::large::next_due_ns()
+            .map_or(MAX_SLEEP_NS, |due| due.saturating_sub(now))
+            .clamp(MIN_SLEEP_NS, MAX_SLEEP_NS);
+        let ts = libc::timespec {
+            tv_sec: (wait / 1_000_000_000) as libc::time_t,
+            tv_nsec: (wait % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `ts` is a valid timespec; the remainder is not wanted.
+        unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
+        crate::large::decay_if_due();
+    }
+}
