@@ -330,14 +330,25 @@ mod tests {
     use super::*;
     use crate::os;
 
-    #[test]
-    fn a_populated_slab_has_its_whole_area_resident_and_no_more() {
+    /// A SuperSlab on a fresh chunk of its own (not the pool's, registered
+    /// nowhere), and its base.
+    fn fresh_superslab() -> (*mut u8, *mut SuperSlab) {
         let base = os::map_chunk();
         assert!(!base.is_null());
         // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
-        let ss = unsafe { SuperSlab::init(base) };
-        // SAFETY: a slab of the new SuperSlab; nobody else knows of it.
-        let slab = unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[3]) };
+        (base, unsafe { SuperSlab::init(base) })
+    }
+
+    fn slab_at(ss: *mut SuperSlab, idx: usize) -> &'static mut Slab {
+        // SAFETY: a slab of a SuperSlab from `fresh_superslab`, which only
+        // the calling test uses.
+        unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[idx]) }
+    }
+
+    #[test]
+    fn a_populated_slab_has_its_whole_area_resident_and_no_more() {
+        let (base, ss) = fresh_superslab();
+        let slab = slab_at(ss, 3);
         slab.format(crate::class::tiny_bin(100), 7);
         let start = base as usize + 3 * SLAB_SIZE;
         assert_eq!(os::resident_bytes(start, 3 * SLAB_SIZE), Some(0));
@@ -356,14 +367,8 @@ mod tests {
     #[test]
     fn slabs_of_a_bin_start_their_blocks_on_different_cache_lines_but_aligned_bins_do_not() {
         use crate::class::{aligned_bin, tiny_bin};
-        let base = os::map_chunk();
-        assert!(!base.is_null());
-        // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
-        let ss = unsafe { SuperSlab::init(base) };
-        let slab_at = |idx: usize| {
-            // SAFETY: a slab of the new SuperSlab; nobody else knows of it.
-            unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[idx]) }
-        };
+        let (base, ss) = fresh_superslab();
+        let slab_at = |idx: usize| slab_at(ss, idx);
         let mut starts = std::collections::HashSet::new();
         for idx in 1..=16 {
             let slab = slab_at(idx);
@@ -389,12 +394,8 @@ mod tests {
     /// a program that walks its blocks in the order made walks forwards.
     #[test]
     fn carved_blocks_come_out_in_address_order() {
-        let base = os::map_chunk();
-        assert!(!base.is_null());
-        // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
-        let ss = unsafe { SuperSlab::init(base) };
-        // SAFETY: slab 1 of the new SuperSlab; nobody else knows of it.
-        let slab = unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[1]) };
+        let (base, ss) = fresh_superslab();
+        let slab = slab_at(ss, 1);
         slab.format(4, 7); // bin 4: 64-byte blocks
         let mut handed_out = Vec::new();
         for _ in 0..3 {
@@ -417,12 +418,8 @@ mod tests {
     #[test]
     fn concurrent_remote_frees_drain_with_their_exact_count() {
         const THREADS: usize = 4;
-        let base = os::map_chunk();
-        assert!(!base.is_null());
-        // SAFETY: a fresh SS_SIZE-aligned mapping of ours.
-        let ss = unsafe { SuperSlab::init(base) };
-        // SAFETY: slab 1 of the new SuperSlab; nobody else knows of it.
-        let slab = unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[1]) };
+        let (base, ss) = fresh_superslab();
+        let slab = slab_at(ss, 1);
         slab.format(4, 7); // bin 4: 64-byte blocks, about 1024 of them
         let mut head = null_mut();
         let mut taken = 0;

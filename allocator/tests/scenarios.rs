@@ -166,12 +166,7 @@ fn buffers_grown_by_realloc_share_chunks_and_their_page_tables() {
     let stdout = scenario_stdout("grown", &[]);
     // 3,000 buffers of 40-250 KB (about 430 MB): with a 2 MiB chunk each,
     // 12 MB of page tables; eight to a chunk, about 1.5 MB.
-    let pte: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("vmpte_kib="))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pte = number_after(&stdout, "vmpte_kib=");
     assert!(pte < 4 * 1024, "{stdout}");
     // Freed (half by the other thread) and trimmed: the chunks went back.
     let after = rss_field(&stdout, "after=");
@@ -200,6 +195,16 @@ fn peak_and_after(stdout: &str) -> (u64, u64) {
     (rss_field(stdout, "peak="), rss_field(stdout, "after="))
 }
 
+/// The number that follows `prefix` at the start of a line of a scenario's output.
+fn number_after(stdout: &str, prefix: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?}: {stdout}"))
+}
+
 /// One `key=value` of the `rss_kib` line of a scenario's output.
 fn rss_field(stdout: &str, key: &str) -> u64 {
     let rss = stdout
@@ -216,13 +221,7 @@ fn rss_field(stdout: &str, key: &str) -> u64 {
 #[test]
 fn the_large_cache_keeps_barely_touched_blocks_and_returns_touched_ones() {
     let stdout = scenario_stdout("large-cache", &[]);
-    let reused: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("large_reused "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let reused = number_after(&stdout, "large_reused ");
     // Counting whole blocks, 64 MiB of cache held 63 of them.
     assert!(reused >= 450, "{stdout}");
     // 100 blocks of 1.9 MiB written whole: 190 MiB at the peak. Freed as a
