@@ -10,8 +10,9 @@
 //! grown further moves again (to a large block, which grows in its chunk and
 //! then by mremap).
 //!
-//! Blocks start on page boundaries (their headers sit together in the chunk's
-//! first page), so a buffer's pages are its own, as they were in a chunk. A
+//! The chunk's header (128 bytes) sits in front of the first parcel's block;
+//! the others start on their parcel's boundary, so a buffer's pages are its
+//! own (but the first's, shared with the header), as they were in a chunk. A
 //! chunk whose parcels are all free goes to the large cache at once, which
 //! returns it to the OS by its policy.
 
@@ -123,8 +124,8 @@ pub fn alloc(size: usize) -> (*mut u8, usize) {
         let c = chunk as *mut Parcels;
         // What a cached chunk's earlier users touched is not known: all of it.
         let extent = if cached { PARCEL as u32 } else { 0 };
-        // SAFETY: the chunk is ours alone and writable; its first page is
-        // the header's.
+        // SAFETY: the chunk is ours alone and writable; its first HEADER
+        // bytes are the header's.
         unsafe {
             c.write(Parcels {
                 hdr: SegHeader::new(SegKind::Parcel, 0),
