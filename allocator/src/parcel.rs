@@ -5,8 +5,8 @@
 //! kernel gives every 2 MiB of address space in use its own page-table page
 //! (4 KiB), so 10,000 buffers of 40 KB held 40 MB of page tables that no RSS
 //! figure shows (glibc, packing them in its heap, about 1.6 MB). A parcel is
-//! the eighth of a chunk, 256 KiB (the first loses its first page to the
-//! header), so a buffer still grows in place up to there, and only one
+//! the eighth of a chunk, 256 KiB (the first loses 128 bytes to the
+//! chunk's header), so a buffer still grows in place up to there, and only one
 //! grown further moves again (to a large block, which grows in its chunk and
 //! then by mremap).
 //!
