@@ -46,73 +46,73 @@ macro_rules! usdt_fire {
 
 #[inline]
 pub fn slab_recycle(class: usize, outcome: RecycleOutcome, slab: usize, used: u32) {
-    stats::record(ProbeId::SlabRecycle, class as u64, outcome as u64);
+    stats::record(ProbeId::SlabRecycle, class as u64, outcome as u64, 0);
     usdt_fire!(slab_recycle, class, outcome as u8, slab, used);
 }
 
 #[inline]
 pub fn ss_acquire_begin(class: usize) {
-    stats::record(ProbeId::SsAcquireBegin, class as u64, 0);
+    stats::record(ProbeId::SsAcquireBegin, class as u64, 0, 0);
     usdt_fire!(ss_acquire_begin, class);
 }
 
 #[inline]
 pub fn ss_acquire(class: usize, stage: Stage, slab: usize) {
-    stats::record(ProbeId::SsAcquire, class as u64, stage as u64);
+    stats::record(ProbeId::SsAcquire, class as u64, stage as u64, 0);
     usdt_fire!(ss_acquire, class, stage as u8, slab);
 }
 
 #[inline]
 pub fn shared_fail(class: usize, reason: FailReason) {
-    stats::record(ProbeId::SharedFail, class as u64, reason as u64);
+    stats::record(ProbeId::SharedFail, class as u64, reason as u64, 0);
     usdt_fire!(shared_fail, class, reason as u8);
 }
 
 #[inline]
 pub fn ace_fail(kind: AceFailKind, size: usize, class: u64) {
-    stats::record(ProbeId::AceFail, kind as u64, size as u64);
+    stats::record(ProbeId::AceFail, kind as u64, size as u64, 0);
     usdt_fire!(ace_fail, kind as u8, size, class);
 }
 
 #[inline]
 pub fn tls_drain(class: usize, batch: u32, why: DrainWhy) {
-    stats::record(ProbeId::TlsDrain, class as u64, batch as u64);
+    stats::record(ProbeId::TlsDrain, class as u64, batch as u64, 0);
     usdt_fire!(tls_drain, class, batch, why as u8);
 }
 
 #[inline]
 pub fn remote_drain(class: usize, batch: u32) {
-    stats::record(ProbeId::RemoteDrain, class as u64, batch as u64);
+    stats::record(ProbeId::RemoteDrain, class as u64, batch as u64, 0);
     usdt_fire!(remote_drain, class, batch);
 }
 
 #[inline]
 pub fn ss_map(bytes: usize, ss: usize) {
-    stats::record(ProbeId::SsMap, bytes as u64, 0);
+    stats::record(ProbeId::SsMap, bytes as u64, 0, 0);
     usdt_fire!(ss_map, bytes, ss);
 }
 
 #[inline]
 pub fn ss_unmap(bytes: usize, ss: usize) {
-    stats::record(ProbeId::SsUnmap, bytes as u64, 0);
+    stats::record(ProbeId::SsUnmap, bytes as u64, 0, 0);
     usdt_fire!(ss_unmap, bytes, ss);
 }
 
 #[inline]
 pub fn legacy_refill(class: usize, batch: u32) {
-    stats::record(ProbeId::LegacyRefill, class as u64, batch as u64);
+    stats::record(ProbeId::LegacyRefill, class as u64, batch as u64, 0);
     usdt_fire!(legacy_refill, class, batch);
 }
 
 #[inline]
 pub fn cache_take(bytes: usize, source: TakeSource, user: CacheUser) {
-    stats::record(ProbeId::CacheTake, bytes as u64, source as u64);
+    stats::record(ProbeId::CacheTake, bytes as u64, source as u64, user as u64);
     usdt_fire!(cache_take, bytes, source as u8, user as u8);
 }
 
 #[inline]
 pub fn cache_put(bytes: usize, user: CacheUser, resident: usize) {
-    stats::record(ProbeId::CachePut, bytes as u64, user as u64);
+    stats::record(ProbeId::CachePut, bytes as u64, user as u64, 0);
     usdt_fire!(cache_put, bytes, user as u8, resident);
 }
 
@@ -125,6 +125,6 @@ pub fn os_return_wanted() -> bool {
 
 #[inline]
 pub fn os_return(bytes: usize, why: ReturnWhy, resident: usize, mappings: usize) {
-    stats::record(ProbeId::OsReturn, bytes as u64, why as u64);
+    stats::record(ProbeId::OsReturn, bytes as u64, why as u64, 0);
     usdt_fire!(os_return, bytes, why as u8, resident, mappings);
 }

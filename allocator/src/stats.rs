@@ -11,10 +11,12 @@ use hakmem_common::{tally, ProbeId, Tally, TALLY_SLOTS};
 const ZERO: AtomicU64 = AtomicU64::new(0);
 static TALLY: [AtomicU64; TALLY_SLOTS] = [ZERO; TALLY_SLOTS];
 
+/// Counts one probe event: `a0` and `a1` its first two arguments, `a2` its
+/// third where `tally::record` reads one (`cache_take`'s user), else 0.
 #[inline]
-pub(crate) fn record(probe: ProbeId, a0: u64, a1: u64) {
+pub(crate) fn record(probe: ProbeId, a0: u64, a1: u64, a2: u64) {
     if config::stats_enabled() {
-        tally::record(probe as u32, a0, a1, |slot, n| {
+        tally::record(probe as u32, a0, a1, a2, |slot, n| {
             TALLY[slot].fetch_add(n, Ordering::Relaxed);
         });
     }

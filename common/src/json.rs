@@ -57,6 +57,18 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
         );
         write!(w, "\"{name}\":{n},\"{name}_bytes\":{bytes},")?;
     }
+    w.write_str("\"by_user\":{")?;
+    for (u, user) in CACHE_USER_NAMES.iter().enumerate() {
+        sep(w, u)?;
+        write!(w, "\"{user}\":{{")?;
+        for (s, source) in SOURCE_NAMES.iter().enumerate() {
+            sep(w, s)?;
+            let n = t.slots[crate::tally::SLOT_USER_TAKES + u * SOURCES + s];
+            write!(w, "\"{source}\":{n}")?;
+        }
+        w.write_char('}')?;
+    }
+    w.write_str("},")?;
     write!(w, "\"put_bytes\":{},\"returned_bytes\":{{", t.put_bytes())?;
     for (r, name) in RETURN_WHY_NAMES.iter().enumerate() {
         sep(w, r)?;

@@ -22,8 +22,9 @@ pub const SLOT_TAKES: usize = SLOT_SS_UNMAPPED_BYTES + 1;
 pub const SLOT_TAKE_BYTES: usize = SLOT_TAKES + SOURCES;
 pub const SLOT_RETURNED_BYTES: usize = SLOT_TAKE_BYTES + SOURCES;
 pub const SLOT_PUT_BYTES: usize = SLOT_RETURNED_BYTES + RETURN_WHYS;
+pub const SLOT_USER_TAKES: usize = SLOT_PUT_BYTES + 1;
 /// Number of counters in a tally.
-pub const TALLY_SLOTS: usize = SLOT_PUT_BYTES + 1;
+pub const TALLY_SLOTS: usize = SLOT_USER_TAKES + CACHE_USERS * SOURCES;
 
 /// A tally as plain counters (userspace and eBPF map value layout).
 #[repr(C)]
@@ -44,7 +45,7 @@ impl Default for Tally {
 /// Out-of-range codes are counted in the per-probe total only, so a corrupt or
 /// future argument can never index outside the tally.
 #[inline(always)]
-pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
+pub fn record(probe: u32, a0: u64, a1: u64, a2: u64, mut add: impl FnMut(usize, u64)) {
     if probe as usize >= PROBE_COUNT {
         return;
     }
@@ -89,6 +90,9 @@ pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
         p if p == ProbeId::CacheTake as u32 && (a1 as usize) < SOURCES => {
             add(SLOT_TAKES + a1 as usize, 1);
             add(SLOT_TAKE_BYTES + a1 as usize, a0);
+            if (a2 as usize) < CACHE_USERS {
+                add(SLOT_USER_TAKES + a2 as usize * SOURCES + a1 as usize, 1);
+            }
         }
         p if p == ProbeId::OsReturn as u32 && (a1 as usize) < RETURN_WHYS => {
             add(SLOT_RETURNED_BYTES + a1 as usize, a0)
@@ -99,8 +103,13 @@ pub fn record(probe: u32, a0: u64, a1: u64, mut add: impl FnMut(usize, u64)) {
 }
 
 impl Tally {
+    /// Counts one event whose third argument is 0 or unused.
     pub fn record(&mut self, probe: u32, a0: u64, a1: u64) {
-        record(probe, a0, a1, |slot, n| self.slots[slot] += n);
+        self.record3(probe, a0, a1, 0);
+    }
+
+    pub fn record3(&mut self, probe: u32, a0: u64, a1: u64, a2: u64) {
+        record(probe, a0, a1, a2, |slot, n| self.slots[slot] += n);
     }
 
     pub fn probe(&self, p: ProbeId) -> u64 {
@@ -133,12 +142,16 @@ impl Tally {
             self.slots[SLOT_SS_UNMAPPED_BYTES],
         )
     }
-    /// Mappings a large block or an ACE segment took from `source`, and their bytes.
+    /// Mappings large blocks, ACE segments and SuperSlabs took from `source`, and their bytes.
     pub fn takes(&self, source: TakeSource) -> (u64, u64) {
         (
             self.slots[SLOT_TAKES + source as usize],
             self.slots[SLOT_TAKE_BYTES + source as usize],
         )
+    }
+    /// Mappings `user` took from `source`.
+    pub fn user_takes(&self, user: CacheUser, source: TakeSource) -> u64 {
+        self.slots[SLOT_USER_TAKES + user as usize * SOURCES + source as usize]
     }
     /// Bytes the large cache gave back to the OS for `why`.
     pub fn returned_bytes(&self, why: ReturnWhy) -> u64 {
@@ -190,13 +203,19 @@ mod tests {
         t.record(ProbeId::RemoteDrain as u32, 4, 9);
         t.record(ProbeId::LegacyRefill as u32, 6, 32);
         t.record(ProbeId::SsMap as u32, 2 << 20, 0);
-        t.record(
+        t.record3(
             ProbeId::CacheTake as u32,
             4 << 20,
             TakeSource::Cached as u64,
+            CacheUser::SuperSlab as u64,
         );
         t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
-        t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
+        t.record3(
+            ProbeId::CacheTake as u32,
+            2 << 20,
+            TakeSource::Fresh as u64,
+            CacheUser::Ace as u64,
+        );
         t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
         t.record(ProbeId::CachePut as u32, 16 << 20, CacheUser::Ace as u64);
         assert_eq!(t.acquire(7, 1), 1);
@@ -215,6 +234,10 @@ mod tests {
         assert_eq!(t.ss_bytes(), (2 << 20, 0));
         assert_eq!(t.takes(TakeSource::Cached), (1, 4 << 20));
         assert_eq!(t.takes(TakeSource::Fresh), (2, 4 << 20));
+        assert_eq!(t.user_takes(CacheUser::SuperSlab, TakeSource::Cached), 1);
+        assert_eq!(t.user_takes(CacheUser::Ace, TakeSource::Fresh), 1);
+        assert_eq!(t.user_takes(CacheUser::Large, TakeSource::Fresh), 1);
+        assert_eq!(t.user_takes(CacheUser::Large, TakeSource::Cached), 0);
         assert_eq!(t.returned_bytes(ReturnWhy::Burst), 6 << 20);
         assert_eq!(t.returned_bytes(ReturnWhy::Idle), 0);
         assert_eq!(t.put_bytes(), 16 << 20);
@@ -231,6 +254,12 @@ mod tests {
         t.record(ProbeId::SlabRecycle as u32, 1, 77);
         t.record(ProbeId::AceFail as u32, 9, 1);
         t.record(ProbeId::CacheTake as u32, 1 << 20, SOURCES as u64);
+        t.record3(
+            ProbeId::CacheTake as u32,
+            1 << 20,
+            SOURCES as u64,
+            CacheUser::Ace as u64,
+        );
         t.record(ProbeId::OsReturn as u32, 1 << 20, RETURN_WHYS as u64);
         t.record(1000, 0, 0);
         assert_eq!(t.probe(ProbeId::SsAcquire), 2);

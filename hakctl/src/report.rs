@@ -344,8 +344,8 @@ impl Report<'_> {
 }
 
 /// Memory to and from the OS: SuperSlabs, and the large cache in front of
-/// large blocks and ACE segments (what it served without a syscall, what it
-/// gave back and why). Where a program's RSS goes, in one place.
+/// large blocks, ACE segments and SuperSlabs (what it served each without a
+/// syscall, what it gave back and why). Where a program's RSS goes, in one place.
 fn os_memory(t: &Tally) -> String {
     let (ss_made, ss_retired) = t.ss_bytes();
     let (cached, cached_bytes) = t.takes(TakeSource::Cached);
@@ -360,15 +360,26 @@ fn os_memory(t: &Tally) -> String {
             )
         })
         .collect();
+    let by_user: Vec<String> = CACHE_USER_NAMES
+        .iter()
+        .enumerate()
+        .map(|(u, name)| {
+            let user = [CacheUser::Large, CacheUser::Ace, CacheUser::SuperSlab][u];
+            let cached = t.user_takes(user, TakeSource::Cached);
+            let all = cached + t.user_takes(user, TakeSource::Fresh);
+            format!("{name} {cached} of {all}")
+        })
+        .collect();
     let held = t.held_bytes();
     format!(
-        "\nOS MEMORY  superslabs: made {}  retired {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  freed into it {}, holding {}{} more than at attach\n  returned: {}\n",
+        "\nOS MEMORY  superslabs: made {}  retired {}\n  large cache: {cached} of {} takes cached ({:.1}%, {})  {fresh} mapped fresh ({})\n  cached takes by user: {}\n  freed into it {}, holding {}{} more than at attach\n  returned: {}\n",
         mib(ss_made),
         mib(ss_retired),
         cached + fresh,
         ratio(cached, cached + fresh) * 100.0,
         mib(cached_bytes),
         mib(fresh_bytes),
+        by_user.join("  "),
         mib(t.put_bytes()),
         if held < 0 { "-" } else { "" },
         mib(held.unsigned_abs()),
@@ -466,10 +477,11 @@ mod tests {
         t.record(ProbeId::SsMap as u32, 4 << 20, 0);
         t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
         t.record(ProbeId::CacheTake as u32, 2 << 20, TakeSource::Fresh as u64);
-        t.record(
+        t.record3(
             ProbeId::CacheTake as u32,
             2 << 20,
             TakeSource::Cached as u64,
+            CacheUser::SuperSlab as u64,
         );
         t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
         t.record(ProbeId::OsReturn as u32, 1 << 20, ReturnWhy::Refused as u64);
@@ -478,6 +490,7 @@ mod tests {
         for part in [
             "superslabs: made 4.0 MiB  retired 0.0 MiB",
             "1 of 3 takes cached (33.3%, 2.0 MiB)  2 mapped fresh (4.0 MiB)",
+            "cached takes by user: large 0 of 2  ace 0 of 0  superslab 1 of 1",
             "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB  trim 0.0 MiB",
             "freed into it 12.0 MiB, holding 3.0 MiB more than at attach",
         ] {

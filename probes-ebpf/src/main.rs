@@ -54,9 +54,10 @@ fn handle(ctx: &ProbeContext) {
     let probe = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     let a0: u64 = ctx.arg(0).unwrap_or(0);
     let a1: u64 = ctx.arg(1).unwrap_or(0);
+    let a2: u64 = ctx.arg(2).unwrap_or(0);
 
     if let Some(t) = TALLY.get_ptr_mut(0) {
-        tally::record(probe, a0, a1, |slot, n| {
+        tally::record(probe, a0, a1, a2, |slot, n| {
             if slot < TALLY_SLOTS {
                 // SAFETY: `t` is this CPU's tally (no concurrent writer: per-CPU,
                 // and uprobe programs do not nest on one CPU); slot is in bounds.
