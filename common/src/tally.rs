@@ -149,9 +149,10 @@ impl Tally {
             self.slots[SLOT_TAKE_BYTES + source as usize],
         )
     }
-    /// Mappings `user` took from `source`.
-    pub fn user_takes(&self, user: CacheUser, source: TakeSource) -> u64 {
-        self.slots[SLOT_USER_TAKES + user as usize * SOURCES + source as usize]
+    /// Mappings user `user` (a `CacheUser` code, below `CACHE_USERS`) took
+    /// from `source`.
+    pub fn user_takes(&self, user: usize, source: TakeSource) -> u64 {
+        self.slots[SLOT_USER_TAKES + user * SOURCES + source as usize]
     }
     /// Bytes the large cache gave back to the OS for `why`.
     pub fn returned_bytes(&self, why: ReturnWhy) -> u64 {
@@ -234,10 +235,11 @@ mod tests {
         assert_eq!(t.ss_bytes(), (2 << 20, 0));
         assert_eq!(t.takes(TakeSource::Cached), (1, 4 << 20));
         assert_eq!(t.takes(TakeSource::Fresh), (2, 4 << 20));
-        assert_eq!(t.user_takes(CacheUser::SuperSlab, TakeSource::Cached), 1);
-        assert_eq!(t.user_takes(CacheUser::Ace, TakeSource::Fresh), 1);
-        assert_eq!(t.user_takes(CacheUser::Large, TakeSource::Fresh), 1);
-        assert_eq!(t.user_takes(CacheUser::Large, TakeSource::Cached), 0);
+        let user_takes = |u: CacheUser, s| t.user_takes(u as usize, s);
+        assert_eq!(user_takes(CacheUser::SuperSlab, TakeSource::Cached), 1);
+        assert_eq!(user_takes(CacheUser::Ace, TakeSource::Fresh), 1);
+        assert_eq!(user_takes(CacheUser::Large, TakeSource::Fresh), 1);
+        assert_eq!(user_takes(CacheUser::Large, TakeSource::Cached), 0);
         assert_eq!(t.returned_bytes(ReturnWhy::Burst), 6 << 20);
         assert_eq!(t.returned_bytes(ReturnWhy::Idle), 0);
         assert_eq!(t.put_bytes(), 16 << 20);

@@ -364,9 +364,8 @@ fn os_memory(t: &Tally) -> String {
         .iter()
         .enumerate()
         .map(|(u, name)| {
-            let user = [CacheUser::Large, CacheUser::Ace, CacheUser::SuperSlab][u];
-            let cached = t.user_takes(user, TakeSource::Cached);
-            let all = cached + t.user_takes(user, TakeSource::Fresh);
+            let cached = t.user_takes(u, TakeSource::Cached);
+            let all = cached + t.user_takes(u, TakeSource::Fresh);
             format!("{name} {cached} of {all}")
         })
         .collect();
