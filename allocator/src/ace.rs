@@ -294,9 +294,14 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
             b = next;
         }
     }
-    for &s in &release[..released] {
-        // SAFETY: `put` removed the segment from every list and all its
-        // blocks are free: nothing references it.
+    hand_to_cache(&release[..released]);
+}
+
+/// Hands segments whose blocks are all free, and which the caller has taken
+/// off every list, to the large cache (outside the class lock).
+fn hand_to_cache(segments: &[*mut AceSegment]) {
+    for &s in segments {
+        // SAFETY: per the contract, nothing references the segment any more.
         unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
     }
 }
@@ -312,12 +317,11 @@ pub fn trim() -> bool {
             let mut n = 0;
             {
                 let mut pool = class.lock();
-                while !pool.free.is_null() && n < free.len() {
-                    let s = pool.free;
-                    pool.unlink(s);
-                    pool.free_count -= 1;
+                while n < free.len() {
+                    let Some(s) = pool.take_free() else {
+                        break;
+                    };
                     pool.segments -= 1;
-                    FREE_KEPT.fetch_sub(1, Ordering::Relaxed);
                     free[n] = s;
                     n += 1;
                 }
@@ -326,11 +330,7 @@ pub fn trim() -> bool {
                 break;
             }
             any = true;
-            for &s in &free[..n] {
-                // SAFETY: unlinked from every list under the lock, with all its
-                // blocks free: nothing references the segment any more.
-                unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
-            }
+            hand_to_cache(&free[..n]);
         }
     }
     any
@@ -366,11 +366,7 @@ impl AceClass {
         while n < want {
             let seg = if !self.partial.is_null() {
                 self.partial
-            } else if !self.free.is_null() {
-                let s = self.free;
-                self.unlink(s);
-                self.free_count -= 1;
-                FREE_KEPT.fetch_sub(1, Ordering::Relaxed);
+            } else if let Some(s) = self.take_free() {
                 self.link(s, SegList::Partial);
                 s
             } else {
@@ -477,6 +473,18 @@ impl AceClass {
         self.link(seg, SegList::Free);
         self.free_count += 1;
         FREE_KEPT.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes a segment `keep_free` kept off the free list, if there is one.
+    fn take_free(&mut self) -> Option<*mut AceSegment> {
+        let seg = self.free;
+        if seg.is_null() {
+            return None;
+        }
+        self.unlink(seg);
+        self.free_count -= 1;
+        FREE_KEPT.fetch_sub(1, Ordering::Relaxed);
+        Some(seg)
     }
 
     fn link(&mut self, seg: *mut AceSegment, list: SegList) {

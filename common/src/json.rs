@@ -51,10 +51,7 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
         "}},\"ss_bytes\":{{\"mapped\":{mapped},\"unmapped\":{unmapped}}},\"large_cache\":{{"
     )?;
     for (s, name) in SOURCE_NAMES.iter().enumerate() {
-        let (n, bytes) = (
-            t.slots[crate::tally::SLOT_TAKES + s],
-            t.slots[crate::tally::SLOT_TAKE_BYTES + s],
-        );
+        let (n, bytes) = t.takes_at(s);
         write!(w, "\"{name}\":{n},\"{name}_bytes\":{bytes},")?;
     }
     w.write_str("\"by_user\":{")?;

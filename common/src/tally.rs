@@ -18,8 +18,7 @@ pub const SLOT_REMOTE_DRAIN_BLOCKS: usize = SLOT_TLS_DRAIN_BLOCKS + TINY_CLASSES
 pub const SLOT_LEGACY_BLOCKS: usize = SLOT_REMOTE_DRAIN_BLOCKS + TINY_CLASSES;
 pub const SLOT_SS_MAPPED_BYTES: usize = SLOT_LEGACY_BLOCKS + TINY_CLASSES;
 pub const SLOT_SS_UNMAPPED_BYTES: usize = SLOT_SS_MAPPED_BYTES + 1;
-pub const SLOT_TAKES: usize = SLOT_SS_UNMAPPED_BYTES + 1;
-pub const SLOT_TAKE_BYTES: usize = SLOT_TAKES + SOURCES;
+pub const SLOT_TAKE_BYTES: usize = SLOT_SS_UNMAPPED_BYTES + 1;
 pub const SLOT_RETURNED_BYTES: usize = SLOT_TAKE_BYTES + SOURCES;
 pub const SLOT_PUT_BYTES: usize = SLOT_RETURNED_BYTES + RETURN_WHYS;
 pub const SLOT_USER_TAKES: usize = SLOT_PUT_BYTES + 1;
@@ -87,12 +86,12 @@ pub fn record(probe: u32, a0: u64, a1: u64, a2: u64, mut add: impl FnMut(usize, 
         }
         p if p == ProbeId::SsMap as u32 => add(SLOT_SS_MAPPED_BYTES, a0),
         p if p == ProbeId::SsUnmap as u32 => add(SLOT_SS_UNMAPPED_BYTES, a0),
-        p if p == ProbeId::CacheTake as u32 && (a1 as usize) < SOURCES => {
-            add(SLOT_TAKES + a1 as usize, 1);
+        p if p == ProbeId::CacheTake as u32
+            && (a1 as usize) < SOURCES
+            && (a2 as usize) < CACHE_USERS =>
+        {
+            add(SLOT_USER_TAKES + a2 as usize * SOURCES + a1 as usize, 1);
             add(SLOT_TAKE_BYTES + a1 as usize, a0);
-            if (a2 as usize) < CACHE_USERS {
-                add(SLOT_USER_TAKES + a2 as usize * SOURCES + a1 as usize, 1);
-            }
         }
         p if p == ProbeId::OsReturn as u32 && (a1 as usize) < RETURN_WHYS => {
             add(SLOT_RETURNED_BYTES + a1 as usize, a0)
@@ -144,10 +143,16 @@ impl Tally {
     }
     /// Mappings large blocks, ACE segments and SuperSlabs took from `source`, and their bytes.
     pub fn takes(&self, source: TakeSource) -> (u64, u64) {
-        (
-            self.slots[SLOT_TAKES + source as usize],
-            self.slots[SLOT_TAKE_BYTES + source as usize],
-        )
+        self.takes_at(source as usize)
+    }
+    /// As `takes`, for source code `s` (below `SOURCES`): the count is the
+    /// sum over the users (saturating: counters never get near, but a sum
+    /// must not panic).
+    pub fn takes_at(&self, s: usize) -> (u64, u64) {
+        let n = (0..CACHE_USERS)
+            .map(|u| self.slots[SLOT_USER_TAKES + u * SOURCES + s])
+            .fold(0u64, u64::saturating_add);
+        (n, self.slots[SLOT_TAKE_BYTES + s])
     }
     /// Mappings user `user` (a `CacheUser` code, below `CACHE_USERS`) took
     /// from `source`.
