@@ -117,7 +117,7 @@ pub fn alloc(size: usize) -> (*mut u8, usize) {
         }
         // No free parcel: a new chunk (outside the lock: a syscall, or the
         // large cache's lock). Two threads may both add one; both get used.
-        let (chunk, cached) = crate::large::take_chunk(CacheUser::Large);
+        let (chunk, cached) = crate::large::take_chunk(CacheUser::Parcel);
         if chunk.is_null() {
             return (null_mut(), 0);
         }
@@ -212,7 +212,7 @@ pub fn free(ptr: usize) -> bool {
             .max()
             .unwrap_or(PAGE);
         // SAFETY: as above; the chunk came from `large::take_chunk`.
-        unsafe { crate::large::cache_chunk(chunk, extent, CacheUser::Large) };
+        unsafe { crate::large::cache_chunk(chunk, extent, CacheUser::Parcel) };
     }
     true
 }

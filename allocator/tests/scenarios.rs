@@ -171,6 +171,12 @@ fn buffers_grown_by_realloc_share_chunks_and_their_page_tables() {
     // Freed (half by the other thread) and trimmed: the chunks went back.
     let after = rss_field(&stdout, "after=");
     assert!(after < 64 * 1024, "{stdout}");
+    // The large cache tells parcel chunks apart: at least 3,000 / 8 of
+    // them, and no large block (every buffer fits a parcel's 252 KiB).
+    let by_user = &tally_of(&stdout)["large_cache"]["by_user"];
+    let takes = |user: &str| n(&by_user[user]["fresh"]) + n(&by_user[user]["cached"]);
+    assert!(takes("parcel") >= 375, "{by_user}");
+    assert_eq!(takes("large"), 0, "{by_user}");
 }
 
 #[test]

@@ -96,9 +96,11 @@ pub enum CacheUser {
     Ace = 1,
     /// A new SuperSlab.
     SuperSlab = 2,
+    /// A new chunk of realloc-grown parcels.
+    Parcel = 3,
 }
-pub const CACHE_USERS: usize = 3;
-pub const CACHE_USER_NAMES: [&str; CACHE_USERS] = ["large", "ace", "superslab"];
+pub const CACHE_USERS: usize = 4;
+pub const CACHE_USER_NAMES: [&str; CACHE_USERS] = ["large", "ace", "superslab", "parcel"];
 
 /// Where a mapping for a large block, an ACE segment or a SuperSlab came from
 /// (`cache_take` argument `source`).

@@ -267,6 +267,7 @@ mod tests {
             SOURCES as u64,
             CacheUser::Ace as u64,
         );
+        t.record3(ProbeId::CacheTake as u32, 1 << 20, 0, CACHE_USERS as u64);
         t.record(ProbeId::OsReturn as u32, 1 << 20, RETURN_WHYS as u64);
         t.record(1000, 0, 0);
         assert_eq!(t.probe(ProbeId::SsAcquire), 2);
