@@ -71,6 +71,10 @@ miri:
 bench-suite reps="5" scale="1": build
     {{release}}/bench-suite --reps {{reps}} --scale {{scale}} --out target/bench-suite
 
+# Real programs (CPython, Perl, Node.js, SQLite, jq, sort, gcc: those installed) under each allocator.
+bench-real reps="5" scale="1": build
+    {{release}}/bench-suite --real --reps {{reps}} --scale {{scale}} --out target/bench-suite
+
 # ThreadSanitizer build of the scenario driver (hakmem as the Rust allocator), then the threaded scenarios.
 tsan:
     RUSTFLAGS="-Zsanitizer=thread" cargo +nightly build -Zbuild-std --target x86_64-unknown-linux-gnu --target-dir target/tsan -p hakmem --no-default-features --features probes --bin hakmem-scenario

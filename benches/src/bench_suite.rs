@@ -1,16 +1,20 @@
-//! `bench-suite [--reps N] [--scale F] [--out DIR] [--only a,b]` (`--help`): runs every
-//! hakbench workload under every allocator (glibc, hakmem, and the Debian peers
-//! that are installed) via LD_PRELOAD, interleaved, N times; reports median
-//! time, ratio to glibc, peak RSS, and the geometric mean over workloads, as a
-//! Markdown table (stdout and DIR/suite.md), a CSV (DIR/suite.csv) and a chart
-//! (DIR/suite.svg).
+//! `bench-suite [--reps N] [--scale F] [--out DIR] [--only a,b] [--real]` (`--help`):
+//! runs every hakbench workload under every allocator (glibc, hakmem, and the
+//! Debian peers that are installed) via LD_PRELOAD, interleaved, N times;
+//! reports median time, ratio to glibc, peak RSS, and the geometric mean over
+//! workloads, as a Markdown table (stdout and DIR/suite.md), a CSV
+//! (DIR/suite.csv) and a chart (DIR/suite.svg). With `--real`, the same for
+//! real programs (`real`), into DIR/real.{md,csv,svg}.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
+mod real;
 mod workloads;
+use real::{Job, REAL_WORKLOADS};
 use workloads::WORKLOADS;
 const PEERS: &[(&str, &str)] = &[
     ("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
@@ -26,23 +30,30 @@ struct Run {
     rss_kib: u64,
 }
 
+/// How a run's time is read.
+#[derive(Clone, Copy)]
+enum Timing {
+    /// hakbench's own `time=` (its workload alone, without start-up).
+    Reported,
+    /// From start to exit, measured here (a real program).
+    Wall,
+}
+
 fn run_one(
-    bench: &Path,
     workload: &str,
-    scale: f64,
+    mut cmd: Command,
+    timing: Timing,
     preload: Option<&Path>,
 ) -> Result<Run, String> {
-    let mut cmd = Command::new(bench);
-    cmd.arg(workload)
-        .arg(scale.to_string())
-        .stdout(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped());
     match preload {
         Some(lib) => cmd.env("LD_PRELOAD", lib),
         None => cmd.env_remove("LD_PRELOAD"),
     };
+    let start = Instant::now();
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bench.display()))?;
+        .map_err(|e| format!("cannot start {:?} ({workload}): {e}", cmd.get_program()))?;
     let pid = child.id() as i32;
     let mut stdout = child.stdout.ok_or("no stdout")?;
     let mut text = String::new();
@@ -54,14 +65,18 @@ fn run_one(
     if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
         return Err("wait4 failed".into());
     }
+    let wall = start.elapsed().as_secs_f64();
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(format!("{workload} failed (status {status:#x}): {text}"));
     }
-    let secs = text
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("time="))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no time in {text:?}"))?;
+    let secs = match timing {
+        Timing::Wall => wall,
+        Timing::Reported => text
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("time="))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no time in {text:?}"))?,
+    };
     Ok(Run {
         secs,
         rss_kib: usage.ru_maxrss as u64,
@@ -93,9 +108,14 @@ struct Args {
     /// Where suite.md, suite.csv and suite.svg go.
     #[arg(long, default_value = "target/bench-suite")]
     out: PathBuf,
-    /// Only these workloads (comma-separated).
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(WORKLOADS))]
+    /// Only these workloads (comma-separated; with --real, of the real programs).
+    #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// Real programs instead of hakbench's workloads: CPython, Perl, Node.js,
+    /// SQLite, jq, sort and gcc on inputs written into DIR/real-inputs (those
+    /// installed). Writes DIR/real.{md,csv,svg}.
+    #[arg(long)]
+    real: bool,
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -111,7 +131,17 @@ fn main() {
         scale,
         out,
         only,
+        real,
     } = clap::Parser::parse();
+    let known = if real { REAL_WORKLOADS } else { WORKLOADS };
+    if let Some(bad) = only.iter().flatten().find(|w| !known.contains(&w.as_str())) {
+        eprintln!(
+            "bench-suite: no workload {bad:?}{}; the workloads are {}",
+            if real { " among the real programs" } else { "" },
+            known.join(", ")
+        );
+        std::process::exit(2);
+    }
     let reps = reps as usize;
     // Before the runs, so that a bad --out fails at once, not after the suite.
     if let Err(e) = std::fs::create_dir_all(&out) {
@@ -141,17 +171,40 @@ fn main() {
             eprintln!("bench-suite: {name} not installed ({path}); scripts/setup.sh installs it");
         }
     }
-    let workloads: Vec<&str> = WORKLOADS
-        .iter()
-        .copied()
-        .filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w)))
-        .collect();
+    let wanted = |w: &Job| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w.name));
+    let (jobs, timing): (Vec<Job>, _) = if real {
+        let found = real::prepare(&out.join("real-inputs"), scale).unwrap_or_else(|e| {
+            eprintln!("bench-suite: {e}");
+            std::process::exit(1)
+        });
+        (found.into_iter().filter(wanted).collect(), Timing::Wall)
+    } else {
+        let hakbench = |name| Job {
+            name,
+            program: bench.clone(),
+            args: vec![name.to_string(), scale.to_string()],
+        };
+        let jobs = WORKLOADS.iter().map(|&w| hakbench(w));
+        (jobs.filter(wanted).collect(), Timing::Reported)
+    };
+    if jobs.is_empty() {
+        eprintln!("bench-suite: nothing to run (the programs asked for are not installed)");
+        std::process::exit(1);
+    }
+    let workloads: Vec<&str> = jobs.iter().map(|j| j.name).collect();
     // (workload, allocator) -> runs
     let mut results: BTreeMap<(String, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for rep in 1..=reps {
-        for w in &workloads {
+        for Job {
+            name: w,
+            program,
+            args,
+        } in &jobs
+        {
             for (name, lib) in &allocators {
-                match run_one(&bench, w, scale, lib.as_deref()) {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                match run_one(w, cmd, timing, lib.as_deref()) {
                     Ok(r) => {
                         eprintln!(
                             "rep {rep} {w:<9} {name:<9} {:>8.4}s {:>8} KiB",
@@ -179,7 +232,12 @@ fn main() {
     };
 
     let mut md = String::new();
-    let _ = writeln!(md, "Median of {reps} interleaved runs, scale {scale}. Cells: time in seconds (ratio to glibc, lower is better) / peak RSS MiB.\n");
+    let what = if real {
+        "real programs, timed from start to exit"
+    } else {
+        "hakbench workloads"
+    };
+    let _ = writeln!(md, "Median of {reps} interleaved runs, scale {scale}, {what}. Cells: time in seconds (ratio to glibc, lower is better) / peak RSS MiB.\n");
     let _ = writeln!(md, "| workload | {} |", names.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(names.len()));
     let mut csv = String::from("workload,allocator,median_s,ratio_to_glibc,peak_rss_kib\n");
@@ -203,15 +261,16 @@ fn main() {
     let _ = writeln!(md, "{geo_row}");
     print!("{md}");
     let svg = svg(&workloads, &names, &ratio, &geos);
-    for (file, text) in [("suite.md", &md), ("suite.csv", &csv), ("suite.svg", &svg)] {
-        let path = out.join(file);
+    let stem = if real { "real" } else { "suite" };
+    for (ext, text) in [("md", &md), ("csv", &csv), ("svg", &svg)] {
+        let path = out.join(format!("{stem}.{ext}"));
         if let Err(e) = std::fs::write(&path, text) {
             eprintln!("bench-suite: cannot write {}: {e}", path.display());
             std::process::exit(1);
         }
     }
     eprintln!(
-        "bench-suite: wrote {}/suite.md, suite.csv, suite.svg",
+        "bench-suite: wrote {}/{stem}.md, {stem}.csv, {stem}.svg",
         out.display()
     );
 }

@@ -1,0 +1,173 @@
+//! Real programs for `bench-suite --real`: interpreters, a database, a
+//! compiler and text tools doing allocation-heavy jobs on inputs written here
+//! (deterministic, scaled by `--scale`). Each is timed from start to exit,
+//! under each allocator through LD_PRELOAD, like the synthetic workloads.
+//! A program that is not installed is left out, with a note.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A workload of the suite: a program and its arguments (the allocator is
+/// the runner's to choose).
+pub struct Job {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// The names, in report order (for `--only`).
+pub const REAL_WORKLOADS: &[&str] = &["python", "perl", "node", "sqlite", "jq", "sort", "gcc"];
+
+/// Writes the inputs into `dir` and returns the workloads whose programs are
+/// installed; each one left out is named on stderr.
+pub fn prepare(dir: &Path, scale: f64) -> Result<Vec<Job>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let n = |base: f64| ((base * scale) as u64).max(1);
+    let write = |file: &str, text: String| {
+        let path = dir.join(file);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok::<String, String>(path.to_string_lossy().into_owned())
+    };
+    let mut all: Vec<(&'static str, &str, Vec<String>)> = Vec::new();
+    // Dicts of lists, tuples and strings, sorted and dropped (CPython as
+    // shipped: its small objects come from pymalloc, the rest from malloc).
+    let py = write(
+        "job.py",
+        format!(
+            "d = {{}}\nfor i in range({}):\n    d['k%d' % i] = [i, str(i) * 3, (i, i + 1)]\n\
+             s = sorted(d.items(), key=lambda kv: kv[1][1])\ndel d, s\n",
+            n(300_000.0)
+        ),
+    )?;
+    all.push(("python", "python3", vec![py]));
+    let pl = write(
+        "job.pl",
+        format!(
+            "my %h; for my $i (1..{}) {{ $h{{\"k$i\"}} = [$i, \"$i\" x 3]; }} my @k = sort keys %h;\n",
+            n(200_000.0)
+        ),
+    )?;
+    all.push(("perl", "perl", vec![pl]));
+    let js = format!(
+        "const m = new Map(); for (let r = 0; r < 3; r++) {{ for (let i = 0; i < {}; i++) \
+         m.set('k' + i, {{a: i, b: String(i).repeat(3)}}); m.clear(); }}",
+        n(300_000.0)
+    );
+    all.push(("node", "node", vec!["-e".into(), js]));
+    let sql = format!(
+        "create table t(a integer primary key, b text, c real);\n\
+         with recursive x(i) as (select 1 union all select i + 1 from x where i < {}) \
+         insert into t select i, hex(randomblob(20)), random() from x;\n\
+         create index tb on t(b);\nselect count(*), sum(length(b)) from t where b like 'A%';\n",
+        n(300_000.0)
+    );
+    all.push(("sqlite", "sqlite3", vec![":memory:".into(), sql]));
+    let json = write("data.json", json_records(n(200_000.0)))?;
+    let filter = "map(select(.v > 0.5)) | group_by(.tags[0]) | length";
+    all.push(("jq", "jq", vec!["-c".into(), filter.into(), json]));
+    let nums = write("nums.txt", numbers(n(2_000_000.0)))?;
+    all.push((
+        "sort",
+        "sort",
+        vec!["-n".into(), "-o".into(), "/dev/null".into(), nums],
+    ));
+    let c = write("gen.c", c_source(n(80.0)))?;
+    let gcc = vec!["-O2", "-c", "-o", "/dev/null", &c];
+    all.push(("gcc", "gcc", gcc.into_iter().map(String::from).collect()));
+    debug_assert!(all.iter().map(|w| w.0).eq(REAL_WORKLOADS.iter().copied()));
+
+    let mut found = Vec::new();
+    for (name, program, args) in all {
+        match resolve(program) {
+            Some(program) => found.push(Job {
+                name,
+                program,
+                args,
+            }),
+            None => eprintln!("bench-suite: {program} is not installed; {name} left out"),
+        }
+    }
+    Ok(found)
+}
+
+/// The executable `program` names on PATH. For python3, the interpreter
+/// itself: a version manager's shim (pyenv's is a shell script) would add its
+/// own start-up to every run.
+fn resolve(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let found = std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())?;
+    if program != "python3" {
+        return Some(found);
+    }
+    let out = Command::new(&found)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()?;
+    let exe = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(exe.trim())).filter(|p| p.is_file())
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn numbers(count: u64) -> String {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut s = String::new();
+    for _ in 0..count {
+        let _ = writeln!(s, "{}", rng.next() % 1_000_000_000);
+    }
+    s
+}
+
+fn json_records(count: u64) -> String {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut s = String::from("[");
+    for i in 0..count {
+        let tags: Vec<String> = (0..5)
+            .map(|_| format!("\"t{}\"", rng.next() % 100))
+            .collect();
+        let v = (rng.next() % 1_000_000) as f64 / 1e6;
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(
+            s,
+            "{sep}{{\"id\":{i},\"name\":\"n{i}\",\"tags\":[{}],\"v\":{v}}}",
+            tags.join(",")
+        );
+    }
+    s.push(']');
+    s
+}
+
+/// `count` functions with switches, loops and calls: work for gcc's optimiser.
+fn c_source(count: u64) -> String {
+    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    let mut s = String::from("#include <string.h>\n");
+    for f in 0..count {
+        let _ = writeln!(
+            s,
+            "int f{f}(int x, const char *s) {{ int a[16]; for (int i = 0; i < 16; i++) a[i] = x * {} + i;\n switch (x & 7) {{",
+            rng.next() % 99 + 1
+        );
+        for c in 0..8 {
+            let _ = writeln!(
+                s,
+                " case {c}: x += a[{c}] * (int)strlen(s) + {}; if (x > {}) x ^= f{}(x - 1, s + 1); break;",
+                rng.next() % 1000,
+                rng.next() % 10_000,
+                f.saturating_sub(1)
+            );
+        }
+        s.push_str(" }\n return x; }\n");
+    }
+    s
+}
