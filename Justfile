@@ -79,4 +79,4 @@ bench-real reps="5" scale="1": build
 tsan:
     RUSTFLAGS="-Zsanitizer=thread" cargo +nightly build -Zbuild-std --target x86_64-unknown-linux-gnu --target-dir target/tsan -p hakmem --no-default-features --features probes --bin hakmem-scenario
     for s in stress recycle mixed abandon ace-free-threads grown; do HAKMEM_STATS=1 TSAN_OPTIONS=halt_on_error=1 target/tsan/x86_64-unknown-linux-gnu/debug/hakmem-scenario $s > /dev/null; echo "tsan $s: clean"; done
-    HAKMEM_STATS=1 HAKMEM_PURGE_THREAD=1 TSAN_OPTIONS=halt_on_error=1 target/tsan/x86_64-unknown-linux-gnu/debug/hakmem-scenario idle-burst > /dev/null; echo "tsan idle-burst with the purge thread: clean"
+    for s in idle-burst threads-burst; do HAKMEM_STATS=1 HAKMEM_PURGE_THREAD=1 TSAN_OPTIONS=halt_on_error=1 target/tsan/x86_64-unknown-linux-gnu/debug/hakmem-scenario $s > /dev/null; echo "tsan $s with the purge thread: clean"; done

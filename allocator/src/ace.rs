@@ -172,7 +172,7 @@ pub fn alloc(size: usize) -> *mut u8 {
 fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::global::ensure_init();
     // A slow path: see `tiny::refill_and_alloc`.
-    crate::large::decay_if_due();
+    crate::purge::if_due();
     crate::tiny::ensure_registered();
     let want = with_cache(|tc| {
         let c = &mut tc.ace[class];
@@ -249,7 +249,7 @@ fn free_slow(class: usize) {
 
 #[cold]
 fn flush(class: usize) {
-    crate::large::decay_if_due();
+    crate::purge::if_due();
     let (head, n) = with_cache(|tc| {
         let c = &mut tc.ace[class];
         if !c.missed_since_flush {

@@ -4,7 +4,7 @@
 use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
 use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
-use crate::{ace, large, misuse, os, parcel, tiny};
+use crate::{ace, large, misuse, os, parcel, pool, tiny};
 use core::ptr::null_mut;
 
 /// Largest alignment served (the large path keeps header and block in one chunk).
@@ -109,13 +109,14 @@ fn free_legacy_or_large(p: usize) {
 }
 
 /// `malloc_trim`: gives back to the OS the memory hakmem holds free for
-/// reuse: the free segments ACE keeps and everything in the large cache
-/// (which otherwise go only at allocator calls after their delay). Thread
-/// caches, and the EMPTY SuperSlabs kept by `HAKMEM_SS_KEEP`, stay. True if
-/// anything went back.
+/// reuse: the free segments ACE keeps, everything in the large cache and the
+/// pages of EMPTY slabs (which otherwise go only at allocator calls after
+/// their delay). Thread caches stay, and so do the EMPTY SuperSlabs kept by
+/// `HAKMEM_SS_KEEP`, though without their pages. True if anything went back.
 pub fn trim() -> bool {
     let ace = ace::trim();
-    large::trim() || ace
+    let slabs = pool::trim();
+    large::trim() || ace || slabs
 }
 
 /// `malloc_usable_size` (0 for null or a pointer that is not ours).

@@ -62,7 +62,7 @@ const CACHE_SLOTS: usize = 16;
 /// What the cache keeps for up to `MAX_IDLE_NS`: a reserve for programs that
 /// make and free big blocks now and then.
 const CACHE_BYTES: usize = 64 << 20;
-const MAX_IDLE_NS: u64 = 1_000_000_000;
+pub const MAX_IDLE_NS: u64 = 1_000_000_000;
 /// Beyond `CACHE_BYTES`, freed memory waits `burst_idle_ns` before it goes
 /// back to the OS, and never more than `BURST_BYTES` of it: a program that
 /// frees a burst and makes the next one soon (a request, a frame, a round)
@@ -216,7 +216,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         return (null_mut(), false);
     };
     let map = if total <= CHUNK { CHUNK } else { total };
-    decay_if_due();
+    crate::purge::if_due();
     crate::purge::start_if_wanted();
     // Its own statement: the guard must be dropped before `flush_cache` locks again.
     let cached = with_cache(|c| c.take(map, total));

@@ -25,6 +25,7 @@ pub mod api;
 mod capi;
 pub mod class;
 pub mod config;
+mod empty_slabs;
 mod global;
 mod large;
 mod legacy;

@@ -265,6 +265,23 @@ pub unsafe fn populate(ptr: *mut u8, len: usize) -> bool {
     rc == 0
 }
 
+/// Gives the pages of `ptr..ptr + len` (page-aligned) back to the OS, keeping
+/// the mapping: they read as zero when next touched. errno is left alone.
+///
+/// # Safety
+/// The range lies in one of our writable private mappings and holds nothing
+/// anyone will read again.
+pub unsafe fn decommit(ptr: *mut u8, len: usize) {
+    debug_assert!((ptr as usize).is_multiple_of(PAGE) && len.is_multiple_of(PAGE));
+    // SAFETY: errno of this thread.
+    let saved = unsafe { *libc::__errno_location() };
+    // SAFETY: per the contract; MADV_DONTNEED on private anonymous memory
+    // only drops its pages.
+    unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) };
+    // SAFETY: as above. A failed hint leaves the pages resident, no more.
+    unsafe { *libc::__errno_location() = saved };
+}
+
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {

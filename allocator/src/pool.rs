@@ -2,9 +2,12 @@
 //! (claim a never-used slot), Stage 3 (map a SuperSlab), and `shared_fail` when
 //! all three fail. Also the one recycle boundary: every drain site reports an
 //! EMPTY slab to `recycle`, which decides, fires `slab_recycle` and releases it.
+//! EMPTY slabs that stay unused for the purge delay give their pages back
+//! (`purge_if_due`, see `empty_slabs`).
 
 use crate::class::{class_of_bin, BINS};
 use crate::config;
+use crate::empty_slabs::{self, EmptySlabs};
 use crate::large;
 use crate::os;
 use crate::probes;
@@ -13,12 +16,12 @@ use crate::segment::SegKind;
 use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SLAB_SIZE, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
-use core::sync::atomic::Ordering;
-use hakmem_common::{CacheUser, FailReason, RecycleOutcome, Stage};
+use core::sync::atomic::{AtomicU64, Ordering};
+use hakmem_common::{CacheUser, FailReason, RecycleOutcome, ReturnWhy, Stage};
 
 struct Pool {
-    /// EMPTY slabs (doubly linked through Slab::next/prev): Stage 1.
-    empty: *mut Slab,
+    /// EMPTY slabs: Stage 1.
+    empty: EmptySlabs,
     /// SuperSlabs with unclaimed slots (through SuperSlab::next_fresh): Stage 2.
     fresh: *mut SuperSlab,
     /// SuperSlabs in the pool now (made and not retired).
@@ -33,7 +36,7 @@ struct Pool {
 unsafe impl Send for Pool {}
 
 static POOL: SpinLock<Pool> = SpinLock::new(Pool {
-    empty: null_mut(),
+    empty: EmptySlabs::NEW,
     fresh: null_mut(),
     superslabs: 0,
     idle_superslabs: 0,
@@ -53,14 +56,18 @@ pub enum Acquired {
 pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     let class = class_of_bin(bin);
     probes::ss_acquire_begin(class);
-    let (slab, stage) = {
+    // `cold`: none of its pages is resident (never used, or purged).
+    let (slab, stage, cold) = {
         let mut pool = POOL.lock();
-        match pool.take_empty().map(|s| (s, Stage::ReuseEmpty)) {
+        match pool
+            .take_empty()
+            .map(|(s, purged)| (s, Stage::ReuseEmpty, purged))
+        {
             Some(found) => found,
-            None => match pool.claim_fresh().map(|s| (s, Stage::ClaimFresh)) {
+            None => match pool.claim_fresh().map(|s| (s, Stage::ClaimFresh, true)) {
                 Some(found) => found,
                 None => match pool.map_new() {
-                    Ok(s) => (s, Stage::MapNew),
+                    Ok(s) => (s, Stage::MapNew, true),
                     Err(reason) => {
                         drop(pool);
                         probes::shared_fail(class, reason);
@@ -73,7 +80,7 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     // SAFETY: the slab was just removed from the pool's lists under the lock;
     // nobody else references it until we publish it to the owner.
     unsafe { (*slab).format(bin, owner) };
-    if growing && stage != Stage::ReuseEmpty {
+    if growing && cold {
         // SAFETY: as above.
         unsafe { (*slab).populate() };
     }
@@ -203,22 +210,104 @@ pub fn unlock_after_fork() {
     POOL.release_after_fork();
 }
 
-impl Pool {
-    fn take_empty(&mut self) -> Option<*mut Slab> {
-        let slab = self.empty;
-        if slab.is_null() {
-            return None;
+/// When the oldest resident EMPTY slab is due to be purged (`os::now_ns`
+/// time), u64::MAX when none is waiting; possibly early (then the check
+/// finds nothing due and sets it again). Read without the lock.
+static PURGE_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Slabs purged per hold of the pool lock (a madvise each, 5-10 us).
+const PURGE_BATCH: usize = 8;
+
+/// Gives back the pages of EMPTY slabs unused for the purge delay. Cheap
+/// when none is due (one load), so allocator slow paths call it.
+pub fn purge_if_due() {
+    let due = PURGE_DUE.load(Ordering::Relaxed);
+    if due == u64::MAX {
+        return;
+    }
+    let now = os::now_ns();
+    if now >= due {
+        purge(now, false);
+    }
+}
+
+/// When the next EMPTY slab is due to be purged, if any is waiting.
+pub fn next_due_ns() -> Option<u64> {
+    let due = PURGE_DUE.load(Ordering::Relaxed);
+    (due != u64::MAX).then_some(due)
+}
+
+/// Gives back the pages of every resident EMPTY slab (`malloc_trim`). True
+/// if there was any.
+pub fn trim() -> bool {
+    purge(os::now_ns(), true)
+}
+
+/// Purges the resident EMPTY slabs that are due at `now` (all of them with
+/// `all`), a batch per hold of the lock, and fires `os_return` (why `slabs`)
+/// per batch. A slab is due after the purge delay, or after
+/// `large::MAX_IDLE_NS` while it is among the reserve's newest slabs. The
+/// madvise runs under the lock: a slab taken off the lists while its pages
+/// go could be retired with its SuperSlab meanwhile.
+fn purge(now: u64, all: bool) -> bool {
+    let config = config::get();
+    let reserve = config.ss_keep * SLABS_PER_SS;
+    let mut any = false;
+    loop {
+        let (mut bytes, mut slabs) = (0, 0);
+        {
+            let mut pool = POOL.lock();
+            let mut next_due = u64::MAX;
+            while let Some(slab) = pool.empty.oldest_resident() {
+                // SAFETY: a slab on the pool's resident list (lock held).
+                let age = unsafe { empty_slabs::age_ns(slab, now) };
+                let wait = if pool.empty.resident_len() > reserve {
+                    config.purge_delay_ns
+                } else {
+                    large::MAX_IDLE_NS
+                };
+                if !all && age < wait {
+                    next_due = now + (wait - age);
+                    break;
+                }
+                if slabs == PURGE_BATCH {
+                    next_due = now;
+                    break;
+                }
+                // SAFETY: EMPTY and the pool's: no block of it is out, and
+                // nobody takes it while we hold the lock.
+                unsafe {
+                    bytes += (*slab).purge();
+                    pool.empty.mark_purged(slab);
+                }
+                slabs += 1;
+            }
+            PURGE_DUE.store(next_due, Ordering::Relaxed);
         }
-        // SAFETY: slabs on the empty list belong to the pool (lock held).
+        if slabs == 0 {
+            return any;
+        }
+        any = true;
+        probes::os_return(bytes, ReturnWhy::Slabs, bytes, slabs);
+        if slabs < PURGE_BATCH {
+            return true;
+        }
+    }
+}
+
+impl Pool {
+    /// A slab for Stage 1, and whether it was purged.
+    fn take_empty(&mut self) -> Option<(*mut Slab, bool)> {
+        let (slab, purged) = self.empty.take()?;
+        // SAFETY: slabs on the empty lists belong to the pool (lock held).
         unsafe {
-            self.unlink_empty(slab);
             let ss = &mut *(*slab).superslab();
             if ss.empty == ss.claimed {
                 self.idle_superslabs -= 1;
             }
             ss.empty -= 1;
         }
-        Some(slab)
+        Some((slab, purged))
     }
 
     /// Removes `slab` from the abandoned list of `bin`; false if it is not there.
@@ -293,12 +382,15 @@ impl Pool {
     fn release(&mut self, slab: *mut Slab) -> Option<*mut SuperSlab> {
         // SAFETY: the slab was handed to the pool by its owner (lock held).
         unsafe {
-            (*slab).prev = null_mut();
-            (*slab).next = self.empty;
-            if !self.empty.is_null() {
-                (*self.empty).prev = slab;
+            let now = os::now_ns();
+            self.empty.push(slab, now);
+            // The first resident slab, or the first beyond the reserve: a
+            // purge may be due a delay from now (an early check is harmless).
+            let n = self.empty.resident_len();
+            if n == 1 || n == config::get().ss_keep * SLABS_PER_SS + 1 {
+                let due = now + config::get().purge_delay_ns;
+                PURGE_DUE.fetch_min(due, Ordering::Relaxed);
             }
-            self.empty = slab;
             let ssp = (*slab).superslab();
             let ss = &mut *ssp;
             ss.empty += 1;
@@ -311,31 +403,12 @@ impl Pool {
             }
             // Over the hysteresis: this SuperSlab goes back to the OS.
             for i in 0..ss.claimed as usize {
-                self.unlink_empty(core::ptr::addr_of_mut!(ss.slabs[i]));
+                self.empty.unlink(core::ptr::addr_of_mut!(ss.slabs[i]));
             }
             self.unlink_fresh(ssp);
             self.idle_superslabs -= 1;
             self.superslabs -= 1;
             Some(ssp)
-        }
-    }
-
-    /// # Safety
-    /// `slab` is on the empty list and the lock is held.
-    unsafe fn unlink_empty(&mut self, slab: *mut Slab) {
-        // SAFETY: per the contract, the list links are valid.
-        unsafe {
-            let (prev, next) = ((*slab).prev, (*slab).next);
-            if prev.is_null() {
-                self.empty = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
-            (*slab).next = null_mut();
-            (*slab).prev = null_mut();
         }
     }
 

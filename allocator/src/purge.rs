@@ -1,10 +1,13 @@
-//! The opt-in purge thread (`HAKMEM_PURGE_THREAD=1`).
+//! Giving freed memory back to the OS after its delays: `if_due`, which
+//! allocator slow paths call, and the opt-in purge thread
+//! (`HAKMEM_PURGE_THREAD=1`).
 //!
-//! What the large cache holds past its delays goes back to the OS at the next
-//! allocator slow path (`large::decay_if_due`), so a process that makes no
-//! allocator call after a burst keeps it. With this knob, one background
-//! thread sleeps until the cache's next due time (at most a second, at least
-//! 10 ms) and returns what is due, as jemalloc's `background_thread` does.
+//! What the large cache holds past its delays, and the pages of EMPTY slabs
+//! unused for the purge delay, go back to the OS at the next allocator slow
+//! path, so a process that makes no allocator call after a burst keeps them.
+//! With the knob, one background thread sleeps until the next due time (at
+//! most a second, at least 10 ms) and returns what is due, as jemalloc's
+//! `background_thread` does.
 //! It is off by default: a library that starts threads surprises programs
 //! that count theirs or fork without exec.
 //!
@@ -19,6 +22,22 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 
 const MIN_SLEEP_NS: u64 = 10_000_000;
 const MAX_SLEEP_NS: u64 = 1_000_000_000;
+
+/// Returns to the OS what is due: the large cache's mappings and EMPTY
+/// slabs' pages. Cheap when nothing is (two loads, and a vDSO clock read
+/// when anything waits).
+pub fn if_due() {
+    crate::large::decay_if_due();
+    crate::pool::purge_if_due();
+}
+
+/// When anything is next due to go back, if anything waits.
+fn next_due_ns() -> Option<u64> {
+    match (crate::large::next_due_ns(), crate::pool::next_due_ns()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
 
 /// Starts the purge thread if the knob asks for it and it is not running.
 /// Call only where no lock and no thread-cache reference is held.
@@ -50,7 +69,7 @@ pub fn forget_after_fork() {
 extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
     loop {
         let now = crate::os::now_ns();
-        let wait = crate::large::next_due_ns()
+        let wait = next_due_ns()
             .map_or(MAX_SLEEP_NS, |due| due.saturating_sub(now))
             .clamp(MIN_SLEEP_NS, MAX_SLEEP_NS);
         let ts = libc::timespec {
@@ -59,6 +78,6 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
         };
         // SAFETY: `ts` is a valid timespec; the remainder is not wanted.
         unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
-        crate::large::decay_if_due();
+        if_due();
     }
 }

@@ -51,8 +51,10 @@ pub enum SlabState {
     Fresh = 0,
     /// Owned by a thread (or abandoned by an exited one, `pool::ABANDONED`), serving a class.
     InUse = 1,
-    /// On the shared pool's empty list (Stage 1 material).
+    /// On the shared pool's list of resident EMPTY slabs (Stage 1 material).
     Empty = 2,
+    /// EMPTY for the purge delay, its pages given back (see `empty_slabs`).
+    Purged = 3,
 }
 
 /// One cache line per slab: slabs of one SuperSlab are owned by different
@@ -71,6 +73,8 @@ pub struct Slab {
     pub used: u32,
     /// Blocks carved so far (bump index).
     pub carved: u32,
+    /// When it became EMPTY (`empty_slabs::stamp`); set on the pool's lists only.
+    pub emptied: u32,
     /// Owner-local free list; its length is `carved - used`.
     pub free: *mut Block,
     /// Frees from other threads, drained by the owner: head and length in
@@ -165,6 +169,19 @@ impl Slab {
 
     pub fn area(&self) -> usize {
         slab_area(self.superslab() as usize, self.index()) + self.color as usize
+    }
+
+    /// Gives the pages of an EMPTY slab back to the OS (`os::decommit`);
+    /// they read as zero when touched again. Returns the bytes given back.
+    /// Its free list lay in those pages: only `format` may follow.
+    pub fn purge(&self) -> usize {
+        let idx = self.index();
+        let start = slab_area(self.superslab() as usize, idx);
+        let end = self.superslab() as usize + (idx + 1) * SLAB_SIZE;
+        // SAFETY: the slab's part of its SuperSlab's mapping, with no block
+        // out (the pool holds it EMPTY); the header lies before `start`.
+        unsafe { crate::os::decommit(start as *mut u8, end - start) };
+        end - start
     }
 
     /// Faults in the slab's block area in one syscall (`os::populate`):

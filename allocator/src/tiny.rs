@@ -239,7 +239,7 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
     crate::global::ensure_init();
     // A slow path: big blocks freed a while ago go back to the OS even in a
     // program that now makes only small ones.
-    crate::large::decay_if_due();
+    crate::purge::if_due();
     crate::purge::start_if_wanted();
     ensure_registered();
     with_cache(|tc| tc.refill(bin))

@@ -180,6 +180,27 @@ fn buffers_grown_by_realloc_share_chunks_and_their_page_tables() {
 }
 
 #[test]
+fn threads_that_freed_a_burst_and_stay_alive_give_back_their_empty_slabs_pages() {
+    // Eight threads free about 10 MB each and stay alive: their active
+    // slabs and cached blocks keep most SuperSlabs from retiring, so this is
+    // the EMPTY slabs' pages going back (75 MB stayed before they did).
+    let stdout = scenario_stdout("threads-burst", &[]);
+    let (peak, after) = peak_and_after(&stdout);
+    let freed = rss_field(&stdout, "freed=");
+    assert!(peak >= 60 * 1024, "{stdout}");
+    assert!(
+        freed + 8 * 1024 >= peak,
+        "kept for reuse at first: {stdout}"
+    );
+    assert!(after * 3 < peak, "given back after the delays: {stdout}");
+    let t = tally_of(&stdout);
+    assert!(
+        n(&t["large_cache"]["returned_bytes"]["slabs"]) >= 20 << 20,
+        "{t}"
+    );
+}
+
+#[test]
 fn an_idle_process_gets_a_freed_burst_back_only_with_the_purge_thread() {
     // 100 MiB of small blocks freed, then 1.5 s without an allocator call.
     let without = scenario_stdout("idle-burst", &[]);

@@ -129,8 +129,12 @@ pub enum ReturnWhy {
     Refused = 3,
     /// The program called `malloc_trim`.
     Trim = 4,
+    /// Not the large cache: the pages of EMPTY slabs unused for the purge
+    /// delay (or at `malloc_trim`), their address space kept. `mappings`
+    /// counts slabs.
+    Slabs = 5,
 }
-pub const RETURN_WHYS: usize = 5;
+pub const RETURN_WHYS: usize = 6;
 impl ReturnWhy {
     /// Every reason, in code order.
     pub const ALL: [ReturnWhy; RETURN_WHYS] = [
@@ -139,6 +143,7 @@ impl ReturnWhy {
         ReturnWhy::Bound,
         ReturnWhy::Refused,
         ReturnWhy::Trim,
+        ReturnWhy::Slabs,
     ];
 }
 const _: () = {
@@ -148,4 +153,5 @@ const _: () = {
         i += 1;
     }
 };
-pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] = ["idle", "burst", "bound", "refused", "trim"];
+pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] =
+    ["idle", "burst", "bound", "refused", "trim", "slabs"];

@@ -484,13 +484,15 @@ mod tests {
         );
         t.record(ProbeId::OsReturn as u32, 6 << 20, ReturnWhy::Burst as u64);
         t.record(ProbeId::OsReturn as u32, 1 << 20, ReturnWhy::Refused as u64);
+        // EMPTY slabs' pages: returned, but never in the cache.
+        t.record(ProbeId::OsReturn as u32, 5 << 20, ReturnWhy::Slabs as u64);
         t.record(ProbeId::CachePut as u32, 12 << 20, CacheUser::Large as u64);
         let text = os_memory(&t);
         for part in [
             "superslabs: made 4.0 MiB  retired 0.0 MiB",
             "1 of 3 takes cached (33.3%, 2.0 MiB)  2 mapped fresh (4.0 MiB)",
             "cached takes by user: large 0 of 2  ace 0 of 0  superslab 1 of 1  parcel 0 of 0",
-            "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB  trim 0.0 MiB",
+            "idle 0.0 MiB  burst 6.0 MiB  bound 0.0 MiB  refused 1.0 MiB  trim 0.0 MiB  slabs 5.0 MiB",
             "freed into it 12.0 MiB, holding 3.0 MiB more than at attach",
         ] {
             assert!(text.contains(part), "{part:?} not in {text:?}");

@@ -41,8 +41,9 @@ fn main() {
         "abandon" => abandon,
         "grown" => grown,
         "idle-burst" => idle_burst,
+        "threads-burst" => threads_burst,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -369,6 +370,51 @@ fn idle_burst() {
     let after = rss_kib_without_allocating();
     drop(blocks);
     println!("rss_kib peak={peak} freed={freed} after={after}");
+}
+
+/// Eight threads each make and free 20,000 blocks of 16..1024 bytes (about
+/// 10 MB), then stay alive and idle, holding their thread caches and active
+/// slabs: the SuperSlabs they shared cannot retire, so what goes back is the
+/// pages of their EMPTY slabs, after the purge delay (and the reserve's
+/// second). The main thread waits 1.2 s and makes one large allocation (a
+/// slow path). Prints RSS at the peak, at once after the frees and after.
+fn threads_burst() {
+    const THREADS: usize = 8;
+    let made = std::sync::Barrier::new(THREADS + 1);
+    let freed = std::sync::Barrier::new(THREADS + 1);
+    let done = std::sync::Barrier::new(THREADS + 1);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (made, freed, done) = (&made, &freed, &done);
+            s.spawn(move || {
+                let blocks: Vec<(usize, usize)> = (0..20_000)
+                    .map(|i| {
+                        let size = 16 + (i * 7919 + t * 104_729) % 1009;
+                        (make(1, size, size)[0], size)
+                    })
+                    .collect();
+                made.wait();
+                for &(p, size) in &blocks {
+                    check(p as *const u8, size, 0);
+                    // SAFETY: ours, freed once.
+                    unsafe { hakmem::api::free(p as *mut u8) };
+                }
+                drop(blocks);
+                freed.wait();
+                done.wait();
+            });
+        }
+        made.wait();
+        let peak = rss_kib();
+        freed.wait();
+        let at_once = rss_kib();
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        // SAFETY: plain allocation, freed at once.
+        unsafe { hakmem::api::free(hakmem::api::malloc(4 << 20)) };
+        let after = rss_kib();
+        println!("rss_kib peak={peak} freed={at_once} after={after}");
+        done.wait();
+    });
 }
 
 /// RSS from /proc/self/statm through a stack buffer: no allocator call.
