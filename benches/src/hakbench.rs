@@ -6,22 +6,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use workloads::WORKLOADS;
+use workloads::{Rng, WORKLOADS};
 
 mod workloads;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() >> 16) as usize % (hi - lo + 1)
-    }
-}
 
 struct Ptr(*mut u8);
 

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::workloads::Rng;
+
 /// A workload of the suite: a program and its arguments (the allocator is
 /// the runner's to choose).
 pub struct Job {
@@ -110,21 +112,11 @@ fn resolve(program: &str) -> Option<PathBuf> {
     Some(PathBuf::from(exe.trim())).filter(|p| p.is_file())
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn numbers(count: u64) -> String {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut s = String::new();
     for _ in 0..count {
-        let _ = writeln!(s, "{}", rng.next() % 1_000_000_000);
+        let _ = writeln!(s, "{}", rng.range(0, 999_999_999));
     }
     s
 }
@@ -134,9 +126,9 @@ fn json_records(count: u64) -> String {
     let mut s = String::from("[");
     for i in 0..count {
         let tags: Vec<String> = (0..5)
-            .map(|_| format!("\"t{}\"", rng.next() % 100))
+            .map(|_| format!("\"t{}\"", rng.range(0, 99)))
             .collect();
-        let v = (rng.next() % 1_000_000) as f64 / 1e6;
+        let v = rng.range(0, 999_999) as f64 / 1e6;
         let sep = if i == 0 { "" } else { "," };
         let _ = write!(
             s,
@@ -156,14 +148,14 @@ fn c_source(count: u64) -> String {
         let _ = writeln!(
             s,
             "int f{f}(int x, const char *s) {{ int a[16]; for (int i = 0; i < 16; i++) a[i] = x * {} + i;\n switch (x & 7) {{",
-            rng.next() % 99 + 1
+            rng.range(1, 99)
         );
         for c in 0..8 {
             let _ = writeln!(
                 s,
                 " case {c}: x += a[{c}] * (int)strlen(s) + {}; if (x > {}) x ^= f{}(x - 1, s + 1); break;",
-                rng.next() % 1000,
-                rng.next() % 10_000,
+                rng.range(0, 999),
+                rng.range(0, 9_999),
                 f.saturating_sub(1)
             );
         }
