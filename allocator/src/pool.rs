@@ -13,7 +13,7 @@ use crate::os;
 use crate::probes;
 use crate::registry;
 use crate::segment::SegKind;
-use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SLAB_SIZE, SS_SIZE};
+use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -121,7 +121,7 @@ pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut
     if let Some(ss) = retired {
         // SAFETY: `release` unlinked every slab of this SuperSlab and removed it
         // from all pool lists; no block of it is in use (all slabs EMPTY).
-        let extent = unsafe { (*ss).claimed as usize * SLAB_SIZE };
+        let extent = unsafe { (*ss).resident_extent() };
         probes::ss_unmap(SS_SIZE, ss as usize);
         // SAFETY: as above: nothing references the SuperSlab any more.
         unsafe { large::cache_chunk(ss as usize, extent, CacheUser::SuperSlab) };

@@ -103,6 +103,16 @@ const _: () = assert!(core::mem::size_of::<SuperSlab>() <= SS_HEADER_RESERVE);
 const _: () = assert!(core::mem::size_of::<Slab>() == 64);
 
 impl SuperSlab {
+    /// How far from its start the SuperSlab's resident pages can reach: to
+    /// the end of its last claimed slab that was not purged (the header's
+    /// page if all were). What a retiring SuperSlab tells the large cache.
+    pub fn resident_extent(&self) -> usize {
+        (0..self.claimed as usize)
+            .rev()
+            .find(|&i| self.slabs[i].state != SlabState::Purged)
+            .map_or(SS_HEADER_RESERVE, |i| (i + 1) * SLAB_SIZE)
+    }
+
     /// Whether a SuperSlab at `base` can serve: its blocks' addresses must fit
     /// the remote list's address field. (Linux maps above 2^47 only when a
     /// hint asks for it.)
@@ -377,6 +387,40 @@ mod tests {
             Some(0)
         );
         assert_eq!(os::resident_bytes(start - SLAB_SIZE, SLAB_SIZE), Some(0));
+        // SAFETY: ours, unused by anything else.
+        unsafe { os::unmap(base, SS_SIZE) };
+    }
+
+    #[test]
+    fn a_purged_slab_has_no_page_resident_and_the_extent_ends_before_it() {
+        let (base, ss) = fresh_superslab();
+        // SAFETY: ours alone (see `fresh_superslab`).
+        unsafe { (*ss).claimed = 4 };
+        for i in 0..4 {
+            let slab = slab_at(ss, i);
+            slab.format(crate::class::tiny_bin(100), 7);
+            slab.populate();
+            slab.state = SlabState::Empty;
+        }
+        // SAFETY: as above.
+        let extent = || unsafe { (*ss).resident_extent() };
+        assert_eq!(extent(), 4 * SLAB_SIZE);
+        let start = base as usize + 3 * SLAB_SIZE;
+        assert_eq!(slab_at(ss, 3).purge(), SLAB_SIZE);
+        assert_eq!(os::resident_bytes(start, SLAB_SIZE), Some(0));
+        assert_eq!(
+            os::resident_bytes(start - SLAB_SIZE, SLAB_SIZE),
+            Some(SLAB_SIZE),
+            "its neighbour keeps its pages"
+        );
+        slab_at(ss, 3).state = SlabState::Purged;
+        assert_eq!(extent(), 3 * SLAB_SIZE);
+        for i in 0..3 {
+            slab_at(ss, i).purge();
+            slab_at(ss, i).state = SlabState::Purged;
+        }
+        assert_eq!(extent(), SS_HEADER_RESERVE, "the header's page stays");
+        assert_eq!(os::resident_bytes(base as usize, SS_SIZE), Some(4096));
         // SAFETY: ours, unused by anything else.
         unsafe { os::unmap(base, SS_SIZE) };
     }
