@@ -1,4 +1,4 @@
-//! `bench-suite [--reps N] [--scale F] [--out DIR] [--only a,b] [--real]` (`--help`):
+//! `bench-suite [--reps N] [--scale F] [--out DIR] [--only a,b] [--real] [--pin CPU]` (`--help`):
 //! runs every hakbench workload under every allocator (glibc, hakmem, and the
 //! Debian peers that are installed) via LD_PRELOAD, interleaved, N times;
 //! reports median time, ratio to glibc, peak RSS, and the geometric mean over
@@ -116,6 +116,30 @@ struct Args {
     /// installed). Writes DIR/real.{md,csv,svg}.
     #[arg(long)]
     real: bool,
+    /// Runs every workload on this CPU alone (the runner pins itself; its
+    /// children inherit it). Less noise on a shared machine; threaded
+    /// workloads then share one core.
+    #[arg(long)]
+    pin: Option<usize>,
+}
+
+/// Pins this process, and so every child it starts, to `cpu`.
+fn pin_to(cpu: usize) -> Result<(), String> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(format!("CPU {cpu} is out of range"));
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside the set (cpu < CPU_SETSIZE, checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread's process; the set is valid for its size.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(format!(
+            "cannot pin to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -132,7 +156,14 @@ fn main() {
         out,
         only,
         real,
+        pin,
     } = clap::Parser::parse();
+    if let Some(cpu) = pin {
+        if let Err(e) = pin_to(cpu) {
+            eprintln!("bench-suite: {e}");
+            std::process::exit(2);
+        }
+    }
     let known = if real { REAL_WORKLOADS } else { WORKLOADS };
     if let Some(bad) = only.iter().flatten().find(|w| !known.contains(&w.as_str())) {
         eprintln!(
@@ -236,6 +267,10 @@ fn main() {
         "real programs, timed from start to exit"
     } else {
         "hakbench workloads"
+    };
+    let what = match pin {
+        Some(cpu) => format!("{what}, all on CPU {cpu}"),
+        None => what.to_string(),
     };
     let _ = writeln!(md, "Median of {reps} interleaved runs, scale {scale}, {what}. Cells: time in seconds (ratio to glibc, lower is better) / peak RSS MiB.\n");
     let _ = writeln!(md, "| workload | {} |", names.join(" | "));
