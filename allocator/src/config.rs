@@ -21,10 +21,12 @@ pub struct Config {
     /// `HAKMEM_OS_LIMIT_MB`: cap on memory mapped from the OS; beyond it mapping is refused as by the OS.
     pub os_limit_bytes: usize,
     /// `HAKMEM_PURGE_DELAY_MS` (default 100): how long freed memory beyond the large cache's
-    /// 64 MiB reserve waits for reuse before it goes back to the OS; 0 returns it at once.
+    /// 64 MiB reserve, and an EMPTY slab beyond the pool's reserve, waits for reuse before it
+    /// goes back to the OS; 0 returns it at once.
     pub purge_delay_ns: u64,
     /// `HAKMEM_PURGE_THREAD` (default 0): 1 starts a background thread that returns what the
-    /// large cache holds past its delays without waiting for an allocator call (see `purge`).
+    /// large cache and the pool's EMPTY slabs hold past their delays without waiting for an
+    /// allocator call (see `purge`).
     pub purge_thread: bool,
     /// `HAKMEM_STATS` (default 0): 1 counts every probe event and prints the tally at exit.
     pub stats: bool,

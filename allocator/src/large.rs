@@ -216,8 +216,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         return (null_mut(), false);
     };
     let map = if total <= CHUNK { CHUNK } else { total };
-    crate::purge::if_due();
-    crate::purge::start_if_wanted();
+    crate::purge::at_slow_path();
     // Its own statement: the guard must be dropped before `flush_cache` locks again.
     let cached = with_cache(|c| c.take(map, total));
     let (base, fresh) = match cached {

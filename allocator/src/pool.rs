@@ -218,6 +218,12 @@ static PURGE_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Slabs purged per hold of the pool lock (a madvise each, 5-10 us).
 const PURGE_BATCH: usize = 8;
 
+/// The newest resident EMPTY slabs, which wait `large::MAX_IDLE_NS` rather
+/// than the purge delay: `HAKMEM_SS_KEEP` SuperSlabs' worth.
+fn reserve_slabs() -> usize {
+    config::get().ss_keep * SLABS_PER_SS
+}
+
 /// Gives back the pages of EMPTY slabs unused for the purge delay. Cheap
 /// when none is due (one load), so allocator slow paths call it.
 pub fn purge_if_due() {
@@ -250,8 +256,8 @@ pub fn trim() -> bool {
 /// madvise runs under the lock: a slab taken off the lists while its pages
 /// go could be retired with its SuperSlab meanwhile.
 fn purge(now: u64, all: bool) -> bool {
-    let config = config::get();
-    let reserve = config.ss_keep * SLABS_PER_SS;
+    let delay = config::get().purge_delay_ns;
+    let reserve = reserve_slabs();
     let mut any = false;
     loop {
         let (mut bytes, mut slabs) = (0, 0);
@@ -262,7 +268,7 @@ fn purge(now: u64, all: bool) -> bool {
                 // SAFETY: a slab on the pool's resident list (lock held).
                 let age = unsafe { empty_slabs::age_ns(slab, now) };
                 let wait = if pool.empty.resident_len() > reserve {
-                    config.purge_delay_ns
+                    delay
                 } else {
                     large::MAX_IDLE_NS
                 };
@@ -387,7 +393,7 @@ impl Pool {
             // The first resident slab, or the first beyond the reserve: a
             // purge may be due a delay from now (an early check is harmless).
             let n = self.empty.resident_len();
-            if n == 1 || n == config::get().ss_keep * SLABS_PER_SS + 1 {
+            if n == 1 || n == reserve_slabs() + 1 {
                 let due = now + config::get().purge_delay_ns;
                 PURGE_DUE.fetch_min(due, Ordering::Relaxed);
             }

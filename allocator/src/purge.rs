@@ -39,9 +39,19 @@ fn next_due_ns() -> Option<u64> {
     }
 }
 
+/// At a slow path that holds no lock and no thread-cache reference (tiny
+/// refills, large allocations): returns what is due, and starts the purge
+/// thread if it is wanted. (ACE's slow paths call `if_due` alone: they may
+/// run inside a cache reference, where `pthread_create`'s allocation must
+/// not happen.)
+pub fn at_slow_path() {
+    if_due();
+    start_if_wanted();
+}
+
 /// Starts the purge thread if the knob asks for it and it is not running.
 /// Call only where no lock and no thread-cache reference is held.
-pub fn start_if_wanted() {
+fn start_if_wanted() {
     if !crate::config::get().purge_thread || STARTED.load(Ordering::Relaxed) {
         return;
     }

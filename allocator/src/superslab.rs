@@ -181,13 +181,17 @@ impl Slab {
         slab_area(self.superslab() as usize, self.index()) + self.color as usize
     }
 
+    /// One past the slab's last byte.
+    fn end(&self) -> usize {
+        self.superslab() as usize + (self.index() + 1) * SLAB_SIZE
+    }
+
     /// Gives the pages of an EMPTY slab back to the OS (`os::decommit`);
     /// they read as zero when touched again. Returns the bytes given back.
     /// Its free list lay in those pages: only `format` may follow.
     pub fn purge(&self) -> usize {
-        let idx = self.index();
-        let start = slab_area(self.superslab() as usize, idx);
-        let end = self.superslab() as usize + (idx + 1) * SLAB_SIZE;
+        let start = slab_area(self.superslab() as usize, self.index());
+        let end = self.end();
         // SAFETY: the slab's part of its SuperSlab's mapping, with no block
         // out (the pool holds it EMPTY); the header lies before `start`.
         unsafe { crate::os::decommit(start as *mut u8, end - start) };
@@ -198,9 +202,8 @@ impl Slab {
     /// for a slab that a growing program will fill.
     pub fn populate(&self) {
         let area = self.area();
-        let end = self.superslab() as usize + (self.index() + 1) * SLAB_SIZE;
         // SAFETY: the area is this slab's part of its SuperSlab's mapping.
-        unsafe { crate::os::populate(area as *mut u8, end - area) };
+        unsafe { crate::os::populate(area as *mut u8, self.end() - area) };
     }
 
     /// Prepares the slab to serve `bin` for `owner`.
@@ -215,9 +218,8 @@ impl Slab {
         self.state = SlabState::InUse;
         self.bin = bin as u8;
         self.color = color as u16;
-        let end = self.superslab() as usize + (idx + 1) * SLAB_SIZE;
         self.block_size = block_size as u32;
-        self.capacity = ((end - self.area()) / block_size) as u32;
+        self.capacity = ((self.end() - self.area()) / block_size) as u32;
         self.used = 0;
         self.carved = 0;
         self.free = null_mut();

@@ -239,8 +239,7 @@ fn refill_and_alloc(bin: usize) -> *mut u8 {
     crate::global::ensure_init();
     // A slow path: big blocks freed a while ago go back to the OS even in a
     // program that now makes only small ones.
-    crate::purge::if_due();
-    crate::purge::start_if_wanted();
+    crate::purge::at_slow_path();
     ensure_registered();
     with_cache(|tc| tc.refill(bin))
 }

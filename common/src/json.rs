@@ -60,7 +60,7 @@ pub fn write_tally(w: &mut impl Write, t: &Tally) -> fmt::Result {
         write!(w, "\"{user}\":{{")?;
         for (s, source) in SOURCE_NAMES.iter().enumerate() {
             sep(w, s)?;
-            let n = t.slots[crate::tally::SLOT_USER_TAKES + u * SOURCES + s];
+            let n = t.user_takes_at(u, s);
             write!(w, "\"{source}\":{n}")?;
         }
         w.write_char('}')?;

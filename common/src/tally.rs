@@ -150,14 +150,18 @@ impl Tally {
     /// must not panic).
     pub fn takes_at(&self, s: usize) -> (u64, u64) {
         let n = (0..CACHE_USERS)
-            .map(|u| self.slots[SLOT_USER_TAKES + u * SOURCES + s])
+            .map(|u| self.user_takes_at(u, s))
             .fold(0u64, u64::saturating_add);
         (n, self.slots[SLOT_TAKE_BYTES + s])
     }
     /// Mappings user `user` (a `CacheUser` code, below `CACHE_USERS`) took
     /// from `source`.
     pub fn user_takes(&self, user: usize, source: TakeSource) -> u64 {
-        self.slots[SLOT_USER_TAKES + user * SOURCES + source as usize]
+        self.user_takes_at(user, source as usize)
+    }
+    /// As `user_takes`, for source code `s` (below `SOURCES`).
+    pub fn user_takes_at(&self, user: usize, s: usize) -> u64 {
+        self.slots[SLOT_USER_TAKES + user * SOURCES + s]
     }
     /// Bytes the large cache gave back to the OS for `why`.
     pub fn returned_bytes(&self, why: ReturnWhy) -> u64 {
