@@ -59,13 +59,18 @@ pub unsafe fn free(ptr: *mut u8) {
         return;
     }
     let p = ptr as usize;
+    // A block of this thread's own slabs first, from its index alone. The
+    // first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
+    // SAFETY: per the contract, and not in a header.
+    if p & (SS_SIZE - 1) >= SS_HEADER_RESERVE && unsafe { tiny::free_owned(ptr) } {
+        return;
+    }
     let kind = segment::kind_of(p);
     if kind == SegKind::SuperSlab as u8 {
         let (_, slab, _) = slab_of(p);
         // SAFETY: the registry vouched for the SuperSlab; the slab's format
         // fields do not change while any of its blocks is out.
         let s = unsafe { &*slab };
-        // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
         if s.state != SlabState::InUse || p & (SS_SIZE - 1) < SS_HEADER_RESERVE {
             return misuse::invalid_free("free(): invalid pointer", p);
         }

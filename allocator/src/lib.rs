@@ -31,6 +31,7 @@ mod large;
 mod legacy;
 mod misuse;
 mod os;
+mod owned_index;
 mod parcel;
 mod pool;
 mod probes;

@@ -181,9 +181,14 @@ impl Slab {
         slab_area(self.superslab() as usize, self.index()) + self.color as usize
     }
 
+    /// The slab's first byte (in slab 0, the SuperSlab's header).
+    pub fn base(&self) -> usize {
+        self.superslab() as usize + self.index() * SLAB_SIZE
+    }
+
     /// One past the slab's last byte.
     fn end(&self) -> usize {
-        self.superslab() as usize + (self.index() + 1) * SLAB_SIZE
+        self.base() + SLAB_SIZE
     }
 
     /// Gives the pages of an EMPTY slab back to the OS (`os::decommit`);

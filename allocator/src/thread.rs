@@ -57,9 +57,11 @@ extern "C" fn before_fork() {
     crate::parcel::lock_for_fork();
     crate::large::lock_for_fork();
     crate::os::lock_for_fork();
+    crate::owned_index::lock_for_fork();
 }
 
 fn unlock_all() {
+    crate::owned_index::unlock_after_fork();
     crate::os::unlock_after_fork();
     crate::large::unlock_after_fork();
     crate::parcel::unlock_after_fork();

@@ -7,6 +7,7 @@ use crate::ace::AceCache;
 use crate::class::{class_of_bin, BINS, BIN_SIZES};
 use crate::config;
 use crate::legacy;
+use crate::owned_index::{self, OwnedIndex};
 use crate::pool::{self, Acquired};
 use crate::probes;
 use crate::segment;
@@ -94,6 +95,8 @@ pub struct ThreadCache {
     overflows: [u8; BINS],
     /// Owner id stamped on this thread's slabs (0 until the first refill).
     id: usize,
+    /// The slabs this thread owns, by address (null until it owns one).
+    owned_index: *mut OwnedIndex,
     registered: bool,
 }
 
@@ -104,6 +107,7 @@ impl ThreadCache {
         ace: [AceCache::NEW; ACE_CLASSES],
         overflows: [0; BINS],
         id: 0,
+        owned_index: null_mut(),
         registered: false,
     };
 
@@ -136,7 +140,7 @@ impl ThreadCache {
             }
             i += 1;
         }
-        self.id == 0 && !self.registered
+        self.id == 0 && !self.registered && self.owned_index.is_null()
     }
 }
 
@@ -172,6 +176,27 @@ pub fn alloc(bin: usize) -> *mut u8 {
         return hit.cast();
     }
     refill_and_alloc(bin)
+}
+
+/// Frees `ptr` onto this thread's TLS SLL if it lies in a slab the thread's
+/// index names (see `owned_index`); false, with nothing done, otherwise.
+///
+/// # Safety
+/// `ptr` is a block handed out by hakmem and not yet freed, or a pointer
+/// outside every slab this thread owns; either way not in a SuperSlab header.
+#[inline(always)]
+pub unsafe fn free_owned(ptr: *mut u8) -> bool {
+    with_cache(|tc| {
+        // SAFETY: a non-null index is this thread's, live until its exit hook.
+        let Some(ix) = (unsafe { tc.owned_index.as_ref() }) else {
+            return false;
+        };
+        let Some(bin) = ix.bin_of(ptr as usize) else {
+            return false;
+        };
+        push_local(tc, bin, ptr as *mut Block);
+        true
+    })
 }
 
 /// Frees a block of a SuperSlab slab (`slab` is its metadata): onto this
@@ -436,6 +461,14 @@ impl ThreadCache {
 
     /// Puts `s` (owned by this thread, on no list) at the front of the ring.
     fn link_owned(&mut self, bin: usize, s: *mut Slab) {
+        if self.owned_index.is_null() {
+            self.owned_index = owned_index::take();
+        }
+        // SAFETY: `s` is live slab metadata (ours from now on).
+        let base = unsafe { (*s).base() };
+        if let Some(ix) = self.index_mut() {
+            ix.insert(base, bin);
+        }
         let cc = &mut self.tiny[bin];
         let front = cc.owned;
         // SAFETY: `s` is ours and on no list; the ring's slabs are ours.
@@ -454,8 +487,18 @@ impl ThreadCache {
         cc.owned = s;
     }
 
-    /// Takes `s` off the ring and out of the active slot.
+    fn index_mut(&mut self) -> Option<&mut OwnedIndex> {
+        // SAFETY: non-null, the index is this thread's alone until its exit hook.
+        unsafe { self.owned_index.as_mut() }
+    }
+
+    /// Takes `s` off the ring, out of the active slot and out of the index.
     fn unlink_owned(&mut self, bin: usize, s: *mut Slab) {
+        // SAFETY: `s` is live slab metadata, ours until this unlink.
+        let base = unsafe { (*s).base() };
+        if let Some(ix) = self.index_mut() {
+            ix.remove(base);
+        }
         self.ring_remove(bin, s);
         let cc = &mut self.tiny[bin];
         if cc.active == s {
@@ -511,6 +554,12 @@ impl ThreadCache {
             }
         }
         crate::ace::release_thread(&mut self.ace);
+        if !self.owned_index.is_null() {
+            // SAFETY: every owned slab was unlinked above, so the index is
+            // empty; the null left behind sends later frees the slow way.
+            unsafe { owned_index::give_back(self.owned_index) };
+            self.owned_index = null_mut();
+        }
         self.registered = false;
     }
 }
