@@ -691,4 +691,29 @@ mod tests {
         tc.release_all();
         assert!(tc.tiny[bin].owned.is_null());
     }
+
+    #[test]
+    fn the_owners_free_is_served_by_its_index_and_no_other_threads_is() {
+        use std::sync::mpsc::channel;
+        let (block_tx, block_rx) = channel();
+        let (done_tx, done_rx) = channel::<()>();
+        let owner = std::thread::spawn(move || {
+            // SAFETY: plain allocations, freed once below or by the main thread.
+            let (p, q) = unsafe { (crate::api::malloc(48), crate::api::malloc(48)) };
+            assert!(!p.is_null() && !q.is_null());
+            // SAFETY: q is a live block of a slab this thread owns.
+            assert!(unsafe { free_owned(q) }, "the owner's free hits its index");
+            let head = with_cache(|tc| tc.tiny[tiny_bin(48)].head);
+            assert_eq!(head, q as *mut Block, "q went onto the owner's TLS list");
+            block_tx.send(p as usize).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let p = block_rx.recv().unwrap() as *mut u8;
+        // SAFETY: p is live; a miss does nothing.
+        assert!(!unsafe { free_owned(p) }, "another thread's block misses");
+        // SAFETY: p is live and freed once (onto its slab's remote list).
+        unsafe { crate::api::free(p) };
+        done_tx.send(()).unwrap();
+        owner.join().unwrap();
+    }
 }
