@@ -26,8 +26,21 @@ fn set_errno(e: i32) {
 /// None beyond the C contract; unsafe because it hands out raw memory.
 #[inline]
 pub unsafe fn malloc(size: usize) -> *mut u8 {
+    if size <= TINY_MAX {
+        let p = tiny::alloc_cached(tiny_bin(size));
+        if !p.is_null() {
+            return p;
+        }
+    }
+    // A tail call: the path above needs no stack frame.
+    malloc_uncached(size)
+}
+
+/// `malloc` past the thread cache: a tiny refill, ACE or the large path.
+#[inline(never)]
+fn malloc_uncached(size: usize) -> *mut u8 {
     let p = if size <= TINY_MAX {
-        tiny::alloc(tiny_bin(size))
+        tiny::refill_and_alloc(tiny_bin(size))
     } else {
         alloc_above_tiny(size)
     };
@@ -37,7 +50,6 @@ pub unsafe fn malloc(size: usize) -> *mut u8 {
     p
 }
 
-#[inline(never)]
 fn alloc_above_tiny(size: usize) -> *mut u8 {
     if size <= ACE_MAX {
         let p = ace::alloc(size);

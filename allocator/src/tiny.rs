@@ -156,7 +156,17 @@ pub fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> R {
 /// Allocates a block of tiny bin `bin`.
 #[inline(always)]
 pub fn alloc(bin: usize) -> *mut u8 {
-    let hit = with_cache(|tc| {
+    let hit = alloc_cached(bin);
+    if !hit.is_null() {
+        return hit;
+    }
+    refill_and_alloc(bin)
+}
+
+/// A block of tiny bin `bin` from the thread's cache; null if it is empty.
+#[inline(always)]
+pub fn alloc_cached(bin: usize) -> *mut u8 {
+    with_cache(|tc| {
         let cc = &mut tc.tiny[bin];
         let b = cc.head;
         if !b.is_null() {
@@ -170,12 +180,8 @@ pub fn alloc(bin: usize) -> *mut u8 {
             // for now, it arrives while the program uses `b`.
             crate::os::prefetch(next);
         }
-        b
-    });
-    if !hit.is_null() {
-        return hit.cast();
-    }
-    refill_and_alloc(bin)
+        b.cast()
+    })
 }
 
 /// Frees `ptr` onto this thread's TLS SLL if it lies in a slab the thread's
@@ -260,7 +266,7 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
 
 #[cold]
 #[inline(never)]
-fn refill_and_alloc(bin: usize) -> *mut u8 {
+pub fn refill_and_alloc(bin: usize) -> *mut u8 {
     crate::global::ensure_init();
     // A slow path: big blocks freed a while ago go back to the OS even in a
     // program that now makes only small ones.
