@@ -153,6 +153,47 @@ fn slab_color(ss: usize, idx: usize) -> usize {
     ((idx * 5 + (ss >> 21) * 3) % 16) * 64
 }
 
+/// The index in its SuperSlab of the slab whose metadata is at `meta`.
+fn meta_index(meta: usize) -> usize {
+    let ss = crate::segment::chunk_of(meta);
+    (meta - ss - core::mem::offset_of!(SuperSlab, slabs)) / core::mem::size_of::<Slab>()
+}
+
+/// A slab named in 32 bits, its SuperSlab's number and its index there:
+/// what the thread cache keeps per bin, as it must stay small (see `tls`).
+/// SuperSlabs lie below 2^REMOTE_ADDR_BITS, so the number fits; 0 names no
+/// slab (no SuperSlab starts at address 0).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SlabRef(u32);
+
+const _: () =
+    assert!(REMOTE_ADDR_BITS - SS_SIZE.trailing_zeros() + SLABS_PER_SS.trailing_zeros() <= 32);
+
+impl SlabRef {
+    pub const NONE: SlabRef = SlabRef(0);
+
+    pub fn new(slab: *mut Slab) -> SlabRef {
+        if slab.is_null() {
+            return SlabRef::NONE;
+        }
+        let ss = crate::segment::chunk_of(slab as usize);
+        SlabRef(((ss / SS_SIZE) * SLABS_PER_SS + meta_index(slab as usize)) as u32)
+    }
+
+    /// The slab's metadata; null for NONE.
+    pub fn get(self) -> *mut Slab {
+        if self == SlabRef::NONE {
+            return core::ptr::null_mut();
+        }
+        let n = self.0 as usize;
+        slab_of((n / SLABS_PER_SS) * SS_SIZE + (n % SLABS_PER_SS) * SLAB_SIZE).1
+    }
+
+    pub const fn is_none(self) -> bool {
+        self.0 == 0
+    }
+}
+
 /// The SuperSlab and slab holding `ptr` (which must lie in a SuperSlab segment).
 #[inline(always)]
 pub fn slab_of(ptr: usize) -> (*mut SuperSlab, *mut Slab, usize) {
@@ -172,9 +213,7 @@ impl Slab {
     }
 
     fn index(&self) -> usize {
-        let ss = self.superslab() as usize;
-        (self as *const _ as usize - ss - core::mem::offset_of!(SuperSlab, slabs))
-            / core::mem::size_of::<Slab>()
+        meta_index(self as *const _ as usize)
     }
 
     pub fn area(&self) -> usize {
@@ -377,6 +416,23 @@ mod tests {
         // SAFETY: a slab of a SuperSlab from `fresh_superslab`, which only
         // the calling test uses.
         unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[idx]) }
+    }
+
+    #[test]
+    fn a_slab_ref_names_its_slab_and_none_names_none() {
+        let (base, ss) = fresh_superslab();
+        for idx in [0, 1, SLABS_PER_SS - 1] {
+            let slab: *mut Slab = slab_at(ss, idx);
+            let r = SlabRef::new(slab);
+            assert!(!r.is_none());
+            assert_eq!(r.get(), slab, "slab {idx}");
+            // SAFETY: the slab's metadata, formatted by nobody: base() reads no field.
+            assert_eq!(unsafe { (*slab).base() }, base as usize + idx * SLAB_SIZE);
+        }
+        assert!(SlabRef::new(core::ptr::null_mut()).is_none());
+        assert!(SlabRef::NONE.get().is_null());
+        // SAFETY: the test's own chunk, unused now.
+        unsafe { os::unmap(base, SS_SIZE) };
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::owned_index::{self, OwnedIndex};
 use crate::pool::{self, Acquired};
 use crate::probes;
 use crate::segment;
-use crate::superslab::{slab_of, Block, Slab};
+use crate::superslab::{slab_of, Block, Slab, SlabRef};
 use crate::thread;
 use crate::tls::cache_ptr;
 use core::ptr::null_mut;
@@ -64,6 +64,7 @@ fn bounded_limit(bin: usize, limit: u32) -> u32 {
 /// a thread cache holds beyond its limit, and what its next overflow walks).
 const REMOTE_WHOLE_MAX: u32 = 256;
 
+/// What malloc and free use of a bin: 16 bytes, four bins to a cache line.
 pub struct ClassCache {
     /// The TLS SLL.
     head: *mut Block,
@@ -71,11 +72,6 @@ pub struct ClassCache {
     /// Drain when `count` passes this (LIMIT_MIN_BATCHES..=LIMIT_MAX_BATCHES
     /// x BATCH; 0 until the first use, which sets it, so a zeroed cache is valid).
     limit: u32,
-    /// The slab refills carve from.
-    active: *mut Slab,
-    /// Every slab this thread owns for the bin: a ring through Slab::next/prev,
-    /// slabs likely to have free blocks towards this end (see `find_partial`).
-    owned: *mut Slab,
 }
 
 impl ClassCache {
@@ -83,13 +79,29 @@ impl ClassCache {
         head: null_mut(),
         count: 0,
         limit: 0,
-        active: null_mut(),
-        owned: null_mut(),
+    };
+}
+
+/// The slabs the thread holds for a bin, for refills and drains.
+#[derive(Clone, Copy)]
+struct BinSlabs {
+    /// The slab refills carve from.
+    active: SlabRef,
+    /// Every slab this thread owns for the bin: a ring through Slab::next/prev,
+    /// slabs likely to have free blocks towards this end (see `find_partial`).
+    owned: SlabRef,
+}
+
+impl BinSlabs {
+    const NEW: BinSlabs = BinSlabs {
+        active: SlabRef::NONE,
+        owned: SlabRef::NONE,
     };
 }
 
 pub struct ThreadCache {
     tiny: [ClassCache; BINS],
+    slabs: [BinSlabs; BINS],
     pub ace: [AceCache; ACE_CLASSES],
     /// Overflows of each bin since its limit last shrank (see LIMIT_SHRINK_AFTER).
     overflows: [u8; BINS],
@@ -104,6 +116,7 @@ impl ThreadCache {
     /// An empty cache: all zero bytes (see `tls`, which relies on it).
     pub const NEW: ThreadCache = ThreadCache {
         tiny: [ClassCache::NEW; BINS],
+        slabs: [BinSlabs::NEW; BINS],
         ace: [AceCache::NEW; ACE_CLASSES],
         overflows: [0; BINS],
         id: 0,
@@ -116,11 +129,12 @@ impl ThreadCache {
         let mut i = 0;
         while i < BINS {
             let c = &self.tiny[i];
+            let r = &self.slabs[i];
             if !c.head.is_null()
                 || c.count != 0
                 || c.limit != 0
-                || !c.active.is_null()
-                || !c.owned.is_null()
+                || !r.active.is_none()
+                || !r.owned.is_none()
             {
                 return false;
             }
@@ -298,6 +312,22 @@ pub(crate) fn ensure_registered() {
 }
 
 impl ThreadCache {
+    fn active(&self, bin: usize) -> *mut Slab {
+        self.slabs[bin].active.get()
+    }
+
+    fn set_active(&mut self, bin: usize, s: *mut Slab) {
+        self.slabs[bin].active = SlabRef::new(s);
+    }
+
+    fn owned(&self, bin: usize) -> *mut Slab {
+        self.slabs[bin].owned.get()
+    }
+
+    fn set_owned(&mut self, bin: usize, s: *mut Slab) {
+        self.slabs[bin].owned = SlabRef::new(s);
+    }
+
     /// The TLS SLL of `bin` went over its limit (or the limit was never set).
     #[cold]
     #[inline(never)]
@@ -335,7 +365,7 @@ impl ThreadCache {
         self.grow_limit(bin);
         if config::get().use_superslab {
             loop {
-                let active = self.tiny[bin].active;
+                let active = self.active(bin);
                 if !active.is_null() {
                     // SAFETY: the active slab is owned by this thread.
                     let s = unsafe { &mut *active };
@@ -355,23 +385,23 @@ impl ThreadCache {
                     }
                 }
                 if let Some(s) = self.find_partial(bin) {
-                    self.tiny[bin].active = s;
+                    self.set_active(bin, s);
                     continue;
                 }
                 if let Some(s) = pool::adopt(bin, self.id) {
                     // SAFETY: adopt handed us exclusive ownership of `s`.
                     unsafe { drain_remote(&mut *s) };
                     self.link_owned(bin, s);
-                    self.tiny[bin].active = s;
+                    self.set_active(bin, s);
                     continue;
                 }
                 // Every slab of the bin the thread owns is full (or it owns
                 // none: a first slab, or a program that freed them all).
-                let growing = !self.tiny[bin].owned.is_null();
+                let growing = !self.owned(bin).is_null();
                 match pool::acquire(bin, self.id, growing) {
                     Acquired::Slab(s) => {
                         self.link_owned(bin, s);
-                        self.tiny[bin].active = s;
+                        self.set_active(bin, s);
                     }
                     Acquired::Failed => break,
                 }
@@ -402,9 +432,9 @@ impl ThreadCache {
     /// is found at once if they came from this thread, and within ring/8
     /// calls if only other threads freed them.
     fn find_partial(&mut self, bin: usize) -> Option<*mut Slab> {
-        let active = self.tiny[bin].active;
+        let active = self.active(bin);
         for _ in 0..PARTIAL_SCAN {
-            let cur = self.tiny[bin].owned;
+            let cur = self.owned(bin);
             if cur.is_null() {
                 break;
             }
@@ -421,7 +451,7 @@ impl ThreadCache {
                     return Some(cur);
                 }
             }
-            self.tiny[bin].owned = s.next;
+            self.set_owned(bin, s.next);
         }
         None
     }
@@ -460,7 +490,7 @@ impl ThreadCache {
 
     /// A drain found `slab` EMPTY: hand it to the recycle boundary. True if released.
     fn on_empty(&mut self, bin: usize, slab: *mut Slab) -> bool {
-        let is_active = slab == self.tiny[bin].active;
+        let is_active = slab == self.active(bin);
         // SAFETY: we own the slab; the unlink runs before the pool takes it.
         unsafe { pool::recycle(slab, is_active, |s| self.unlink_owned(bin, s)) }
     }
@@ -475,8 +505,7 @@ impl ThreadCache {
         if let Some(ix) = self.index_mut() {
             ix.insert(base, bin);
         }
-        let cc = &mut self.tiny[bin];
-        let front = cc.owned;
+        let front = self.owned(bin);
         // SAFETY: `s` is ours and on no list; the ring's slabs are ours.
         unsafe {
             if front.is_null() {
@@ -490,7 +519,7 @@ impl ThreadCache {
                 (*front).prev = s;
             }
         }
-        cc.owned = s;
+        self.set_owned(bin, s);
     }
 
     fn index_mut(&mut self) -> Option<&mut OwnedIndex> {
@@ -506,31 +535,29 @@ impl ThreadCache {
             ix.remove(base);
         }
         self.ring_remove(bin, s);
-        let cc = &mut self.tiny[bin];
-        if cc.active == s {
-            cc.active = null_mut();
+        if self.active(bin) == s {
+            self.set_active(bin, null_mut());
         }
     }
 
     fn move_to_front(&mut self, bin: usize, s: *mut Slab) {
-        if self.tiny[bin].owned != s {
+        if self.owned(bin) != s {
             self.ring_remove(bin, s);
             self.link_owned(bin, s);
         }
     }
 
     fn ring_remove(&mut self, bin: usize, s: *mut Slab) {
-        let cc = &mut self.tiny[bin];
         // SAFETY: `s` is on this thread's ring for `bin`, as are its neighbours.
         unsafe {
             let (prev, next) = ((*s).prev, (*s).next);
             if next == s {
-                cc.owned = null_mut();
+                self.set_owned(bin, null_mut());
             } else {
                 (*prev).next = next;
                 (*next).prev = prev;
-                if cc.owned == s {
-                    cc.owned = next;
+                if self.owned(bin) == s {
+                    self.set_owned(bin, next);
                 }
             }
             (*s).next = null_mut();
@@ -546,9 +573,9 @@ impl ThreadCache {
             if n > 0 {
                 self.drain(bin, n, DrainWhy::ThreadExit);
             }
-            self.tiny[bin].active = null_mut();
-            while !self.tiny[bin].owned.is_null() {
-                let s = self.tiny[bin].owned;
+            self.set_active(bin, null_mut());
+            while !self.owned(bin).is_null() {
+                let s = self.owned(bin);
                 // SAFETY: owned slabs are ours.
                 unsafe { drain_remote(&mut *s) };
                 // SAFETY: as above.
@@ -661,7 +688,7 @@ mod tests {
             tc.tiny[bin].count += 1;
         }
         tc.release_all();
-        assert!(tc.tiny[bin].owned.is_null());
+        assert!(tc.owned(bin).is_null());
     }
 
     #[test]
@@ -695,7 +722,7 @@ mod tests {
         assert!(most <= LIMIT_MAX_BATCHES * batch + 1, "held {most} blocks");
         assert!(tc.tiny[bin].count <= LIMIT_MIN_BATCHES * batch);
         tc.release_all();
-        assert!(tc.tiny[bin].owned.is_null());
+        assert!(tc.owned(bin).is_null());
     }
 
     #[test]
