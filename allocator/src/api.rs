@@ -71,10 +71,11 @@ pub unsafe fn free(ptr: *mut u8) {
         return;
     }
     let p = ptr as usize;
-    // A block of this thread's own slabs first, from its index alone. The
-    // first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
+    // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
+    let in_ss_header = p & (SS_SIZE - 1) < SS_HEADER_RESERVE;
+    // A block of this thread's own slabs first, from its index alone.
     // SAFETY: per the contract, and not in a header.
-    if p & (SS_SIZE - 1) >= SS_HEADER_RESERVE && unsafe { tiny::free_owned(ptr) } {
+    if !in_ss_header && unsafe { tiny::free_owned(ptr) } {
         return;
     }
     let kind = segment::kind_of(p);
@@ -83,7 +84,7 @@ pub unsafe fn free(ptr: *mut u8) {
         // SAFETY: the registry vouched for the SuperSlab; the slab's format
         // fields do not change while any of its blocks is out.
         let s = unsafe { &*slab };
-        if s.state != SlabState::InUse || p & (SS_SIZE - 1) < SS_HEADER_RESERVE {
+        if in_ss_header || s.state != SlabState::InUse {
             return misuse::invalid_free("free(): invalid pointer", p);
         }
         // SAFETY: a block of an in-use slab, freed by its user.

@@ -242,27 +242,13 @@ pub unsafe fn populate(ptr: *mut u8, len: usize) -> bool {
     }
     let start = ptr as usize & !(PAGE - 1);
     let end = (ptr as usize + len).next_multiple_of(PAGE);
-    // SAFETY: errno of this thread.
-    let saved = unsafe { *libc::__errno_location() };
     // SAFETY: per the contract the pages are ours and writable; populating
     // changes no byte of them.
-    let rc = unsafe {
-        libc::madvise(
-            start as *mut libc::c_void,
-            end - start,
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    if rc != 0 {
-        // SAFETY: errno of this thread. A hint's failure is not the
-        // program's business: errno goes back to what it was.
-        let errno = unsafe { &mut *libc::__errno_location() };
-        if *errno == libc::EINVAL {
-            POPULATE.store(false, Ordering::Relaxed);
-        }
-        *errno = saved;
+    let err = unsafe { advise(start, end - start, libc::MADV_POPULATE_WRITE) };
+    if err == libc::EINVAL {
+        POPULATE.store(false, Ordering::Relaxed);
     }
-    rc == 0
+    err == 0
 }
 
 /// Gives the pages of `ptr..ptr + len` (page-aligned) back to the OS, keeping
@@ -273,13 +259,25 @@ pub unsafe fn populate(ptr: *mut u8, len: usize) -> bool {
 /// anyone will read again.
 pub unsafe fn decommit(ptr: *mut u8, len: usize) {
     debug_assert!((ptr as usize).is_multiple_of(PAGE) && len.is_multiple_of(PAGE));
-    // SAFETY: errno of this thread.
-    let saved = unsafe { *libc::__errno_location() };
     // SAFETY: per the contract; MADV_DONTNEED on private anonymous memory
-    // only drops its pages.
-    unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) };
-    // SAFETY: as above. A failed hint leaves the pages resident, no more.
-    unsafe { *libc::__errno_location() = saved };
+    // only drops its pages. A failed hint leaves them resident, no more.
+    unsafe { advise(ptr as usize, len, libc::MADV_DONTNEED) };
+}
+
+/// `madvise` as a hint: returns the error it met (0 if none) and leaves
+/// errno as it was, since a hint's failure is not the program's business.
+///
+/// # Safety
+/// As `madvise` with `advice` on `start..start + len` (page-aligned).
+unsafe fn advise(start: usize, len: usize, advice: libc::c_int) -> libc::c_int {
+    // SAFETY: errno of this thread.
+    let errno = unsafe { &mut *libc::__errno_location() };
+    let saved = *errno;
+    // SAFETY: per the contract.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
+    let err = if rc == 0 { 0 } else { *errno };
+    *errno = saved;
+    err
 }
 
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).

@@ -219,9 +219,10 @@ pub unsafe fn free_owned(ptr: *mut u8) -> bool {
     })
 }
 
-/// Frees a block of a SuperSlab slab (`slab` is its metadata): onto this
-/// thread's TLS SLL if the thread owns the slab, else onto the slab's remote
-/// list for its owner to drain.
+/// Frees a block of a SuperSlab slab (`slab` is its metadata) that the
+/// thread's index did not name (`free_owned`): onto this thread's TLS SLL if
+/// the thread owns the slab all the same (it lost its index slot), else onto
+/// the slab's remote list for its owner to drain.
 ///
 /// (Keeping other threads' blocks in the freeing thread's SLL as well, to be
 /// sent home by its drains, made `stress` about 15% faster but let an idle
