@@ -60,6 +60,11 @@ const KEEP_FREE_SEGMENTS: usize = 4;
 const KEEP_FREE_TOTAL: usize = 32;
 static FREE_KEPT: AtomicUsize = AtomicUsize::new(0);
 
+/// Bytes of the segments kept with every block free.
+pub fn free_segment_bytes() -> usize {
+    FREE_KEPT.load(Ordering::Relaxed) * CHUNK
+}
+
 pub struct AceCache {
     head: *mut Block,
     count: u32,
@@ -532,4 +537,124 @@ impl AceClass {
 /// Usable size of an ACE block of `class`.
 pub fn block_size(class: usize) -> usize {
     ACE_CLASS_SIZES[class]
+}
+
+/// Distance between consecutive blocks of a class.
+const fn stride(class: usize) -> usize {
+    ACE_CLASS_SIZES[class] + COLOR
+}
+
+/// Bits of the fixed-point reciprocals below: offsets are under 2^21 (a
+/// chunk) and strides under 2^19, so `(off * RECIP[c]) >> RECIP_SHIFT` is
+/// exactly `off / stride(c)` for every offset (Granlund-Montgomery: the
+/// rounding error, under `stride` per 2^40, stays below one for off < 2^21).
+const RECIP_SHIFT: u32 = 40;
+const RECIP: [u64; ACE_CLASSES] = {
+    let mut t = [0u64; ACE_CLASSES];
+    let mut c = 0;
+    while c < ACE_CLASSES {
+        t[c] = (1u64 << RECIP_SHIFT).div_ceil(stride(c) as u64);
+        c += 1;
+    }
+    t
+};
+const _: () = assert!(stride(ACE_CLASSES - 1) < 1 << 19 && CHUNK <= 1 << 21);
+
+/// Where the block holding `p` (a pointer into an ACE segment of `class`)
+/// starts, or None if `p` lies in no block (the header, or a block's colour
+/// pad). A multiply and a shift: `free` checks every ACE pointer with it.
+#[inline]
+pub fn block_start(p: usize, class: usize) -> Option<usize> {
+    let chunk = crate::segment::chunk_of(p);
+    let off = (p - chunk).checked_sub(HEADER_RESERVE)?;
+    let start = ((off as u64 * RECIP[class]) >> RECIP_SHIFT) as usize * stride(class);
+    (off - start < block_size(class)).then_some(chunk + HEADER_RESERVE + start)
+}
+
+/// Tag of an aligned block carved out of an ACE block (`alloc_aligned`): the
+/// word before it holds its address xor this, so that `free` tells it from an
+/// interior pointer into a block. Cleared when it is freed, so a second free
+/// of the same pointer is an invalid one.
+const ALIGNED_TAG: usize = usize::from_le_bytes(*b"HAKaligN");
+
+/// A block of `size` bytes aligned to `align` (COLOR < align, `size + align`
+/// within ACE's classes) inside an ACE block, or null (the caller falls back).
+pub fn alloc_aligned(size: usize, align: usize) -> *mut u8 {
+    let b = alloc(size + align - COLOR) as usize;
+    if b == 0 {
+        return null_mut();
+    }
+    let q = (b + align - 1) & !(align - 1);
+    if q != b {
+        // SAFETY: q - b >= COLOR (both COLOR-aligned, q > b): the tag word
+        // lies in the block, before what the caller gets.
+        unsafe { *((q - 8) as *mut usize) = q ^ ALIGNED_TAG };
+    }
+    q as *mut u8
+}
+
+/// The block start of a pointer `p` that `alloc_aligned` handed out inside
+/// the block at `start` (None: `p` is no such pointer, an interior or
+/// stale one). Clears the tag when `take` (the block is being freed).
+pub fn aligned_block(p: usize, start: usize, take: bool) -> Option<usize> {
+    if p - start < COLOR || !p.is_multiple_of(COLOR) {
+        return None;
+    }
+    let tag = (p - 8) as *mut usize;
+    // SAFETY: `start..p` lies in a block of a live segment (`block_start`).
+    if unsafe { *tag } != p ^ ALIGNED_TAG {
+        return None;
+    }
+    if take {
+        // SAFETY: as above.
+        unsafe { *tag = 0 };
+    }
+    Some(start)
+}
+
+/// Usable bytes from `p`, a pointer `free` would accept, in the block at `start`.
+pub fn usable_from(p: usize, start: usize, class: usize) -> usize {
+    block_size(class) - (p - start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_start_finds_every_block_and_refuses_pads_and_the_header() {
+        let chunk = 64 * CHUNK;
+        for class in 0..ACE_CLASSES {
+            let (size, step) = (block_size(class), stride(class));
+            assert_eq!(block_start(chunk + HEADER_RESERVE - 1, class), None);
+            let mut start = chunk + HEADER_RESERVE;
+            while start + step <= chunk + CHUNK {
+                for p in [start, start + 1, start + size / 2, start + size - 1] {
+                    assert_eq!(block_start(p, class), Some(start), "class {class} p {p:#x}");
+                }
+                for pad in [start + size, start + step - 1] {
+                    assert_eq!(block_start(pad, class), None, "class {class} pad {pad:#x}");
+                }
+                start += step;
+            }
+        }
+    }
+
+    #[test]
+    fn aligned_blocks_inside_ace_blocks_are_told_from_interior_pointers() {
+        for align in [128usize, 4096, 65536] {
+            let p = alloc_aligned(3000, align) as usize;
+            assert!(p != 0 && p.is_multiple_of(align));
+            let class = ace_class(3000 + align - COLOR);
+            let start = block_start(p, class).unwrap();
+            if start != p {
+                assert_eq!(aligned_block(p, start, false), Some(start));
+                assert!(usable_from(p, start, class) >= 3000);
+                assert_eq!(aligned_block(p + 64, start, false), None, "interior");
+                assert_eq!(aligned_block(p, start, true), Some(start));
+                assert_eq!(aligned_block(p, start, false), None, "tag cleared");
+            }
+            free(start as *mut u8, class);
+        }
+    }
 }

@@ -7,8 +7,6 @@ use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
 use crate::{ace, large, misuse, os, parcel, pool, tiny};
 use core::ptr::null_mut;
 
-/// Largest alignment served (the large path keeps header and block in one chunk).
-pub const MAX_ALIGN: usize = 1 << 20;
 /// Alignment every malloc result has, except blocks of 8 bytes or less (8).
 const MIN_ALIGN: usize = 16;
 /// A block that `realloc` must move to grow past this goes to a parcel (past
@@ -91,15 +89,27 @@ pub unsafe fn free(ptr: *mut u8) {
         return unsafe { tiny::free_superslab(ptr, slab) };
     }
     if let Some(class) = segment::ace_class_of(kind) {
-        // No block lies in the header: a pointer there is stale, most likely
-        // a large block freed again after its chunk became this segment
-        // (they share the chunk cache).
-        if p - segment::chunk_of(p) < ace::HEADER_RESERVE {
-            return misuse::invalid_free("free(): invalid pointer", p);
-        }
-        return ace::free(ptr, class);
+        return match ace_block(p, class, true) {
+            Some(b) => ace::free(b as *mut u8, class),
+            // In the header (most likely a large block freed again after its
+            // chunk became this segment: they share the chunk cache), in a
+            // colour pad, or inside a block.
+            None => misuse::invalid_free("free(): invalid pointer", p),
+        };
     }
     free_legacy_or_large(p)
+}
+
+/// The ACE block that `p` names: its start, or the block an aligned
+/// allocation was carved from (`take`: being freed); None for any other
+/// pointer into the segment.
+#[inline(always)]
+fn ace_block(p: usize, class: usize, take: bool) -> Option<usize> {
+    let start = ace::block_start(p, class)?;
+    if start == p {
+        return Some(p);
+    }
+    ace::aligned_block(p, start, take)
 }
 
 #[inline(never)]
@@ -112,7 +122,7 @@ fn free_legacy_or_large(p: usize) {
         SegKind::SuperSlab | SegKind::Ace => {}
         SegKind::Legacy => tiny::free_legacy(p as *mut u8, h.class as usize),
         SegKind::Large => {
-            let chunk = segment::chunk_of(p);
+            let chunk = segment::header_addr(h);
             if !large::is_live_block(p, chunk) {
                 return misuse::invalid_free("free(): double free or invalid pointer", p);
             }
@@ -137,25 +147,67 @@ pub fn trim() -> bool {
     large::trim() || ace || slabs
 }
 
+/// What `mallinfo2`, `malloc_stats` and `malloc_info` report, in glibc's terms.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeapFigures {
+    /// Bytes mapped for everything but live large blocks (glibc: the arena).
+    pub arena: usize,
+    /// Of those, bytes held free: the large cache's, EMPTY slabs' that keep
+    /// their pages, and ACE segments' with every block free. Free blocks in
+    /// partly used slabs and segments count as in use (as glibc counts the
+    /// blocks in its thread caches).
+    pub free: usize,
+    /// Live large blocks (glibc: mmapped chunks) and the bytes mapped for them.
+    pub large_blocks: usize,
+    pub large_bytes: usize,
+}
+
+impl HeapFigures {
+    /// Bytes in use in the arena.
+    pub fn in_use(&self) -> usize {
+        self.arena - self.free
+    }
+}
+
+/// The figures now. Each is read on its own (no common lock), so they are a
+/// moment's picture, each within a call's worth of its true value.
+pub fn heap_figures() -> HeapFigures {
+    let (large_blocks, large_bytes) = large::live();
+    let arena = os::mapped_bytes().saturating_sub(large_bytes);
+    let free = large::cached_bytes() + pool::resident_empty_bytes() + ace::free_segment_bytes();
+    HeapFigures {
+        arena,
+        free: free.min(arena),
+        large_blocks,
+        large_bytes,
+    }
+}
+
 /// `malloc_usable_size` (0 for null or a pointer that is not ours).
 pub fn usable_size(ptr: *const u8) -> usize {
     let p = ptr as usize;
-    segment::lookup(p).map_or(0, |h| usable_in(h, p))
+    segment::lookup(p)
+        .and_then(|h| usable_in(h, p))
+        .unwrap_or(0)
 }
 
-/// Usable size of the block at `p`, whose segment header is `h`.
-fn usable_in(h: &segment::SegHeader, p: usize) -> usize {
-    match h.kind {
+/// Usable size of the block at `p`, whose segment header is `h`; None if
+/// `p` is a pointer into the segment that no allocation returned.
+fn usable_in(h: &segment::SegHeader, p: usize) -> Option<usize> {
+    Some(match h.kind {
         SegKind::SuperSlab => {
             let (_, slab, _) = slab_of(p);
             // SAFETY: as in `free`.
             unsafe { (*slab).block_size as usize }
         }
         SegKind::Legacy => BIN_SIZES[h.class as usize],
-        SegKind::Ace => ace::block_size(h.class as usize),
-        SegKind::Large => large::usable_size(segment::chunk_of(p)),
+        SegKind::Ace => {
+            let class = h.class as usize;
+            ace::usable_from(p, ace_block(p, class, false)?, class)
+        }
+        SegKind::Large => large::usable_size(segment::header_addr(h)),
         SegKind::Parcel => parcel::usable_size(p),
-    }
+    })
 }
 
 /// `calloc`: overflow-checked, zeroed.
@@ -211,17 +263,16 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         return null_mut();
     }
     let p = ptr as usize;
-    let Some(h) = segment::lookup(p) else {
+    let Some((h, old)) = segment::lookup(p).and_then(|h| Some((h, usable_in(h, p)?))) else {
         misuse::invalid_free("realloc(): invalid pointer", p);
         set_errno(libc::EINVAL);
         return null_mut();
     };
-    let old = usable_in(h, p);
     // Keep the block when the new size still fits and does not waste over half.
     if size <= old && size > old / 2 {
         return ptr;
     }
-    let chunk = segment::chunk_of(p);
+    let chunk = segment::header_addr(h);
     let grown_in_place = size > old
         && match h.kind {
             SegKind::Large => large::is_live_block(p, chunk) && large::resize_in_place(chunk, size),
@@ -274,7 +325,13 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
 }
 
 /// Allocation with alignment `align` (a power of two). Null with errno
-/// ENOMEM if memory or the alignment cannot be had.
+/// ENOMEM if memory cannot be had (a size near `usize::MAX` included).
+///
+/// Where each alignment goes: the aligned tiny bins (aligned to their size)
+/// up to 1 KiB; ACE, whose blocks are 64-byte aligned, for mid sizes; for
+/// more alignment, a block carved out of an ACE block `align` bytes larger
+/// (address space in proportion to the request, not a chunk each); beyond
+/// ACE, the large path, which aligns in its mapping.
 ///
 /// # Safety
 /// As `malloc`.
@@ -284,22 +341,21 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
         // SAFETY: forwarding.
         return unsafe { malloc(size) };
     }
-    // The aligned tiny bins are aligned to their size; ACE blocks to 64 bytes
-    // (ace::COLOR); larger alignments of mid sizes take a large mapping.
-    let need = size.max(align).next_power_of_two();
+    let need = size.max(align);
     let p = if need <= TINY_MAX {
-        tiny::alloc(aligned_bin(need))
-    } else if align <= ace::COLOR && size <= ACE_MAX {
-        let p = ace::alloc(size.max(TINY_MAX + 1));
-        if p.is_null() {
+        tiny::alloc(aligned_bin(need.next_power_of_two()))
+    } else {
+        let pad = align.saturating_sub(ace::COLOR);
+        let from_ace = match size.checked_add(pad) {
+            Some(total) if total <= ACE_MAX && pad == 0 => ace::alloc(size.max(TINY_MAX + 1)),
+            Some(total) if total <= ACE_MAX => ace::alloc_aligned(size, align),
+            _ => null_mut(),
+        };
+        if from_ace.is_null() {
             large::alloc(size, align).0
         } else {
-            p
+            from_ace
         }
-    } else if align <= MAX_ALIGN {
-        large::alloc(size, align).0
-    } else {
-        null_mut()
     };
     if p.is_null() {
         set_errno(libc::ENOMEM);
@@ -385,9 +441,15 @@ mod tests {
 
     #[test]
     fn aligned_allocations_honour_their_alignment() {
-        for shift in 3..=20 {
+        for shift in 3..=30 {
             let align = 1usize << shift;
-            for size in [1usize, 24, 100, 1024, 3000, 50_000] {
+            let sizes: &[usize] = if shift <= 20 {
+                &[1, 24, 100, 1024, 3000, 50_000]
+            } else {
+                // A chunk or more: the header goes in the chunk before.
+                &[1, 5000, 3 << 20]
+            };
+            for &size in sizes {
                 // Tiny ones by the hundred: enough to span slabs of several
                 // colours (see `superslab`).
                 let n = if size.max(align) <= TINY_MAX { 200 } else { 2 };
@@ -408,6 +470,49 @@ mod tests {
                     unsafe { free(p) };
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sizes_near_the_top_of_the_address_space_get_null_at_every_alignment() {
+        for size in [
+            usize::MAX,
+            usize::MAX - 1,
+            usize::MAX - 4095,
+            usize::MAX / 2 + 1,
+            (-100isize) as usize,
+        ] {
+            for shift in 0..=30 {
+                // SAFETY: plain allocation calls, expected to fail.
+                let p = unsafe { alloc_aligned(1 << shift, size) };
+                assert!(p.is_null(), "align 2^{shift} size {size:#x}");
+            }
+            // SAFETY: as above.
+            unsafe {
+                assert!(malloc(size).is_null());
+                assert!(calloc(1, size).is_null());
+            }
+        }
+    }
+
+    #[test]
+    fn mid_alignments_take_no_chunk_each() {
+        let before = os::mapped_bytes();
+        let blocks: Vec<*mut u8> = (0..2000)
+            .map(|_| {
+                // SAFETY: plain allocation, freed below.
+                let p = unsafe { alloc_aligned(128, 2048) };
+                assert!(!p.is_null() && (p as usize).is_multiple_of(128));
+                assert!(usable_size(p) >= 2048);
+                p
+            })
+            .collect();
+        // 2000 x 2 KiB: some 4 MiB of blocks; a chunk each would be 4 GiB.
+        let grown = os::mapped_bytes().saturating_sub(before);
+        assert!(grown < 64 << 20, "mapped {grown} bytes for 4 MiB of blocks");
+        for p in blocks {
+            // SAFETY: allocated above, freed once.
+            unsafe { free(p) };
         }
     }
 

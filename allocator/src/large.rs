@@ -49,7 +49,7 @@ use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use hakmem_common::{CacheUser, ReturnWhy, TakeSource};
 
 const HEADER: usize = 64;
@@ -175,6 +175,33 @@ const EMPTY: Cache = Cache {
 };
 
 static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
+/// Live large blocks and the bytes of their mappings (`mallinfo`'s hblks and
+/// hblkhd). Slow paths only: a large call maps or takes a mapping anyway.
+static LIVE_BLOCKS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Live large blocks and the bytes mapped for them.
+pub fn live() -> (usize, usize) {
+    (
+        LIVE_BLOCKS.load(Ordering::Relaxed),
+        LIVE_BYTES.load(Ordering::Relaxed),
+    )
+}
+
+fn count_live(bytes: usize, born: bool) {
+    if born {
+        LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    } else {
+        LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes the cache holds that its mappings' users may have touched.
+pub fn cached_bytes() -> usize {
+    CACHE.lock().bytes
+}
 /// When the oldest cached mapping is due to go back (`now_ns`; `u64::MAX`:
 /// nothing cached). Read without the lock by `decay_if_due`.
 static DUE: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -207,10 +234,18 @@ fn round_page(v: usize) -> Option<usize> {
     Some(v.checked_add(PAGE - 1)? & !(PAGE - 1))
 }
 
-/// Allocates `size` bytes aligned to `align` (a power of two <= CHUNK / 2).
+/// Allocates `size` bytes aligned to `align` (a power of two).
 /// The second value says whether the memory is known to be zero (fresh mapping).
 pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     crate::global::ensure_init();
+    if size > isize::MAX as usize {
+        // No mapping can hold it (nor may a Rust object be this large):
+        // refused before the cache is flushed to make room.
+        return (null_mut(), false);
+    }
+    if align >= CHUNK {
+        return (alloc_chunk_aligned(size, align), true);
+    }
     let offset = HEADER.max(align);
     let Some(total) = size.checked_add(offset).and_then(round_page) else {
         return (null_mut(), false);
@@ -256,8 +291,55 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     }
     // SAFETY: as above; a cached mapping's header has its true size.
     let mapped = unsafe { (*h).map_size };
+    count_live(mapped, true);
     probes::cache_take(mapped, source_of(fresh), CacheUser::Large);
     ((base + offset) as *mut u8, fresh)
+}
+
+/// A block aligned to `align` >= CHUNK. It starts on a chunk boundary, so
+/// its header takes the chunk before it (address space, one page touched) and
+/// the registry marks the block's first chunk `LARGE_BODY_BYTE`, which
+/// `segment::lookup` follows back to the header. Always a fresh mapping: such
+/// alignments are rare, and no cached mapping is aligned for them. It maps
+/// `align + size`, aligned, and gives back what lies below the header at once,
+/// so it holds `CHUNK + size` of address space.
+fn alloc_chunk_aligned(size: usize, align: usize) -> *mut u8 {
+    let Some(body) = round_page(size.max(1)) else {
+        return null_mut();
+    };
+    let (Some(map), Some(over)) = (CHUNK.checked_add(body), align.checked_add(body)) else {
+        return null_mut();
+    };
+    crate::purge::at_slow_path();
+    let mut base = os::map_aligned(over, align);
+    if base.is_null() && flush_cache() {
+        base = os::map_aligned(over, align);
+    }
+    if base.is_null() {
+        return null_mut();
+    }
+    let user = base as usize + align;
+    let chunk = user - CHUNK;
+    if chunk > base as usize {
+        // SAFETY: `base..chunk` is the head of the mapping just made, unused.
+        unsafe { os::unmap(base, chunk - base as usize) };
+    }
+    // SAFETY: `chunk..chunk + map` is the rest of that mapping, ours.
+    unsafe {
+        (chunk as *mut LargeHeader).write(LargeHeader {
+            hdr: SegHeader::new(SegKind::Large, 0),
+            map_size: map,
+            user_offset: CHUNK,
+            usable: body,
+            extent: map,
+            live: true,
+        })
+    };
+    registry::insert(chunk, SegKind::Large as u8);
+    registry::insert(user, crate::segment::LARGE_BODY_BYTE);
+    count_live(map, true);
+    probes::cache_take(map, TakeSource::Fresh, CacheUser::Large);
+    user as *mut u8
 }
 
 /// A new mapping of `map` bytes (CHUNK or more), chunk-aligned.
@@ -299,7 +381,10 @@ pub fn resize_in_place(chunk: usize, size: usize) -> bool {
             .into_iter()
             .find(|&t| unsafe { os::grow_in_place(chunk as *mut u8, h.map_size, t) });
         match grown {
-            Some(t) => h.map_size = t,
+            Some(t) => {
+                LIVE_BYTES.fetch_add(t - h.map_size, Ordering::Relaxed);
+                h.map_size = t;
+            }
             None => return false,
         }
     }
@@ -314,8 +399,14 @@ pub fn free(chunk: usize) {
     let (size, extent) = unsafe {
         let h = &mut *(chunk as *mut LargeHeader);
         h.live = false;
+        if h.user_offset >= CHUNK {
+            // A chunk-aligned block (`alloc_chunk_aligned`): once cached, the
+            // mapping serves blocks that start in its first chunk.
+            registry::remove(chunk + h.user_offset);
+        }
         (h.map_size, h.extent)
     };
+    count_live(size, false);
     cache(chunk, size, extent, CacheUser::Large);
 }
 

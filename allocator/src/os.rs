@@ -9,6 +9,11 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub const PAGE: usize = 4096;
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
 
+/// Bytes hakmem holds mapped from the OS now.
+pub fn mapped_bytes() -> usize {
+    MAPPED.load(Ordering::Relaxed)
+}
+
 fn reserve(bytes: usize) -> bool {
     let limit = config::get().os_limit_bytes;
     let mut cur = MAPPED.load(Ordering::Relaxed);

@@ -186,6 +186,11 @@ pub fn reclaim_abandoned(slab: *mut Slab) {
     }
 }
 
+/// Bytes of the EMPTY slabs that keep their pages.
+pub fn resident_empty_bytes() -> usize {
+    POOL.lock().empty.resident_len() * crate::superslab::SLAB_SIZE
+}
+
 /// Takes over an abandoned slab of `bin`, if any.
 pub fn adopt(bin: usize, owner: usize) -> Option<*mut Slab> {
     let mut pool = POOL.lock();

@@ -38,6 +38,12 @@ impl SegHeader {
     }
 }
 
+/// The start of the segment whose header `lookup` returned.
+#[inline(always)]
+pub fn header_addr(h: &SegHeader) -> usize {
+    h as *const SegHeader as usize
+}
+
 #[inline(always)]
 pub fn chunk_of(ptr: usize) -> usize {
     ptr & !(CHUNK - 1)
@@ -77,15 +83,24 @@ pub fn ace_class_of(byte: u8) -> Option<usize> {
     (class < crate::class::ACE_CLASSES).then_some(class)
 }
 
-/// The segment header for `ptr`, or None if `ptr` is not inside a hakmem segment.
+/// The registry byte of the chunk where a large block aligned to a chunk or
+/// more starts: that chunk is all user block, so its header sits in the chunk
+/// before (see `large::alloc`). Not a `SegKind`: no header says it.
+pub const LARGE_BODY_BYTE: u8 = 6;
+
+/// The segment header for `ptr`, or None if `ptr` is not inside a hakmem
+/// segment. Its address is the segment's start (`header_addr`).
 #[inline]
 pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
-    if kind_of(ptr) == 0 {
-        return None;
-    }
+    let chunk = match kind_of(ptr) {
+        0 => return None,
+        LARGE_BODY_BYTE => chunk_of(ptr) - CHUNK,
+        _ => chunk_of(ptr),
+    };
     // SAFETY: a registered chunk is a live mapping that starts with a SegHeader
-    // (registered after the header is written, removed before unmapping).
-    let h = unsafe { &*(chunk_of(ptr) as *const SegHeader) };
+    // (registered after the header is written, removed before unmapping); a
+    // LARGE_BODY chunk's mapping starts one chunk before it with the header.
+    let h = unsafe { &*(chunk as *const SegHeader) };
     if h.magic != SEG_MAGIC {
         return None;
     }
