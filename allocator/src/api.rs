@@ -13,10 +13,7 @@ const MIN_ALIGN: usize = 16;
 /// `parcel::MAX`, or with a larger alignment, to the large path).
 const GROW_IN_CHUNK: usize = 32 * 1024;
 
-fn set_errno(e: i32) {
-    // SAFETY: __errno_location returns this thread's errno slot.
-    unsafe { *libc::__errno_location() = e };
-}
+use crate::errno::set as set_errno;
 
 /// `malloc`. Null with errno ENOMEM on failure.
 ///
@@ -493,6 +490,28 @@ mod tests {
                 assert!(calloc(1, size).is_null());
             }
         }
+    }
+
+    #[test]
+    fn successful_calls_leave_errno_alone() {
+        const SENTINEL: i32 = 4321;
+        crate::errno::set(SENTINEL);
+        // SAFETY: plain allocation calls on blocks of this test.
+        unsafe {
+            for size in [8usize, 3000, 100_000, 3 << 20, 40 << 20] {
+                let p = malloc(size);
+                let q = realloc(p, size * 3);
+                let r = alloc_aligned(4 << 20, size);
+                free(q);
+                free(r);
+            }
+            trim();
+        }
+        // A failed mapping (mremap, mmap) on the way must not show.
+        assert_eq!(crate::errno::get(), SENTINEL);
+        // SAFETY: as above, a request no mapping can hold.
+        assert!(unsafe { malloc(usize::MAX / 2) }.is_null());
+        assert_eq!(crate::errno::get(), libc::ENOMEM);
     }
 
     #[test]

@@ -13,10 +13,7 @@ const PAGE: usize = 4096;
 /// glibc's smallest chunk: what `pvalloc` keeps free of `usize::MAX`.
 const MINSIZE: usize = 32;
 
-fn set_errno(e: i32) {
-    // SAFETY: __errno_location returns this thread's errno slot.
-    unsafe { *libc::__errno_location() = e };
-}
+use crate::errno::set as set_errno;
 
 #[no_mangle]
 pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {

@@ -26,6 +26,7 @@ mod capi;
 pub mod class;
 pub mod config;
 mod empty_slabs;
+mod errno;
 mod global;
 mod large;
 mod legacy;

@@ -2,6 +2,7 @@
 //! lets tests make "the OS refuses memory" happen deterministically.
 
 use crate::config;
+use crate::errno;
 use crate::registry::CHUNK;
 use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -113,7 +114,7 @@ fn map_aligned_uncharged(bytes: usize, align: usize) -> *mut u8 {
         return exact;
     }
     // SAFETY: `exact` is the mapping of `bytes` just made, unused.
-    unsafe { libc::munmap(exact.cast(), bytes) };
+    unsafe { munmap(exact as usize, bytes) };
     map_and_trim(bytes, align)
 }
 
@@ -135,10 +136,10 @@ fn map_and_trim(bytes: usize, align: usize) -> *mut u8 {
     // part of the returned region.
     unsafe {
         if head > 0 {
-            libc::munmap(raw.cast(), head);
+            munmap(start, head);
         }
         if tail > 0 {
-            libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
+            munmap(aligned + bytes, tail);
         }
     }
     aligned as *mut u8
@@ -148,7 +149,7 @@ fn map_and_trim(bytes: usize, align: usize) -> *mut u8 {
 fn map_anonymous(bytes: usize) -> *mut u8 {
     // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
     // existing memory; the result is checked for MAP_FAILED.
-    let p = unsafe {
+    let (p, _) = errno::keep(|| unsafe {
         libc::mmap(
             core::ptr::null_mut(),
             bytes,
@@ -157,12 +158,19 @@ fn map_anonymous(bytes: usize) -> *mut u8 {
             -1,
             0,
         )
-    };
+    });
     if p == libc::MAP_FAILED {
-        core::ptr::null_mut()
-    } else {
-        p.cast()
+        return core::ptr::null_mut();
     }
+    if !crate::registry::covers(p as usize, bytes) {
+        // Above the registry's 47 bits (a kernel with 5-level paging places
+        // mappings there only when asked, but say no rather than hand out a
+        // block `free` could not find).
+        // SAFETY: the mapping just made, unused.
+        unsafe { munmap(p as usize, bytes) };
+        return core::ptr::null_mut();
+    }
+    p.cast()
 }
 
 /// Grows a mapping in place (never moves it): true if the pages after it were
@@ -176,7 +184,7 @@ pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
         return false;
     }
     // SAFETY: per the contract the range is our mapping; flags 0 forbids moving it.
-    let r = unsafe { libc::mremap(ptr.cast(), old, new, 0) };
+    let (r, _) = errno::keep(|| unsafe { libc::mremap(ptr.cast(), old, new, 0) });
     if r == libc::MAP_FAILED {
         MAPPED.fetch_sub(new - old, Ordering::Relaxed);
         return false;
@@ -191,7 +199,7 @@ pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
 /// adjacent ones of them together), no longer used.
 pub unsafe fn unmap(ptr: *mut u8, bytes: usize) {
     // SAFETY: per the contract, the range is one of our mappings and unused.
-    unsafe { libc::munmap(ptr.cast(), bytes) };
+    unsafe { munmap(ptr as usize, bytes) };
     MAPPED.fetch_sub(bytes, Ordering::Relaxed);
 }
 
@@ -207,7 +215,9 @@ pub fn resident_bytes(base: usize, len: usize) -> Option<usize> {
         let n = (end - at).div_ceil(PAGE).min(STEP);
         // SAFETY: mincore only writes one byte per page of the range into
         // `pages`, which has room for `n`.
-        let r = unsafe { libc::mincore(at as *mut libc::c_void, n * PAGE, pages.as_mut_ptr()) };
+        let (r, _) = errno::keep(|| unsafe {
+            libc::mincore(at as *mut libc::c_void, n * PAGE, pages.as_mut_ptr())
+        });
         if r != 0 {
             return None;
         }
@@ -223,7 +233,7 @@ pub fn peak_rss() -> Option<usize> {
     // SAFETY: an all-zero rusage is a valid value of a plain C struct.
     let mut ru: libc::rusage = unsafe { core::mem::zeroed() };
     // SAFETY: `ru` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+    if errno::keep(|| unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }).0 != 0 {
         return None;
     }
     usize::try_from(ru.ru_maxrss).ok()?.checked_mul(1024)
@@ -275,14 +285,24 @@ pub unsafe fn decommit(ptr: *mut u8, len: usize) {
 /// # Safety
 /// As `madvise` with `advice` on `start..start + len` (page-aligned).
 unsafe fn advise(start: usize, len: usize, advice: libc::c_int) -> libc::c_int {
-    // SAFETY: errno of this thread.
-    let errno = unsafe { &mut *libc::__errno_location() };
-    let saved = *errno;
     // SAFETY: per the contract.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
-    let err = if rc == 0 { 0 } else { *errno };
-    *errno = saved;
-    err
+    let (rc, err) =
+        errno::keep(|| unsafe { libc::madvise(start as *mut libc::c_void, len, advice) });
+    if rc == 0 {
+        0
+    } else {
+        err
+    }
+}
+
+/// `munmap`, errno kept (it fails only on a range that is not ours, which the
+/// callers rule out).
+///
+/// # Safety
+/// `start..start + len` is a range of our mappings that nothing uses.
+unsafe fn munmap(start: usize, len: usize) {
+    // SAFETY: per the contract.
+    errno::keep(|| unsafe { libc::munmap(start as *mut libc::c_void, len) });
 }
 
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).

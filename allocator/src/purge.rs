@@ -60,7 +60,9 @@ fn start_if_wanted() {
     }
     let mut t: libc::pthread_t = 0;
     // SAFETY: `run` has the start routine's signature and takes no argument.
-    let rc = unsafe { libc::pthread_create(&mut t, core::ptr::null(), run, core::ptr::null_mut()) };
+    let (rc, _) = crate::errno::keep(|| unsafe {
+        libc::pthread_create(&mut t, core::ptr::null(), run, core::ptr::null_mut())
+    });
     if rc == 0 {
         // SAFETY: `t` is the thread just created; detached, it is never joined.
         unsafe {

@@ -18,6 +18,16 @@ const ENTRIES: usize = 1 << (ADDR_BITS - CHUNK_SHIFT);
 // so a lookup is one load (no pointer to fetch and test first). Defined in
 // assembly because a Rust array initialiser of 64 Mi elements costs the
 // compiler about 15 s; global and hidden, as `tls` explains for its block.
+// The table covers x86_64's 47-bit user address space (4-level paging; with
+// 5-level paging Linux maps above it only when asked). Other targets have
+// other layouts (aarch64's 48 or 52 bits, other page sizes) that nobody has
+// measured or tested here: refuse to build rather than guess.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!(
+    "hakmem supports x86_64 Linux only: its chunk registry covers the 47-bit x86_64 user \
+     address space and its TLS layout assumes the x86_64 ELF TLS ABI"
+);
+
 #[cfg(target_arch = "x86_64")]
 core::arch::global_asm!(
     ".pushsection .bss.hakmem_registry,\"aw\",@nobits",
@@ -48,16 +58,6 @@ fn table() -> *const AtomicU8 {
     p
 }
 
-// Elsewhere the plain Rust static (slow to compile, same layout).
-#[cfg(not(target_arch = "x86_64"))]
-static TABLE: [AtomicU8; ENTRIES] = [const { AtomicU8::new(0) }; ENTRIES];
-
-#[cfg(not(target_arch = "x86_64"))]
-#[inline(always)]
-fn table() -> *const AtomicU8 {
-    TABLE.as_ptr()
-}
-
 #[inline(always)]
 fn entry(addr: usize) -> Option<&'static AtomicU8> {
     let idx = addr >> CHUNK_SHIFT;
@@ -67,6 +67,13 @@ fn entry(addr: usize) -> Option<&'static AtomicU8> {
     // SAFETY: idx < ENTRIES, checked above; the table is ENTRIES bytes of
     // zero-initialised static memory, a valid array of AtomicU8.
     Some(unsafe { &*table().add(idx) })
+}
+
+/// Whether `start..start + len` lies in the address space the table covers.
+pub fn covers(start: usize, len: usize) -> bool {
+    start
+        .checked_add(len)
+        .is_some_and(|end| end <= 1 << ADDR_BITS)
 }
 
 /// The kind (`SegKind as u8`) of the live hakmem segment holding `addr`, or 0.

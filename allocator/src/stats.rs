@@ -71,7 +71,8 @@ impl<const N: usize> Write for StackBuf<N> {
 pub fn write_fd(fd: i32, mut bytes: &[u8]) {
     while !bytes.is_empty() {
         // SAFETY: the pointer and length describe a live slice.
-        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        let (n, _) =
+            crate::errno::keep(|| unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) });
         if n <= 0 {
             return;
         }

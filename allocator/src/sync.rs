@@ -95,15 +95,15 @@ fn futex(word: &AtomicU32, op: i32, val: u32) {
     // SAFETY: `word` is a live, aligned u32; FUTEX_WAIT returns at once if the
     // word no longer holds `val`, FUTEX_WAKE touches no memory. Errors (EAGAIN,
     // EINTR) only mean "look again", which every caller does.
-    unsafe {
+    crate::errno::keep(|| unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
             op,
             val,
             core::ptr::null::<libc::timespec>(),
-        );
-    }
+        )
+    });
 }
 
 impl<T> Deref for Guard<'_, T> {
