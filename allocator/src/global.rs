@@ -31,8 +31,9 @@ fn init_slow() {
         return;
     }
     config::get();
+    thread::create_key();
     INIT.store(DONE, Ordering::Release);
-    thread::init();
+    thread::install_fork_handlers();
     let stop_for = config::get().stop_at_start_pid;
     // SAFETY: getpid has no preconditions.
     if stop_for != 0 && stop_for == unsafe { libc::getpid() } as u64 {

@@ -42,6 +42,8 @@ mod segment;
 pub mod stats;
 mod superslab;
 mod sync;
+#[doc(hidden)]
+pub mod test_hooks;
 mod thread;
 mod tiny;
 mod tls;

@@ -13,7 +13,7 @@ use crate::os;
 use crate::probes;
 use crate::registry;
 use crate::segment::SegKind;
-use crate::superslab::{Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
+use crate::superslab::{Block, Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -130,46 +130,53 @@ pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut
 }
 
 /// Owner id of a slab whose thread exited with blocks still out (never a
-/// thread's id: those are cache addresses). Not 0, so that a thread that has
+/// thread's id: `thread::new_owner_id` starts past it). Not 0, so that a thread that has
 /// no id yet (0) never takes such a slab for its own in `tiny::free_superslab`.
 pub const ABANDONED: usize = 1;
 
-/// Parks a slab of an exiting thread that still has blocks out.
-pub fn abandon(slab: *mut Slab) {
-    let mut pool = POOL.lock();
-    // SAFETY: the exiting owner hands the slab over; its links are ours to set.
-    unsafe {
-        let bin = (*slab).bin as usize;
-        (*slab).owner.store(ABANDONED, Ordering::Release);
-        (*slab).prev = null_mut();
-        (*slab).next = pool.abandoned[bin];
-        pool.abandoned[bin] = slab;
-    }
-}
-
 /// Owner id held while a freeing thread reclaims an abandoned slab (never a thread's id).
-const RECLAIMING: usize = usize::MAX;
+pub const RECLAIMING: usize = usize::MAX;
 
-/// A free reached a slab whose owner exited (owner ABANDONED). Take it off the
-/// abandoned list if it is still there, drain its remote frees, and recycle
-/// it if that left it EMPTY; otherwise park it again. Without this, a slab
-/// abandoned with blocks out would stay mapped until some thread allocated
-/// from its bin again.
-pub fn reclaim_abandoned(slab: *mut Slab) {
-    for _ in 0..2 {
-        {
-            let mut pool = POOL.lock();
-            // SAFETY: the metadata of a live slab with a block still out (ours, being freed).
-            let s = unsafe { &*slab };
-            if s.owner.load(Ordering::Acquire) != ABANDONED
-                || !pool.unlink_abandoned(s.bin as usize, slab)
-            {
-                return;
-            }
-            s.owner.store(RECLAIMING, Ordering::Release);
+/// Frees block `b` of a slab whose owner was read as ABANDONED or RECLAIMING
+/// (its thread exited). Without this, a slab abandoned with blocks out would
+/// stay mapped until some thread allocated from its bin again.
+///
+/// The block still counts in the slab's `used` until it is pushed or given
+/// back here, so until then nobody can recycle the slab: every decision that
+/// reads the slab's metadata is made while `b` pins it, or under the pool
+/// lock while the slab is parked (a parked slab leaves the abandoned list
+/// only under that lock). Nothing reads the slab after `b` is let go, except
+/// a reclaimer holding it RECLAIMING, which only the pool lock ends.
+///
+/// - Parked (ABANDONED, on the list): take it off (RECLAIMING), give `b`
+///   back, drain its remote frees, recycle it if EMPTY, else park it again,
+///   looking at its remote list one last time under the lock.
+/// - Being reclaimed (RECLAIMING): push `b` onto its remote list under the
+///   pool lock, so the reclaimer's last look, also under it, sees it.
+/// - Adopted meanwhile (a thread's id): push `b` for that owner to drain.
+///
+/// # Safety
+/// `b` is a block of `slab` handed out by hakmem and not yet freed.
+pub unsafe fn free_unowned(slab: *mut Slab, b: *mut Block) {
+    crate::test_hooks::at(crate::test_hooks::Point::UnownedFree, slab as usize);
+    {
+        let mut pool = POOL.lock();
+        // SAFETY: `b` pins the slab (see above).
+        let s = unsafe { &*slab };
+        let owner = s.owner.load(Ordering::Acquire);
+        if owner != ABANDONED || !pool.unlink_abandoned(s.bin as usize, slab) {
+            // RECLAIMING: its reclaimer looks again under this lock. An owner:
+            // it drains. Either way the last touch of the slab is this push.
+            s.push_remote(b);
+            return;
         }
-        // SAFETY: unlinked under the lock with owner RECLAIMING: only we touch its local state.
-        let s = unsafe { &mut *slab };
+        s.owner.store(RECLAIMING, Ordering::Release);
+    }
+    // SAFETY: unlinked under the lock with owner RECLAIMING: only we touch its
+    // local state until it is parked or recycled.
+    let s = unsafe { &mut *slab };
+    s.give_back(b);
+    loop {
         let n = s.drain_remote();
         if n > 0 {
             probes::remote_drain(class_of_bin(s.bin as usize), n);
@@ -178,12 +185,22 @@ pub fn reclaim_abandoned(slab: *mut Slab) {
         if s.used == 0 && unsafe { recycle(slab, false, |_| {}) } {
             return;
         }
-        abandon(slab);
-        // A remote free that raced with the drain saw RECLAIMING and left it to us.
+        crate::test_hooks::at(crate::test_hooks::Point::BeforeRepark, slab as usize);
+        let mut pool = POOL.lock();
         if !s.has_remote() {
+            // SAFETY: ours (RECLAIMING, on no list); parked under the lock,
+            // after which we never touch it.
+            unsafe { pool.park(slab) };
             return;
         }
+        // Frees that saw RECLAIMING pushed while we drained: still ours.
     }
+}
+
+/// Parks a slab of an exiting thread that still has blocks out.
+pub fn abandon(slab: *mut Slab) {
+    // SAFETY: the exiting owner hands the slab over.
+    unsafe { POOL.lock().park(slab) };
 }
 
 /// Bytes of the EMPTY slabs that keep their pages.
@@ -319,6 +336,22 @@ impl Pool {
             ss.empty -= 1;
         }
         Some((slab, purged))
+    }
+
+    /// Puts `slab` on the abandoned list of its bin, owner ABANDONED.
+    ///
+    /// # Safety
+    /// The caller holds the slab exclusively (its owner, exiting, or its
+    /// reclaimer); its links are ours to set.
+    unsafe fn park(&mut self, slab: *mut Slab) {
+        // SAFETY: per the contract.
+        unsafe {
+            let bin = (*slab).bin as usize;
+            (*slab).owner.store(ABANDONED, Ordering::Release);
+            (*slab).prev = null_mut();
+            (*slab).next = self.abandoned[bin];
+            self.abandoned[bin] = slab;
+        }
     }
 
     /// Removes `slab` from the abandoned list of `bin`; false if it is not there.

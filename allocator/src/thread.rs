@@ -6,17 +6,28 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// pthread key + 1 (0: not created).
 static KEY: AtomicUsize = AtomicUsize::new(0);
-/// Bumped in every fork child, so threads created there never reuse an owner
-/// id of a parent thread that did not survive the fork.
-static FORK_GENERATION: AtomicUsize = AtomicUsize::new(0);
+/// The next owner id. Ids are never reused: a thread whose exit hook did not
+/// run (see `register_current`) keeps its slabs under its own id, never
+/// under that of the next thread on its (reused) stack. 0 is "no id",
+/// `pool::ABANDONED` is 1, `pool::RECLAIMING` is `usize::MAX`: the counter
+/// starts past the first two and does not wrap in a process's life.
+static NEXT_ID: AtomicUsize = AtomicUsize::new(2);
 
-pub fn init() {
+/// Creates the exit hook's key. Before the allocator says it is ready, so
+/// that no thread can register while the key does not exist yet (glibc's
+/// `pthread_key_create` takes a slot of a static table: no allocation).
+pub fn create_key() {
     let mut key: libc::pthread_key_t = 0;
-    // SAFETY: plain libc calls with valid out-pointers and extern "C" callbacks.
+    // SAFETY: a valid out-pointer and an extern "C" destructor.
+    if unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } == 0 {
+        KEY.store(key as usize + 1, Ordering::Release);
+    }
+}
+
+/// Installs the fork handlers (may allocate: after the allocator is ready).
+pub fn install_fork_handlers() {
+    // SAFETY: extern "C" callbacks that take hakmem's locks in one order.
     unsafe {
-        if libc::pthread_key_create(&mut key, Some(on_thread_exit)) == 0 {
-            KEY.store(key as usize + 1, Ordering::Release);
-        }
         libc::pthread_atfork(
             Some(before_fork),
             Some(after_fork_parent),
@@ -25,25 +36,27 @@ pub fn init() {
     }
 }
 
-/// Arms the exit hook for the calling thread. May allocate (glibc), so the
-/// caller holds no reference into its thread cache.
-pub fn register_current() {
+/// Arms the exit hook for the calling thread; false if it could not be
+/// armed (no key, or `pthread_setspecific` failed), so that the caller keeps
+/// nothing in its caches and tries again at its next slow path. May allocate
+/// (glibc), so the caller holds no reference into its thread cache.
+pub fn register_current() -> bool {
     let k = KEY.load(Ordering::Acquire);
-    if k != 0 {
-        // SAFETY: the key was created by `init`; any non-null value arms the destructor.
-        unsafe {
+    // SAFETY: the key was created by `create_key`; any non-null value arms
+    // the destructor.
+    k != 0
+        && unsafe {
             libc::pthread_setspecific(
                 (k - 1) as libc::pthread_key_t,
                 core::ptr::dangling::<libc::c_void>(),
             )
-        };
-    }
+        } == 0
 }
 
-/// Owner id for a thread whose cache lives at `cache_addr`: unique among live
-/// threads, and never equal to an id from before a fork (user addresses are below 2^47).
-pub fn new_owner_id(cache_addr: usize) -> usize {
-    cache_addr ^ (FORK_GENERATION.load(Ordering::Relaxed) << 48)
+/// A new owner id, unique for the life of the process (and across forks:
+/// the child goes on counting from where its parent was).
+pub fn new_owner_id() -> usize {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 extern "C" fn on_thread_exit(_: *mut libc::c_void) {
@@ -75,7 +88,6 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
     crate::purge::forget_after_fork();
     unlock_all();
 }

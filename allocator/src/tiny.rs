@@ -245,13 +245,17 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
         push_local(tc, bin, b);
         true
     });
-    if !local {
-        // SAFETY: per the contract, the block is ours to link onto the remote list.
+    if local {
+        return;
+    }
+    if owner == pool::ABANDONED || owner == pool::RECLAIMING {
+        // Its thread exited: decided while `b` still pins the slab.
+        // SAFETY: per the contract.
+        unsafe { pool::free_unowned(slab, b) };
+    } else {
+        // SAFETY: per the contract, the block is ours to link onto the remote
+        // list; nothing reads the slab after the push.
         unsafe { (*slab).push_remote(b) };
-        // The owner read before the push, as `reclaim_abandoned` expects.
-        if owner == pool::ABANDONED {
-            pool::reclaim_abandoned(slab);
-        }
     }
 }
 
@@ -303,12 +307,16 @@ pub(crate) fn ensure_registered() {
         // The hook's key is made at initialisation.
         crate::global::ensure_init();
         with_cache(|tc| {
+            // Set before registering, which may allocate and so come back here.
             tc.registered = true;
             if tc.id == 0 {
-                tc.id = thread::new_owner_id(tc as *const ThreadCache as usize);
+                tc.id = thread::new_owner_id();
             }
         });
-        thread::register_current();
+        if !thread::register_current() {
+            // No hook: keep nothing cached (see `overflow`); try again later.
+            with_cache(|tc| tc.registered = false);
+        }
     }
 }
 
@@ -574,6 +582,10 @@ impl ThreadCache {
             if n > 0 {
                 self.drain(bin, n, DrainWhy::ThreadExit);
             }
+            // Frees after this (a later destructor's) overflow at once, and
+            // with `registered` false below, drain all they hold.
+            self.tiny[bin].limit = 0;
+            self.overflows[bin] = 0;
             self.set_active(bin, null_mut());
             while !self.owned(bin).is_null() {
                 let s = self.owned(bin);

@@ -409,3 +409,26 @@ fn slabs_abandoned_by_an_exited_thread_come_back_when_their_blocks_are_freed() {
     assert!(n(&c6["remote_drain_blocks"]) >= 19_000, "{c6}");
     assert!(n(&t["probes"]["ss_unmap"]) >= 4, "{t}");
 }
+
+/// A race forced by `hakmem::test_hooks` (see `race_orphan` in the scenario
+/// driver): the window is held open while another thread frees the slab's
+/// last blocks and the chunk goes back to the OS. The scenario must survive
+/// and the slab's SuperSlab must have been retired (the state the window
+/// exists for was reached).
+fn forced_race(name: &str) {
+    let t = scenario(name, &[("HAKMEM_SS_KEEP", "0")]);
+    assert!(
+        n(&t["probes"]["ss_unmap"]) >= 1,
+        "no SuperSlab retired: {t}"
+    );
+}
+
+#[test]
+fn a_free_into_an_orphaned_slab_decides_while_its_block_still_pins_the_slab() {
+    forced_race("race-unowned-free");
+}
+
+#[test]
+fn a_reclaimer_parks_an_orphaned_slab_and_looks_at_its_remote_list_under_one_lock() {
+    forced_race("race-repark");
+}

@@ -42,8 +42,10 @@ fn main() {
         "grown" => grown,
         "idle-burst" => idle_burst,
         "threads-burst" => threads_burst,
+        "race-unowned-free" => race_unowned_free,
+        "race-repark" => race_repark,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -801,4 +803,109 @@ fn abandon() {
         // SAFETY: allocated by the exited thread, freed once here.
         unsafe { hakmem::api::free(b.0) };
     }
+}
+
+/// The blocks a helper thread frees when a race hook says so (addresses).
+static RACE_BLOCKS: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+/// 0: waiting; 1: the hook asks the helper to free RACE_BLOCKS; 2: done.
+static RACE_STAGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// The point whose first arrival opens the window.
+static RACE_POINT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// At the first arrival at `RACE_POINT`: another thread frees the other
+/// blocks of the slab, then everything the large cache holds goes back to
+/// the OS (`malloc_trim`), as its policy may do at any moment; then the
+/// paused thread goes on. Code that still read the slab after letting its
+/// block go would read an unmapped SuperSlab here (SIGSEGV). Allocates
+/// nothing itself.
+fn race_hook(point: hakmem::test_hooks::Point, _slab: usize) {
+    use std::sync::atomic::Ordering;
+    if point as u32 != RACE_POINT.load(Ordering::Relaxed)
+        || RACE_STAGE
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    while RACE_STAGE.load(Ordering::Acquire) != 2 {
+        std::thread::yield_now();
+    }
+    hakmem::api::trim();
+}
+
+/// A thread fills slabs of 1000-byte blocks past one SuperSlab, keeps `1 +
+/// others` blocks of its last slab, frees the rest and exits: its last slab
+/// is abandoned with those blocks out, the only slab in use in its
+/// SuperSlab. This thread frees the first kept block, pausing at `point`
+/// while a helper frees the others (see `race_hook`). Run with
+/// `HAKMEM_SS_KEEP=0`, so that a SuperSlab whose slabs are all EMPTY is
+/// retired at once.
+fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
+    use std::sync::atomic::Ordering;
+    let kept: Vec<SendPtr> = std::thread::spawn(move || {
+        let blocks: Vec<usize> = (0..2200)
+            .map(|_| {
+                // SAFETY: plain allocation, checked.
+                let p = unsafe { hakmem::api::malloc(1000) };
+                assert!(!p.is_null());
+                p as usize
+            })
+            .collect();
+        let last_slab = blocks[blocks.len() - 1] >> 16;
+        let (kept, rest): (Vec<usize>, Vec<usize>) =
+            blocks.into_iter().partition(|&b| b >> 16 == last_slab);
+        for b in rest.into_iter().chain(kept[1 + others..].iter().copied()) {
+            // SAFETY: allocated above, freed once.
+            unsafe { hakmem::api::free(b as *mut u8) };
+        }
+        kept[..1 + others]
+            .iter()
+            .map(|&b| SendPtr(b as *mut u8))
+            .collect()
+    })
+    .join()
+    .unwrap();
+    for (slot, b) in RACE_BLOCKS.iter().zip(&kept[1..]) {
+        slot.store(b.0 as usize, Ordering::Relaxed);
+    }
+    let helper = std::thread::spawn(|| {
+        while RACE_STAGE.load(Ordering::Acquire) != 1 {
+            std::thread::yield_now();
+        }
+        for slot in &RACE_BLOCKS {
+            let b = slot.load(Ordering::Relaxed);
+            if b != 0 {
+                // SAFETY: a kept block of the exited thread, freed once.
+                unsafe { hakmem::api::free(b as *mut u8) };
+            }
+        }
+        RACE_STAGE.store(2, Ordering::Release);
+    });
+    RACE_POINT.store(point as u32, Ordering::Relaxed);
+    hakmem::test_hooks::set(Some(race_hook));
+    // SAFETY: a kept block of the exited thread, freed once.
+    unsafe { hakmem::api::free(kept[0].0) };
+    hakmem::test_hooks::set(None);
+    helper.join().unwrap();
+    assert_eq!(
+        RACE_STAGE.load(Ordering::Relaxed),
+        2,
+        "the window was never reached"
+    );
+    println!("the slab's last frees raced at {point:?} and the process survived");
+}
+
+/// Two frees into an orphaned slab: the first pauses before it decides
+/// where its block goes, while the second frees the slab's last other block.
+fn race_unowned_free() {
+    race_orphan(hakmem::test_hooks::Point::UnownedFree, 1);
+}
+
+/// A reclaimer that drained an orphaned slab, with blocks still out, pauses
+/// before parking it again, while another thread frees those last blocks.
+fn race_repark() {
+    race_orphan(hakmem::test_hooks::Point::BeforeRepark, 2);
 }

@@ -1,0 +1,48 @@
+//! Points where a test can pause a thread to force an interleaving: a race
+//! is fixed by reasoning, and proven by making the bad order happen every
+//! time rather than hoping two cores hit it (`hakmem-scenario`'s `race-*`
+//! scenarios, run by `tests/scenarios.rs`).
+//!
+//! Only cold paths carry a point, so the release library keeps them: one
+//! relaxed load of a null pointer on paths that take a lock anyway. A test
+//! installs its hook with `set`; the hook runs on the thread that reached the
+//! point, and must not allocate through hakmem while it holds nothing (it may
+//! block on a condition another thread fulfils).
+
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+/// The windows a test can hold open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Point {
+    /// A free holds a block of a slab whose owner exited (`pool::free_unowned`),
+    /// before it has decided where the block goes; the argument is the slab.
+    UnownedFree = 1,
+    /// A reclaimer is done with an orphaned slab that still has blocks out,
+    /// before it parks it again (`pool::free_unowned`); the argument is the slab.
+    BeforeRepark = 2,
+}
+
+/// A hook: the point reached and its argument.
+pub type Hook = fn(Point, usize);
+
+static HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Installs `hook` (None removes it). For tests only.
+#[doc(hidden)]
+pub fn set(hook: Option<Hook>) {
+    let p = hook.map_or(core::ptr::null_mut(), |h| h as *mut ());
+    HOOK.store(p, Ordering::Release);
+}
+
+/// Runs the installed hook, if any, at `point`.
+#[inline]
+pub fn at(point: Point, arg: usize) {
+    let p = HOOK.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: only `set` stores here, and it stores a `Hook` cast to a
+        // pointer; fn pointers and data pointers have one size on this target.
+        let hook: Hook = unsafe { core::mem::transmute::<*mut (), Hook>(p) };
+        hook(point, arg);
+    }
+}
