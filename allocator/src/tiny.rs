@@ -762,4 +762,60 @@ mod tests {
         done_tx.send(()).unwrap();
         owner.join().unwrap();
     }
+
+    #[test]
+    fn frees_after_thread_exit_are_not_held_in_the_dead_threads_cache() {
+        crate::global::ensure_init();
+        let bin = tiny_bin(100);
+        let mut head = null_mut();
+        // Legacy blocks: they have no owner, so they land in the freeing
+        // thread's list whatever its state (a destructor after the exit hook).
+        assert_eq!(crate::legacy::refill(bin, 40, &mut head), 40);
+        let mut blocks = Vec::new();
+        while !head.is_null() {
+            blocks.push(head);
+            // SAFETY: the refilled chain links through the first word.
+            head = unsafe { (*head).next };
+        }
+        let mut tc = Box::new(ThreadCache::NEW);
+        tc.registered = true;
+        for &b in &blocks[..20] {
+            push_local(&mut tc, bin, b);
+        }
+        assert!(tc.tiny[bin].count > 0, "a registered cache keeps blocks");
+        tc.release_all();
+        assert_eq!(tc.tiny[bin].count, 0);
+        for &b in &blocks[20..] {
+            push_local(&mut tc, bin, b);
+            assert_eq!(
+                tc.tiny[bin].count, 0,
+                "a free after the exit hook was held back"
+            );
+        }
+    }
+
+    #[test]
+    fn owner_ids_are_never_reused_even_by_a_thread_on_the_same_stack() {
+        // glibc hands an exited thread's stack, and so its static TLS, to the
+        // next thread: the cache address repeats, the id must not.
+        let id_of_a_new_thread = || {
+            std::thread::spawn(|| {
+                ensure_registered();
+                with_cache(|tc| (tc.id, tc as *const ThreadCache as usize))
+            })
+            .join()
+            .unwrap()
+        };
+        let (a, cache_a) = id_of_a_new_thread();
+        let mut seen = vec![a];
+        for _ in 0..8 {
+            let (b, cache_b) = id_of_a_new_thread();
+            assert!(
+                !seen.contains(&b),
+                "id {b:#x} reused (cache at {cache_b:#x}, first {cache_a:#x})"
+            );
+            assert!(b > pool::ABANDONED && b != pool::RECLAIMING);
+            seen.push(b);
+        }
+    }
 }

@@ -845,7 +845,10 @@ fn race_hook(point: hakmem::test_hooks::Point, _slab: usize) {
 /// retired at once.
 fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
     use std::sync::atomic::Ordering;
-    let kept: Vec<SendPtr> = std::thread::spawn(move || {
+    // The exited thread leaves its kept blocks here: a Vec it returned would
+    // be a block of its own in a slab of the same SuperSlab, keeping it mapped.
+    static FIRST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::spawn(move || {
         let blocks: Vec<usize> = (0..2200)
             .map(|_| {
                 // SAFETY: plain allocation, checked.
@@ -855,22 +858,24 @@ fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
             })
             .collect();
         let last_slab = blocks[blocks.len() - 1] >> 16;
-        let (kept, rest): (Vec<usize>, Vec<usize>) =
-            blocks.into_iter().partition(|&b| b >> 16 == last_slab);
-        for b in rest.into_iter().chain(kept[1 + others..].iter().copied()) {
-            // SAFETY: allocated above, freed once.
-            unsafe { hakmem::api::free(b as *mut u8) };
+        let mut kept = 0;
+        for b in blocks {
+            if b >> 16 == last_slab && kept <= others {
+                let slot = if kept == 0 {
+                    &FIRST
+                } else {
+                    &RACE_BLOCKS[kept - 1]
+                };
+                slot.store(b, Ordering::Relaxed);
+                kept += 1;
+            } else {
+                // SAFETY: allocated above, freed once.
+                unsafe { hakmem::api::free(b as *mut u8) };
+            }
         }
-        kept[..1 + others]
-            .iter()
-            .map(|&b| SendPtr(b as *mut u8))
-            .collect()
     })
     .join()
     .unwrap();
-    for (slot, b) in RACE_BLOCKS.iter().zip(&kept[1..]) {
-        slot.store(b.0 as usize, Ordering::Relaxed);
-    }
     let helper = std::thread::spawn(|| {
         while RACE_STAGE.load(Ordering::Acquire) != 1 {
             std::thread::yield_now();
@@ -886,8 +891,12 @@ fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
     });
     RACE_POINT.store(point as u32, Ordering::Relaxed);
     hakmem::test_hooks::set(Some(race_hook));
+    let before = hakmem::stats::snapshot();
     // SAFETY: a kept block of the exited thread, freed once.
-    unsafe { hakmem::api::free(kept[0].0) };
+    unsafe { hakmem::api::free(FIRST.load(Ordering::Relaxed) as *mut u8) };
+    let retired = hakmem::stats::snapshot()
+        .since(&before)
+        .probe(hakmem_common::ProbeId::SsUnmap);
     hakmem::test_hooks::set(None);
     helper.join().unwrap();
     assert_eq!(
@@ -895,7 +904,13 @@ fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
         2,
         "the window was never reached"
     );
-    println!("the slab's last frees raced at {point:?} and the process survived");
+    // The slab's last blocks went back within this one free (with the
+    // helper's, in the window): its SuperSlab had nothing else in use.
+    assert!(
+        retired >= 1,
+        "the orphaned slab's SuperSlab was not retired"
+    );
+    println!("the slab's last frees raced at {point:?}, its SuperSlab was retired, and the process survived");
 }
 
 /// Two frees into an orphaned slab: the first pauses before it decides
