@@ -161,8 +161,12 @@ pub fn alloc(size: usize) -> *mut u8 {
         let c = &mut tc.ace[class];
         let b = c.head;
         if !b.is_null() {
-            // SAFETY: cached blocks are free and link through their first word.
-            c.head = unsafe { (*b).next };
+            // SAFETY: cached blocks are free and link through their first word;
+            // `b` leaves the list for the caller.
+            unsafe {
+                c.head = Block::next(b);
+                Block::mark_in_use(b);
+            }
             c.count -= 1;
         }
         b
@@ -191,19 +195,21 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
         Ok(n) => with_cache(|tc| {
             let c = &mut tc.ace[class];
             // SAFETY: `take` linked n >= 1 free blocks at `head`.
-            let rest = unsafe { (*head).next };
+            let rest = unsafe { Block::next(head) };
             // Keep all but the first block in the cache.
             let mut tail = head;
             for _ in 1..n {
                 // SAFETY: walking the n-block chain built by `take`.
-                tail = unsafe { (*tail).next };
+                tail = unsafe { Block::next(tail) };
             }
             if n > 1 {
                 // SAFETY: `tail` is the chain's last block.
-                unsafe { (*tail).next = c.head };
+                unsafe { Block::set_next(tail, c.head) };
                 c.head = rest;
                 c.count += n - 1;
             }
+            // SAFETY: the first block goes to the caller.
+            unsafe { Block::mark_in_use(head) };
             head.cast()
         }),
         Err(kind) => {
@@ -218,12 +224,11 @@ pub fn free(ptr: *mut u8, class: usize) {
     let overflow = with_cache(|tc| {
         let c = &mut tc.ace[class];
         let b = ptr as *mut Block;
-        if c.head == b {
-            crate::misuse::invalid_free("free(): double free detected in ACE cache", ptr as usize);
-            return false;
+        // SAFETY: the user freed the block; its words become the link and key.
+        unsafe {
+            Block::mark_free(b, "free(): double free detected");
+            Block::set_next(b, c.head);
         }
-        // SAFETY: the user freed the block; its first word becomes the link.
-        unsafe { (*b).next = c.head };
         c.head = b;
         c.count += 1;
         // The raw cap: 0 (not set up) sends the first free to the slow path.
@@ -267,12 +272,12 @@ fn flush(class: usize) {
         let mut last = head;
         for _ in 1..n {
             // SAFETY: n <= count blocks are on the list.
-            last = unsafe { (*last).next };
+            last = unsafe { Block::next(last) };
         }
         // SAFETY: `last` is the n-th block; cut the list after it.
-        c.head = unsafe { (*last).next };
+        c.head = unsafe { Block::next(last) };
         // SAFETY: as above.
-        unsafe { (*last).next = null_mut() };
+        unsafe { Block::set_next(last, null_mut()) };
         c.count = keep;
         (head, n)
     });
@@ -286,7 +291,7 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
         let mut pool = CLASSES[class].lock();
         for _ in 0..n {
             // SAFETY: each block of the chain is a free ACE block of `class`.
-            let next = unsafe { (*b).next };
+            let next = unsafe { Block::next(b) };
             let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
             if let Some(s) = pool.put(seg, b) {
                 if released < release.len() {
@@ -388,7 +393,7 @@ impl AceClass {
                 let b = if !s.free.is_null() {
                     let b = s.free;
                     // SAFETY: a free block of the segment.
-                    s.free = unsafe { (*b).next };
+                    s.free = unsafe { Block::next(b) };
                     b
                 } else if s.carved < s.capacity {
                     let b = (seg as usize + s.carved_end()) as *mut Block;
@@ -398,7 +403,7 @@ impl AceClass {
                     break;
                 };
                 // SAFETY: `b` is free and now the caller's.
-                unsafe { (*b).next = *head };
+                unsafe { Block::set_next(b, *head) };
                 *head = b;
                 s.used += 1;
                 n += 1;
@@ -454,7 +459,7 @@ impl AceClass {
             return None;
         }
         // SAFETY: the block is free; link it.
-        unsafe { (*b).next = s.free };
+        unsafe { Block::set_next(b, s.free) };
         s.free = b;
         s.used -= 1;
         if s.list == SegList::None {
@@ -568,7 +573,8 @@ pub fn block_start(p: usize, class: usize) -> Option<usize> {
     let chunk = crate::segment::chunk_of(p);
     let off = (p - chunk).checked_sub(HEADER_RESERVE)?;
     let start = ((off as u64 * RECIP[class]) >> RECIP_SHIFT) as usize * stride(class);
-    (off - start < block_size(class)).then_some(chunk + HEADER_RESERVE + start)
+    let fits = HEADER_RESERVE + start + block_size(class) <= CHUNK;
+    (off - start < block_size(class) && fits).then_some(chunk + HEADER_RESERVE + start)
 }
 
 /// Tag of an aligned block carved out of an ACE block (`alloc_aligned`): the
@@ -628,7 +634,7 @@ mod tests {
             let (size, step) = (block_size(class), stride(class));
             assert_eq!(block_start(chunk + HEADER_RESERVE - 1, class), None);
             let mut start = chunk + HEADER_RESERVE;
-            while start + step <= chunk + CHUNK {
+            while start + size <= chunk + CHUNK {
                 for p in [start, start + 1, start + size / 2, start + size - 1] {
                     assert_eq!(block_start(p, class), Some(start), "class {class} p {p:#x}");
                 }

@@ -3,11 +3,11 @@
 
 use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::segment::{self, SegKind};
-use crate::superslab::{slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
-use crate::{ace, large, misuse, os, parcel, pool, tiny};
+use crate::superslab::{is_block_start, slab_of, SlabState, SS_HEADER_RESERVE, SS_SIZE};
+use crate::{ace, large, legacy, misuse, os, parcel, pool, tiny};
 use core::ptr::null_mut;
 
-/// Alignment every malloc result has, except blocks of 8 bytes or less (8).
+/// Alignment every malloc result has (glibc's too).
 const MIN_ALIGN: usize = 16;
 /// A block that `realloc` must move to grow past this goes to a parcel (past
 /// `parcel::MAX`, or with a larger alignment, to the large path).
@@ -79,7 +79,7 @@ pub unsafe fn free(ptr: *mut u8) {
         // SAFETY: the registry vouched for the SuperSlab; the slab's format
         // fields do not change while any of its blocks is out.
         let s = unsafe { &*slab };
-        if in_ss_header || s.state != SlabState::InUse {
+        if in_ss_header || s.state != SlabState::InUse || !is_block_start(p, s.bin as usize) {
             return misuse::invalid_free("free(): invalid pointer", p);
         }
         // SAFETY: a block of an in-use slab, freed by its user.
@@ -117,7 +117,13 @@ fn free_legacy_or_large(p: usize) {
     match h.kind {
         // `free` serves these itself before calling here.
         SegKind::SuperSlab | SegKind::Ace => {}
-        SegKind::Legacy => tiny::free_legacy(p as *mut u8, h.class as usize),
+        SegKind::Legacy => {
+            let bin = h.class as usize;
+            if !legacy::is_block_start(p, bin) {
+                return misuse::invalid_free("free(): invalid pointer", p);
+            }
+            tiny::free_legacy(p as *mut u8, bin)
+        }
         SegKind::Large => {
             let chunk = segment::header_addr(h);
             if !large::is_live_block(p, chunk) {
@@ -195,9 +201,16 @@ fn usable_in(h: &segment::SegHeader, p: usize) -> Option<usize> {
         SegKind::SuperSlab => {
             let (_, slab, _) = slab_of(p);
             // SAFETY: as in `free`.
-            unsafe { (*slab).block_size as usize }
+            let s = unsafe { &*slab };
+            if s.state != SlabState::InUse || !is_block_start(p, s.bin as usize) {
+                return None;
+            }
+            s.block_size as usize
         }
-        SegKind::Legacy => BIN_SIZES[h.class as usize],
+        SegKind::Legacy => {
+            let bin = h.class as usize;
+            legacy::is_block_start(p, bin).then_some(BIN_SIZES[bin])?
+        }
         SegKind::Ace => {
             let class = h.class as usize;
             ace::usable_from(p, ace_block(p, class, false)?, class)
@@ -334,7 +347,7 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
 /// As `malloc`.
 #[inline]
 pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
-    if align <= 8 || (align <= MIN_ALIGN && size > 8) {
+    if align <= MIN_ALIGN {
         // SAFETY: forwarding.
         return unsafe { malloc(size) };
     }
@@ -365,7 +378,7 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
 /// # Safety
 /// As `malloc`.
 pub unsafe fn alloc_aligned_zeroed(align: usize, size: usize) -> *mut u8 {
-    if align <= MIN_ALIGN && size > 8 {
+    if align <= MIN_ALIGN {
         // SAFETY: forwarding.
         return unsafe { calloc(1, size) };
     }

@@ -31,6 +31,7 @@ fn init_slow() {
         return;
     }
     config::get();
+    crate::hardening::init();
     thread::create_key();
     INIT.store(DONE, Ordering::Release);
     thread::install_fork_handlers();

@@ -35,6 +35,16 @@ const EMPTY: SpinLock<LegacyClass> = SpinLock::new(LegacyClass {
 });
 static CLASSES: [SpinLock<LegacyClass>; BINS] = [EMPTY; BINS];
 
+/// Whether `p`, a pointer into a legacy segment of `bin`, is where one of
+/// its blocks starts (not in the header, not inside a block).
+#[inline]
+pub fn is_block_start(p: usize, bin: usize) -> bool {
+    let off = (p & (CHUNK - 1)).wrapping_sub(HEADER_RESERVE);
+    off < CHUNK - HEADER_RESERVE
+        && off + BIN_SIZES[bin] <= CHUNK - HEADER_RESERVE
+        && crate::class::is_multiple_of_bin(off as u32, bin)
+}
+
 /// Moves up to `want` blocks of `bin` onto `*head`; returns how many (0: out of memory).
 pub fn refill(bin: usize, want: u32, head: &mut *mut Block) -> u32 {
     let bs = BIN_SIZES[bin];
@@ -45,7 +55,7 @@ pub fn refill(bin: usize, want: u32, head: &mut *mut Block) -> u32 {
             let b = if !c.free.is_null() {
                 let b = c.free;
                 // SAFETY: blocks on the legacy free list are free and ours.
-                c.free = unsafe { (*b).next };
+                c.free = unsafe { Block::next(b) };
                 b
             } else {
                 if c.bump + bs > c.end && !c.grow(bin) {
@@ -56,7 +66,7 @@ pub fn refill(bin: usize, want: u32, head: &mut *mut Block) -> u32 {
                 b
             };
             // SAFETY: `b` is a free block we just took; link it onto the caller's list.
-            unsafe { (*b).next = *head };
+            unsafe { Block::set_next(b, *head) };
             *head = b;
             n += 1;
         }
@@ -74,7 +84,7 @@ pub fn refill(bin: usize, want: u32, head: &mut *mut Block) -> u32 {
 pub unsafe fn give_back(bin: usize, head: *mut Block, tail: *mut Block) {
     let mut c = CLASSES[bin].lock();
     // SAFETY: per the contract `tail` is the chain's last block.
-    unsafe { (*tail).next = c.free };
+    unsafe { Block::set_next(tail, c.free) };
     c.free = head;
 }
 

@@ -28,6 +28,7 @@ pub mod config;
 mod empty_slabs;
 mod errno;
 mod global;
+mod hardening;
 mod large;
 mod legacy;
 mod misuse;

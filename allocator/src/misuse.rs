@@ -25,3 +25,15 @@ pub fn invalid_free(what: &str, ptr: usize) {
         unsafe { libc::abort() };
     }
 }
+
+/// Reports heap corruption found while following hakmem's own structures
+/// and aborts: going on would hand out memory the corruption chose.
+#[cold]
+#[inline(never)]
+pub fn fatal(what: &str, ptr: usize) -> ! {
+    let mut msg = StackBuf::<160>::new();
+    let _ = writeln!(msg, "hakmem: {what}: {ptr:#x}");
+    write_fd(2, msg.as_bytes());
+    // SAFETY: abort has no preconditions.
+    unsafe { libc::abort() }
+}

@@ -175,6 +175,8 @@ pub unsafe fn free_unowned(slab: *mut Slab, b: *mut Block) {
     // SAFETY: unlinked under the lock with owner RECLAIMING: only we touch its
     // local state until it is parked or recycled.
     let s = unsafe { &mut *slab };
+    // SAFETY: per the contract, a block its user hands back.
+    unsafe { Block::mark_free(b, "free(): double free detected") };
     s.give_back(b);
     loop {
         let n = s.drain_remote();

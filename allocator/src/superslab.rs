@@ -14,7 +14,8 @@
 //! A slab knows nothing of the pool: it counts `used` and reports EMPTY to
 //! its caller, and the pool's recycle boundary decides.
 
-use crate::class::{is_colored, BIN_SIZES};
+use crate::class::{is_colored, is_multiple_of_bin, BIN_SIZES};
+use crate::hardening;
 use crate::registry::CHUNK;
 use crate::segment::{SegHeader, SegKind};
 use core::ptr::null_mut;
@@ -36,10 +37,80 @@ const REMOTE_ADDR_MASK: u64 = (1 << REMOTE_ADDR_BITS) - 1;
 // The length field holds any slab's capacity.
 const _: () = assert!(SLAB_SIZE / BIN_SIZES[0] < 1 << (64 - REMOTE_ADDR_BITS));
 
-/// A free block: the first word links to the next.
+/// A free block (every block is at least 16 bytes): the first word links to
+/// the next free block, mangled, the second holds the double-free key (see
+/// `hardening`). Only these functions read or write them.
 #[repr(C)]
 pub struct Block {
-    pub next: *mut Block,
+    link: usize,
+    key: usize,
+}
+
+/// Every block start is a multiple of this (tiny and legacy: 16, ACE: 64).
+const BLOCK_ALIGN: usize = 16;
+
+impl Block {
+    /// The block after `b` on its list (null at the end). Aborts if the link
+    /// does not decode to an aligned address: something wrote into a free
+    /// block.
+    ///
+    /// # Safety
+    /// `b` is a block on a free list, ours to read.
+    #[inline(always)]
+    pub unsafe fn next(b: *mut Block) -> *mut Block {
+        // SAFETY: per the contract.
+        let n = hardening::mangle(b as usize, unsafe { (*b).link });
+        if n & (BLOCK_ALIGN - 1) != 0 {
+            corrupted_list(b as usize);
+        }
+        n as *mut Block
+    }
+
+    /// Links `b` to `next` (null: the end of the list).
+    ///
+    /// # Safety
+    /// `b` is a free block, ours to write.
+    #[inline(always)]
+    pub unsafe fn set_next(b: *mut Block, next: *mut Block) {
+        // SAFETY: per the contract.
+        unsafe { (*b).link = hardening::mangle(b as usize, next as usize) };
+    }
+
+    /// Marks `b` free (its key), or reports a double free (`what` names the
+    /// call) if it already was.
+    ///
+    /// # Safety
+    /// `b` is a block start that its user hands back.
+    #[inline(always)]
+    pub unsafe fn mark_free(b: *mut Block, what: &str) {
+        let key = hardening::free_key(b as usize);
+        // SAFETY: per the contract; every block has a second word.
+        unsafe {
+            if (*b).key == key {
+                return crate::misuse::invalid_free(what, b as usize);
+            }
+            (*b).key = key;
+        }
+    }
+
+    /// Clears `b`'s key: it goes to a user.
+    ///
+    /// # Safety
+    /// `b` was just taken off a free list.
+    #[inline(always)]
+    pub unsafe fn mark_in_use(b: *mut Block) {
+        // SAFETY: per the contract.
+        unsafe { (*b).key = 0 };
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn corrupted_list(b: usize) -> ! {
+    crate::misuse::fatal(
+        "malloc(): corrupted free list (a free block was overwritten)",
+        b,
+    )
 }
 
 /// Who holds a slab.
@@ -148,9 +219,30 @@ pub fn slab_area(ss: usize, idx: usize) -> usize {
 /// Colour of slab `idx` of the SuperSlab at `ss`: 0..15 cache lines. Slabs
 /// are claimed in order, and 5 is prime to 16, so consecutive slabs (and the
 /// same slab of consecutive SuperSlabs) get different colours.
-#[inline]
+#[inline(always)]
 fn slab_color(ss: usize, idx: usize) -> usize {
     ((idx * 5 + (ss >> 21) * 3) % 16) * 64
+}
+
+/// Whether `p`, a pointer into a slab of `bin`, is where one of its blocks
+/// starts (not inside a block, in the colour pad or in the SuperSlab's
+/// header): from the address and the bin alone, as `Slab::format` lays the
+/// blocks out, with no read of the slab's metadata. A few shifts and a
+/// multiply on every `free` (see `hardening`).
+#[inline(always)]
+pub fn is_block_start(p: usize, bin: usize) -> bool {
+    let ss = p & !(SS_SIZE - 1);
+    let idx = (p - ss) >> SLAB_SHIFT;
+    let color = if is_colored(bin) {
+        slab_color(ss, idx)
+    } else {
+        0
+    };
+    let off = p.wrapping_sub(slab_area(ss, idx) + color);
+    // Below SLAB_SIZE: not before the area; the last block ends in the slab.
+    off < SLAB_SIZE
+        && (p & (SLAB_SIZE - 1)) + BIN_SIZES[bin] <= SLAB_SIZE
+        && is_multiple_of_bin(off as u32, bin)
 }
 
 /// The index in its SuperSlab of the slab whose metadata is at `meta`.
@@ -290,8 +382,8 @@ impl Slab {
             // SAFETY: blocks on the owner's free list are ours and unused; the
             // first word holds the link.
             unsafe {
-                self.free = (*b).next;
-                (*b).next = *head;
+                self.free = Block::next(b);
+                Block::set_next(b, *head);
             }
             *head = b;
             n += 1;
@@ -306,7 +398,7 @@ impl Slab {
             for i in (0..take).rev() {
                 let b = (area + (self.carved + i) as usize * bs) as *mut Block;
                 // SAFETY: an uncarved block inside this slab's area, never handed out.
-                unsafe { (*b).next = *head };
+                unsafe { Block::set_next(b, *head) };
                 *head = b;
             }
             self.carved += take;
@@ -329,7 +421,7 @@ impl Slab {
             return false;
         }
         // SAFETY: `b` is a block of this slab that its user has freed.
-        unsafe { (*b).next = self.free };
+        unsafe { Block::set_next(b, self.free) };
         self.free = b;
         self.used -= 1;
         self.used == 0
@@ -339,10 +431,12 @@ impl Slab {
     #[inline]
     pub fn push_remote(&self, b: *mut Block) {
         debug_assert!(b as u64 & !REMOTE_ADDR_MASK == 0);
+        // SAFETY: a block its user hands back.
+        unsafe { Block::mark_free(b, "free(): double free detected") };
         let mut old = self.remote.load(Ordering::Relaxed);
         loop {
             // SAFETY: `b` was freed by its user and is ours to link.
-            unsafe { (*b).next = (old & REMOTE_ADDR_MASK) as *mut Block };
+            unsafe { Block::set_next(b, (old & REMOTE_ADDR_MASK) as *mut Block) };
             let new = b as u64 | ((old >> REMOTE_ADDR_BITS) + 1) << REMOTE_ADDR_BITS;
             match self
                 .remote
@@ -372,9 +466,9 @@ impl Slab {
             // SAFETY: the swap gave us exclusive ownership of the n >= 1 blocks.
             unsafe {
                 for _ in 1..n {
-                    tail = (*tail).next;
+                    tail = Block::next(tail);
                 }
-                (*tail).next = self.free;
+                Block::set_next(tail, self.free);
             }
             self.free = list;
         }
@@ -528,7 +622,7 @@ mod tests {
             while !head.is_null() {
                 handed_out.push(head as usize);
                 // SAFETY: walking the list take_batch built.
-                head = unsafe { (*head).next };
+                head = unsafe { Block::next(head) };
             }
         }
         let expected: Vec<usize> = (0..3 * 64).map(|i| slab.area() + i * 64).collect();
@@ -555,7 +649,7 @@ mod tests {
         while !head.is_null() {
             blocks.push(head as usize);
             // SAFETY: walking the list take_batch built.
-            head = unsafe { (*head).next };
+            head = unsafe { Block::next(head) };
         }
         let per_thread = blocks.len() / THREADS;
         let slab_addr = slab as *mut Slab as usize;
@@ -578,7 +672,7 @@ mod tests {
         while !cur.is_null() {
             assert!(seen.insert(cur as usize), "a block came back twice");
             // SAFETY: walking the drained free list.
-            cur = unsafe { (*cur).next };
+            cur = unsafe { Block::next(cur) };
         }
         assert_eq!(seen.len(), blocks.len());
         assert!(!slab.has_remote());

@@ -11,7 +11,7 @@ use crate::owned_index::{self, OwnedIndex};
 use crate::pool::{self, Acquired};
 use crate::probes;
 use crate::segment;
-use crate::superslab::{slab_of, Block, Slab, SlabRef};
+use crate::superslab::{self, slab_of, Block, Slab, SlabRef};
 use crate::thread;
 use crate::tls::cache_ptr;
 use core::ptr::null_mut;
@@ -185,9 +185,11 @@ pub fn alloc_cached(bin: usize) -> *mut u8 {
         let b = cc.head;
         if !b.is_null() {
             // SAFETY: blocks on the TLS SLL are free and link through their first word.
-            let next = unsafe { (*b).next };
+            let next = unsafe { Block::next(b) };
             cc.head = next;
             cc.count -= 1;
+            // SAFETY: `b` just left the list for the caller.
+            unsafe { Block::mark_in_use(b) };
             // The next allocation of this bin reads `next`'s link: a block
             // freed a while ago, whose line is likely out of L1 by now (the
             // load was half of malloc's time in bench_random_mixed). Asked
@@ -214,6 +216,10 @@ pub unsafe fn free_owned(ptr: *mut u8) -> bool {
         let Some(bin) = ix.bin_of(ptr as usize) else {
             return false;
         };
+        if !superslab::is_block_start(ptr as usize, bin) {
+            crate::misuse::invalid_free("free(): invalid pointer", ptr as usize);
+            return true;
+        }
         push_local(tc, bin, ptr as *mut Block);
         true
     })
@@ -271,11 +277,11 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
     // SAFETY: `bin` comes from a slab's or a legacy segment's metadata, which
     // only ever holds bin numbers below BINS.
     let cc = unsafe { tc.tiny.get_unchecked_mut(bin) };
-    if cc.head == b {
-        return crate::misuse::invalid_free("free(): double free detected in tcache", b as usize);
+    // SAFETY: the block was freed by its user; its words become the link and key.
+    unsafe {
+        Block::mark_free(b, "free(): double free detected");
+        Block::set_next(b, cc.head);
     }
-    // SAFETY: the block was freed by its user; its first word becomes the link.
-    unsafe { (*b).next = cc.head };
     cc.head = b;
     cc.count += 1;
     if cc.count > cc.limit {
@@ -428,8 +434,10 @@ impl ThreadCache {
         let cc = &mut self.tiny[bin];
         let b = cc.head;
         // SAFETY: callers only pop after adding at least one block.
-        cc.head = unsafe { (*b).next };
+        cc.head = unsafe { Block::next(b) };
         cc.count -= 1;
+        // SAFETY: `b` just left the list for the caller.
+        unsafe { Block::mark_in_use(b) };
         b.cast()
     }
 
@@ -474,7 +482,7 @@ impl ThreadCache {
         for _ in 0..n {
             let b = self.tiny[bin].head;
             // SAFETY: n <= count, so b is a block on the SLL.
-            self.tiny[bin].head = unsafe { (*b).next };
+            self.tiny[bin].head = unsafe { Block::next(b) };
             self.tiny[bin].count -= 1;
             if !segment::in_superslab(b as usize) {
                 legacy.push(b);
@@ -624,7 +632,7 @@ impl Chain {
 
     fn push(&mut self, b: *mut Block) {
         // SAFETY: `b` is a free block taken off the SLL; its link is ours.
-        unsafe { (*b).next = self.head };
+        unsafe { Block::set_next(b, self.head) };
         if self.head.is_null() {
             self.tail = b;
         }
@@ -658,7 +666,7 @@ mod tests {
         while !head.is_null() {
             blocks.push(head);
             // SAFETY: blocks on the taken list link through their first word.
-            head = unsafe { (*head).next };
+            head = unsafe { Block::next(head) };
         }
         blocks
     }
@@ -696,7 +704,7 @@ mod tests {
         // Everything back: every slab goes EMPTY and leaves the ring.
         for b in blocks.into_iter().flatten() {
             // SAFETY: every block left was handed out above and is freed once.
-            unsafe { (*b).next = tc.tiny[bin].head };
+            unsafe { Block::set_next(b, tc.tiny[bin].head) };
             tc.tiny[bin].head = b;
             tc.tiny[bin].count += 1;
         }
@@ -775,7 +783,7 @@ mod tests {
         while !head.is_null() {
             blocks.push(head);
             // SAFETY: the refilled chain links through the first word.
-            head = unsafe { (*head).next };
+            head = unsafe { Block::next(head) };
         }
         let mut tc = Box::new(ThreadCache::NEW);
         tc.registered = true;

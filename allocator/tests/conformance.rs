@@ -111,7 +111,7 @@ fn rows(glibc: &[(String, String)], hakmem: &[(String, String)]) -> Vec<Row> {
         .map(|(case, got)| Row {
             case: case.clone(),
             glibc: Some(got.clone()),
-            hakmem: hak.get(case.as_str()).map(|s| s.to_string()),
+            hakmem: hak.get(case.as_str()).map(|s| (*s).to_owned()),
         })
         .collect();
     rows.extend(

@@ -44,15 +44,16 @@ fn main() {
         "threads-burst" => threads_burst,
         "race-unowned-free" => race_unowned_free,
         "race-repark" => race_repark,
+        "misuse" => misuse,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark|misuse [--wait-attach]");
             std::process::exit(2);
         }
     };
     if !hakmem::config::get().stats
         && !matches!(
             name,
-            "forever" | "double-free" | "foreign-free" | "stale-free"
+            "forever" | "double-free" | "foreign-free" | "stale-free" | "misuse"
         )
     {
         eprintln!("hakmem-scenario: run with HAKMEM_STATS=1");
@@ -923,4 +924,103 @@ fn race_unowned_free() {
 /// before parking it again, while another thread frees those last blocks.
 fn race_repark() {
     race_orphan(hakmem::test_hooks::Point::BeforeRepark, 2);
+}
+
+/// One misuse, named by `MISUSE` (`MISUSE_SIZE` picks the block size):
+/// each must abort with a message naming the call and the pointer (see
+/// `tests/scenarios.rs`), never go on with a corrupted heap. Prints
+/// "survived" if it did not abort.
+fn misuse() {
+    use hakmem::api::{free, malloc};
+    let kind = std::env::var("MISUSE").unwrap_or_default();
+    let size = env_usize("MISUSE_SIZE", 64);
+    // SAFETY: deliberately wrong, to test the detection; every wrong call is
+    // the last one before the expected abort.
+    unsafe {
+        match kind.as_str() {
+            // The block is not the head of the thread's list any more.
+            "double-free-deep" => {
+                let (a, b) = (malloc(size), malloc(size));
+                free(a);
+                free(b);
+                free(a);
+            }
+            // The first free drained to the slab's (or segment's) free list.
+            "double-free-drained" => {
+                let a = malloc(size);
+                let more: Vec<usize> = (0..5000).map(|_| malloc(size) as usize).collect();
+                free(a);
+                for p in more {
+                    free(p as *mut u8);
+                }
+                free(a);
+            }
+            // Another thread's free put it on the slab's remote list.
+            "double-free-remote" => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+                let owner = std::thread::spawn(move || {
+                    tx.send(malloc(size) as usize).unwrap();
+                    done_rx.recv().unwrap();
+                });
+                let a = rx.recv().unwrap() as *mut u8;
+                free(a);
+                free(a);
+                done_tx.send(()).unwrap();
+                owner.join().unwrap();
+            }
+            // The owner freed it into its own cache; this thread frees it
+            // again. (No channel: its allocations could take the block back.)
+            "double-free-other-cache" => {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static BLOCK: AtomicUsize = AtomicUsize::new(0);
+                let freed = std::sync::Arc::new(Barrier::new(2));
+                let done = std::sync::Arc::new(Barrier::new(2));
+                let (f, d) = (freed.clone(), done.clone());
+                let owner = std::thread::spawn(move || {
+                    let a = malloc(size);
+                    free(a);
+                    BLOCK.store(a as usize, Ordering::Release);
+                    f.wait();
+                    d.wait();
+                });
+                freed.wait();
+                free(BLOCK.load(Ordering::Acquire) as *mut u8);
+                done.wait();
+                owner.join().unwrap();
+            }
+            "interior" => {
+                let a = malloc(size);
+                // Inside the block: past its first word, not at the next block.
+                free(a.add(if size > 16 { (size / 2) & !15 } else { 8 }));
+            }
+            "misaligned" => {
+                let a = malloc(size);
+                free(a.add(1));
+            }
+            // A use-after-free write of a plain pointer into the link word:
+            // it must not become the next block handed out.
+            "use-after-free-link" => {
+                let target = Box::into_raw(Box::new([0u64; 8])) as usize;
+                let a = loop {
+                    let a = malloc(size);
+                    // A block whose mangling changes the low bits, so the
+                    // forged link decodes misaligned (15 blocks in 16).
+                    if (a as usize >> 12) & 15 != 0 {
+                        break a;
+                    }
+                };
+                free(a);
+                (a as *mut usize).write(target);
+                let again = malloc(size);
+                let forged = malloc(size);
+                println!("handed out {again:p} then {forged:p} (forged {target:#x})");
+            }
+            _ => {
+                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|interior|misaligned|use-after-free-link");
+                std::process::exit(2);
+            }
+        }
+    }
+    println!("survived");
 }

@@ -229,12 +229,13 @@ static size_t pow2_at_least(size_t a)
     return p;
 }
 
-/* How the block is checked and returned. */
+/* How the block is checked. */
 struct how {
     size_t align;   /* check alignment to this (0: no check) */
     int zeroed;     /* check the n bytes are zero (calloc) */
     int foreign;    /* from glibc's own heap under a preload (__libc_*):
                        not measured with malloc_usable_size */
+    int page_round; /* usable size >= n rounded up to pages (pvalloc) */
 };
 
 /* Reports NULL/nonnull and, for a block, alignment, usable size >= n,
@@ -249,8 +250,11 @@ static void report_block(void *p, size_t n, struct how how)
     add("nonnull");
     if (how.align)
         add("%saligned%zu", (uintptr_t)p % how.align ? "MIS" : "", how.align);
-    if (!how.foreign)
-        add("usable%s", malloc_usable_size(p) >= n ? ">=req" : "<req");
+    if (!how.foreign) {
+        size_t want = how.page_round ? (n + page - 1) / page * page : n;
+        add("usable%s%s", malloc_usable_size(p) >= want ? ">=req" : "<req",
+            how.page_round ? "(page-rounded)" : "");
+    }
     if (how.zeroed)
         add("%s", all_zero(p, n) ? "zeroed" : "NOT-zeroed");
     memset(p, 0x5A, n);
@@ -286,7 +290,9 @@ static void *e_posix_memalign(size_t a, size_t n)
     return out;
 }
 
-enum rule { NATURAL, PAGE, GIVEN };
+/* Which alignment to check: malloc's, the page (valloc; pvalloc, which
+ * also rounds the size up to pages) or the one asked for. */
+enum rule { NATURAL, PAGE, PAGE_ROUNDED, GIVEN };
 
 struct entry {
     const char *fmt;    /* case name: "%s" size, or "%s,%s" align and size */
@@ -302,12 +308,12 @@ static const struct entry sized_entries[] = {
     {"realloc(NULL,%s)", e_realloc, free, NATURAL, 0, 0, 0},
     {"reallocarray(NULL,1,%s)", e_reallocarray, free, NATURAL, 0, 0, 0},
     {"valloc(%s)", e_valloc, free, PAGE, 0, 0, 0},
-    {"pvalloc(%s)", e_pvalloc, free, PAGE, 0, 0, 0},
+    {"pvalloc(%s)", e_pvalloc, free, PAGE_ROUNDED, 0, 0, 0},
     {"__libc_malloc(%s)", e_libc_malloc, __libc_free, NATURAL, 0, 1, 0},
     {"__libc_calloc(1,%s)", e_libc_calloc, __libc_free, NATURAL, 1, 1, 0},
     {"__libc_realloc(NULL,%s)", e_libc_realloc, __libc_free, NATURAL, 0, 1, 0},
     {"__libc_valloc(%s)", e_libc_valloc, __libc_free, PAGE, 0, 1, 0},
-    {"__libc_pvalloc(%s)", e_libc_pvalloc, __libc_free, PAGE, 0, 1, 0},
+    {"__libc_pvalloc(%s)", e_libc_pvalloc, __libc_free, PAGE_ROUNDED, 0, 1, 0},
 };
 
 static const struct entry aligned_entries[] = {
@@ -321,10 +327,10 @@ static const struct entry aligned_entries[] = {
 static void probe(const struct entry *e, size_t align, const char *align_name,
                   size_t n, const char *size_name)
 {
-    struct how how = {0, e->zeroes, e->foreign};
+    struct how how = {0, e->zeroes, e->foreign, e->rule == PAGE_ROUNDED};
     switch (e->rule) {
     case NATURAL: how.align = natural(n); break;
-    case PAGE: how.align = page; break;
+    case PAGE: case PAGE_ROUNDED: how.align = page; break;
     case GIVEN: how.align = pow2_at_least(align); break;
     }
 #pragma GCC diagnostic push
@@ -448,7 +454,7 @@ static void calloc_case(const char *name, int foreign, size_t n, size_t size)
     void *p = foreign ? __libc_calloc(opaque(n), opaque(size)) : calloc(opaque(n), opaque(size));
     int err = errno;
     /* n*size did not overflow if p is a block. */
-    report_block(p, n * size, (struct how){natural(n * size), 1, foreign});
+    report_block(p, n * size, (struct how){.align = natural(n * size), .zeroed = 1, .foreign = foreign});
     add_errno(err);
     (foreign ? __libc_free : free)(p);
     finish();
@@ -528,7 +534,7 @@ static void realloc_case(const struct named *old, const char *args, size_t n, si
     int err = errno;
     if (q)
         add("%s", filled(q, old->v < total ? old->v : total, 7) ? "prefix=kept" : "prefix=LOST");
-    report_block(q, total, (struct how){natural(total), 0, 0});
+    report_block(q, total, (struct how){.align = natural(total)});
     add_errno(err);
     int to_zero = size ? n == 0 || size == 0 : n == 0;
     if (!q && !to_zero)
@@ -575,7 +581,7 @@ struct pair {
     void *(*alloc)(size_t align, size_t n);
     size_t align, n;
     enum { RELEASE, REALLOC, USABLE } op;
-    void *(*realloc)(void *, size_t);
+    void *(*resize)(void *, size_t);
     size_t to;
     void (*release)(void *); /* what finally frees it */
 };
@@ -624,7 +630,7 @@ static void pair_case(const struct pair *m)
         add_errno(errno);
         break;
     case REALLOC: {
-        void *q = opaque_ptr(m->realloc(p, opaque(m->to)));
+        void *q = opaque_ptr(m->resize(p, opaque(m->to)));
         int err = errno;
         add("%s", q ? "nonnull" : "NULL");
         if (q)
@@ -635,8 +641,9 @@ static void pair_case(const struct pair *m)
     }
     case USABLE: {
         size_t u = malloc_usable_size(p);
+        int err = errno;
         add("usable%s", u >= m->n ? ">=req" : "<req");
-        add_errno(errno);
+        add_errno(err);
         m->release(p);
         break;
     }
@@ -660,7 +667,7 @@ static void g_errno(void)
         void *p = malloc(opaque(100));
         int err = errno;
         add("first=%s", opaque_ptr(fail) ? "nonnull" : "NULL");
-        report_block(p, 100, (struct how){16, 0, 0});
+        report_block(p, 100, (struct how){.align = 16});
         add_errno(err); /* a success does not clear the failure's ENOMEM */
         free(p);
         finish();
@@ -669,8 +676,9 @@ static void g_errno(void)
     if (isolated()) {
         arm();
         size_t u = malloc_usable_size(opaque_ptr(NULL));
-        add_errno(errno);
+        int err = errno;
         add("%s", u == 0 ? "=0" : "nonzero");
+        add_errno(err);
         finish();
     }
 }
