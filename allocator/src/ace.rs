@@ -161,12 +161,10 @@ pub fn alloc(size: usize) -> *mut u8 {
         let c = &mut tc.ace[class];
         let b = c.head;
         if !b.is_null() {
-            // SAFETY: cached blocks are free and link through their first word;
-            // `b` leaves the list for the caller.
-            unsafe {
-                c.head = Block::next(b);
-                Block::mark_in_use(b);
-            }
+            // SAFETY: cached blocks are free and link through their first word.
+            // (No key to clear: with `HAKMEM_CHECK_FREES=1` the cache is
+            // always empty here, see `free_slow`.)
+            c.head = unsafe { Block::next(b) };
             c.count -= 1;
         }
         b
@@ -184,6 +182,10 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::purge::if_due();
     crate::tiny::ensure_registered();
     let want = with_cache(|tc| {
+        if tc.check_frees() {
+            // Every free checked: the cache keeps nothing (`free_slow`).
+            return 1;
+        }
         let c = &mut tc.ace[class];
         c.cap = (c.cap() * 2).min(MAX_CAP[class]) as u16;
         c.missed_since_flush = true;
@@ -209,7 +211,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
                 c.count += n - 1;
             }
             // SAFETY: the first block goes to the caller.
-            unsafe { Block::mark_in_use(head) };
+            unsafe { Block::mark_in_use(head, tc.check_frees()) };
             head.cast()
         }),
         Err(kind) => {
@@ -222,13 +224,16 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
 /// Frees an ACE block of `class`.
 pub fn free(ptr: *mut u8, class: usize) {
     let overflow = with_cache(|tc| {
+        let check = tc.check_frees();
         let c = &mut tc.ace[class];
         let b = ptr as *mut Block;
         // SAFETY: the user freed the block; its words become the link and key.
-        unsafe {
-            Block::mark_free(b, "free(): double free detected");
-            Block::set_next(b, c.head);
+        if c.head == b || !unsafe { Block::mark_free(b, check) } {
+            crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, ptr as usize);
+            return false;
         }
+        // SAFETY: as above.
+        unsafe { Block::set_next(b, c.head) };
         c.head = b;
         c.count += 1;
         // The raw cap: 0 (not set up) sends the first free to the slow path.
@@ -248,6 +253,11 @@ pub fn free(ptr: *mut u8, class: usize) {
 fn free_slow(class: usize) {
     crate::tiny::ensure_registered();
     let overflow = with_cache(|tc| {
+        if tc.check_frees() {
+            // A block the cache held would be handed out again unchecked:
+            // hold nothing (the raw cap stays 0, so every free comes here).
+            return true;
+        }
         let c = &mut tc.ace[class];
         c.cap = c.cap() as u16;
         c.count > c.cap()
@@ -261,12 +271,14 @@ fn free_slow(class: usize) {
 fn flush(class: usize) {
     crate::purge::if_due();
     let (head, n) = with_cache(|tc| {
+        let check = tc.check_frees();
         let c = &mut tc.ace[class];
-        if !c.missed_since_flush {
+        if !c.missed_since_flush && !check {
             c.cap = (c.cap() / 2).max(MIN_CAP) as u16;
         }
         c.missed_since_flush = false;
-        let keep = c.cap() / 2;
+        // Every free checked: keep nothing, and the raw cap stays 0.
+        let keep = if check { 0 } else { c.cap() / 2 };
         let n = c.count - keep;
         let head = c.head;
         let mut last = head;

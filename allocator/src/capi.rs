@@ -235,15 +235,16 @@ pub extern "C" fn malloc_stats() {
 }
 
 /// `malloc_info`: glibc's XML shape (`<malloc version="1">`, one heap, the
-/// totals) with hakmem's figures. EINVAL for any `options` but 0, as glibc.
+/// totals) with hakmem's figures. Any `options` but 0 returns EINVAL (the
+/// value, errno untouched, nothing written: glibc 2.36's behaviour, not its
+/// man page's).
 ///
 /// # Safety
 /// `fp` is an open `FILE *`.
 #[no_mangle]
 pub unsafe extern "C" fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_int {
     if options != 0 {
-        set_errno(libc::EINVAL);
-        return -1;
+        return libc::EINVAL;
     }
     let f = api::heap_figures();
     let mut xml = StackBuf::<2048>::new();

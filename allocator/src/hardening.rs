@@ -1,27 +1,47 @@
-//! What keeps a buggy or hostile program from steering the allocator, on by
-//! default (its cost is in `docs/hardening.md`):
+//! What keeps a buggy or hostile program from steering the allocator.
+//! Figures and the commands behind them: `docs/hardening.md`.
 //!
-//! - Safe-linking: the link a free block stores is xor-ed with its own
-//!   address >> 12 (glibc's scheme), so a use-after-free write of a plain
-//!   pointer decodes to garbage, and a link that does not decode to an
-//!   aligned address aborts ("corrupted free list") instead of being
-//!   followed.
+//! Always on (within noise on bench_random_mixed):
+//! - A free of a pointer off the 16-byte grid is refused, and so is one
+//!   inside a block, in a colour pad or a header whenever the free reads the
+//!   block's metadata anyway: another thread's block, a legacy or an ACE
+//!   block, `malloc_usable_size` and `realloc`.
+//! - A block freed twice in a row (the head of its thread's list or ACE
+//!   cache), and a slab that gets back more blocks than it handed out.
+//!
+//! `HAKMEM_CHECK_FREES=1` (runtime; off by default: 7-25% on
+//! bench_random_mixed, whose frees touch blocks it has not used lately):
 //! - A double-free key: every free block carries, in its second word, a
-//!   per-process secret xor its address, written when it is freed and cleared
-//!   when it is handed out. A free of a block that carries it is a double
-//!   free, whichever list the block sits on (a thread cache, a slab's free or
-//!   remote list, ACE's, legacy's): aborted. The address in the key means a
-//!   stale key copied elsewhere (uninitialised bytes moved by the program)
-//!   matches no other block; a false alarm needs 64 bits of the program's
-//!   data to equal the secret xor the block's address.
-//! - Block starts: a free of a pointer inside a block, in a pad or in a
-//!   header, is refused (see `api::free` and each tier's check).
+//!   per-process secret xor its address, written when it is freed and
+//!   cleared when it is handed out. A free of a block that carries it is a
+//!   double free, whichever list the block sits on (a thread cache, a slab's
+//!   free or remote list, ACE's, legacy's): aborted. The address in the key
+//!   means a stale key copied elsewhere (uninitialised bytes moved by the
+//!   program) matches no other block; a false alarm needs 64 bits of the
+//!   program's data to equal the secret xor the block's address. The cost:
+//!   reading the freed block and a second store to its line, which a program
+//!   that frees cold blocks pays as a miss per free.
+//! - The block-start check on the owner's own fast path too (the index keeps
+//!   each slab's first-block offset: a subtraction and a multiply).
+//!
+//! Feature `safe-linking` (build time; off by default: 3% of
+//! bench_random_mixed): the link a free block stores is xor-ed with its own
+//! address >> 12 (glibc's scheme), so a use-after-free write of a plain
+//! pointer decodes to garbage, and a link that does not decode to an aligned
+//! address aborts ("corrupted free list") instead of being followed.
 //!
 //! Large blocks and parcels keep a live flag in their headers instead.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static SECRET: AtomicUsize = AtomicUsize::new(0);
+static CHECK_FREES: AtomicBool = AtomicBool::new(false);
+
+/// Whether every free is checked fully (`HAKMEM_CHECK_FREES`).
+#[inline(always)]
+pub fn check_frees() -> bool {
+    CHECK_FREES.load(Ordering::Relaxed)
+}
 
 /// Draws the per-process secret: at initialisation, before any block exists.
 /// getrandom; if the kernel will not say, bits of the addresses that ASLR
@@ -42,6 +62,7 @@ pub fn init() {
             ^ crate::os::now_ns() as usize;
     }
     SECRET.store(v, Ordering::Relaxed);
+    CHECK_FREES.store(crate::config::get().check_frees, Ordering::Relaxed);
 }
 
 /// The key a free block at `b` carries.
@@ -50,8 +71,14 @@ pub fn free_key(b: usize) -> usize {
     SECRET.load(Ordering::Relaxed) ^ b
 }
 
-/// Safe-linking: the stored form of a link held at `at`.
+/// Safe-linking (feature `safe-linking`): the stored form of a link held at
+/// `at`; its own inverse. Without the feature, the link itself.
 #[inline(always)]
 pub fn mangle(at: usize, next: usize) -> usize {
-    next ^ (at >> 12)
+    if cfg!(feature = "safe-linking") {
+        next ^ (at >> 12)
+    } else {
+        let _ = at;
+        next
+    }
 }

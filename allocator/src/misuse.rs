@@ -8,6 +8,9 @@ use crate::config;
 use crate::stats::{write_fd, StackBuf};
 use core::fmt::Write;
 
+/// The report of a block freed while it is free.
+pub const DOUBLE_FREE: &str = "free(): double free detected";
+
 /// Reports a bad free of `ptr`; aborts unless the knob says ignore.
 #[cold]
 #[inline(never)]

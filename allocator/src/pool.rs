@@ -156,7 +156,8 @@ pub const RECLAIMING: usize = usize::MAX;
 /// - Adopted meanwhile (a thread's id): push `b` for that owner to drain.
 ///
 /// # Safety
-/// `b` is a block of `slab` handed out by hakmem and not yet freed.
+/// `b` is a block of `slab` handed out by hakmem and not yet freed, already
+/// marked free (`Block::mark_free`).
 pub unsafe fn free_unowned(slab: *mut Slab, b: *mut Block) {
     crate::test_hooks::at(crate::test_hooks::Point::UnownedFree, slab as usize);
     {
@@ -175,8 +176,6 @@ pub unsafe fn free_unowned(slab: *mut Slab, b: *mut Block) {
     // SAFETY: unlinked under the lock with owner RECLAIMING: only we touch its
     // local state until it is parked or recycled.
     let s = unsafe { &mut *slab };
-    // SAFETY: per the contract, a block its user hands back.
-    unsafe { Block::mark_free(b, "free(): double free detected") };
     s.give_back(b);
     loop {
         let n = s.drain_remote();

@@ -14,7 +14,7 @@
 //! A slab knows nothing of the pool: it counts `used` and reports EMPTY to
 //! its caller, and the pool's recycle boundary decides.
 
-use crate::class::{is_colored, is_multiple_of_bin, BIN_SIZES};
+use crate::class::{is_colored, is_multiple_of_bin, BINS, BIN_SIZES};
 use crate::hardening;
 use crate::registry::CHUNK;
 use crate::segment::{SegHeader, SegKind};
@@ -50,9 +50,9 @@ pub struct Block {
 const BLOCK_ALIGN: usize = 16;
 
 impl Block {
-    /// The block after `b` on its list (null at the end). Aborts if the link
-    /// does not decode to an aligned address: something wrote into a free
-    /// block.
+    /// The block after `b` on its list (null at the end). With the feature
+    /// `safe-linking`, aborts if the link does not decode to an aligned
+    /// address: something wrote into a free block.
     ///
     /// # Safety
     /// `b` is a block on a free list, ours to read.
@@ -60,7 +60,7 @@ impl Block {
     pub unsafe fn next(b: *mut Block) -> *mut Block {
         // SAFETY: per the contract.
         let n = hardening::mangle(b as usize, unsafe { (*b).link });
-        if n & (BLOCK_ALIGN - 1) != 0 {
+        if cfg!(feature = "safe-linking") && n & (BLOCK_ALIGN - 1) != 0 {
             corrupted_list(b as usize);
         }
         n as *mut Block
@@ -76,31 +76,44 @@ impl Block {
         unsafe { (*b).link = hardening::mangle(b as usize, next as usize) };
     }
 
-    /// Marks `b` free (its key), or reports a double free (`what` names the
-    /// call) if it already was.
+    /// With the double-free check on (`check`: `hardening::check_frees()`,
+    /// or the thread cache's copy), marks `b` free (its key), or returns
+    /// false if it already was (a double free, for the caller to report).
     ///
     /// # Safety
     /// `b` is a block start that its user hands back.
     #[inline(always)]
-    pub unsafe fn mark_free(b: *mut Block, what: &str) {
+    #[must_use]
+    pub unsafe fn mark_free(b: *mut Block, check: bool) -> bool {
+        if !check {
+            // Neither the read nor the write: with a link already written to
+            // a line that missed, a second store to it cost 20% where frees
+            // touch cold blocks (the store buffer fills; `docs/hardening.md`).
+            return true;
+        }
         let key = hardening::free_key(b as usize);
         // SAFETY: per the contract; every block has a second word.
         unsafe {
             if (*b).key == key {
-                return crate::misuse::invalid_free(what, b as usize);
+                return false;
             }
             (*b).key = key;
         }
+        true
     }
 
-    /// Clears `b`'s key: it goes to a user.
+    /// With the double-free check on (`check`, as for `mark_free`), clears
+    /// `b`'s key: it goes to a user. (Without it no key was written; the
+    /// store cost 1% of bench_random_mixed.)
     ///
     /// # Safety
     /// `b` was just taken off a free list.
     #[inline(always)]
-    pub unsafe fn mark_in_use(b: *mut Block) {
-        // SAFETY: per the contract.
-        unsafe { (*b).key = 0 };
+    pub unsafe fn mark_in_use(b: *mut Block, check: bool) {
+        if check {
+            // SAFETY: per the contract.
+            unsafe { (*b).key = 0 };
+        }
     }
 }
 
@@ -226,9 +239,8 @@ fn slab_color(ss: usize, idx: usize) -> usize {
 
 /// Whether `p`, a pointer into a slab of `bin`, is where one of its blocks
 /// starts (not inside a block, in the colour pad or in the SuperSlab's
-/// header): from the address and the bin alone, as `Slab::format` lays the
-/// blocks out, with no read of the slab's metadata. A few shifts and a
-/// multiply on every `free` (see `hardening`).
+/// header): from the address and the bin, as `Slab::format` lays the blocks
+/// out. A few shifts and a multiply (see `hardening`).
 #[inline(always)]
 pub fn is_block_start(p: usize, bin: usize) -> bool {
     let ss = p & !(SS_SIZE - 1);
@@ -238,11 +250,14 @@ pub fn is_block_start(p: usize, bin: usize) -> bool {
     } else {
         0
     };
-    let off = p.wrapping_sub(slab_area(ss, idx) + color);
-    // Below SLAB_SIZE: not before the area; the last block ends in the slab.
-    off < SLAB_SIZE
-        && (p & (SLAB_SIZE - 1)) + BIN_SIZES[bin] <= SLAB_SIZE
-        && is_multiple_of_bin(off as u32, bin)
+    let in_slab = p & (SLAB_SIZE - 1);
+    // Wraps (and fails) before the area; the last block ends in the slab.
+    let off = in_slab.wrapping_sub(slab_area(ss, idx) + color - (ss + idx * SLAB_SIZE));
+    debug_assert!(bin < BINS);
+    // SAFETY: bins come from slab metadata, which holds only bin numbers
+    // below BINS.
+    let size = unsafe { *BIN_SIZES.get_unchecked(bin) };
+    off < SLAB_SIZE && in_slab + size <= SLAB_SIZE && is_multiple_of_bin(off as u32, bin)
 }
 
 /// The index in its SuperSlab of the slab whose metadata is at `meta`.
@@ -431,8 +446,6 @@ impl Slab {
     #[inline]
     pub fn push_remote(&self, b: *mut Block) {
         debug_assert!(b as u64 & !REMOTE_ADDR_MASK == 0);
-        // SAFETY: a block its user hands back.
-        unsafe { Block::mark_free(b, "free(): double free detected") };
         let mut old = self.remote.load(Ordering::Relaxed);
         loop {
             // SAFETY: `b` was freed by its user and is ours to link.

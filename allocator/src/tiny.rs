@@ -6,12 +6,13 @@
 use crate::ace::AceCache;
 use crate::class::{class_of_bin, BINS, BIN_SIZES};
 use crate::config;
+use crate::hardening;
 use crate::legacy;
 use crate::owned_index::{self, OwnedIndex};
 use crate::pool::{self, Acquired};
 use crate::probes;
 use crate::segment;
-use crate::superslab::{self, slab_of, Block, Slab, SlabRef};
+use crate::superslab::{slab_of, Block, Slab, SlabRef};
 use crate::thread;
 use crate::tls::cache_ptr;
 use core::ptr::null_mut;
@@ -110,6 +111,9 @@ pub struct ThreadCache {
     /// The slabs this thread owns, by address (null until it owns one).
     owned_index: *mut OwnedIndex,
     registered: bool,
+    /// `hardening::check_frees()`, copied at registration: the fast paths
+    /// read it beside `owned_index` instead of through the GOT.
+    check_frees: bool,
 }
 
 impl ThreadCache {
@@ -122,6 +126,7 @@ impl ThreadCache {
         id: 0,
         owned_index: null_mut(),
         registered: false,
+        check_frees: false,
     };
 
     /// Whether every field is zero (what `tls` checks of `NEW`).
@@ -154,7 +159,7 @@ impl ThreadCache {
             }
             i += 1;
         }
-        self.id == 0 && !self.registered && self.owned_index.is_null()
+        self.id == 0 && !self.registered && !self.check_frees && self.owned_index.is_null()
     }
 }
 
@@ -185,11 +190,11 @@ pub fn alloc_cached(bin: usize) -> *mut u8 {
         let b = cc.head;
         if !b.is_null() {
             // SAFETY: blocks on the TLS SLL are free and link through their first word.
+            // (No key to clear: with `HAKMEM_CHECK_FREES=1` the list is always
+            // empty here, see `refill`.)
             let next = unsafe { Block::next(b) };
             cc.head = next;
             cc.count -= 1;
-            // SAFETY: `b` just left the list for the caller.
-            unsafe { Block::mark_in_use(b) };
             // The next allocation of this bin reads `next`'s link: a block
             // freed a while ago, whose line is likely out of L1 by now (the
             // load was half of malloc's time in bench_random_mixed). Asked
@@ -202,27 +207,33 @@ pub fn alloc_cached(bin: usize) -> *mut u8 {
 
 /// Frees `ptr` onto this thread's TLS SLL if it lies in a slab the thread's
 /// index names (see `owned_index`); false, with nothing done, otherwise.
+/// (With `HAKMEM_CHECK_FREES=1` a thread has no index: every free reads the
+/// slab's metadata, `free_superslab`, and is checked there.)
 ///
 /// # Safety
 /// `ptr` is a block handed out by hakmem and not yet freed, or a pointer
 /// outside every slab this thread owns; either way not in a SuperSlab header.
 #[inline(always)]
 pub unsafe fn free_owned(ptr: *mut u8) -> bool {
-    with_cache(|tc| {
-        // SAFETY: a non-null index is this thread's, live until its exit hook.
-        let Some(ix) = (unsafe { tc.owned_index.as_ref() }) else {
-            return false;
-        };
-        let Some(bin) = ix.bin_of(ptr as usize) else {
-            return false;
-        };
-        if !superslab::is_block_start(ptr as usize, bin) {
-            crate::misuse::invalid_free("free(): invalid pointer", ptr as usize);
-            return true;
-        }
-        push_local(tc, bin, ptr as *mut Block);
-        true
-    })
+    // Not through `with_cache`: LLVM may leave that closure out of line (a
+    // call and five register saves on every free).
+    // SAFETY: as in `with_cache`: this thread's cache, and nothing below
+    // calls back into malloc while the reference lives.
+    let tc = unsafe { &mut *cache_ptr() };
+    // SAFETY: a non-null index is this thread's, live until its exit hook.
+    let Some(ix) = (unsafe { tc.owned_index.as_ref() }) else {
+        return false;
+    };
+    let Some(bin) = ix.bin_of(ptr as usize) else {
+        return false;
+    };
+    if ptr as usize & 15 != 0 {
+        // Off the 16-byte grid: the slow path, which reads the slab's
+        // metadata, refuses it (two instructions here, no call).
+        return false;
+    }
+    push_local(tc, bin, ptr as *mut Block, false);
+    true
 }
 
 /// Frees a block of a SuperSlab slab (`slab` is its metadata) that the
@@ -248,11 +259,15 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
         if owner != tc.id {
             return false;
         }
-        push_local(tc, bin, b);
+        push_local(tc, bin, b, tc.check_frees);
         true
     });
     if local {
         return;
+    }
+    // SAFETY: per the contract, a block its user hands back.
+    if !unsafe { Block::mark_free(b, hardening::check_frees()) } {
+        return crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
     }
     if owner == pool::ABANDONED || owner == pool::RECLAIMING {
         // Its thread exited: decided while `b` still pins the slab.
@@ -268,20 +283,24 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
 /// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
 #[inline]
 pub fn free_legacy(ptr: *mut u8, bin: usize) {
-    with_cache(|tc| push_local(tc, bin, ptr as *mut Block));
+    with_cache(|tc| push_local(tc, bin, ptr as *mut Block, tc.check_frees));
 }
 
+/// Pushes a freed block onto the thread's list of `bin`; `check`: with the
+/// double-free key (`hardening`).
 #[inline(always)]
-fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block) {
+fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block, check: bool) {
     debug_assert!(bin < BINS);
     // SAFETY: `bin` comes from a slab's or a legacy segment's metadata, which
     // only ever holds bin numbers below BINS.
     let cc = unsafe { tc.tiny.get_unchecked_mut(bin) };
+    // The same block freed twice in a row is caught with no read of it.
     // SAFETY: the block was freed by its user; its words become the link and key.
-    unsafe {
-        Block::mark_free(b, "free(): double free detected");
-        Block::set_next(b, cc.head);
+    if cc.head == b || !unsafe { Block::mark_free(b, check) } {
+        return crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
     }
+    // SAFETY: as above.
+    unsafe { Block::set_next(b, cc.head) };
     cc.head = b;
     cc.count += 1;
     if cc.count > cc.limit {
@@ -315,6 +334,7 @@ pub(crate) fn ensure_registered() {
         with_cache(|tc| {
             // Set before registering, which may allocate and so come back here.
             tc.registered = true;
+            tc.check_frees = hardening::check_frees();
             if tc.id == 0 {
                 tc.id = thread::new_owner_id();
             }
@@ -327,6 +347,11 @@ pub(crate) fn ensure_registered() {
 }
 
 impl ThreadCache {
+    /// Whether this thread checks every free fully (`hardening`).
+    pub fn check_frees(&self) -> bool {
+        self.check_frees
+    }
+
     fn active(&self, bin: usize) -> *mut Slab {
         self.slabs[bin].active.get()
     }
@@ -347,9 +372,10 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn overflow(&mut self, bin: usize) {
-        if !self.registered {
+        if !self.registered || self.check_frees {
             // No exit hook yet to drain the SLL when the thread ends (it has
-            // not allocated): hold nothing back.
+            // not allocated), or every free checked (a block the thread's
+            // list held would be handed out again unchecked): hold nothing back.
             let n = self.tiny[bin].count;
             return self.drain(bin, n, DrainWhy::Overflow);
         }
@@ -376,8 +402,14 @@ impl ThreadCache {
     }
 
     fn refill(&mut self, bin: usize) -> *mut u8 {
-        let want = BATCH[bin];
-        self.grow_limit(bin);
+        // With every free checked, the thread keeps no blocks: one at a
+        // time, each handed out by `pop` (which clears its key).
+        let (want, whole, remote_whole) = if self.check_frees {
+            (1, 0, 1)
+        } else {
+            self.grow_limit(bin);
+            (BATCH[bin], 2 * BATCH[bin], REMOTE_WHOLE_MAX)
+        };
         if config::get().use_superslab {
             loop {
                 let active = self.active(bin);
@@ -385,14 +417,16 @@ impl ThreadCache {
                     // SAFETY: the active slab is owned by this thread.
                     let s = unsafe { &mut *active };
                     let cc = &mut self.tiny[bin];
-                    let mut n = s.take_batch(want, 2 * want, &mut cc.head);
+                    let mut n = s.take_batch(want, whole, &mut cc.head);
                     if n == 0 && s.has_remote() {
                         // Other threads freed these blocks: each link is a
                         // miss to read, so take the list whole, unwalked, and
                         // let the cache hold it until the thread uses it.
                         drain_remote(s);
-                        n = s.take_batch(want, REMOTE_WHOLE_MAX, &mut cc.head);
-                        cc.limit = cc.limit.max(n);
+                        n = s.take_batch(want, remote_whole, &mut cc.head);
+                        if !self.check_frees {
+                            cc.limit = cc.limit.max(n);
+                        }
                     }
                     if n > 0 {
                         cc.count += n;
@@ -431,13 +465,14 @@ impl ThreadCache {
     }
 
     fn pop(&mut self, bin: usize) -> *mut u8 {
+        let check = self.check_frees;
         let cc = &mut self.tiny[bin];
         let b = cc.head;
         // SAFETY: callers only pop after adding at least one block.
         cc.head = unsafe { Block::next(b) };
         cc.count -= 1;
         // SAFETY: `b` just left the list for the caller.
-        unsafe { Block::mark_in_use(b) };
+        unsafe { Block::mark_in_use(b, check) };
         b.cast()
     }
 
@@ -514,7 +549,9 @@ impl ThreadCache {
 
     /// Puts `s` (owned by this thread, on no list) at the front of the ring.
     fn link_owned(&mut self, bin: usize, s: *mut Slab) {
-        if self.owned_index.is_null() {
+        // With every free checked, no index: the owner's frees take the path
+        // that reads the slab's metadata (see `free_owned`).
+        if self.owned_index.is_null() && !self.check_frees {
             self.owned_index = owned_index::take();
         }
         // SAFETY: `s` is live slab metadata (ours from now on).
@@ -736,7 +773,7 @@ mod tests {
         // in between, so its room shrinks back to the bottom.
         let mut most = 0;
         for b in blocks {
-            push_local(&mut tc, bin, b);
+            push_local(&mut tc, bin, b, false);
             most = most.max(tc.tiny[bin].count);
         }
         assert_eq!(tc.tiny[bin].limit, LIMIT_MIN_BATCHES * batch);
@@ -788,13 +825,13 @@ mod tests {
         let mut tc = Box::new(ThreadCache::NEW);
         tc.registered = true;
         for &b in &blocks[..20] {
-            push_local(&mut tc, bin, b);
+            push_local(&mut tc, bin, b, false);
         }
         assert!(tc.tiny[bin].count > 0, "a registered cache keeps blocks");
         tc.release_all();
         assert_eq!(tc.tiny[bin].count, 0);
         for &b in &blocks[20..] {
-            push_local(&mut tc, bin, b);
+            push_local(&mut tc, bin, b, false);
             assert_eq!(
                 tc.tiny[bin].count, 0,
                 "a free after the exit hook was held back"

@@ -467,6 +467,7 @@ fn misuse_aborts(kind: &str, size: usize, env: &[(&str, &str)], message: &str) {
 /// legacy path.
 const MISUSE_SIZES: [usize; 5] = [8, 48, 1000, 5000, 40_000];
 const LEGACY: (&str, &str) = ("HAKMEM_TINY_USE_SUPERSLAB", "0");
+const CHECK_FREES: (&str, &str) = ("HAKMEM_CHECK_FREES", "1");
 
 #[test]
 fn a_double_free_is_caught_on_every_list_the_block_can_sit_on() {
@@ -479,7 +480,7 @@ fn a_double_free_is_caught_on_every_list_the_block_can_sit_on() {
         ] {
             // (A drained ACE segment may have gone to the large cache: the
             // large path's "double free or invalid pointer" then.)
-            misuse_aborts(kind, size, &[], "free(): double free");
+            misuse_aborts(kind, size, &[CHECK_FREES], "free(): double free");
         }
     }
     for size in [8, 100, 1000] {
@@ -488,23 +489,47 @@ fn a_double_free_is_caught_on_every_list_the_block_can_sit_on() {
             "double-free-drained",
             "double-free-remote",
         ] {
-            misuse_aborts(kind, size, &[LEGACY], "free(): double free detected");
+            misuse_aborts(
+                kind,
+                size,
+                &[LEGACY, CHECK_FREES],
+                "free(): double free detected",
+            );
         }
     }
+}
+
+#[test]
+fn without_the_full_checks_a_repeated_free_is_still_caught() {
+    for size in MISUSE_SIZES {
+        misuse_aborts("double-free-repeated", size, &[], "free(): double free");
+    }
+    misuse_aborts(
+        "double-free-repeated",
+        100,
+        &[LEGACY],
+        "free(): double free",
+    );
 }
 
 #[test]
 fn a_free_inside_a_block_or_off_its_alignment_is_refused() {
     for size in MISUSE_SIZES {
         for kind in ["interior", "misaligned"] {
-            misuse_aborts(kind, size, &[], "free(): invalid pointer");
+            misuse_aborts(kind, size, &[CHECK_FREES], "free(): invalid pointer");
         }
+        // Without the full checks: off the grid always, and inside a block
+        // wherever the free reads the block's metadata (not the owner's
+        // own tiny blocks, whose free reads only its index).
+        misuse_aborts("misaligned", size, &[], "free(): invalid pointer");
+        misuse_aborts("interior-remote", size, &[], "free(): invalid pointer");
     }
     for kind in ["interior", "misaligned"] {
         misuse_aborts(kind, 100, &[LEGACY], "free(): invalid pointer");
     }
 }
 
+#[cfg(feature = "safe-linking")]
 #[test]
 fn a_use_after_free_write_of_a_pointer_does_not_steer_malloc() {
     for size in [16, 48, 1000, 5000] {

@@ -945,12 +945,13 @@ fn misuse() {
                 free(b);
                 free(a);
             }
-            // The first free drained to the slab's (or segment's) free list.
+            // The first free drained to the slab's (or segment's) free list;
+            // the block after it stays out, so its slab stays in use.
             "double-free-drained" => {
                 let a = malloc(size);
                 let more: Vec<usize> = (0..5000).map(|_| malloc(size) as usize).collect();
                 free(a);
-                for p in more {
+                for &p in &more[1..] {
                     free(p as *mut u8);
                 }
                 free(a);
@@ -989,6 +990,18 @@ fn misuse() {
                 done.wait();
                 owner.join().unwrap();
             }
+            "double-free-repeated" => {
+                let a = malloc(size);
+                free(a);
+                free(a);
+            }
+            // Another thread's block: its free reads the slab's metadata.
+            "interior-remote" => {
+                let a = std::thread::spawn(move || malloc(size) as usize)
+                    .join()
+                    .unwrap() as *mut u8;
+                free(a.add(if size > 16 { (size / 2) & !15 } else { 8 }));
+            }
             "interior" => {
                 let a = malloc(size);
                 // Inside the block: past its first word, not at the next block.
@@ -1017,7 +1030,7 @@ fn misuse() {
                 println!("handed out {again:p} then {forged:p} (forged {target:#x})");
             }
             _ => {
-                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|interior|misaligned|use-after-free-link");
+                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|use-after-free-link");
                 std::process::exit(2);
             }
         }
