@@ -19,6 +19,8 @@ pub struct Config {
     /// `HAKMEM_ACE_MAX_SEGMENTS`: segments per ACE class; a depleted class beyond it is an Exhaustion failure.
     pub ace_max_segments: usize,
     /// `HAKMEM_OS_LIMIT_MB`: cap on memory mapped from the OS; beyond it mapping is refused as by the OS.
+    /// Unset, the room the process's cgroup memory limit leaves at start, less a margin (see
+    /// `cgroup`), unless `HAKMEM_CGROUP_LIMIT=0`.
     pub os_limit_bytes: usize,
     /// `HAKMEM_PURGE_DELAY_MS` (default 100): how long freed memory beyond the large cache's
     /// 64 MiB reserve, and an EMPTY slab beyond the pool's reserve, waits for reuse before it
@@ -123,6 +125,10 @@ fn load() {
     }
     if let Some(v) = env_u64(c"HAKMEM_OS_LIMIT_MB") {
         c.os_limit_bytes = (v as usize).saturating_mul(1 << 20);
+    } else if env_u64(c"HAKMEM_CGROUP_LIMIT") != Some(0) {
+        if let Some(budget) = crate::cgroup::heap_budget() {
+            c.os_limit_bytes = budget;
+        }
     }
     if let Some(v) = env_u64(c"HAKMEM_PURGE_DELAY_MS") {
         c.purge_delay_ns = v.saturating_mul(1_000_000);

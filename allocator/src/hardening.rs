@@ -1,7 +1,7 @@
 //! What keeps a buggy or hostile program from steering the allocator.
 //! Figures and the commands behind them: `docs/hardening.md`.
 //!
-//! Always on (within noise on bench_random_mixed):
+//! Always on (0.992 of the speed before them on bench_random_mixed):
 //! - A free of a pointer off the 16-byte grid is refused, and so is one
 //!   inside a block, in a colour pad or a header whenever the free reads the
 //!   block's metadata anyway: another thread's block, a legacy or an ACE
@@ -24,7 +24,7 @@
 //! - The block-start check on the owner's own fast path too (the index keeps
 //!   each slab's first-block offset: a subtraction and a multiply).
 //!
-//! Feature `safe-linking` (build time; off by default: 3% of
+//! Feature `safe-linking` (build time, a default feature: 1.4% of
 //! bench_random_mixed): the link a free block stores is xor-ed with its own
 //! address >> 12 (glibc's scheme), so a use-after-free write of a plain
 //! pointer decodes to garbage, and a link that does not decode to an aligned

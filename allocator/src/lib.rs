@@ -23,6 +23,7 @@ mod ace;
 pub mod api;
 #[cfg(feature = "c-abi")]
 mod capi;
+mod cgroup;
 pub mod class;
 pub mod config;
 mod empty_slabs;

@@ -1,0 +1,221 @@
+//! Running out of memory under the limits a host sets is malloc returning
+//! NULL with ENOMEM, never a crash: `limits/exhaust.c` allocates until it is
+//! refused in every tier, frees, and allocates again, under `RLIMIT_AS` and
+//! under a memory cgroup this test makes (glibc, as the control, must die
+//! there: a cgroup that killed nobody would prove nothing).
+//!
+//! Uses the release library, or `HAKMEM_LIB`. The cgroup test needs root and
+//! a writable memory cgroup (v1 or v2): skipped without, failed under
+//! `HAKMEM_REQUIRE_BPF=1` (the CI, which runs as root on such a host).
+
+use std::ffi::CString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lib() -> PathBuf {
+    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo build --release -p hakmem`",
+        p.display()
+    );
+    p.canonicalize().unwrap()
+}
+
+/// Compiles the program into a directory of the calling test's own.
+fn compile(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hakmem-limits-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/limits/exhaust.c");
+    let exe = dir.join("exhaust");
+    let out = Command::new("cc")
+        .args(["-std=c11", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("cc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// Runs the program, hakmem preloaded or not, with `setup` run in the child
+/// before exec (async-signal-safe calls only).
+fn run(
+    exe: &Path,
+    args: &[&str],
+    preload: bool,
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Output {
+    let mut cmd = Command::new(exe);
+    cmd.args(args).env_remove("LD_PRELOAD");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("HAKMEM_") {
+            cmd.env_remove(key);
+        }
+    }
+    if preload {
+        cmd.env("LD_PRELOAD", lib());
+    }
+    // SAFETY: `setup` makes only async-signal-safe calls (setrlimit, open,
+    // write, close) and allocates nothing.
+    unsafe { cmd.pre_exec(setup) };
+    cmd.output().unwrap()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "{:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every tier was refused with ENOMEM and allocated again after the frees.
+fn assert_refused_cleanly(out: &Output, what: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{what}: {}", describe(out));
+    for tier in ["tiny", "mid", "large", "aligned"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{tier}:")))
+            .unwrap_or("");
+        assert!(
+            line.contains("NULL with ENOMEM") && line.contains("allocates again"),
+            "{what}, {tier}: {}",
+            describe(out)
+        );
+    }
+}
+
+#[test]
+fn under_rlimit_as_running_out_is_null_with_enomem() {
+    let exe = compile("rlimit");
+    let limit = || {
+        let rl = libc::rlimit {
+            rlim_cur: 1 << 30,
+            rlim_max: 1 << 30,
+        };
+        // SAFETY: setrlimit with a valid struct; async-signal-safe.
+        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    assert_refused_cleanly(&run(&exe, &[], false, limit), "glibc under RLIMIT_AS 1 GiB");
+    assert_refused_cleanly(&run(&exe, &[], true, limit), "hakmem under RLIMIT_AS 1 GiB");
+}
+
+/// A memory cgroup made for the test, removed when dropped.
+struct TestCgroup {
+    dir: PathBuf,
+    procs: CString,
+}
+
+impl TestCgroup {
+    /// A child of this process's memory cgroup limited to `bytes`, or why not.
+    fn new(bytes: usize) -> Result<TestCgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let name = format!("hakmem-limits-{}", std::process::id());
+        for line in own.lines() {
+            let mut f = line.splitn(3, ':');
+            let (Some(id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let (base, files): (&str, &[(&str, String)]) = if ctl.split(',').any(|c| c == "memory")
+            {
+                (
+                    "/sys/fs/cgroup/memory",
+                    &[("memory.limit_in_bytes", bytes.to_string())],
+                )
+            } else if id == "0" && ctl.is_empty() {
+                (
+                    "/sys/fs/cgroup",
+                    &[
+                        ("memory.max", bytes.to_string()),
+                        ("memory.swap.max", "0".into()),
+                    ],
+                )
+            } else {
+                continue;
+            };
+            let dir = Path::new(base)
+                .join(path.trim_start_matches('/'))
+                .join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let made = TestCgroup {
+                procs: CString::new(dir.join("cgroup.procs").to_str().unwrap()).unwrap(),
+                dir,
+            };
+            for (file, value) in files {
+                std::fs::write(made.dir.join(file), value)
+                    .map_err(|e| format!("{}: {e}", made.dir.join(file).display()))?;
+            }
+            return Ok(made);
+        }
+        Err("no writable memory cgroup (v1 or v2) under this process's".into())
+    }
+
+    /// Moves the calling process into the group (for `pre_exec`).
+    fn join(procs: &CString) -> std::io::Result<()> {
+        // SAFETY: open/write/close on a NUL-terminated path and a stack
+        // buffer; async-signal-safe, no allocation.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if r != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn under_a_memory_cgroup_running_out_is_null_with_enomem_where_glibc_is_killed() {
+    let exe = compile("cgroup");
+    let cg = match TestCgroup::new(256 << 20) {
+        Ok(cg) => cg,
+        Err(why) if std::env::var_os("HAKMEM_REQUIRE_BPF").is_none() => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        Err(why) => panic!("HAKMEM_REQUIRE_BPF=1 and {why}"),
+    };
+    let join = |procs: CString| move || TestCgroup::join(&procs);
+    let glibc = run(&exe, &["touch"], false, join(cg.procs.clone()));
+    assert_eq!(
+        glibc.status.signal(),
+        Some(libc::SIGKILL),
+        "glibc was not OOM-killed in the 256 MiB cgroup (is the limit enforced?): {}",
+        describe(&glibc)
+    );
+    let hakmem = run(&exe, &["touch"], true, join(cg.procs.clone()));
+    assert_refused_cleanly(&hakmem, "hakmem in a 256 MiB memory cgroup");
+    println!(
+        "glibc: {}\nhakmem:\n{}",
+        describe(&glibc),
+        String::from_utf8_lossy(&hakmem.stdout)
+    );
+}
