@@ -32,6 +32,7 @@ fn init_slow() {
     }
     config::get();
     crate::hardening::init();
+    crate::registry::protect();
     thread::create_key();
     INIT.store(DONE, Ordering::Release);
     thread::install_fork_handlers();

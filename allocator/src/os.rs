@@ -33,7 +33,7 @@ fn reserve(bytes: usize) -> bool {
 /// Maps `bytes` (a multiple of PAGE) aligned to `align` (a power of two >= PAGE).
 /// Returns null when the budget or the OS refuses.
 pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
-    charged(bytes, || map_aligned_uncharged(bytes, align))
+    charged(bytes, || map_aligned_uncharged(bytes, align, RW))
 }
 
 /// Runs `map` within the budget: `bytes` are reserved before and given back
@@ -69,7 +69,7 @@ static REGION: SpinLock<Region> = SpinLock::new(Region { next: 0, end: 0 });
 pub fn map_chunk() -> *mut u8 {
     charged(CHUNK, || {
         // Not even the address space for a region: try the one chunk.
-        chunk_from_region().unwrap_or_else(|| map_aligned_uncharged(CHUNK, CHUNK))
+        chunk_from_region().unwrap_or_else(|| map_aligned_uncharged(CHUNK, CHUNK, RW))
     })
 }
 
@@ -78,7 +78,11 @@ pub fn map_chunk() -> *mut u8 {
 fn chunk_from_region() -> Option<*mut u8> {
     let mut region = REGION.lock();
     if region.next == region.end {
-        let base = map_aligned_uncharged(REGION_CHUNKS * CHUNK, CHUNK) as usize;
+        // Reserved, not writable: a host with `vm.overcommit_memory=2`
+        // charges a writable private mapping in full, touched or not (32 MiB
+        // for a program that needs one chunk); each chunk is made writable
+        // as it is handed out.
+        let base = map_aligned_uncharged(REGION_CHUNKS * CHUNK, CHUNK, libc::PROT_NONE) as usize;
         if base == 0 {
             return None;
         }
@@ -89,14 +93,19 @@ fn chunk_from_region() -> Option<*mut u8> {
     }
     let p = region.next;
     region.next += CHUNK;
-    Some(p as *mut u8)
+    // SAFETY: a chunk of the region just reserved, handed out to nobody yet.
+    let (r, _) = errno::keep(|| unsafe { libc::mprotect(p as *mut libc::c_void, CHUNK, RW) });
+    // Refused (the commit limit): the chunk stays reserved, unused.
+    (r == 0).then_some(p as *mut u8)
 }
 
 pub fn lock_for_fork() {
     REGION.acquire_for_fork();
+    crate::registry::lock_for_fork();
 }
 
 pub fn unlock_after_fork() {
+    crate::registry::unlock_after_fork();
     REGION.release_after_fork();
 }
 
@@ -106,25 +115,25 @@ pub fn unlock_after_fork() {
 /// alignment and the kernel places new mappings just below the previous ones,
 /// so that one is usually aligned already (one syscall). Only when it is not
 /// does it map `bytes + align` and trim the ends (three).
-fn map_aligned_uncharged(bytes: usize, align: usize) -> *mut u8 {
+fn map_aligned_uncharged(bytes: usize, align: usize, prot: libc::c_int) -> *mut u8 {
     debug_assert!(bytes.is_multiple_of(PAGE) && align.is_power_of_two() && align >= PAGE);
-    let exact = map_anonymous(bytes);
+    let exact = map_anonymous(bytes, prot);
     if exact as usize & (align - 1) == 0 {
         // Aligned, or null (refused: asking for more would not help).
         return exact;
     }
     // SAFETY: `exact` is the mapping of `bytes` just made, unused.
     unsafe { munmap(exact as usize, bytes) };
-    map_and_trim(bytes, align)
+    map_and_trim(bytes, align, prot)
 }
 
 /// Maps `bytes + align - PAGE` and unmaps what lies outside the aligned
 /// `bytes` in it. Null if the OS refuses.
-fn map_and_trim(bytes: usize, align: usize) -> *mut u8 {
+fn map_and_trim(bytes: usize, align: usize, prot: libc::c_int) -> *mut u8 {
     let Some(over) = bytes.checked_add(align - PAGE) else {
         return core::ptr::null_mut();
     };
-    let raw = map_anonymous(over);
+    let raw = map_anonymous(over, prot);
     if raw.is_null() {
         return raw;
     }
@@ -145,15 +154,18 @@ fn map_and_trim(bytes: usize, align: usize) -> *mut u8 {
     aligned as *mut u8
 }
 
-/// An anonymous read-write mapping of `bytes` anywhere, or null.
-fn map_anonymous(bytes: usize) -> *mut u8 {
+/// Read and write: what every mapping handed out has.
+const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+/// An anonymous mapping of `bytes` anywhere with protection `prot`, or null.
+fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
     // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
     // existing memory; the result is checked for MAP_FAILED.
     let (p, _) = errno::keep(|| unsafe {
         libc::mmap(
             core::ptr::null_mut(),
             bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
@@ -162,10 +174,11 @@ fn map_anonymous(bytes: usize) -> *mut u8 {
     if p == libc::MAP_FAILED {
         return core::ptr::null_mut();
     }
-    if !crate::registry::covers(p as usize, bytes) {
+    if !crate::registry::covers(p as usize, bytes) || !crate::registry::prepare(p as usize, bytes) {
         // Above the registry's 47 bits (a kernel with 5-level paging places
         // mappings there only when asked, but say no rather than hand out a
-        // block `free` could not find).
+        // block `free` could not find), or its entries could not be made
+        // writable (see `registry::prepare`).
         // SAFETY: the mapping just made, unused.
         unsafe { munmap(p as usize, bytes) };
         return core::ptr::null_mut();
@@ -406,7 +419,7 @@ mod tests {
         const ALIGN: usize = 2 << 20;
         for round in 0..4 {
             // The first call usually takes its first try; the second always trims.
-            for p in [map_aligned(ALIGN, ALIGN), map_and_trim(ALIGN, ALIGN)] {
+            for p in [map_aligned(ALIGN, ALIGN), map_and_trim(ALIGN, ALIGN, RW)] {
                 assert!(!p.is_null());
                 assert_eq!(p as usize % ALIGN, 0, "round {round}");
                 // SAFETY: `p` is our fresh ALIGN-byte mapping.

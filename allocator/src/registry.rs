@@ -6,7 +6,18 @@
 //! touched (one 4 KiB page covers 8 GiB of address space). `free` reads one
 //! byte before it reads any header, so a foreign pointer is detected instead
 //! of dereferenced, and the byte already says which path frees the block.
+//!
+//! Commit charge: a host with `vm.overcommit_memory=2` charges every
+//! writable private mapping in full, touched or not, and the table is 64 MiB
+//! of `.bss`. At initialisation (`protect`) the table becomes read-only,
+//! which gives the charge back (reads of its untouched pages still see
+//! zeros), and the os layer makes the pages covering each new mapping
+//! writable before handing it out (`prepare`: one page covers 8 GiB, so a
+//! process makes a few writable in its life). Measured on a C program that
+//! makes one malloc: 99 MiB charged before (this table, and the region of 16
+//! chunks `os` mapped ahead), 2.3 MiB after (`docs/hardening.md`).
 
+use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 pub const CHUNK_SHIFT: u32 = 21;
@@ -83,6 +94,101 @@ pub fn kind(addr: usize) -> u8 {
         Some(e) => e.load(Ordering::Relaxed),
         None => 0,
     }
+}
+
+const PAGE: usize = 4096;
+const TABLE_PAGES: usize = ENTRIES / PAGE;
+
+/// Which pages of the table are writable (all are until `protect`), and
+/// whether `protect` has run; under one lock, so that a page `prepare` marks
+/// is never made read-only by a `protect` running beside it.
+struct Pages {
+    writable: [u64; TABLE_PAGES / 64],
+    protected: bool,
+}
+
+static PAGES: SpinLock<Pages> = SpinLock::new(Pages {
+    writable: [0; TABLE_PAGES / 64],
+    protected: false,
+});
+
+impl Pages {
+    fn is_writable(&self, page: usize) -> bool {
+        self.writable[page / 64] & (1 << (page % 64)) != 0
+    }
+}
+
+/// `mprotect` of `pages` pages of the table from `first`; errno kept.
+fn protect_pages(first: usize, pages: usize, prot: libc::c_int) -> bool {
+    // SAFETY: the range lies in the table, a page-aligned static of whole
+    // pages that holds nothing else; its bytes stay as they are.
+    let (r, _) = crate::errno::keep(|| unsafe {
+        libc::mprotect(
+            table().add(first * PAGE) as *mut libc::c_void,
+            pages * PAGE,
+            prot,
+        )
+    });
+    r == 0
+}
+
+/// Makes the table read-only but for the pages some mapping already needed
+/// (see the module doc). At initialisation; a failure leaves it writable.
+pub fn protect() {
+    let mut pages = PAGES.lock();
+    if pages.protected {
+        return;
+    }
+    let mut page = 0;
+    while page < TABLE_PAGES {
+        if pages.is_writable(page) {
+            page += 1;
+            continue;
+        }
+        let run = (page..TABLE_PAGES)
+            .find(|&p| pages.is_writable(p))
+            .unwrap_or(TABLE_PAGES)
+            - page;
+        if !protect_pages(page, run, libc::PROT_READ) {
+            // Leave the rest writable, and say so.
+            for p in page..TABLE_PAGES {
+                pages.writable[p / 64] |= 1 << (p % 64);
+            }
+            break;
+        }
+        page += run;
+    }
+    pages.protected = true;
+}
+
+/// Makes the table's entries for `start..start + len` writable, before a
+/// mapping there is handed out; false if the OS refused (the caller gives the
+/// mapping back: it could not be registered).
+pub fn prepare(start: usize, len: usize) -> bool {
+    if len == 0 || !covers(start, len) {
+        return len == 0;
+    }
+    let first = (start >> CHUNK_SHIFT) / PAGE;
+    let last = ((start + len - 1) >> CHUNK_SHIFT) / PAGE;
+    let mut pages = PAGES.lock();
+    for page in first..=last {
+        if pages.is_writable(page) {
+            continue;
+        }
+        if pages.protected && !protect_pages(page, 1, libc::PROT_READ | libc::PROT_WRITE) {
+            return false;
+        }
+        pages.writable[page / 64] |= 1 << (page % 64);
+    }
+    true
+}
+
+pub fn lock_for_fork() {
+    PAGES.acquire_for_fork();
+}
+
+pub fn unlock_after_fork() {
+    PAGES.release_after_fork();
 }
 
 /// Records the chunk at `chunk` as a segment of `kind` (non-zero), after its header is written.
