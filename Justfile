@@ -18,14 +18,23 @@ lint:
     cargo fmt --all --check
     cargo clippy --all-targets -- -D warnings
     # The build with the probes compiled out (benches/instructions.sh, the probe-cost A/B).
-    cargo clippy -p hakmem --no-default-features --features c-abi --target-dir target/noprobes -- -D warnings
+    cargo clippy -p hakmem --no-default-features --features c-abi,safe-linking --target-dir target/noprobes -- -D warnings
     # The build a dlopen-ed Rust library uses (examples/plugin).
-    cargo clippy -p hakmem --no-default-features --features dynamic-tls,probes --target-dir target/plugin -- -D warnings
+    cargo clippy -p hakmem --no-default-features --features dynamic-tls,probes,safe-linking --target-dir target/plugin -- -D warnings
     cd examples/plugin && cargo fmt --check && cargo clippy --target-dir ../../target/plugin -- -D warnings
 
 # The test suite (CI sets HAKMEM_REQUIRE_BPF=1 so BPF tests fail instead of skipping).
 test: build lint
     cargo test
+
+# What CI runs beyond `test`, so that nothing it does not run can rot (about
+# 8 minutes on 2 cores): the tests of the build with the probes compiled
+# out, Miri, each fuzz target for a short run, the long real-program tests.
+ci-extra:
+    cargo test -p hakmem --no-default-features --features c-abi,safe-linking --target-dir target/noprobes --lib --test scenarios
+    just miri
+    just fuzz 20
+    cargo test -p hakmem --test preload -- --ignored
 
 # Run bench_random_mixed under libhakmem.so, watched live by hakctl from its first allocation.
 demo ops="300000000" slots="8192": build
@@ -77,6 +86,6 @@ bench-real reps="5" scale="1": build
 
 # ThreadSanitizer build of the scenario driver (hakmem as the Rust allocator), then the threaded scenarios.
 tsan:
-    RUSTFLAGS="-Zsanitizer=thread" cargo +nightly build -Zbuild-std --target x86_64-unknown-linux-gnu --target-dir target/tsan -p hakmem --no-default-features --features probes --bin hakmem-scenario
+    RUSTFLAGS="-Zsanitizer=thread" cargo +nightly build -Zbuild-std --target x86_64-unknown-linux-gnu --target-dir target/tsan -p hakmem --no-default-features --features probes,safe-linking --bin hakmem-scenario
     for s in stress recycle mixed abandon ace-free-threads grown; do HAKMEM_STATS=1 TSAN_OPTIONS=halt_on_error=1 target/tsan/x86_64-unknown-linux-gnu/debug/hakmem-scenario $s > /dev/null; echo "tsan $s: clean"; done
     for s in idle-burst threads-burst; do HAKMEM_STATS=1 HAKMEM_PURGE_THREAD=1 TSAN_OPTIONS=halt_on_error=1 target/tsan/x86_64-unknown-linux-gnu/debug/hakmem-scenario $s > /dev/null; echo "tsan $s with the purge thread: clean"; done

@@ -10,7 +10,7 @@ source benches/lib.sh
 OPS=${1:-2000000}; SLOTS=${2:-8192}
 REL=target/release
 command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is not installed" >&2; exit 1; }
-cargo build --release -q -p hakmem --no-default-features --features c-abi --target-dir target/noprobes
+cargo build --release -q -p hakmem --no-default-features --features c-abi,safe-linking --target-dir target/noprobes
 LIBDIR=/usr/lib/x86_64-linux-gnu
 count() { # count ENV... : total instructions of one run
     valgrind --tool=callgrind --trace-children=yes --callgrind-out-file=/dev/null \

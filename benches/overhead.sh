@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Probe cost: bench_random_mixed OPS SLOTS under libhakmem.so, REPS interleaved runs of
-#   noprobes  - a build with the probes compiled out (--no-default-features --features c-abi)
+#   noprobes  - a build with the probes compiled out (--no-default-features --features c-abi,safe-linking)
 #   idle      - the normal build, nobody attached (semaphores 0)
 #   watched   - the normal build under `hakctl run` (every probe but the drain probes)
 #   drains    - the same with `hakctl run --drains` (a trap per thread-cache drain too)
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 source benches/lib.sh
 OPS=${1:-10000000}; SLOTS=${2:-8192}; REPS=${3:-5}
 REL=target/release
-cargo build --release -q -p hakmem --no-default-features --features c-abi --target-dir target/noprobes
+cargo build --release -q -p hakmem --no-default-features --features c-abi,safe-linking --target-dir target/noprobes
 NOPROBES=target/noprobes/release/libhakmem.so
 ops_of() { sed -nE 's/^bench_random_mixed .*ops\/s=([0-9]+).*/\1/p'; }
 declare -A R

@@ -320,6 +320,14 @@ unsafe fn munmap(start: usize, len: usize) {
 
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
 pub fn now_ns() -> u64 {
+    match crate::test_hooks::frozen_now_ns() {
+        0 => real_now_ns(),
+        frozen => frozen,
+    }
+}
+
+/// The monotonic clock itself (`now_ns` unless a test froze it).
+pub fn real_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

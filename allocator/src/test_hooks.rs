@@ -9,7 +9,7 @@
 //! point, and must not allocate through hakmem while it holds nothing (it may
 //! block on a condition another thread fulfils).
 
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// The windows a test can hold open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +21,30 @@ pub enum Point {
     /// A reclaimer is done with an orphaned slab that still has blocks out,
     /// before it parks it again (`pool::free_unowned`); the argument is the slab.
     BeforeRepark = 2,
+}
+
+/// The allocator's clock (`os::now_ns`) while a test holds it: 0 means the
+/// real one. A test that freezes it makes the delays after which memory goes
+/// back (the purge delay, the large cache's idle second) pass exactly when it
+/// says (`advance_clock`), instead of racing them with sleeps on busy cores.
+static FROZEN_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Stops the allocator's clock at the present. For tests only.
+#[doc(hidden)]
+pub fn freeze_clock() {
+    FROZEN_NS.store(crate::os::real_now_ns().max(1), Ordering::Relaxed);
+}
+
+/// Moves a frozen clock on by `ms` milliseconds. For tests only.
+#[doc(hidden)]
+pub fn advance_clock(ms: u64) {
+    FROZEN_NS.fetch_add(ms * 1_000_000, Ordering::Relaxed);
+}
+
+/// The frozen clock, or 0 (`os::now_ns` reads the real one).
+#[inline]
+pub fn frozen_now_ns() -> u64 {
+    FROZEN_NS.load(Ordering::Relaxed)
 }
 
 /// A hook: the point reached and its argument.
