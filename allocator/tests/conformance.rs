@@ -7,23 +7,12 @@
 //! Markdown table. Uses the release library (`cargo build --release -p
 //! hakmem`), or the one named by `HAKMEM_LIB`.
 
+mod common;
+use common::lib;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
-
-fn lib() -> PathBuf {
-    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build --release -p hakmem` (or run `just test`)",
-        p.display()
-    );
-    p.canonicalize().unwrap()
-}
 
 /// Compiles the contract program into `dir`.
 fn compile(dir: &Path) -> PathBuf {

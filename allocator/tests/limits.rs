@@ -8,23 +8,12 @@
 //! a writable memory cgroup (v1 or v2): skipped without, failed under
 //! `HAKMEM_REQUIRE_BPF=1` (the CI, which runs as root on such a host).
 
+mod common;
+use common::lib;
 use std::ffi::CString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn lib() -> PathBuf {
-    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo build --release -p hakmem`",
-        p.display()
-    );
-    p.canonicalize().unwrap()
-}
 
 /// Compiles the program into a directory of the calling test's own.
 fn compile(test: &str) -> PathBuf {

@@ -4,22 +4,11 @@
 //! Uses the release library (`cargo build --release -p hakmem`, done by
 //! `just test`), or the one named by `HAKMEM_LIB`.
 
+mod common;
+use common::lib;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-
-fn lib() -> PathBuf {
-    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build --release -p hakmem` (or run `just test`)",
-        p.display()
-    );
-    p.canonicalize().unwrap()
-}
 
 /// Runs `cmd`, with hakmem preloaded or not. With hakmem, each process of
 /// the run appends its tally to a stats file (not stderr, so programs that
