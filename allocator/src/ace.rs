@@ -182,7 +182,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
     crate::purge::if_due();
     crate::tiny::ensure_registered();
     let want = with_cache(|tc| {
-        if tc.check_frees() {
+        if tc.checks_frees() {
             // Every free checked: the cache keeps nothing (`free_slow`).
             return 1;
         }
@@ -211,7 +211,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
                 c.count += n - 1;
             }
             // SAFETY: the first block goes to the caller.
-            unsafe { Block::mark_in_use(head, tc.check_frees()) };
+            unsafe { Block::mark_in_use(head, tc.checks_frees()) };
             head.cast()
         }),
         Err(kind) => {
@@ -224,7 +224,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
 /// Frees an ACE block of `class`.
 pub fn free(ptr: *mut u8, class: usize) {
     let overflow = with_cache(|tc| {
-        let check = tc.check_frees();
+        let check = tc.checks_frees();
         let c = &mut tc.ace[class];
         let b = ptr as *mut Block;
         // SAFETY: the user freed the block; its words become the link and key.
@@ -253,7 +253,7 @@ pub fn free(ptr: *mut u8, class: usize) {
 fn free_slow(class: usize) {
     crate::tiny::ensure_registered();
     let overflow = with_cache(|tc| {
-        if tc.check_frees() {
+        if tc.checks_frees() {
             // A block the cache held would be handed out again unchecked:
             // hold nothing (the raw cap stays 0, so every free comes here).
             return true;
@@ -271,7 +271,7 @@ fn free_slow(class: usize) {
 fn flush(class: usize) {
     crate::purge::if_due();
     let (head, n) = with_cache(|tc| {
-        let check = tc.check_frees();
+        let check = tc.checks_frees();
         let c = &mut tc.ace[class];
         if !c.missed_since_flush && !check {
             c.cap = (c.cap() / 2).max(MIN_CAP) as u16;

@@ -215,7 +215,10 @@ fn usable_in(h: &segment::SegHeader, p: usize) -> Option<usize> {
             let class = h.class as usize;
             ace::usable_from(p, ace_block(p, class, false)?, class)
         }
-        SegKind::Large => large::usable_size(segment::header_addr(h)),
+        SegKind::Large => {
+            let chunk = segment::header_addr(h);
+            large::is_live_block(p, chunk).then(|| large::usable_size(chunk))?
+        }
         SegKind::Parcel => parcel::usable_size(p),
     })
 }
@@ -272,6 +275,7 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         unsafe { free(ptr) };
         return null_mut();
     }
+    let saved_errno = crate::errno::get();
     let p = ptr as usize;
     let Some((h, old)) = segment::lookup(p).and_then(|h| Some((h, usable_in(h, p)?))) else {
         misuse::invalid_free("realloc(): invalid pointer", p);
@@ -285,7 +289,7 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     let chunk = segment::header_addr(h);
     let grown_in_place = size > old
         && match h.kind {
-            SegKind::Large => large::is_live_block(p, chunk) && large::resize_in_place(chunk, size),
+            SegKind::Large => large::resize_in_place(chunk, size),
             SegKind::Parcel => parcel::resize_in_place(p, size),
             _ => false,
         };
@@ -324,6 +328,12 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         unsafe { alloc_aligned(align, size.max(room)) }
     };
     if new.is_null() {
+        if size <= old {
+            // A shrink that would have moved: the block already holds it
+            // (glibc's shrinks never fail).
+            set_errno(saved_errno);
+            return ptr;
+        }
         return null_mut();
     }
     // SAFETY: both blocks are live and distinct; copying the smaller size.

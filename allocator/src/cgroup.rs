@@ -12,6 +12,12 @@
 //! refused earlier than the kernel would kill it; `HAKMEM_CGROUP_LIMIT=0`
 //! turns it off.
 //!
+//! The cap is the limit less a margin, not less what the group uses: usage
+//! counts page cache, which the kernel reclaims before it kills anyone (a
+//! container that has read files sits near its limit with little to spare
+//! in anonymous memory), and other processes of the group, whose memory a
+//! cap taken at one moment cannot follow. Not below `MIN_BUDGET`.
+//!
 //! Read: the memory controller's line of `/proc/self/cgroup` (v1:
 //! `N:...memory...:/path`, under `/sys/fs/cgroup/memory`; v2: `0::/path`,
 //! under `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`), the limit of that
@@ -21,9 +27,11 @@
 use crate::errno;
 
 /// Room kept for what the process needs besides hakmem's heap (stacks, the
-/// program's own mappings, page cache charged to the cgroup): an eighth of
-/// the room, at least this.
+/// program's own mappings and files): an eighth of the limit, at least this.
 const MIN_MARGIN: usize = 4 << 20;
+/// The least the cap is: a few chunks, so that a tiny limit still lets a
+/// program start (the kernel then decides, as without the cap).
+const MIN_BUDGET: usize = 16 << 20;
 
 /// A path or file's bytes, on the stack.
 struct Buf {
@@ -58,22 +66,35 @@ impl Buf {
 fn read_file<'a>(path: &Buf, out: &'a mut [u8]) -> Option<&'a [u8]> {
     let mut z = [0u8; 513];
     z[..path.len].copy_from_slice(path.as_slice());
-    // SAFETY: `z` is NUL-terminated (zeroed past the path); open, read and
+    // Raw syscalls, not libc's wrappers: a preloaded library that wraps
+    // `open` (fakechroot, libeatmydata) may call calloc on its first use,
+    // which would come back here while the configuration is being read.
+    // SAFETY: `z` is NUL-terminated (zeroed past the path); openat, read and
     // close touch only `out`, within its length.
     let (n, _) = errno::keep(|| unsafe {
-        let fd = libc::open(z.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        let fd = libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            z.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
         if fd < 0 {
             return -1;
         }
         let mut total = 0usize;
         while total < out.len() {
-            let r = libc::read(fd, out[total..].as_mut_ptr().cast(), out.len() - total);
+            let r = libc::syscall(
+                libc::SYS_read,
+                fd,
+                out[total..].as_mut_ptr(),
+                out.len() - total,
+            );
             if r <= 0 {
                 break;
             }
             total += r as usize;
         }
-        libc::close(fd);
+        libc::syscall(libc::SYS_close, fd);
         total as isize
     });
     (n >= 0).then(|| &out[..n as usize])
@@ -98,7 +119,6 @@ struct Group<'a> {
     mount: &'static [u8],
     path: &'a [u8],
     limit_file: &'static [u8],
-    usage_file: &'static [u8],
 }
 
 impl Group<'_> {
@@ -134,10 +154,6 @@ impl Group<'_> {
             path = &path[..cut.max(1)];
         }
     }
-
-    fn usage(&self) -> Option<usize> {
-        read_number(&self.file(self.path, self.usage_file)?)
-    }
 }
 
 /// The groups `/proc/self/cgroup` names that hold a memory controller.
@@ -152,27 +168,21 @@ fn each_memory_group(
         else {
             continue;
         };
-        let groups: &[(&'static [u8], &'static [u8], &'static [u8])] =
-            if id == b"0" && controllers.is_empty() {
-                &[
-                    (b"/sys/fs/cgroup", b"memory.max", b"memory.current"),
-                    (b"/sys/fs/cgroup/unified", b"memory.max", b"memory.current"),
-                ]
-            } else if controllers.split(|&b| b == b',').any(|c| c == b"memory") {
-                &[(
-                    b"/sys/fs/cgroup/memory",
-                    b"memory.limit_in_bytes",
-                    b"memory.usage_in_bytes",
-                )]
-            } else {
-                continue;
-            };
-        for &(mount, limit_file, usage_file) in groups {
+        let groups: &[(&'static [u8], &'static [u8])] = if id == b"0" && controllers.is_empty() {
+            &[
+                (b"/sys/fs/cgroup", b"memory.max"),
+                (b"/sys/fs/cgroup/unified", b"memory.max"),
+            ]
+        } else if controllers.split(|&b| b == b',').any(|c| c == b"memory") {
+            &[(b"/sys/fs/cgroup/memory", b"memory.limit_in_bytes")]
+        } else {
+            continue;
+        };
+        for &(mount, limit_file) in groups {
             let group = Group {
                 mount,
                 path,
                 limit_file,
-                usage_file,
             };
             if let Some(v) = f(group) {
                 return Some(v);
@@ -182,9 +192,8 @@ fn each_memory_group(
     None
 }
 
-/// What hakmem may map under the process's cgroup memory limit: the room
-/// left at this moment less a margin; None where no limit applies (or none
-/// can be read).
+/// What hakmem may map under the process's cgroup memory limit: the limit
+/// less a margin; None where no limit applies (or none can be read).
 pub fn heap_budget() -> Option<usize> {
     let mut path = Buf::new();
     path.push(b"/proc/self/cgroup")?;
@@ -192,8 +201,11 @@ pub fn heap_budget() -> Option<usize> {
     let cgroups = read_file(&path, &mut buf)?;
     each_memory_group(cgroups, |g| {
         let limit = g.limit()?;
-        let room = limit.saturating_sub(g.usage().unwrap_or(0));
-        Some(room.saturating_sub((room / 8).max(MIN_MARGIN)))
+        Some(
+            limit
+                .saturating_sub((limit / 8).max(MIN_MARGIN))
+                .max(MIN_BUDGET),
+        )
     })
 }
 

@@ -19,8 +19,8 @@ pub struct Config {
     /// `HAKMEM_ACE_MAX_SEGMENTS`: segments per ACE class; a depleted class beyond it is an Exhaustion failure.
     pub ace_max_segments: usize,
     /// `HAKMEM_OS_LIMIT_MB`: cap on memory mapped from the OS; beyond it mapping is refused as by the OS.
-    /// Unset, the room the process's cgroup memory limit leaves at start, less a margin (see
-    /// `cgroup`), unless `HAKMEM_CGROUP_LIMIT=0`.
+    /// Unset, the process's cgroup memory limit less an eighth (see `cgroup`), unless
+    /// `HAKMEM_CGROUP_LIMIT=0`.
     pub os_limit_bytes: usize,
     /// `HAKMEM_PURGE_DELAY_MS` (default 100): how long freed memory beyond the large cache's
     /// 64 MiB reserve, and an EMPTY slab beyond the pool's reserve, waits for reuse before it

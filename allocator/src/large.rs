@@ -53,6 +53,8 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use hakmem_common::{CacheUser, ReturnWhy, TakeSource};
 
 const HEADER: usize = 64;
+/// x86_64's user address space: no request this large can be mapped.
+const USER_SPACE: usize = 1 << 47;
 /// Freed chunks kept. Programs can keep thousands of realloc-grown buffers
 /// and 256 KiB..2 MiB blocks live and free them in a burst; the bounds that
 /// matter for memory are `CACHE_BYTES` and `BURST_BYTES`. (40 bytes each, in
@@ -238,8 +240,8 @@ fn round_page(v: usize) -> Option<usize> {
 /// The second value says whether the memory is known to be zero (fresh mapping).
 pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     crate::global::ensure_init();
-    if size > isize::MAX as usize {
-        // No mapping can hold it (nor may a Rust object be this large):
+    if size >= USER_SPACE || align >= USER_SPACE {
+        // No mapping can hold it (the user address space is 2^47 bytes):
         // refused before the cache is flushed to make room.
         return (null_mut(), false);
     }

@@ -92,11 +92,14 @@ fn chunk_from_region() -> Option<*mut u8> {
         };
     }
     let p = region.next;
-    region.next += CHUNK;
-    // SAFETY: a chunk of the region just reserved, handed out to nobody yet.
+    // SAFETY: a chunk of the region reserved, handed out to nobody yet.
     let (r, _) = errno::keep(|| unsafe { libc::mprotect(p as *mut libc::c_void, CHUNK, RW) });
-    // Refused (the commit limit): the chunk stays reserved, unused.
-    (r == 0).then_some(p as *mut u8)
+    if r != 0 {
+        // Refused (the commit limit): the chunk stays for the next try.
+        return None;
+    }
+    region.next += CHUNK;
+    Some(p as *mut u8)
 }
 
 pub fn lock_for_fork() {

@@ -64,11 +64,12 @@ fn start_if_wanted() {
         libc::pthread_create(&mut t, core::ptr::null(), run, core::ptr::null_mut())
     });
     if rc == 0 {
-        // SAFETY: `t` is the thread just created; detached, it is never joined.
-        unsafe {
+        // SAFETY: `t` is the thread just created; detached, it is never
+        // joined. (Naming it writes /proc, which may be missing: errno kept.)
+        crate::errno::keep(|| unsafe {
             libc::pthread_setname_np(t, c"hakmem-purge".as_ptr());
             libc::pthread_detach(t);
-        }
+        });
     }
     // On failure the process goes on without it (returns at slow paths).
 }

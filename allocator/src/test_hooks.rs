@@ -8,8 +8,14 @@
 //! installs its hook with `set`; the hook runs on the thread that reached the
 //! point, and must not allocate through hakmem while it holds nothing (it may
 //! block on a condition another thread fulfils).
+//!
+//! The hook is stored xor the per-process secret (`hardening`), as glibc
+//! mangles its function pointers: a function pointer that any free may call
+//! is what an attacker with a write primitive looks for (glibc dropped
+//! `__free_hook` for that), and one that must be written mangled with a
+//! secret it does not know is of no use to it.
 
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// The windows a test can hold open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,12 +56,17 @@ pub fn frozen_now_ns() -> u64 {
 /// A hook: the point reached and its argument.
 pub type Hook = fn(Point, usize);
 
-static HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+/// The hook xor the secret; 0: none.
+static HOOK: AtomicUsize = AtomicUsize::new(0);
 
 /// Installs `hook` (None removes it). For tests only.
 #[doc(hidden)]
 pub fn set(hook: Option<Hook>) {
-    let p = hook.map_or(core::ptr::null_mut(), |h| h as *mut ());
+    // The secret is drawn at initialisation: draw it before mangling with it.
+    crate::global::ensure_init();
+    let p = hook.map_or(0, |h| {
+        h as *const () as usize ^ crate::hardening::free_key(0)
+    });
     HOOK.store(p, Ordering::Release);
 }
 
@@ -63,10 +74,12 @@ pub fn set(hook: Option<Hook>) {
 #[inline]
 pub fn at(point: Point, arg: usize) {
     let p = HOOK.load(Ordering::Acquire);
-    if !p.is_null() {
-        // SAFETY: only `set` stores here, and it stores a `Hook` cast to a
-        // pointer; fn pointers and data pointers have one size on this target.
-        let hook: Hook = unsafe { core::mem::transmute::<*mut (), Hook>(p) };
+    if p != 0 {
+        let f = (p ^ crate::hardening::free_key(0)) as *const ();
+        // SAFETY: only `set` stores here: a `Hook` xor the secret, which
+        // does not change after initialisation; fn pointers and data
+        // pointers have one size on this target.
+        let hook: Hook = unsafe { core::mem::transmute::<*const (), Hook>(f) };
         hook(point, arg);
     }
 }

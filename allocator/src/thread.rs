@@ -43,14 +43,16 @@ pub fn install_fork_handlers() {
 pub fn register_current() -> bool {
     let k = KEY.load(Ordering::Acquire);
     // SAFETY: the key was created by `create_key`; any non-null value arms
-    // the destructor.
+    // the destructor. (glibc may allocate here, through hakmem: a failure of
+    // that allocation must not show in the caller's errno either.)
     k != 0
-        && unsafe {
+        && crate::errno::keep(|| unsafe {
             libc::pthread_setspecific(
                 (k - 1) as libc::pthread_key_t,
                 core::ptr::dangling::<libc::c_void>(),
             )
-        } == 0
+        })
+        .0 == 0
 }
 
 /// A new owner id, unique for the life of the process (and across forks:
@@ -69,13 +71,14 @@ extern "C" fn before_fork() {
     crate::ace::lock_for_fork();
     crate::parcel::lock_for_fork();
     crate::large::lock_for_fork();
-    crate::os::lock_for_fork();
+    // Before `os`: `owned_index::take` maps (os's locks) under its own lock.
     crate::owned_index::lock_for_fork();
+    crate::os::lock_for_fork();
 }
 
 fn unlock_all() {
-    crate::owned_index::unlock_after_fork();
     crate::os::unlock_after_fork();
+    crate::owned_index::unlock_after_fork();
     crate::large::unlock_after_fork();
     crate::parcel::unlock_after_fork();
     crate::ace::unlock_after_fork();

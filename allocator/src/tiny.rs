@@ -259,7 +259,7 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
         if owner != tc.id {
             return false;
         }
-        push_local(tc, bin, b, tc.check_frees);
+        push_local(tc, bin, b, tc.checks_frees());
         true
     });
     if local {
@@ -283,7 +283,7 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
 /// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
 #[inline]
 pub fn free_legacy(ptr: *mut u8, bin: usize) {
-    with_cache(|tc| push_local(tc, bin, ptr as *mut Block, tc.check_frees));
+    with_cache(|tc| push_local(tc, bin, ptr as *mut Block, tc.checks_frees()));
 }
 
 /// Pushes a freed block onto the thread's list of `bin`; `check`: with the
@@ -347,9 +347,12 @@ pub(crate) fn ensure_registered() {
 }
 
 impl ThreadCache {
-    /// Whether this thread checks every free fully (`hardening`).
-    pub fn check_frees(&self) -> bool {
-        self.check_frees
+    /// Whether this thread checks every free fully (`hardening`): its copy
+    /// of the knob, or the knob itself before the thread registered (a
+    /// consumer's first frees come before it has a copy).
+    #[inline(always)]
+    pub fn checks_frees(&self) -> bool {
+        self.check_frees || (!self.registered && hardening::check_frees())
     }
 
     fn active(&self, bin: usize) -> *mut Slab {
@@ -404,7 +407,8 @@ impl ThreadCache {
     fn refill(&mut self, bin: usize) -> *mut u8 {
         // With every free checked, the thread keeps no blocks: one at a
         // time, each handed out by `pop` (which clears its key).
-        let (want, whole, remote_whole) = if self.check_frees {
+        let (want, whole, remote_whole) = if self.check_frees || !self.registered {
+            // (Or no exit hook could be armed: nothing may stay behind.)
             (1, 0, 1)
         } else {
             self.grow_limit(bin);
@@ -424,7 +428,7 @@ impl ThreadCache {
                         // let the cache hold it until the thread uses it.
                         drain_remote(s);
                         n = s.take_batch(want, remote_whole, &mut cc.head);
-                        if !self.check_frees {
+                        if !self.check_frees && self.registered {
                             cc.limit = cc.limit.max(n);
                         }
                     }
