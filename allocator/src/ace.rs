@@ -151,6 +151,7 @@ static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
 
 /// Allocates `size` (TINY_MAX < size <= ACE_MAX) from ACE, or null after
 /// firing `ace_fail` (the caller falls back to the large path).
+#[inline(always)]
 pub fn alloc(size: usize) -> *mut u8 {
     if size > config::get().ace_max_bytes {
         probes::ace_fail(AceFailKind::Threshold, size, NO_CLASS);
@@ -222,6 +223,7 @@ fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
 }
 
 /// Frees an ACE block of `class`.
+#[inline(always)]
 pub fn free(ptr: *mut u8, class: usize) {
     let overflow = with_cache(|tc| {
         let check = tc.checks_frees();
