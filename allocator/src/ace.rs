@@ -554,7 +554,7 @@ impl AceClass {
 }
 
 /// Usable size of an ACE block of `class`.
-pub fn block_size(class: usize) -> usize {
+pub const fn block_size(class: usize) -> usize {
     ACE_CLASS_SIZES[class]
 }
 
@@ -578,6 +578,51 @@ const RECIP: [u64; ACE_CLASSES] = {
     t
 };
 const _: () = assert!(stride(ACE_CLASSES - 1) < 1 << 19 && CHUNK <= 1 << 21);
+
+/// `u64::MAX / stride + 1` for each class: `off * STRIDE_DIVISOR[c] <
+/// STRIDE_DIVISOR[c]` (wrapping, 64 bits) exactly when the 32-bit `off` is a
+/// multiple of the stride (Lemire, Kaser and Kurz, 2019; see
+/// `class::is_multiple_of_bin`): `free`'s test for a block start, one
+/// multiply.
+const STRIDE_DIVISOR: [u64; ACE_CLASSES] = {
+    let mut t = [0u64; ACE_CLASSES];
+    let mut c = 0;
+    while c < ACE_CLASSES {
+        t[c] = u64::MAX / stride(c) as u64 + 1;
+        c += 1;
+    }
+    t
+};
+
+/// For each class, the last offset (from the first block) where a block
+/// that fits in the segment can start.
+const LAST_START: [u32; ACE_CLASSES] = {
+    let mut t = [0u32; ACE_CLASSES];
+    let mut c = 0;
+    while c < ACE_CLASSES {
+        t[c] = (CHUNK - HEADER_RESERVE - block_size(c)) as u32;
+        c += 1;
+    }
+    t
+};
+
+/// Whether `p` (a pointer into an ACE segment of `class`) is where a block
+/// starts (in the segment, on the grid, its block within the segment): the
+/// test on every ACE free, a subtraction, a multiply and two compares;
+/// anything else takes `block_start`'s slower look.
+#[inline(always)]
+pub fn is_block_start(p: usize, class: usize) -> bool {
+    let off = ((p & (CHUNK - 1)) as u32).wrapping_sub(HEADER_RESERVE as u32);
+    debug_assert!(class < ACE_CLASSES);
+    // SAFETY: classes come from the registry byte, `ace_class_of` bounds them.
+    let (d, last) = unsafe {
+        (
+            *STRIDE_DIVISOR.get_unchecked(class),
+            *LAST_START.get_unchecked(class),
+        )
+    };
+    off <= last && (off as u64).wrapping_mul(d) < d
+}
 
 /// Where the block holding `p` (a pointer into an ACE segment of `class`)
 /// starts, or None if `p` lies in no block (the header, or a block's colour
@@ -675,6 +720,17 @@ mod tests {
                 assert_eq!(aligned_block(p, start, false), None, "tag cleared");
             }
             free(start as *mut u8, class);
+        }
+    }
+
+    #[test]
+    fn the_block_start_test_agrees_with_block_start() {
+        let chunk = 64 * CHUNK;
+        for class in 0..ACE_CLASSES {
+            for p in (chunk..chunk + CHUNK).step_by(16) {
+                let exact = block_start(p, class) == Some(p);
+                assert_eq!(is_block_start(p, class), exact, "class {class} p {p:#x}");
+            }
         }
     }
 }

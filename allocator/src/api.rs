@@ -86,13 +86,10 @@ pub unsafe fn free(ptr: *mut u8) {
         return unsafe { tiny::free_superslab(ptr, slab) };
     }
     if let Some(class) = segment::ace_class_of(kind) {
-        return match ace_block(p, class, true) {
-            Some(b) => ace::free(b as *mut u8, class),
-            // In the header (most likely a large block freed again after its
-            // chunk became this segment: they share the chunk cache), in a
-            // colour pad, or inside a block.
-            None => misuse::invalid_free("free(): invalid pointer", p),
-        };
+        if ace::is_block_start(p, class) {
+            return ace::free(ptr, class);
+        }
+        return free_ace_off_grid(p, class);
     }
     free_legacy_or_large(p)
 }
@@ -107,6 +104,19 @@ fn ace_block(p: usize, class: usize, take: bool) -> Option<usize> {
         return Some(p);
     }
     ace::aligned_block(p, start, take)
+}
+
+/// An ACE free of a pointer that is no block start: an aligned block carved
+/// out of one, or a pointer in the header (most likely a large block freed
+/// again after its chunk became this segment: they share the chunk cache),
+/// in a colour pad, or inside a block.
+#[cold]
+#[inline(never)]
+fn free_ace_off_grid(p: usize, class: usize) {
+    match ace_block(p, class, true) {
+        Some(b) => ace::free(b as *mut u8, class),
+        None => misuse::invalid_free("free(): invalid pointer", p),
+    }
 }
 
 #[inline(never)]

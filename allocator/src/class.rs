@@ -33,15 +33,17 @@ pub const BIN_SIZES: [usize; BINS] = [
     1024, // the aligned bins:
     128, 256, 512, 1024,
 ];
-/// `u32::MAX / size + 1` for each bin: `n * BIN_DIVISOR[b] < BIN_DIVISOR[b]`
-/// (wrapping, 32 bits) exactly when `n` is a multiple of the bin's size, for
+/// `u64::MAX / size + 1` for each bin: `n * BIN_DIVISOR[b] < BIN_DIVISOR[b]`
+/// (wrapping, 64 bits) exactly when `n` is a multiple of the bin's size, for
 /// every `n < 2^32` (Lemire, Kaser and Kurz, "Faster remainder by direct
-/// computation", 2019): a multiply instead of a division on `free`.
-const BIN_DIVISOR: [u32; BINS] = {
-    let mut t = [0u32; BINS];
+/// computation", 2019: a 64-bit constant for 32-bit operands; the 32-bit
+/// constant is not exact for every divisor): a multiply instead of a
+/// division on `free`.
+const BIN_DIVISOR: [u64; BINS] = {
+    let mut t = [0u64; BINS];
     let mut b = 0;
     while b < BINS {
-        t[b] = u32::MAX / BIN_SIZES[b] as u32 + 1;
+        t[b] = u64::MAX / BIN_SIZES[b] as u64 + 1;
         b += 1;
     }
     t
@@ -54,7 +56,7 @@ pub fn is_multiple_of_bin(off: u32, bin: usize) -> bool {
     // SAFETY: callers pass bins of slab metadata or the owner's index, all
     // below BINS (no bounds-check panic path on `free`'s fast path).
     let c = unsafe { *BIN_DIVISOR.get_unchecked(bin) };
-    off.wrapping_mul(c) < c
+    (off as u64).wrapping_mul(c) < c
 }
 
 /// Largest alignment a coloured bin's blocks keep (colours are whole cache lines).
@@ -242,7 +244,7 @@ mod tests {
     #[test]
     fn the_divisibility_test_agrees_with_the_remainder() {
         for (bin, &size) in BIN_SIZES.iter().enumerate() {
-            for off in (0..(1u32 << 17)).chain([u32::MAX - 1, u32::MAX]) {
+            for off in (0..(1u32 << 21)).step_by(8).chain([u32::MAX - 1, u32::MAX]) {
                 assert_eq!(
                     is_multiple_of_bin(off, bin),
                     (off as usize).is_multiple_of(size),

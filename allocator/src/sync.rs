@@ -126,3 +126,24 @@ impl<T> Drop for Guard<'_, T> {
         self.lock.unlock();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_futex_wait_that_fails_leaves_errno_as_it_was() {
+        // A waiter whose word changed before it slept gets EAGAIN from the
+        // kernel (the common case under contention): a free that waited on a
+        // lock must not hand that to the program. Forced here: the word is
+        // not the value the wait expects, so the kernel refuses at once.
+        let word = AtomicU32::new(FREE);
+        crate::errno::set(4321);
+        futex(
+            &word,
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            CONTENDED,
+        );
+        assert_eq!(crate::errno::get(), 4321);
+    }
+}
