@@ -625,14 +625,15 @@ pub fn is_block_start(p: usize, class: usize) -> bool {
 }
 
 /// Where the block holding `p` (a pointer into an ACE segment of `class`)
-/// starts, or None if `p` lies in no block (the header, or a block's colour
-/// pad). A multiply and a shift: `free` checks every ACE pointer with it.
+/// starts, or None if `p` lies in no block (the header, a block's colour
+/// pad, or past the last block that fits). A multiply and a shift: for the
+/// pointers `is_block_start` turns away, and `realloc`/`malloc_usable_size`.
 #[inline]
 pub fn block_start(p: usize, class: usize) -> Option<usize> {
     let chunk = crate::segment::chunk_of(p);
     let off = (p - chunk).checked_sub(HEADER_RESERVE)?;
     let start = ((off as u64 * RECIP[class]) >> RECIP_SHIFT) as usize * stride(class);
-    let fits = HEADER_RESERVE + start + block_size(class) <= CHUNK;
+    let fits = start <= LAST_START[class] as usize;
     (off - start < block_size(class) && fits).then_some(chunk + HEADER_RESERVE + start)
 }
 

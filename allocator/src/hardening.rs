@@ -65,6 +65,14 @@ pub fn init() {
     CHECK_FREES.store(crate::config::get().check_frees, Ordering::Relaxed);
 }
 
+/// `p` xor the secret (its own inverse): how a pointer that a free may
+/// follow is stored where a write primitive could reach it (glibc's
+/// PTR_MANGLE; `test_hooks`).
+#[inline]
+pub fn protect_pointer(p: usize) -> usize {
+    SECRET.load(Ordering::Relaxed) ^ p
+}
+
 /// The key a free block at `b` carries.
 #[inline(always)]
 pub fn free_key(b: usize) -> usize {

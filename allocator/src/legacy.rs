@@ -39,9 +39,9 @@ static CLASSES: [SpinLock<LegacyClass>; BINS] = [EMPTY; BINS];
 /// its blocks starts (not in the header, not inside a block).
 #[inline]
 pub fn is_block_start(p: usize, bin: usize) -> bool {
+    // Wraps (and fails) in the header; the block must end in the segment.
     let off = (p & (CHUNK - 1)).wrapping_sub(HEADER_RESERVE);
-    off < CHUNK - HEADER_RESERVE
-        && off + BIN_SIZES[bin] <= CHUNK - HEADER_RESERVE
+    off <= CHUNK - HEADER_RESERVE - BIN_SIZES[bin]
         && crate::class::is_multiple_of_bin(off as u32, bin)
 }
 

@@ -65,7 +65,7 @@ pub fn set(hook: Option<Hook>) {
     // The secret is drawn at initialisation: draw it before mangling with it.
     crate::global::ensure_init();
     let p = hook.map_or(0, |h| {
-        h as *const () as usize ^ crate::hardening::free_key(0)
+        crate::hardening::protect_pointer(h as *const () as usize)
     });
     HOOK.store(p, Ordering::Release);
 }
@@ -75,7 +75,7 @@ pub fn set(hook: Option<Hook>) {
 pub fn at(point: Point, arg: usize) {
     let p = HOOK.load(Ordering::Acquire);
     if p != 0 {
-        let f = (p ^ crate::hardening::free_key(0)) as *const ();
+        let f = crate::hardening::protect_pointer(p) as *const ();
         // SAFETY: only `set` stores here: a `Hook` xor the secret, which
         // does not change after initialisation; fn pointers and data
         // pointers have one size on this target.

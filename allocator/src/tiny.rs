@@ -355,6 +355,14 @@ impl ThreadCache {
         self.check_frees || (!self.registered && hardening::check_frees())
     }
 
+    /// Whether the thread's lists must hold no block between calls: it has
+    /// no exit hook to empty them (none armed yet, or arming failed), or
+    /// every free is checked (a block they held would be handed out again
+    /// with its key, unchecked).
+    fn keeps_nothing(&self) -> bool {
+        !self.registered || self.check_frees
+    }
+
     fn active(&self, bin: usize) -> *mut Slab {
         self.slabs[bin].active.get()
     }
@@ -375,10 +383,7 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn overflow(&mut self, bin: usize) {
-        if !self.registered || self.check_frees {
-            // No exit hook yet to drain the SLL when the thread ends (it has
-            // not allocated), or every free checked (a block the thread's
-            // list held would be handed out again unchecked): hold nothing back.
+        if self.keeps_nothing() {
             let n = self.tiny[bin].count;
             return self.drain(bin, n, DrainWhy::Overflow);
         }
@@ -405,10 +410,10 @@ impl ThreadCache {
     }
 
     fn refill(&mut self, bin: usize) -> *mut u8 {
-        // With every free checked, the thread keeps no blocks: one at a
-        // time, each handed out by `pop` (which clears its key).
-        let (want, whole, remote_whole) = if self.check_frees || !self.registered {
-            // (Or no exit hook could be armed: nothing may stay behind.)
+        // A thread that keeps nothing takes one block at a time, each handed
+        // out by `pop` (which clears its key).
+        let keeps_nothing = self.keeps_nothing();
+        let (want, whole, remote_whole) = if keeps_nothing {
             (1, 0, 1)
         } else {
             self.grow_limit(bin);
@@ -428,7 +433,7 @@ impl ThreadCache {
                         // let the cache hold it until the thread uses it.
                         drain_remote(s);
                         n = s.take_batch(want, remote_whole, &mut cc.head);
-                        if !self.check_frees && self.registered {
+                        if !keeps_nothing {
                             cc.limit = cc.limit.max(n);
                         }
                     }
