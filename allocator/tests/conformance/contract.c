@@ -798,6 +798,13 @@ static size_t number_after(const char *from, const char *label)
     return eq ? strtoull(eq + 1, NULL, 10) : 0;
 }
 
+/* One "[needle]:yes|no" item per needle: whether `text` holds it. */
+static void add_each_found(const char *text, const char *const *needles, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        add("[%s]:%s", needles[i], yes(strstr(text, needles[i]) != NULL));
+}
+
 static void g_malloc_stats(void)
 {
     hold();
@@ -811,13 +818,12 @@ static void g_malloc_stats(void)
     close(saved);
     char *out = slurp(tmp);
 
-    static const char *labels[] = {
+    static const char *const labels[] = {
         "Arena 0:", "system bytes", "in use bytes", "Total (incl. mmap):",
         "max mmap regions", "max mmap bytes",
     };
     begin("malloc_stats() lines");
-    for (size_t i = 0; i < LEN(labels); i++)
-        add("[%s]:%s", labels[i], yes(strstr(out, labels[i]) != NULL));
+    add_each_found(out, labels, LEN(labels));
     end();
     begin("malloc_stats() holding %zu bytes", held_bytes);
     size_t total = number_after(strstr(out, "Total (incl. mmap):"), "in use bytes");
@@ -883,14 +889,13 @@ static void g_malloc_info(void)
     add_errno(err);
     end();
 
-    static const char *elements[] = {
+    static const char *const elements[] = {
         "<heap nr=\"0\">", "<sizes>", "<total type=\"fast\"", "<total type=\"rest\"",
         "<total type=\"mmap\"", "<system type=\"current\"", "<system type=\"max\"",
         "<aspace type=\"total\"", "<aspace type=\"mprotect\"",
     };
     begin("malloc_info(0,fp) elements");
-    for (size_t i = 0; i < LEN(elements); i++)
-        add("%s:%s", elements[i], yes(strstr(xml, elements[i]) != NULL));
+    add_each_found(xml, elements, LEN(elements));
     end();
     begin("malloc_info(0,fp) holding %zu bytes", held_bytes);
     size_t system = last_size(xml, "<system type=\"current\"");
