@@ -31,7 +31,7 @@ test: build lint
 # 8 minutes on 2 cores): the tests of the build with the probes compiled
 # out, Miri, each fuzz target for a short run, the long real-program tests.
 ci-extra:
-    cargo test -p hakmem --no-default-features --features c-abi,safe-linking --target-dir target/noprobes --lib --test scenarios
+    cargo test -p hakmem --no-default-features --features c-abi,safe-linking,invariants --target-dir target/noprobes --lib --test scenarios
     just miri
     just fuzz 20
     cargo test -p hakmem --test preload -- --ignored
@@ -61,9 +61,10 @@ real-programs: build
     cargo test -p hakmem --test preload -- --include-ignored
 
 # Many threads handing blocks of every size class to each other, contents checked, for SECONDS.
+# With the invariant checkers on (feature `invariants`, its own target directory).
 soak seconds="300" threads="8":
-    cargo build --release -p hakmem --bin hakmem-scenario
-    HAKMEM_STATS=1 STRESS_THREADS={{threads}} STRESS_SECONDS={{seconds}} target/release/hakmem-scenario stress
+    cargo build --release -p hakmem --features invariants --bin hakmem-scenario --target-dir target/invariants
+    HAKMEM_STATS=1 STRESS_THREADS={{threads}} STRESS_SECONDS={{seconds}} target/invariants/release/hakmem-scenario stress
 
 # Fuzz sequences of malloc/free/realloc/calloc/aligned allocation with content checks (bounded time).
 fuzz seconds="120":

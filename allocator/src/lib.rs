@@ -1,15 +1,19 @@
 //! hakmem: a general-purpose allocator whose decisions are USDT probes.
 //!
-//! Layering (each layer uses only those below it; `probes`, `stats`, `config`
-//! and the shared codes are leaves):
+//! Each folder of `src/` is a layer; a module uses only its own layer and
+//! those below it (`tests/layers.rs` checks every path, and that the module
+//! graph has no cycle; docs/layers.md has the picture and the reasons):
 //!
 //! ```text
-//! capi (malloc, free, ...) / HakMem (GlobalAlloc)
-//!   -> api: size -> class, route to tiny / ACE / large
-//!     -> tiny: thread cache (TLS SLL, refill, drain, thread exit)
-//!       -> pool: stages 1-3, legacy fallback, the recycle boundary
-//!         -> superslab, legacy, ace, parcel, large
-//!           -> registry, os
+//! front      api, capi, global_alloc (C ABI, GlobalAlloc), place (free's classifier)
+//! lifecycle  init, thread registration and exit, fork, upkeep (purge)
+//! thread     the per-thread state: one part per tier, in static TLS
+//! tiny       the tiny thread cache (TLS SLL, refill, drain), owned-slab index
+//! pool       the shared slab pool: stages 1-3, the recycle boundary
+//! tiers      superslab, legacy, ace, large, parcel
+//! chunks     the chunk cache under every tier
+//! base       os, registry, segment, hardening, test_hooks
+//! leaf       errno, sync, class, config, cgroup, stats, probes, misuse
 //! ```
 //!
 //! Nothing here allocates through malloc, and nothing on the malloc/free fast
@@ -19,38 +23,52 @@
 // carries a SAFETY comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-mod ace;
-pub mod api;
-#[cfg(feature = "c-abi")]
-mod capi;
-mod cgroup;
-pub mod class;
-pub mod config;
-mod empty_slabs;
-mod errno;
-mod global;
-mod hardening;
-mod large;
-mod legacy;
-mod misuse;
-mod os;
-mod owned_index;
-mod parcel;
+mod front {
+    pub mod api;
+    #[cfg(feature = "c-abi")]
+    pub mod capi;
+    pub mod global_alloc;
+    pub mod place;
+}
+mod lifecycle;
 mod pool;
-mod probes;
-mod purge;
-mod registry;
-mod segment;
-pub mod stats;
-mod superslab;
-mod sync;
-#[doc(hidden)]
-pub mod test_hooks;
 mod thread;
 mod tiny;
-mod tls;
+mod tiers {
+    pub mod ace;
+    pub mod large;
+    pub mod legacy;
+    pub mod parcel;
+    pub mod superslab;
+}
+mod chunks;
+mod base {
+    pub mod hardening;
+    pub mod os;
+    pub mod registry;
+    pub mod segment;
+    pub mod test_hooks;
+}
+mod leaf {
+    pub mod cgroup;
+    pub mod class;
+    pub mod config;
+    pub mod errno;
+    pub mod misuse;
+    pub mod probes;
+    pub mod stats;
+    pub mod sync;
+}
 
-pub use global::HakMem;
+// Every module by its own name (`crate::ace`), whatever its folder.
+#[doc(hidden)]
+pub use base::test_hooks;
+use base::{hardening, os, registry, segment};
+pub use front::api;
+pub use front::global_alloc::HakMem;
+use leaf::{cgroup, errno, misuse, probes, sync};
+pub use leaf::{class, config, stats};
+use tiers::{ace, large, legacy, parcel, superslab};
 
 #[cfg(feature = "probes")]
 #[usdt::provider(provider = "hakmem")]

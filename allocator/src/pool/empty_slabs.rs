@@ -69,6 +69,34 @@ impl SlabList {
         self.head = slab;
     }
 
+    /// Walks the list: each slab in `state`, unowned, its links agreeing
+    /// both ways; returns its length.
+    #[cfg(any(test, feature = "invariants"))]
+    fn check(&self, state: SlabState) -> Result<usize, &'static str> {
+        let (mut s, mut prev, mut n) = (self.head, null_mut(), 0);
+        // SAFETY: the list's slabs are the pool's (lock held by the caller).
+        unsafe {
+            while !s.is_null() {
+                if (*s).prev != prev {
+                    return Err("invariant: an EMPTY slab's back link is wrong");
+                }
+                if (*s).state != state {
+                    return Err("invariant: a slab on an EMPTY list is in another state");
+                }
+                if (*s).owner.load(core::sync::atomic::Ordering::Relaxed) != 0 {
+                    return Err("invariant: a slab on an EMPTY list has an owner");
+                }
+                prev = s;
+                s = (*s).next;
+                n += 1;
+            }
+        }
+        if self.tail != prev {
+            return Err("invariant: an EMPTY list's tail is not its last slab");
+        }
+        Ok(n)
+    }
+
     /// # Safety
     /// `slab` is on this list.
     unsafe fn unlink(&mut self, slab: *mut Slab) {
@@ -108,6 +136,18 @@ impl EmptySlabs {
     /// Resident EMPTY slabs.
     pub fn resident_len(&self) -> usize {
         self.resident_len
+    }
+
+    /// The lists' invariants (feature `invariants`): links that agree both
+    /// ways, each slab in the state its list says, no owner, and the
+    /// resident count. Under the pool lock.
+    #[cfg(any(test, feature = "invariants"))]
+    pub fn check(&self) -> Result<(), &'static str> {
+        let resident = self.resident.check(SlabState::Empty)?;
+        if resident != self.resident_len {
+            return Err("invariant: the resident EMPTY count is not the list's length");
+        }
+        self.purged.check(SlabState::Purged).map(|_| ())
     }
 
     /// Adds a slab that has just become EMPTY (its state already says so)
@@ -204,10 +244,22 @@ mod tests {
             assert!(age_ns(c, t0 + 100_000_000) <= 11_000_000);
             assert_eq!(e.resident_len(), 3);
             e.mark_purged(a);
+            assert_eq!(e.check(), Ok(()));
             assert_eq!(e.oldest_resident(), Some(b));
             e.unlink(b);
             assert_eq!(e.resident_len(), 1);
         }
+        // The checker sees a slab in the wrong state, an owner, a count off.
+        s[2].state = SlabState::InUse;
+        assert!(e.check().unwrap_err().contains("another state"));
+        s[2].state = SlabState::Empty;
+        s[0].owner.store(9, core::sync::atomic::Ordering::Relaxed);
+        assert!(e.check().unwrap_err().contains("owner"));
+        s[0].owner.store(0, core::sync::atomic::Ordering::Relaxed);
+        e.resident_len += 1;
+        assert!(e.check().unwrap_err().contains("count"));
+        e.resident_len -= 1;
+        assert_eq!(e.check(), Ok(()));
         assert_eq!(e.take(), Some((c, false)), "the resident one first");
         assert_eq!(e.take(), Some((a, true)));
         assert_eq!(e.take(), None);

@@ -3,21 +3,20 @@
 //! atomics, locks or syscalls; everything else (refill, drains, remote frees,
 //! thread exit) is out of line.
 
-use crate::ace::AceCache;
+pub mod owned_index;
+
 use crate::class::{class_of_bin, BINS, BIN_SIZES};
 use crate::config;
-use crate::hardening;
+use crate::hardening::{self, CacheMode};
 use crate::legacy;
-use crate::owned_index::{self, OwnedIndex};
 use crate::pool::{self, Acquired};
 use crate::probes;
 use crate::segment;
 use crate::superslab::{slab_of, Block, Slab, SlabRef};
-use crate::thread;
-use crate::tls::cache_ptr;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
-use hakmem_common::{DrainWhy, ACE_CLASSES};
+use hakmem_common::DrainWhy;
+use owned_index::OwnedIndex;
 
 /// Blocks moved per refill, per bin: about 4 KiB worth, at least 16.
 const BATCH: [u32; BINS] = {
@@ -100,33 +99,26 @@ impl BinSlabs {
     };
 }
 
-pub struct ThreadCache {
+/// A thread's tiny part of its state (`thread::ThreadCache`).
+pub struct TinyCache {
     tiny: [ClassCache; BINS],
     slabs: [BinSlabs; BINS],
-    pub ace: [AceCache; ACE_CLASSES],
     /// Overflows of each bin since its limit last shrank (see LIMIT_SHRINK_AFTER).
     overflows: [u8; BINS],
-    /// Owner id stamped on this thread's slabs (0 until the first refill).
+    /// Owner id stamped on this thread's slabs (0 until the thread registers).
     id: usize,
     /// The slabs this thread owns, by address (null until it owns one).
     owned_index: *mut OwnedIndex,
-    registered: bool,
-    /// `hardening::check_frees()`, copied at registration: the fast paths
-    /// read it beside `owned_index` instead of through the GOT.
-    check_frees: bool,
 }
 
-impl ThreadCache {
-    /// An empty cache: all zero bytes (see `tls`, which relies on it).
-    pub const NEW: ThreadCache = ThreadCache {
+impl TinyCache {
+    /// An empty cache: all zero bytes.
+    pub const NEW: TinyCache = TinyCache {
         tiny: [ClassCache::NEW; BINS],
         slabs: [BinSlabs::NEW; BINS],
-        ace: [AceCache::NEW; ACE_CLASSES],
         overflows: [0; BINS],
         id: 0,
         owned_index: null_mut(),
-        registered: false,
-        check_frees: false,
     };
 
     /// Whether every field is zero (what `tls` checks of `NEW`).
@@ -146,63 +138,51 @@ impl ThreadCache {
             i += 1;
         }
         let mut i = 0;
-        while i < ACE_CLASSES {
-            if !self.ace[i].is_zero() {
-                return false;
-            }
-            i += 1;
-        }
-        let mut i = 0;
         while i < BINS {
             if self.overflows[i] != 0 {
                 return false;
             }
             i += 1;
         }
-        self.id == 0 && !self.registered && !self.check_frees && self.owned_index.is_null()
+        self.id == 0 && self.owned_index.is_null()
     }
-}
 
-/// Runs `f` on this thread's cache.
-#[inline(always)]
-pub fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> R {
-    // SAFETY: the cache is thread-local and no function that holds this
-    // reference calls back into malloc (re-entrant paths run before it is taken,
-    // see `refill`), so it is the only live reference.
-    f(unsafe { &mut *cache_ptr() })
-}
-
-/// Allocates a block of tiny bin `bin`.
-#[inline(always)]
-pub fn alloc(bin: usize) -> *mut u8 {
-    let hit = alloc_cached(bin);
-    if !hit.is_null() {
-        return hit;
+    /// The owner id stamped on this thread's slabs; 0: none yet.
+    pub fn owner_id(&self) -> usize {
+        self.id
     }
-    refill_and_alloc(bin)
+
+    /// The newest block on the thread's list of `bin` (tests).
+    #[cfg(test)]
+    pub fn head(&self, bin: usize) -> *mut Block {
+        self.tiny[bin].head
+    }
+
+    /// Gives the thread its owner id (`lifecycle`, at registration).
+    pub fn set_owner_id(&mut self, id: usize) {
+        self.id = id;
+    }
 }
 
 /// A block of tiny bin `bin` from the thread's cache; null if it is empty.
 #[inline(always)]
-pub fn alloc_cached(bin: usize) -> *mut u8 {
-    with_cache(|tc| {
-        let cc = &mut tc.tiny[bin];
-        let b = cc.head;
-        if !b.is_null() {
-            // SAFETY: blocks on the TLS SLL are free and link through their first word.
-            // (No key to clear: with `HAKMEM_CHECK_FREES=1` the list is always
-            // empty here, see `refill`.)
-            let next = unsafe { Block::next(b) };
-            cc.head = next;
-            cc.count -= 1;
-            // The next allocation of this bin reads `next`'s link: a block
-            // freed a while ago, whose line is likely out of L1 by now (the
-            // load was half of malloc's time in bench_random_mixed). Asked
-            // for now, it arrives while the program uses `b`.
-            crate::os::prefetch(next);
-        }
-        b.cast()
-    })
+pub fn alloc_cached(tc: &mut TinyCache, bin: usize) -> *mut u8 {
+    let cc = &mut tc.tiny[bin];
+    let b = cc.head;
+    if !b.is_null() {
+        // SAFETY: blocks on the TLS SLL are free and link through their first word.
+        // (No key to clear: with `HAKMEM_CHECK_FREES=1` the list is always
+        // empty here, see `refill`.)
+        let next = unsafe { Block::next(b) };
+        cc.head = next;
+        cc.count -= 1;
+        // The next allocation of this bin reads `next`'s link: a block
+        // freed a while ago, whose line is likely out of L1 by now (the
+        // load was half of malloc's time in bench_random_mixed). Asked
+        // for now, it arrives while the program uses `b`.
+        crate::os::prefetch(next);
+    }
+    b.cast()
 }
 
 /// Frees `ptr` onto this thread's TLS SLL if it lies in a slab the thread's
@@ -214,12 +194,7 @@ pub fn alloc_cached(bin: usize) -> *mut u8 {
 /// `ptr` is a block handed out by hakmem and not yet freed, or a pointer
 /// outside every slab this thread owns; either way not in a SuperSlab header.
 #[inline(always)]
-pub unsafe fn free_owned(ptr: *mut u8) -> bool {
-    // Not through `with_cache`: LLVM may leave that closure out of line (a
-    // call and five register saves on every free).
-    // SAFETY: as in `with_cache`: this thread's cache, and nothing below
-    // calls back into malloc while the reference lives.
-    let tc = unsafe { &mut *cache_ptr() };
+pub unsafe fn free_owned(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8) -> bool {
     // SAFETY: a non-null index is this thread's, live until its exit hook.
     let Some(ix) = (unsafe { tc.owned_index.as_ref() }) else {
         return false;
@@ -232,7 +207,7 @@ pub unsafe fn free_owned(ptr: *mut u8) -> bool {
         // metadata, refuses it (two instructions here, no call).
         return false;
     }
-    push_local(tc, bin, ptr as *mut Block, false);
+    push_local(tc, mode, bin, ptr as *mut Block, false);
     true
 }
 
@@ -249,21 +224,14 @@ pub unsafe fn free_owned(ptr: *mut u8) -> bool {
 /// # Safety
 /// `ptr` is a block of `slab`, handed out by hakmem and not yet freed.
 #[inline(always)]
-pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
+pub unsafe fn free_superslab(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, slab: *mut Slab) {
     // SAFETY: per the contract `slab` is live metadata; owner is atomic and bin
     // is stable while any block of the slab is out.
     let (owner, bin) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).bin as usize) };
     let b = ptr as *mut Block;
     // Thread ids and ABANDONED are never 0, so a thread without an id (0) never matches.
-    let local = with_cache(|tc| {
-        if owner != tc.id {
-            return false;
-        }
-        push_local(tc, bin, b, tc.checks_frees());
-        true
-    });
-    if local {
-        return;
+    if owner == tc.id {
+        return push_local(tc, mode, bin, b, mode.checks_frees());
     }
     // SAFETY: per the contract, a block its user hands back.
     if !unsafe { Block::mark_free(b, hardening::check_frees()) } {
@@ -282,14 +250,14 @@ pub unsafe fn free_superslab(ptr: *mut u8, slab: *mut Slab) {
 
 /// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
 #[inline]
-pub fn free_legacy(ptr: *mut u8, bin: usize) {
-    with_cache(|tc| push_local(tc, bin, ptr as *mut Block, tc.checks_frees()));
+pub fn free_legacy(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, bin: usize) {
+    push_local(tc, mode, bin, ptr as *mut Block, mode.checks_frees());
 }
 
 /// Pushes a freed block onto the thread's list of `bin`; `check`: with the
 /// double-free key (`hardening`).
 #[inline(always)]
-fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block, check: bool) {
+fn push_local(tc: &mut TinyCache, mode: CacheMode, bin: usize, b: *mut Block, check: bool) {
     debug_assert!(bin < BINS);
     // SAFETY: `bin` comes from a slab's or a legacy segment's metadata, which
     // only ever holds bin numbers below BINS.
@@ -304,70 +272,24 @@ fn push_local(tc: &mut ThreadCache, bin: usize, b: *mut Block, check: bool) {
     cc.head = b;
     cc.count += 1;
     if cc.count > cc.limit {
-        tc.overflow(bin);
+        tc.overflow(mode, bin);
     }
 }
 
-#[cold]
-#[inline(never)]
-pub fn refill_and_alloc(bin: usize) -> *mut u8 {
-    crate::global::ensure_init();
-    // A slow path: big blocks freed a while ago go back to the OS even in a
-    // program that now makes only small ones.
-    crate::purge::at_slow_path();
-    ensure_registered();
-    with_cache(|tc| tc.refill(bin))
-}
-
-/// Gives the thread an owner id and the exit hook that empties its caches,
-/// if it has none yet. Every path that leaves blocks in a cache passes here
-/// (a refill before it fills the cache, the first ACE free into a cache not
-/// set up, right after its push): a
-/// thread that exits without the hook strands its cached blocks. Registering
-/// can allocate (pthread_setspecific), so callers hold no reference into the
-/// cache.
-pub(crate) fn ensure_registered() {
-    let must_register = with_cache(|tc| !tc.registered);
-    if must_register {
-        // The hook's key is made at initialisation.
-        crate::global::ensure_init();
-        with_cache(|tc| {
-            // Set before registering, which may allocate and so come back here.
-            tc.registered = true;
-            tc.check_frees = hardening::check_frees();
-            if tc.id == 0 {
-                tc.id = thread::new_owner_id();
-            }
-        });
-        if !thread::register_current() {
-            // No hook: keep nothing cached (see `overflow`); try again later.
-            with_cache(|tc| tc.registered = false);
-        }
-    }
-}
-
-impl ThreadCache {
-    /// Whether this thread checks every free fully (`hardening`): its copy
-    /// of the knob, or the knob itself before the thread registered (a
-    /// consumer's first frees come before it has a copy).
-    #[inline(always)]
-    pub fn checks_frees(&self) -> bool {
-        self.check_frees || (!self.registered && hardening::check_frees())
-    }
-
-    /// Whether the thread's lists must hold no block between calls: it has
-    /// no exit hook to empty them (none armed yet, or arming failed), or
-    /// every free is checked (a block they held would be handed out again
-    /// with its key, unchecked).
-    fn keeps_nothing(&self) -> bool {
-        !self.registered || self.check_frees
-    }
-
+impl TinyCache {
     fn active(&self, bin: usize) -> *mut Slab {
         self.slabs[bin].active.get()
     }
 
     fn set_active(&mut self, bin: usize, s: *mut Slab) {
+        crate::misuse::check_invariant!(
+            match s.is_null() {
+                true => Ok(()),
+                // SAFETY: a slab this thread owns, becoming its active one.
+                false => unsafe { (*s).check() },
+            },
+            s
+        );
         self.slabs[bin].active = SlabRef::new(s);
     }
 
@@ -382,8 +304,8 @@ impl ThreadCache {
     /// The TLS SLL of `bin` went over its limit (or the limit was never set).
     #[cold]
     #[inline(never)]
-    fn overflow(&mut self, bin: usize) {
-        if self.keeps_nothing() {
+    fn overflow(&mut self, mode: CacheMode, bin: usize) {
+        if mode.keeps_nothing() {
             let n = self.tiny[bin].count;
             return self.drain(bin, n, DrainWhy::Overflow);
         }
@@ -409,10 +331,15 @@ impl ThreadCache {
         cc.limit = bounded_limit(bin, cc.limit + BATCH[bin]);
     }
 
-    fn refill(&mut self, bin: usize) -> *mut u8 {
+    /// The thread's cache of `bin` ran empty: a block, and more in the
+    /// cache, from its slabs, the pool or the legacy path; null if memory
+    /// cannot be had. (The front has run `lifecycle::before_refill`.)
+    #[cold]
+    #[inline(never)]
+    pub fn refill(&mut self, mode: CacheMode, bin: usize) -> *mut u8 {
         // A thread that keeps nothing takes one block at a time, each handed
         // out by `pop` (which clears its key).
-        let keeps_nothing = self.keeps_nothing();
+        let keeps_nothing = mode.keeps_nothing();
         let (want, whole, remote_whole) = if keeps_nothing {
             (1, 0, 1)
         } else {
@@ -439,7 +366,7 @@ impl ThreadCache {
                     }
                     if n > 0 {
                         cc.count += n;
-                        return self.pop(bin);
+                        return self.pop(mode, bin);
                     }
                 }
                 if let Some(s) = self.find_partial(bin) {
@@ -470,11 +397,11 @@ impl ThreadCache {
             return null_mut();
         }
         self.tiny[bin].count += n;
-        self.pop(bin)
+        self.pop(mode, bin)
     }
 
-    fn pop(&mut self, bin: usize) -> *mut u8 {
-        let check = self.check_frees;
+    fn pop(&mut self, mode: CacheMode, bin: usize) -> *mut u8 {
+        let check = mode.check_frees;
         let cc = &mut self.tiny[bin];
         let b = cc.head;
         // SAFETY: callers only pop after adding at least one block.
@@ -552,15 +479,21 @@ impl ThreadCache {
     /// A drain found `slab` EMPTY: hand it to the recycle boundary. True if released.
     fn on_empty(&mut self, bin: usize, slab: *mut Slab) -> bool {
         let is_active = slab == self.active(bin);
-        // SAFETY: we own the slab; the unlink runs before the pool takes it.
-        unsafe { pool::recycle(slab, is_active, |s| self.unlink_owned(bin, s)) }
+        // SAFETY: we own the slab.
+        if !unsafe { pool::may_recycle(slab, is_active) } {
+            return false;
+        }
+        self.unlink_owned(bin, slab);
+        // SAFETY: ours, EMPTY, and now on none of our lists.
+        unsafe { pool::recycle(slab) };
+        true
     }
 
     /// Puts `s` (owned by this thread, on no list) at the front of the ring.
     fn link_owned(&mut self, bin: usize, s: *mut Slab) {
         // With every free checked, no index: the owner's frees take the path
         // that reads the slab's metadata (see `free_owned`).
-        if self.owned_index.is_null() && !self.check_frees {
+        if self.owned_index.is_null() && !hardening::check_frees() {
             self.owned_index = owned_index::take();
         }
         // SAFETY: `s` is live slab metadata (ours from now on).
@@ -630,14 +563,14 @@ impl ThreadCache {
 
     /// Thread exit: every cached block back to its slab, every slab back to the
     /// pool (EMPTY) or parked for adoption (still has blocks out).
-    fn release_all(&mut self) {
+    pub fn release_all(&mut self) {
         for bin in 0..BINS {
             let n = self.tiny[bin].count;
             if n > 0 {
                 self.drain(bin, n, DrainWhy::ThreadExit);
             }
             // Frees after this (a later destructor's) overflow at once, and
-            // with `registered` false below, drain all they hold.
+            // with the thread no longer registered (`lifecycle`), drain all they hold.
             self.tiny[bin].limit = 0;
             self.overflows[bin] = 0;
             self.set_active(bin, null_mut());
@@ -653,14 +586,12 @@ impl ThreadCache {
                 pool::abandon(s);
             }
         }
-        crate::ace::release_thread(&mut self.ace);
         if !self.owned_index.is_null() {
             // SAFETY: every owned slab was unlinked above, so the index is
             // empty; the null left behind sends later frees the slow way.
             unsafe { owned_index::give_back(self.owned_index) };
             self.owned_index = null_mut();
         }
-        self.registered = false;
     }
 }
 
@@ -693,15 +624,15 @@ fn drain_remote(s: &mut Slab) {
     }
 }
 
-/// The thread-exit hook (from the pthread key destructor).
-pub fn thread_exit() {
-    with_cache(|tc| tc.release_all());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::class::tiny_bin;
+
+    const REGISTERED: CacheMode = CacheMode {
+        registered: true,
+        check_frees: false,
+    };
 
     /// Every block of `s` carved and handed out, as a list.
     fn take_all(s: *mut Slab) -> Vec<*mut Block> {
@@ -719,10 +650,9 @@ mod tests {
 
     #[test]
     fn a_refill_looks_at_a_few_owned_slabs_and_drained_ones_come_first() {
-        crate::global::ensure_init();
         let bin = tiny_bin(1024);
-        let mut tc = Box::new(ThreadCache::NEW);
-        tc.id = &*tc as *const ThreadCache as usize;
+        let mut tc = Box::new(TinyCache::NEW);
+        tc.id = &*tc as *const TinyCache as usize;
         let mut slabs = Vec::new();
         let mut blocks = Vec::new();
         for _ in 0..40 {
@@ -760,19 +690,18 @@ mod tests {
 
     #[test]
     fn a_bin_that_runs_empty_gets_room_and_one_that_only_frees_gives_it_back() {
-        crate::global::ensure_init();
         let bin = tiny_bin(1024);
         let batch = BATCH[bin];
-        let mut tc = Box::new(ThreadCache::NEW);
-        tc.id = &*tc as *const ThreadCache as usize;
-        tc.registered = true;
+        let mut tc = Box::new(TinyCache::NEW);
+        tc.id = &*tc as *const TinyCache as usize;
+        let mode = REGISTERED;
         // Allocate 1,000 blocks: the cache runs empty at every batch.
         let mut blocks = Vec::new();
         while blocks.len() < 1000 {
             let b = if tc.tiny[bin].count == 0 {
-                tc.refill(bin)
+                tc.refill(mode, bin)
             } else {
-                tc.pop(bin)
+                tc.pop(mode, bin)
             };
             assert!(!b.is_null());
             blocks.push(b as *mut Block);
@@ -782,7 +711,7 @@ mod tests {
         // in between, so its room shrinks back to the bottom.
         let mut most = 0;
         for b in blocks {
-            push_local(&mut tc, bin, b, false);
+            push_local(&mut tc, mode, bin, b, false);
             most = most.max(tc.tiny[bin].count);
         }
         assert_eq!(tc.tiny[bin].limit, LIMIT_MIN_BATCHES * batch);
@@ -793,33 +722,7 @@ mod tests {
     }
 
     #[test]
-    fn the_owners_free_is_served_by_its_index_and_no_other_threads_is() {
-        use std::sync::mpsc::channel;
-        let (block_tx, block_rx) = channel();
-        let (done_tx, done_rx) = channel::<()>();
-        let owner = std::thread::spawn(move || {
-            // SAFETY: plain allocations, freed once below or by the main thread.
-            let (p, q) = unsafe { (crate::api::malloc(48), crate::api::malloc(48)) };
-            assert!(!p.is_null() && !q.is_null());
-            // SAFETY: q is a live block of a slab this thread owns.
-            assert!(unsafe { free_owned(q) }, "the owner's free hits its index");
-            let head = with_cache(|tc| tc.tiny[tiny_bin(48)].head);
-            assert_eq!(head, q as *mut Block, "q went onto the owner's TLS list");
-            block_tx.send(p as usize).unwrap();
-            done_rx.recv().unwrap();
-        });
-        let p = block_rx.recv().unwrap() as *mut u8;
-        // SAFETY: p is live; a miss does nothing.
-        assert!(!unsafe { free_owned(p) }, "another thread's block misses");
-        // SAFETY: p is live and freed once (onto its slab's remote list).
-        unsafe { crate::api::free(p) };
-        done_tx.send(()).unwrap();
-        owner.join().unwrap();
-    }
-
-    #[test]
     fn frees_after_thread_exit_are_not_held_in_the_dead_threads_cache() {
-        crate::global::ensure_init();
         let bin = tiny_bin(100);
         let mut head = null_mut();
         // Legacy blocks: they have no owner, so they land in the freeing
@@ -831,45 +734,22 @@ mod tests {
             // SAFETY: the refilled chain links through the first word.
             head = unsafe { Block::next(head) };
         }
-        let mut tc = Box::new(ThreadCache::NEW);
-        tc.registered = true;
+        let mut tc = Box::new(TinyCache::NEW);
+        let mut mode = REGISTERED;
         for &b in &blocks[..20] {
-            push_local(&mut tc, bin, b, false);
+            push_local(&mut tc, mode, bin, b, false);
         }
         assert!(tc.tiny[bin].count > 0, "a registered cache keeps blocks");
         tc.release_all();
+        // What `lifecycle` does after the release.
+        mode.registered = false;
         assert_eq!(tc.tiny[bin].count, 0);
         for &b in &blocks[20..] {
-            push_local(&mut tc, bin, b, false);
+            push_local(&mut tc, mode, bin, b, false);
             assert_eq!(
                 tc.tiny[bin].count, 0,
                 "a free after the exit hook was held back"
             );
-        }
-    }
-
-    #[test]
-    fn owner_ids_are_never_reused_even_by_a_thread_on_the_same_stack() {
-        // glibc hands an exited thread's stack, and so its static TLS, to the
-        // next thread: the cache address repeats, the id must not.
-        let id_of_a_new_thread = || {
-            std::thread::spawn(|| {
-                ensure_registered();
-                with_cache(|tc| (tc.id, tc as *const ThreadCache as usize))
-            })
-            .join()
-            .unwrap()
-        };
-        let (a, cache_a) = id_of_a_new_thread();
-        let mut seen = vec![a];
-        for _ in 0..8 {
-            let (b, cache_b) = id_of_a_new_thread();
-            assert!(
-                !seen.contains(&b),
-                "id {b:#x} reused (cache at {cache_b:#x}, first {cache_a:#x})"
-            );
-            assert!(b > pool::ABANDONED && b != pool::RECLAIMING);
-            seen.push(b);
         }
     }
 }

@@ -32,10 +32,51 @@
 //!
 //! Large blocks and parcels keep a live flag in their headers instead.
 
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 static SECRET: AtomicUsize = AtomicUsize::new(0);
 static CHECK_FREES: AtomicBool = AtomicBool::new(false);
+/// 0: not drawn, 1: being drawn, 2: drawn.
+static DRAWN: AtomicU8 = AtomicU8::new(0);
+
+/// What a thread's caches may keep between calls, set by `lifecycle` and
+/// handed to each tier with its part of the thread state.
+#[derive(Clone, Copy)]
+pub struct CacheMode {
+    /// The thread's exit hook is armed (its caches are emptied at exit).
+    pub registered: bool,
+    /// `check_frees()`, copied at registration: the fast paths read it
+    /// beside the thread's other state instead of through the GOT.
+    pub check_frees: bool,
+}
+
+impl CacheMode {
+    pub const NEW: CacheMode = CacheMode {
+        registered: false,
+        check_frees: false,
+    };
+
+    pub const fn is_zero(&self) -> bool {
+        !self.registered && !self.check_frees
+    }
+
+    /// Whether this thread checks every free fully: its copy of the knob,
+    /// or the knob itself before the thread registered (a consumer's first
+    /// frees come before it has a copy).
+    #[inline(always)]
+    pub fn checks_frees(self) -> bool {
+        self.check_frees || (!self.registered && check_frees())
+    }
+
+    /// Whether the caches must hold no block between calls: no exit hook
+    /// to empty them (none armed yet, or arming failed), or every free is
+    /// checked (a block they held would be handed out again with its key,
+    /// unchecked).
+    #[inline]
+    pub fn keeps_nothing(self) -> bool {
+        !self.registered || self.check_frees
+    }
+}
 
 /// Whether every free is checked fully (`HAKMEM_CHECK_FREES`).
 #[inline(always)]
@@ -43,10 +84,28 @@ pub fn check_frees() -> bool {
     CHECK_FREES.load(Ordering::Relaxed)
 }
 
-/// Draws the per-process secret: at initialisation, before any block exists.
+/// Draws the per-process secret once (at initialisation, before any block
+/// exists; or earlier, by a test hook that mangles with it).
+pub fn init() {
+    if DRAWN.load(Ordering::Acquire) == 2 {
+        return;
+    }
+    if DRAWN
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        while DRAWN.load(Ordering::Acquire) != 2 {
+            core::hint::spin_loop();
+        }
+        return;
+    }
+    draw();
+    DRAWN.store(2, Ordering::Release);
+}
+
 /// getrandom; if the kernel will not say, bits of the addresses that ASLR
 /// placed and of the clock.
-pub fn init() {
+fn draw() {
     let mut v: usize = 0;
     // SAFETY: getrandom writes at most 8 bytes into `v`, which has them.
     let (n, _) = crate::errno::keep(|| unsafe {

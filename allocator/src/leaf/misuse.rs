@@ -29,6 +29,22 @@ pub fn invalid_free(what: &str, ptr: usize) {
     }
 }
 
+/// Checks an invariant (feature `invariants`: the scenario, soak and fuzz
+/// runs): `$check` is a `Result<(), &'static str>`; an error aborts naming
+/// the broken invariant and `$at`. Without the feature, nothing is
+/// evaluated.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! check_invariant {
+    ($check:expr, $at:expr) => {
+        #[cfg(feature = "invariants")]
+        if let Err(what) = $check {
+            $crate::misuse::fatal(what, $at as usize);
+        }
+    };
+}
+pub use check_invariant;
+
 /// Reports heap corruption found while following hakmem's own structures
 /// and aborts: going on would hand out memory the corruption chose.
 #[cold]

@@ -15,7 +15,7 @@
 //! `__free_hook` for that), and one that must be written mangled with a
 //! secret it does not know is of no use to it.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The windows a test can hold open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,28 +29,20 @@ pub enum Point {
     BeforeRepark = 2,
 }
 
-/// The allocator's clock (`os::now_ns`) while a test holds it: 0 means the
-/// real one. A test that freezes it makes the delays after which memory goes
-/// back (the purge delay, the large cache's idle second) pass exactly when it
-/// says (`advance_clock`), instead of racing them with sleeps on busy cores.
-static FROZEN_NS: AtomicU64 = AtomicU64::new(0);
-
-/// Stops the allocator's clock at the present. For tests only.
+/// Stops the allocator's clock (`os::now_ns`) at the present. A test that
+/// freezes it makes the delays after which memory goes back (the purge
+/// delay, the large cache's idle second) pass exactly when it says
+/// (`advance_clock`), instead of racing them with sleeps on busy cores.
+/// For tests only.
 #[doc(hidden)]
 pub fn freeze_clock() {
-    FROZEN_NS.store(crate::os::real_now_ns().max(1), Ordering::Relaxed);
+    crate::os::freeze_clock();
 }
 
 /// Moves a frozen clock on by `ms` milliseconds. For tests only.
 #[doc(hidden)]
 pub fn advance_clock(ms: u64) {
-    FROZEN_NS.fetch_add(ms * 1_000_000, Ordering::Relaxed);
-}
-
-/// The frozen clock, or 0 (`os::now_ns` reads the real one).
-#[inline]
-pub fn frozen_now_ns() -> u64 {
-    FROZEN_NS.load(Ordering::Relaxed)
+    crate::os::advance_clock(ms);
 }
 
 /// A hook: the point reached and its argument.
@@ -62,8 +54,8 @@ static HOOK: AtomicUsize = AtomicUsize::new(0);
 /// Installs `hook` (None removes it). For tests only.
 #[doc(hidden)]
 pub fn set(hook: Option<Hook>) {
-    // The secret is drawn at initialisation: draw it before mangling with it.
-    crate::global::ensure_init();
+    // The secret is drawn once: draw it before mangling with it.
+    crate::hardening::init();
     let p = hook.map_or(0, |h| {
         crate::hardening::protect_pointer(h as *const () as usize)
     });

@@ -2,7 +2,7 @@
 //! allocator slow paths call, and the opt-in purge thread
 //! (`HAKMEM_PURGE_THREAD=1`).
 //!
-//! What the large cache holds past its delays, and the pages of EMPTY slabs
+//! What the chunk cache holds past its delays, and the pages of EMPTY slabs
 //! unused for the purge delay, go back to the OS at the next allocator slow
 //! path, so a process that makes no allocator call after a burst keeps them.
 //! With the knob, one background thread sleeps until the next due time (at
@@ -11,8 +11,9 @@
 //! It is off by default: a library that starts threads surprises programs
 //! that count theirs or fork without exec.
 //!
-//! The thread starts at the first tiny refill or large allocation, where no
-//! lock and no thread-cache reference is held: `pthread_create` allocates
+//! The thread starts at the first refill or large allocation
+//! (`lifecycle::before_refill`), where no lock and no thread-cache
+//! reference is held: `pthread_create` allocates
 //! (glibc's TLS vector), and that allocation may come back here. A forked
 //! child has no such thread; it starts its own the same way.
 
@@ -23,27 +24,25 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 const MIN_SLEEP_NS: u64 = 10_000_000;
 const MAX_SLEEP_NS: u64 = 1_000_000_000;
 
-/// Returns to the OS what is due: the large cache's mappings and EMPTY
+/// Returns to the OS what is due: the chunk cache's mappings and EMPTY
 /// slabs' pages. Cheap when nothing is (two loads, and a vDSO clock read
 /// when anything waits).
 pub fn if_due() {
-    crate::large::decay_if_due();
+    crate::chunks::decay_if_due();
     crate::pool::purge_if_due();
 }
 
 /// When anything is next due to go back, if anything waits.
 fn next_due_ns() -> Option<u64> {
-    match (crate::large::next_due_ns(), crate::pool::next_due_ns()) {
+    match (crate::chunks::next_due_ns(), crate::pool::next_due_ns()) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
 }
 
-/// At a slow path that holds no lock and no thread-cache reference (tiny
-/// refills, large allocations): returns what is due, and starts the purge
-/// thread if it is wanted. (ACE's slow paths call `if_due` alone: they may
-/// run inside a cache reference, where `pthread_create`'s allocation must
-/// not happen.)
+/// At a slow path that holds no lock and no thread-cache reference
+/// (`lifecycle::before_refill`): returns what is due, and starts the purge
+/// thread if it is wanted.
 pub fn at_slow_path() {
     if_due();
     start_if_wanted();

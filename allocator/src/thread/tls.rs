@@ -28,7 +28,7 @@
 //!
 //! Elsewhere, the portable `thread_local!` (const-initialised, no destructor).
 
-use crate::tiny::ThreadCache;
+use super::ThreadCache;
 
 // The cache starts as zero bytes (`.tbss`, or a zeroed dynamic TLS block).
 const _: () = assert!(ThreadCache::NEW.is_zero());

@@ -5,7 +5,7 @@ use crate::config;
 use crate::errno;
 use crate::registry::CHUNK;
 use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub const PAGE: usize = 4096;
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
@@ -321,9 +321,22 @@ unsafe fn munmap(start: usize, len: usize) {
     errno::keep(|| unsafe { libc::munmap(start as *mut libc::c_void, len) });
 }
 
+/// The clock while a test holds it (`test_hooks::freeze_clock`); 0: the real one.
+static FROZEN_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Stops `now_ns` at the present (`test_hooks::freeze_clock`).
+pub fn freeze_clock() {
+    FROZEN_NS.store(real_now_ns().max(1), Ordering::Relaxed);
+}
+
+/// Moves a frozen clock on by `ms` milliseconds (`test_hooks::advance_clock`).
+pub fn advance_clock(ms: u64) {
+    FROZEN_NS.fetch_add(ms * 1_000_000, Ordering::Relaxed);
+}
+
 /// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
 pub fn now_ns() -> u64 {
-    match crate::test_hooks::frozen_now_ns() {
+    match FROZEN_NS.load(Ordering::Relaxed) {
         0 => real_now_ns(),
         frozen => frozen,
     }

@@ -1,14 +1,14 @@
-//! Large requests (above ACE, ACE failures, big alignments, buffers that
-//! realloc grows past 32 KiB): one chunk-aligned
-//! mapping per block, with a header in front of the user block.
+//! The chunk cache, under every tier: freed 2 MiB chunks and bigger
+//! mappings (large blocks', ACE segments' whose blocks are all free,
+//! SuperSlabs' whose slabs are all EMPTY) kept for reuse, and the policy for
+//! giving them back to the OS.
 //!
 //! Returning memory costs dearly on these machines (about 3.5 us per page fault
 //! to get it back), so freed mappings are cached:
-//! - a block that fits in one 2 MiB chunk gets a whole chunk, and freed chunks
-//!   are kept (up to `KEEP_CHUNKS`, a ring in the order freed: a new block
-//!   takes the best fit among the most recently freed, the oldest is evicted
-//!   first) for the next large block: no syscall, no page fault for the pages
-//!   already touched, and growth by `realloc` up to the chunk happens in place;
+//! - freed chunks are kept (up to `KEEP_CHUNKS`, a ring in the order freed: a
+//!   new block takes the best fit among the most recently freed, the oldest is
+//!   evicted first) for the next large block, ACE segment or SuperSlab: no
+//!   syscall, no page fault for the pages already touched;
 //! - bigger mappings are cached by size (best fit within 2x, `CACHE_SLOTS`).
 //!
 //! A cached mapping goes back to the OS (oldest first):
@@ -20,8 +20,8 @@
 //!   them at once was 13% of such a run);
 //! - at once beyond `BURST_BYTES` (1 GiB).
 //!
-//! Idle mappings are returned at allocator slow paths (`decay_if_due`: large
-//! calls, tiny and ACE refills, ACE flushes), so a program that goes on with
+//! Idle mappings are returned at allocator slow paths (`decay_if_due`, from
+//! `lifecycle::upkeep` at allocator slow paths), so a program that goes on with
 //! small blocks only still gets them back; one that makes no allocator call
 //! at all keeps them, unless it calls `malloc_trim` (`trim`). When the OS
 //! refuses a mapping, the cache is emptied and the mapping tried once more.
@@ -43,18 +43,42 @@
 //! in 0.7 s) aged out the bottom of the stack between its bursts and mapped
 //! it again at the next one, about 4,000 maps per run and 20% of its time.
 
-use crate::os::{self, PAGE};
+use crate::os;
 use crate::probes;
 use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
 use crate::sync::SpinLock;
-use core::ptr::null_mut;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use hakmem_common::{CacheUser, ReturnWhy, TakeSource};
 
-const HEADER: usize = 64;
-/// x86_64's user address space: no request this large can be mapped.
-const USER_SPACE: usize = 1 << 47;
+/// What every mapping the cache holds or hands out starts with (a large
+/// block's header extends it): a segment header of kind Large, so that the
+/// registry and `segment::lookup` know a cached mapping, and a free of a
+/// pointer into one finds no live block.
+#[repr(C)]
+pub struct MapHeader {
+    pub seg: SegHeader,
+    /// Bytes mapped (CHUNK for chunk-sized blocks).
+    pub map_size: usize,
+    /// Bytes from the mapping's start that any of its users could have
+    /// touched: a cached mapping keeps its pages, so one reused for a smaller
+    /// block still holds what a bigger one before it wrote.
+    pub extent: usize,
+    /// Whether a large block lives in it (never while cached).
+    pub live: bool,
+}
+
+impl MapHeader {
+    pub const fn new(map_size: usize, extent: usize) -> MapHeader {
+        MapHeader {
+            seg: SegHeader::new(SegKind::Large, 0),
+            map_size,
+            extent,
+            live: false,
+        }
+    }
+}
+
 /// Freed chunks kept. Programs can keep thousands of realloc-grown buffers
 /// and 256 KiB..2 MiB blocks live and free them in a burst; the bounds that
 /// matter for memory are `CACHE_BYTES` and `BURST_BYTES`. (40 bytes each, in
@@ -94,22 +118,6 @@ const EVICT_SLACK: usize = CACHE_BYTES / 16;
 /// The peak-RSS ceiling (see `Cache::held`) is read again only after this
 /// much has been cached since the last reading.
 const CEILING_STALE: usize = BURST_BYTES / 8;
-
-#[repr(C)]
-struct LargeHeader {
-    hdr: SegHeader,
-    /// Bytes mapped (CHUNK for chunk-sized blocks).
-    map_size: usize,
-    /// Offset of the user block from the mapping start.
-    user_offset: usize,
-    /// Bytes the user may use (page-rounded request, at most map_size - user_offset).
-    usable: usize,
-    /// Bytes from the mapping's start that any of its users could have
-    /// touched: a cached mapping keeps its pages, so one reused for a smaller
-    /// block still holds what a bigger one before it wrote.
-    extent: usize,
-    live: bool,
-}
 
 #[derive(Clone, Copy)]
 struct Cached {
@@ -177,28 +185,6 @@ const EMPTY: Cache = Cache {
 };
 
 static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
-/// Live large blocks and the bytes of their mappings (`mallinfo`'s hblks and
-/// hblkhd). Slow paths only: a large call maps or takes a mapping anyway.
-static LIVE_BLOCKS: AtomicUsize = AtomicUsize::new(0);
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-/// Live large blocks and the bytes mapped for them.
-pub fn live() -> (usize, usize) {
-    (
-        LIVE_BLOCKS.load(Ordering::Relaxed),
-        LIVE_BYTES.load(Ordering::Relaxed),
-    )
-}
-
-fn count_live(bytes: usize, born: bool) {
-    if born {
-        LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
-        LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-    } else {
-        LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
-        LIVE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
-    }
-}
 
 /// Bytes the cache holds that its mappings' users may have touched.
 pub fn cached_bytes() -> usize {
@@ -224,195 +210,23 @@ fn hold_bound() -> usize {
     }
 }
 
+/// A cached mapping of `map` bytes for a block of `extent` (see
+/// `Cache::take`): its start, its header a `MapHeader` with its true size.
+pub fn take(map: usize, extent: usize) -> Option<usize> {
+    with_cache(|c| c.take(map, extent))
+}
+
 /// Runs `f` on the cache under its lock, then publishes when it is next due.
 fn with_cache<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
     let mut c = CACHE.lock();
     let r = f(&mut c);
+    crate::misuse::check_invariant!(c.check(), c.bytes);
     DUE.store(c.due(), Ordering::Relaxed);
     r
 }
 
-fn round_page(v: usize) -> Option<usize> {
-    Some(v.checked_add(PAGE - 1)? & !(PAGE - 1))
-}
-
-/// Allocates `size` bytes aligned to `align` (a power of two).
-/// The second value says whether the memory is known to be zero (fresh mapping).
-pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
-    crate::global::ensure_init();
-    if size >= USER_SPACE || align >= USER_SPACE {
-        // No mapping can hold it (the user address space is 2^47 bytes):
-        // refused before the cache is flushed to make room.
-        return (null_mut(), false);
-    }
-    if align >= CHUNK {
-        return (alloc_chunk_aligned(size, align), true);
-    }
-    let offset = HEADER.max(align);
-    let Some(total) = size.checked_add(offset).and_then(round_page) else {
-        return (null_mut(), false);
-    };
-    let map = if total <= CHUNK { CHUNK } else { total };
-    crate::purge::at_slow_path();
-    // Its own statement: the guard must be dropped before `flush_cache` locks again.
-    let cached = with_cache(|c| c.take(map, total));
-    let (base, fresh) = match cached {
-        Some(base) => (base, false),
-        None => {
-            let mut p = map_fresh(map);
-            if p.is_null() && flush_cache() {
-                p = map_fresh(map);
-            }
-            if p.is_null() {
-                return (null_mut(), false);
-            }
-            (p as usize, true)
-        }
-    };
-    let h = base as *mut LargeHeader;
-    // SAFETY: `base` is a mapping of at least `map` bytes that we own; a cached
-    // one keeps its header and its true mapped size.
-    unsafe {
-        if fresh {
-            h.write(LargeHeader {
-                hdr: SegHeader::new(SegKind::Large, 0),
-                map_size: map,
-                user_offset: 0,
-                usable: 0,
-                extent: 0,
-                live: false,
-            });
-        }
-        (*h).user_offset = offset;
-        (*h).usable = total - offset;
-        (*h).extent = (*h).extent.max(total);
-        (*h).live = true;
-    }
-    if fresh {
-        registry::insert(base, SegKind::Large as u8);
-    }
-    // SAFETY: as above; a cached mapping's header has its true size.
-    let mapped = unsafe { (*h).map_size };
-    count_live(mapped, true);
-    probes::cache_take(mapped, source_of(fresh), CacheUser::Large);
-    ((base + offset) as *mut u8, fresh)
-}
-
-/// A block aligned to `align` >= CHUNK. It starts on a chunk boundary, so
-/// its header takes the chunk before it (address space, one page touched) and
-/// the registry marks the block's first chunk `LARGE_BODY_BYTE`, which
-/// `segment::lookup` follows back to the header. Always a fresh mapping: such
-/// alignments are rare, and no cached mapping is aligned for them. It maps
-/// `align + size`, aligned, and gives back what lies below the header at once,
-/// so it holds `CHUNK + size` of address space.
-fn alloc_chunk_aligned(size: usize, align: usize) -> *mut u8 {
-    let Some(body) = round_page(size.max(1)) else {
-        return null_mut();
-    };
-    let (Some(map), Some(over)) = (CHUNK.checked_add(body), align.checked_add(body)) else {
-        return null_mut();
-    };
-    crate::purge::at_slow_path();
-    let mut base = os::map_aligned(over, align);
-    if base.is_null() && flush_cache() {
-        base = os::map_aligned(over, align);
-    }
-    if base.is_null() {
-        return null_mut();
-    }
-    let user = base as usize + align;
-    let chunk = user - CHUNK;
-    if chunk > base as usize {
-        // SAFETY: `base..chunk` is the head of the mapping just made, unused.
-        unsafe { os::unmap(base, chunk - base as usize) };
-    }
-    // SAFETY: `chunk..chunk + map` is the rest of that mapping, ours.
-    unsafe {
-        (chunk as *mut LargeHeader).write(LargeHeader {
-            hdr: SegHeader::new(SegKind::Large, 0),
-            map_size: map,
-            user_offset: CHUNK,
-            usable: body,
-            extent: map,
-            live: true,
-        })
-    };
-    registry::insert(chunk, SegKind::Large as u8);
-    registry::insert(user, crate::segment::LARGE_BODY_BYTE);
-    count_live(map, true);
-    probes::cache_take(map, TakeSource::Fresh, CacheUser::Large);
-    user as *mut u8
-}
-
-/// A new mapping of `map` bytes (CHUNK or more), chunk-aligned.
-fn map_fresh(map: usize) -> *mut u8 {
-    if map == CHUNK {
-        os::map_chunk()
-    } else {
-        os::map_aligned(map, CHUNK)
-    }
-}
-
-/// Usable bytes of the large block whose mapping starts at `chunk`.
-pub fn usable_size(chunk: usize) -> usize {
-    // SAFETY: the registry vouched that `chunk` starts a large mapping.
-    unsafe { (*(chunk as *const LargeHeader)).usable }
-}
-
-/// Whether `ptr` is the live user block of the large mapping at `chunk`.
-pub fn is_live_block(ptr: usize, chunk: usize) -> bool {
-    // SAFETY: as in `usable_size`.
-    let h = unsafe { &*(chunk as *const LargeHeader) };
-    h.live && chunk + h.user_offset == ptr
-}
-
-/// Makes the large block at `chunk` hold `size` bytes without moving it: true
-/// if its mapping already has the room (a chunk-sized block grows up to its
-/// chunk) or could grow in place (mremap), sparing the copy and the faults.
-pub fn resize_in_place(chunk: usize, size: usize) -> bool {
-    // SAFETY: the caller checked that `chunk` holds a live large block.
-    let h = unsafe { &mut *(chunk as *mut LargeHeader) };
-    let Some(need) = size.checked_add(h.user_offset).and_then(round_page) else {
-        return false;
-    };
-    if need > h.map_size {
-        // Grow by at least half again, so a growing buffer remaps rarely.
-        let want = need.max(h.map_size + h.map_size / 2) & !(PAGE - 1);
-        // SAFETY: `chunk`/`map_size` is exactly this block's mapping.
-        let grown = [want, need]
-            .into_iter()
-            .find(|&t| unsafe { os::grow_in_place(chunk as *mut u8, h.map_size, t) });
-        match grown {
-            Some(t) => {
-                LIVE_BYTES.fetch_add(t - h.map_size, Ordering::Relaxed);
-                h.map_size = t;
-            }
-            None => return false,
-        }
-    }
-    h.usable = need - h.user_offset;
-    h.extent = h.extent.max(need);
-    true
-}
-
-/// Frees the large block whose mapping starts at `chunk`.
-pub fn free(chunk: usize) {
-    // SAFETY: the caller checked `is_live_block`; the header is ours.
-    let (size, extent) = unsafe {
-        let h = &mut *(chunk as *mut LargeHeader);
-        h.live = false;
-        if h.user_offset >= CHUNK {
-            // A chunk-aligned block (`alloc_chunk_aligned`): once cached, the
-            // mapping serves blocks that start in its first chunk.
-            registry::remove(chunk + h.user_offset);
-        }
-        (h.map_size, h.extent)
-    };
-    count_live(size, false);
-    cache(chunk, size, extent, CacheUser::Large);
-}
-
-fn source_of(fresh: bool) -> TakeSource {
+/// The `cache_take` probe's source for a mapping that is `fresh` or not.
+pub fn source_of(fresh: bool) -> TakeSource {
     if fresh {
         TakeSource::Fresh
     } else {
@@ -425,7 +239,7 @@ fn source_of(fresh: bool) -> TakeSource {
 /// one (no page faults), else the newest; else a fresh mapping. The second
 /// value says whether it came from the cache (its bytes are not zero).
 pub fn take_chunk(user: CacheUser) -> (*mut u8, bool) {
-    let cached = with_cache(|c| c.take(CHUNK, CHUNK));
+    let cached = take(CHUNK, CHUNK);
     let chunk = cached.map_or_else(os::map_chunk, |base| base as *mut u8);
     if !chunk.is_null() {
         probes::cache_take(CHUNK, source_of(cached.is_none()), user);
@@ -443,23 +257,14 @@ pub fn take_chunk(user: CacheUser) -> (*mut u8, bool) {
 /// references any more.
 pub unsafe fn cache_chunk(chunk: usize, extent: usize, user: CacheUser) {
     // SAFETY: the caller hands over the chunk; its start is writable.
-    unsafe {
-        (chunk as *mut LargeHeader).write(LargeHeader {
-            hdr: SegHeader::new(SegKind::Large, 0),
-            map_size: CHUNK,
-            user_offset: 0,
-            usable: 0,
-            extent,
-            live: false,
-        })
-    };
+    unsafe { (chunk as *mut MapHeader).write(MapHeader::new(CHUNK, extent)) };
     registry::insert(chunk, SegKind::Large as u8);
-    cache(chunk, CHUNK, extent, user);
+    put(chunk, CHUNK, extent, user);
 }
 
-/// Caches the freed mapping at `chunk` (its header up to date), returning to
-/// the OS what the cache lets go.
-fn cache(chunk: usize, size: usize, extent: usize, user: CacheUser) {
+/// Caches the freed mapping at `chunk` (its header up to date, no block
+/// live in it), returning to the OS what the cache lets go.
+pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
     let resident = if (MEASURE_MIN..=MEASURE_MAX).contains(&extent) {
         count_resident(chunk, extent)
     } else {
@@ -587,7 +392,7 @@ fn report_returns(maps: &[Evicted]) {
 }
 
 /// Returns every cached mapping to the OS (it refused a new one). True if there was any.
-fn flush_cache() -> bool {
+pub fn flush_refused() -> bool {
     return_batches(|c, out| c.evict(u64::MAX, 0, ReturnWhy::Refused, out, 0))
 }
 
@@ -605,6 +410,39 @@ pub fn unlock_after_fork() {
 }
 
 impl Cache {
+    /// The cache's invariants (feature `invariants`): within its bounds,
+    /// `bytes` the sum of what its mappings may hold, and each mapping a
+    /// registered, chunk-aligned mapping of its size with no live block,
+    /// holding no more than it spans. Lock held.
+    #[cfg(any(test, feature = "invariants"))]
+    fn check(&self) -> Result<(), &'static str> {
+        if self.chunk_len > KEEP_CHUNKS || self.sized_len > CACHE_SLOTS {
+            return Err("invariant: the chunk cache holds more than its slots");
+        }
+        let chunks = (0..self.chunk_len).map(|k| &self.chunks[self.ring(k)]);
+        let mut sum = 0usize;
+        for m in chunks.chain(&self.sized[..self.sized_len]) {
+            sum += m.resident;
+            if m.base % CHUNK != 0 || m.size < CHUNK || m.resident > m.size {
+                return Err(
+                    "invariant: a cached mapping is misaligned or holds more than it spans",
+                );
+            }
+            if registry::kind(m.base) != SegKind::Large as u8 {
+                return Err("invariant: a cached mapping is not registered as one");
+            }
+            // SAFETY: a cached mapping starts with its MapHeader (registered, above).
+            let h = unsafe { &*(m.base as *const MapHeader) };
+            if h.live || h.map_size != m.size {
+                return Err("invariant: a cached mapping's header says otherwise");
+            }
+        }
+        if sum != self.bytes {
+            return Err("invariant: the chunk cache's byte count is not its mappings' sum");
+        }
+        Ok(())
+    }
+
     /// For `map == CHUNK`, a whole chunk for a block of `extent` bytes: among
     /// the `FIT_SCAN` most recently freed, the one whose extent is the smallest
     /// that covers it, else the most recently freed. Each chunk so keeps to
@@ -801,6 +639,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::os::PAGE;
 
     fn chunk_at(base: usize, freed_at: u64) -> Cached {
         Cached {
@@ -824,6 +663,30 @@ mod tests {
             )
         };
         assert!(bytes.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn the_cache_checker_sees_counts_and_headers_that_disagree() {
+        let mut c = Box::new(EMPTY);
+        assert_eq!(c.check(), Ok(()));
+        let base = os::map_chunk() as usize;
+        assert!(base != 0);
+        // SAFETY: a fresh chunk of ours, its header written as `cache_chunk` does.
+        unsafe { (base as *mut MapHeader).write(MapHeader::new(CHUNK, PAGE)) };
+        registry::insert(base, SegKind::Large as u8);
+        let mut out = [NO_EVICTION; EVICT_MAX];
+        assert_eq!(c.put(chunk_at(base, 1), &mut out), 0);
+        assert_eq!(c.check(), Ok(()));
+        c.bytes += 1;
+        assert!(c.check().unwrap_err().contains("byte count"));
+        c.bytes -= 1;
+        // SAFETY: as above.
+        unsafe { (*(base as *mut MapHeader)).live = true };
+        assert!(c.check().unwrap_err().contains("header"));
+        registry::remove(base);
+        assert!(c.check().unwrap_err().contains("registered"));
+        // SAFETY: ours; the registry no longer names it.
+        unsafe { os::unmap(base as *mut u8, CHUNK) };
     }
 
     #[test]

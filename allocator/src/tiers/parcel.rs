@@ -117,7 +117,7 @@ pub fn alloc(size: usize) -> (*mut u8, usize) {
         }
         // No free parcel: a new chunk (outside the lock: a syscall, or the
         // large cache's lock). Two threads may both add one; both get used.
-        let (chunk, cached) = crate::large::take_chunk(CacheUser::Parcel);
+        let (chunk, cached) = crate::chunks::take_chunk(CacheUser::Parcel);
         if chunk.is_null() {
             return (null_mut(), 0);
         }
@@ -211,8 +211,8 @@ pub fn free(ptr: usize) -> bool {
             .map(|(i, e)| start(chunk, i) + e - chunk)
             .max()
             .unwrap_or(PAGE);
-        // SAFETY: as above; the chunk came from `large::take_chunk`.
-        unsafe { crate::large::cache_chunk(chunk, extent, CacheUser::Parcel) };
+        // SAFETY: as above; the chunk came from `chunks::take_chunk`.
+        unsafe { crate::chunks::cache_chunk(chunk, extent, CacheUser::Parcel) };
     }
     true
 }
@@ -268,7 +268,6 @@ mod tests {
 
     #[test]
     fn eight_buffers_share_a_chunk_grow_in_their_parcels_and_the_empty_chunk_goes() {
-        crate::global::ensure_init();
         let blocks: Vec<usize> = (0..8).map(|_| alloc(40_000).0 as usize).collect();
         let chunk = chunk_of(blocks[0]);
         // Other tests may hold parcels of this chunk; at least these share it.

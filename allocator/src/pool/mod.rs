@@ -7,8 +7,9 @@
 
 use crate::class::{class_of_bin, BINS};
 use crate::config;
-use crate::empty_slabs::{self, EmptySlabs};
-use crate::large;
+pub mod empty_slabs;
+
+use crate::chunks;
 use crate::os;
 use crate::probes;
 use crate::registry;
@@ -17,6 +18,7 @@ use crate::superslab::{Block, Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE}
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
+use empty_slabs::EmptySlabs;
 use hakmem_common::{CacheUser, FailReason, RecycleOutcome, ReturnWhy, Stage};
 
 struct Pool {
@@ -59,6 +61,7 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     // `cold`: none of its pages is resident (never used, or purged).
     let (slab, stage, cold) = {
         let mut pool = POOL.lock();
+        crate::misuse::check_invariant!(pool.check(), pool.fresh);
         match pool
             .take_empty()
             .map(|(s, purged)| (s, Stage::ReuseEmpty, purged))
@@ -88,17 +91,16 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     Acquired::Slab(slab)
 }
 
-/// The recycle boundary: `slab` reached `used == 0` at a drain. Decides whether
-/// it goes back to the pool; returns true if it did (the caller must forget it).
-///
-/// `unlink` detaches the slab from the caller's lists just before the pool takes it.
+/// The recycle boundary, its decision: `slab` reached `used == 0` at a
+/// drain. True if it goes back to the pool: the caller takes it off its own
+/// lists and hands it over with `recycle`.
 ///
 /// # Safety
 /// The caller owns `slab`; `is_active` says whether it is the caller's current
 /// slab for its class.
-pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut Slab)) -> bool {
+pub unsafe fn may_recycle(slab: *mut Slab, is_active: bool) -> bool {
     // SAFETY: per the contract the caller holds the slab exclusively.
-    let s = unsafe { &mut *slab };
+    let s = unsafe { &*slab };
     let class = class_of_bin(s.bin as usize);
     let used = s.used;
     if used != 0 || s.capacity == 0 {
@@ -113,20 +115,39 @@ pub unsafe fn recycle(slab: *mut Slab, is_active: bool, unlink: impl FnOnce(*mut
         probes::slab_recycle(class, RecycleOutcome::SkipActive, slab as usize, used);
         return false;
     }
-    unlink(slab);
+    crate::misuse::check_invariant!(s.check(), slab);
+    true
+}
+
+/// The recycle boundary, the hand-over: the slab `may_recycle` accepted
+/// becomes EMPTY in the pool (and its SuperSlab goes to the chunk cache if
+/// every slab of it is EMPTY).
+///
+/// # Safety
+/// `may_recycle(slab, _)` said true, and the caller, which owns the slab,
+/// has taken it off all its lists and forgets it.
+pub unsafe fn recycle(slab: *mut Slab) {
+    // SAFETY: per the contract the caller holds the slab exclusively.
+    let s = unsafe { &mut *slab };
+    let class = class_of_bin(s.bin as usize);
+    let used = s.used;
     s.owner.store(0, Ordering::Release);
     s.state = SlabState::Empty;
     probes::slab_recycle(class, RecycleOutcome::Released, slab as usize, used);
-    let retired = POOL.lock().release(slab);
+    let retired = {
+        let mut pool = POOL.lock();
+        let retired = pool.release(slab);
+        crate::misuse::check_invariant!(pool.check(), slab);
+        retired
+    };
     if let Some(ss) = retired {
         // SAFETY: `release` unlinked every slab of this SuperSlab and removed it
         // from all pool lists; no block of it is in use (all slabs EMPTY).
         let extent = unsafe { (*ss).resident_extent() };
         probes::ss_unmap(SS_SIZE, ss as usize);
         // SAFETY: as above: nothing references the SuperSlab any more.
-        unsafe { large::cache_chunk(ss as usize, extent, CacheUser::SuperSlab) };
+        unsafe { chunks::cache_chunk(ss as usize, extent, CacheUser::SuperSlab) };
     }
-    true
 }
 
 /// Owner id of a slab whose thread exited with blocks still out (never a
@@ -183,8 +204,9 @@ pub unsafe fn free_unowned(slab: *mut Slab, b: *mut Block) {
             probes::remote_drain(class_of_bin(s.bin as usize), n);
         }
         // SAFETY: we hold the slab exclusively; it is on no list.
-        if s.used == 0 && unsafe { recycle(slab, false, |_| {}) } {
-            return;
+        if s.used == 0 && unsafe { may_recycle(slab, false) } {
+            // SAFETY: as above.
+            return unsafe { recycle(slab) };
         }
         crate::test_hooks::at(crate::test_hooks::Point::BeforeRepark, slab as usize);
         let mut pool = POOL.lock();
@@ -241,7 +263,7 @@ static PURGE_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Slabs purged per hold of the pool lock (a madvise each, 5-10 us).
 const PURGE_BATCH: usize = 8;
 
-/// The newest resident EMPTY slabs, which wait `large::MAX_IDLE_NS` rather
+/// The newest resident EMPTY slabs, which wait `chunks::MAX_IDLE_NS` rather
 /// than the purge delay: `HAKMEM_SS_KEEP` SuperSlabs' worth.
 fn reserve_slabs() -> usize {
     config::get().ss_keep * SLABS_PER_SS
@@ -275,7 +297,7 @@ pub fn trim() -> bool {
 /// Purges the resident EMPTY slabs that are due at `now` (all of them with
 /// `all`), a batch per hold of the lock, and fires `os_return` (why `slabs`)
 /// per batch. A slab is due after the purge delay, or after
-/// `large::MAX_IDLE_NS` while it is among the reserve's newest slabs. The
+/// `chunks::MAX_IDLE_NS` while it is among the reserve's newest slabs. The
 /// madvise runs under the lock: a slab taken off the lists while its pages
 /// go could be retired with its SuperSlab meanwhile.
 fn purge(now: u64, all: bool) -> bool {
@@ -293,7 +315,7 @@ fn purge(now: u64, all: bool) -> bool {
                 let wait = if pool.empty.resident_len() > reserve {
                     delay
                 } else {
-                    large::MAX_IDLE_NS
+                    chunks::MAX_IDLE_NS
                 };
                 if !all && age < wait {
                     next_due = now + (wait - age);
@@ -325,6 +347,37 @@ fn purge(now: u64, all: bool) -> bool {
 }
 
 impl Pool {
+    /// The pool's invariants (feature `invariants`): its EMPTY lists
+    /// (`EmptySlabs::check`), its counts, its SuperSlabs with free slots,
+    /// and each abandoned slab parked under its own bin. Lock held.
+    #[cfg(any(test, feature = "invariants"))]
+    fn check(&self) -> Result<(), &'static str> {
+        self.empty.check()?;
+        if self.idle_superslabs > self.superslabs {
+            return Err("invariant: more idle SuperSlabs than SuperSlabs");
+        }
+        let mut ss = self.fresh;
+        // SAFETY: the pool's SuperSlabs and parked slabs (lock held).
+        unsafe {
+            while !ss.is_null() {
+                if (*ss).claimed as usize >= SLABS_PER_SS || (*ss).empty > (*ss).claimed {
+                    return Err("invariant: a SuperSlab on the fresh list has no free slot");
+                }
+                ss = (*ss).next_fresh;
+            }
+            for (bin, &head) in self.abandoned.iter().enumerate() {
+                let mut s = head;
+                while !s.is_null() {
+                    if (*s).bin as usize != bin || (*s).owner.load(Ordering::Relaxed) != ABANDONED {
+                        return Err("invariant: a parked slab is of another bin or owned");
+                    }
+                    s = (*s).next;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A slab for Stage 1, and whether it was purged.
     fn take_empty(&mut self) -> Option<(*mut Slab, bool)> {
         let (slab, purged) = self.empty.take()?;
@@ -395,7 +448,7 @@ impl Pool {
             return Err(FailReason::Budget);
         }
         // A chunk the large cache kept saves the mapping and the page faults.
-        let (base, _) = large::take_chunk(CacheUser::SuperSlab);
+        let (base, _) = chunks::take_chunk(CacheUser::SuperSlab);
         if base.is_null() {
             return Err(FailReason::MapFailed);
         }
@@ -472,5 +525,33 @@ impl Pool {
                 link = &mut (**link).next_fresh;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_checker_sees_counts_and_parked_slabs_that_disagree() {
+        let mut pool = Pool {
+            empty: EmptySlabs::NEW,
+            fresh: null_mut(),
+            superslabs: 1,
+            idle_superslabs: 0,
+            abandoned: [null_mut(); BINS],
+        };
+        assert_eq!(pool.check(), Ok(()));
+        pool.idle_superslabs = 2;
+        assert!(pool.check().unwrap_err().contains("idle"));
+        pool.idle_superslabs = 0;
+        // SAFETY: an all-zero Slab is valid (Fresh, null links).
+        let mut slab: Box<Slab> = Box::new(unsafe { core::mem::zeroed() });
+        slab.bin = 3;
+        // SAFETY: ours, on no list.
+        unsafe { pool.park(&mut *slab) };
+        assert_eq!(pool.check(), Ok(()));
+        slab.bin = 4;
+        assert!(pool.check().unwrap_err().contains("parked"));
     }
 }

@@ -500,6 +500,37 @@ impl Slab {
         !self.free.is_null() || self.carved < self.capacity
     }
 
+    /// The slab's invariants (feature `invariants`), as its owner sees it:
+    /// counts within capacity, the free list `carved - used` long, each of
+    /// its blocks a block start of this slab. Owner only (it walks the free
+    /// list).
+    #[cfg(any(test, feature = "invariants"))]
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.state != SlabState::InUse {
+            return Err("invariant: a slab in a thread's hands is not in use");
+        }
+        if self.carved > self.capacity || self.used > self.carved {
+            return Err("invariant: slab counts out of order (used <= carved <= capacity)");
+        }
+        let (mut b, mut n) = (self.free, 0u32);
+        while !b.is_null() {
+            let p = b as usize;
+            if p < self.area() || p >= self.end() || !is_block_start(p, self.bin as usize) {
+                return Err("invariant: a slab's free list holds no block of it");
+            }
+            n += 1;
+            if n > self.carved - self.used {
+                return Err("invariant: a slab's free list is longer than carved - used");
+            }
+            // SAFETY: a block of this slab on its owner's free list.
+            b = unsafe { Block::next(b) };
+        }
+        if n != self.carved - self.used {
+            return Err("invariant: a slab's free list is shorter than carved - used");
+        }
+        Ok(())
+    }
+
     pub fn has_remote(&self) -> bool {
         self.remote.load(Ordering::Relaxed) != 0
     }
@@ -523,6 +554,34 @@ mod tests {
         // SAFETY: a slab of a SuperSlab from `fresh_superslab`, which only
         // the calling test uses.
         unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[idx]) }
+    }
+
+    #[test]
+    fn the_slab_checker_finds_counts_and_lists_that_disagree() {
+        let (base, ss) = fresh_superslab();
+        // SAFETY: slab 3 of our SuperSlab.
+        let s = unsafe { &mut *core::ptr::addr_of_mut!((*ss).slabs[3]) };
+        s.format(2, 7);
+        let mut head = null_mut();
+        assert_eq!(s.take_batch(10, 10, &mut head), 10);
+        assert_eq!(s.check(), Ok(()));
+        // Blocks given back: the free list and `used` agree.
+        for _ in 0..4 {
+            let b = head;
+            // SAFETY: blocks of the batch above.
+            head = unsafe { Block::next(b) };
+            s.give_back(b);
+        }
+        assert_eq!(s.check(), Ok(()));
+        s.used += 1;
+        assert!(s.check().unwrap_err().contains("longer"));
+        s.used -= 2;
+        assert!(s.check().unwrap_err().contains("shorter"));
+        s.used += 1;
+        s.carved = s.capacity + 1;
+        assert!(s.check().unwrap_err().contains("counts"));
+        // SAFETY: ours, nothing refers to it.
+        unsafe { os::unmap(base, SS_SIZE) };
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! parcel chunk),
 //! so `ptr & !(2 MiB - 1)` finds the header once the registry has vouched for it.
 
-use crate::registry::{self, CHUNK};
+use crate::registry;
+pub use crate::registry::CHUNK;
 
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"HAKMEMsg");
 
@@ -36,12 +37,6 @@ impl SegHeader {
             class,
         }
     }
-}
-
-/// The start of the segment whose header `lookup` returned.
-#[inline(always)]
-pub fn header_addr(h: &SegHeader) -> usize {
-    h as *const SegHeader as usize
 }
 
 #[inline(always)]
@@ -89,20 +84,30 @@ pub fn ace_class_of(byte: u8) -> Option<usize> {
 pub const LARGE_BODY_BYTE: u8 = 6;
 
 /// The segment header for `ptr`, or None if `ptr` is not inside a hakmem
-/// segment. Its address is the segment's start (`header_addr`).
-#[inline]
+/// segment (tests; `free` and its kin classify with `front::place`).
+#[cfg(test)]
 pub fn lookup(ptr: usize) -> Option<&'static SegHeader> {
     let chunk = match kind_of(ptr) {
         0 => return None,
         LARGE_BODY_BYTE => chunk_of(ptr) - CHUNK,
         _ => chunk_of(ptr),
     };
-    // SAFETY: a registered chunk is a live mapping that starts with a SegHeader
-    // (registered after the header is written, removed before unmapping); a
-    // LARGE_BODY chunk's mapping starts one chunk before it with the header.
+    // SAFETY: the registry's byte for `ptr` names `chunk` a segment's start.
+    unsafe { header_at(chunk) }
+}
+
+/// The header at `chunk`, where a registry byte for a pointer said a
+/// segment starts (the pointer's chunk, or for `LARGE_BODY_BYTE` the one
+/// before); None if it carries no magic.
+///
+/// # Safety
+/// The registry's byte for a pointer names `chunk` its segment's start.
+#[inline]
+pub unsafe fn header_at(chunk: usize) -> Option<&'static SegHeader> {
+    // SAFETY: per the contract the chunk is registered: a live mapping that
+    // starts with a SegHeader (registered after the header is written,
+    // removed before unmapping); a LARGE_BODY chunk's mapping starts one
+    // chunk before it with the header.
     let h = unsafe { &*(chunk as *const SegHeader) };
-    if h.magic != SEG_MAGIC {
-        return None;
-    }
-    Some(h)
+    (h.magic == SEG_MAGIC).then_some(h)
 }

@@ -1,6 +1,6 @@
-//! Thread lifecycle: the exit hook (a pthread key destructor, which runs at
-//! thread exit without allocating, unlike a `thread_local!` destructor) and
-//! fork safety (every lock is taken before fork and released after).
+//! Threads: their owner ids and the exit hook (a pthread key destructor,
+//! which runs at thread exit without allocating, unlike a `thread_local!`
+//! destructor).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,18 +21,6 @@ pub fn create_key() {
     // SAFETY: a valid out-pointer and an extern "C" destructor.
     if unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } == 0 {
         KEY.store(key as usize + 1, Ordering::Release);
-    }
-}
-
-/// Installs the fork handlers (may allocate: after the allocator is ready).
-pub fn install_fork_handlers() {
-    // SAFETY: extern "C" callbacks that take hakmem's locks in one order.
-    unsafe {
-        libc::pthread_atfork(
-            Some(before_fork),
-            Some(after_fork_parent),
-            Some(after_fork_child),
-        );
     }
 }
 
@@ -61,36 +49,13 @@ pub fn new_owner_id() -> usize {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The exit hook (the key's destructor): every part of the thread's state
+/// gives back what it holds, and the thread keeps nothing from now on (a
+/// later destructor's frees, `CacheMode::keeps_nothing`).
 extern "C" fn on_thread_exit(_: *mut libc::c_void) {
-    crate::tiny::thread_exit();
-}
-
-extern "C" fn before_fork() {
-    crate::pool::lock_for_fork();
-    crate::legacy::lock_for_fork();
-    crate::ace::lock_for_fork();
-    crate::parcel::lock_for_fork();
-    crate::large::lock_for_fork();
-    // Before `os`: `owned_index::take` maps (os's locks) under its own lock.
-    crate::owned_index::lock_for_fork();
-    crate::os::lock_for_fork();
-}
-
-fn unlock_all() {
-    crate::os::unlock_after_fork();
-    crate::owned_index::unlock_after_fork();
-    crate::large::unlock_after_fork();
-    crate::parcel::unlock_after_fork();
-    crate::ace::unlock_after_fork();
-    crate::legacy::unlock_after_fork();
-    crate::pool::unlock_after_fork();
-}
-
-extern "C" fn after_fork_parent() {
-    unlock_all();
-}
-
-extern "C" fn after_fork_child() {
-    crate::purge::forget_after_fork();
-    unlock_all();
+    crate::thread::with_cache(|tc| {
+        tc.tiny.release_all();
+        tc.ace.release_thread();
+        tc.mode.registered = false;
+    });
 }

@@ -18,12 +18,12 @@
 
 use crate::class::{ace_class, ACE_CLASS_SIZES};
 use crate::config;
+use crate::hardening::CacheMode;
 use crate::probes;
 use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
 use crate::superslab::Block;
 use crate::sync::SpinLock;
-use crate::tiny::with_cache;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use hakmem_common::{AceFailKind, CacheUser, ACE_CLASSES, NO_CLASS};
@@ -65,7 +65,8 @@ pub fn free_segment_bytes() -> usize {
     FREE_KEPT.load(Ordering::Relaxed) * CHUNK
 }
 
-pub struct AceCache {
+/// A thread's cache of one class.
+struct ClassCache {
     head: *mut Block,
     count: u32,
     /// Small fields, so that the thread cache (with one of these per class)
@@ -79,8 +80,8 @@ pub struct AceCache {
     missed_since_flush: bool,
 }
 
-impl AceCache {
-    pub const NEW: AceCache = AceCache {
+impl ClassCache {
+    const NEW: ClassCache = ClassCache {
         head: null_mut(),
         count: 0,
         // 0 reads as MIN_CAP (see `cap`): the cache is all zeros when new,
@@ -89,7 +90,7 @@ impl AceCache {
         missed_since_flush: false,
     };
 
-    pub const fn is_zero(&self) -> bool {
+    const fn is_zero(&self) -> bool {
         self.head.is_null() && self.count == 0 && self.cap == 0 && !self.missed_since_flush
     }
 
@@ -149,17 +150,43 @@ const NEW_CLASS: SpinLock<AceClass> = SpinLock::new(AceClass {
 });
 static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
 
-/// Allocates `size` (TINY_MAX < size <= ACE_MAX) from ACE, or null after
-/// firing `ace_fail` (the caller falls back to the large path).
+/// A thread's ACE part of its state (`thread::ThreadCache`): a cache per class.
+pub struct AceCache {
+    classes: [ClassCache; ACE_CLASSES],
+}
+
+/// The ACE class serving `size` (TINY_MAX < size <= ACE_MAX), or None after
+/// firing `ace_fail` Threshold (the caller falls back to the large path).
 #[inline(always)]
-pub fn alloc(size: usize) -> *mut u8 {
+pub fn class_for(size: usize) -> Option<usize> {
     if size > config::get().ace_max_bytes {
         probes::ace_fail(AceFailKind::Threshold, size, NO_CLASS);
-        return null_mut();
+        return None;
     }
-    let class = ace_class(size);
-    let hit = with_cache(|tc| {
-        let c = &mut tc.ace[class];
+    Some(ace_class(size))
+}
+
+impl AceCache {
+    /// An empty cache: all zero bytes.
+    pub const NEW: AceCache = AceCache {
+        classes: [ClassCache::NEW; ACE_CLASSES],
+    };
+
+    pub const fn is_zero(&self) -> bool {
+        let mut i = 0;
+        while i < ACE_CLASSES {
+            if !self.classes[i].is_zero() {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// A block of `class` from the cache; null if it is empty.
+    #[inline(always)]
+    pub fn alloc_cached(&mut self, class: usize) -> *mut u8 {
+        let c = &mut self.classes[class];
         let b = c.head;
         if !b.is_null() {
             // SAFETY: cached blocks are free and link through their first word.
@@ -168,66 +195,61 @@ pub fn alloc(size: usize) -> *mut u8 {
             c.head = unsafe { Block::next(b) };
             c.count -= 1;
         }
-        b
-    });
-    if !hit.is_null() {
-        return hit.cast();
+        b.cast()
     }
-    refill_and_alloc(class, size)
-}
 
-#[cold]
-fn refill_and_alloc(class: usize, size: usize) -> *mut u8 {
-    crate::global::ensure_init();
-    // A slow path: see `tiny::refill_and_alloc`.
-    crate::purge::if_due();
-    crate::tiny::ensure_registered();
-    let want = with_cache(|tc| {
-        if tc.checks_frees() {
+    /// The cache of `class` ran empty: a block of `size` for the caller and
+    /// more in the cache, from the class's segments; null after firing
+    /// `ace_fail` (the caller falls back to the large path). (The front has
+    /// run `lifecycle::before_refill`.)
+    #[cold]
+    #[inline(never)]
+    pub fn refill(&mut self, mode: CacheMode, class: usize, size: usize) -> *mut u8 {
+        let check = mode.checks_frees();
+        let c = &mut self.classes[class];
+        let want = if check {
             // Every free checked: the cache keeps nothing (`free_slow`).
-            return 1;
-        }
-        let c = &mut tc.ace[class];
-        c.cap = (c.cap() * 2).min(MAX_CAP[class]) as u16;
-        c.missed_since_flush = true;
-        c.cap() / 2
-    });
-    let mut head = null_mut();
-    let got = CLASSES[class].lock().take(class, want.max(1), &mut head);
-    match got {
-        Ok(n) => with_cache(|tc| {
-            let c = &mut tc.ace[class];
-            // SAFETY: `take` linked n >= 1 free blocks at `head`.
-            let rest = unsafe { Block::next(head) };
-            // Keep all but the first block in the cache.
-            let mut tail = head;
-            for _ in 1..n {
-                // SAFETY: walking the n-block chain built by `take`.
-                tail = unsafe { Block::next(tail) };
+            1
+        } else {
+            c.cap = (c.cap() * 2).min(MAX_CAP[class]) as u16;
+            c.missed_since_flush = true;
+            c.cap() / 2
+        };
+        let mut head = null_mut();
+        let got = CLASSES[class].lock().take(class, want.max(1), &mut head);
+        let n = match got {
+            Ok(n) => n,
+            Err(kind) => {
+                probes::ace_fail(kind, size, class as u64);
+                return null_mut();
             }
-            if n > 1 {
-                // SAFETY: `tail` is the chain's last block.
-                unsafe { Block::set_next(tail, c.head) };
-                c.head = rest;
-                c.count += n - 1;
-            }
-            // SAFETY: the first block goes to the caller.
-            unsafe { Block::mark_in_use(head, tc.checks_frees()) };
-            head.cast()
-        }),
-        Err(kind) => {
-            probes::ace_fail(kind, size, class as u64);
-            null_mut()
+        };
+        // SAFETY: `take` linked n >= 1 free blocks at `head`.
+        let rest = unsafe { Block::next(head) };
+        // Keep all but the first block in the cache.
+        let mut tail = head;
+        for _ in 1..n {
+            // SAFETY: walking the n-block chain built by `take`.
+            tail = unsafe { Block::next(tail) };
         }
+        if n > 1 {
+            // SAFETY: `tail` is the chain's last block.
+            unsafe { Block::set_next(tail, c.head) };
+            c.head = rest;
+            c.count += n - 1;
+        }
+        // SAFETY: the first block goes to the caller.
+        unsafe { Block::mark_in_use(head, check) };
+        head.cast()
     }
-}
 
-/// Frees an ACE block of `class`.
-#[inline(always)]
-pub fn free(ptr: *mut u8, class: usize) {
-    let overflow = with_cache(|tc| {
-        let check = tc.checks_frees();
-        let c = &mut tc.ace[class];
+    /// Frees an ACE block of `class` into the cache. True if the cache
+    /// overflowed, or was not set up: the caller then registers the thread
+    /// (`lifecycle`) and calls `free_slow`.
+    #[inline(always)]
+    pub fn free(&mut self, mode: CacheMode, ptr: *mut u8, class: usize) -> bool {
+        let check = mode.checks_frees();
+        let c = &mut self.classes[class];
         let b = ptr as *mut Block;
         // SAFETY: the user freed the block; its words become the link and key.
         if c.head == b || !unsafe { Block::mark_free(b, check) } {
@@ -240,46 +262,31 @@ pub fn free(ptr: *mut u8, class: usize) {
         c.count += 1;
         // The raw cap: 0 (not set up) sends the first free to the slow path.
         c.count > c.cap as u32
-    });
-    if overflow {
-        free_slow(class);
     }
-}
 
-/// A free that overflowed the cache, or the first into a cache not set up:
-/// possibly of a thread that has made no allocation of its own (a consumer of
-/// others' blocks), which has no exit hook yet; without it, what the cache
-/// holds would stay behind when the thread exits.
-#[cold]
-#[inline(never)]
-fn free_slow(class: usize) {
-    crate::tiny::ensure_registered();
-    let overflow = with_cache(|tc| {
-        if tc.checks_frees() {
-            // A block the cache held would be handed out again unchecked:
-            // hold nothing (the raw cap stays 0, so every free comes here).
-            return true;
+    /// A free that overflowed the cache, or the first into a cache not set
+    /// up: possibly of a thread that has made no allocation of its own (a
+    /// consumer of others' blocks), which the front has just registered:
+    /// without its exit hook, what the cache holds would stay behind when
+    /// the thread exits.
+    #[cold]
+    #[inline(never)]
+    pub fn free_slow(&mut self, mode: CacheMode, class: usize) {
+        let check = mode.checks_frees();
+        let c = &mut self.classes[class];
+        if !check {
+            c.cap = c.cap() as u16;
+            if c.count <= c.cap() {
+                return;
+            }
         }
-        let c = &mut tc.ace[class];
-        c.cap = c.cap() as u16;
-        c.count > c.cap()
-    });
-    if overflow {
-        flush(class);
-    }
-}
-
-#[cold]
-fn flush(class: usize) {
-    crate::purge::if_due();
-    let (head, n) = with_cache(|tc| {
-        let check = tc.checks_frees();
-        let c = &mut tc.ace[class];
+        // Every free checked: a block the cache held would be handed out
+        // again unchecked, so it holds nothing (the raw cap stays 0, so
+        // every free comes here).
         if !c.missed_since_flush && !check {
             c.cap = (c.cap() / 2).max(MIN_CAP) as u16;
         }
         c.missed_since_flush = false;
-        // Every free checked: keep nothing, and the raw cap stays 0.
         let keep = if check { 0 } else { c.cap() / 2 };
         let n = c.count - keep;
         let head = c.head;
@@ -293,9 +300,23 @@ fn flush(class: usize) {
         // SAFETY: as above.
         unsafe { Block::set_next(last, null_mut()) };
         c.count = keep;
-        (head, n)
-    });
-    give_back(class, head, n);
+        give_back(class, head, n);
+    }
+
+    /// Thread exit: every cached block back to its segment.
+    pub fn release_thread(&mut self) {
+        for (class, c) in self.classes.iter_mut().enumerate() {
+            if c.count > 0 {
+                let (head, n) = (c.head, c.count);
+                c.head = null_mut();
+                c.count = 0;
+                give_back(class, head, n);
+            }
+            // Not set up: a free after this (from a later thread-exit
+            // destructor) registers the hook again before anything is kept.
+            c.cap = 0;
+        }
+    }
 }
 
 fn give_back(class: usize, mut b: *mut Block, n: u32) {
@@ -326,12 +347,12 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
 fn hand_to_cache(segments: &[*mut AceSegment]) {
     for &s in segments {
         // SAFETY: per the contract, nothing references the segment any more.
-        unsafe { crate::large::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
+        unsafe { crate::chunks::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
     }
 }
 
 /// `malloc_trim`: the free segments every class keeps go to the large cache
-/// (which `large::trim` then empties), a few at a time so that none is
+/// (which `chunks::trim` then empties), a few at a time so that none is
 /// handed over under the class lock. True if there were any.
 pub fn trim() -> bool {
     let mut any = false;
@@ -358,21 +379,6 @@ pub fn trim() -> bool {
         }
     }
     any
-}
-
-/// Thread exit: every cached block back to its segment.
-pub fn release_thread(caches: &mut [AceCache; ACE_CLASSES]) {
-    for (class, c) in caches.iter_mut().enumerate() {
-        if c.count > 0 {
-            let (head, n) = (c.head, c.count);
-            c.head = null_mut();
-            c.count = 0;
-            give_back(class, head, n);
-        }
-        // Not set up: a free after this (from a later thread-exit
-        // destructor) registers the hook again before anything is kept.
-        c.cap = 0;
-    }
 }
 
 pub fn lock_for_fork() {
@@ -435,7 +441,7 @@ impl AceClass {
         }
         // A chunk the large cache kept (an ACE segment or a large block
         // before) saves the mapping and the page faults.
-        let (base, _) = crate::large::take_chunk(CacheUser::Ace);
+        let (base, _) = crate::chunks::take_chunk(CacheUser::Ace);
         if base.is_null() {
             return Err(AceFailKind::MapFail);
         }
@@ -643,13 +649,16 @@ pub fn block_start(p: usize, class: usize) -> Option<usize> {
 /// of the same pointer is an invalid one.
 const ALIGNED_TAG: usize = usize::from_le_bytes(*b"HAKaligN");
 
-/// A block of `size` bytes aligned to `align` (COLOR < align, `size + align`
-/// within ACE's classes) inside an ACE block, or null (the caller falls back).
-pub fn alloc_aligned(size: usize, align: usize) -> *mut u8 {
-    let b = alloc(size + align - COLOR) as usize;
-    if b == 0 {
-        return null_mut();
-    }
+/// The bytes to ask ACE for, for a block of `size` aligned to `align`
+/// (COLOR < align) to be carved out of (`carve_aligned`).
+pub const fn aligned_request(size: usize, align: usize) -> usize {
+    size + align - COLOR
+}
+
+/// The block of the caller's size aligned to `align` inside `b`, an ACE
+/// block of `aligned_request(size, align)` bytes.
+pub fn carve_aligned(b: *mut u8, align: usize) -> *mut u8 {
+    let b = b as usize;
     let q = (b + align - 1) & !(align - 1);
     if q != b {
         // SAFETY: q - b >= COLOR (both COLOR-aligned, q > b): the tag word
@@ -706,13 +715,21 @@ mod tests {
         }
     }
 
+    const REGISTERED: CacheMode = CacheMode {
+        registered: true,
+        check_frees: false,
+    };
+
     #[test]
     fn aligned_blocks_inside_ace_blocks_are_told_from_interior_pointers() {
+        let mut cache = Box::new(AceCache::NEW);
         for align in [128usize, 4096, 65536] {
-            let p = alloc_aligned(3000, align) as usize;
+            let class = ace_class(aligned_request(3000, align));
+            let b = cache.refill(REGISTERED, class, aligned_request(3000, align));
+            let p = carve_aligned(b, align) as usize;
             assert!(p != 0 && p.is_multiple_of(align));
-            let class = ace_class(3000 + align - COLOR);
             let start = block_start(p, class).unwrap();
+            assert_eq!(start, b as usize);
             if start != p {
                 assert_eq!(aligned_block(p, start, false), Some(start));
                 assert!(usable_from(p, start, class) >= 3000);
@@ -720,8 +737,50 @@ mod tests {
                 assert_eq!(aligned_block(p, start, true), Some(start));
                 assert_eq!(aligned_block(p, start, false), None, "tag cleared");
             }
-            free(start as *mut u8, class);
+            if cache.free(REGISTERED, start as *mut u8, class) {
+                cache.free_slow(REGISTERED, class);
+            }
         }
+        cache.release_thread();
+        assert!(cache.classes.iter().all(|c| c.count == 0));
+    }
+
+    #[test]
+    fn a_cache_grows_on_misses_shrinks_on_overflows_and_empties_at_thread_exit() {
+        // A cache of its own: no thread, no lifecycle, only the class pools.
+        let mut cache = Box::new(AceCache::NEW);
+        let class = ace_class(5000);
+        let mut blocks = Vec::new();
+        let mut refills = 0;
+        while blocks.len() < 200 {
+            let mut b = cache.alloc_cached(class);
+            if b.is_null() {
+                refills += 1;
+                b = cache.refill(REGISTERED, class, 5000);
+            }
+            assert!(!b.is_null() && block_start(b as usize, class) == Some(b as usize));
+            blocks.push(b);
+        }
+        let cap = cache.classes[class].cap();
+        assert_eq!(cap, MAX_CAP[class], "every miss doubles the cap");
+        assert!(refills < 20, "{refills} refills for 200 blocks");
+        let mut slow = 0;
+        for b in blocks {
+            if cache.free(REGISTERED, b, class) {
+                slow += 1;
+                cache.free_slow(REGISTERED, class);
+            }
+            assert!(cache.classes[class].count <= cap);
+        }
+        assert!(
+            slow > 0 && cache.classes[class].cap() < cap,
+            "overflows halve it"
+        );
+        cache.release_thread();
+        assert!(cache
+            .classes
+            .iter()
+            .all(|c| c.count == 0 && c.head.is_null()));
     }
 
     #[test]

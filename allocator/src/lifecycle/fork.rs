@@ -1,0 +1,56 @@
+//! fork safety: every lock of the allocator is taken before fork, in one
+//! order, and released after it, in the parent and in the child (whose only
+//! thread would otherwise deadlock on a lock another thread held at fork).
+//!
+//! The order, outermost first: a lock is taken only after every lock that
+//! code holding it may take. Reading down:
+//! 1. the shared pool (its slow paths take chunks and then os locks);
+//! 2. legacy, ACE's classes, parcels (each takes chunks and os locks);
+//! 3. the chunk cache (maps and unmaps: os locks);
+//! 4. the owned-slab indexes (`owned_index::take` maps under its lock);
+//! 5. os (the mapping counters and the registry's page table).
+
+use crate::tiny::owned_index;
+use crate::{ace, chunks, legacy, os, parcel, pool};
+
+/// Installs the handlers (may allocate: after the allocator is ready).
+pub fn install_handlers() {
+    // SAFETY: extern "C" callbacks that take hakmem's locks in one order.
+    unsafe {
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_parent),
+            Some(after_fork_child),
+        );
+    }
+}
+
+extern "C" fn before_fork() {
+    pool::lock_for_fork();
+    legacy::lock_for_fork();
+    ace::lock_for_fork();
+    parcel::lock_for_fork();
+    chunks::lock_for_fork();
+    owned_index::lock_for_fork();
+    os::lock_for_fork();
+}
+
+fn unlock_all() {
+    os::unlock_after_fork();
+    owned_index::unlock_after_fork();
+    chunks::unlock_after_fork();
+    parcel::unlock_after_fork();
+    ace::unlock_after_fork();
+    legacy::unlock_after_fork();
+    pool::unlock_after_fork();
+}
+
+extern "C" fn after_fork_parent() {
+    unlock_all();
+}
+
+extern "C" fn after_fork_child() {
+    // The purge thread did not come along.
+    super::upkeep::forget_after_fork();
+    unlock_all();
+}
