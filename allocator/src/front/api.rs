@@ -10,6 +10,7 @@ use super::place::{self, Place};
 use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
 use crate::superslab::{is_block_start, SlabState, SS_HEADER_RESERVE, SS_SIZE};
 use crate::thread::{self, with_cache};
+use crate::tiny::Push;
 use crate::{ace, chunks, large, legacy, lifecycle, misuse, os, parcel, pool, tiny};
 use core::ptr::null_mut;
 
@@ -116,18 +117,20 @@ pub unsafe fn free(ptr: *mut u8) {
         return;
     }
     let p = ptr as usize;
-    // SAFETY: this thread's cache; nothing below re-enters malloc while
-    // the reference is used (ACE's overflow takes its own, after).
-    let tc = unsafe { thread::cache() };
     // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
     let in_ss_header = p & (SS_SIZE - 1) < SS_HEADER_RESERVE;
-    // A block of this thread's own slabs first, from its index alone.
-    // SAFETY: per the contract, and not in a header.
-    if !in_ss_header && unsafe { tiny::free_owned(&mut tc.tiny, tc.mode, ptr) } {
-        return;
+    if !in_ss_header {
+        // A block of this thread's own slabs first, from its index alone.
+        // SAFETY: this thread's cache, the only reference while it lives;
+        // the block per the contract, and not in a header.
+        match unsafe { tiny::free_owned(&mut thread::cache().tiny, ptr) } {
+            Push::Done => return,
+            Push::OverLimit(bin) => return tiny_overflow(bin),
+            Push::NotOurs => {}
+        }
     }
-    match place::of(p) {
-        Place::Slab(slab) => {
+    match place::by_registry(p) {
+        Ok(Place::Slab(slab)) => {
             // SAFETY: the registry vouched for the SuperSlab; the slab's
             // format fields do not change while any of its blocks is out.
             let s = unsafe { &*slab };
@@ -135,12 +138,20 @@ pub unsafe fn free(ptr: *mut u8) {
                 return misuse::invalid_free("free(): invalid pointer", p);
             }
             // SAFETY: a block of an in-use slab, freed by its user.
-            unsafe { tiny::free_superslab(&mut tc.tiny, tc.mode, ptr, slab) }
+            with_cache(|tc| unsafe { tiny::free_superslab(&mut tc.tiny, tc.mode, ptr, slab) })
         }
-        Place::Ace(class) if ace::is_block_start(p, class) => ace_free(ptr, class),
-        Place::Ace(class) => free_ace_off_grid(p, class),
-        other => free_in_segment(p, other),
+        Ok(Place::Ace(class)) if ace::is_block_start(p, class) => ace_free(ptr, class),
+        Ok(Place::Ace(class)) => free_ace_off_grid(p, class),
+        Ok(_) => misuse::invalid_free("free(): invalid pointer", p),
+        Err(byte) => free_in_segment(p, byte),
     }
+}
+
+/// The thread's list of tiny bin `bin` went over its limit.
+#[cold]
+#[inline(never)]
+fn tiny_overflow(bin: usize) {
+    with_cache(|tc| tc.tiny.overflow(tc.mode, bin));
 }
 
 /// Frees an ACE block of `class` into the thread's cache.
@@ -183,10 +194,11 @@ fn free_ace_off_grid(p: usize, class: usize) {
     }
 }
 
-/// A free of a legacy, large or parcel block, or of a pointer that is none.
+/// A free of a pointer whose registry byte names a legacy, large or parcel
+/// segment (`place::by_registry`).
 #[inline(never)]
-fn free_in_segment(p: usize, place: Place) {
-    match place {
+fn free_in_segment(p: usize, byte: u8) {
+    match place::in_segment(byte, p) {
         Place::Legacy(bin) => {
             if !legacy::is_block_start(p, bin) {
                 return misuse::invalid_free("free(): invalid pointer", p);
@@ -204,7 +216,7 @@ fn free_in_segment(p: usize, place: Place) {
                 misuse::invalid_free("free(): double free or invalid pointer", p);
             }
         }
-        // `free` serves slabs and ACE itself.
+        // The registry names slabs and ACE segments: never here.
         Place::Slab(_) | Place::Ace(_) | Place::Foreign => {
             misuse::invalid_free("free(): invalid pointer", p)
         }
@@ -734,9 +746,9 @@ mod tests {
             assert!(!p.is_null() && !q.is_null());
             let hit = with_cache(|tc| {
                 // SAFETY: q is a live block of a slab this thread owns.
-                unsafe { tiny::free_owned(&mut tc.tiny, tc.mode, q) }
+                unsafe { tiny::free_owned(&mut tc.tiny, q) }
             });
-            assert!(hit, "the owner's free hits its index");
+            assert!(matches!(hit, Push::Done), "the owner's free hits its index");
             let head = with_cache(|tc| tc.tiny.head(tiny_bin(48)));
             assert_eq!(head, q as *mut Block, "q went onto the owner's TLS list");
             block_tx.send(p as usize).unwrap();
@@ -745,9 +757,12 @@ mod tests {
         let p = block_rx.recv().unwrap() as *mut u8;
         let hit = with_cache(|tc| {
             // SAFETY: p is live; a miss does nothing.
-            unsafe { tiny::free_owned(&mut tc.tiny, tc.mode, p) }
+            unsafe { tiny::free_owned(&mut tc.tiny, p) }
         });
-        assert!(!hit, "another thread's block misses");
+        assert!(
+            matches!(hit, Push::NotOurs),
+            "another thread's block misses"
+        );
         // SAFETY: p is live and freed once (onto its slab's remote list).
         unsafe { free(p) };
         done_tx.send(()).unwrap();

@@ -26,25 +26,40 @@ pub enum Place {
 /// the tiers that keep their facts there (legacy, large, parcel).
 #[inline(always)]
 pub fn of(p: usize) -> Place {
+    match by_registry(p) {
+        Ok(place) => place,
+        Err(byte) => in_segment(byte, p),
+    }
+}
+
+/// The first half of `of`: the place the registry byte names alone (a
+/// SuperSlab's slab, an ACE class, nothing of ours), or the byte, for
+/// `in_segment` to read the header. (`free` finishes out of line, so that
+/// its fast paths need no stack frame.)
+#[inline(always)]
+pub fn by_registry(p: usize) -> Result<Place, u8> {
     let byte = segment::kind_of(p);
     if byte == SegKind::SuperSlab as u8 {
         if p & (SS_SIZE - 1) < SS_HEADER_RESERVE {
-            return Place::Foreign;
+            return Ok(Place::Foreign);
         }
-        return Place::Slab(slab_of(p).1);
+        return Ok(Place::Slab(slab_of(p).1));
     }
     if let Some(class) = segment::ace_class_of(byte) {
-        return Place::Ace(class);
+        return Ok(Place::Ace(class));
     }
-    in_segment(byte, p)
+    if byte == 0 {
+        return Ok(Place::Foreign);
+    }
+    Err(byte)
 }
 
-/// The places the registry byte alone does not name: the header says.
-#[inline(never)]
-fn in_segment(byte: u8, p: usize) -> Place {
+/// The second half of `of`: the place of `p` in the segment its registry
+/// byte (legacy, large, parcel, a large block's body) names; the header says.
+#[inline]
+pub fn in_segment(byte: u8, p: usize) -> Place {
     debug_assert!(byte < ACE_BYTE);
     let chunk = match byte {
-        0 => return Place::Foreign,
         LARGE_BODY_BYTE => segment::chunk_of(p) - segment::CHUNK,
         _ => segment::chunk_of(p),
     };

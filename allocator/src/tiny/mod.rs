@@ -185,8 +185,21 @@ pub fn alloc_cached(tc: &mut TinyCache, bin: usize) -> *mut u8 {
     b.cast()
 }
 
+/// What a free onto the thread's list did.
+#[must_use]
+pub enum Push {
+    /// Nothing: the block is not one this path takes (the caller goes on).
+    NotOurs,
+    /// The block is on the list.
+    Done,
+    /// The block is on the list of this bin, which went over its limit: the
+    /// caller calls `TinyCache::overflow` (out of line, with the thread's
+    /// mode, which the fast path does not read).
+    OverLimit(usize),
+}
+
 /// Frees `ptr` onto this thread's TLS SLL if it lies in a slab the thread's
-/// index names (see `owned_index`); false, with nothing done, otherwise.
+/// index names (see `owned_index`); `NotOurs`, with nothing done, otherwise.
 /// (With `HAKMEM_CHECK_FREES=1` a thread has no index: every free reads the
 /// slab's metadata, `free_superslab`, and is checked there.)
 ///
@@ -194,21 +207,20 @@ pub fn alloc_cached(tc: &mut TinyCache, bin: usize) -> *mut u8 {
 /// `ptr` is a block handed out by hakmem and not yet freed, or a pointer
 /// outside every slab this thread owns; either way not in a SuperSlab header.
 #[inline(always)]
-pub unsafe fn free_owned(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8) -> bool {
+pub unsafe fn free_owned(tc: &mut TinyCache, ptr: *mut u8) -> Push {
     // SAFETY: a non-null index is this thread's, live until its exit hook.
     let Some(ix) = (unsafe { tc.owned_index.as_ref() }) else {
-        return false;
+        return Push::NotOurs;
     };
     let Some(bin) = ix.bin_of(ptr as usize) else {
-        return false;
+        return Push::NotOurs;
     };
     if ptr as usize & 15 != 0 {
         // Off the 16-byte grid: the slow path, which reads the slab's
         // metadata, refuses it (two instructions here, no call).
-        return false;
+        return Push::NotOurs;
     }
-    push_local(tc, mode, bin, ptr as *mut Block, false);
-    true
+    push_local(tc, bin, ptr as *mut Block, false)
 }
 
 /// Frees a block of a SuperSlab slab (`slab` is its metadata) that the
@@ -231,7 +243,10 @@ pub unsafe fn free_superslab(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, 
     let b = ptr as *mut Block;
     // Thread ids and ABANDONED are never 0, so a thread without an id (0) never matches.
     if owner == tc.id {
-        return push_local(tc, mode, bin, b, mode.checks_frees());
+        if let Push::OverLimit(bin) = push_local(tc, bin, b, mode.checks_frees()) {
+            tc.overflow(mode, bin);
+        }
+        return;
     }
     // SAFETY: per the contract, a block its user hands back.
     if !unsafe { Block::mark_free(b, hardening::check_frees()) } {
@@ -251,13 +266,15 @@ pub unsafe fn free_superslab(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, 
 /// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
 #[inline]
 pub fn free_legacy(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, bin: usize) {
-    push_local(tc, mode, bin, ptr as *mut Block, mode.checks_frees());
+    if let Push::OverLimit(bin) = push_local(tc, bin, ptr as *mut Block, mode.checks_frees()) {
+        tc.overflow(mode, bin);
+    }
 }
 
 /// Pushes a freed block onto the thread's list of `bin`; `check`: with the
 /// double-free key (`hardening`).
 #[inline(always)]
-fn push_local(tc: &mut TinyCache, mode: CacheMode, bin: usize, b: *mut Block, check: bool) {
+fn push_local(tc: &mut TinyCache, bin: usize, b: *mut Block, check: bool) -> Push {
     debug_assert!(bin < BINS);
     // SAFETY: `bin` comes from a slab's or a legacy segment's metadata, which
     // only ever holds bin numbers below BINS.
@@ -265,15 +282,17 @@ fn push_local(tc: &mut TinyCache, mode: CacheMode, bin: usize, b: *mut Block, ch
     // The same block freed twice in a row is caught with no read of it.
     // SAFETY: the block was freed by its user; its words become the link and key.
     if cc.head == b || !unsafe { Block::mark_free(b, check) } {
-        return crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
+        crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
+        return Push::Done;
     }
     // SAFETY: as above.
     unsafe { Block::set_next(b, cc.head) };
     cc.head = b;
     cc.count += 1;
     if cc.count > cc.limit {
-        tc.overflow(mode, bin);
+        return Push::OverLimit(bin);
     }
+    Push::Done
 }
 
 impl TinyCache {
@@ -304,7 +323,7 @@ impl TinyCache {
     /// The TLS SLL of `bin` went over its limit (or the limit was never set).
     #[cold]
     #[inline(never)]
-    fn overflow(&mut self, mode: CacheMode, bin: usize) {
+    pub fn overflow(&mut self, mode: CacheMode, bin: usize) {
         if mode.keeps_nothing() {
             let n = self.tiny[bin].count;
             return self.drain(bin, n, DrainWhy::Overflow);
@@ -711,7 +730,9 @@ mod tests {
         // in between, so its room shrinks back to the bottom.
         let mut most = 0;
         for b in blocks {
-            push_local(&mut tc, mode, bin, b, false);
+            if let Push::OverLimit(bin) = push_local(&mut tc, bin, b, false) {
+                tc.overflow(mode, bin);
+            }
             most = most.max(tc.tiny[bin].count);
         }
         assert_eq!(tc.tiny[bin].limit, LIMIT_MIN_BATCHES * batch);
@@ -737,7 +758,9 @@ mod tests {
         let mut tc = Box::new(TinyCache::NEW);
         let mut mode = REGISTERED;
         for &b in &blocks[..20] {
-            push_local(&mut tc, mode, bin, b, false);
+            if let Push::OverLimit(bin) = push_local(&mut tc, bin, b, false) {
+                tc.overflow(mode, bin);
+            }
         }
         assert!(tc.tiny[bin].count > 0, "a registered cache keeps blocks");
         tc.release_all();
@@ -745,7 +768,9 @@ mod tests {
         mode.registered = false;
         assert_eq!(tc.tiny[bin].count, 0);
         for &b in &blocks[20..] {
-            push_local(&mut tc, mode, bin, b, false);
+            if let Push::OverLimit(bin) = push_local(&mut tc, bin, b, false) {
+                tc.overflow(mode, bin);
+            }
             assert_eq!(
                 tc.tiny[bin].count, 0,
                 "a free after the exit hook was held back"
