@@ -115,7 +115,34 @@ pub fn ensure_registered() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::class::tiny_bin;
     use crate::pool;
+
+    #[test]
+    fn a_thread_registers_before_its_first_refill_and_keeps_nothing_after_its_exit_hook() {
+        std::thread::spawn(|| {
+            let bin = tiny_bin(64);
+            // (In this test binary hakmem is the C library's malloc too, so
+            // the thread may have registered on its way here.)
+            before_refill();
+            let (registered, id) =
+                thread::with_cache(|tc| (tc.mode.registered, tc.tiny.owner_id()));
+            assert!(registered && id > pool::ABANDONED);
+            let b = thread::with_cache(|tc| tc.tiny.refill(tc.mode, bin));
+            assert!(!b.is_null());
+            assert!(
+                !thread::with_cache(|tc| tc.tiny.head(bin)).is_null(),
+                "a batch kept"
+            );
+            threads::on_thread_exit(core::ptr::null_mut());
+            thread::with_cache(|tc| {
+                assert!(!tc.mode.registered, "keeps nothing from now on");
+                assert!(tc.tiny.head(bin).is_null(), "its cache went back");
+            });
+        })
+        .join()
+        .unwrap();
+    }
     #[test]
     fn owner_ids_are_never_reused_even_by_a_thread_on_the_same_stack() {
         // glibc hands an exited thread's stack, and so its static TLS, to the

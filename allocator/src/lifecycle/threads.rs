@@ -52,7 +52,7 @@ pub fn new_owner_id() -> usize {
 /// The exit hook (the key's destructor): every part of the thread's state
 /// gives back what it holds, and the thread keeps nothing from now on (a
 /// later destructor's frees, `CacheMode::keeps_nothing`).
-extern "C" fn on_thread_exit(_: *mut libc::c_void) {
+pub(super) extern "C" fn on_thread_exit(_: *mut libc::c_void) {
     crate::thread::with_cache(|tc| {
         tc.tiny.release_all();
         tc.ace.release_thread();

@@ -110,3 +110,50 @@ impl LegacyClass {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::class::tiny_bin;
+
+    fn chain(mut head: *mut Block) -> Vec<*mut Block> {
+        let mut v = Vec::new();
+        while !head.is_null() {
+            v.push(head);
+            // SAFETY: a chain `refill` built, linked through the first word.
+            head = unsafe { Block::next(head) };
+        }
+        v
+    }
+
+    #[test]
+    fn refills_carve_block_starts_and_blocks_given_back_come_out_again() {
+        let bin = tiny_bin(200);
+        let mut head = null_mut();
+        assert_eq!(refill(bin, 50, &mut head), 50);
+        let blocks = chain(head);
+        assert_eq!(blocks.len(), 50);
+        for &b in &blocks {
+            let p = b as usize;
+            assert!(is_block_start(p, bin), "{p:#x}");
+            assert!(!is_block_start(p + 16, bin), "inside a block: {p:#x}");
+            assert_eq!(registry::kind(p), SegKind::Legacy as u8);
+        }
+        assert!(
+            !is_block_start(blocks[0] as usize & !(CHUNK - 1), bin),
+            "the header"
+        );
+        // Back as one chain: the next refill of the bin takes them first
+        // (other tests may refill the bin at the same time: at least some).
+        let (first, last) = (blocks[0], blocks[49]);
+        // SAFETY: the chain is the 50 free blocks just refilled, in order.
+        unsafe { give_back(bin, first, last) };
+        let mut again = null_mut();
+        assert_eq!(refill(bin, 50, &mut again), 50);
+        let again = chain(again);
+        assert!(again.iter().any(|b| blocks.contains(b)));
+        let (first, last) = (again[0], again[49]);
+        // SAFETY: as above.
+        unsafe { give_back(bin, first, last) };
+    }
+}
