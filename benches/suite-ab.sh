@@ -5,13 +5,14 @@
 # (above 1: B is faster). For the cost of a change across the suite, e.g.
 #   git worktree add /tmp/base HEAD~1
 #   (cd /tmp/base && CARGO_TARGET_DIR=$PWD/target/base cargo build --release -p hakmem)
-#   SCALE=3 bash benches/suite-ab.sh target/base/release/libhakmem.so target/release/libhakmem.so 3
+#   PIN="taskset -c 1" SCALE=3 bash benches/suite-ab.sh target/base/release/libhakmem.so target/release/libhakmem.so 3
 # Workloads: all of hakbench's, or those named after REPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=$1; B=$2; REPS=${3:-3}; shift 3 || true
 WORKLOADS=${*:-tiny mixed mid big large mixed-2t prodcons larson realloc realloc-kept kept stress}
-ops() { LD_PRELOAD=$1 target/release/hakbench "$2" "${SCALE:-1}" | sed -E 's/.*ops\/s=([0-9]+).*/\1/'; }
+# shellcheck disable=SC2086 # PIN is a command prefix, split on purpose
+ops() { LD_PRELOAD=$1 ${PIN:-} target/release/hakbench "$2" "${SCALE:-1}" | sed -E 's/.*ops\/s=([0-9]+).*/\1/'; }
 medians=""
 for w in $WORKLOADS; do
     ratios=""

@@ -207,15 +207,8 @@ fn tree_heads(s: &str, names: &Names, parent: Option<&str>, out: &mut Vec<String
 fn names_used(code: &str, names: &Names) -> Vec<String> {
     let mut out = Vec::new();
     for prefix in ["crate::", "super::"] {
-        let mut at = 0;
-        while let Some(i) = code[at..].find(prefix) {
-            let start = at + i;
-            at = start + prefix.len();
-            let before = code[..start].chars().next_back();
-            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-                continue;
-            }
-            tree_heads(&code[at..], names, None, &mut out);
+        for start in occurrences(code, prefix) {
+            tree_heads(&code[start + prefix.len()..], names, None, &mut out);
         }
     }
     out
@@ -340,7 +333,22 @@ fn the_module_graph_has_no_cycle() {
 
 #[test]
 fn callbacks_are_registered_only_where_they_reach_down() {
-    let patterns = [
+    let mut wrong = Vec::new();
+    for (name, m) in modules() {
+        let text = std::fs::read_to_string(&m.file).unwrap();
+        // Unit tests may do as they like: they are not the allocator.
+        let code = code_of(text.split("#[cfg(test)]\nmod ").next().unwrap());
+        for (line, p) in callbacks(&name, &code) {
+            wrong.push(format!("{}:{line}: `{p}`", m.file.display()));
+        }
+    }
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+}
+
+/// The callbacks module `name`'s code registers or takes that
+/// `CALLBACKS_ALLOWED` does not list: (line, what).
+fn callbacks(name: &str, code: &str) -> Vec<(usize, &'static str)> {
+    const PATTERNS: [&str; 7] = [
         "fn(",
         "impl Fn",
         "dyn Fn",
@@ -349,34 +357,31 @@ fn callbacks_are_registered_only_where_they_reach_down() {
         "pthread_create",
         "atexit",
     ];
-    let mut wrong = Vec::new();
-    for (name, m) in modules() {
-        let text = std::fs::read_to_string(&m.file).unwrap();
-        // Unit tests may do as they like: they are not the allocator.
-        let code = code_of(text.split("#[cfg(test)]").next().unwrap());
-        for p in patterns {
-            let mut at = 0;
-            while let Some(i) = code[at..].find(p) {
-                let start = at + i;
-                at = start + p.len();
-                // `fn name(` is a definition; only `fn(` with no name is a type.
-                let prev = code[..start].chars().next_back();
-                if prev.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    continue;
-                }
-                // A closure parameter of a private function stays in its module.
-                if p.contains("Fn") && !in_pub_signature(&code, start) {
-                    continue;
-                }
-                let allowed = CALLBACKS_ALLOWED.iter().any(|a| a.0 == name && a.1 == p);
-                if !allowed {
-                    let line = code[..start].lines().count();
-                    wrong.push(format!("{}:{line}: `{p}`", m.file.display()));
-                }
+    let mut out = Vec::new();
+    for p in PATTERNS {
+        // (`fn name(` is a definition: only `fn(` with no name is a type.)
+        for start in occurrences(code, p) {
+            // A closure parameter of a private function stays in its module.
+            if p.contains("Fn") && !in_pub_signature(code, start) {
+                continue;
+            }
+            if !CALLBACKS_ALLOWED.iter().any(|a| a.0 == name && a.1 == p) {
+                out.push((code[..start].lines().count(), p));
             }
         }
     }
-    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+    out
+}
+
+/// Where `pat` occurs in `code` not right after an identifier's character
+/// (`x_crate::` is no `crate::`, `fn name(` no `fn(`).
+fn occurrences<'a>(code: &'a str, pat: &'a str) -> impl Iterator<Item = usize> + 'a {
+    code.match_indices(pat).map(|(i, _)| i).filter(|&i| {
+        !code[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 /// Whether the text at `at` lies in the signature of a `pub` function.
@@ -405,4 +410,10 @@ fn the_checker_sees_every_kind_of_path() {
         ["a", "ace", "b", "g", "i", "j", "l", "owned_index", "tiny"]
     );
     assert_eq!(code_of("x(); // crate::hidden"), "x(); ");
+    let hooks = "static H: AtomicPtr<()>;\nfn private(f: impl FnOnce()) {}\n\
+                 pub fn register(f: fn(usize)) {}\npub fn with(f: impl FnMut(u8)) {}\n\
+                 fn init() { pthread_atfork(None, None, Some(after)); }";
+    let found: Vec<&str> = callbacks("pool", hooks).into_iter().map(|c| c.1).collect();
+    assert_eq!(found, ["fn(", "impl Fn", "pthread_atfork"]);
+    assert!(callbacks("errno", "pub fn keep<R>(f: impl FnOnce() -> R) {}").is_empty());
 }
