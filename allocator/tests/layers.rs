@@ -208,7 +208,12 @@ fn names_used(code: &str, names: &Names) -> Vec<String> {
     let mut out = Vec::new();
     for prefix in ["crate::", "super::"] {
         for start in occurrences(code, prefix) {
-            tree_heads(&code[start + prefix.len()..], names, None, &mut out);
+            // `super::super::x` names x as surely as `super::x`.
+            let mut rest = &code[start + prefix.len()..];
+            while let Some(r) = rest.strip_prefix("super::") {
+                rest = r;
+            }
+            tree_heads(rest, names, None, &mut out);
         }
     }
     out
@@ -399,7 +404,7 @@ fn the_checker_sees_every_kind_of_path() {
         modules: ["ace", "tiny", "owned_index"].map(String::from).into(),
     };
     let code = "use crate::{a, b::{c, d}, tiers::ace};\n\
-                fn f() { crate::g::h(); $crate::i!(); super::j::k; x_crate::no(); }\n\
+                fn f() { crate::g::h(); $crate::i!(); super::j::k; super::super::m::z(); x_crate::no(); }\n\
                 macro_rules! m { () => { crate::l::n() } }\n\
                 use crate::tiny::{self, owned_index::X}; crate::tiny::alloc();";
     let mut got = names_used(code, &names);
@@ -407,7 +412,18 @@ fn the_checker_sees_every_kind_of_path() {
     got.dedup();
     assert_eq!(
         got,
-        ["a", "ace", "b", "g", "i", "j", "l", "owned_index", "tiny"]
+        [
+            "a",
+            "ace",
+            "b",
+            "g",
+            "i",
+            "j",
+            "l",
+            "m",
+            "owned_index",
+            "tiny"
+        ]
     );
     assert_eq!(code_of("x(); // crate::hidden"), "x(); ");
     let hooks = "static H: AtomicPtr<()>;\nfn private(f: impl FnOnce()) {}\n\
