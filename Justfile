@@ -19,6 +19,8 @@ lint:
     cargo clippy --all-targets -- -D warnings
     # The build with the probes compiled out (benches/instructions.sh, the probe-cost A/B).
     cargo clippy -p hakmem --no-default-features --features c-abi,safe-linking --target-dir target/noprobes -- -D warnings
+    # The invariant checkers (feature `invariants`: ci-extra's scenarios, soak, fuzz).
+    cargo clippy -p hakmem --all-targets --no-default-features --features c-abi,safe-linking,invariants --target-dir target/noprobes -- -D warnings
     # The build a dlopen-ed Rust library uses (examples/plugin).
     cargo clippy -p hakmem --no-default-features --features dynamic-tls,probes,safe-linking --target-dir target/plugin -- -D warnings
     cd examples/plugin && cargo fmt --check && cargo clippy --target-dir ../../target/plugin -- -D warnings

@@ -3,13 +3,16 @@
 //! Each folder of `src/` is a layer; a module may use modules of its own
 //! layer and of the layers below it, never one above. Every `crate::` path
 //! counts: `use` lines, groups (`use crate::{a, b::{c}}`), inline paths and
-//! those inside macro bodies (`$crate::` too); so does `super::name` naming a
-//! sibling. A callback is a way to reach upward without a path, so
-//! registering one counts: a function-pointer type, a closure parameter of a
-//! `pub` function, or a C library registration (`pthread_atfork`, ...) is
-//! refused outside the few places listed in `CALLBACKS_ALLOWED`, each with
-//! why it reaches no higher layer. The module graph must have no cycle, even
-//! within one layer.
+//! those inside macro bodies (`$crate::` too); so do `super::` paths (to a
+//! sibling, or to the parent module's items) and a `mod.rs`'s paths to its
+//! own child modules. A path that names no module (an alias, a glob, an
+//! item of `lib.rs` not listed in `ROOT_ITEMS`) fails: it could hide a
+//! reach upward. A callback is a way to reach upward without a path, so
+//! registering one counts: a function-pointer type, a closure type outside a
+//! private function's signature, or a C library registration
+//! (`pthread_atfork`, `atexit`, `sigaction`, ...) is refused beyond what
+//! `CALLBACKS_ALLOWED` lists, each with why it reaches no higher layer. The
+//! module graph must have no cycle, even within one layer.
 //!
 //! `LAYERS_GRAPH=path cargo test -p hakmem --test layers` writes the graph.
 
@@ -37,43 +40,52 @@ const ROOT_ITEMS: &[(&str, &str)] = &[
     ("HakMem", "front"),
 ];
 
-/// Where a callback may be registered or a closure taken, and why it reaches
-/// no layer above the module: (module, the text, why).
-const CALLBACKS_ALLOWED: &[(&str, &str, &str)] = &[
+/// Where a callback may be registered or a closure type appear, how many
+/// times, and why it reaches no layer above the module: (module, the text,
+/// count, why).
+const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
     (
         "errno",
-        "impl Fn",
+        "FnOnce(",
+        1,
         "`keep` runs the caller's closure at once, keeps nothing",
     ),
     (
         "thread",
-        "impl Fn",
+        "FnOnce(",
+        1,
         "`with_cache` runs the caller's closure at once on the cache, keeps nothing",
     ),
     (
         "test_hooks",
         "fn(",
-        "the hook is set by tests, outside the crate; the allocator only calls it",
+        1,
+        "test-only: production code never sets the hook; a test's hook may do \
+         anything (the race tests call `api::trim` from inside the pool's window)",
     ),
     (
         "stats",
         "fn(",
+        1,
         "the exit tally's .fini_array entry points at stats' own function",
     ),
     (
         "threads",
         "pthread_key_create",
+        1,
         "the exit hook calls down (thread state)",
     ),
     (
         "fork",
         "pthread_atfork",
+        1,
         "the fork handlers call down (every tier's lock)",
     ),
     (
         "upkeep",
         "pthread_create",
-        "the purge thread calls down (large cache, pool)",
+        1,
+        "the purge thread calls down (chunk cache, pool)",
     ),
 ];
 
@@ -81,15 +93,29 @@ struct Module {
     layer: String,
     file: PathBuf,
     uses: BTreeSet<String>,
+    /// What its paths name that is no module (see the module doc).
+    unknown: BTreeSet<String>,
+}
+
+/// A module file: its layer folder, its path, and its parent module (the
+/// `mod.rs` of its folder, if it is not that file itself and it exists).
+struct File {
+    layer: String,
+    path: PathBuf,
+    parent: Option<String>,
 }
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// Every module file under `src/` but `lib.rs` and the binaries: name ->
-/// (layer folder, path). A file `x/mod.rs` is module `x`.
-fn module_files() -> BTreeMap<String, (String, PathBuf)> {
+fn name_of(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// Every module file under `src/` but `lib.rs` and the binaries, by
+/// module name. A file `x/mod.rs` is module `x`.
+fn module_files() -> BTreeMap<String, File> {
     let mut out = BTreeMap::new();
     let mut stack = vec![src()];
     while let Some(dir) = stack.pop() {
@@ -105,31 +131,25 @@ fn module_files() -> BTreeMap<String, (String, PathBuf)> {
             if path.extension().is_none_or(|x| x != "rs") || rel == Path::new("lib.rs") {
                 continue;
             }
-            let layer = rel
-                .components()
-                .next()
-                .unwrap()
-                .as_os_str()
-                .to_string_lossy()
-                .into_owned();
-            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-            let name = if stem == "mod" {
-                path.parent()
-                    .unwrap()
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned()
+            let folder = path.parent().unwrap();
+            let is_mod_rs = name_of(&path) == "mod.rs";
+            let name = if is_mod_rs {
+                name_of(folder)
             } else {
-                stem
+                path.file_stem().unwrap().to_string_lossy().into_owned()
             };
-            let layer = if rel.components().count() == 1 {
-                String::from("(none)")
-            } else {
-                layer
+            let parent = (!is_mod_rs && folder.join("mod.rs").exists()).then(|| name_of(folder));
+            let layer = match rel.components().count() {
+                1 => String::from("(none)"),
+                _ => name_of(&src().join(rel.components().next().unwrap())),
+            };
+            let file = File {
+                layer,
+                path,
+                parent,
             };
             assert!(
-                out.insert(name.clone(), (layer, path)).is_none(),
+                out.insert(name.clone(), file).is_none(),
                 "two modules named {name}"
             );
         }
@@ -148,6 +168,11 @@ fn code_of(text: &str) -> String {
         .join("\n")
 }
 
+/// A file's code, and its unit tests (`#[cfg(test)] mod ...` to the end).
+fn split_tests(code: &str) -> (&str, &str) {
+    code.split_once("#[cfg(test)]\nmod ").unwrap_or((code, ""))
+}
+
 fn ident_at(s: &str) -> &str {
     let end = s
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -161,10 +186,27 @@ struct Names {
     modules: BTreeSet<String>,
 }
 
-/// The modules a `use` tree names: `a::b`, `{a, b::{c}}`, `tiers::{ace, x}`.
-/// `parent`: the folder the tree hangs from; an item of it that is no
-/// module is an item of the folder's own module (`crate::tiny::alloc`).
-fn tree_heads(s: &str, names: &Names, parent: Option<&str>, out: &mut Vec<String>) {
+/// Where a path is read from: what an item that is no module belongs to.
+#[derive(Clone, Copy)]
+enum Base<'a> {
+    /// The crate root: only modules, folders and `ROOT_ITEMS`.
+    Root,
+    /// A folder declared in `lib.rs` (`crate::tiers::x`): only its modules.
+    Folder(&'a str),
+    /// A module: an item of it that is no module counts as the module.
+    Module(&'a str),
+}
+
+/// What one path names: a module (or root item), or text that is none.
+#[derive(Debug, PartialEq)]
+enum Named {
+    Module(String),
+    Unknown(String),
+}
+
+/// The modules a `use` tree names: `a::b`, `{a, b::{c}}`, `tiers::{ace, x}`,
+/// read from `base`.
+fn tree_heads(s: &str, names: &Names, base: Base, out: &mut Vec<Named>) {
     let s = s.trim_start();
     if let Some(rest) = s.strip_prefix('{') {
         // Split the group at its top-level commas.
@@ -174,12 +216,12 @@ fn tree_heads(s: &str, names: &Names, parent: Option<&str>, out: &mut Vec<String
             match c {
                 '{' => depth += 1,
                 '}' if depth == 0 => {
-                    tree_heads(&rest[start..i], names, parent, out);
+                    tree_heads(&rest[start..i], names, base, out);
                     return;
                 }
                 '}' => depth -= 1,
                 ',' if depth == 0 => {
-                    tree_heads(&rest[start..i], names, parent, out);
+                    tree_heads(&rest[start..i], names, base, out);
                     start = i + 1;
                 }
                 _ => {}
@@ -188,35 +230,149 @@ fn tree_heads(s: &str, names: &Names, parent: Option<&str>, out: &mut Vec<String
         return;
     }
     let head = ident_at(s);
-    if head.is_empty() {
+    let rest = s[head.len()..].trim_start();
+    if head == "self" && rest.starts_with("as") {
+        return out.push(Named::Unknown(format!("self {rest:.12}")));
+    }
+    if head == "self" {
+        if let Base::Module(m) = base {
+            out.push(Named::Module(m.to_string()));
+        }
         return;
     }
-    if parent.is_none() && names.folders.contains(head) {
-        if let Some(rest) = s[head.len()..].trim_start().strip_prefix("::") {
-            return tree_heads(rest, names, Some(head), out);
+    if head.is_empty() {
+        // A glob (`*`), or something stranger.
+        let what = match s.starts_with('*') {
+            true => String::from("*"),
+            false => format!("{s:.12}"),
+        };
+        return out.push(Named::Unknown(what));
+    }
+    if matches!(base, Base::Root) && names.folders.contains(head) {
+        if let Some(after) = rest.strip_prefix("::") {
+            // A folder, whose own module (`tiny/mod.rs`) may share its name.
+            let folder = match names.modules.contains(head) {
+                true => Base::Module(head),
+                false => Base::Folder(head),
+            };
+            return tree_heads(after, names, folder, out);
         }
     }
-    match parent {
-        Some(folder) if !names.modules.contains(head) => out.push(folder.to_string()),
-        _ => out.push(head.to_string()),
+    if names.modules.contains(head) {
+        return out.push(Named::Module(head.to_string()));
+    }
+    match base {
+        Base::Module(m) => out.push(Named::Module(m.to_string())),
+        Base::Root if root_layer(head).is_some() => out.push(Named::Module(head.to_string())),
+        Base::Root => out.push(Named::Unknown(head.to_string())),
+        Base::Folder(f) => out.push(Named::Unknown(format!("{f}::{head}"))),
     }
 }
 
-/// The modules (or root items) a file's code names through `crate::`,
-/// `$crate::` or `super::`.
-fn names_used(code: &str, names: &Names) -> Vec<String> {
+/// What code of module `own` (whose parent module is `parent`) names
+/// through `crate::`, `$crate::`, `super::` and paths to `children`.
+fn names_used(
+    code: &str,
+    names: &Names,
+    own: &str,
+    parent: Option<&str>,
+    children: &[String],
+) -> Vec<Named> {
     let mut out = Vec::new();
-    for prefix in ["crate::", "super::"] {
-        for start in occurrences(code, prefix) {
-            // `super::super::x` names x as surely as `super::x`.
-            let mut rest = &code[start + prefix.len()..];
-            while let Some(r) = rest.strip_prefix("super::") {
-                rest = r;
-            }
-            tree_heads(rest, names, None, &mut out);
+    for start in occurrences(code, "crate::") {
+        tree_heads(
+            &code[start + "crate::".len()..],
+            names,
+            Base::Root,
+            &mut out,
+        );
+    }
+    for start in occurrences(code, "crate") {
+        let rest = code[start + "crate".len()..].trim_start();
+        if rest.starts_with("as ") {
+            out.push(Named::Unknown(String::from("crate as")));
+        }
+    }
+    let nested = inline_modules(code);
+    // (Not the second `super::` of `super::super::`.)
+    for start in occurrences(code, "super::").filter(|&i| !code[..i].ends_with(':')) {
+        let mut rest = &code[start..];
+        let mut levels = 0usize;
+        while let Some(r) = rest.strip_prefix("super::") {
+            rest = r;
+            levels += 1;
+        }
+        // Each inline module around the path (`mod tests { .. }`) is a
+        // level below the file's.
+        let depth = nested.iter().filter(|r| r.contains(&start)).count();
+        let base = match levels.checked_sub(depth) {
+            Some(0) => Base::Module(own),
+            Some(1) => parent.map_or(Base::Root, Base::Module),
+            Some(_) => Base::Root,
+            // Within the file: its own inline modules.
+            None => continue,
+        };
+        if rest.starts_with('*') && matches!(base, Base::Module(m) if m == own) {
+            continue;
+        }
+        tree_heads(rest, names, base, &mut out);
+    }
+    for child in children {
+        let path = format!("{child}::");
+        for _ in occurrences(code, &path).filter(|&i| !code[..i].ends_with(':')) {
+            out.push(Named::Module(child.clone()));
         }
     }
     out
+}
+
+/// The spans of the inline modules (`mod name { ... }`) in `code`. Braces
+/// in string literals and `'{'` / `'}'` do not count.
+fn inline_modules(code: &str) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    for start in occurrences(code, "mod ") {
+        let after = &code[start + 4..];
+        let name = ident_at(after);
+        if name.is_empty() || !after[name.len()..].trim_start().starts_with('{') {
+            continue;
+        }
+        let open = start + 4 + after.find('{').unwrap();
+        let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+        let bytes = code.as_bytes();
+        for (i, &c) in bytes.iter().enumerate().skip(open) {
+            if in_str {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_str = false,
+                    _ => {}
+                }
+                continue;
+            }
+            let quoted = i > 0 && bytes[i - 1] == b'\'' && bytes.get(i + 1) == Some(&b'\'');
+            match c {
+                b'"' => in_str = true,
+                b'{' if !quoted => depth += 1,
+                b'}' if !quoted => {
+                    depth -= 1;
+                    if depth == 0 {
+                        out.push(open..i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The child modules a `mod.rs` declares (`mod x;`, `pub mod x;`).
+fn children_of(code: &str) -> Vec<String> {
+    occurrences(code, "mod ")
+        .map(|i| ident_at(&code[i + 4..]).to_string())
+        .filter(|m| code.contains(&format!("mod {m};")))
+        .collect()
 }
 
 fn modules() -> BTreeMap<String, Module> {
@@ -226,18 +382,30 @@ fn modules() -> BTreeMap<String, Module> {
         modules: files.keys().cloned().collect(),
     };
     let mut out = BTreeMap::new();
-    for (name, (layer, file)) in &files {
-        let code = code_of(&std::fs::read_to_string(file).unwrap());
-        let uses = names_used(&code, &names)
-            .into_iter()
-            .filter(|n| n != name && (files.contains_key(n) || root_layer(n).is_some()))
-            .collect();
+    for (name, f) in &files {
+        let code = code_of(&std::fs::read_to_string(&f.path).unwrap());
+        let children = children_of(split_tests(&code).0);
+        let named = names_used(&code, &names, name, f.parent.as_deref(), &children);
+        let mut uses = BTreeSet::new();
+        let mut unknown = BTreeSet::new();
+        for n in named {
+            match n {
+                Named::Module(m) if m != *name => {
+                    uses.insert(m);
+                }
+                Named::Module(_) => {}
+                Named::Unknown(u) => {
+                    unknown.insert(u);
+                }
+            }
+        }
         out.insert(
             name.clone(),
             Module {
-                layer: layer.clone(),
-                file: file.clone(),
+                layer: f.layer.clone(),
+                file: f.path.clone(),
                 uses,
+                unknown,
             },
         );
     }
@@ -337,42 +505,67 @@ fn the_module_graph_has_no_cycle() {
 }
 
 #[test]
+fn every_path_names_a_module() {
+    let wrong: Vec<String> = modules()
+        .iter()
+        .filter(|(_, m)| !m.unknown.is_empty())
+        .map(|(name, m)| format!("{name}: {:?}", m.unknown))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "paths that name no module (an alias, a glob, an unlisted root item):\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
 fn callbacks_are_registered_only_where_they_reach_down() {
     let mut wrong = Vec::new();
     for (name, m) in modules() {
         let text = std::fs::read_to_string(&m.file).unwrap();
         // Unit tests may do as they like: they are not the allocator.
-        let code = code_of(text.split("#[cfg(test)]\nmod ").next().unwrap());
-        for (line, p) in callbacks(&name, &code) {
+        let code = code_of(&text);
+        for (line, p) in callbacks(&name, split_tests(&code).0) {
             wrong.push(format!("{}:{line}: `{p}`", m.file.display()));
         }
     }
     assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
 }
 
-/// The callbacks module `name`'s code registers or takes that
-/// `CALLBACKS_ALLOWED` does not list: (line, what).
+/// The callbacks module `name`'s code registers, stores or takes beyond
+/// what `CALLBACKS_ALLOWED` lists: (line, what).
 fn callbacks(name: &str, code: &str) -> Vec<(usize, &'static str)> {
-    const PATTERNS: [&str; 7] = [
+    const PATTERNS: [&str; 13] = [
         "fn(",
-        "impl Fn",
-        "dyn Fn",
+        "Fn(",
+        "FnMut(",
+        "FnOnce(",
         "pthread_atfork",
         "pthread_key_create",
         "pthread_create",
         "atexit",
+        "__cxa_atexit",
+        "__cxa_thread_atexit_impl",
+        "on_exit",
+        "sigaction",
+        "signal(",
     ];
     let mut out = Vec::new();
     for p in PATTERNS {
         // (`fn name(` is a definition: only `fn(` with no name is a type.)
-        for start in occurrences(code, p) {
-            // A closure parameter of a private function stays in its module.
-            if p.contains("Fn") && !in_pub_signature(code, start) {
-                continue;
-            }
-            if !CALLBACKS_ALLOWED.iter().any(|a| a.0 == name && a.1 == p) {
-                out.push((code[..start].lines().count(), p));
-            }
+        let mut found: Vec<usize> = occurrences(code, p)
+            // A closure or fn-pointer parameter of a private function stays
+            // in its module; anywhere else (a pub signature, a field, a
+            // static, an alias, a body) it may carry code upward.
+            .filter(|&i| !in_private_signature(code, i))
+            .collect();
+        let allowed = CALLBACKS_ALLOWED
+            .iter()
+            .find(|a| a.0 == name && a.1 == p)
+            .map_or(0, |a| a.2);
+        if found.len() > allowed {
+            found.drain(..allowed);
+            out.extend(found.into_iter().map(|i| (code[..i].lines().count(), p)));
         }
     }
     out
@@ -389,29 +582,56 @@ fn occurrences<'a>(code: &'a str, pat: &'a str) -> impl Iterator<Item = usize> +
     })
 }
 
-/// Whether the text at `at` lies in the signature of a `pub` function.
-fn in_pub_signature(code: &str, at: usize) -> bool {
-    let line_start = code[..at].rfind("fn ").unwrap_or(0);
-    let head_start = code[..line_start].rfind('\n').map_or(0, |i| i + 1);
-    let head = &code[head_start..line_start];
-    head.contains("pub") && !code[line_start..at].contains('{')
+/// Whether the text at `at` lies in the signature (generics, parameters,
+/// return type, where clause) of a function that is not `pub`.
+fn in_private_signature(code: &str, at: usize) -> bool {
+    let Some(fn_at) = occurrences(&code[..at], "fn ").last() else {
+        return false;
+    };
+    let line_start = code[..fn_at].rfind('\n').map_or(0, |i| i + 1);
+    let in_signature = !code[fn_at..at].contains(['{', ';']);
+    in_signature && !code[line_start..fn_at].contains("pub")
 }
 
 #[test]
 fn the_checker_sees_every_kind_of_path() {
     let names = Names {
         folders: ["tiers", "tiny"].map(String::from).into(),
-        modules: ["ace", "tiny", "owned_index"].map(String::from).into(),
+        modules: [
+            "ace",
+            "tiny",
+            "owned_index",
+            "a",
+            "b",
+            "g",
+            "i",
+            "l",
+            "m",
+            "j",
+            "kid",
+        ]
+        .map(String::from)
+        .into(),
     };
     let code = "use crate::{a, b::{c, d}, tiers::ace};\n\
                 fn f() { crate::g::h(); $crate::i!(); super::j::k; super::super::m::z(); x_crate::no(); }\n\
                 macro_rules! m { () => { crate::l::n() } }\n\
-                use crate::tiny::{self, owned_index::X}; crate::tiny::alloc();";
-    let mut got = names_used(code, &names);
-    got.sort();
-    got.dedup();
+                use crate::tiny::{self, owned_index::X}; crate::tiny::alloc(); kid::f();";
+    let got = |code, parent, children: &[String]| {
+        let mut v: Vec<String> = names_used(code, &names, "own", parent, children)
+            .into_iter()
+            .map(|n| match n {
+                Named::Module(m) => m,
+                Named::Unknown(u) => format!("?{u}"),
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let kid = [String::from("kid")];
     assert_eq!(
-        got,
+        got(code, None, &kid),
         [
             "a",
             "ace",
@@ -419,17 +639,49 @@ fn the_checker_sees_every_kind_of_path() {
             "g",
             "i",
             "j",
+            "kid",
             "l",
             "m",
             "owned_index",
             "tiny"
         ]
     );
+    // A parent's item counts as the parent; in an inline module (tests),
+    // `super` is the file; braces in literals do not end the module.
+    assert_eq!(got("super::helper();", Some("tiny"), &[]), ["tiny"]);
+    let tests = "mod tests { use super::*; fn t() { super::super::x(); f(\"}\", '{'); } }";
+    assert_eq!(got(tests, Some("tiny"), &[]), ["tiny"]);
+    assert_eq!(
+        got("mod imp { use super::Own; }", Some("tiny"), &[]),
+        ["own"]
+    );
+    // What names no module fails: an unknown root item, a glob, an alias.
+    let odd = "crate::helper(); use crate::tiers::*; use crate as c;";
+    assert_eq!(got(odd, None, &[]), ["?*", "?crate as", "?helper"]);
     assert_eq!(code_of("x(); // crate::hidden"), "x(); ");
-    let hooks = "static H: AtomicPtr<()>;\nfn private(f: impl FnOnce()) {}\n\
-                 pub fn register(f: fn(usize)) {}\npub fn with(f: impl FnMut(u8)) {}\n\
-                 fn init() { pthread_atfork(None, None, Some(after)); }";
+    let hooks = "static H: Option<fn(usize)>;\nfn private(f: impl FnOnce()) {}\n\
+                 pub fn register(f: fn(usize)) {}\npub fn with<F: FnMut(u8)>(f: F) {}\n\
+                 fn init() { pthread_atfork(None, None, Some(after)); __cxa_atexit(f); }\n\
+                 struct S { f: Box<dyn Fn()> }";
     let found: Vec<&str> = callbacks("pool", hooks).into_iter().map(|c| c.1).collect();
-    assert_eq!(found, ["fn(", "impl Fn", "pthread_atfork"]);
+    assert_eq!(
+        found,
+        [
+            "fn(",
+            "fn(",
+            "Fn(",
+            "FnMut(",
+            "pthread_atfork",
+            "__cxa_atexit"
+        ]
+    );
     assert!(callbacks("errno", "pub fn keep<R>(f: impl FnOnce() -> R) {}").is_empty());
+    assert_eq!(
+        callbacks(
+            "errno",
+            "pub fn a(f: impl FnOnce()) {}\npub fn b(f: impl FnOnce()) {}"
+        )
+        .len(),
+        1
+    );
 }

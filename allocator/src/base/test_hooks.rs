@@ -31,7 +31,7 @@ pub enum Point {
 
 /// Stops the allocator's clock (`os::now_ns`) at the present. A test that
 /// freezes it makes the delays after which memory goes back (the purge
-/// delay, the large cache's idle second) pass exactly when it says
+/// delay, the chunk cache's idle second) pass exactly when it says
 /// (`advance_clock`), instead of racing them with sleeps on busy cores.
 /// For tests only.
 #[doc(hidden)]

@@ -306,7 +306,7 @@ fn rss_kib() -> u64 {
 
 /// Two bursts of 60k 512-byte blocks (about 15 SuperSlabs each), each
 /// freed whole: EMPTY SuperSlabs beyond the hysteresis are retired to the
-/// large cache, the second burst's SuperSlabs come from there, and once the
+/// chunk cache, the second burst's SuperSlabs come from there, and once the
 /// cache's reserve has gone unused for its second, RSS falls. Prints RSS
 /// before, at the first peak, at once after the second burst's frees
 /// (`freed`) and after the idle second (`after`).
@@ -369,7 +369,7 @@ fn grown() {
 
 /// A burst of 200,000 blocks of 500 bytes (about 100 MiB of SuperSlabs),
 /// freed, then 1.5 s with no allocator call at all (RSS is read without
-/// allocating): what the large cache holds goes back only if the purge
+/// allocating): what the chunk cache holds goes back only if the purge
 /// thread (`HAKMEM_PURGE_THREAD=1`) returns it. Prints RSS at the peak, at
 /// once after the frees and after the pause.
 fn idle_burst() {
@@ -463,7 +463,7 @@ fn rss_kib_without_allocating() -> u64 {
 
 /// A burst of 6,000 mid blocks of 32 KiB (192 MiB, about 100 ACE segments)
 /// written whole and freed: prints RSS at the peak, at once after the frees,
-/// and after the large cache's burst delay (the segments' chunks wait there).
+/// and after the chunk cache's burst delay (the segments' chunks wait there).
 fn ace_burst() {
     let size = 32 << 10;
     free_burst(&make(6000, size, size));
@@ -527,7 +527,7 @@ fn free_all(blocks: &[usize]) {
 }
 
 /// Frees `blocks` at once and prints RSS before (`peak`), right after
-/// (`freed`) and after the large cache's burst delay (`after`).
+/// (`freed`) and after the chunk cache's burst delay (`after`).
 fn free_burst(blocks: &[usize]) {
     let peak = rss_kib();
     free_all(blocks);
@@ -537,13 +537,13 @@ fn free_burst(blocks: &[usize]) {
     println!("rss_kib peak={peak} freed={freed} after={after}");
 }
 
-/// Lets freed big blocks wait out the large cache's burst delay (100 ms),
+/// Lets freed big blocks wait out the chunk cache's burst delay (100 ms),
 /// then makes one allocator call: what waited beyond 64 MiB goes back.
 fn after_burst_delay() {
     allocate_after(150);
 }
 
-/// Lets the large cache's reserve go unused for its second, then makes one
+/// Lets the chunk cache's reserve go unused for its second, then makes one
 /// allocator call: everything cached goes back.
 fn after_idle_reserve() {
     allocate_after(1100);
@@ -577,7 +577,7 @@ fn large_stale() {
     println!("rss_kib before={before} freed={freed} after={after}");
 }
 
-/// The large cache keeps blocks that were barely touched and lets go of
+/// The chunk cache keeps blocks that were barely touched and lets go of
 /// blocks that were: 500 blocks of 1 MiB with one page written, freed and made
 /// again (prints how many came back at the same address), then 100 blocks of
 /// 1.9 MiB written whole and freed (prints RSS at the peak, at once after the
@@ -839,7 +839,7 @@ static RACE_STAGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 static RACE_POINT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// At the first arrival at `RACE_POINT`: another thread frees the other
-/// blocks of the slab, then everything the large cache holds goes back to
+/// blocks of the slab, then everything the chunk cache holds goes back to
 /// the OS (`malloc_trim`), as its policy may do at any moment; then the
 /// paused thread goes on. Code that still read the slab after letting its
 /// block go would read an unmapped SuperSlab here (SIGSEGV). Allocates

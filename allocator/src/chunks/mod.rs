@@ -53,7 +53,7 @@ use hakmem_common::{CacheUser, ReturnWhy, TakeSource};
 
 /// What every mapping the cache holds or hands out starts with (a large
 /// block's header extends it): a segment header of kind Large, so that the
-/// registry and `segment::lookup` know a cached mapping, and a free of a
+/// registry and `front::place` know a cached mapping, and a free of a
 /// pointer into one finds no live block.
 #[repr(C)]
 pub struct MapHeader {

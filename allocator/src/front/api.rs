@@ -138,7 +138,14 @@ pub unsafe fn free(ptr: *mut u8) {
                 return misuse::invalid_free("free(): invalid pointer", p);
             }
             // SAFETY: a block of an in-use slab, freed by its user.
-            with_cache(|tc| unsafe { tiny::free_superslab(&mut tc.tiny, tc.mode, ptr, slab) })
+            let pushed =
+                with_cache(|tc| unsafe { tiny::free_if_owner(&mut tc.tiny, tc.mode, ptr, slab) });
+            match pushed {
+                Push::Done => {}
+                Push::OverLimit(bin) => tiny_overflow(bin),
+                // SAFETY: as above; another thread's slab.
+                Push::NotOurs => unsafe { tiny::free_remote(ptr, slab) },
+            }
         }
         Ok(Place::Ace(class)) if ace::is_block_start(p, class) => ace_free(ptr, class),
         Ok(Place::Ace(class)) => free_ace_off_grid(p, class),
@@ -166,7 +173,10 @@ fn ace_free(ptr: *mut u8, class: usize) {
 #[inline(never)]
 fn ace_overflow(class: usize) {
     lifecycle::before_overflow();
-    with_cache(|tc| tc.ace.free_slow(tc.mode, class));
+    if let Some(flushed) = with_cache(|tc| tc.ace.free_slow(tc.mode, class)) {
+        // Outside the thread cache: the class lock, maybe the chunk cache.
+        flushed.give_back();
+    }
 }
 
 /// The ACE block that `p` names: its start, or the block an aligned
@@ -203,7 +213,11 @@ fn free_in_segment(p: usize, byte: u8) {
             if !legacy::is_block_start(p, bin) {
                 return misuse::invalid_free("free(): invalid pointer", p);
             }
-            with_cache(|tc| tiny::free_legacy(&mut tc.tiny, tc.mode, p as *mut u8, bin))
+            let pushed =
+                with_cache(|tc| tiny::free_legacy(&mut tc.tiny, tc.mode, p as *mut u8, bin));
+            if let Push::OverLimit(bin) = pushed {
+                tiny_overflow(bin);
+            }
         }
         Place::Large(chunk) => {
             if !large::is_live_block(p, chunk) {
@@ -224,7 +238,7 @@ fn free_in_segment(p: usize, byte: u8) {
 }
 
 /// `malloc_trim`: gives back to the OS the memory hakmem holds free for
-/// reuse: the free segments ACE keeps, everything in the large cache and the
+/// reuse: the free segments ACE keeps, everything in the chunk cache and the
 /// pages of EMPTY slabs (which otherwise go only at allocator calls after
 /// their delay). Thread caches stay, and so do the EMPTY SuperSlabs kept by
 /// `HAKMEM_SS_KEEP`, though without their pages. True if anything went back.
@@ -239,7 +253,7 @@ pub fn trim() -> bool {
 pub struct HeapFigures {
     /// Bytes mapped for everything but live large blocks (glibc: the arena).
     pub arena: usize,
-    /// Of those, bytes held free: the large cache's, EMPTY slabs' that keep
+    /// Of those, bytes held free: the chunk cache's, EMPTY slabs' that keep
     /// their pages, and ACE segments' with every block free. Free blocks in
     /// partly used slabs and segments count as in use (as glibc counts the
     /// blocks in its thread caches).
@@ -767,5 +781,67 @@ mod tests {
         unsafe { free(p) };
         done_tx.send(()).unwrap();
         owner.join().unwrap();
+    }
+
+    /// `place::of(p)` against the segment header `segment::lookup` reads.
+    fn placed_as_its_header_says(p: usize) {
+        let h = segment::lookup(p).expect("a block of ours");
+        let chunk = h as *const segment::SegHeader as usize;
+        match (h.kind, place::of(p)) {
+            (SegKind::SuperSlab, Place::Slab(s)) => assert_eq!(s, slab_of(p).1),
+            (SegKind::Legacy, Place::Legacy(bin)) => assert_eq!(bin, h.class as usize),
+            (SegKind::Ace, Place::Ace(class)) => assert_eq!(class, h.class as usize),
+            (SegKind::Large, Place::Large(start)) => assert_eq!(start, chunk),
+            (SegKind::Parcel, Place::Parcel) => {}
+            (kind, _) => panic!("{p:#x}: header says {kind:?}, place disagrees"),
+        }
+    }
+
+    #[test]
+    fn every_kind_of_block_is_placed_where_its_segment_header_says() {
+        // SAFETY: each block is allocated here and freed once.
+        unsafe {
+            for (size, align) in [
+                (8, 16),
+                (100, 16),
+                (1000, 16),
+                (5000, 16),
+                (100_000, 16),
+                (300_000, 16),
+                (3 << 20, 16),
+                (2048, 128),
+                (5000, 4 << 20),
+            ] {
+                let p = alloc_aligned(align, size);
+                placed_as_its_header_says(p as usize);
+                free(p);
+            }
+            // A parcel: a buffer realloc grew past 32 KiB.
+            let p = realloc(malloc(3000), 40_000);
+            placed_as_its_header_says(p as usize);
+            free(p);
+        }
+        // A legacy block (what serves when the pool gives up).
+        let mut head = core::ptr::null_mut::<Block>();
+        let bin = crate::class::tiny_bin(64);
+        assert_eq!(crate::legacy::refill(bin, 1, &mut head), 1);
+        placed_as_its_header_says(head as usize);
+        // SAFETY: the one block just refilled.
+        unsafe { crate::legacy::give_back(bin, head, head) };
+        // Nothing of ours, and a SuperSlab's header.
+        let on_stack = 0u64;
+        assert!(matches!(
+            place::of(&on_stack as *const u64 as usize),
+            Place::Foreign
+        ));
+        assert!(matches!(place::of(usize::MAX - 7), Place::Foreign));
+        // SAFETY: a plain allocation, freed below.
+        let p = unsafe { malloc(64) };
+        if segment::kind_of(p as usize) == SegKind::SuperSlab as u8 {
+            let header = segment::chunk_of(p as usize) + 64;
+            assert!(matches!(place::of(header), Place::Foreign));
+        }
+        // SAFETY: allocated above.
+        unsafe { free(p) };
     }
 }

@@ -38,6 +38,27 @@ macro_rules! knobs {
             $( Knob { name: $name, default: $shown, meaning: $meaning }, )*
         ];
 
+        /// The README's default of each knob, where it is a value the
+        /// knob's parser reads (not "unlimited", "unset", ...), is the
+        /// default the allocator uses: the two are written apart in the
+        /// table, so a test holds them together.
+        #[cfg(test)]
+        fn shown_defaults_disagreeing() -> Vec<&'static str> {
+            let mut wrong = Vec::new();
+            $(
+                let shown = std::ffi::CString::new($shown).unwrap();
+                let shown: &'static CStr = Box::leak(shown.into_boxed_c_str());
+                if $shown != "unset" {
+                    if let Some(v) = parse::$parse(shown) {
+                        if v != Config::DEFAULT.$field {
+                            wrong.push($name);
+                        }
+                    }
+                }
+            )*
+            wrong
+        }
+
         /// Sets what the environment sets; a value that does not parse is unset.
         fn read_env(c: &mut Config) {
             $(
@@ -247,5 +268,16 @@ fn env_cstr(name: &CStr) -> Option<&'static CStr> {
             return None;
         }
         Some(CStr::from_ptr(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readmes_defaults_are_the_allocators() {
+        assert_eq!(shown_defaults_disagreeing(), Vec::<&str>::new());
+        assert!(KNOBS.iter().any(|k| k.default == "unlimited"));
     }
 }

@@ -33,8 +33,6 @@ pub fn invalid_free(what: &str, ptr: usize) {
 /// runs): `$check` is a `Result<(), &'static str>`; an error aborts naming
 /// the broken invariant and `$at`. Without the feature, nothing is
 /// evaluated.
-#[macro_export]
-#[doc(hidden)]
 macro_rules! check_invariant {
     ($check:expr, $at:expr) => {
         #[cfg(feature = "invariants")]
@@ -43,7 +41,7 @@ macro_rules! check_invariant {
         }
     };
 }
-pub use check_invariant;
+pub(crate) use check_invariant;
 
 /// Reports heap corruption found while following hakmem's own structures
 /// and aborts: going on would hand out memory the corruption chose.

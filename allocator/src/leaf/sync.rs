@@ -1,4 +1,4 @@
-//! The lock of the slow paths (pool, legacy, ACE refills, large cache).
+//! The lock of the slow paths (pool, legacy, ACE refills, chunk cache).
 //! Unlike a pthread mutex it is const-initialised, never allocates, and can be
 //! reset in a fork child. It spins briefly, then sleeps on a futex (a
 //! three-state mutex: 0 free, 1 held, 2 held with sleepers). Sleeping instead

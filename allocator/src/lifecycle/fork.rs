@@ -5,7 +5,8 @@
 //! The order, outermost first: a lock is taken only after every lock that
 //! code holding it may take. Reading down:
 //! 1. the shared pool (its slow paths take chunks and then os locks);
-//! 2. legacy, ACE's classes, parcels (each takes chunks and os locks);
+//! 2. legacy (maps its segments: os locks), ACE's classes and parcels (each
+//!    takes chunks and os locks);
 //! 3. the chunk cache (maps and unmaps: os locks);
 //! 4. the owned-slab indexes (`owned_index::take` maps under its lock);
 //! 5. os (the mapping counters and the registry's page table).

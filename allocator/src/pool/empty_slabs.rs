@@ -6,7 +6,7 @@
 //! (`HAKMEM_PURGE_DELAY_MS`, 100 ms) has its pages given back to the OS
 //! (`MADV_DONTNEED`, the address space kept) and moves to the *purged* list,
 //! which Stage 1 takes from only when no resident slab is left: a purged slab
-//! costs page faults again, like a fresh one. As in the large cache, a
+//! costs page faults again, like a fresh one. As in the chunk cache, a
 //! reserve waits longer (a second): the newest `HAKMEM_SS_KEEP` SuperSlabs'
 //! worth of slabs (64, 4 MiB), for programs that free and allocate in cycles.
 //!

@@ -447,7 +447,7 @@ impl Pool {
         if self.superslabs >= config::get().ss_max {
             return Err(FailReason::Budget);
         }
-        // A chunk the large cache kept saves the mapping and the page faults.
+        // A chunk the chunk cache kept saves the mapping and the page faults.
         let (base, _) = chunks::take_chunk(CacheUser::SuperSlab);
         if base.is_null() {
             return Err(FailReason::MapFailed);
@@ -476,7 +476,7 @@ impl Pool {
     }
 
     /// Pushes an EMPTY slab; returns a SuperSlab to retire (its chunk goes to
-    /// the large cache) if the hysteresis says so.
+    /// the chunk cache) if the hysteresis says so.
     fn release(&mut self, slab: *mut Slab) -> Option<*mut SuperSlab> {
         // SAFETY: the slab was handed to the pool by its owner (lock held).
         unsafe {

@@ -3,32 +3,10 @@
 //! front (`api`) or the lifecycle (`lifecycle`); no tier reaches for the
 //! block itself, so each can be built and tested on a part it owns alone.
 
+pub mod state;
 pub mod tls;
 
-use crate::ace::AceCache;
-use crate::hardening::CacheMode;
-use crate::tiny::TinyCache;
-
-pub struct ThreadCache {
-    pub tiny: TinyCache,
-    pub ace: AceCache,
-    /// What the parts may keep (the exit hook armed, every free checked).
-    pub mode: CacheMode,
-}
-
-impl ThreadCache {
-    /// An empty cache: all zero bytes (see `tls`, which relies on it).
-    pub const NEW: ThreadCache = ThreadCache {
-        tiny: TinyCache::NEW,
-        ace: AceCache::NEW,
-        mode: CacheMode::NEW,
-    };
-
-    /// Whether every field is zero (what `tls` checks of `NEW`).
-    pub const fn is_zero(&self) -> bool {
-        self.tiny.is_zero() && self.ace.is_zero() && self.mode.is_zero()
-    }
-}
+pub use state::ThreadCache;
 
 /// Runs `f` on this thread's cache.
 #[inline(always)]

@@ -14,10 +14,12 @@
 //! used) it always fits; a `dlopen` of libhakmem.so into a running process
 //! needs the block to fit glibc's surplus (`glibc.rtld.optional_static_tls`),
 //! otherwise dlopen fails with "cannot allocate memory in static TLS block".
-//! glibc 2.36's default surplus holds the block with about 200 bytes to spare
-//! (the library's TLS segment is 1,512 bytes; the CPython here dlopens up to
-//! 1,712; the test `python_dlopens_the_library_and_allocates_through_it`
-//! checks it), so fields added to `ThreadCache` must be paid for elsewhere in it.
+//! glibc 2.36's default surplus holds the block with about 190 bytes to spare
+//! (the library's TLS segment is 1,520 bytes since the per-thread state
+//! became one part per tier plus their `CacheMode`, 1,512 before; the
+//! CPython here dlopens up to 1,712; the test
+//! `python_dlopens_the_library_and_allocates_through_it` checks it), so
+//! fields added to `ThreadCache` must be paid for elsewhere in it.
 //!
 //! A library that uses hakmem as its global allocator and is itself loaded
 //! with dlopen can turn on the `dynamic-tls` feature instead: the portable
@@ -28,7 +30,7 @@
 //!
 //! Elsewhere, the portable `thread_local!` (const-initialised, no destructor).
 
-use super::ThreadCache;
+use super::state::ThreadCache;
 
 // The cache starts as zero bytes (`.tbss`, or a zeroed dynamic TLS block).
 const _: () = assert!(ThreadCache::NEW.is_zero());

@@ -7,7 +7,7 @@
 //! overflows twice with no miss in between (the thread keeps more than it
 //! uses). A segment whose blocks are all free stays with its class while the
 //! class keeps fewer than four such segments and all classes together fewer
-//! than 32; beyond that its chunk goes to the large cache, which gives it to
+//! than 32; beyond that its chunk goes to the chunk cache, which gives it to
 //! the next segment or large block or returns it to the OS by its policy
 //! (`large`: a reserve kept up to a second, bursts 100 ms). A new segment
 //! takes a chunk from that cache before it maps one.
@@ -52,7 +52,7 @@ const MAX_CAP: [u32; ACE_CLASSES] = {
 };
 const _: () = assert!(MAX_CAP[ACE_CLASSES - 1] >= MIN_CAP);
 const _: () = assert!(MAX_CAP[0] <= u16::MAX as u32);
-/// Free segments a class keeps before handing more to the large cache.
+/// Free segments a class keeps before handing more to the chunk cache.
 const KEEP_FREE_SEGMENTS: usize = 4;
 /// Free segments all classes together keep mapped (64 MiB; checked without a
 /// common lock, so two classes at once may pass it by one each). With 47
@@ -153,6 +153,23 @@ static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
 /// A thread's ACE part of its state (`thread::ThreadCache`): a cache per class.
 pub struct AceCache {
     classes: [ClassCache; ACE_CLASSES],
+}
+
+/// Blocks a thread's cache of `class` let go (`AceCache::free_slow`): a
+/// chain of `n` free blocks at `head`.
+#[must_use]
+pub struct Flushed {
+    class: usize,
+    head: *mut Block,
+    n: u32,
+}
+
+impl Flushed {
+    /// Returns the blocks to their segments (the class lock; segments
+    /// whose blocks are all free may go to the chunk cache).
+    pub fn give_back(self) {
+        give_back(self.class, self.head, self.n);
+    }
 }
 
 /// The ACE class serving `size` (TINY_MAX < size <= ACE_MAX), or None after
@@ -269,15 +286,18 @@ impl AceCache {
     /// consumer of others' blocks), which the front has just registered:
     /// without its exit hook, what the cache holds would stay behind when
     /// the thread exits.
+    /// What it takes off the cache comes back for the caller to hand to
+    /// the class (`Flushed::give_back`) once it no longer holds the thread
+    /// cache.
     #[cold]
     #[inline(never)]
-    pub fn free_slow(&mut self, mode: CacheMode, class: usize) {
+    pub fn free_slow(&mut self, mode: CacheMode, class: usize) -> Option<Flushed> {
         let check = mode.checks_frees();
         let c = &mut self.classes[class];
         if !check {
             c.cap = c.cap() as u16;
             if c.count <= c.cap() {
-                return;
+                return None;
             }
         }
         // Every free checked: a block the cache held would be handed out
@@ -300,7 +320,7 @@ impl AceCache {
         // SAFETY: as above.
         unsafe { Block::set_next(last, null_mut()) };
         c.count = keep;
-        give_back(class, head, n);
+        Some(Flushed { class, head, n })
     }
 
     /// Thread exit: every cached block back to its segment.
@@ -343,7 +363,7 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
 }
 
 /// Hands segments whose blocks are all free, and which the caller has taken
-/// off every list, to the large cache (outside the class lock).
+/// off every list, to the chunk cache (outside the class lock).
 fn hand_to_cache(segments: &[*mut AceSegment]) {
     for &s in segments {
         // SAFETY: per the contract, nothing references the segment any more.
@@ -351,7 +371,7 @@ fn hand_to_cache(segments: &[*mut AceSegment]) {
     }
 }
 
-/// `malloc_trim`: the free segments every class keeps go to the large cache
+/// `malloc_trim`: the free segments every class keeps go to the chunk cache
 /// (which `chunks::trim` then empties), a few at a time so that none is
 /// handed over under the class lock. True if there were any.
 pub fn trim() -> bool {
@@ -439,7 +459,7 @@ impl AceClass {
         if self.segments >= config::get().ace_max_segments {
             return Err(AceFailKind::Exhaustion);
         }
-        // A chunk the large cache kept (an ACE segment or a large block
+        // A chunk the chunk cache kept (an ACE segment or a large block
         // before) saves the mapping and the page faults.
         let (base, _) = crate::chunks::take_chunk(CacheUser::Ace);
         if base.is_null() {
@@ -466,7 +486,7 @@ impl AceClass {
         Ok(seg)
     }
 
-    /// Returns a block to its segment; Some(segment) if it should go to the large cache
+    /// Returns a block to its segment; Some(segment) if it should go to the chunk cache
     /// (already removed from the lists and counts).
     fn put(&mut self, seg: *mut AceSegment, b: *mut Block) -> Option<*mut AceSegment> {
         // SAFETY: `b` lies in `seg`, a live ACE segment of this class (lock held).
@@ -738,7 +758,9 @@ mod tests {
                 assert_eq!(aligned_block(p, start, false), None, "tag cleared");
             }
             if cache.free(REGISTERED, start as *mut u8, class) {
-                cache.free_slow(REGISTERED, class);
+                if let Some(flushed) = cache.free_slow(REGISTERED, class) {
+                    flushed.give_back();
+                }
             }
         }
         cache.release_thread();
@@ -768,7 +790,9 @@ mod tests {
         for b in blocks {
             if cache.free(REGISTERED, b, class) {
                 slow += 1;
-                cache.free_slow(REGISTERED, class);
+                if let Some(flushed) = cache.free_slow(REGISTERED, class) {
+                    flushed.give_back();
+                }
             }
             assert!(cache.classes[class].count <= cap);
         }

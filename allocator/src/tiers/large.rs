@@ -117,7 +117,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
 /// A block aligned to `align` >= CHUNK. It starts on a chunk boundary, so
 /// its header takes the chunk before it (address space, one page touched) and
 /// the registry marks the block's first chunk `LARGE_BODY_BYTE`, which
-/// `segment::lookup` follows back to the header. Always a fresh mapping: such
+/// `front::place` (`segment::header_at`) follows back to the header. Always a fresh mapping: such
 /// alignments are rare, and no cached mapping is aligned for them. It maps
 /// `align + size`, aligned, and gives back what lies below the header at once,
 /// so it holds `CHUNK + size` of address space.

@@ -13,7 +13,7 @@
 //! The chunk's header (128 bytes) sits in front of the first parcel's block;
 //! the others start on their parcel's boundary, so a buffer's pages are its
 //! own (but the first's, shared with the header), as they were in a chunk. A
-//! chunk whose parcels are all free goes to the large cache at once, which
+//! chunk whose parcels are all free goes to the chunk cache at once, which
 //! returns it to the OS by its policy.
 
 use crate::os::PAGE;
@@ -116,7 +116,7 @@ pub fn alloc(size: usize) -> (*mut u8, usize) {
             }
         }
         // No free parcel: a new chunk (outside the lock: a syscall, or the
-        // large cache's lock). Two threads may both add one; both get used.
+        // chunk cache's lock). Two threads may both add one; both get used.
         let (chunk, cached) = crate::chunks::take_chunk(CacheUser::Parcel);
         if chunk.is_null() {
             return (null_mut(), 0);

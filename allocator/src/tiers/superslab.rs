@@ -189,7 +189,7 @@ const _: () = assert!(core::mem::size_of::<Slab>() == 64);
 impl SuperSlab {
     /// How far from its start the SuperSlab's resident pages can reach: to
     /// the end of its last claimed slab that was not purged (the header's
-    /// page if all were). What a retiring SuperSlab tells the large cache.
+    /// page if all were). What a retiring SuperSlab tells the chunk cache.
     pub fn resident_extent(&self) -> usize {
         (0..self.claimed as usize)
             .rev()

@@ -224,9 +224,10 @@ pub unsafe fn free_owned(tc: &mut TinyCache, ptr: *mut u8) -> Push {
 }
 
 /// Frees a block of a SuperSlab slab (`slab` is its metadata) that the
-/// thread's index did not name (`free_owned`): onto this thread's TLS SLL if
-/// the thread owns the slab all the same (it lost its index slot), else onto
-/// the slab's remote list for its owner to drain.
+/// thread's index did not name (`free_owned`) onto this thread's TLS SLL if
+/// the thread owns the slab all the same (it lost its index slot); else
+/// `NotOurs`, and the caller, no longer holding the thread cache, calls
+/// `free_remote`.
 ///
 /// (Keeping other threads' blocks in the freeing thread's SLL as well, to be
 /// sent home by its drains, made `stress` about 15% faster but let an idle
@@ -236,18 +237,33 @@ pub unsafe fn free_owned(tc: &mut TinyCache, ptr: *mut u8) -> Push {
 /// # Safety
 /// `ptr` is a block of `slab`, handed out by hakmem and not yet freed.
 #[inline(always)]
-pub unsafe fn free_superslab(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, slab: *mut Slab) {
+pub unsafe fn free_if_owner(
+    tc: &mut TinyCache,
+    mode: CacheMode,
+    ptr: *mut u8,
+    slab: *mut Slab,
+) -> Push {
     // SAFETY: per the contract `slab` is live metadata; owner is atomic and bin
     // is stable while any block of the slab is out.
     let (owner, bin) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).bin as usize) };
-    let b = ptr as *mut Block;
     // Thread ids and ABANDONED are never 0, so a thread without an id (0) never matches.
-    if owner == tc.id {
-        if let Push::OverLimit(bin) = push_local(tc, bin, b, mode.checks_frees()) {
-            tc.overflow(mode, bin);
-        }
-        return;
+    if owner != tc.id {
+        return Push::NotOurs;
     }
+    push_local(tc, bin, ptr as *mut Block, mode.checks_frees())
+}
+
+/// Frees a block of a SuperSlab slab that another thread owns (or owned:
+/// abandoned) onto the slab's remote list, or reclaims the slab.
+///
+/// # Safety
+/// `ptr` is a block of `slab`, handed out by hakmem and not yet freed, and
+/// `free_if_owner` said `NotOurs`.
+#[inline(always)]
+pub unsafe fn free_remote(ptr: *mut u8, slab: *mut Slab) {
+    // SAFETY: as in `free_if_owner`.
+    let owner = unsafe { (*slab).owner.load(Ordering::Relaxed) };
+    let b = ptr as *mut Block;
     // SAFETY: per the contract, a block its user hands back.
     if !unsafe { Block::mark_free(b, hardening::check_frees()) } {
         return crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
@@ -265,10 +281,8 @@ pub unsafe fn free_superslab(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, 
 
 /// Frees a legacy block of `bin` (any thread: legacy blocks have no owner).
 #[inline]
-pub fn free_legacy(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, bin: usize) {
-    if let Push::OverLimit(bin) = push_local(tc, bin, ptr as *mut Block, mode.checks_frees()) {
-        tc.overflow(mode, bin);
-    }
+pub fn free_legacy(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, bin: usize) -> Push {
+    push_local(tc, bin, ptr as *mut Block, mode.checks_frees())
 }
 
 /// Pushes a freed block onto the thread's list of `bin`; `check`: with the
