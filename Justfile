@@ -31,7 +31,8 @@ test: build lint
 
 # What CI runs beyond `test`, so that nothing it does not run can rot (about
 # 8 minutes on 2 cores): the tests of the build with the probes compiled
-# out, Miri, each fuzz target for a short run, the long real-program tests.
+# out and the invariant checkers on, Miri, each fuzz target for a short run
+# (invariant checkers on), the long real-program tests.
 ci-extra:
     cargo test -p hakmem --no-default-features --features c-abi,safe-linking,invariants --target-dir target/noprobes --lib --test scenarios
     just miri
