@@ -28,6 +28,7 @@ mod front {
     #[cfg(feature = "c-abi")]
     pub mod capi;
     pub mod global_alloc;
+    pub mod levels;
     pub mod place;
 }
 mod lifecycle;

@@ -9,6 +9,7 @@
 pub mod codes;
 pub mod hist;
 pub mod json;
+pub mod levels;
 pub mod probe;
 pub mod tally;
 pub mod trace;

@@ -2,6 +2,7 @@
 
 mod attach;
 mod commands;
+mod mem;
 mod report;
 mod run;
 mod session;
@@ -72,6 +73,13 @@ enum Command {
         #[arg(long)]
         duration: Option<f64>,
     },
+    /// Where the process's memory is: bytes in use, in thread caches and resident, per tier and class.
+    Mem {
+        pid: i32,
+        /// One JSON document (schema: docs/json-schema.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Start CMD with libhakmem.so preloaded and watch it from its first allocation.
     Run {
         #[arg(long, default_value_t = 1.0)]
@@ -124,6 +132,7 @@ fn main() -> ExitCode {
                 class,
                 duration,
             } => commands::trace(pid, &probes, class, duration).await,
+            Command::Mem { pid, json } => mem::mem(pid, json),
             Command::Run {
                 interval,
                 json,

@@ -48,8 +48,17 @@ pub fn process_name(pid: i32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// The hakmem objects mapped in `pid`.
-pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
+/// An ELF file mapped in a process: its path, a path to its inode, its
+/// bytes, and its run-time minus link-time address.
+pub struct MappedElf {
+    pub path: String,
+    pub attach_path: PathBuf,
+    pub data: Vec<u8>,
+    pub load_bias: u64,
+}
+
+/// The ELF files mapped in `pid` (`/proc/PID/maps`).
+pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
     if pid <= 0 || !alive(pid) {
         bail!("no such process: {pid}");
     }
@@ -97,7 +106,7 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
                 .or_insert((start, end));
         }
     }
-    let mut found = Vec::new();
+    let mut out = Vec::new();
     for (path, (start, end)) in files {
         // map_files names the mapped inode even if the path was replaced since.
         let by_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
@@ -113,9 +122,24 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
         if !data.starts_with(b"\x7fELF") {
             continue;
         }
-        let sites = match probe_sites(&data) {
+        let load_bias = start.wrapping_sub(first_load_vaddr(&data));
+        out.push(MappedElf {
+            path,
+            attach_path,
+            data,
+            load_bias,
+        });
+    }
+    Ok(out)
+}
+
+/// The hakmem objects mapped in `pid`.
+pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
+    let mut found = Vec::new();
+    for elf in mapped_elfs(pid)? {
+        let sites = match probe_sites(&elf.data) {
             Ok(sites) => sites,
-            Err(e) if has_hakmem_note(&data) => return Err(e.context(path.clone())),
+            Err(e) if has_hakmem_note(&elf.data) => return Err(e.context(elf.path.clone())),
             Err(_) => continue,
         };
         let sites: Vec<ProbeSite> = sites
@@ -125,11 +149,10 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
         if sites.is_empty() {
             continue;
         }
-        let load_bias = start.wrapping_sub(first_load_vaddr(&data));
         found.push(HakmemObject {
-            path,
-            attach_path,
-            load_bias,
+            path: elf.path,
+            attach_path: elf.attach_path,
+            load_bias: elf.load_bias,
             sites,
         });
     }

@@ -8,7 +8,7 @@ use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub const PAGE: usize = 4096;
-static MAPPED: AtomicUsize = AtomicUsize::new(0);
+pub static MAPPED: AtomicUsize = AtomicUsize::new(0);
 
 /// Bytes hakmem holds mapped from the OS now.
 pub fn mapped_bytes() -> usize {

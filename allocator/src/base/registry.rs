@@ -18,12 +18,12 @@
 //! chunks `os` mapped ahead), 2.3 MiB after (`docs/hardening.md`).
 
 use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 pub const CHUNK_SHIFT: u32 = 21;
 pub const CHUNK: usize = 1 << CHUNK_SHIFT;
 const ADDR_BITS: u32 = 47;
-const ENTRIES: usize = 1 << (ADDR_BITS - CHUNK_SHIFT);
+pub const ENTRIES: usize = 1 << (ADDR_BITS - CHUNK_SHIFT);
 
 // The table, in the zero-filled `.bss`: its address is a link-time constant,
 // so a lookup is one load (no pointer to fetch and test first). Defined in
@@ -53,9 +53,10 @@ core::arch::global_asm!(
     size = const ENTRIES,
 );
 
+/// The table's address, for hakctl's reading of the levels (`front::levels`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn table() -> *const AtomicU8 {
+pub fn table() -> *const AtomicU8 {
     let p: *const AtomicU8;
     // SAFETY: computes the address of the table above (no memory access); the
     // address never changes, hence `pure, nomem`.
@@ -98,6 +99,13 @@ pub fn kind(addr: usize) -> u8 {
 
 const PAGE: usize = 4096;
 const TABLE_PAGES: usize = ENTRIES / PAGE;
+pub const TOUCHED_WORDS: usize = TABLE_PAGES / 64;
+
+/// Which pages of the table were ever prepared (so may hold entries): what
+/// hakctl reads first, to read only those pages of the 64 MiB table.
+#[allow(clippy::declare_interior_mutable_const)]
+const UNTOUCHED: AtomicU64 = AtomicU64::new(0);
+pub static TOUCHED: [AtomicU64; TOUCHED_WORDS] = [UNTOUCHED; TOUCHED_WORDS];
 
 /// Which pages of the table are writable (all are until `protect`), and
 /// whether `protect` has run; under one lock, so that a page `prepare` marks
@@ -172,6 +180,7 @@ pub fn prepare(start: usize, len: usize) -> bool {
     let last = ((start + len - 1) >> CHUNK_SHIFT) / PAGE;
     let mut pages = PAGES.lock();
     for page in first..=last {
+        TOUCHED[page / 64].fetch_or(1 << (page % 64), Ordering::Relaxed);
         if pages.is_writable(page) {
             continue;
         }

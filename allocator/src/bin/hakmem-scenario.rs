@@ -45,15 +45,16 @@ fn main() {
         "race-unowned-free" => race_unowned_free,
         "race-repark" => race_repark,
         "misuse" => misuse,
+        "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark|misuse [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
     if !hakmem::config::get().stats
         && !matches!(
             name,
-            "forever" | "double-free" | "foreign-free" | "stale-free" | "misuse"
+            "forever" | "double-free" | "foreign-free" | "stale-free" | "misuse" | "levels"
         )
     {
         eprintln!("hakmem-scenario: run with HAKMEM_STATS=1");
@@ -1058,4 +1059,172 @@ fn misuse() {
         }
     }
     println!("survived");
+}
+
+/// What `hakctl mem` must see (`tests/levels.rs`): the workload holds a known
+/// set of blocks of every tier, some freed into the caches of three live
+/// threads, some on a live thread's remote list, some left by a thread that
+/// exited. Driven through stdin and stdout with read(2)/write(2), and with
+/// raw pthreads, so that between its two reports nothing allocates or frees
+/// but the known set:
+/// - prints `ready PID` once every thread is up (the baseline), waits for a line;
+/// - makes the set, prints `held tiny=B ace=B large=B parcel=B` (usable bytes
+///   of the blocks held, by tier), waits for a line, and exits.
+fn levels() {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
+    const WORKERS: usize = 3;
+    /// Blocks handed to main: the remote ones (main frees them), the
+    /// exited thread's (main keeps them).
+    static HANDED: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+    static HELD: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+    /// 0: wait; 1: make the set; 2: exit. Threads count themselves done.
+    static PHASE: AtomicU32 = AtomicU32::new(0);
+    static DONE: AtomicU32 = AtomicU32::new(0);
+
+    fn tier(size: usize) -> usize {
+        match size {
+            0..=1024 => 0,
+            1025..=262_144 => 1,
+            _ => 2,
+        }
+    }
+    /// Allocates `n` blocks of `size`, counting their usable bytes as held
+    /// if `count` (not: they are freed or handed on).
+    fn make(size: usize, n: usize, count: bool) -> Vec<*mut u8> {
+        (0..n)
+            .map(|_| {
+                // SAFETY: a plain allocation, checked.
+                let p = unsafe { hakmem::api::malloc(size) };
+                assert!(!p.is_null());
+                if count {
+                    HELD[tier(size)].fetch_add(hakmem::api::usable_size(p), SeqCst);
+                }
+                p
+            })
+            .collect()
+    }
+    fn wait_for(phase: u32) {
+        while PHASE.load(SeqCst) < phase {
+            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+    /// A live worker: holds tiny and ACE blocks, frees some into its cache;
+    /// worker 0 also hands blocks to main, which frees them onto its remote list.
+    extern "C" fn worker(arg: *mut libc::c_void) -> *mut libc::c_void {
+        let i = arg as usize;
+        // Registered and cached before the baseline.
+        let warm = make(64, 1, false);
+        // SAFETY: allocated above.
+        unsafe { hakmem::api::free(warm[0]) };
+        drop(warm);
+        DONE.fetch_add(1, SeqCst);
+        wait_for(1);
+        let tiny = make(64, 200, true);
+        let ace = make(5000, 20, true);
+        for &p in tiny[..100].iter().chain(&ace[..10]) {
+            HELD[tier(hakmem::api::usable_size(p))].fetch_sub(hakmem::api::usable_size(p), SeqCst);
+            // SAFETY: allocated above, freed once (into this thread's cache).
+            unsafe { hakmem::api::free(p) };
+        }
+        if i == 0 {
+            for (k, p) in make(48, 50, false).into_iter().enumerate() {
+                HANDED[k].store(p as usize, SeqCst);
+            }
+        }
+        // The vectors go (their blocks stay held): nothing but the set is kept.
+        drop((tiny, ace));
+        DONE.fetch_add(1, SeqCst);
+        wait_for(2);
+        std::ptr::null_mut()
+    }
+    /// A thread that makes blocks, hands them to main and exits.
+    extern "C" fn leaver(_: *mut libc::c_void) -> *mut libc::c_void {
+        // Registered before the baseline, like the workers.
+        let warm = make(32, 1, false);
+        // SAFETY: allocated above.
+        unsafe { hakmem::api::free(warm[0]) };
+        drop(warm);
+        DONE.fetch_add(1, SeqCst);
+        wait_for(1);
+        for (k, p) in make(32, 100, true)
+            .into_iter()
+            .chain(make(3000, 5, true))
+            .enumerate()
+        {
+            HANDED[100 + k].store(p as usize, SeqCst);
+        }
+        std::ptr::null_mut()
+    }
+    fn say(msg: &str) {
+        // SAFETY: a valid buffer of its length; no allocation.
+        unsafe { libc::write(1, msg.as_ptr().cast(), msg.len()) };
+    }
+    fn read_line() {
+        let mut b = [0u8; 1];
+        // SAFETY: reads into a one-byte stack buffer.
+        while unsafe { libc::read(0, b.as_mut_ptr().cast(), 1) } == 1 && b[0] != b'\n' {}
+    }
+    let mut threads = [0 as libc::pthread_t; WORKERS + 1];
+    for (i, t) in threads.iter_mut().enumerate() {
+        let body: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void =
+            if i < WORKERS { worker } else { leaver };
+        // SAFETY: valid out-pointer, default attributes, an extern "C" body.
+        let rc = unsafe { libc::pthread_create(t, std::ptr::null(), body, i as *mut libc::c_void) };
+        assert_eq!(rc, 0);
+    }
+    while DONE.load(SeqCst) < WORKERS as u32 + 1 {
+        std::hint::spin_loop();
+    }
+    // Main's own blocks, and room for the report, made before the baseline.
+    let mut report = String::with_capacity(256);
+    report.push_str(&format!("ready {}\n", std::process::id()));
+    say(&report);
+    read_line();
+    PHASE.store(1, SeqCst);
+    for (size, n) in [
+        (8, 50),
+        (24, 50),
+        (100, 50),
+        (1000, 50),
+        (2000, 10),
+        (9000, 10),
+        (100_000, 5),
+        (300_000, 2),
+        (3 << 20, 2),
+    ] {
+        // Held to the end (only the vector goes).
+        drop(make(size, n, true));
+    }
+    // Two parcels: buffers realloc grew past 32 KiB.
+    for _ in 0..2 {
+        // SAFETY: a plain allocation grown by realloc.
+        let p = unsafe { hakmem::api::realloc(hakmem::api::malloc(3000), 40_000) };
+        assert!(!p.is_null());
+        HELD[3].fetch_add(hakmem::api::usable_size(p), SeqCst);
+    }
+    while DONE.load(SeqCst) < 2 * WORKERS as u32 + 1 {
+        std::hint::spin_loop();
+    }
+    // SAFETY: the leaver's thread, joined once.
+    unsafe { libc::pthread_join(threads[WORKERS], std::ptr::null_mut()) };
+    // Worker 0's blocks, freed here: onto its slab's remote list.
+    for slot in &HANDED[..50] {
+        // SAFETY: a block worker 0 made and handed over, freed once.
+        unsafe { hakmem::api::free(slot.load(SeqCst) as *mut u8) };
+    }
+    report.clear();
+    let held = HELD.each_ref().map(|h| h.load(SeqCst));
+    use std::fmt::Write;
+    let _ = writeln!(
+        report,
+        "held tiny={} ace={} large={} parcel={}",
+        held[0], held[1], held[2], held[3]
+    );
+    say(&report);
+    read_line();
+    PHASE.store(2, SeqCst);
+    // SAFETY: exits without running destructors: the test has what it needs.
+    unsafe { libc::_exit(0) };
 }

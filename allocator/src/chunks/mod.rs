@@ -186,6 +186,9 @@ const EMPTY: Cache = Cache {
 
 static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
 
+/// `Cache::bytes`, for hakctl (`front::levels`): read without the lock.
+pub static RESIDENT: AtomicU64 = AtomicU64::new(0);
+
 /// Bytes the cache holds that its mappings' users may have touched.
 pub fn cached_bytes() -> usize {
     CACHE.lock().bytes
@@ -220,6 +223,7 @@ pub fn take(map: usize, extent: usize) -> Option<usize> {
 fn with_cache<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
     let mut c = CACHE.lock();
     let r = f(&mut c);
+    RESIDENT.store(c.bytes as u64, Ordering::Relaxed);
     crate::misuse::check_invariant!(c.check(), c.bytes);
     DUE.store(c.due(), Ordering::Relaxed);
     r

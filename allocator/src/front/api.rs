@@ -827,7 +827,7 @@ mod tests {
         assert_eq!(crate::legacy::refill(bin, 1, &mut head), 1);
         placed_as_its_header_says(head as usize);
         // SAFETY: the one block just refilled.
-        unsafe { crate::legacy::give_back(bin, head, head) };
+        unsafe { crate::legacy::give_back(bin, head, head, 1) };
         // Nothing of ours, and a SuperSlab's header.
         let on_stack = 0u64;
         assert!(matches!(

@@ -51,7 +51,8 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
-    // The purge thread did not come along.
+    // The purge thread did not come along, nor did the other threads.
     super::upkeep::forget_after_fork();
+    crate::thread::forget_others_after_fork();
     unlock_all();
 }

@@ -105,7 +105,9 @@ pub fn ensure_registered() {
             tc.tiny.set_owner_id(threads::new_owner_id());
         }
     });
-    if !threads::register_current() {
+    // Listed too (hakctl counts what the listed caches hold), or, with no
+    // slot left, keeping nothing like a thread without its hook.
+    if !threads::register_current() || !thread::list_current() {
         // No hook: keep nothing cached (`CacheMode::keeps_nothing`); try
         // again at the next slow path.
         thread::with_cache(|tc| tc.mode.registered = false);

@@ -58,4 +58,5 @@ pub(super) extern "C" fn on_thread_exit(_: *mut libc::c_void) {
         tc.ace.release_thread();
         tc.mode.registered = false;
     });
+    crate::thread::unlist_current();
 }

@@ -9,6 +9,8 @@ pub struct ThreadCache {
     pub ace: AceCache,
     /// What the parts may keep (the exit hook armed, every free checked).
     pub mode: CacheMode,
+    /// Its slot in the list hakctl reads (`thread::list_current`), + 1; 0: none.
+    pub slot: u32,
 }
 
 impl ThreadCache {
@@ -17,10 +19,11 @@ impl ThreadCache {
         tiny: TinyCache::NEW,
         ace: AceCache::NEW,
         mode: CacheMode::NEW,
+        slot: 0,
     };
 
     /// Whether every field is zero (what `tls` checks of `NEW`).
     pub const fn is_zero(&self) -> bool {
-        self.tiny.is_zero() && self.ace.is_zero() && self.mode.is_zero()
+        self.tiny.is_zero() && self.ace.is_zero() && self.mode.is_zero() && self.slot == 0
     }
 }

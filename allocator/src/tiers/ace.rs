@@ -150,6 +150,16 @@ const NEW_CLASS: SpinLock<AceClass> = SpinLock::new(AceClass {
 });
 static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
 
+/// Where the count of class 0's cache lies in an `AceCache`, how far apart
+/// the classes' are, and where a segment keeps its counts (u32 each): what
+/// hakctl reads (`front::levels`).
+pub const CACHE_COUNT_AT: usize =
+    core::mem::offset_of!(AceCache, classes) + core::mem::offset_of!(ClassCache, count);
+pub const CACHE_STRIDE: usize = core::mem::size_of::<ClassCache>();
+pub const SEG_USED_AT: usize = core::mem::offset_of!(AceSegment, used);
+pub const SEG_CAPACITY_AT: usize = core::mem::offset_of!(AceSegment, capacity);
+pub const SEG_CARVED_AT: usize = core::mem::offset_of!(AceSegment, carved);
+
 /// A thread's ACE part of its state (`thread::ThreadCache`): a cache per class.
 pub struct AceCache {
     classes: [ClassCache; ACE_CLASSES],

@@ -16,6 +16,8 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use hakmem_common::{CacheUser, TakeSource};
 
 const HEADER: usize = 64;
+/// Where a live block's usable bytes lie in its mapping's header (hakctl).
+pub const USABLE_AT: usize = core::mem::offset_of!(LargeHeader, usable);
 /// x86_64's user address space: no request this large can be mapped.
 const USER_SPACE: usize = 1 << 47;
 

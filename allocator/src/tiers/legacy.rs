@@ -13,6 +13,7 @@ use crate::segment::{SegHeader, SegKind};
 use crate::superslab::Block;
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Header area at the start of each legacy segment (keeps blocks 4 KiB-aligned).
 const HEADER_RESERVE: usize = 4096;
@@ -34,6 +35,12 @@ const EMPTY: SpinLock<LegacyClass> = SpinLock::new(LegacyClass {
     end: 0,
 });
 static CLASSES: [SpinLock<LegacyClass>; BINS] = [EMPTY; BINS];
+
+/// Per bin, blocks out of the legacy lists (in thread caches or with the
+/// program): a gauge hakctl reads (`front::levels`). Batches only.
+#[allow(clippy::declare_interior_mutable_const)]
+const NONE_OUT: AtomicU64 = AtomicU64::new(0);
+pub static OUT: [AtomicU64; BINS] = [NONE_OUT; BINS];
 
 /// Whether `p`, a pointer into a legacy segment of `bin`, is where one of
 /// its blocks starts (not in the header, not inside a block).
@@ -72,16 +79,18 @@ pub fn refill(bin: usize, want: u32, head: &mut *mut Block) -> u32 {
         }
     }
     if n > 0 {
+        OUT[bin].fetch_add(n as u64, Ordering::Relaxed);
         probes::legacy_refill(class_of_bin(bin), n);
     }
     n
 }
 
-/// Returns a chain of `bin` blocks (`head` .. `tail`, linked) to the free list.
+/// Returns a chain of `n` blocks of `bin` (`head` .. `tail`, linked) to the free list.
 ///
 /// # Safety
-/// The chain consists of free legacy blocks of `bin`, linked through `next`.
-pub unsafe fn give_back(bin: usize, head: *mut Block, tail: *mut Block) {
+/// The chain consists of `n` free legacy blocks of `bin`, linked through `next`.
+pub unsafe fn give_back(bin: usize, head: *mut Block, tail: *mut Block, n: u32) {
+    OUT[bin].fetch_sub(n as u64, Ordering::Relaxed);
     let mut c = CLASSES[bin].lock();
     // SAFETY: per the contract `tail` is the chain's last block.
     unsafe { Block::set_next(tail, c.free) };
@@ -147,13 +156,13 @@ mod tests {
         // (other tests may refill the bin at the same time: at least some).
         let (first, last) = (blocks[0], blocks[49]);
         // SAFETY: the chain is the 50 free blocks just refilled, in order.
-        unsafe { give_back(bin, first, last) };
+        unsafe { give_back(bin, first, last, 50) };
         let mut again = null_mut();
         assert_eq!(refill(bin, 50, &mut again), 50);
         let again = chain(again);
         assert!(again.iter().any(|b| blocks.contains(b)));
         let (first, last) = (again[0], again[49]);
         // SAFETY: as above.
-        unsafe { give_back(bin, first, last) };
+        unsafe { give_back(bin, first, last, 50) };
     }
 }

@@ -25,7 +25,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU8, Ordering};
 use hakmem_common::CacheUser;
 
 const PARCEL: usize = 256 << 10;
-const PARCELS: usize = CHUNK / PARCEL;
+pub const PARCELS: usize = CHUNK / PARCEL;
 const FULL: u8 = u8::MAX;
 const _: () = assert!(PARCELS == 8);
 /// The chunk's header, in front of the first parcel's block.
@@ -49,6 +49,11 @@ struct Parcels {
     next: AtomicPtr<Parcels>,
     prev: AtomicPtr<Parcels>,
 }
+
+/// Where a parcel chunk keeps its live mask (u8) and its parcels' usable
+/// bytes (u32 each): what hakctl reads (`front::levels`).
+pub const LIVE_AT: usize = core::mem::offset_of!(Parcels, live);
+pub const USABLE_AT: usize = core::mem::offset_of!(Parcels, usable);
 
 /// The header of the parcel chunk at `chunk`.
 fn header(chunk: usize) -> &'static Parcels {

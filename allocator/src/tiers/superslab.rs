@@ -32,7 +32,7 @@ pub const SS_HEADER_RESERVE: usize = 4096;
 /// block and counts it, and one swap gives the owner the list and its exact
 /// length, so the owner can hand the list on without walking it (each block
 /// on it was last written by another core: a miss per step).
-const REMOTE_ADDR_BITS: u32 = 48;
+pub const REMOTE_ADDR_BITS: u32 = 48;
 const REMOTE_ADDR_MASK: u64 = (1 << REMOTE_ADDR_BITS) - 1;
 // The length field holds any slab's capacity.
 const _: () = assert!(SLAB_SIZE / BIN_SIZES[0] < 1 << (64 - REMOTE_ADDR_BITS));
@@ -314,6 +314,9 @@ pub fn slab_of(ptr: usize) -> (*mut SuperSlab, *mut Slab, usize) {
 }
 
 impl Slab {
+    /// Where the remote list's word lies (hakctl reads its length).
+    pub const REMOTE_AT: usize = core::mem::offset_of!(Slab, remote);
+
     /// The SuperSlab this slab belongs to.
     pub fn superslab(&self) -> *mut SuperSlab {
         crate::segment::chunk_of(self as *const _ as usize) as *mut SuperSlab

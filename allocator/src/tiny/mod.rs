@@ -99,6 +99,12 @@ impl BinSlabs {
     };
 }
 
+/// Where the count of blocks in the list of bin 0 lies in a `TinyCache`,
+/// and how far apart the bins' are (hakctl reads them: `front::levels`).
+pub const LIST_COUNT_AT: usize =
+    core::mem::offset_of!(TinyCache, tiny) + core::mem::offset_of!(ClassCache, count);
+pub const LIST_STRIDE: usize = core::mem::size_of::<ClassCache>();
+
 /// A thread's tiny part of its state (`thread::ThreadCache`).
 pub struct TinyCache {
     tiny: [ClassCache; BINS],
@@ -505,7 +511,7 @@ impl TinyCache {
         }
         if !legacy.head.is_null() {
             // SAFETY: the chain holds free legacy blocks of `bin`.
-            unsafe { legacy::give_back(bin, legacy.head, legacy.tail) };
+            unsafe { legacy::give_back(bin, legacy.head, legacy.tail, legacy.len) };
         }
     }
 
@@ -632,12 +638,14 @@ impl TinyCache {
 struct Chain {
     head: *mut Block,
     tail: *mut Block,
+    len: u32,
 }
 
 impl Chain {
     const EMPTY: Chain = Chain {
         head: null_mut(),
         tail: null_mut(),
+        len: 0,
     };
 
     fn push(&mut self, b: *mut Block) {
@@ -647,6 +655,7 @@ impl Chain {
             self.tail = b;
         }
         self.head = b;
+        self.len += 1;
     }
 }
 

@@ -1,0 +1,618 @@
+//! `hakctl mem PID`: where a process's memory is, read from outside while it
+//! runs (`hakmem_common::levels`, docs/levels.md).
+//!
+//! For each copy of hakmem mapped in the process (its `.note.hakmem`), the
+//! layout it points at says where the chunk registry, the thread list and
+//! the gauges are. hakctl reads the registry's used pages, then each
+//! segment's header (SuperSlab slab counts, ACE segment counts, large and
+//! parcel headers), the thread caches' counts and the legacy gauge, through
+//! `/proc/PID/mem`, and the residency of each segment through
+//! `/proc/PID/pagemap`. Nothing in the process stops or changes: figures
+//! read while it allocates are each a moment's value, not one instant's; at
+//! a quiescent point they are exact.
+
+use anyhow::{bail, Context, Result};
+use hakmem_common::levels::{self as lv, LevelsLayout};
+use serde_json::{json, Value};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+type Layout = LevelsLayout<u64>;
+
+/// Reads the target's memory.
+struct Mem {
+    mem: File,
+    pagemap: Option<File>,
+}
+
+impl Mem {
+    fn open(pid: i32) -> Result<Mem> {
+        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                anyhow::anyhow!(
+                    "cannot read /proc/{pid}/mem: permission denied (run hakctl as root, or with CAP_SYS_PTRACE)"
+                )
+            } else {
+                anyhow::anyhow!("cannot read /proc/{pid}/mem: {e}")
+            }
+        })?;
+        let pagemap = File::open(format!("/proc/{pid}/pagemap")).ok();
+        Ok(Mem { mem, pagemap })
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_exact_at(&mut buf, addr)
+            .with_context(|| format!("reading {len} bytes at {addr:#x}"))?;
+        Ok(buf)
+    }
+
+    /// Pages of `addr..addr + len` resident (pagemap's present bit); None
+    /// if pagemap cannot be read.
+    fn resident_pages(&self, addr: u64, len: u64) -> Option<u64> {
+        let f = self.pagemap.as_ref()?;
+        let pages = len.div_ceil(4096) as usize;
+        let mut buf = vec![0u8; pages * 8];
+        f.read_exact_at(&mut buf, addr / 4096 * 8).ok()?;
+        Some(
+            buf.chunks_exact(8)
+                .filter(|e| u64::from_ne_bytes((*e).try_into().unwrap()) >> 63 == 1)
+                .count() as u64,
+        )
+    }
+}
+
+fn u32_at(b: &[u8], at: u32) -> u32 {
+    u32::from_ne_bytes(b[at as usize..at as usize + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: u32) -> u64 {
+    u64::from_ne_bytes(b[at as usize..at as usize + 8].try_into().unwrap())
+}
+
+/// A copy of hakmem in the process and where its layout is.
+struct Copy {
+    path: String,
+    layout: Layout,
+}
+
+/// The `.note.hakmem` notes of an ELF file: (version, layout's link-time address).
+fn levels_notes(data: &[u8]) -> Vec<(u64, u64)> {
+    use object::{Object, ObjectSection};
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    let Some(section) = file.section_by_name(".note.hakmem") else {
+        return Vec::new();
+    };
+    let Ok(d) = section.data() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 12 <= d.len() {
+        let namesz = u32::from_ne_bytes(d[at..at + 4].try_into().unwrap()) as usize;
+        let descsz = u32::from_ne_bytes(d[at + 4..at + 8].try_into().unwrap()) as usize;
+        let kind = u32::from_ne_bytes(d[at + 8..at + 12].try_into().unwrap());
+        let name_at = at + 12;
+        let desc_at = name_at + namesz.next_multiple_of(4);
+        let end = desc_at + descsz.next_multiple_of(4);
+        if end > d.len() {
+            break;
+        }
+        if kind == lv::NOTE_TYPE && &d[name_at..name_at + namesz] == b"hakmem\0" && descsz == 16 {
+            let desc = &d[desc_at..desc_at + 16];
+            out.push((
+                u64::from_ne_bytes(desc[..8].try_into().unwrap()),
+                u64::from_ne_bytes(desc[8..].try_into().unwrap()),
+            ));
+        }
+        at = end;
+    }
+    out
+}
+
+/// Every copy of hakmem in `pid` whose levels hakctl can read.
+fn copies(pid: i32, mem: &Mem) -> Result<Vec<Copy>> {
+    let mut out = Vec::new();
+    for elf in crate::target::mapped_elfs(pid)? {
+        for (version, link_addr) in levels_notes(&elf.data) {
+            if version != lv::VERSION as u64 {
+                bail!(
+                    "{}: its memory levels are version {version}, this hakctl reads version {} (use the hakctl built with that library)",
+                    elf.path,
+                    lv::VERSION
+                );
+            }
+            let addr = elf.load_bias.wrapping_add(link_addr);
+            let size = std::mem::size_of::<Layout>();
+            let bytes = mem.read(addr, size).with_context(|| elf.path.clone())?;
+            // SAFETY: `Layout` is repr(C) of integers and arrays of them: any
+            // bytes are a value; read_unaligned copies them out.
+            let layout: Layout = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if layout.magic != lv::MAGIC || layout.size as usize != size {
+                bail!(
+                    "{}: the memory layout at {addr:#x} is not one this hakctl knows (magic {:?}, size {} not {size})",
+                    elf.path,
+                    layout.magic,
+                    layout.size
+                );
+            }
+            out.push(Copy {
+                path: elf.path.clone(),
+                layout,
+            });
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no hakmem memory levels in process {pid} ({}): no copy of hakmem with a .note.hakmem is mapped in it",
+            crate::target::process_name(pid)
+        );
+    }
+    Ok(out)
+}
+
+#[derive(Default, Clone, Copy)]
+struct BinLevel {
+    /// Blocks out of slabs and legacy lists (thread caches and remote lists included).
+    out: u64,
+    remote: u64,
+    cached: u64,
+    slabs_in_use: u64,
+    slabs_abandoned: u64,
+    slabs_empty: u64,
+    slabs_purged: u64,
+    /// Blocks carved and free in slabs (on the owners' free lists).
+    free_in_slabs: u64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct AceLevel {
+    out: u64,
+    cached: u64,
+    segments: u64,
+    free_segments: u64,
+}
+
+/// Bytes resident by where they are.
+#[derive(Default)]
+struct Resident {
+    superslabs: u64,
+    legacy: u64,
+    ace: u64,
+    large: u64,
+    parcels: u64,
+    cache: u64,
+    registry: u64,
+}
+
+impl Resident {
+    fn total(&self) -> u64 {
+        self.superslabs
+            + self.legacy
+            + self.ace
+            + self.large
+            + self.parcels
+            + self.cache
+            + self.registry
+    }
+}
+
+/// One copy's levels.
+struct Levels {
+    path: String,
+    bins: Vec<(u32, BinLevel)>,
+    ace: Vec<(u32, AceLevel)>,
+    superslabs: u64,
+    legacy_segments: u64,
+    large_blocks: u64,
+    large_usable: u64,
+    large_mapped: u64,
+    parcel_blocks: u64,
+    parcel_usable: u64,
+    cached_mappings: u64,
+    cached_mapped: u64,
+    cached_resident: u64,
+    mapped: u64,
+    threads: u64,
+    resident: Resident,
+    /// Pages that could not be read (a segment that went away meanwhile).
+    unreadable: u64,
+}
+
+impl Levels {
+    fn tiny_in_use(&self, bin: usize) -> u64 {
+        let b = &self.bins[bin].1;
+        b.out.saturating_sub(b.remote + b.cached)
+    }
+
+    fn ace_in_use(&self, class: usize) -> u64 {
+        let a = &self.ace[class].1;
+        a.out.saturating_sub(a.cached)
+    }
+
+    fn tiny_bytes(&self, f: impl Fn(usize) -> u64) -> u64 {
+        (0..self.bins.len())
+            .map(|b| f(b) * self.bins[b].0 as u64)
+            .sum()
+    }
+
+    fn ace_bytes(&self, f: impl Fn(usize) -> u64) -> u64 {
+        (0..self.ace.len())
+            .map(|c| f(c) * self.ace[c].0 as u64)
+            .sum()
+    }
+}
+
+fn read_levels(mem: &Mem, c: &Copy) -> Result<Levels> {
+    let l = &c.layout;
+    let bins = l.bins as usize;
+    let classes = l.ace_classes as usize;
+    let mut lv_bins = vec![BinLevel::default(); bins];
+    let mut lv_ace = vec![AceLevel::default(); classes];
+    let mut out = Levels {
+        path: c.path.clone(),
+        bins: Vec::new(),
+        ace: Vec::new(),
+        superslabs: 0,
+        legacy_segments: 0,
+        large_blocks: 0,
+        large_usable: 0,
+        large_mapped: 0,
+        parcel_blocks: 0,
+        parcel_usable: 0,
+        cached_mappings: 0,
+        cached_mapped: 0,
+        cached_resident: u64_at(&mem.read(l.cached_resident, 8)?, 0),
+        mapped: u64_at(&mem.read(l.mapped, 8)?, 0),
+        threads: 0,
+        resident: Resident::default(),
+        unreadable: 0,
+    };
+    let chunk = 1u64 << l.chunk_shift;
+    let resident = |addr: u64, len: u64| mem.resident_pages(addr, len).unwrap_or(0) * l.page as u64;
+    // The registry's used pages, then each segment it names.
+    let touched = mem.read(l.touched, l.touched_words as usize * 8)?;
+    for (w, word) in touched.chunks_exact(8).enumerate() {
+        let bits = u64::from_ne_bytes(word.try_into().unwrap());
+        for bit in (0..64).filter(|b| bits >> b & 1 == 1) {
+            let page = (w * 64 + bit) as u64;
+            let entries = mem.read(l.registry + page * 4096, 4096)?;
+            out.resident.registry += 4096;
+            for (i, &kind) in entries.iter().enumerate().filter(|e| *e.1 != 0) {
+                let base = (page * 4096 + i as u64) << l.chunk_shift;
+                if read_segment(
+                    mem,
+                    l,
+                    kind,
+                    base,
+                    chunk,
+                    &mut out,
+                    &mut lv_bins,
+                    &mut lv_ace,
+                    &resident,
+                )
+                .is_err()
+                {
+                    out.unreadable += 1;
+                }
+            }
+        }
+    }
+    // Blocks out of the legacy lists.
+    let legacy = mem.read(l.legacy_out, bins * 8)?;
+    for (b, level) in lv_bins.iter_mut().enumerate() {
+        level.out += u64_at(&legacy, b as u32 * 8);
+    }
+    // What the listed thread caches hold.
+    let slots = mem.read(l.threads, l.threads_len as usize * 8)?;
+    for (i, s) in slots.chunks_exact(8).enumerate() {
+        let tc = u64::from_ne_bytes(s.try_into().unwrap());
+        if tc == 0 {
+            continue;
+        }
+        let Ok(cache) = mem.read(tc, l.tc_size as usize) else {
+            continue;
+        };
+        // A thread that left its slot between the two reads: not counted.
+        if u32_at(&cache, l.tc_slot) != i as u32 + 1 {
+            continue;
+        }
+        out.threads += 1;
+        for (b, level) in lv_bins.iter_mut().enumerate() {
+            level.cached += u32_at(&cache, l.tc_tiny_count + b as u32 * l.tc_tiny_stride) as u64;
+        }
+        for (c, level) in lv_ace.iter_mut().enumerate() {
+            level.cached += u32_at(&cache, l.tc_ace_count + c as u32 * l.tc_ace_stride) as u64;
+        }
+    }
+    out.bins = lv_bins
+        .into_iter()
+        .enumerate()
+        .map(|(b, v)| (l.bin_size[b], v))
+        .collect();
+    out.ace = lv_ace
+        .into_iter()
+        .enumerate()
+        .map(|(c, v)| (l.ace_block_size[c], v))
+        .collect();
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_segment(
+    mem: &Mem,
+    l: &Layout,
+    kind: u8,
+    base: u64,
+    chunk: u64,
+    out: &mut Levels,
+    bins: &mut [BinLevel],
+    ace: &mut [AceLevel],
+    resident: &dyn Fn(u64, u64) -> u64,
+) -> Result<()> {
+    match kind {
+        lv::KIND_SUPERSLAB => {
+            let h = mem.read(base, l.ss_header as usize)?;
+            out.superslabs += 1;
+            out.resident.superslabs += resident(base, chunk);
+            for k in 0..l.ss_slab_count {
+                let s = l.ss_slabs + k * l.ss_slab_size;
+                let bin = h[(s + l.slab_bin) as usize] as usize;
+                match h[(s + l.slab_state) as usize] {
+                    lv::SLAB_IN_USE if bin < bins.len() => {
+                        let b = &mut bins[bin];
+                        let used = u32_at(&h, s + l.slab_used) as u64;
+                        b.out += used;
+                        b.remote += u64_at(&h, s + l.slab_remote) >> l.remote_len_shift;
+                        b.free_in_slabs +=
+                            (u32_at(&h, s + l.slab_carved) as u64).saturating_sub(used);
+                        if u64_at(&h, s + l.slab_owner) == l.owner_abandoned {
+                            b.slabs_abandoned += 1;
+                        } else {
+                            b.slabs_in_use += 1;
+                        }
+                    }
+                    lv::SLAB_EMPTY if bin < bins.len() => bins[bin].slabs_empty += 1,
+                    lv::SLAB_PURGED if bin < bins.len() => bins[bin].slabs_purged += 1,
+                    _ => {}
+                }
+            }
+        }
+        lv::KIND_LEGACY => {
+            out.legacy_segments += 1;
+            out.resident.legacy += resident(base, chunk);
+        }
+        lv::KIND_LARGE => {
+            let h = mem.read(base, 64)?;
+            let map = u64_at(&h, l.large_map_size);
+            if h[l.large_live as usize] != 0 {
+                out.large_blocks += 1;
+                out.large_usable += u64_at(&h, l.large_usable);
+                out.large_mapped += map;
+                out.resident.large += resident(base, map);
+            } else {
+                out.cached_mappings += 1;
+                out.cached_mapped += map;
+                out.resident.cache += resident(base, map);
+            }
+        }
+        lv::KIND_PARCEL => {
+            let h = mem.read(base, 128)?;
+            let live = h[l.parcel_live as usize];
+            for p in (0..l.parcels).filter(|p| live >> p & 1 == 1) {
+                out.parcel_blocks += 1;
+                out.parcel_usable += u32_at(&h, l.parcel_usable + p * 4) as u64;
+            }
+            out.resident.parcels += resident(base, chunk);
+        }
+        lv::KIND_LARGE_BODY => {}
+        k if k >= lv::KIND_ACE && ((k - lv::KIND_ACE) as usize) < ace.len() => {
+            let h = mem.read(base, 64)?;
+            let a = &mut ace[(k - lv::KIND_ACE) as usize];
+            let used = u32_at(&h, l.ace_used) as u64;
+            a.out += used;
+            a.segments += 1;
+            if used == 0 {
+                a.free_segments += 1;
+            }
+            out.resident.ace += resident(base, chunk);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The process's resident set (VmRSS), in bytes.
+fn rss(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn levels_json(v: &Levels) -> Value {
+    let tiny_in_use = v.tiny_bytes(|b| v.tiny_in_use(b));
+    let ace_in_use = v.ace_bytes(|c| v.ace_in_use(c));
+    json!({
+        "path": v.path,
+        "threads": v.threads,
+        "mapped_bytes": v.mapped,
+        "in_use_bytes": {
+            "tiny": tiny_in_use,
+            "ace": ace_in_use,
+            "large": v.large_usable,
+            "parcel": v.parcel_usable,
+            "total": tiny_in_use + ace_in_use + v.large_usable + v.parcel_usable,
+        },
+        "thread_cache_bytes": {
+            "tiny": v.tiny_bytes(|b| v.bins[b].1.cached),
+            "ace": v.ace_bytes(|c| v.ace[c].1.cached),
+        },
+        "remote_list_bytes": v.tiny_bytes(|b| v.bins[b].1.remote),
+        "superslabs": v.superslabs,
+        "legacy_segments": v.legacy_segments,
+        "large": {"blocks": v.large_blocks, "usable_bytes": v.large_usable, "mapped_bytes": v.large_mapped},
+        "parcels": {"blocks": v.parcel_blocks, "usable_bytes": v.parcel_usable},
+        "chunk_cache": {"mappings": v.cached_mappings, "mapped_bytes": v.cached_mapped, "resident_bound_bytes": v.cached_resident},
+        "resident_bytes": {
+            "superslabs": v.resident.superslabs,
+            "legacy": v.resident.legacy,
+            "ace": v.resident.ace,
+            "large": v.resident.large,
+            "parcels": v.resident.parcels,
+            "chunk_cache": v.resident.cache,
+            "registry": v.resident.registry,
+            "total": v.resident.total(),
+        },
+        "bins": v.bins.iter().enumerate().map(|(b, (size, l))| json!({
+            "bin": b, "block_size": size, "in_use_blocks": v.tiny_in_use(b),
+            "thread_cache_blocks": l.cached, "remote_blocks": l.remote,
+            "free_in_slabs_blocks": l.free_in_slabs, "slabs_in_use": l.slabs_in_use,
+            "slabs_abandoned": l.slabs_abandoned, "slabs_empty": l.slabs_empty, "slabs_purged": l.slabs_purged,
+        })).collect::<Vec<_>>(),
+        "ace": v.ace.iter().enumerate().map(|(c, (size, a))| json!({
+            "class": c, "block_size": size, "in_use_blocks": v.ace_in_use(c),
+            "thread_cache_blocks": a.cached, "segments": a.segments, "free_segments": a.free_segments,
+        })).collect::<Vec<_>>(),
+        "unreadable_segments": v.unreadable,
+    })
+}
+
+fn print_levels(v: &Levels) {
+    let tiny = v.tiny_bytes(|b| v.tiny_in_use(b));
+    let ace = v.ace_bytes(|c| v.ace_in_use(c));
+    println!(
+        "# {} ({} threads listed, {} mapped from the OS)",
+        v.path,
+        v.threads,
+        mib(v.mapped)
+    );
+    println!(
+        "{:<12} {:>12} {:>14} {:>12}",
+        "TIER", "IN USE", "THREAD CACHES", "RESIDENT"
+    );
+    let cached_tiny = v.tiny_bytes(|b| v.bins[b].1.cached);
+    let cached_ace = v.ace_bytes(|c| v.ace[c].1.cached);
+    let r = &v.resident;
+    let row = |name: &str, used: u64, cached: Option<u64>, res: u64| {
+        let cached = cached.map_or(String::from("-"), mib);
+        println!("{name:<12} {:>12} {cached:>14} {:>12}", mib(used), mib(res));
+    };
+    row("tiny", tiny, Some(cached_tiny), r.superslabs + r.legacy);
+    row("ace", ace, Some(cached_ace), r.ace);
+    row("large", v.large_usable, None, r.large);
+    row("parcels", v.parcel_usable, None, r.parcels);
+    row("chunk cache", 0, None, r.cache);
+    row("registry", 0, None, r.registry);
+    row(
+        "total",
+        tiny + ace + v.large_usable + v.parcel_usable,
+        Some(cached_tiny + cached_ace),
+        r.total(),
+    );
+    println!(
+        "remote lists {}  superslabs {}  legacy segments {}  large blocks {}  parcels {}  cached mappings {} ({})",
+        mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
+        v.superslabs,
+        v.legacy_segments,
+        v.large_blocks,
+        v.parcel_blocks,
+        v.cached_mappings,
+        mib(v.cached_mapped)
+    );
+    println!();
+    println!(
+        "{:>6} {:>11} {:>10} {:>9} {:>8} {:>8}  SLABS use/abandoned/empty/purged",
+        "BIN", "IN USE", "BLOCKS", "CACHED", "REMOTE", "FREE"
+    );
+    for (b, (size, l)) in v.bins.iter().enumerate() {
+        let used = v.tiny_in_use(b);
+        if used + l.cached + l.remote + l.slabs_empty + l.slabs_purged == 0 && l.slabs_in_use == 0 {
+            continue;
+        }
+        println!(
+            "{:>6} {:>11} {:>10} {:>9} {:>8} {:>8}  {}/{}/{}/{}",
+            size,
+            mib(used * *size as u64),
+            used,
+            l.cached,
+            l.remote,
+            l.free_in_slabs,
+            l.slabs_in_use,
+            l.slabs_abandoned,
+            l.slabs_empty,
+            l.slabs_purged
+        );
+    }
+    let ace_rows: Vec<_> = v
+        .ace
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, a))| a.segments > 0)
+        .collect();
+    if !ace_rows.is_empty() {
+        println!();
+        println!(
+            "{:>8} {:>11} {:>10} {:>9}  SEGMENTS (free)",
+            "ACE", "IN USE", "BLOCKS", "CACHED"
+        );
+        for (c, (size, a)) in ace_rows {
+            let used = v.ace_in_use(c);
+            println!(
+                "{:>8} {:>11} {:>10} {:>9}  {} ({})",
+                size,
+                mib(used * *size as u64),
+                used,
+                a.cached,
+                a.segments,
+                a.free_segments
+            );
+        }
+    }
+}
+
+/// `hakctl mem PID [--json]`.
+pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
+    if pid <= 0 || !crate::target::alive(pid) {
+        bail!("no such process: {pid}");
+    }
+    let m = Mem::open(pid)?;
+    let copies = copies(pid, &m)?;
+    let levels: Vec<Levels> = copies
+        .iter()
+        .map(|c| read_levels(&m, c).with_context(|| c.path.clone()))
+        .collect::<Result<_>>()?;
+    let rss = rss(pid).unwrap_or(0);
+    let accounted: u64 = levels.iter().map(|v| v.resident.total()).sum();
+    if json_out {
+        let doc = json!({
+            "pid": pid,
+            "levels_version": lv::VERSION,
+            "rss_bytes": rss,
+            "accounted_resident_bytes": accounted,
+            "unaccounted_bytes": rss.saturating_sub(accounted),
+            "copies": levels.iter().map(levels_json).collect::<Vec<_>>(),
+        });
+        println!("{doc}");
+    } else {
+        println!(
+            "process {pid} ({}): RSS {}, of which hakmem's {} (accounted), the rest {} (unaccounted: program, libraries, stacks)",
+            crate::target::process_name(pid),
+            mib(rss),
+            mib(accounted),
+            mib(rss.saturating_sub(accounted))
+        );
+        for v in &levels {
+            println!();
+            print_levels(v);
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
