@@ -122,6 +122,11 @@ fn report<'a>(
             )
         }),
         target_exited: exited,
+        memory: if exited {
+            None
+        } else {
+            crate::mem::read(s.pid).ok()
+        },
     }
 }
 

@@ -578,8 +578,97 @@ fn print_levels(v: &Levels) {
     }
 }
 
-/// `hakctl mem PID [--json]`.
-pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
+/// A reading of every copy of hakmem in a process.
+pub struct Reading {
+    pid: i32,
+    rss: u64,
+    levels: Vec<Levels>,
+}
+
+impl Reading {
+    fn accounted(&self) -> u64 {
+        self.levels.iter().map(|v| v.resident.total()).sum()
+    }
+
+    fn in_use(&self) -> u64 {
+        self.levels.iter().map(levels_total_in_use).sum()
+    }
+
+    fn cached(&self) -> u64 {
+        self.levels
+            .iter()
+            .map(|v| v.tiny_bytes(|b| v.bins[b].1.cached) + v.ace_bytes(|c| v.ace[c].1.cached))
+            .sum()
+    }
+
+    /// The document `hakctl mem --json` prints, and `watch`'s `memory`.
+    pub fn json(&self) -> Value {
+        let accounted = self.accounted();
+        json!({
+            "pid": self.pid,
+            "levels_version": lv::VERSION,
+            "rss_bytes": self.rss,
+            "accounted_resident_bytes": accounted,
+            "unaccounted_bytes": self.rss.saturating_sub(accounted),
+            "in_use_bytes": self.in_use(),
+            "thread_cache_bytes": self.cached(),
+            "copies": self.levels.iter().map(levels_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// `watch`'s MEMORY lines.
+    pub fn summary(&self) -> String {
+        let accounted = self.accounted();
+        let mut o = format!(
+            "MEMORY  RSS {}  hakmem resident {}  unaccounted {}\n",
+            mib(self.rss),
+            mib(accounted),
+            mib(self.rss.saturating_sub(accounted))
+        );
+        for v in &self.levels {
+            let r = &v.resident;
+            o += &format!(
+                "  in use: tiny {}  ace {}  large {}  parcels {}   thread caches {}  remote lists {}\n",
+                mib(v.tiny_bytes(|b| v.tiny_in_use(b))),
+                mib(v.ace_bytes(|c| v.ace_in_use(c))),
+                mib(v.large_usable),
+                mib(v.parcel_usable),
+                mib(v.tiny_bytes(|b| v.bins[b].1.cached) + v.ace_bytes(|c| v.ace[c].1.cached)),
+                mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
+            );
+            o += &format!(
+                "  resident: superslabs {}  ace {}  large {}  chunk cache {}  other {}   mapped {}\n",
+                mib(r.superslabs),
+                mib(r.ace),
+                mib(r.large),
+                mib(r.cache),
+                mib(r.legacy + r.parcels + r.registry),
+                mib(v.mapped),
+            );
+        }
+        o
+    }
+
+    /// One line's worth for `watch`'s piped output.
+    pub fn short(&self) -> String {
+        format!(
+            "in_use={} cached={} rss={}",
+            mib(self.in_use()).replace(' ', ""),
+            mib(self.cached()).replace(' ', ""),
+            mib(self.rss).replace(' ', "")
+        )
+    }
+}
+
+fn levels_total_in_use(v: &Levels) -> u64 {
+    v.tiny_bytes(|b| v.tiny_in_use(b))
+        + v.ace_bytes(|c| v.ace_in_use(c))
+        + v.large_usable
+        + v.parcel_usable
+}
+
+/// Reads the levels of every copy of hakmem in `pid`.
+pub fn read(pid: i32) -> Result<Reading> {
     if pid <= 0 || !crate::target::alive(pid) {
         bail!("no such process: {pid}");
     }
@@ -589,27 +678,28 @@ pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
         .iter()
         .map(|c| read_levels(&m, c).with_context(|| c.path.clone()))
         .collect::<Result<_>>()?;
-    let rss = rss(pid).unwrap_or(0);
-    let accounted: u64 = levels.iter().map(|v| v.resident.total()).sum();
+    Ok(Reading {
+        pid,
+        rss: rss(pid).unwrap_or(0),
+        levels,
+    })
+}
+
+/// `hakctl mem PID [--json]`.
+pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
+    let reading = read(pid)?;
     if json_out {
-        let doc = json!({
-            "pid": pid,
-            "levels_version": lv::VERSION,
-            "rss_bytes": rss,
-            "accounted_resident_bytes": accounted,
-            "unaccounted_bytes": rss.saturating_sub(accounted),
-            "copies": levels.iter().map(levels_json).collect::<Vec<_>>(),
-        });
-        println!("{doc}");
+        println!("{}", reading.json());
     } else {
+        let accounted = reading.accounted();
         println!(
             "process {pid} ({}): RSS {}, of which hakmem's {} (accounted), the rest {} (unaccounted: program, libraries, stacks)",
             crate::target::process_name(pid),
-            mib(rss),
+            mib(reading.rss),
             mib(accounted),
-            mib(rss.saturating_sub(accounted))
+            mib(reading.rss.saturating_sub(accounted))
         );
-        for v in &levels {
+        for v in &reading.levels {
             println!();
             print_levels(v);
         }

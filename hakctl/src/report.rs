@@ -28,6 +28,8 @@ pub struct Report<'a> {
     /// Counts of the last interval (for rates), and its length in seconds.
     pub interval: Option<(Tally, f64)>,
     pub target_exited: bool,
+    /// The memory levels now (`hakctl mem`), if they could be read.
+    pub memory: Option<crate::mem::Reading>,
 }
 
 /// The tally as JSON: the same document the allocator prints with HAKMEM_STATS=1.
@@ -138,6 +140,7 @@ impl Report<'_> {
                     "stage3": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize + 2])),
                 },
             },
+            "memory": self.memory.as_ref().map(|m| m.json()),
             "cost": {
                 "events": events,
                 "events_per_s": events as f64 / self.elapsed.max(1e-9),
@@ -291,6 +294,9 @@ impl Report<'_> {
                 p.count, p.p50, p.p90, p.p99, p.max
             );
         }
+        if let Some(m) = &self.memory {
+            let _ = write!(o, "\n{}", m.summary());
+        }
         let events: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
         let _ = writeln!(
             o,
@@ -332,12 +338,13 @@ impl Report<'_> {
             None => String::new(),
         };
         format!(
-            "t={:.1}s events/s={:.0} acquires={acquires} stage1={:.1}%{recent} shared_fail={fails} recycled={} ace_fail={}{}",
+            "t={:.1}s events/s={:.0} acquires={acquires} stage1={:.1}%{recent} shared_fail={fails} recycled={} ace_fail={}{}{}",
             self.elapsed,
             rate.unwrap_or(0.0),
             ratio(s1, acquires + fails) * 100.0,
             (0..TINY_CLASSES).map(|c| t.recycle(c, RecycleOutcome::Released)).sum::<u64>(),
             t.probe(ProbeId::AceFail),
+            self.memory.as_ref().map_or(String::new(), |m| format!(" {}", m.short())),
             if self.target_exited { " [target exited]" } else { "" }
         )
     }
@@ -457,6 +464,7 @@ mod tests {
             elapsed: 3.0,
             interval: Some((acquisitions(&[1, 1, 2]), 1.0)),
             target_exited: false,
+            memory: None,
         };
         assert!(line_has(&r, "acquires=53 stage1=3.8% (last 1.0s: 2 of 3) "));
         r.interval = Some((Tally::default(), 1.0));
