@@ -136,8 +136,8 @@ print("ok")
 /// (`examples/plugin`, feature `dynamic-tls`) needs no static TLS: where none
 /// is left, libhakmem.so (initial-exec) cannot load and the plugin can, and
 /// hakmem serves its blocks on every thread.
-#[test]
-fn a_plugin_with_dynamic_tls_loads_where_static_tls_is_full() {
+/// `examples/plugin`, built (release, its own target directory).
+fn plugin() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = root.join("target/plugin");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -149,7 +149,12 @@ fn a_plugin_with_dynamic_tls_loads_where_static_tls_is_full() {
         .status()
         .expect("cargo");
     assert!(built.success(), "building examples/plugin failed");
-    let plugin = target.join("release/libhakmem_plugin_example.so");
+    target.join("release/libhakmem_plugin_example.so")
+}
+
+#[test]
+fn a_plugin_with_dynamic_tls_loads_where_static_tls_is_full() {
+    let plugin = plugin();
     let load = |library: &Path| {
         Command::new(python())
             .args([
@@ -183,6 +188,69 @@ else:
         "4800",
         "the plugin did not load or hakmem did not serve it: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two copies of hakmem in one process (libhakmem.so preloaded, a plugin
+/// with hakmem inside loaded by the program): `hakctl mem` shows both, each
+/// with its own levels.
+#[test]
+fn hakctl_mem_shows_both_copies_of_hakmem_in_one_process() {
+    let plugin = plugin();
+    let hakctl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/hakctl");
+    let mut child = Command::new(python())
+        .args([
+            "-c",
+            r#"
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.plugin_churn.restype = ctypes.c_uint64
+lib.plugin_churn.argtypes = [ctypes.c_uint32]
+print(lib.plugin_churn(1), flush=True)
+sys.stdin.readline()
+"#,
+        ])
+        .arg(&plugin)
+        .env("LD_PRELOAD", lib())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "2400", "the plugin ran");
+    let out = Command::new(&hakctl)
+        .args(["mem", &child.id().to_string(), "--json"])
+        .output()
+        .expect("hakctl");
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = doc["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(
+        paths.iter().any(|p| p.ends_with("libhakmem.so")),
+        "{paths:?}"
+    );
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.ends_with("libhakmem_plugin_example.so")),
+        "{paths:?}"
     );
 }
 

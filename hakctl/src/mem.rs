@@ -89,6 +89,12 @@ fn levels_notes(data: &[u8]) -> Vec<(u64, u64)> {
     let Ok(d) = section.data() else {
         return Vec::new();
     };
+    parse_levels_notes(d)
+}
+
+/// The levels notes in a `.note.hakmem` section's bytes; others, and a
+/// truncated one, are skipped.
+fn parse_levels_notes(d: &[u8]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut at = 0;
     while at + 12 <= d.len() {
@@ -113,18 +119,23 @@ fn levels_notes(data: &[u8]) -> Vec<(u64, u64)> {
     out
 }
 
+/// A clear refusal of a library whose levels this hakctl cannot read.
+fn check_version(path: &str, version: u64) -> Result<()> {
+    if version != lv::VERSION as u64 {
+        bail!(
+            "{path}: its memory levels are version {version}, this hakctl reads version {} (use the hakctl built with that library)",
+            lv::VERSION
+        );
+    }
+    Ok(())
+}
+
 /// Every copy of hakmem in `pid` whose levels hakctl can read.
 fn copies(pid: i32, mem: &Mem) -> Result<Vec<Copy>> {
     let mut out = Vec::new();
     for elf in crate::target::mapped_elfs(pid)? {
         for (version, link_addr) in levels_notes(&elf.data) {
-            if version != lv::VERSION as u64 {
-                bail!(
-                    "{}: its memory levels are version {version}, this hakctl reads version {} (use the hakctl built with that library)",
-                    elf.path,
-                    lv::VERSION
-                );
-            }
+            check_version(&elf.path, version)?;
             let addr = elf.load_bias.wrapping_add(link_addr);
             let size = std::mem::size_of::<Layout>();
             let bytes = mem.read(addr, size).with_context(|| elf.path.clone())?;
@@ -705,4 +716,54 @@ pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(kind: u32, version: u64, addr: u64) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend(7u32.to_ne_bytes());
+        n.extend(16u32.to_ne_bytes());
+        n.extend(kind.to_ne_bytes());
+        n.extend(b"hakmem\0\0");
+        n.extend(version.to_ne_bytes());
+        n.extend(addr.to_ne_bytes());
+        n
+    }
+
+    #[test]
+    fn the_library_in_this_build_carries_a_note_hakctl_reads() {
+        let lib =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
+        let Ok(data) = std::fs::read(&lib) else {
+            return; // Built by `just test` before the tests run; nothing to check without it.
+        };
+        let notes = levels_notes(&data);
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0].0, lv::VERSION as u64);
+        assert!(notes[0].1 != 0);
+    }
+
+    #[test]
+    fn a_library_of_another_levels_version_is_refused_by_name() {
+        let err = check_version("/x/libhakmem.so", lv::VERSION as u64 + 1).unwrap_err();
+        let msg = format!("{err}");
+        assert!(
+            msg.contains("/x/libhakmem.so") && msg.contains("version"),
+            "{msg}"
+        );
+        assert!(check_version("/x", lv::VERSION as u64).is_ok());
+    }
+
+    #[test]
+    fn notes_of_another_type_and_truncated_ones_are_skipped() {
+        let mut d = note(3, 1, 0x1000);
+        d.extend(note(lv::NOTE_TYPE, 1, 0x2000));
+        assert_eq!(parse_levels_notes(&d), [(1, 0x2000)]);
+        for len in 0..d.len() {
+            assert!(parse_levels_notes(&d[..len]).len() <= 1);
+        }
+    }
 }
