@@ -228,6 +228,9 @@ struct Levels {
     cached_resident: u64,
     mapped: u64,
     threads: u64,
+    /// Bytes of segment headers (SuperSlab, ACE, legacy, large, parcel)
+    /// and of the registry's used pages: hakmem's own books.
+    metadata: u64,
     resident: Resident,
     /// Pages that could not be read (a segment that went away meanwhile).
     unreadable: u64,
@@ -279,6 +282,7 @@ fn read_levels(mem: &Mem, c: &Copy) -> Result<Levels> {
         cached_resident: u64_at(&mem.read(l.cached_resident, 8)?, 0),
         mapped: u64_at(&mem.read(l.mapped, 8)?, 0),
         threads: 0,
+        metadata: 0,
         resident: Resident::default(),
         unreadable: 0,
     };
@@ -292,6 +296,7 @@ fn read_levels(mem: &Mem, c: &Copy) -> Result<Levels> {
             let page = (w * 64 + bit) as u64;
             let entries = mem.read(l.registry + page * 4096, 4096)?;
             out.resident.registry += 4096;
+            out.metadata += 4096;
             for (i, &kind) in entries.iter().enumerate().filter(|e| *e.1 != 0) {
                 let base = (page * 4096 + i as u64) << l.chunk_shift;
                 if read_segment(
@@ -368,6 +373,7 @@ fn read_segment(
         lv::KIND_SUPERSLAB => {
             let h = mem.read(base, l.ss_header as usize)?;
             out.superslabs += 1;
+            out.metadata += l.ss_header as u64;
             out.resident.superslabs += resident(base, chunk);
             for k in 0..l.ss_slab_count {
                 let s = l.ss_slabs + k * l.ss_slab_size;
@@ -394,11 +400,13 @@ fn read_segment(
         }
         lv::KIND_LEGACY => {
             out.legacy_segments += 1;
+            out.metadata += l.page as u64;
             out.resident.legacy += resident(base, chunk);
         }
         lv::KIND_LARGE => {
             let h = mem.read(base, 64)?;
             let map = u64_at(&h, l.large_map_size);
+            out.metadata += l.page as u64;
             if h[l.large_live as usize] != 0 {
                 out.large_blocks += 1;
                 out.large_usable += u64_at(&h, l.large_usable);
@@ -412,6 +420,7 @@ fn read_segment(
         }
         lv::KIND_PARCEL => {
             let h = mem.read(base, 128)?;
+            out.metadata += 128;
             let live = h[l.parcel_live as usize];
             for p in (0..l.parcels).filter(|p| live >> p & 1 == 1) {
                 out.parcel_blocks += 1;
@@ -422,6 +431,7 @@ fn read_segment(
         lv::KIND_LARGE_BODY => {}
         k if k >= lv::KIND_ACE && ((k - lv::KIND_ACE) as usize) < ace.len() => {
             let h = mem.read(base, 64)?;
+            out.metadata += l.ace_header as u64;
             let a = &mut ace[(k - lv::KIND_ACE) as usize];
             let used = u32_at(&h, l.ace_used) as u64;
             a.out += used;
@@ -467,6 +477,7 @@ fn levels_json(v: &Levels) -> Value {
             "ace": v.ace_bytes(|c| v.ace[c].1.cached),
         },
         "remote_list_bytes": v.tiny_bytes(|b| v.bins[b].1.remote),
+        "metadata_bytes": v.metadata,
         "superslabs": v.superslabs,
         "legacy_segments": v.legacy_segments,
         "large": {"blocks": v.large_blocks, "usable_bytes": v.large_usable, "mapped_bytes": v.large_mapped},
@@ -529,8 +540,9 @@ fn print_levels(v: &Levels) {
         r.total(),
     );
     println!(
-        "remote lists {}  superslabs {}  legacy segments {}  large blocks {}  parcels {}  cached mappings {} ({})",
+        "remote lists {}  metadata {}  superslabs {}  legacy segments {}\nlarge blocks {}  parcels {}  cached mappings {} ({})",
         mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
+        mib(v.metadata),
         v.superslabs,
         v.legacy_segments,
         v.large_blocks,
@@ -639,22 +651,25 @@ impl Reading {
         for v in &self.levels {
             let r = &v.resident;
             o += &format!(
-                "  in use: tiny {}  ace {}  large {}  parcels {}   thread caches {}  remote lists {}\n",
+                "  in use    tiny {}  ace {}  large {}  parcels {}\n",
                 mib(v.tiny_bytes(|b| v.tiny_in_use(b))),
                 mib(v.ace_bytes(|c| v.ace_in_use(c))),
                 mib(v.large_usable),
                 mib(v.parcel_usable),
-                mib(v.tiny_bytes(|b| v.bins[b].1.cached) + v.ace_bytes(|c| v.ace[c].1.cached)),
-                mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
             );
             o += &format!(
-                "  resident: superslabs {}  ace {}  large {}  chunk cache {}  other {}   mapped {}\n",
+                "  held      thread caches {}  remote lists {}  metadata {}\n",
+                mib(v.tiny_bytes(|b| v.bins[b].1.cached) + v.ace_bytes(|c| v.ace[c].1.cached)),
+                mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
+                mib(v.metadata),
+            );
+            o += &format!(
+                "  resident  slabs {}  ace {}  large {}  cache {}  other {}\n",
                 mib(r.superslabs),
                 mib(r.ace),
                 mib(r.large),
                 mib(r.cache),
                 mib(r.legacy + r.parcels + r.registry),
-                mib(v.mapped),
             );
         }
         o
