@@ -79,11 +79,24 @@ fn check(binary: &Path) {
     let after = mem(pid);
     stdin.write_all(b"done\n").unwrap();
     assert!(child.wait().unwrap().success());
+    // mallinfo2's figures come from the gauges hakctl reads: they agree.
+    let c = &after["copies"][0];
+    let large_mapped = c["large"]["mapped_bytes"].as_u64().unwrap();
+    assert_eq!(
+        held[4],
+        c["mapped_bytes"].as_u64().unwrap() - large_mapped,
+        "arena: {c}"
+    );
+    assert_eq!(
+        held[5],
+        c["large"]["blocks"].as_u64().unwrap(),
+        "hblks: {c}"
+    );
+    assert_eq!(held[6], large_mapped, "hblkhd: {c}");
     for (tier, want) in ["tiny", "ace", "large", "parcel"].iter().zip(&held) {
         let grew = in_use(&after, tier) as i64 - in_use(&before, tier) as i64;
         assert_eq!(grew, *want as i64, "{tier}: hakctl saw {grew} more bytes in use, the workload holds {want}\nbefore {before}\nafter {after}");
     }
-    let c = &after["copies"][0];
     assert_eq!(
         c["threads"].as_u64(),
         Some(4),

@@ -1069,7 +1069,8 @@ fn misuse() {
 /// but the known set:
 /// - prints `ready PID` once every thread is up (the baseline), waits for a line;
 /// - makes the set, prints `held tiny=B ace=B large=B parcel=B` (usable bytes
-///   of the blocks held, by tier), waits for a line, and exits.
+///   of the blocks held, by tier) and mallinfo2's arena, hblks and hblkhd,
+///   waits for a line, and exits.
 fn levels() {
     use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
     const WORKERS: usize = 3;
@@ -1217,10 +1218,11 @@ fn levels() {
     report.clear();
     let held = HELD.each_ref().map(|h| h.load(SeqCst));
     use std::fmt::Write;
+    let f = hakmem::api::heap_figures();
     let _ = writeln!(
         report,
-        "held tiny={} ace={} large={} parcel={}",
-        held[0], held[1], held[2], held[3]
+        "held tiny={} ace={} large={} parcel={} mallinfo_arena={} mallinfo_large_blocks={} mallinfo_large_bytes={}",
+        held[0], held[1], held[2], held[3], f.arena, f.large_blocks, f.large_bytes
     );
     say(&report);
     read_line();

@@ -186,13 +186,9 @@ const EMPTY: Cache = Cache {
 
 static CACHE: SpinLock<Cache> = SpinLock::new(EMPTY);
 
-/// `Cache::bytes`, for hakctl (`front::levels`): read without the lock.
+/// `Cache::bytes`, read without the lock: by hakctl (`front::levels`) and by `mallinfo2` (`api::heap_figures`).
 pub static RESIDENT: AtomicU64 = AtomicU64::new(0);
 
-/// Bytes the cache holds that its mappings' users may have touched.
-pub fn cached_bytes() -> usize {
-    CACHE.lock().bytes
-}
 /// When the oldest cached mapping is due to go back (`now_ns`; `u64::MAX`:
 /// nothing cached). Read without the lock by `decay_if_due`.
 static DUE: AtomicU64 = AtomicU64::new(u64::MAX);

@@ -270,12 +270,16 @@ impl HeapFigures {
     }
 }
 
-/// The figures now. Each is read on its own (no common lock), so they are a
-/// moment's picture, each within a call's worth of its true value.
+/// The figures now, from the gauges `hakctl mem` reads too (docs/levels.md:
+/// bytes mapped, live large blocks, what the chunk cache may hold resident),
+/// so that at a quiescent point the two agree. Each is read on its own (no
+/// common lock), so they are a moment's picture, each within a call's worth
+/// of its true value.
 pub fn heap_figures() -> HeapFigures {
     let (large_blocks, large_bytes) = large::live();
     let arena = os::mapped_bytes().saturating_sub(large_bytes);
-    let free = chunks::cached_bytes() + pool::resident_empty_bytes() + ace::free_segment_bytes();
+    let cached = chunks::RESIDENT.load(core::sync::atomic::Ordering::Relaxed) as usize;
+    let free = cached + pool::resident_empty_bytes() + ace::free_segment_bytes();
     HeapFigures {
         arena,
         free: free.min(arena),
