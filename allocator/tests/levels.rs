@@ -47,9 +47,10 @@ fn in_use(doc: &Value, tier: &str) -> u64 {
         .sum()
 }
 
-fn check(binary: &Path) {
+fn check(binary: &Path, env: &[(&str, &str)]) {
     let mut child = Command::new(binary)
         .arg("levels")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -102,7 +103,10 @@ fn check(binary: &Path) {
         Some(4),
         "main and three live workers listed: {c}"
     );
-    assert!(c["remote_list_bytes"].as_u64().unwrap() >= 50 * 48, "{c}");
+    let legacy = env.contains(&("HAKMEM_TINY_USE_SUPERSLAB", "0"));
+    if !legacy {
+        assert!(c["remote_list_bytes"].as_u64().unwrap() >= 50 * 48, "{c}");
+    }
     assert!(
         c["thread_cache_bytes"]["tiny"].as_u64().unwrap() >= 3 * 100 * 64,
         "{c}"
@@ -121,7 +125,16 @@ fn check(binary: &Path) {
 
 #[test]
 fn hakctl_mem_sees_exactly_what_the_workload_holds() {
-    check(Path::new(env!("CARGO_BIN_EXE_hakmem-scenario")));
+    check(Path::new(env!("CARGO_BIN_EXE_hakmem-scenario")), &[]);
+}
+
+#[test]
+fn hakctl_mem_sees_exactly_what_the_legacy_path_holds() {
+    // Every tiny block from the legacy allocator (its gauge, no slabs).
+    check(
+        Path::new(env!("CARGO_BIN_EXE_hakmem-scenario")),
+        &[("HAKMEM_TINY_USE_SUPERSLAB", "0")],
+    );
 }
 
 #[test]
@@ -137,6 +150,6 @@ fn hakctl_mem_reads_a_stripped_binary_too() {
         !syms.status.success() || syms.stdout.is_empty(),
         "strip -s left symbols"
     );
-    check(&copy);
+    check(&copy, &[]);
     let _ = std::fs::remove_dir_all(&dir);
 }

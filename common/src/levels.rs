@@ -117,4 +117,17 @@ pub struct LevelsLayout<P: Copy> {
     pub seg_class: u32,
     /// Owner ids that are no thread's (an exited thread's slab).
     pub owner_abandoned: u64,
+    /// Every segment starts with a header: this magic (u64) at offset 0 and
+    /// its kind (u32, `KIND_*` but ACE's 3) at `seg_kind`. hakctl checks
+    /// both against the registry's byte before it trusts the header.
+    pub seg_magic: u64,
+    pub seg_kind: u32,
+    pub seg_kind_ace: u32,
 }
+
+/// Bounds a layout's counts and offsets must keep for hakctl to read with
+/// it: a layout past them is refused, never followed.
+pub const MAX_BINS: u32 = 32;
+pub const MAX_ACE_CLASSES: u32 = 48;
+pub const MAX_THREAD_SLOTS: u64 = 1 << 20;
+pub const MAX_HEADER: u32 = 64 << 10;

@@ -51,15 +51,25 @@ impl Mem {
     /// Pages of `addr..addr + len` resident (pagemap's present bit); None
     /// if pagemap cannot be read.
     fn resident_pages(&self, addr: u64, len: u64) -> Option<u64> {
+        // In steps of 2 MiB of the target (a 4 KiB read each), however big
+        // the mapping is.
+        const STEP: u64 = 512;
         let f = self.pagemap.as_ref()?;
-        let pages = len.div_ceil(4096) as usize;
-        let mut buf = vec![0u8; pages * 8];
-        f.read_exact_at(&mut buf, addr / 4096 * 8).ok()?;
-        Some(
-            buf.chunks_exact(8)
-                .filter(|e| u64::from_ne_bytes((*e).try_into().unwrap()) >> 63 == 1)
-                .count() as u64,
-        )
+        let (first, pages) = (addr / 4096, len.div_ceil(4096));
+        let mut buf = [0u8; STEP as usize * 8];
+        let mut resident = 0;
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(STEP) as usize;
+            f.read_exact_at(&mut buf[..n * 8], (first + done) * 8)
+                .ok()?;
+            resident += buf[..n * 8]
+                .chunks_exact(8)
+                .filter(|e| e[7] >> 7 == 1)
+                .count() as u64;
+            done += n as u64;
+        }
+        Some(resident)
     }
 }
 
@@ -72,6 +82,7 @@ fn u64_at(b: &[u8], at: u32) -> u64 {
 }
 
 /// A copy of hakmem in the process and where its layout is.
+#[derive(Clone)]
 struct Copy {
     path: String,
     layout: Layout,
@@ -130,39 +141,120 @@ fn check_version(path: &str, version: u64) -> Result<()> {
     Ok(())
 }
 
-/// Every copy of hakmem in `pid` whose levels hakctl can read.
-fn copies(pid: i32, mem: &Mem) -> Result<Vec<Copy>> {
+/// A copy's layout, read and checked: every count and offset within the
+/// bounds hakctl reads with (`hakmem_common::levels::MAX_*`).
+fn read_layout(mem: &Mem, path: &str, version: u64, addr: u64) -> Result<Layout> {
+    check_version(path, version)?;
+    let size = std::mem::size_of::<Layout>();
+    let bytes = mem.read(addr, size)?;
+    // SAFETY: `Layout` is repr(C) of integers and arrays of them: any
+    // bytes are a value; read_unaligned copies them out.
+    let l: Layout = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if l.magic != lv::MAGIC || l.size as usize != size {
+        bail!(
+            "the memory layout at {addr:#x} is not one this hakctl knows (magic {:?}, size {} not {size})",
+            l.magic,
+            l.size
+        );
+    }
+    if !in_bounds(&l) {
+        bail!("the memory layout at {addr:#x} holds counts or offsets out of bounds: not read");
+    }
+    Ok(l)
+}
+
+/// Whether every count and offset of `l` is within what hakctl reads with.
+fn in_bounds(l: &Layout) -> bool {
+    let within =
+        |at: u32, width: u32, header: u32| at.checked_add(width).is_some_and(|e| e <= header);
+    let ss_slabs_end = l
+        .ss_slab_count
+        .checked_mul(l.ss_slab_size)
+        .and_then(|n| n.checked_add(l.ss_slabs));
+    let slab_fields = [
+        (l.slab_state, 1),
+        (l.slab_bin, 1),
+        (l.slab_capacity, 4),
+        (l.slab_used, 4),
+        (l.slab_carved, 4),
+        (l.slab_remote, 8),
+        (l.slab_owner, 8),
+    ];
+    // The end of the last of `n` u32 counts `stride` apart from `at`.
+    let tc_end = |at: u32, n: u32, stride: u32| {
+        n.saturating_sub(1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(at))
+            .and_then(|x| x.checked_add(4))
+    };
+    l.bins <= lv::MAX_BINS
+        && l.ace_classes <= lv::MAX_ACE_CLASSES
+        && l.threads_len <= lv::MAX_THREAD_SLOTS
+        && l.touched_words <= 1 << 16
+        && (12..=30).contains(&l.chunk_shift)
+        && l.page == 4096
+        && l.parcels <= 8
+        && l.remote_len_shift < 64
+        && l.ss_header <= lv::MAX_HEADER
+        && l.tc_size <= lv::MAX_HEADER
+        && ss_slabs_end.is_some_and(|e| e <= l.ss_header)
+        && slab_fields
+            .iter()
+            .all(|&(at, w)| within(at, w, l.ss_slab_size))
+        && [(l.ace_used, 4), (l.ace_capacity, 4), (l.ace_carved, 4)]
+            .iter()
+            .all(|&(at, w)| within(at, w, 64))
+        && [
+            (l.large_map_size, 8),
+            (l.large_extent, 8),
+            (l.large_live, 1),
+            (l.large_usable, 8),
+        ]
+        .iter()
+        .all(|&(at, w)| within(at, w, 64))
+        && within(l.parcel_live, 1, 128)
+        && within(l.parcel_usable, 4 * l.parcels, 128)
+        && within(l.seg_kind, 4, 64)
+        && within(l.seg_class, 4, 64)
+        && within(l.tc_slot, 4, l.tc_size)
+        && tc_end(l.tc_tiny_count, l.bins, l.tc_tiny_stride).is_some_and(|e| e <= l.tc_size)
+        && tc_end(l.tc_ace_count, l.ace_classes, l.tc_ace_stride).is_some_and(|e| e <= l.tc_size)
+}
+
+/// Every copy of hakmem in `pid` whose levels hakctl can read; the others
+/// are named in the second list with why (a copy of another version, an
+/// object mapped but not loaded).
+fn copies(pid: i32, mem: &Mem) -> Result<(Vec<Copy>, Vec<String>)> {
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for elf in crate::target::mapped_elfs(pid)? {
         for (version, link_addr) in levels_notes(&elf.data) {
-            check_version(&elf.path, version)?;
             let addr = elf.load_bias.wrapping_add(link_addr);
-            let size = std::mem::size_of::<Layout>();
-            let bytes = mem.read(addr, size).with_context(|| elf.path.clone())?;
-            // SAFETY: `Layout` is repr(C) of integers and arrays of them: any
-            // bytes are a value; read_unaligned copies them out.
-            let layout: Layout = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            if layout.magic != lv::MAGIC || layout.size as usize != size {
-                bail!(
-                    "{}: the memory layout at {addr:#x} is not one this hakctl knows (magic {:?}, size {} not {size})",
-                    elf.path,
-                    layout.magic,
-                    layout.size
-                );
+            match read_layout(mem, &elf.path, version, addr) {
+                Ok(layout) => out.push(Copy {
+                    path: elf.path.clone(),
+                    layout,
+                }),
+                Err(e) => skipped.push(format!("{}: {e:#}", elf.path)),
             }
-            out.push(Copy {
-                path: elf.path.clone(),
-                layout,
-            });
         }
     }
     if out.is_empty() {
+        if !crate::target::alive(pid) {
+            bail!("process {pid} exited");
+        }
+        if !skipped.is_empty() {
+            bail!(
+                "no readable hakmem memory levels in process {pid}: {}",
+                skipped.join("; ")
+            );
+        }
         bail!(
             "no hakmem memory levels in process {pid} ({}): no copy of hakmem with a .note.hakmem is mapped in it",
             crate::target::process_name(pid)
         );
     }
-    Ok(out)
+    Ok((out, skipped))
 }
 
 #[derive(Default, Clone, Copy)]
@@ -294,8 +386,9 @@ fn read_levels(mem: &Mem, c: &Copy) -> Result<Levels> {
         let bits = u64::from_ne_bytes(word.try_into().unwrap());
         for bit in (0..64).filter(|b| bits >> b & 1 == 1) {
             let page = (w * 64 + bit) as u64;
-            let entries = mem.read(l.registry + page * 4096, 4096)?;
-            out.resident.registry += 4096;
+            let table_page = l.registry + page * 4096;
+            let entries = mem.read(table_page, 4096)?;
+            out.resident.registry += resident(table_page, 4096);
             out.metadata += 4096;
             for (i, &kind) in entries.iter().enumerate().filter(|e| *e.1 != 0) {
                 let base = (page * 4096 + i as u64) << l.chunk_shift;
@@ -369,6 +462,20 @@ fn read_segment(
     ace: &mut [AceLevel],
     resident: &dyn Fn(u64, u64) -> u64,
 ) -> Result<()> {
+    if kind == lv::KIND_LARGE_BODY {
+        // The rest of a chunk-aligned large block: its header is a chunk before.
+        return Ok(());
+    }
+    // The header must say what the registry byte says: a chunk being handed
+    // from one tier to another (or unmapped and reused) is skipped, never
+    // read as what it no longer is.
+    let seg = mem.read(base, 64)?;
+    let is_ace = kind >= lv::KIND_ACE;
+    let want_kind = if is_ace { l.seg_kind_ace } else { kind as u32 };
+    let class_ok = !is_ace || u32_at(&seg, l.seg_class) == (kind - lv::KIND_ACE) as u32;
+    if u64_at(&seg, 0) != l.seg_magic || u32_at(&seg, l.seg_kind) != want_kind || !class_ok {
+        bail!("segment at {base:#x} changed while read");
+    }
     match kind {
         lv::KIND_SUPERSLAB => {
             let h = mem.read(base, l.ss_header as usize)?;
@@ -404,12 +511,16 @@ fn read_segment(
             out.resident.legacy += resident(base, chunk);
         }
         lv::KIND_LARGE => {
-            let h = mem.read(base, 64)?;
+            let h = seg;
             let map = u64_at(&h, l.large_map_size);
+            let page = l.page as u64;
+            if !(chunk..=1 << 47).contains(&map) || !map.is_multiple_of(page) {
+                bail!("large mapping at {base:#x}: size {map} out of bounds");
+            }
             out.metadata += l.page as u64;
             if h[l.large_live as usize] != 0 {
                 out.large_blocks += 1;
-                out.large_usable += u64_at(&h, l.large_usable);
+                out.large_usable += u64_at(&h, l.large_usable).min(map);
                 out.large_mapped += map;
                 out.resident.large += resident(base, map);
             } else {
@@ -420,17 +531,17 @@ fn read_segment(
         }
         lv::KIND_PARCEL => {
             let h = mem.read(base, 128)?;
+            let parcel = chunk / l.parcels.max(1) as u64;
             out.metadata += 128;
             let live = h[l.parcel_live as usize];
             for p in (0..l.parcels).filter(|p| live >> p & 1 == 1) {
                 out.parcel_blocks += 1;
-                out.parcel_usable += u32_at(&h, l.parcel_usable + p * 4) as u64;
+                out.parcel_usable += (u32_at(&h, l.parcel_usable + p * 4) as u64).min(parcel);
             }
             out.resident.parcels += resident(base, chunk);
         }
-        lv::KIND_LARGE_BODY => {}
         k if k >= lv::KIND_ACE && ((k - lv::KIND_ACE) as usize) < ace.len() => {
-            let h = mem.read(base, 64)?;
+            let h = seg;
             out.metadata += l.ace_header as u64;
             let a = &mut ace[(k - lv::KIND_ACE) as usize];
             let used = u32_at(&h, l.ace_used) as u64;
@@ -606,6 +717,10 @@ pub struct Reading {
     pid: i32,
     rss: u64,
     levels: Vec<Levels>,
+    /// Copies not read, with why.
+    skipped: Vec<String>,
+    /// Whether `/proc/PID/pagemap` could be read (if not, resident figures are 0).
+    pagemap: bool,
 }
 
 impl Reading {
@@ -635,6 +750,8 @@ impl Reading {
             "unaccounted_bytes": self.rss.saturating_sub(accounted),
             "in_use_bytes": self.in_use(),
             "thread_cache_bytes": self.cached(),
+            "pagemap_readable": self.pagemap,
+            "skipped_copies": self.skipped,
             "copies": self.levels.iter().map(levels_json).collect::<Vec<_>>(),
         })
     }
@@ -693,21 +810,44 @@ fn levels_total_in_use(v: &Levels) -> u64 {
         + v.parcel_usable
 }
 
+/// The copies found in a process, kept between the refreshes of `watch`:
+/// its maps and ELF files are read once.
+static FOUND: std::sync::Mutex<Option<Found>> = std::sync::Mutex::new(None);
+
+/// A process, its readable copies, and the ones skipped with why.
+type Found = (i32, Vec<Copy>, Vec<String>);
+
 /// Reads the levels of every copy of hakmem in `pid`.
 pub fn read(pid: i32) -> Result<Reading> {
     if pid <= 0 || !crate::target::alive(pid) {
         bail!("no such process: {pid}");
     }
     let m = Mem::open(pid)?;
-    let copies = copies(pid, &m)?;
-    let levels: Vec<Levels> = copies
+    let mut found = FOUND.lock().unwrap_or_else(|e| e.into_inner());
+    let (copies, skipped) = match &*found {
+        Some((p, c, s)) if *p == pid => (c.clone(), s.clone()),
+        _ => {
+            let (c, s) = copies(pid, &m)?;
+            *found = Some((pid, c.clone(), s.clone()));
+            (c, s)
+        }
+    };
+    drop(found);
+    let levels: Result<Vec<Levels>> = copies
         .iter()
         .map(|c| read_levels(&m, c).with_context(|| c.path.clone()))
-        .collect::<Result<_>>()?;
+        .collect();
+    let levels = match levels {
+        Ok(l) => l,
+        Err(_) if !crate::target::alive(pid) => bail!("process {pid} exited"),
+        Err(e) => return Err(e),
+    };
     Ok(Reading {
         pid,
-        rss: rss(pid).unwrap_or(0),
+        rss: rss(pid).context("cannot read the process's RSS")?,
         levels,
+        skipped,
+        pagemap: m.pagemap.is_some(),
     })
 }
 
@@ -728,6 +868,12 @@ pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
         for v in &reading.levels {
             println!();
             print_levels(v);
+        }
+        for s in &reading.skipped {
+            println!("\nnot read: {s}");
+        }
+        if !reading.pagemap {
+            println!("\n/proc/{pid}/pagemap could not be read: resident figures are 0");
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -759,6 +905,46 @@ mod tests {
         assert_eq!(notes.len(), 1);
         assert_eq!(notes[0].0, lv::VERSION as u64);
         assert!(notes[0].1 != 0);
+    }
+
+    /// The layout as the library file holds it (its pointers unrelocated):
+    /// its counts and offsets are what the process will hold.
+    fn layout_in_file(data: &[u8], link_addr: u64) -> Layout {
+        use object::{Object, ObjectSegment};
+        let file = object::File::parse(data).unwrap();
+        let seg = file
+            .segments()
+            .find(|s| (s.address()..s.address() + s.size()).contains(&link_addr))
+            .unwrap();
+        let at = (seg.file_range().0 + link_addr - seg.address()) as usize;
+        // SAFETY: as in `read_layout`.
+        unsafe { std::ptr::read_unaligned(data[at..].as_ptr().cast()) }
+    }
+
+    #[test]
+    fn the_shipped_layout_is_in_bounds_and_a_corrupt_one_is_not() {
+        let lib =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
+        let Ok(data) = std::fs::read(&lib) else {
+            return; // Built by `just test` before the tests run.
+        };
+        let (_, addr) = levels_notes(&data)[0];
+        let good = layout_in_file(&data, addr);
+        assert_eq!(good.magic, lv::MAGIC);
+        assert!(in_bounds(&good));
+        let corrupt: [fn(&mut Layout); 6] = [
+            |l| l.bins = 1000,
+            |l| l.threads_len = u64::MAX,
+            |l| l.ss_header = u32::MAX,
+            |l| l.slab_used = 62,
+            |l| l.tc_ace_stride = 1 << 20,
+            |l| l.chunk_shift = 64,
+        ];
+        for (i, c) in corrupt.iter().enumerate() {
+            let mut l = good;
+            c(&mut l);
+            assert!(!in_bounds(&l), "corruption {i} passed");
+        }
     }
 
     #[test]

@@ -1210,6 +1210,14 @@ fn levels() {
     }
     // SAFETY: the leaver's thread, joined once.
     unsafe { libc::pthread_join(threads[WORKERS], std::ptr::null_mut()) };
+    // Half the exited thread's 32-byte blocks, freed here: onto its
+    // abandoned slab (reclaimed), or, legacy ones, into this thread's cache.
+    for slot in &HANDED[100..150] {
+        let p = slot.load(SeqCst) as *mut u8;
+        HELD[0].fetch_sub(hakmem::api::usable_size(p), SeqCst);
+        // SAFETY: a block the leaver made and handed over, freed once.
+        unsafe { hakmem::api::free(p) };
+    }
     // Worker 0's blocks, freed here: onto its slab's remote list.
     for slot in &HANDED[..50] {
         // SAFETY: a block worker 0 made and handed over, freed once.

@@ -87,6 +87,9 @@ pub static LAYOUT: Layout = Layout(LevelsLayout {
     parcels: parcel::PARCELS as u32,
     seg_class: offset_of!(SegHeader, class) as u32,
     owner_abandoned: pool::ABANDONED as u64,
+    seg_magic: crate::segment::SEG_MAGIC,
+    seg_kind: offset_of!(SegHeader, kind) as u32,
+    seg_kind_ace: crate::segment::SegKind::Ace as u32,
 });
 
 // The note: not allocated (like `.note.stapsdt`), so its address is the

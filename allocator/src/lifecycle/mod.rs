@@ -92,11 +92,17 @@ pub fn before_overflow() {
 /// strands its cached blocks. Registering can allocate
 /// (pthread_setspecific), so callers hold no reference into the cache.
 pub fn ensure_registered() {
-    if thread::with_cache(|tc| tc.mode.registered) {
+    // (A thread past its exit hook stays unregistered: it keeps nothing.)
+    if thread::with_cache(|tc| tc.mode.registered || tc.exited) {
         return;
     }
     // The hook's key is made at initialisation.
     ensure_init();
+    // Listed first (no allocation): a thread with no slot keeps nothing
+    // cached, as one without its hook, and asks again at its next slow path.
+    if !thread::list_current() {
+        return;
+    }
     thread::with_cache(|tc| {
         // Set before registering, which may allocate and so come back here.
         tc.mode.registered = true;
@@ -105,11 +111,11 @@ pub fn ensure_registered() {
             tc.tiny.set_owner_id(threads::new_owner_id());
         }
     });
-    // Listed too (hakctl counts what the listed caches hold), or, with no
-    // slot left, keeping nothing like a thread without its hook.
-    if !threads::register_current() || !thread::list_current() {
+    if !threads::register_current() {
         // No hook: keep nothing cached (`CacheMode::keeps_nothing`); try
-        // again at the next slow path.
+        // again at the next slow path. (A refill that registering's own
+        // allocation re-entered may have left a batch: the thread stays
+        // listed, so hakctl counts it.)
         thread::with_cache(|tc| tc.mode.registered = false);
     }
 }

@@ -57,6 +57,7 @@ pub(super) extern "C" fn on_thread_exit(_: *mut libc::c_void) {
         tc.tiny.release_all();
         tc.ace.release_thread();
         tc.mode.registered = false;
+        tc.exited = true;
     });
     crate::thread::unlist_current();
 }

@@ -11,6 +11,9 @@ pub struct ThreadCache {
     pub mode: CacheMode,
     /// Its slot in the list hakctl reads (`thread::list_current`), + 1; 0: none.
     pub slot: u32,
+    /// Its exit hook ran: it registers and caches no more (a later
+    /// destructor's frees go straight back), so it takes no slot again.
+    pub exited: bool,
 }
 
 impl ThreadCache {
@@ -20,10 +23,15 @@ impl ThreadCache {
         ace: AceCache::NEW,
         mode: CacheMode::NEW,
         slot: 0,
+        exited: false,
     };
 
     /// Whether every field is zero (what `tls` checks of `NEW`).
     pub const fn is_zero(&self) -> bool {
-        self.tiny.is_zero() && self.ace.is_zero() && self.mode.is_zero() && self.slot == 0
+        self.tiny.is_zero()
+            && self.ace.is_zero()
+            && self.mode.is_zero()
+            && self.slot == 0
+            && !self.exited
     }
 }

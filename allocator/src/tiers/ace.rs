@@ -234,8 +234,9 @@ impl AceCache {
     pub fn refill(&mut self, mode: CacheMode, class: usize, size: usize) -> *mut u8 {
         let check = mode.checks_frees();
         let c = &mut self.classes[class];
-        let want = if check {
-            // Every free checked: the cache keeps nothing (`free_slow`).
+        let want = if check || mode.keeps_nothing() {
+            // Every free checked, or no exit hook or listing: the cache
+            // keeps nothing (`free_slow`).
             1
         } else {
             c.cap = (c.cap() * 2).min(MAX_CAP[class]) as u16;
@@ -302,22 +303,24 @@ impl AceCache {
     #[cold]
     #[inline(never)]
     pub fn free_slow(&mut self, mode: CacheMode, class: usize) -> Option<Flushed> {
-        let check = mode.checks_frees();
+        // Every free checked (a block the cache held would be handed out
+        // again unchecked), or a thread with no exit hook or no slot in the
+        // list hakctl reads (what it held would be stranded at its exit, and
+        // uncounted): the cache holds nothing, and its raw cap stays 0, so
+        // every free comes here.
+        let keep_none = mode.checks_frees() || mode.keeps_nothing();
         let c = &mut self.classes[class];
-        if !check {
+        if !keep_none {
             c.cap = c.cap() as u16;
             if c.count <= c.cap() {
                 return None;
             }
         }
-        // Every free checked: a block the cache held would be handed out
-        // again unchecked, so it holds nothing (the raw cap stays 0, so
-        // every free comes here).
-        if !c.missed_since_flush && !check {
+        if !c.missed_since_flush && !keep_none {
             c.cap = (c.cap() / 2).max(MIN_CAP) as u16;
         }
         c.missed_since_flush = false;
-        let keep = if check { 0 } else { c.cap() / 2 };
+        let keep = if keep_none { 0 } else { c.cap() / 2 };
         let n = c.count - keep;
         let head = c.head;
         let mut last = head;
