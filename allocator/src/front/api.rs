@@ -662,7 +662,11 @@ mod tests {
                     .all(|&b| b == 0x3c));
                 assert!(usable_size(shrunk) >= size / 4);
                 free(shrunk);
-                if grown != shrunk {
+                // The carve-out's ACE block went to this thread's cache: no
+                // other test can hand it out again, so its tag must be gone.
+                // (A large block's chunk goes to the chunk cache, which the
+                // tests running beside this one share: it may be live again.)
+                if grown != shrunk && align < 4096 {
                     assert_eq!(
                         usable_size(grown),
                         0,
