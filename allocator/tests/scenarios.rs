@@ -501,6 +501,12 @@ fn a_double_free_is_caught_on_every_list_the_block_can_sit_on() {
 
 #[test]
 fn without_the_full_checks_a_repeated_free_is_still_caught() {
+    misuse_aborts(
+        "double-free-parcel",
+        40_000,
+        &[],
+        "free(): double free or invalid pointer",
+    );
     for size in MISUSE_SIZES {
         misuse_aborts("double-free-repeated", size, &[], "free(): double free");
     }

@@ -1018,6 +1018,12 @@ fn misuse() {
                 free(a);
                 free(a);
             }
+            // A buffer realloc grew into a parcel, freed twice.
+            "double-free-parcel" => {
+                let a = hakmem::api::realloc(malloc(3000), size.max(40_000));
+                free(a);
+                free(a);
+            }
             // Another thread's block: its free reads the slab's metadata.
             "interior-remote" => {
                 let a = std::thread::spawn(move || malloc(size) as usize)

@@ -309,11 +309,11 @@ mod tests {
         // Not block starts: no block there.
         assert!(!is_live_block(b + 16));
         assert!(!is_live_block(chunk_of(b) + 64));
+        // (Whether a freed parcel is dead, and a second free refused, is
+        // not asked here: the tests beside this one may take the parcel at
+        // once. The misuse scenarios ask it in a process of their own.)
         for &b in &blocks {
             assert!(free(b));
-            assert!(!is_live_block(b), "freed");
-            let is_parcel = registry::kind(b) == SegKind::Parcel as u8;
-            assert!(!(is_parcel && free(b)), "a second free is refused");
         }
     }
 }
