@@ -9,21 +9,14 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
+use common::hakctl;
 use std::process::{Command, Stdio};
 
 /// What the rest of the RSS may be (the scenario binary, libc, stacks).
 const UNACCOUNTED_MAX: u64 = 24 << 20;
-
-fn hakctl() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/hakctl");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo build --release` (or `just test`)",
-        p.display()
-    );
-    p
-}
 
 fn mem(pid: u32) -> Value {
     let out = Command::new(hakctl())

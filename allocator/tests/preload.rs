@@ -197,7 +197,6 @@ else:
 #[test]
 fn hakctl_mem_shows_both_copies_of_hakmem_in_one_process() {
     let plugin = plugin();
-    let hakctl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/hakctl");
     let mut child = Command::new(python())
         .args([
             "-c",
@@ -223,7 +222,7 @@ sys.stdin.readline()
     )
     .unwrap();
     assert_eq!(line.trim(), "2400", "the plugin ran");
-    let out = Command::new(&hakctl)
+    let out = Command::new(common::hakctl())
         .args(["mem", &child.id().to_string(), "--json"])
         .output()
         .expect("hakctl");

@@ -11,6 +11,7 @@
 //! read while it allocates are each a moment's value, not one instant's; at
 //! a quiescent point they are exact.
 
+use crate::report::mib;
 use anyhow::{bail, Context, Result};
 use hakmem_common::levels::{self as lv, LevelsLayout};
 use serde_json::{json, Value};
@@ -107,26 +108,13 @@ fn levels_notes(data: &[u8]) -> Vec<(u64, u64)> {
 /// truncated one, are skipped.
 fn parse_levels_notes(d: &[u8]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
-    let mut at = 0;
-    while at + 12 <= d.len() {
-        let namesz = u32::from_ne_bytes(d[at..at + 4].try_into().unwrap()) as usize;
-        let descsz = u32::from_ne_bytes(d[at + 4..at + 8].try_into().unwrap()) as usize;
-        let kind = u32::from_ne_bytes(d[at + 8..at + 12].try_into().unwrap());
-        let name_at = at + 12;
-        let desc_at = name_at + namesz.next_multiple_of(4);
-        let end = desc_at + descsz.next_multiple_of(4);
-        if end > d.len() {
-            break;
+    // A truncated note ends the walk; the notes before it stand.
+    let _ = crate::stapsdt::each_note(d, |_, kind, owner, desc| {
+        if kind == lv::NOTE_TYPE && owner == b"hakmem\0" && desc.len() == 16 {
+            out.push((u64_at(desc, 0), u64_at(desc, 8)));
         }
-        if kind == lv::NOTE_TYPE && &d[name_at..name_at + namesz] == b"hakmem\0" && descsz == 16 {
-            let desc = &d[desc_at..desc_at + 16];
-            out.push((
-                u64::from_ne_bytes(desc[..8].try_into().unwrap()),
-                u64::from_ne_bytes(desc[8..].try_into().unwrap()),
-            ));
-        }
-        at = end;
-    }
+        Ok(())
+    });
     out
 }
 
@@ -303,6 +291,18 @@ impl Resident {
     }
 }
 
+/// Bytes by where they are, summed over bins and classes.
+struct Totals {
+    tiny: u64,
+    ace: u64,
+    /// Tiny, ACE, large and parcels.
+    in_use: u64,
+    tiny_cached: u64,
+    ace_cached: u64,
+    cached: u64,
+    remote: u64,
+}
+
 /// One copy's levels.
 struct Levels {
     path: String,
@@ -337,6 +337,23 @@ impl Levels {
     fn ace_in_use(&self, class: usize) -> u64 {
         let a = &self.ace[class].1;
         a.out.saturating_sub(a.cached)
+    }
+
+    /// The byte sums every view shows.
+    fn totals(&self) -> Totals {
+        let tiny = self.tiny_bytes(|b| self.tiny_in_use(b));
+        let ace = self.ace_bytes(|c| self.ace_in_use(c));
+        let tiny_cached = self.tiny_bytes(|b| self.bins[b].1.cached);
+        let ace_cached = self.ace_bytes(|c| self.ace[c].1.cached);
+        Totals {
+            tiny,
+            ace,
+            in_use: tiny + ace + self.large_usable + self.parcel_usable,
+            tiny_cached,
+            ace_cached,
+            cached: tiny_cached + ace_cached,
+            remote: self.tiny_bytes(|b| self.bins[b].1.remote),
+        }
     }
 
     fn tiny_bytes(&self, f: impl Fn(usize) -> u64) -> u64 {
@@ -565,29 +582,24 @@ fn rss(pid: i32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
-}
-
 fn levels_json(v: &Levels) -> Value {
-    let tiny_in_use = v.tiny_bytes(|b| v.tiny_in_use(b));
-    let ace_in_use = v.ace_bytes(|c| v.ace_in_use(c));
+    let t = v.totals();
     json!({
         "path": v.path,
         "threads": v.threads,
         "mapped_bytes": v.mapped,
         "in_use_bytes": {
-            "tiny": tiny_in_use,
-            "ace": ace_in_use,
+            "tiny": t.tiny,
+            "ace": t.ace,
             "large": v.large_usable,
             "parcel": v.parcel_usable,
-            "total": tiny_in_use + ace_in_use + v.large_usable + v.parcel_usable,
+            "total": t.in_use,
         },
         "thread_cache_bytes": {
-            "tiny": v.tiny_bytes(|b| v.bins[b].1.cached),
-            "ace": v.ace_bytes(|c| v.ace[c].1.cached),
+            "tiny": t.tiny_cached,
+            "ace": t.ace_cached,
         },
-        "remote_list_bytes": v.tiny_bytes(|b| v.bins[b].1.remote),
+        "remote_list_bytes": t.remote,
         "metadata_bytes": v.metadata,
         "superslabs": v.superslabs,
         "legacy_segments": v.legacy_segments,
@@ -619,8 +631,7 @@ fn levels_json(v: &Levels) -> Value {
 }
 
 fn print_levels(v: &Levels) {
-    let tiny = v.tiny_bytes(|b| v.tiny_in_use(b));
-    let ace = v.ace_bytes(|c| v.ace_in_use(c));
+    let t = v.totals();
     println!(
         "# {} ({} threads listed, {} mapped from the OS)",
         v.path,
@@ -631,28 +642,21 @@ fn print_levels(v: &Levels) {
         "{:<12} {:>12} {:>14} {:>12}",
         "TIER", "IN USE", "THREAD CACHES", "RESIDENT"
     );
-    let cached_tiny = v.tiny_bytes(|b| v.bins[b].1.cached);
-    let cached_ace = v.ace_bytes(|c| v.ace[c].1.cached);
     let r = &v.resident;
     let row = |name: &str, used: u64, cached: Option<u64>, res: u64| {
         let cached = cached.map_or(String::from("-"), mib);
         println!("{name:<12} {:>12} {cached:>14} {:>12}", mib(used), mib(res));
     };
-    row("tiny", tiny, Some(cached_tiny), r.superslabs + r.legacy);
-    row("ace", ace, Some(cached_ace), r.ace);
+    row("tiny", t.tiny, Some(t.tiny_cached), r.superslabs + r.legacy);
+    row("ace", t.ace, Some(t.ace_cached), r.ace);
     row("large", v.large_usable, None, r.large);
     row("parcels", v.parcel_usable, None, r.parcels);
     row("chunk cache", 0, None, r.cache);
     row("registry", 0, None, r.registry);
-    row(
-        "total",
-        tiny + ace + v.large_usable + v.parcel_usable,
-        Some(cached_tiny + cached_ace),
-        r.total(),
-    );
+    row("total", t.in_use, Some(t.cached), r.total());
     println!(
         "remote lists {}  metadata {}  superslabs {}  legacy segments {}\nlarge blocks {}  parcels {}  cached mappings {} ({})",
-        mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
+        mib(t.remote),
         mib(v.metadata),
         v.superslabs,
         v.legacy_segments,
@@ -729,14 +733,11 @@ impl Reading {
     }
 
     fn in_use(&self) -> u64 {
-        self.levels.iter().map(levels_total_in_use).sum()
+        self.levels.iter().map(|v| v.totals().in_use).sum()
     }
 
     fn cached(&self) -> u64 {
-        self.levels
-            .iter()
-            .map(|v| v.tiny_bytes(|b| v.bins[b].1.cached) + v.ace_bytes(|c| v.ace[c].1.cached))
-            .sum()
+        self.levels.iter().map(|v| v.totals().cached).sum()
     }
 
     /// The document `hakctl mem --json` prints, and `watch`'s `memory`.
@@ -766,18 +767,18 @@ impl Reading {
             mib(self.rss.saturating_sub(accounted))
         );
         for v in &self.levels {
-            let r = &v.resident;
+            let (r, t) = (&v.resident, v.totals());
             o += &format!(
                 "  in use    tiny {}  ace {}  large {}  parcels {}\n",
-                mib(v.tiny_bytes(|b| v.tiny_in_use(b))),
-                mib(v.ace_bytes(|c| v.ace_in_use(c))),
+                mib(t.tiny),
+                mib(t.ace),
                 mib(v.large_usable),
                 mib(v.parcel_usable),
             );
             o += &format!(
                 "  held      thread caches {}  remote lists {}  metadata {}\n",
-                mib(v.tiny_bytes(|b| v.bins[b].1.cached) + v.ace_bytes(|c| v.ace[c].1.cached)),
-                mib(v.tiny_bytes(|b| v.bins[b].1.remote)),
+                mib(t.cached),
+                mib(t.remote),
                 mib(v.metadata),
             );
             o += &format!(
@@ -801,13 +802,6 @@ impl Reading {
             mib(self.rss).replace(' ', "")
         )
     }
-}
-
-fn levels_total_in_use(v: &Levels) -> u64 {
-    v.tiny_bytes(|b| v.tiny_in_use(b))
-        + v.ace_bytes(|c| v.ace_in_use(c))
-        + v.large_usable
-        + v.parcel_usable
 }
 
 /// The copies found in a process, kept between the refreshes of `watch`:

@@ -394,7 +394,7 @@ fn os_memory(t: &Tally) -> String {
 }
 
 /// Bytes as MiB, one decimal.
-fn mib(bytes: u64) -> String {
+pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 

@@ -37,6 +37,22 @@ const NT_STAPSDT: u32 = 3;
 /// Parses the contents of a `.note.stapsdt` section.
 pub fn parse_notes(data: &[u8]) -> Result<Vec<RawNote>> {
     let mut notes = Vec::new();
+    each_note(data, |at, ntype, owner, desc| {
+        if ntype == NT_STAPSDT && owner == b"stapsdt\0" {
+            notes.push(parse_desc(desc).with_context(|| format!("note at offset {at}"))?);
+        }
+        Ok(())
+    })?;
+    Ok(notes)
+}
+
+/// Walks the ELF notes of a note section: `visit(offset, type, owner
+/// name with its NUL, descriptor)` for each, in order, until one is
+/// truncated (an error naming it) or `visit` fails.
+pub fn each_note(
+    data: &[u8],
+    mut visit: impl FnMut(usize, u32, &[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
     let mut off = 0usize;
     while off < data.len() {
         let at = off;
@@ -59,12 +75,9 @@ pub fn parse_notes(data: &[u8]) -> Result<Vec<RawNote>> {
         })?;
         let desc = &data[off..desc_end];
         off = align4(desc_end);
-        if ntype != NT_STAPSDT || owner != b"stapsdt\0" {
-            continue;
-        }
-        notes.push(parse_desc(desc).with_context(|| format!("note at offset {at}"))?);
+        visit(at, ntype, owner, desc)?;
     }
-    Ok(notes)
+    Ok(())
 }
 
 fn align4(v: usize) -> usize {

@@ -296,6 +296,10 @@ fn clear_errors_for_bad_targets() {
         hakctl().args(["probes", "2147483000"]).output().unwrap(),
         "no such process",
     );
+    fails_with(
+        hakctl().args(["mem", "2147483000"]).output().unwrap(),
+        "no such process: 2147483000",
+    );
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     fails_with(
         hakctl()
@@ -303,6 +307,13 @@ fn clear_errors_for_bad_targets() {
             .output()
             .unwrap(),
         "no hakmem probes in process",
+    );
+    fails_with(
+        hakctl()
+            .args(["mem", &sleeper.id().to_string(), "--json"])
+            .output()
+            .unwrap(),
+        "no hakmem memory levels in process",
     );
     let _ = sleeper.kill();
     let _ = sleeper.wait();

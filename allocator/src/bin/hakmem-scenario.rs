@@ -1089,9 +1089,10 @@ fn levels() {
     static DONE: AtomicU32 = AtomicU32::new(0);
 
     fn tier(size: usize) -> usize {
+        use hakmem::class::{ACE_MAX, TINY_MAX};
         match size {
-            0..=1024 => 0,
-            1025..=262_144 => 1,
+            0..=TINY_MAX => 0,
+            s if s <= ACE_MAX => 1,
             _ => 2,
         }
     }
