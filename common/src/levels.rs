@@ -23,7 +23,8 @@ pub const MAGIC: [u8; 8] = *b"HAKMEMlv";
 /// This layout's version.
 pub const VERSION: u32 = 1;
 
-/// The registry bytes (see the allocator's `segment`): 0 is not ours.
+/// The registry bytes: 0 is not ours. The allocator's `SegKind` and its
+/// registry bytes are these (`segment`), so the two cannot disagree.
 pub const KIND_SUPERSLAB: u8 = 1;
 pub const KIND_LEGACY: u8 = 2;
 pub const KIND_LARGE: u8 = 4;

@@ -6,19 +6,21 @@
 //! so `ptr & !(2 MiB - 1)` finds the header once the registry has vouched for it.
 
 use crate::registry;
+// The registry bytes are defined once, where hakctl reads them too.
 pub use crate::registry::CHUNK;
+use hakmem_common::levels as lv;
 
 pub const SEG_MAGIC: u64 = u64::from_le_bytes(*b"HAKMEMsg");
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SegKind {
-    SuperSlab = 1,
-    Legacy = 2,
+    SuperSlab = lv::KIND_SUPERSLAB as u32,
+    Legacy = lv::KIND_LEGACY as u32,
     Ace = 3,
-    Large = 4,
+    Large = lv::KIND_LARGE as u32,
     /// Eight realloc-grown buffers (see `parcel`).
-    Parcel = 5,
+    Parcel = lv::KIND_PARCEL as u32,
 }
 
 #[repr(C)]
@@ -61,7 +63,7 @@ pub fn kind_of(ptr: usize) -> u8 {
 /// An ACE free learns its class from the byte the registry read anyway, with
 /// no read of the segment header: every header sits at a 2 MiB-aligned
 /// address, so the headers of all classes compete for the same cache sets.
-pub const ACE_BYTE: u8 = 16;
+pub const ACE_BYTE: u8 = lv::KIND_ACE;
 const _: () = assert!(ACE_BYTE as usize + crate::class::ACE_CLASSES <= 256);
 
 /// The registry byte for an ACE segment of `class`.
@@ -81,7 +83,7 @@ pub fn ace_class_of(byte: u8) -> Option<usize> {
 /// The registry byte of the chunk where a large block aligned to a chunk or
 /// more starts: that chunk is all user block, so its header sits in the chunk
 /// before (see `large::alloc`). Not a `SegKind`: no header says it.
-pub const LARGE_BODY_BYTE: u8 = 6;
+pub const LARGE_BODY_BYTE: u8 = lv::KIND_LARGE_BODY;
 
 /// The segment header for `ptr`, or None if `ptr` is not inside a hakmem
 /// segment (tests; `free` and its kin classify with `front::place`).

@@ -18,8 +18,10 @@ use crate::class::{is_colored, is_multiple_of_bin, BINS, BIN_SIZES};
 use crate::hardening;
 use crate::registry::CHUNK;
 use crate::segment::{SegHeader, SegKind};
+// The states are defined once, where hakctl reads them too.
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use hakmem_common::levels as lv;
 
 pub const SS_SIZE: usize = CHUNK;
 pub const SLAB_SHIFT: u32 = 16;
@@ -132,13 +134,13 @@ fn corrupted_list(b: usize) -> ! {
 pub enum SlabState {
     /// Never claimed (Stage 2 material); the zero of a fresh mapping.
     #[allow(dead_code)]
-    Fresh = 0,
+    Fresh = lv::SLAB_FRESH,
     /// Owned by a thread (or abandoned by an exited one, `pool::ABANDONED`), serving a class.
-    InUse = 1,
+    InUse = lv::SLAB_IN_USE,
     /// On the shared pool's list of resident EMPTY slabs (Stage 1 material).
-    Empty = 2,
+    Empty = lv::SLAB_EMPTY,
     /// EMPTY for the purge delay, its pages given back (see `empty_slabs`).
-    Purged = 3,
+    Purged = lv::SLAB_PURGED,
 }
 
 /// One cache line per slab: slabs of one SuperSlab are owned by different
