@@ -86,6 +86,9 @@ fn u64_at(b: &[u8], at: u32) -> u64 {
 #[derive(Clone)]
 struct Copy {
     path: String,
+    /// Where its object's first mapping starts: a copy still mapped there is
+    /// the same (an exec or a reload maps it elsewhere, or not at all).
+    start: u64,
     layout: Layout,
 }
 
@@ -221,6 +224,7 @@ fn copies(pid: i32, mem: &Mem) -> Result<(Vec<Copy>, Vec<String>)> {
             match read_layout(mem, &elf.path, version, addr) {
                 Ok(layout) => out.push(Copy {
                     path: elf.path.clone(),
+                    start: elf.start,
                     layout,
                 }),
                 Err(e) => skipped.push(format!("{}: {e:#}", elf.path)),
@@ -805,7 +809,8 @@ impl Reading {
 }
 
 /// The copies found in a process, kept between the refreshes of `watch`:
-/// its maps and ELF files are read once.
+/// its ELF files are read again only when a copy is no longer mapped where
+/// it was (`hakctl run` follows a process across its execs).
 static FOUND: std::sync::Mutex<Option<Found>> = std::sync::Mutex::new(None);
 
 /// A process, its readable copies, and the ones skipped with why.
@@ -818,8 +823,13 @@ pub fn read(pid: i32) -> Result<Reading> {
     }
     let m = Mem::open(pid)?;
     let mut found = FOUND.lock().unwrap_or_else(|e| e.into_inner());
+    let still_mapped = |c: &[Copy]| {
+        let files = crate::target::mapped_files(pid).unwrap_or_default();
+        c.iter()
+            .all(|c| files.get(&c.path).map(|f| f.0) == Some(c.start))
+    };
     let (copies, skipped) = match &*found {
-        Some((p, c, s)) if *p == pid => (c.clone(), s.clone()),
+        Some((p, c, s)) if *p == pid && still_mapped(c) => (c.clone(), s.clone()),
         _ => {
             let (c, s) = copies(pid, &m)?;
             *found = Some((pid, c.clone(), s.clone()));

@@ -55,10 +55,13 @@ pub struct MappedElf {
     pub attach_path: PathBuf,
     pub data: Vec<u8>,
     pub load_bias: u64,
+    /// Where its first mapping starts (`mapped_files`).
+    pub start: u64,
 }
 
-/// The ELF files mapped in `pid` (`/proc/PID/maps`).
-pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
+/// The files mapped in `pid` (`/proc/PID/maps`): path -> (lowest start of
+/// a mapping at file offset 0, its end).
+pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
     if pid <= 0 || !alive(pid) {
         bail!("no such process: {pid}");
     }
@@ -72,7 +75,6 @@ pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
             anyhow::anyhow!("cannot read {maps_path}: {e}")
         }
     })?;
-    // path -> (lowest start with file offset 0, end of that mapping)
     let mut files: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for line in maps.lines() {
         let mut f = line.split_whitespace();
@@ -106,6 +108,12 @@ pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
                 .or_insert((start, end));
         }
     }
+    Ok(files)
+}
+
+/// The ELF files mapped in `pid`.
+pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
+    let files = mapped_files(pid)?;
     let mut out = Vec::new();
     for (path, (start, end)) in files {
         // map_files names the mapped inode even if the path was replaced since.
@@ -128,6 +136,7 @@ pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
             attach_path,
             data,
             load_bias,
+            start,
         });
     }
     Ok(out)

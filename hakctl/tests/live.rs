@@ -246,9 +246,9 @@ fn run_preloads_and_watches_from_the_first_allocation() {
             "--interval",
             "0.5",
             "--",
-            "python3",
+            "sh",
             "-c",
-            "x = [bytes(i % 900) for i in range(200000)]",
+            "sleep 1.2; exec python3 -c 'import time; x = [bytes(i % 900) for i in range(200000)]; time.sleep(1.2)'",
         ])
         .output()
         .unwrap();
@@ -270,6 +270,18 @@ fn run_preloads_and_watches_from_the_first_allocation() {
     assert!(
         last["counts"]["probes"]["ss_map"].as_u64().unwrap() >= 1,
         "{last}"
+    );
+    // The memory levels follow the process across its execs (the shell's,
+    // read at a refresh, then the interpreter's): read from the new image's
+    // hakmem, not at the shell's addresses.
+    let in_use: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|d| d["memory"]["in_use_bytes"].as_u64())
+        .collect();
+    assert!(
+        in_use.iter().any(|&b| b > 1 << 20),
+        "no refresh read the interpreter's memory: {in_use:?}"
     );
 }
 
