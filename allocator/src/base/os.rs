@@ -208,6 +208,36 @@ pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
     true
 }
 
+/// Moves the pages of the mapping `from`/`bytes` to the start of the mapping
+/// at `to` (at least `bytes` long), replacing what was there: its resident
+/// pages come along without a copy or a fault (mremap moves page-table
+/// entries). `from..from + bytes` is unmapped after. False if the kernel
+/// refused; then both mappings are as they were.
+///
+/// # Safety
+/// Both are live mappings made by this layer, nobody uses them, and they do
+/// not overlap.
+pub unsafe fn move_mapping(from: *mut u8, bytes: usize, to: *mut u8) -> bool {
+    // SAFETY: per the contract; MREMAP_FIXED replaces only `to..to + bytes`,
+    // which is ours and unused.
+    let (r, _) = errno::keep(|| unsafe {
+        libc::mremap(
+            from.cast(),
+            bytes,
+            bytes,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to.cast::<libc::c_void>(),
+        )
+    });
+    if r == libc::MAP_FAILED {
+        return false;
+    }
+    // `to`'s pages it replaced were charged already: the moved mapping's are
+    // no longer mapped twice.
+    MAPPED.fetch_sub(bytes, Ordering::Relaxed);
+    true
+}
+
 /// Returns a mapping made by `map_aligned` or `map_chunk` to the OS.
 ///
 /// # Safety

@@ -34,8 +34,9 @@ struct LargeHeader {
 
 /// Live large blocks and the bytes of their mappings (`mallinfo`'s hblks and
 /// hblkhd). Slow paths only: a large call maps or takes a mapping anyway.
+/// (The bytes are `chunks::LARGE_LIVE_BYTES`: the cache's reserve grows with them.)
 static LIVE_BLOCKS: AtomicUsize = AtomicUsize::new(0);
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+use chunks::LARGE_LIVE_BYTES as LIVE_BYTES;
 
 /// Live large blocks and the bytes mapped for them.
 pub fn live() -> (usize, usize) {
@@ -76,7 +77,8 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
     };
     let map = if total <= CHUNK { CHUNK } else { total };
     // Its own statement: the guard must be dropped before `flush_cache` locks again.
-    let cached = chunks::take(map, total);
+    let cached = chunks::take(map, total)
+        .or_else(|| (map > CHUNK).then(|| chunks::take_moved(map)).flatten());
     let (base, fresh) = match cached {
         Some(base) => (base, false),
         None => {
