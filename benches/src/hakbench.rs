@@ -249,6 +249,121 @@ fn kept_rounds(rounds: u64, per_round: usize, lo: usize, hi: usize) -> u64 {
     rounds * per_round as u64 * 2
 }
 
+/// Phases that each fill and free `per_phase` blocks of one size range, the
+/// ranges going round the tiny classes in a shifting order (16-32 B, then
+/// 257-512 B, ...): the slabs one phase leaves EMPTY are what the next
+/// needs for another class (Stage 1 of the shared pool). Each phase frees
+/// its blocks in the order made, checking them.
+fn phases(phases: u64, per_phase: usize) -> u64 {
+    const RANGES: [(usize, usize); 8] = [
+        (16, 32),
+        (257, 512),
+        (33, 64),
+        (513, 1024),
+        (65, 128),
+        (129, 256),
+        (17, 24),
+        (800, 1024),
+    ];
+    let mut rng = Rng(0xf00d);
+    let mut live: Vec<(*mut u8, usize)> = Vec::with_capacity(per_phase);
+    for p in 0..phases {
+        let (lo, hi) = RANGES[p as usize % RANGES.len()];
+        for _ in 0..per_phase {
+            let size = rng.range(lo, hi);
+            let q = malloc(size);
+            touch(q, size, p as u8);
+            live.push((q, size));
+        }
+        for (q, size) in live.drain(..) {
+            check(q, size, p as u8);
+            free(q);
+        }
+    }
+    phases * per_phase as u64 * 2
+}
+
+/// Big zero-initialised buffers replaced at random, as `std::make_unique<char[]>(n)`
+/// makes them (operator new, then every byte written with zero): `slots`
+/// buffers of `lo..=hi` bytes; each new buffer is made before the one it
+/// replaces is freed.
+fn zeroed_buffers(replacements: u64, slots: usize, lo: usize, hi: usize) -> u64 {
+    let mut table: Vec<*mut u8> = vec![std::ptr::null_mut(); slots];
+    let mut rng = Rng(0xb16);
+    for r in 0..replacements {
+        let slot = rng.next() as usize % slots;
+        let size = rng.range(lo, hi);
+        let p = malloc(size);
+        // SAFETY: p has size bytes.
+        unsafe { std::ptr::write_bytes(p, 0, size) };
+        touch(p, size, r as u8);
+        if !table[slot].is_null() {
+            free(table[slot]);
+        }
+        table[slot] = p;
+    }
+    for p in table.into_iter().filter(|p| !p.is_null()) {
+        free(p);
+    }
+    replacements
+}
+
+/// glibc's bench-malloc-thread's shape: each thread frees and remakes a random
+/// slot of its working set of 1024, sizes 4..32768 drawn with an
+/// inverse-square distribution (most are small), every byte written.
+fn working_set_threads(nthreads: usize, iters: u64) -> u64 {
+    threads(nthreads, move |t| {
+        const SLOTS: usize = 1024;
+        let mut rng = Rng(0x88 + t as u64);
+        let mut set: Vec<*mut u8> = vec![std::ptr::null_mut(); SLOTS];
+        let (min, max) = (4f64, 32768f64);
+        for _ in 0..iters {
+            let slot = rng.next() as usize % SLOTS;
+            // Inverse square: the inverse of the CDF of x^-2 on [min, max].
+            let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+            let size = (1.0 / (1.0 / min - u * (1.0 / min - 1.0 / max))) as usize;
+            free(set[slot]);
+            let p = malloc(size);
+            // SAFETY: p has size bytes.
+            unsafe { std::ptr::write_bytes(p, slot as u8, size) };
+            set[slot] = p;
+        }
+        for p in set {
+            free(p);
+        }
+        iters * 2
+    })
+}
+
+/// glibc's bench-malloc-simple's shape: rounds of `n` blocks of one size made
+/// (every byte written), the first half freed in the order made and the
+/// second half in reverse, for n in 25, 100, 400, 1600 and sizes 16, 32, 64.
+fn simple_rounds(blocks: u64) -> u64 {
+    let mut arr: Vec<*mut u8> = Vec::with_capacity(1600);
+    let mut ops = 0;
+    for size in [16, 32, 64] {
+        for n in [25usize, 100, 400, 1600] {
+            for _ in 0..blocks / n as u64 {
+                for _ in 0..n {
+                    let p = malloc(size);
+                    // SAFETY: p has size bytes.
+                    unsafe { std::ptr::write_bytes(p, n as u8, size) };
+                    arr.push(p);
+                }
+                for &p in &arr[..n / 2] {
+                    free(p);
+                }
+                for &p in arr[n / 2..].iter().rev() {
+                    free(p);
+                }
+                arr.clear();
+                ops += 2 * n as u64;
+            }
+        }
+    }
+    ops
+}
+
 /// Many threads (4x the cores here), sizes across tiny, mid and large, blocks
 /// handed between threads, every block's contents checked before its free.
 fn stress(nthreads: usize, rounds: u64) -> u64 {
@@ -310,6 +425,10 @@ fn main() {
         "large" => kept_rounds(n(10), 1000, 256 * 1024, 2 << 20),
         "kept" => kept_rounds(1, n(3_000_000) as usize, 16, 128),
         "stress" => stress(8, n(200_000)),
+        "phases" => phases(n(64), 100_000),
+        "large-zeroed" => zeroed_buffers(n(400), 20, 5 << 20, 25 << 20),
+        "working-set-2t" => working_set_threads(2, n(25_000_000)),
+        "simple" => simple_rounds(n(2_000_000)),
         _ => {
             eprintln!("usage: hakbench {} [SCALE]", WORKLOADS.join("|"));
             std::process::exit(2);

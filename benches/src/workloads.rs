@@ -30,4 +30,8 @@ pub const WORKLOADS: &[&str] = &[
     "realloc-kept",
     "kept",
     "stress",
+    "phases",
+    "large-zeroed",
+    "working-set-2t",
+    "simple",
 ];

@@ -305,10 +305,11 @@ fn rss_kib() -> u64 {
     pages * 4
 }
 
-/// Two bursts of 60k 512-byte blocks (about 15 SuperSlabs each), each
-/// freed whole: EMPTY SuperSlabs beyond the hysteresis are retired to the
-/// chunk cache, the second burst's SuperSlabs come from there, and once the
-/// cache's reserve has gone unused for its second, RSS falls. Prints RSS
+/// Two bursts of 60k 512-byte blocks (about 15 SuperSlabs), each freed
+/// whole: the second burst takes the first's EMPTY slabs (Stage 1); once
+/// they have been unused for the purge delay and the reserve's second, their
+/// pages go back, the SuperSlabs beyond the hysteresis are retired to the
+/// chunk cache, and RSS falls. Prints RSS
 /// before, at the first peak, at once after the second burst's frees
 /// (`freed`) and after the idle second (`after`).
 fn burst() {
@@ -720,6 +721,11 @@ fn oom() {
             .parse()
             .unwrap();
         status.clear();
+        // The stack grows into the address space too: were it to grow past
+        // the limit, the process would die of SIGSEGV whatever the
+        // allocator does (1 run in 10 died so in `flush_refused`'s frame,
+        // as ASLR placed the stack). Its pages are made now, before.
+        grow_stack();
         let limit = (vm + 96 * 1024) * 1024;
         let rl = libc::rlimit {
             rlim_cur: limit,
@@ -752,6 +758,14 @@ fn oom() {
         }
         hakmem::api::free(keep);
     }
+}
+
+/// Touches 256 KiB of stack below the caller, so that the calls after it
+/// need no new stack pages.
+#[inline(never)]
+fn grow_stack() {
+    let mut pad = [0u8; 256 << 10];
+    std::hint::black_box(&mut pad);
 }
 
 /// A double free: aborts with a message, or is logged and ignored with HAKMEM_INVALID_FREE=ignore.
@@ -865,7 +879,7 @@ fn race_hook(point: hakmem::test_hooks::Point, _slab: usize) {
 /// is abandoned with those blocks out, the only slab in use in its
 /// SuperSlab. This thread frees the first kept block, pausing at `point`
 /// while a helper frees the others (see `race_hook`). Run with
-/// `HAKMEM_SS_KEEP=0`, so that a SuperSlab whose slabs are all EMPTY is
+/// `HAKMEM_SS_KEEP=0 HAKMEM_PURGE_DELAY_MS=0`, so that a SuperSlab whose slabs are all EMPTY is
 /// retired at once.
 fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
     use std::sync::atomic::Ordering;
