@@ -161,7 +161,10 @@ fn a_freed_burst_of_superslabs_serves_the_next_burst_from_stage_1_then_goes_back
     );
     // Their pages went back as EMPTY slabs (purged) or as chunks (idle).
     let returned = &cache["returned_bytes"];
-    assert!(n(&returned["slabs"]) + n(&returned["idle"]) >= 20 << 20, "{t}");
+    assert!(
+        n(&returned["slabs"]) + n(&returned["idle"]) >= 20 << 20,
+        "{t}"
+    );
 }
 
 #[test]
