@@ -14,7 +14,7 @@ use std::time::Instant;
 
 mod real;
 mod workloads;
-use real::{Job, REAL_WORKLOADS};
+use real::{Job, Timing, REAL_WORKLOADS};
 use workloads::WORKLOADS;
 const PEERS: &[(&str, &str)] = &[
     ("jemalloc", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
@@ -30,21 +30,15 @@ struct Run {
     rss_kib: u64,
 }
 
-/// How a run's time is read.
-#[derive(Clone, Copy)]
-enum Timing {
-    /// hakbench's own `time=` (its workload alone, without start-up).
-    Reported,
-    /// From start to exit, measured here (a real program).
-    Wall,
-}
-
-fn run_one(
-    workload: &str,
-    mut cmd: Command,
-    timing: Timing,
-    preload: Option<&Path>,
-) -> Result<Run, String> {
+fn run_one(job: &Job, preload: Option<&Path>) -> Result<Run, String> {
+    let workload = job.name;
+    let mut cmd = Command::new(&job.program);
+    cmd.args(&job.args);
+    if let Some(file) = &job.stdin {
+        let f = std::fs::File::open(file)
+            .map_err(|e| format!("cannot open {} ({workload}): {e}", file.display()))?;
+        cmd.stdin(f);
+    }
     cmd.stdout(std::process::Stdio::piped());
     match preload {
         Some(lib) => cmd.env("LD_PRELOAD", lib),
@@ -69,8 +63,15 @@ fn run_one(
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(format!("{workload} failed (status {status:#x}): {text}"));
     }
-    let secs = match timing {
+    let secs = match job.timing {
         Timing::Wall => wall,
+        Timing::PerIterations => text
+            .split_whitespace()
+            .zip(text.split_whitespace().skip(1))
+            .find_map(|(n, word)| (word == "iterations").then(|| n.parse::<f64>().ok()))
+            .flatten()
+            .map(|n| 1e8 / n)
+            .ok_or_else(|| format!("no iterations in {text:?}"))?,
         Timing::Reported => text
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix("time="))
@@ -116,6 +117,15 @@ struct Args {
     /// installed). Writes DIR/real.{md,csv,svg}.
     #[arg(long)]
     real: bool,
+    /// mimalloc-bench's programs instead of hakbench's workloads, built in
+    /// DIR/build from the sources in DIR/bench (`benches/collection.sh`
+    /// fetches and builds them outside the repository), and
+    /// bench_random_mixed. Writes collection.{md,csv,svg}.
+    #[arg(long, value_name = "DIR", conflicts_with = "real")]
+    collection: Option<PathBuf>,
+    /// The thread count of the collection's N-thread programs.
+    #[arg(long, default_value_t = 2)]
+    procs: usize,
     /// Runs every workload on this CPU alone (the runner pins itself; its
     /// children inherit it). Less noise on a shared machine; threaded
     /// workloads then share one core.
@@ -156,6 +166,8 @@ fn main() {
         out,
         only,
         real,
+        collection,
+        procs,
         pin,
     } = clap::Parser::parse();
     if let Some(cpu) = pin {
@@ -164,7 +176,18 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let known = if real { REAL_WORKLOADS } else { WORKLOADS };
+    let collection_names: Vec<&str> = real::COLLECTION
+        .iter()
+        .map(|c| c.0)
+        .chain(["random-mixed", "random-mixed-64k"])
+        .collect();
+    let known: &[&str] = if real {
+        REAL_WORKLOADS
+    } else if collection.is_some() {
+        &collection_names
+    } else {
+        WORKLOADS
+    };
     if let Some(bad) = only.iter().flatten().find(|w| !known.contains(&w.as_str())) {
         eprintln!(
             "bench-suite: no workload {bad:?}{}; the workloads are {}",
@@ -179,13 +202,13 @@ fn main() {
         eprintln!("bench-suite: cannot create {}: {e}", out.display());
         std::process::exit(2);
     }
-    let dir = std::env::current_exe()
+    let dir_of_exe = std::env::current_exe()
         .expect("own path")
         .parent()
         .expect("target dir")
         .to_path_buf();
-    let bench = dir.join("hakbench");
-    let hakmem = dir.join("libhakmem.so");
+    let bench = dir_of_exe.join("hakbench");
+    let hakmem = dir_of_exe.join("libhakmem.so");
     if !hakmem.exists() {
         eprintln!(
             "bench-suite: {} is missing: cargo build --release",
@@ -203,20 +226,28 @@ fn main() {
         }
     }
     let wanted = |w: &Job| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w.name));
-    let (jobs, timing): (Vec<Job>, _) = if real {
+    let jobs: Vec<Job> = if real {
         let found = real::prepare(&out.join("real-inputs"), scale).unwrap_or_else(|e| {
             eprintln!("bench-suite: {e}");
             std::process::exit(1)
         });
-        (found.into_iter().filter(wanted).collect(), Timing::Wall)
+        found.into_iter().filter(wanted).collect()
+    } else if let Some(dir) = &collection {
+        let found = real::collection(dir, &dir_of_exe, procs);
+        found.into_iter().filter(wanted).collect()
     } else {
         let hakbench = |name| Job {
             name,
             program: bench.clone(),
             args: vec![name.to_string(), scale.to_string()],
+            stdin: None,
+            timing: Timing::Reported,
         };
-        let jobs = WORKLOADS.iter().map(|&w| hakbench(w));
-        (jobs.filter(wanted).collect(), Timing::Reported)
+        WORKLOADS
+            .iter()
+            .map(|&w| hakbench(w))
+            .filter(wanted)
+            .collect()
     };
     if jobs.is_empty() {
         eprintln!("bench-suite: nothing to run (the programs asked for are not installed)");
@@ -226,16 +257,10 @@ fn main() {
     // (workload, allocator) -> runs
     let mut results: BTreeMap<(String, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for rep in 1..=reps {
-        for Job {
-            name: w,
-            program,
-            args,
-        } in &jobs
-        {
+        for job in &jobs {
+            let w = job.name;
             for (name, lib) in &allocators {
-                let mut cmd = Command::new(program);
-                cmd.args(args);
-                match run_one(w, cmd, timing, lib.as_deref()) {
+                match run_one(job, lib.as_deref()) {
                     Ok(r) => {
                         eprintln!(
                             "rep {rep} {w:<9} {name:<9} {:>8.4}s {:>8} KiB",
@@ -265,6 +290,9 @@ fn main() {
     let mut md = String::new();
     let what = if real {
         "real programs, timed from start to exit"
+    } else if collection.is_some() {
+        "mimalloc-bench's programs (built from its sources) and bench_random_mixed, timed from \
+         start to exit (glibc-thread: seconds per 100M iterations of its fixed-time run)"
     } else {
         "hakbench workloads"
     };
@@ -296,7 +324,13 @@ fn main() {
     let _ = writeln!(md, "{geo_row}");
     print!("{md}");
     let svg = svg(&workloads, &names, &ratio, &geos);
-    let stem = if real { "real" } else { "suite" };
+    let stem = if real {
+        "real"
+    } else if collection.is_some() {
+        "collection"
+    } else {
+        "suite"
+    };
     for (ext, text) in [("md", &md), ("csv", &csv), ("svg", &svg)] {
         let path = out.join(format!("{stem}.{ext}"));
         if let Err(e) = std::fs::write(&path, text) {

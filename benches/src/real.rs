@@ -16,6 +16,22 @@ pub struct Job {
     pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// A file for its standard input (else none).
+    pub stdin: Option<PathBuf>,
+    pub timing: Timing,
+}
+
+/// How a run's time is read.
+#[derive(Clone, Copy)]
+pub enum Timing {
+    /// hakbench's own `time=` (its workload alone, without start-up).
+    Reported,
+    /// From start to exit, measured by the runner (a real program).
+    Wall,
+    /// A program that runs for a fixed time and prints `N iterations`:
+    /// seconds per 100 million iterations, so that lower is better as for
+    /// the others.
+    PerIterations,
 }
 
 /// The names, in report order (for `--only`).
@@ -86,6 +102,8 @@ pub fn prepare(dir: &Path, scale: f64) -> Result<Vec<Job>, String> {
                 name,
                 program,
                 args,
+                stdin: None,
+                timing: Timing::Wall,
             }),
             None => eprintln!("bench-suite: {program} is not installed; {name} left out"),
         }
@@ -162,4 +180,96 @@ fn c_source(count: u64) -> String {
         s.push_str(" }\n return x; }\n");
     }
     s
+}
+
+/// The programs of mimalloc-bench (github.com/daanx/mimalloc-bench), built
+/// from its sources outside this repository (`benches/collection.sh` fetches
+/// and builds them), run with the arguments its `bench.sh` gives them on a
+/// machine of `procs` cores, plus bench_random_mixed; the outside check of
+/// the suite's look-alikes. `dir` holds the collection's `bench/` (sources,
+/// inputs) and `build/` (the programs). `glibc-thread` runs for a fixed time
+/// and prints its iterations (`Timing::PerIterations`).
+pub const COLLECTION: &[(&str, &str, &str)] = &[
+    (
+        "cfrac",
+        "cfrac",
+        "17545186520507317056371138836327483792789528",
+    ),
+    ("espresso", "espresso", "{bench}/espresso/largest.espresso"),
+    ("barnes", "barnes", "<{bench}/barnes/input"),
+    ("alloc-test1", "alloc-test", "1"),
+    ("alloc-testN", "alloc-test", "{procs}"),
+    ("larsonN", "larson", "5 8 1000 5000 100 4141 {procs}"),
+    (
+        "larsonN-sized",
+        "larson-sized",
+        "5 8 1000 5000 100 4141 {procs}",
+    ),
+    ("xmalloc-testN", "xmalloc-test", "-w {procs} -t 5 -s 64"),
+    ("cache-thrash1", "cache-thrash", "1 1000 1 2000000 {procs}"),
+    (
+        "cache-thrashN",
+        "cache-thrash",
+        "{procs} 1000 1 2000000 {procs}",
+    ),
+    (
+        "cache-scratch1",
+        "cache-scratch",
+        "1 1000 1 2000000 {procs}",
+    ),
+    (
+        "cache-scratchN",
+        "cache-scratch",
+        "{procs} 1000 1 2000000 {procs}",
+    ),
+    ("malloc-large", "malloc-large", ""),
+    ("mstressN", "mstress", "{procs} 50 25"),
+    ("mleak10", "mleak", "5"),
+    ("mleak100", "mleak", "50"),
+    ("rptestN", "rptest", "{procs} 0 1 2 500 1000 100 8 16000"),
+    ("glibc-simple", "glibc-simple", ""),
+    ("glibc-thread", "glibc-thread", "{procs}"),
+];
+
+/// The collection's jobs found in `dir/build` (each one missing is named on
+/// stderr), and bench_random_mixed from `release` in two shapes. A job's
+/// argument `<file` is its standard input.
+pub fn collection(dir: &Path, release: &Path, procs: usize) -> Vec<Job> {
+    let bench = dir.join("bench");
+    let mut jobs: Vec<Job> = COLLECTION
+        .iter()
+        .filter_map(|&(name, program, args)| {
+            let program = dir.join("build").join(program);
+            if !program.exists() {
+                eprintln!("bench-suite: {name}: {} is not built", program.display());
+                return None;
+            }
+            let args = args
+                .replace("{bench}", &bench.to_string_lossy())
+                .replace("{procs}", &procs.to_string());
+            let (stdin, args): (Vec<&str>, Vec<&str>) =
+                args.split_whitespace().partition(|a| a.starts_with('<'));
+            Some(Job {
+                name,
+                program,
+                args: args.into_iter().map(String::from).collect(),
+                stdin: stdin.first().map(|f| PathBuf::from(&f[1..])),
+                timing: if name == "glibc-thread" {
+                    Timing::PerIterations
+                } else {
+                    Timing::Wall
+                },
+            })
+        })
+        .collect();
+    for (name, slots) in [("random-mixed", "8192"), ("random-mixed-64k", "65536")] {
+        jobs.push(Job {
+            name,
+            program: release.join("bench_random_mixed"),
+            args: vec!["10000000".into(), slots.into()],
+            stdin: None,
+            timing: Timing::Wall,
+        });
+    }
+    jobs
 }

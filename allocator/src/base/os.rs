@@ -36,14 +36,26 @@ pub fn map_aligned(bytes: usize, align: usize) -> *mut u8 {
     charged(bytes, || map_aligned_uncharged(bytes, align, RW))
 }
 
+/// Mappings refused (by the budget or the OS) so far.
+static REFUSED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many mappings were refused so far: a caller that reads it before an
+/// allocation and again after a null result knows whether memory ran out
+/// (`lifecycle::after_refusal`), not a request no mapping could hold.
+pub fn refusals() -> usize {
+    REFUSED.load(Ordering::Relaxed)
+}
+
 /// Runs `map` within the budget: `bytes` are reserved before and given back
 /// if it returns null.
 fn charged(bytes: usize, map: impl FnOnce() -> *mut u8) -> *mut u8 {
     if !reserve(bytes) {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
         return core::ptr::null_mut();
     }
     let p = map();
     if p.is_null() {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
         MAPPED.fetch_sub(bytes, Ordering::Relaxed);
     }
     p

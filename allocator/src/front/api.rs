@@ -66,7 +66,12 @@ fn tiny_alloc(bin: usize) -> *mut u8 {
 #[inline(never)]
 fn tiny_refill(bin: usize) -> *mut u8 {
     lifecycle::before_refill();
-    with_cache(|tc| tc.tiny.refill(tc.mode, bin))
+    let refusals = os::refusals();
+    let p = with_cache(|tc| tc.tiny.refill(tc.mode, bin));
+    if p.is_null() && lifecycle::after_refusal(refusals) {
+        return with_cache(|tc| tc.tiny.refill(tc.mode, bin));
+    }
+    p
 }
 
 fn alloc_above_tiny(size: usize) -> *mut u8 {
@@ -103,7 +108,12 @@ fn ace_refill(class: usize, size: usize) -> *mut u8 {
 /// A large block (`large::alloc`), after the lifecycle's slow-path duties.
 fn large_alloc(size: usize, align: usize) -> (*mut u8, bool) {
     lifecycle::before_slow_path();
-    large::alloc(size, align)
+    let refusals = os::refusals();
+    let r = large::alloc(size, align);
+    if r.0.is_null() && lifecycle::after_refusal(refusals) {
+        return large::alloc(size, align);
+    }
+    r
 }
 
 /// `free`. Aborts (or logs, `HAKMEM_INVALID_FREE=ignore`) on a pointer hakmem

@@ -13,7 +13,7 @@ pub mod fork;
 pub mod threads;
 pub mod upkeep;
 
-use crate::{config, hardening, registry, thread};
+use crate::{chunks, config, hardening, os, pool, registry, thread};
 use core::sync::atomic::{AtomicU8, Ordering};
 
 static INIT: AtomicU8 = AtomicU8::new(0);
@@ -73,6 +73,21 @@ pub fn before_refill() {
 pub fn before_slow_path() {
     ensure_init();
     upkeep::at_slow_path();
+}
+
+/// After an allocation came back null: if a mapping was refused since
+/// `refusals_before` (`os::refusals`), the pool's idle SuperSlabs (kept for
+/// Stage 1 until their slabs are purged) and everything the chunk cache holds
+/// go back to the OS. True if anything went: the allocation is worth trying
+/// again. A request no mapping could hold (malloc(SIZE_MAX)) changes nothing.
+#[cold]
+#[inline(never)]
+pub fn after_refusal(refusals_before: usize) -> bool {
+    if os::refusals() == refusals_before {
+        return false;
+    }
+    let retired = pool::retire_idle_now();
+    chunks::flush_refused() || retired
 }
 
 /// Before a thread cache's overflow is handled (its first free, or one past

@@ -196,6 +196,19 @@ impl EmptySlabs {
     }
 
     /// The resident slab that has been EMPTY longest.
+    /// Every slab on the lists, resident first (lock held, lists unchanged
+    /// while it is walked).
+    pub fn iter(&self) -> impl Iterator<Item = *mut Slab> + '_ {
+        let walk = |head: *mut Slab| {
+            core::iter::successors(Some(head).filter(|s| !s.is_null()), |&s| {
+                // SAFETY: a slab on a list of ours; its link is the list's.
+                let next = unsafe { (*s).next };
+                Some(next).filter(|n| !n.is_null())
+            })
+        };
+        walk(self.resident.head).chain(walk(self.purged.head))
+    }
+
     pub fn oldest_resident(&self) -> Option<*mut Slab> {
         Some(self.resident.tail).filter(|s| !s.is_null())
     }

@@ -157,6 +157,45 @@ fn retire_all(retired: &[*mut SuperSlab]) {
     }
 }
 
+/// Retires every SuperSlab all of whose slabs are EMPTY, whatever
+/// `HAKMEM_SS_KEEP` and the purge delay say: the OS refused a mapping, and
+/// what they hold may be what the next one needs (`lifecycle::after_refusal`
+/// then empties the chunk cache). True if any went.
+pub fn retire_idle_now() -> bool {
+    const BATCH: usize = 32;
+    let mut any = false;
+    loop {
+        let mut batch = [null_mut(); BATCH];
+        let mut n = 0;
+        {
+            let mut pool = POOL.lock();
+            for slab in pool.empty.iter() {
+                // SAFETY: a slab on the pool's lists (lock held): its
+                // SuperSlab is live and the pool's.
+                let ss = unsafe { (*slab).superslab() };
+                // SAFETY: as above.
+                let idle = unsafe { (*ss).empty == (*ss).claimed };
+                if idle && !batch[..n].contains(&ss) {
+                    batch[n] = ss;
+                    n += 1;
+                    if n == BATCH {
+                        break;
+                    }
+                }
+            }
+            for &ss in &batch[..n] {
+                // SAFETY: idle SuperSlabs of the pool (lock held), each once.
+                unsafe { pool.retire(ss) };
+            }
+        }
+        retire_all(&batch[..n]);
+        any |= n > 0;
+        if n < BATCH {
+            return any;
+        }
+    }
+}
+
 /// Owner id of a slab whose thread exited with blocks still out (never a
 /// thread's id: `thread::new_owner_id` starts past it). Not 0, so that a thread that has
 /// no id yet (0) never takes such a slab for its own in `tiny::free_superslab`.
@@ -531,7 +570,7 @@ impl Pool {
     /// The lock is held; `ssp` is a live SuperSlab of the pool.
     unsafe fn retire_if_idle(&mut self, ssp: *mut SuperSlab) -> *mut SuperSlab {
         // SAFETY: per the contract.
-        let ss = unsafe { &mut *ssp };
+        let ss = unsafe { &*ssp };
         let delay = config::get().purge_delay_ns;
         let claimed = &ss.slabs[..ss.claimed as usize];
         if ss.empty != ss.claimed
@@ -540,6 +579,18 @@ impl Pool {
         {
             return null_mut();
         }
+        // SAFETY: per the contract; all its slabs are EMPTY.
+        unsafe { self.retire(ssp) }
+    }
+
+    /// Takes the SuperSlab `ssp`, all of whose slabs are EMPTY, out of the
+    /// pool; returns it.
+    ///
+    /// # Safety
+    /// The lock is held; `ssp` is a live SuperSlab of the pool, idle.
+    unsafe fn retire(&mut self, ssp: *mut SuperSlab) -> *mut SuperSlab {
+        // SAFETY: per the contract.
+        let ss = unsafe { &mut *ssp };
         for i in 0..ss.claimed as usize {
             // SAFETY: every claimed slab is EMPTY, on the pool's lists.
             unsafe { self.empty.unlink(core::ptr::addr_of_mut!(ss.slabs[i])) };

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The regression guard CI runs: instructions executed (callgrind) by a few
+# single-threaded workloads under the release libhakmem.so as shipped (probes
+# in, nobody attached; the defaults), against benches/instructions.baseline.
+# Instruction counts repeat to within a few thousandths from run to run
+# where timings on these machines move by 10-25%, so a few percent more is a
+# change of code path, not noise.
+#
+#   bash benches/instructions-guard.sh           # check: fails past +3%
+#   bash benches/instructions-guard.sh --update  # rewrite the baseline
+#
+# The baseline moves only in a commit that says why (what got dearer or
+# cheaper, and the figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/lib.sh
+BASELINE=benches/instructions.baseline
+TOLERANCE=${HAKMEM_GUARD_TOLERANCE:-1.03}
+REL=$PWD/target/release
+command -v valgrind >/dev/null || { echo "instructions-guard: valgrind is not installed (scripts/setup.sh)" >&2; exit 1; }
+[ -e "$REL/libhakmem.so" ] || { echo "instructions-guard: $REL/libhakmem.so is missing: cargo build --release" >&2; exit 1; }
+
+# name | command (run under the preload)
+WORKLOADS=(
+    "random-mixed|$REL/bench_random_mixed 1000000 8192"
+    "tiny|$REL/hakbench tiny 0.1"
+    "mid|$REL/hakbench mid 0.1"
+    "big|$REL/hakbench big 0.1"
+    "phases|$REL/hakbench phases 0.1"
+    "realloc|$REL/hakbench realloc 0.2"
+    "large-zeroed|$REL/hakbench large-zeroed 0.05"
+)
+
+count() { # count COMMAND...: instructions of one run, the preload's init and the program's own included
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        env LD_PRELOAD="$REL/libhakmem.so" "$@" 2>&1 >/dev/null |
+        sed -nE 's/.*Collected : ([0-9]+).*/\1/p' | tail -1
+}
+
+declare -A now
+for w in "${WORKLOADS[@]}"; do
+    name=${w%%|*}
+    # shellcheck disable=SC2086 # the command is words
+    now[$name]=$(count ${w#*|})
+    [ -n "${now[$name]}" ] || { echo "instructions-guard: $name: no count from callgrind" >&2; exit 1; }
+done
+
+if [ "${1:-}" = --update ]; then
+    {
+        echo "# Instructions per run under the release libhakmem.so (benches/instructions-guard.sh)."
+        echo "# Moves only in a commit that says why."
+        for w in "${WORKLOADS[@]}"; do echo "${w%%|*} ${now[${w%%|*}]}"; done
+    } >"$BASELINE"
+    cat "$BASELINE"
+    exit 0
+fi
+
+fail=0
+printf '%-14s %14s %14s %7s\n' workload baseline now ratio
+for w in "${WORKLOADS[@]}"; do
+    name=${w%%|*}
+    base=$(awk -v n="$name" '$1 == n { print $2 }' "$BASELINE")
+    if [ -z "$base" ]; then
+        echo "instructions-guard: $name is not in $BASELINE (--update, in a commit that says why)" >&2
+        fail=1
+        continue
+    fi
+    r=$(ratio "${now[$name]}" "$base" 4)
+    verdict=""
+    if awk -v r="$r" -v t="$TOLERANCE" 'BEGIN { exit !(r > t) }'; then
+        verdict="  <- more than $TOLERANCE x the baseline"
+        fail=1
+    fi
+    printf '%-14s %14s %14s %7s%s\n' "$name" "$base" "${now[$name]}" "$r" "$verdict"
+done
+if [ "$fail" = 1 ]; then
+    echo "instructions-guard: FAILED. A slower path, or a baseline to move (--update) in a commit that says why." >&2
+    exit 1
+fi
