@@ -39,8 +39,14 @@ ci-extra:
     just fuzz 20
     cargo test -p hakmem --test preload -- --ignored
 
-# Run bench_random_mixed under libhakmem.so, watched live by hakctl from its first allocation.
-demo ops="300000000" slots="8192": build
+# hakbench's `phases` under libhakmem.so, watched live by hakctl from its first allocation:
+# each phase fills and frees 100k blocks of one size range, the next phase takes the slabs it
+# left EMPTY for another class (Stage 1 climbs, the funnel fills). About 30 seconds.
+demo scale="60": build
+    {{release}}/hakctl run -- {{release}}/hakbench phases {{scale}}
+
+# bench_random_mixed watched live (steady state: few slab requests after the start).
+demo-random ops="300000000" slots="8192": build
     {{release}}/hakctl run -- {{release}}/bench_random_mixed {{ops}} {{slots}}
 
 # Attach to an already running process.
@@ -54,6 +60,14 @@ bench ops="10000000" slots="8192" reps="5": build
 # Probe cost: probes compiled out vs nobody attached vs hakctl attached, interleaved.
 bench-overhead ops="10000000" slots="8192" reps="5": build
     bash benches/overhead.sh {{ops}} {{slots}} {{reps}}
+
+# mimalloc-bench's programs, fetched and built outside the repository, under every allocator.
+bench-collection reps="5":
+    bash benches/collection.sh {{reps}}
+
+# The regression guard CI runs: callgrind instruction counts against benches/instructions.baseline.
+instructions-guard: build
+    bash benches/instructions-guard.sh
 
 # Instructions per run (callgrind): allocators side by side, probes compiled out, SuperSlab off.
 bench-instructions ops="2000000" slots="8192": build
