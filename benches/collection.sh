@@ -18,12 +18,17 @@ dir=${HAKMEM_COLLECTION_DIR:-$HOME/.cache/hakmem/mimalloc-bench}
 commit=ce5784f1cef3d48ddc931479e4899ffad5ab3943
 
 if [ ! -x "$dir/build/glibc-thread" ]; then
-    command -v cmake >/dev/null || apt-get install -y cmake g++ >/dev/null
-    rm -rf "$dir" && mkdir -p "$dir"
+    command -v cmake >/dev/null || {
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq cmake g++ >/dev/null
+    }
+    # Only what this script makes there is replaced.
+    rm -rf "$dir/bench" "$dir/build" && mkdir -p "$dir"
     src=${HAKMEM_COLLECTION_SRC:-}
     if [ -z "$src" ]; then
         src="$dir/git"
-        git clone --quiet --filter=blob:none https://github.com/daanx/mimalloc-bench "$src"
+        [ -d "$src" ] || git clone --quiet --filter=blob:none https://github.com/daanx/mimalloc-bench "$src"
     fi
     git --git-dir="$( [ -d "$src/.git" ] && echo "$src/.git" || echo "$src")" archive "$commit" bench |
         tar -x -C "$dir"

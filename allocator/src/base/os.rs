@@ -230,7 +230,10 @@ fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
 /// `ptr`/`old` is exactly a live mapping made by this layer (possibly grown before).
 pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
     debug_assert!(new > old && new.is_multiple_of(PAGE));
-    if !reserve(new - old) {
+    // The address space it grows into may lie past any mapping of ours before:
+    // the registry's page for it must be writable (a split of the grown
+    // mapping in the chunk cache registers a piece there).
+    if !crate::registry::prepare(ptr as usize, new) || !reserve(new - old) {
         return false;
     }
     // SAFETY: per the contract the range is our mapping; flags 0 forbids moving it.
@@ -243,15 +246,20 @@ pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
 }
 
 /// Moves the pages of the mapping `from`/`bytes` to the start of the mapping
-/// at `to` (at least `bytes` long), replacing what was there: its resident
-/// pages come along without a copy or a fault (mremap moves page-table
-/// entries). `from..from + bytes` is unmapped after. False if the kernel
-/// refused; then both mappings are as they were.
+/// `to`/`to_bytes` (bigger), replacing what was there: its resident pages
+/// come along without a copy or a fault (mremap moves page-table entries), and
+/// `from..from + bytes` is unmapped after. False if the kernel refused: then
+/// `from` is as it was, and `to` is given back, but for its first `bytes`,
+/// which the kernel may already have unmapped (it unmaps the target before
+/// it checks the source) and another thread mapped meanwhile: left alone,
+/// at worst address space lost, never someone else's mapping unmapped.
 ///
 /// # Safety
-/// Both are live mappings made by this layer, nobody uses them, and they do
-/// not overlap.
-pub unsafe fn move_mapping(from: *mut u8, bytes: usize, to: *mut u8) -> bool {
+/// `from` is exactly one kernel mapping of this layer's (one mmap, maybe
+/// grown in place), `to` a mapping of this layer's; nobody uses either, and
+/// they do not overlap.
+pub unsafe fn move_mapping(from: *mut u8, bytes: usize, to: *mut u8, to_bytes: usize) -> bool {
+    debug_assert!(bytes < to_bytes);
     // SAFETY: per the contract; MREMAP_FIXED replaces only `to..to + bytes`,
     // which is ours and unused.
     let (r, _) = errno::keep(|| unsafe {
@@ -264,6 +272,10 @@ pub unsafe fn move_mapping(from: *mut u8, bytes: usize, to: *mut u8) -> bool {
         )
     });
     if r == libc::MAP_FAILED {
+        // SAFETY: the tail of `to`, past what the kernel may have touched, is
+        // still ours and unused.
+        unsafe { munmap(to as usize + bytes, to_bytes - bytes) };
+        MAPPED.fetch_sub(to_bytes, Ordering::Relaxed);
         return false;
     }
     // `to`'s pages it replaced were charged already: the moved mapping's are

@@ -47,7 +47,7 @@
 //! in 0.7 s) aged out the bottom of the stack between its bursts and mapped
 //! it again at the next one, about 4,000 maps per run and 20% of its time.
 
-use crate::os;
+use crate::os::{self, PAGE};
 use crate::probes;
 use crate::registry::{self, CHUNK};
 use crate::segment::{SegHeader, SegKind};
@@ -70,6 +70,11 @@ pub struct MapHeader {
     pub extent: usize,
     /// Whether a large block lives in it (never while cached).
     pub live: bool,
+    /// Whether `take_moved` may try to move it: no move of it failed. Before
+    /// Linux 6.17 mremap refuses to move a range over two kernel mappings
+    /// (VMAs), which a joined or moved mapping may be; where it refuses,
+    /// the mapping is not tried again.
+    pub movable: bool,
 }
 
 impl MapHeader {
@@ -79,6 +84,7 @@ impl MapHeader {
             map_size,
             extent,
             live: false,
+            movable: true,
         }
     }
 }
@@ -148,6 +154,8 @@ struct Cached {
     resident: usize,
     /// When it was freed (`now_ns`).
     freed_at: u64,
+    /// `MapHeader::movable`.
+    movable: bool,
 }
 
 const NONE: Cached = Cached {
@@ -156,6 +164,7 @@ const NONE: Cached = Cached {
     extent: 0,
     resident: 0,
     freed_at: 0,
+    movable: false,
 };
 
 /// A mapping moved out of the cache to go back to the OS, and why (the
@@ -234,24 +243,29 @@ pub fn take(map: usize, extent: usize) -> Option<usize> {
 }
 
 /// A mapping of `map` bytes (more than a chunk) made by moving the biggest
-/// cached mapping smaller than it into a fresh one (`os::move_mapping`): its
-/// resident pages come along, and only the rest is faulted in when used.
-/// For a program whose big blocks grow from one to the next (the
-/// collection's `malloc-large`), most blocks fault in only what they add.
-/// None when nothing smaller is cached or the OS refused.
+/// movable cached mapping smaller than it into a fresh one
+/// (`os::move_mapping`): its resident pages come along, and only the rest is
+/// faulted in when used. For a program whose big blocks grow from one to the
+/// next (the collection's `malloc-large`), most blocks fault in only what
+/// they add. None when nothing such is cached or the OS refused (the mapping
+/// goes back to the cache, not to be tried again).
 pub fn take_moved(map: usize) -> Option<usize> {
     let old = with_cache(|c| c.take_largest_below(map))?;
     let to = os::map_aligned(map, CHUNK);
-    // SAFETY: `old` is ours (out of the cache), `to` is fresh and unused.
-    if to.is_null() || !unsafe { os::move_mapping(old.base as *mut u8, old.size, to) } {
-        if !to.is_null() {
-            // SAFETY: the fresh mapping just made, unused.
-            unsafe { os::unmap(to, map) };
-        }
-        put(old.base, old.size, old.extent, CacheUser::Large);
+    if to.is_null() {
+        put_back(old);
         return None;
     }
+    // Forgotten first: while its pages move, a stale free into it must find
+    // no segment there.
     registry::remove(old.base);
+    // SAFETY: `old` is ours (out of the cache, unregistered), `to` is fresh
+    // and unused, and they do not overlap.
+    if !unsafe { os::move_mapping(old.base as *mut u8, old.size, to, map) } {
+        registry::insert(old.base, SegKind::Large as u8);
+        put_back(old);
+        return None;
+    }
     // SAFETY: the header moved with the pages to `to`, which is ours alone.
     unsafe { (*(to as *mut MapHeader)).map_size = map };
     registry::insert(to as usize, SegKind::Large as u8);
@@ -322,8 +336,21 @@ pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
         extent,
         resident,
         freed_at: now,
+        // SAFETY: the caller's mapping starts with its header.
+        movable: unsafe { (*(chunk as *const MapHeader)).movable },
     };
     let n = with_cache(|c| c.put(freed, &mut evicted));
+    unmap_all(&mut evicted[..n]);
+}
+
+/// Caches the mapping `m` again as it was (its age too), after `take_moved`
+/// could not move it; it is not tried again.
+fn put_back(mut m: Cached) {
+    m.movable = false;
+    // SAFETY: `m` is a mapping the cache handed out, its header ours.
+    unsafe { (*(m.base as *mut MapHeader)).movable = false };
+    let mut evicted = [NO_EVICTION; EVICT_MAX];
+    let n = with_cache(|c| c.put(m, &mut evicted));
     unmap_all(&mut evicted[..n]);
 }
 
@@ -494,7 +521,11 @@ impl Cache {
     /// it ever held. Otherwise the best fit no more than twice `map`.
     fn take(&mut self, map: usize, extent: usize) -> Option<usize> {
         let c = if map == CHUNK {
-            let newest = self.chunk_len.checked_sub(1)?;
+            let Some(newest) = self.chunk_len.checked_sub(1) else {
+                // A chunk left over by `split_sized`, if any.
+                let i = (0..self.sized_len).find(|&i| self.sized[i].size == CHUNK)?;
+                return Some(self.remove_sized(i).base);
+            };
             let k = (self.chunk_len.saturating_sub(FIT_SCAN)..self.chunk_len)
                 .filter(|&k| self.chunks[self.ring(k)].extent >= extent)
                 .min_by_key(|&k| self.chunks[self.ring(k)].extent)
@@ -523,30 +554,39 @@ impl Cache {
         if whole.size - head.min(whole.size) < CHUNK {
             return self.remove_sized(i);
         }
-        let rest_extent = whole.extent.saturating_sub(head);
+        // Its header, written below, is a page it holds whatever it held before.
+        let rest_extent = whole.extent.saturating_sub(head).max(PAGE);
         let rest = Cached {
             base: whole.base + head,
             size: whole.size - head,
             extent: rest_extent,
-            resident: whole.resident.min(rest_extent),
-            freed_at: whole.freed_at,
+            resident: whole.resident.min(rest_extent).max(PAGE),
+            ..whole
         };
+        // The registry entry first: where a block grew in place (mremap)
+        // into address space no mapping of ours held before, its page of the
+        // table may not be writable yet. Without it the rest stays whole.
+        if !registry::prepare(rest.base, PAGE) {
+            return self.remove_sized(i);
+        }
         // SAFETY: `rest` lies inside a cached mapping, which is ours (lock
         // held) and nobody references; its start is writable. The head's
         // header is the mapping's own, at its start.
         unsafe {
-            (rest.base as *mut MapHeader).write(MapHeader::new(rest.size, rest.extent));
+            (rest.base as *mut MapHeader).write(MapHeader {
+                movable: whole.movable,
+                ..MapHeader::new(rest.size, rest.extent)
+            });
             let h = &mut *(whole.base as *mut MapHeader);
             h.map_size = head;
             h.extent = h.extent.min(head);
         }
         registry::insert(rest.base, SegKind::Large as u8);
         self.sized[i] = rest;
-        self.bytes -= whole.resident - rest.resident;
+        self.bytes = self.bytes - whole.resident + rest.resident;
         Cached {
             size: head,
             extent: whole.extent.min(head),
-            resident: whole.resident - rest.resident,
             ..whole
         }
     }
@@ -575,18 +615,28 @@ impl Cache {
                 },
                 resident: low.resident + high.resident,
                 freed_at: low.freed_at.max(high.freed_at),
+                movable: low.movable && high.movable,
             };
             // SAFETY: `low` starts a mapping the cache owns (lock held): its
             // header page is ours to write.
-            unsafe { (m.base as *mut MapHeader).write(MapHeader::new(m.size, m.extent)) };
+            unsafe {
+                (m.base as *mut MapHeader).write(MapHeader {
+                    movable: m.movable,
+                    ..MapHeader::new(m.size, m.extent)
+                })
+            };
         }
         m
     }
 
-    /// Removes the biggest mapping larger than a chunk and smaller than `map`.
+    /// Removes the biggest movable mapping larger than a chunk and smaller
+    /// than `map`.
     fn take_largest_below(&mut self, map: usize) -> Option<Cached> {
         let i = (0..self.sized_len)
-            .filter(|&i| self.sized[i].size < map)
+            .filter(|&i| {
+                let m = &self.sized[i];
+                m.movable && m.size > CHUNK && m.size < map
+            })
             .max_by_key(|&i| self.sized[i].size)?;
         Some(self.remove_sized(i))
     }
@@ -710,13 +760,13 @@ impl Cache {
             map,
             why: ReturnWhy::Bound,
         };
+        let chunk = m.size == CHUNK;
+        let m = if chunk { m } else { self.merge_neighbours(m) };
         if m.resident > hold_bound() / 4 {
             out[0] = bound(m);
             return 1;
         }
         let mut n = 0;
-        let chunk = m.size == CHUNK;
-        let m = if chunk { m } else { self.merge_neighbours(m) };
         // Make room among mappings of the same kind, then within the byte bound.
         if chunk && self.chunk_len == KEEP_CHUNKS {
             while n < EVICT_CHUNKS {
@@ -763,7 +813,6 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::os::PAGE;
 
     fn chunk_at(base: usize, freed_at: u64) -> Cached {
         Cached {
@@ -772,6 +821,7 @@ mod tests {
             extent: PAGE,
             resident: PAGE,
             freed_at,
+            movable: false,
         }
     }
 
@@ -964,6 +1014,7 @@ mod tests {
             extent: size,
             resident: size,
             freed_at: 1,
+            movable: true,
         }
     }
 
@@ -1002,15 +1053,78 @@ mod tests {
             (1, base, 8 * CHUNK)
         );
         assert_eq!(registry::kind(base + 3 * CHUNK), 0);
-        // Nothing is at least 9 chunks: the biggest below moves into a fresh mapping.
+        // Nothing is at least 9 chunks: the biggest below is the one to move.
         assert_eq!(cache.take(9 * CHUNK, 1), None);
         let moved = cache.take_largest_below(9 * CHUNK).expect("the 8 chunks");
         assert_eq!((moved.base, moved.size), (base, 8 * CHUNK));
+        // A mapping whose move failed is not tried again.
+        cache.put(
+            Cached {
+                movable: false,
+                ..moved
+            },
+            &mut out,
+        );
+        assert!(cache.take_largest_below(9 * CHUNK).is_none());
+        // Every cached mapping counts at least its header page: eviction
+        // empties the cache.
         let n = cache.evict(u64::MAX, 0, ReturnWhy::Trim, &mut out, 0);
-        assert_eq!(n, 0);
+        assert_eq!((n, cache.sized_len, cache.bytes), (1, 0, 0));
+        unmap_all(&mut out[..n]);
+        assert_eq!(registry::kind(base), 0);
+    }
+
+    #[test]
+    fn a_split_leaves_a_rest_that_counts_its_header_page_and_a_chunk_serves_a_chunk() {
+        let base = os::map_aligned(4 * CHUNK, CHUNK) as usize;
+        assert_ne!(base, 0);
+        let mut cache = Box::new(EMPTY);
+        let mut out = [NO_EVICTION; EVICT_MAX];
+        // A block that touched only its first page (a buffer grown big by realloc).
+        let m = Cached {
+            extent: PAGE,
+            resident: PAGE,
+            ..sized_at(base, 4)
+        };
+        assert_eq!(cache.put(m, &mut out), 0);
+        assert_eq!(cache.take(3 * CHUNK, 3 * CHUNK), Some(base));
+        // The rest, one chunk, holds its header page; a chunk request takes it.
+        assert_eq!(
+            (cache.sized[0].size, cache.sized[0].resident),
+            (CHUNK, PAGE)
+        );
+        assert_eq!(cache.check(), Ok(()));
+        assert_eq!(cache.take(CHUNK, PAGE), Some(base + 3 * CHUNK));
+        assert_eq!((cache.sized_len, cache.bytes), (0, 0));
         registry::remove(base);
+        registry::remove(base + 3 * CHUNK);
         // SAFETY: ours, out of the cache, no longer registered.
-        unsafe { os::unmap(base as *mut u8, 8 * CHUNK) };
+        unsafe { os::unmap(base as *mut u8, 4 * CHUNK) };
+    }
+
+    #[test]
+    fn a_cached_mapping_moves_into_a_bigger_one_with_its_pages() {
+        let base = os::map_aligned(3 * CHUNK, CHUNK) as usize;
+        assert_ne!(base, 0);
+        // SAFETY: ours.
+        unsafe { ((base + CHUNK) as *mut u8).write(7) };
+        let m = sized_at(base, 3);
+        with_cache(|c| {
+            let mut out = [NO_EVICTION; EVICT_MAX];
+            assert_eq!(c.put(m, &mut out), 0);
+        });
+        let to = take_moved(5 * CHUNK).expect("moved");
+        assert_ne!(to, base);
+        assert_eq!(registry::kind(base), 0, "the old place is forgotten");
+        assert_eq!(registry::kind(to), SegKind::Large as u8);
+        // SAFETY: the moved mapping is ours; its header came along.
+        unsafe {
+            assert_eq!(((to + CHUNK) as *const u8).read(), 7);
+            assert_eq!((*(to as *const MapHeader)).map_size, 5 * CHUNK);
+        }
+        registry::remove(to);
+        // SAFETY: ours, no longer registered.
+        unsafe { os::unmap(to as *mut u8, 5 * CHUNK) };
     }
 
     #[test]
@@ -1022,7 +1136,7 @@ mod tests {
         // unmaps `old`.
         unsafe {
             old.add(CHUNK + 7).write(0x5a);
-            assert!(os::move_mapping(old, 2 * CHUNK, to));
+            assert!(os::move_mapping(old, 2 * CHUNK, to, 5 * CHUNK));
             assert_eq!(to.add(CHUNK + 7).read(), 0x5a);
             assert_eq!(to.add(3 * CHUNK).read(), 0, "the rest is fresh");
             let mut vec = 0u8;

@@ -195,7 +195,6 @@ impl EmptySlabs {
         }
     }
 
-    /// The resident slab that has been EMPTY longest.
     /// Every slab on the lists, resident first (lock held, lists unchanged
     /// while it is walked).
     pub fn iter(&self) -> impl Iterator<Item = *mut Slab> + '_ {
@@ -209,6 +208,7 @@ impl EmptySlabs {
         walk(self.resident.head).chain(walk(self.purged.head))
     }
 
+    /// The resident slab that has been EMPTY longest.
     pub fn oldest_resident(&self) -> Option<*mut Slab> {
         Some(self.resident.tail).filter(|s| !s.is_null())
     }
