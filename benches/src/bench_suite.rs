@@ -65,13 +65,9 @@ fn run_one(job: &Job, preload: Option<&Path>) -> Result<Run, String> {
     }
     let secs = match job.timing {
         Timing::Wall => wall,
-        Timing::PerIterations => text
-            .split_whitespace()
-            .zip(text.split_whitespace().skip(1))
-            .find_map(|(n, word)| (word == "iterations").then(|| n.parse::<f64>().ok()))
-            .flatten()
-            .map(|n| 1e8 / n)
-            .ok_or_else(|| format!("no iterations in {text:?}"))?,
+        Timing::Printed(read) => {
+            read(&text).ok_or_else(|| format!("{workload}: no timing in its output {text:?}"))?
+        }
         Timing::Reported => text
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix("time="))
@@ -292,7 +288,9 @@ fn main() {
         "real programs, timed from start to exit"
     } else if collection.is_some() {
         "mimalloc-bench's programs (built from its sources) and bench_random_mixed, timed from \
-         start to exit (glibc-thread: seconds per 100M iterations of its fixed-time run)"
+         start to exit, or for those that run a fixed time by what they print, as its bench.sh \
+         reads it (larson, xmalloc-test: their relative time; rptest: 2e6 / memory ops per CPU \
+         second; glibc-thread: 1e9 / iterations)"
     } else {
         "hakbench workloads"
     };

@@ -28,10 +28,56 @@ pub enum Timing {
     Reported,
     /// From start to exit, measured by the runner (a real program).
     Wall,
-    /// A program that runs for a fixed time and prints `N iterations`:
-    /// seconds per 100 million iterations, so that lower is better as for
-    /// the others.
-    PerIterations,
+    /// A program that runs for a fixed time (or reports its own time): what
+    /// this function reads off its standard output, in seconds or a time
+    /// relative to them (lower is better), as mimalloc-bench's `bench.sh`
+    /// reads it.
+    Printed(fn(&str) -> Option<f64>),
+}
+
+/// The number just before `word` in `text` (`123 iterations`).
+fn number_before(text: &str, word: &str) -> Option<f64> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[1].starts_with(word))
+        .and_then(|w| {
+            w[0].trim_start_matches("...")
+                .trim_start_matches('.')
+                .parse()
+                .ok()
+        })
+}
+
+/// The number just after `key` in `text` (`rtime: 5.5`).
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let num: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.parse().ok()
+}
+
+/// larson: its own `relative time: Xs`.
+fn larson_time(text: &str) -> Option<f64> {
+    number_after(text, "relative time:")
+}
+
+/// xmalloc-test: its own `rtime: X`.
+fn xmalloc_time(text: &str) -> Option<f64> {
+    number_after(text, "rtime:")
+}
+
+/// rptest: 2,000,000 over its `N memory ops/CPU second`.
+fn rptest_time(text: &str) -> Option<f64> {
+    number_before(text, "memory").map(|n| 2e6 / n)
+}
+
+/// glibc-thread (a fixed 2 s or so): 10^9 over its `N iterations`.
+fn glibc_thread_time(text: &str) -> Option<f64> {
+    number_before(text, "iterations").map(|n| 1e9 / n)
 }
 
 /// The names, in report order (for `--only`).
@@ -187,8 +233,8 @@ fn c_source(count: u64) -> String {
 /// and builds them), run with the arguments its `bench.sh` gives them on a
 /// machine of `procs` cores, plus bench_random_mixed; the outside check of
 /// the suite's look-alikes. `dir` holds the collection's `bench/` (sources,
-/// inputs) and `build/` (the programs). `glibc-thread` runs for a fixed time
-/// and prints its iterations (`Timing::PerIterations`).
+/// inputs) and `build/` (the programs). Those that run for a fixed time are
+/// timed by what they print, as `bench.sh` does (`Timing::Printed`).
 pub const COLLECTION: &[(&str, &str, &str)] = &[
     (
         "cfrac",
@@ -254,10 +300,12 @@ pub fn collection(dir: &Path, release: &Path, procs: usize) -> Vec<Job> {
                 program,
                 args: args.into_iter().map(String::from).collect(),
                 stdin: stdin.first().map(|f| PathBuf::from(&f[1..])),
-                timing: if name == "glibc-thread" {
-                    Timing::PerIterations
-                } else {
-                    Timing::Wall
+                timing: match name {
+                    "larsonN" | "larsonN-sized" => Timing::Printed(larson_time),
+                    "xmalloc-testN" => Timing::Printed(xmalloc_time),
+                    "rptestN" => Timing::Printed(rptest_time),
+                    "glibc-thread" => Timing::Printed(glibc_thread_time),
+                    _ => Timing::Wall,
                 },
             })
         })
@@ -272,4 +320,27 @@ pub fn collection(dir: &Path, release: &Path, procs: usize) -> Vec<Job> {
         });
     }
     jobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_collections_own_timings_are_read_as_bench_sh_reads_them() {
+        let larson = "Throughput = 19755336 operations per second, relative time: 50.619s.\nDone sleeping...";
+        assert_eq!(larson_time(larson), Some(50.619));
+        assert_eq!(
+            xmalloc_time("rtime: 5.502, free/sec: 18.174 M"),
+            Some(5.502)
+        );
+        let rptest =
+            "crt 2 threads random ... 100 ops: ........2164213 memory ops/CPU second (30MiB peak)";
+        assert_eq!(rptest_time(rptest), Some(2e6 / 2164213.0));
+        assert_eq!(
+            glibc_thread_time("110437014 iterations\n"),
+            Some(1e9 / 110437014.0)
+        );
+        assert_eq!(glibc_thread_time("no figure"), None);
+    }
 }
