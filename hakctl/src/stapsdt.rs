@@ -19,6 +19,11 @@ pub struct ProbeSite {
     /// Link-time address of the semaphore (0: none) and its offset in the file.
     pub semaphore: u64,
     pub semaphore_offset: u64,
+    /// Whether `pc` lies in an executable segment. A note whose code the
+    /// linker dropped keeps its entry with the address resolved against
+    /// nothing (a few bytes into the file: inside the ELF header): a uprobe
+    /// there would patch a byte of no instruction.
+    pub in_code: bool,
 }
 
 /// A raw note: addresses as recorded, strings as written.
@@ -132,6 +137,15 @@ pub fn probe_sites(data: &[u8]) -> Result<Vec<ProbeSite>> {
             (s.address(), offset, size)
         })
         .collect();
+    let code: Vec<(u64, u64)> = file
+        .segments()
+        .filter(|s| match s.flags() {
+            object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+            _ => false,
+        })
+        .map(|s| (s.address(), s.size()))
+        .collect();
+    let in_code = |vaddr: u64| code.iter().any(|&(a, size)| vaddr >= a && vaddr - a < size);
     let to_offset = |vaddr: u64| -> Option<u64> {
         segments
             .iter()
@@ -172,6 +186,7 @@ pub fn probe_sites(data: &[u8]) -> Result<Vec<ProbeSite>> {
             pc_offset,
             semaphore,
             semaphore_offset,
+            in_code: in_code(pc),
         });
     }
     Ok(sites)
@@ -249,5 +264,39 @@ mod tests {
             }
             let _ = parse_notes(&data);
         }
+    }
+
+    /// The release library, built by `just test` before the tests run.
+    fn shipped_library() -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/release/libhakmem.so"
+        );
+        std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (cargo build --release first)"))
+    }
+
+    #[test]
+    fn every_probe_site_of_the_shipped_library_lies_in_its_code() {
+        let sites = probe_sites(&shipped_library()).unwrap();
+        assert!(sites.len() >= 13, "one site per probe at least: {sites:?}");
+        let stale: Vec<_> = sites.iter().filter(|s| !s.in_code).collect();
+        assert!(
+            stale.is_empty(),
+            "notes pointing outside the code: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn a_note_pointing_outside_the_code_is_marked() {
+        let mut data = shipped_library();
+        let file = object::File::parse(&*data).unwrap();
+        let notes = file.section_by_name(".note.stapsdt").unwrap();
+        let (offset, _) = notes.file_range().unwrap();
+        // The first note's pc: past its 12-byte header and "stapsdt\0".
+        let pc_at = offset as usize + 12 + 8;
+        data[pc_at..pc_at + 8].copy_from_slice(&0x8au64.to_le_bytes());
+        let sites = probe_sites(&data).unwrap();
+        assert_eq!(sites.iter().filter(|s| !s.in_code).count(), 1);
+        assert_eq!(sites.iter().find(|s| !s.in_code).unwrap().pc, 0x8a);
     }
 }

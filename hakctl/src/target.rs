@@ -151,10 +151,7 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
             Err(e) if has_hakmem_note(&elf.data) => return Err(e.context(elf.path.clone())),
             Err(_) => continue,
         };
-        let sites: Vec<ProbeSite> = sites
-            .into_iter()
-            .filter(|s| s.provider == PROVIDER)
-            .collect();
+        let sites = ours_in_code(sites, &elf.path);
         if sites.is_empty() {
             continue;
         }
@@ -181,10 +178,7 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
 pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let sites = probe_sites(&data).with_context(|| format!("{}", path.display()))?;
-    let sites: Vec<ProbeSite> = sites
-        .into_iter()
-        .filter(|s| s.provider == PROVIDER)
-        .collect();
+    let sites = ours_in_code(sites, &path.display().to_string());
     if sites.is_empty() {
         bail!("no hakmem probes in {}", path.display());
     }
@@ -194,6 +188,25 @@ pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
         load_bias: 0,
         sites,
     })
+}
+
+/// hakmem's probe sites among `sites`, but for those outside the code
+/// (`ProbeSite::in_code`), each named on stderr: never attached to.
+fn ours_in_code(sites: Vec<ProbeSite>, path: &str) -> Vec<ProbeSite> {
+    sites
+        .into_iter()
+        .filter(|s| s.provider == PROVIDER)
+        .filter(|s| {
+            if !s.in_code {
+                eprintln!(
+                    "hakctl: {path}: skipping probe {}:{} at {:#x}: its note points outside the code \
+                     (left by code the linker dropped)",
+                    s.provider, s.name, s.pc
+                );
+            }
+            s.in_code
+        })
+        .collect()
 }
 
 fn has_hakmem_note(data: &[u8]) -> bool {

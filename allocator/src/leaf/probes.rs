@@ -29,16 +29,40 @@ macro_rules! semaphore_raised {
 }
 pub(crate) use semaphore_raised;
 
+/// Fires probe `$name` with its arguments, computed only when its semaphore
+/// is raised. The probe site (the `.note.stapsdt` entry and its nop) lives
+/// in a function of its own, `fire`, never inlined: one site per probe. With
+/// the site inlined into each caller, a caller's copy that the linker
+/// dropped as unused left its note behind pointing at no code (address 0x53
+/// or 0x8a, inside the ELF header): bpftrace warned "invalid address", and a
+/// tracer that attached there would have patched a byte of the header.
+/// `tests/probe_sites.rs` checks every site of the shipped library lies in
+/// its code.
 macro_rules! usdt_fire {
+    (@u64 $arg:expr) => { u64 };
     ($name:ident, $arg:expr) => {
         #[cfg(feature = "probes")]
-        crate::usdt_probes::$name!(|| $arg as u64);
+        if semaphore_raised!($name) {
+            #[cold]
+            #[inline(never)]
+            fn fire(arg: u64) {
+                crate::usdt_probes::$name!(|| arg);
+            }
+            fire($arg as u64);
+        }
         #[cfg(not(feature = "probes"))]
         let _ = $arg;
     };
     ($name:ident, $($arg:expr),+) => {
         #[cfg(feature = "probes")]
-        crate::usdt_probes::$name!(|| ($($arg as u64,)+));
+        if semaphore_raised!($name) {
+            #[cold]
+            #[inline(never)]
+            fn fire(args: ($(usdt_fire!(@u64 $arg),)+)) {
+                crate::usdt_probes::$name!(|| args);
+            }
+            fire(($($arg as u64,)+));
+        }
         #[cfg(not(feature = "probes"))]
         let _ = ($($arg,)+);
     };
