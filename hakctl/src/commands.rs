@@ -133,18 +133,22 @@ fn report<'a>(
 pub async fn watch(
     pid: i32,
     interval: f64,
+    count: Option<u64>,
     duration: Option<f64>,
     json: bool,
     drains: bool,
 ) -> Result<ExitCode> {
     let (session, _) = attach(pid, drains)?;
-    watch_session(&session, interval, duration, json, "watch").await?;
+    watch_session(&session, interval, count, duration, json, "watch").await?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refreshes every `interval` seconds until the target exits, Ctrl-C,
+/// `duration` seconds, or `count` refreshes.
 async fn watch_session(
     session: &Session,
     interval: f64,
+    count: Option<u64>,
     duration: Option<f64>,
     json: bool,
     kind: &'static str,
@@ -162,6 +166,7 @@ async fn watch_session(
         // Alternate screen, hidden cursor: redrawn in place.
         let _ = write!(out, "\x1b[?1049h\x1b[?25l");
     }
+    let mut refreshes = 0u64;
     let end = loop {
         let end = wait(
             session.pid,
@@ -174,7 +179,9 @@ async fn watch_session(
         let r = report(session, kind, &cur, Some(&prev), exited);
         render(&mut out, &r, json, tty);
         prev = cur;
-        if end != End::Elapsed || Instant::now() >= stop_at {
+        refreshes += 1;
+        if end != End::Elapsed || Instant::now() >= stop_at || count.is_some_and(|c| refreshes >= c)
+        {
             break end;
         }
     };

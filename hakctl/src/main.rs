@@ -9,18 +9,53 @@ mod session;
 mod stapsdt;
 mod target;
 
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
+
+const EXAMPLES: &str = "\
+Examples:
+  hakctl run -- python3 script.py        watch a command from its first allocation
+  hakctl watch 4242                       full screen on a terminal, one line a second when piped
+  hakctl watch -p 4242 2 5 -j             five JSON documents, two seconds apart
+  hakctl stage-stats 4242 -d 10           stage hit rates over ten seconds
+  hakctl trace 4242 --probe ss_acquire -c 3   one line per slab request of class 3 (64 B)
+  hakctl mem 4242 -j                      where the memory is, as JSON
+  hakctl probes target/release/libhakmem.so
+  hakctl completions bash > /etc/bash_completion.d/hakctl
+  hakctl man > hakctl.1
+
+A PID is a process that preloads libhakmem.so or has hakmem as its Rust
+allocator; attaching needs root (or CAP_BPF and CAP_PERFMON).
+JSON output: docs/json-schema.md.";
 
 #[derive(Parser)]
 #[command(
     name = "hakctl",
     version,
-    about = "Watch the hakmem allocator's decisions live, in an unmodified running process"
+    about = "Watch the hakmem allocator's decisions live, in an unmodified running process",
+    after_help = EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which process: `PID` or `-p PID`.
+#[derive(clap::Args)]
+struct Target {
+    /// The process id: one that preloads libhakmem.so or has hakmem as its allocator.
+    #[arg(value_name = "PID", required_unless_present = "pid_flag")]
+    pid: Option<i32>,
+    /// The process id, as a flag (as in perf, bpftrace, BCC's tools).
+    #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "pid")]
+    pid_flag: Option<i32>,
+}
+
+impl Target {
+    fn pid(&self) -> i32 {
+        self.pid.or(self.pid_flag).expect("clap requires one")
+    }
 }
 
 #[derive(Subcommand)]
@@ -31,16 +66,26 @@ enum Command {
         target: String,
     },
     /// Attach and refresh live: totals, rates, stage hit rates, recycle funnel, failures, histograms.
+    #[command(
+        override_usage = "hakctl watch [OPTIONS] <PID> [INTERVAL [COUNT]]\n       hakctl watch [OPTIONS] -p <PID> [INTERVAL [COUNT]]",
+        after_help = "\
+`hakctl watch PID 2 10`, as vmstat: a refresh every 2 seconds, 10 of them."
+    )]
     Watch {
-        pid: i32,
+        /// The process id, as a flag.
+        #[arg(short = 'p', long = "pid", value_name = "PID")]
+        pid_flag: Option<i32>,
+        /// PID (unless -p), then INTERVAL seconds and COUNT refreshes (both optional).
+        #[arg(value_name = "PID INTERVAL COUNT", num_args = 0..=3)]
+        positional: Vec<String>,
         /// Seconds between refreshes.
-        #[arg(long, default_value_t = 1.0)]
-        interval: f64,
+        #[arg(short, long)]
+        interval: Option<f64>,
         /// Stop after this many seconds (default: until Ctrl-C or the target exits).
-        #[arg(long)]
+        #[arg(short, long)]
         duration: Option<f64>,
         /// One JSON document per refresh (schema: docs/json-schema.md).
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
         /// Also attach tls_drain and remote_drain (a trap per thread-cache drain:
         /// a busy program can run 10-15% slower while watched).
@@ -49,12 +94,13 @@ enum Command {
     },
     /// Attach for a while, then print per-class stage hit rates, legacy fallbacks and recycle outcomes.
     StageStats {
-        pid: i32,
+        #[command(flatten)]
+        target: Target,
         /// Seconds to collect (default: until Ctrl-C or the target exits).
-        #[arg(long)]
+        #[arg(short, long)]
         duration: Option<f64>,
         /// Print the raw counts as JSON (schema: docs/json-schema.md).
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
         /// Also attach tls_drain and remote_drain (see `watch --drains`).
         #[arg(long)]
@@ -62,29 +108,33 @@ enum Command {
     },
     /// One line per probe event, through a ring buffer.
     Trace {
-        pid: i32,
+        #[command(flatten)]
+        target: Target,
         /// Only these probes (repeatable; default: all).
         #[arg(long = "probe")]
         probes: Vec<String>,
-        /// Only events of this size class.
-        #[arg(long)]
+        /// Only events of this size class: its index, 0-7 (8, 16, 32, ... 1024 bytes).
+        #[arg(short, long, value_name = "INDEX")]
         class: Option<u64>,
         /// Stop after this many seconds.
-        #[arg(long)]
+        #[arg(short, long)]
         duration: Option<f64>,
     },
     /// Where the process's memory is: bytes in use, in thread caches and resident, per tier and class.
     Mem {
-        pid: i32,
+        #[command(flatten)]
+        target: Target,
         /// One JSON document (schema: docs/json-schema.md).
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Start CMD with libhakmem.so preloaded and watch it from its first allocation.
     Run {
-        #[arg(long, default_value_t = 1.0)]
+        /// Seconds between refreshes.
+        #[arg(short, long, default_value_t = 1.0)]
         interval: f64,
-        #[arg(long)]
+        /// One JSON document per refresh (schema: docs/json-schema.md).
+        #[arg(short, long)]
         json: bool,
         /// Also attach tls_drain and remote_drain (see `watch --drains`).
         #[arg(long)]
@@ -93,6 +143,52 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), made from these definitions: `hakctl man | man -l -`.
+    Man,
+}
+
+/// `watch`'s process, interval and count from `-p`, its positionals and `--interval`.
+fn watch_args(
+    pid_flag: Option<i32>,
+    positional: &[String],
+    interval: Option<f64>,
+) -> Result<(i32, f64, Option<u64>)> {
+    let mut rest = positional.iter();
+    let pid = match pid_flag {
+        Some(pid) => pid,
+        None => {
+            let Some(p) = rest.next() else {
+                bail!("which process? `hakctl watch PID` or `hakctl watch -p PID`");
+            };
+            p.parse()
+                .with_context(|| format!("{p:?} is not a process id"))?
+        }
+    };
+    let positional_interval = rest
+        .next()
+        .map(|v| {
+            v.parse::<f64>()
+                .with_context(|| format!("interval {v:?} is not a number of seconds"))
+        })
+        .transpose()?;
+    let count = rest
+        .next()
+        .map(|v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|&c| c > 0)
+                .with_context(|| format!("count {v:?} is not a positive whole number"))
+        })
+        .transpose()?;
+    if let Some(extra) = rest.next() {
+        bail!("unexpected argument {extra:?}: `hakctl watch [-p] PID [INTERVAL [COUNT]]`");
+    }
+    if positional_interval.is_some() && interval.is_some() {
+        bail!("the interval is given twice (positional and --interval)");
+    }
+    Ok((pid, positional_interval.or(interval).unwrap_or(1.0), count))
 }
 
 fn main() -> ExitCode {
@@ -114,25 +210,44 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Probes { target } => commands::probes(&target),
             Command::Watch {
-                pid,
+                pid_flag,
+                positional,
                 interval,
                 duration,
                 json,
                 drains,
-            } => commands::watch(pid, interval, duration, json, drains).await,
+            } => {
+                let (pid, interval, count) = watch_args(pid_flag, &positional, interval)?;
+                commands::watch(pid, interval, count, duration, json, drains).await
+            }
             Command::StageStats {
-                pid,
+                target,
                 duration,
                 json,
                 drains,
-            } => commands::stage_stats(pid, duration, json, drains).await,
+            } => commands::stage_stats(target.pid(), duration, json, drains).await,
             Command::Trace {
-                pid,
+                target,
                 probes,
                 class,
                 duration,
-            } => commands::trace(pid, &probes, class, duration).await,
-            Command::Mem { pid, json } => mem::mem(pid, json),
+            } => commands::trace(target.pid(), &probes, class, duration).await,
+            Command::Mem { target, json } => mem::mem(target.pid(), json),
+            Command::Completions { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "hakctl",
+                    &mut std::io::stdout(),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Man => {
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut std::io::stdout())
+                    .context("cannot write the manual page")?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Run {
                 interval,
                 json,
@@ -147,5 +262,64 @@ fn main() -> ExitCode {
             eprintln!("hakctl: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn watch_takes_pid_interval_count_as_vmstat_does() {
+        assert_eq!(
+            watch_args(None, &strings(&["42"]), None).unwrap(),
+            (42, 1.0, None)
+        );
+        assert_eq!(
+            watch_args(None, &strings(&["42", "2", "10"]), None).unwrap(),
+            (42, 2.0, Some(10))
+        );
+        assert_eq!(
+            watch_args(Some(42), &strings(&["0.5", "3"]), None).unwrap(),
+            (42, 0.5, Some(3))
+        );
+        assert_eq!(
+            watch_args(Some(42), &[], Some(2.0)).unwrap(),
+            (42, 2.0, None)
+        );
+        for (flag, pos, interval, says) in [
+            (None, vec![], None, "which process"),
+            (None, vec!["x"], None, "not a process id"),
+            (Some(1), vec!["x"], None, "not a number"),
+            (Some(1), vec!["1", "0"], None, "positive whole"),
+            (Some(1), vec!["1", "2", "3"], None, "unexpected"),
+            (Some(1), vec!["1"], Some(1.0), "twice"),
+        ] {
+            let e = watch_args(flag, &strings(&pos), interval).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{pos:?}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent_and_takes_pid_either_way() {
+        Cli::command().debug_assert();
+        for args in [
+            &["hakctl", "mem", "42"][..],
+            &["hakctl", "mem", "-p", "42", "-j"],
+            &["hakctl", "stage-stats", "--pid", "42", "-d", "1"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let (Command::Mem { target, .. } | Command::StageStats { target, .. }) = cli.command
+            else {
+                panic!("{args:?}");
+            };
+            assert_eq!(target.pid(), 42);
+        }
+        assert!(Cli::try_parse_from(["hakctl", "mem"]).is_err());
+        assert!(Cli::try_parse_from(["hakctl", "mem", "1", "-p", "2"]).is_err());
     }
 }

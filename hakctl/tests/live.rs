@@ -234,6 +234,36 @@ fn sigkill_drops_the_semaphores_and_the_target_runs_on() {
 }
 
 #[test]
+fn watch_with_p_interval_and_count_prints_count_documents_and_stops() {
+    if !need_bpf("watch_with_p_interval_and_count_prints_count_documents_and_stops") {
+        return;
+    }
+    let mut t = start_scenario("forever", &[], false);
+    let started = Instant::now();
+    let out = hakctl()
+        .args(["watch", "-p", &t.pid.to_string(), "0.2", "3", "-j"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 3, "{docs:?}");
+    assert!(docs
+        .iter()
+        .all(|d| d["kind"] == "watch" && d["pid"] == t.pid));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(t.child.try_wait().unwrap().is_none(), "the target runs on");
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
+
+#[test]
 fn run_preloads_and_watches_from_the_first_allocation() {
     if !need_bpf("run_preloads_and_watches_from_the_first_allocation") {
         return;
