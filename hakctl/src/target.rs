@@ -243,6 +243,16 @@ pub fn read_semaphore(pid: i32, obj: &HakmemObject, site: &ProbeSite) -> Option<
 /// Checks that this process may load BPF programs and open uprobe events,
 /// and that the kernel has uprobes with reference counters.
 pub fn check_environment() -> Result<()> {
+    let release = kernel_release();
+    if let Some(version) = release.as_deref().and_then(kernel_version) {
+        if version < (5, 15) {
+            bail!(
+                "this kernel is Linux {} and hakctl needs 5.15 or later: it links its eBPF programs \
+                 to uprobes with attach cookies (BPF perf links, Linux 5.15)",
+                release.unwrap_or_default()
+            );
+        }
+    }
     let pmu = Path::new("/sys/bus/event_source/devices/uprobe");
     if !pmu.join("type").exists() {
         bail!("this kernel has no uprobe event source (/sys/bus/event_source/devices/uprobe): it was built without CONFIG_UPROBE_EVENTS");
@@ -265,6 +275,27 @@ pub fn check_environment() -> Result<()> {
     Ok(())
 }
 
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> Option<String> {
+    // SAFETY: an all-zero utsname is valid; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    // SAFETY: uname writes NUL-terminated strings.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    Some(release.to_string_lossy().into_owned())
+}
+
+/// Major and minor of a kernel release string (`6.18.0-1-amd64` -> (6, 18)).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 fn effective_caps() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -272,4 +303,18 @@ fn effective_caps() -> u64 {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_are_read_to_major_and_minor() {
+        assert_eq!(kernel_version("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0"), Some((5, 4)));
+        assert!(kernel_version("5.4.0").unwrap() < (5, 15));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version(&kernel_release().unwrap()).is_some());
+    }
 }
