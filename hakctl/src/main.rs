@@ -113,7 +113,8 @@ enum Command {
         /// Only these probes (repeatable; default: all).
         #[arg(long = "probe")]
         probes: Vec<String>,
-        /// Only events of this size class: its index, 0-7 (8, 16, 32, ... 1024 bytes).
+        /// Only events of this class: an index, not a size (tiny classes 0-7 are 8, 16,
+        /// 32, ... 1024 bytes; for ace_fail, the ACE class).
         #[arg(short, long, value_name = "INDEX")]
         class: Option<u64>,
         /// Stop after this many seconds.

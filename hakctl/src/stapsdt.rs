@@ -19,7 +19,7 @@ pub struct ProbeSite {
     /// Link-time address of the semaphore (0: none) and its offset in the file.
     pub semaphore: u64,
     pub semaphore_offset: u64,
-    /// Whether `pc` lies in an executable segment. A note whose code the
+    /// Whether `pc` lies in an executable section. A note whose code the
     /// linker dropped keeps its entry with the address resolved against
     /// nothing (a few bytes into the file: inside the ELF header): a uprobe
     /// there would patch a byte of no instruction.
@@ -137,10 +137,15 @@ pub fn probe_sites(data: &[u8]) -> Result<Vec<ProbeSite>> {
             (s.address(), offset, size)
         })
         .collect();
+    // Executable sections (SHF_EXECINSTR), not segments: with gold or
+    // `-z noseparate-code` the first segment is executable from the ELF
+    // header on, and a stale site in the header would pass.
     let code: Vec<(u64, u64)> = file
-        .segments()
+        .sections()
         .filter(|s| match s.flags() {
-            object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+            object::SectionFlags::Elf { sh_flags } => {
+                sh_flags & u64::from(object::elf::SHF_EXECINSTR) != 0
+            }
             _ => false,
         })
         .map(|s| (s.address(), s.size()))

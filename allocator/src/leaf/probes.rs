@@ -36,7 +36,8 @@ pub(crate) use semaphore_raised;
 /// dropped as unused left its note behind pointing at no code (address 0x53
 /// or 0x8a, inside the ELF header): bpftrace warned "invalid address", and a
 /// tracer that attached there would have patched a byte of the header.
-/// `tests/probe_sites.rs` checks every site of the shipped library lies in
+/// hakctl's `every_probe_site_of_the_shipped_library_lies_in_its_code`
+/// (hakctl/src/stapsdt.rs) checks every site of the release library lies in
 /// its code.
 macro_rules! usdt_fire {
     (@u64 $arg:expr) => { u64 };
