@@ -293,7 +293,9 @@ fn zeroed_buffers(replacements: u64, slots: usize, lo: usize, hi: usize) -> u64 
     for r in 0..replacements {
         let slot = rng.next() as usize % slots;
         let size = rng.range(lo, hi);
-        let p = malloc(size);
+        // Hidden from the optimiser: LLVM turns malloc + memset(0) into
+        // calloc, which a C++ compiler does not do for operator new.
+        let p = std::hint::black_box(malloc(size));
         // SAFETY: p has size bytes.
         unsafe { std::ptr::write_bytes(p, 0, size) };
         touch(p, size, r as u8);
