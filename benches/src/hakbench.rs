@@ -232,9 +232,35 @@ fn realloc_growth(buffers: u64, keep: usize) -> u64 {
 /// buffers for one request, one file, one frame; or, in one round of millions
 /// of small blocks, a program that builds a big data structure and drops it.
 fn kept_rounds(rounds: u64, per_round: usize, lo: usize, hi: usize) -> u64 {
-    let mut rng = Rng(0x1a29e);
+    rounds_of_ranges(rounds, per_round, &[(lo, hi)], 0x1a29e)
+}
+
+/// Phases that each fill and free `per_phase` blocks of one size range, the
+/// ranges going round the tiny classes in a shifting order (16-32 B, then
+/// 257-512 B, ...): the slabs one phase leaves EMPTY are what the next
+/// needs for another class (Stage 1 of the shared pool).
+fn phases(phases: u64, per_phase: usize) -> u64 {
+    const RANGES: [(usize, usize); 8] = [
+        (16, 32),
+        (257, 512),
+        (33, 64),
+        (513, 1024),
+        (65, 128),
+        (129, 256),
+        (17, 24),
+        (800, 1024),
+    ];
+    rounds_of_ranges(phases, per_phase, &RANGES, 0xf00d)
+}
+
+/// `rounds` rounds of `per_round` blocks (first and last byte written),
+/// round r's sizes from `ranges[r % ranges.len()]`, all kept, then checked
+/// and freed in the order made.
+fn rounds_of_ranges(rounds: u64, per_round: usize, ranges: &[(usize, usize)], seed: u64) -> u64 {
+    let mut rng = Rng(seed);
     let mut live: Vec<(*mut u8, usize)> = Vec::with_capacity(per_round);
     for r in 0..rounds {
+        let (lo, hi) = ranges[r as usize % ranges.len()];
         for _ in 0..per_round {
             let size = rng.range(lo, hi);
             let p = malloc(size);
@@ -247,40 +273,6 @@ fn kept_rounds(rounds: u64, per_round: usize, lo: usize, hi: usize) -> u64 {
         }
     }
     rounds * per_round as u64 * 2
-}
-
-/// Phases that each fill and free `per_phase` blocks of one size range, the
-/// ranges going round the tiny classes in a shifting order (16-32 B, then
-/// 257-512 B, ...): the slabs one phase leaves EMPTY are what the next
-/// needs for another class (Stage 1 of the shared pool). Each phase frees
-/// its blocks in the order made, checking them.
-fn phases(phases: u64, per_phase: usize) -> u64 {
-    const RANGES: [(usize, usize); 8] = [
-        (16, 32),
-        (257, 512),
-        (33, 64),
-        (513, 1024),
-        (65, 128),
-        (129, 256),
-        (17, 24),
-        (800, 1024),
-    ];
-    let mut rng = Rng(0xf00d);
-    let mut live: Vec<(*mut u8, usize)> = Vec::with_capacity(per_phase);
-    for p in 0..phases {
-        let (lo, hi) = RANGES[p as usize % RANGES.len()];
-        for _ in 0..per_phase {
-            let size = rng.range(lo, hi);
-            let q = malloc(size);
-            touch(q, size, p as u8);
-            live.push((q, size));
-        }
-        for (q, size) in live.drain(..) {
-            check(q, size, p as u8);
-            free(q);
-        }
-    }
-    phases * per_phase as u64 * 2
 }
 
 /// Big zero-initialised buffers replaced at random, as `std::make_unique<char[]>(n)`

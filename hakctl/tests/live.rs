@@ -164,18 +164,23 @@ fn counts_equal_the_allocators_own_tally_for_every_probe() {
     assert_eq!(seen.len(), hakmem_common::PROBE_COUNT);
 }
 
+/// The standard output of a command that must have succeeded (else its stderr is the failure).
+fn stdout_of_success(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// (probe, "yes"/"no") for every probe of the process.
 fn semaphores(pid: i32) -> Vec<(String, String)> {
     let out = hakctl()
         .args(["probes", &pid.to_string()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    stdout_of_success(&out)
         .lines()
         .filter(|l| !l.starts_with('#') && !l.starts_with("PROBE"))
         .map(|l| {
@@ -244,12 +249,7 @@ fn watch_with_p_interval_and_count_prints_count_documents_and_stops() {
         .args(["watch", "-p", &t.pid.to_string(), "0.2", "3", "-j"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+    let docs: Vec<Value> = stdout_of_success(&out)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
