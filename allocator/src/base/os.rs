@@ -254,10 +254,13 @@ pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
 /// it checks the source) and another thread mapped meanwhile: left alone,
 /// at worst address space lost, never someone else's mapping unmapped.
 ///
+/// Before Linux 6.17 the kernel refuses a `from` that spans two kernel
+/// mappings (VMAs), as joined neighbours may: the caller then keeps `from`
+/// and does not try it again (`chunks::take_moved`).
+///
 /// # Safety
-/// `from` is exactly one kernel mapping of this layer's (one mmap, maybe
-/// grown in place), `to` a mapping of this layer's; nobody uses either, and
-/// they do not overlap.
+/// `from` and `to` are mappings of this layer's (made by it, maybe joined
+/// or grown in place); nobody uses either, and they do not overlap.
 pub unsafe fn move_mapping(from: *mut u8, bytes: usize, to: *mut u8, to_bytes: usize) -> bool {
     debug_assert!(bytes < to_bytes);
     // SAFETY: per the contract; MREMAP_FIXED replaces only `to..to + bytes`,
