@@ -152,10 +152,10 @@ struct Cached {
     extent: usize,
     /// Bytes it may hold resident: its extent, or what mincore counted.
     resident: usize,
-    /// When it was freed (`now_ns`).
+    /// When it was freed (`now_ns`). (Whether it may be moved is in its
+    /// header, `MapHeader::movable`: read on the rare move path only, it
+    /// keeps this entry at 40 bytes, which the ring shifts on every take.)
     freed_at: u64,
-    /// `MapHeader::movable`.
-    movable: bool,
 }
 
 const NONE: Cached = Cached {
@@ -164,7 +164,6 @@ const NONE: Cached = Cached {
     extent: 0,
     resident: 0,
     freed_at: 0,
-    movable: false,
 };
 
 /// A mapping moved out of the cache to go back to the OS, and why (the
@@ -336,8 +335,6 @@ pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
         extent,
         resident,
         freed_at: now,
-        // SAFETY: the caller's mapping starts with its header.
-        movable: unsafe { (*(chunk as *const MapHeader)).movable },
     };
     let n = with_cache(|c| c.put(freed, &mut evicted));
     unmap_all(&mut evicted[..n]);
@@ -345,8 +342,7 @@ pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
 
 /// Caches the mapping `m` again as it was (its age too), after `take_moved`
 /// could not move it; it is not tried again.
-fn put_back(mut m: Cached) {
-    m.movable = false;
+fn put_back(m: Cached) {
     // SAFETY: `m` is a mapping the cache handed out, its header ours.
     unsafe { (*(m.base as *mut MapHeader)).movable = false };
     let mut evicted = [NO_EVICTION; EVICT_MAX];
@@ -573,8 +569,9 @@ impl Cache {
         // held) and nobody references; its start is writable. The head's
         // header is the mapping's own, at its start.
         unsafe {
+            let movable = (*(whole.base as *const MapHeader)).movable;
             (rest.base as *mut MapHeader).write(MapHeader {
-                movable: whole.movable,
+                movable,
                 ..MapHeader::new(rest.size, rest.extent)
             });
             let h = &mut *(whole.base as *mut MapHeader);
@@ -615,13 +612,14 @@ impl Cache {
                 },
                 resident: low.resident + high.resident,
                 freed_at: low.freed_at.max(high.freed_at),
-                movable: low.movable && high.movable,
             };
-            // SAFETY: `low` starts a mapping the cache owns (lock held): its
-            // header page is ours to write.
+            // SAFETY: both start mappings the cache owns (lock held), with
+            // their headers; `low`'s header page is ours to write.
             unsafe {
+                let movable = (*(low.base as *const MapHeader)).movable
+                    && (*(high.base as *const MapHeader)).movable;
                 (m.base as *mut MapHeader).write(MapHeader {
-                    movable: m.movable,
+                    movable,
                     ..MapHeader::new(m.size, m.extent)
                 })
             };
@@ -635,7 +633,8 @@ impl Cache {
         let i = (0..self.sized_len)
             .filter(|&i| {
                 let m = &self.sized[i];
-                m.movable && m.size > CHUNK && m.size < map
+                // SAFETY: a cached mapping starts with its header (lock held).
+                m.size > CHUNK && m.size < map && unsafe { (*(m.base as *const MapHeader)).movable }
             })
             .max_by_key(|&i| self.sized[i].size)?;
         Some(self.remove_sized(i))
@@ -821,7 +820,6 @@ mod tests {
             extent: PAGE,
             resident: PAGE,
             freed_at,
-            movable: false,
         }
     }
 
@@ -1014,7 +1012,6 @@ mod tests {
             extent: size,
             resident: size,
             freed_at: 1,
-            movable: true,
         }
     }
 
@@ -1058,13 +1055,9 @@ mod tests {
         let moved = cache.take_largest_below(9 * CHUNK).expect("the 8 chunks");
         assert_eq!((moved.base, moved.size), (base, 8 * CHUNK));
         // A mapping whose move failed is not tried again.
-        cache.put(
-            Cached {
-                movable: false,
-                ..moved
-            },
-            &mut out,
-        );
+        // SAFETY: the mapping is ours, its header at its start.
+        unsafe { (*(moved.base as *mut MapHeader)).movable = false };
+        cache.put(moved, &mut out);
         assert!(cache.take_largest_below(9 * CHUNK).is_none());
         // Every cached mapping counts at least its header page: eviction
         // empties the cache.

@@ -68,10 +68,20 @@ fn tiny_refill(bin: usize) -> *mut u8 {
     lifecycle::before_refill();
     let refusals = os::refusals();
     let p = with_cache(|tc| tc.tiny.refill(tc.mode, bin));
-    if p.is_null() && lifecycle::after_refusal(refusals) {
-        return with_cache(|tc| tc.tiny.refill(tc.mode, bin));
+    if p.is_null() {
+        return tiny_refill_after_refusal(bin, refusals);
     }
     p
+}
+
+/// `tiny_refill` once more if memory ran out and something went back (`lifecycle::after_refusal`).
+#[cold]
+#[inline(never)]
+fn tiny_refill_after_refusal(bin: usize, refusals: usize) -> *mut u8 {
+    if !lifecycle::after_refusal(refusals) {
+        return null_mut();
+    }
+    with_cache(|tc| tc.tiny.refill(tc.mode, bin))
 }
 
 fn alloc_above_tiny(size: usize) -> *mut u8 {
@@ -86,7 +96,11 @@ fn alloc_above_tiny(size: usize) -> *mut u8 {
 
 /// A block of `size` (TINY_MAX < size <= ACE_MAX) from ACE; null if ACE
 /// failed (its `ace_fail` probe fired), for the large path to serve.
-#[inline]
+/// Always inlined: the mid sizes' fast path (a thread-cache pop). Left to
+/// LLVM, it stopped being inlined into `malloc_uncached` when the large
+/// path grew a retry, 6 instructions a call more on hakbench `mid`
+/// (benches/instructions-guard.sh).
+#[inline(always)]
 fn ace_alloc(size: usize) -> *mut u8 {
     let Some(class) = ace::class_for(size) else {
         return null_mut();
@@ -110,10 +124,20 @@ fn large_alloc(size: usize, align: usize) -> (*mut u8, bool) {
     lifecycle::before_slow_path();
     let refusals = os::refusals();
     let r = large::alloc(size, align);
-    if r.0.is_null() && lifecycle::after_refusal(refusals) {
-        return large::alloc(size, align);
+    if r.0.is_null() {
+        return large_alloc_after_refusal(size, align, refusals);
     }
     r
+}
+
+/// `large::alloc` once more if memory ran out and something went back (`lifecycle::after_refusal`).
+#[cold]
+#[inline(never)]
+fn large_alloc_after_refusal(size: usize, align: usize, refusals: usize) -> (*mut u8, bool) {
+    if !lifecycle::after_refusal(refusals) {
+        return (null_mut(), false);
+    }
+    large::alloc(size, align)
 }
 
 /// `free`. Aborts (or logs, `HAKMEM_INVALID_FREE=ignore`) on a pointer hakmem
