@@ -19,7 +19,7 @@ enum End {
     TargetExited,
 }
 
-pub fn probes(target_arg: &str) -> Result<ExitCode> {
+pub fn probes(target_arg: &str, json: bool) -> Result<ExitCode> {
     let (pid, objects) = match target_arg.parse::<i32>() {
         Ok(pid) => (Some(pid), target::find_in_process(pid)?),
         Err(_) => (
@@ -27,6 +27,10 @@ pub fn probes(target_arg: &str) -> Result<ExitCode> {
             vec![target::find_in_file(std::path::Path::new(target_arg))?],
         ),
     };
+    if json {
+        println!("{}", probes_json(pid, &objects));
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{:<18} {:>5}  {:<18} {:<10} ARGUMENTS",
         "PROBE", "SITES", "SEMAPHORE", "ENABLED"
@@ -256,6 +260,7 @@ pub async fn trace(
     probes: &[String],
     class: Option<u64>,
     duration: Option<f64>,
+    json: bool,
 ) -> Result<ExitCode> {
     let mut mask = 0u64;
     for name in probes {
@@ -280,6 +285,14 @@ pub async fn trace(
         .unwrap_or(Instant::now() + Duration::from_secs(u32::MAX as u64));
     let mut out = std::io::stdout().lock();
     let mut printed = 0u64;
+    let offset = mono_to_unix_ns();
+    let line = |ev: &TraceEvent| {
+        if json {
+            event_json(ev, offset).to_string()
+        } else {
+            format_event(ev)
+        }
+    };
     let end = loop {
         while let Some(item) = events.next() {
             if item.len() < std::mem::size_of::<TraceEvent>() {
@@ -292,7 +305,7 @@ pub async fn trace(
                     continue;
                 }
             }
-            if writeln!(out, "{}", format_event(&ev)).is_err() {
+            if writeln!(out, "{}", line(&ev)).is_err() {
                 return Ok(ExitCode::SUCCESS); // reader went away (e.g. `| head`)
             }
             printed += 1;
@@ -309,7 +322,7 @@ pub async fn trace(
             // SAFETY: as above.
             let ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             if class.is_none_or(|c| class_of(&ev) == Some(c)) {
-                let _ = writeln!(out, "{}", format_event(&ev));
+                let _ = writeln!(out, "{}", line(&ev));
                 printed += 1;
             }
         }
@@ -325,6 +338,78 @@ pub async fn trace(
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `probes --json`: one document, each object's probes with their sites,
+/// semaphore address and (for a process) semaphore count.
+fn probes_json(pid: Option<i32>, objects: &[HakmemObject]) -> serde_json::Value {
+    let objects: Vec<serde_json::Value> = objects
+        .iter()
+        .map(|obj| {
+            let mut by_name: BTreeMap<&str, Vec<&crate::stapsdt::ProbeSite>> = BTreeMap::new();
+            for s in &obj.sites {
+                by_name.entry(s.name.as_str()).or_default().push(s);
+            }
+            let probes: Vec<serde_json::Value> = by_name
+                .into_iter()
+                .map(|(name, sites)| {
+                    let s = sites[0];
+                    let semaphore_count = pid.and_then(|pid| target::read_semaphore(pid, obj, s));
+                    serde_json::json!({
+                        "probe": name,
+                        "sites": sites.iter().map(|s| obj.load_bias.wrapping_add(s.pc)).collect::<Vec<_>>(),
+                        "semaphore": obj.load_bias.wrapping_add(s.semaphore),
+                        "semaphore_count": semaphore_count,
+                        "args": ProbeId::from_name(name).map(|id| PROBES[id as usize].args.to_vec()),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "path": obj.path, "probes": probes })
+        })
+        .collect();
+    serde_json::json!({
+        "schema": crate::report::SCHEMA,
+        "kind": "probes",
+        "pid": pid,
+        "time_unix_s": crate::report::unix_now(),
+        "objects": objects,
+    })
+}
+
+/// `trace --json`: one document per event. `ts_ns` is the kernel's
+/// monotonic clock at the hit; `time_unix_s` the wall clock it corresponds to
+/// (`mono_to_unix_ns`: the two clocks' difference, read when tracing began).
+fn event_json(ev: &TraceEvent, mono_to_unix_ns: i128) -> serde_json::Value {
+    let probe = ProbeId::from_u32(ev.probe);
+    let mut args = serde_json::Map::new();
+    if let Some(p) = probe {
+        for (name, v) in PROBES[p as usize].args.iter().zip(ev.args) {
+            args.insert(name.to_string(), v.into());
+        }
+    }
+    serde_json::json!({
+        "schema": crate::report::SCHEMA,
+        "kind": "event",
+        "probe": probe.map(|p| p.name()),
+        "pid": ev.pid_tgid >> 32,
+        "tid": ev.pid_tgid & 0xffff_ffff,
+        "ts_ns": ev.ts_ns,
+        "time_unix_s": (ev.ts_ns as i128 + mono_to_unix_ns) as f64 / 1e9,
+        "args": args,
+        "text": format_event(ev),
+    })
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads), in ns.
+fn mono_to_unix_ns() -> i128 {
+    let read = |clock| {
+        // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
+        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid clock id and out-pointer.
+        unsafe { libc::clock_gettime(clock, &mut t) };
+        t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
 
 fn class_of(ev: &TraceEvent) -> Option<u64> {

@@ -64,6 +64,9 @@ enum Command {
     Probes {
         /// A process id or a path to libhakmem.so / a binary with hakmem inside.
         target: String,
+        /// One JSON document (schema: docs/json-schema.md).
+        #[arg(short, long)]
+        json: bool,
     },
     /// Attach and refresh live: totals, rates, stage hit rates, recycle funnel, failures, histograms.
     #[command(
@@ -120,6 +123,9 @@ enum Command {
         /// Stop after this many seconds.
         #[arg(short, long)]
         duration: Option<f64>,
+        /// One JSON document per event, with its wall-clock time (schema: docs/json-schema.md).
+        #[arg(short, long)]
+        json: bool,
     },
     /// Where the process's memory is: bytes in use, in thread caches and resident, per tier and class.
     Mem {
@@ -209,7 +215,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Probes { target } => commands::probes(&target),
+            Command::Probes { target, json } => commands::probes(&target, json),
             Command::Watch {
                 pid_flag,
                 positional,
@@ -232,7 +238,8 @@ fn main() -> ExitCode {
                 probes,
                 class,
                 duration,
-            } => commands::trace(target.pid(), &probes, class, duration).await,
+                json,
+            } => commands::trace(target.pid(), &probes, class, duration, json).await,
             Command::Mem { target, json } => mem::mem(target.pid(), json),
             Command::Completions { shell } => {
                 clap_complete::generate(

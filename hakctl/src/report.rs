@@ -14,6 +14,14 @@ use std::fmt::Write;
 
 pub const SCHEMA: &str = "hakctl/1";
 
+/// The wall clock now, in seconds since the Unix epoch (`time_unix_s` in every document).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 pub struct Report<'a> {
     pub kind: &'static str,
     pub pid: i32,
@@ -121,6 +129,7 @@ impl Report<'_> {
         json!({
             "schema": SCHEMA,
             "kind": self.kind,
+            "time_unix_s": unix_now(),
             "pid": self.pid,
             "process": self.process,
             "elapsed_s": self.elapsed,

@@ -264,6 +264,75 @@ fn watch_with_p_interval_and_count_prints_count_documents_and_stops() {
 }
 
 #[test]
+fn trace_and_probes_speak_json_with_wall_clock_times() {
+    if !need_bpf("trace_and_probes_speak_json_with_wall_clock_times") {
+        return;
+    }
+    let mut t = start_scenario("forever", &[], false);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let before = now();
+    let out = hakctl()
+        .args([
+            "trace",
+            "-p",
+            &t.pid.to_string(),
+            "--probe",
+            "tls_drain",
+            "-d",
+            "1",
+            "-j",
+        ])
+        .output()
+        .unwrap();
+    let after = now();
+    let events: Vec<Value> = stdout_of_success(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !events.is_empty(),
+        "the scenario drains its caches all the time"
+    );
+    for e in &events {
+        assert_eq!(
+            (e["kind"].as_str(), e["probe"].as_str()),
+            (Some("event"), Some("tls_drain"))
+        );
+        assert_eq!(e["pid"], t.pid, "{e}");
+        let time = e["time_unix_s"].as_f64().unwrap();
+        assert!(
+            time > before - 0.5 && time < after + 0.5,
+            "{time} not in [{before}, {after}]"
+        );
+        assert!(e["args"]["batch"].as_u64().unwrap() > 0, "{e}");
+        assert!(e["args"]["class"].as_u64().unwrap() < 8, "{e}");
+    }
+    let out = hakctl()
+        .args(["probes", &t.pid.to_string(), "--json"])
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_str(&stdout_of_success(&out)).unwrap();
+    assert_eq!(doc["kind"], "probes");
+    let probes = doc["objects"][0]["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), hakmem_common::PROBE_COUNT, "{doc}");
+    for p in probes {
+        assert_eq!(
+            p["sites"].as_array().unwrap().len(),
+            1,
+            "one site per probe: {p}"
+        );
+        assert_eq!(p["semaphore_count"], 0, "nobody attached now: {p}");
+    }
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
+
+#[test]
 fn run_preloads_and_watches_from_the_first_allocation() {
     if !need_bpf("run_preloads_and_watches_from_the_first_allocation") {
         return;
