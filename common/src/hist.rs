@@ -80,6 +80,14 @@ pub fn bucket_low(b: usize) -> u64 {
     (1u64 << e) | (sub << (e - SUB_BITS))
 }
 
+/// The largest value that falls into bucket `b` (the last bucket: `u64::MAX`).
+pub fn bucket_high(b: usize) -> u64 {
+    if b + 1 >= HIST_BUCKETS {
+        return u64::MAX;
+    }
+    bucket_low(b + 1) - 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +103,12 @@ mod tests {
         }
         for b in 0..HIST_BUCKETS - 1 {
             assert_eq!(bucket_of(bucket_low(b)), b);
+            assert_eq!(bucket_of(bucket_high(b)), b);
+            // 12.5% resolution: a bucket spans at most an eighth of its floor.
+            assert!(
+                bucket_high(b) - bucket_low(b) <= bucket_low(b) / 8,
+                "bucket {b}"
+            );
         }
         assert_eq!(bucket_of(u64::MAX), HIST_BUCKETS - 1);
     }

@@ -5,10 +5,9 @@
 use crate::session::Snapshot;
 use hakmem_common::codes::*;
 use hakmem_common::hist::{
-    bucket_low, HIST_ACQUIRE_NS, HIST_BUCKETS, HIST_REMOTE_DRAIN_BATCH, HIST_TLS_DRAIN_BATCH,
+    bucket_high, HIST_ACQUIRE_NS, HIST_BUCKETS, HIST_REMOTE_DRAIN_BATCH, HIST_TLS_DRAIN_BATCH,
 };
 use hakmem_common::{ProbeId, Tally, PROBES};
-use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::fmt::Write;
 
@@ -47,6 +46,14 @@ pub fn tally_json(t: &Tally) -> Value {
     serde_json::from_str(&s).expect("the tally writer emits JSON")
 }
 
+/// Percentiles of a histogram whose values the eBPF side kept in log-linear
+/// buckets (`hakmem_common::hist`: exact below 16, then eight buckets per
+/// power of two). Each figure is the upper bound of the bucket the percentile
+/// falls in: the true value is at most it and at least 7/8 of it (exact
+/// below 16); `max` is the upper bound of the highest bucket holding a value.
+/// (Read through hdrhistogram, re-recording each bucket's lower bound, the
+/// figures came out up to 12.5% low, and `max` a bucket floor: the buckets
+/// are all the information there is, so they are read directly.)
 #[derive(Clone, Copy, Default)]
 pub struct Percentiles {
     pub count: u64,
@@ -57,21 +64,28 @@ pub struct Percentiles {
 }
 
 pub fn percentiles(buckets: &[u64; HIST_BUCKETS]) -> Percentiles {
-    let mut h = Histogram::<u64>::new(3).expect("3 significant figures is valid");
-    for (b, &n) in buckets.iter().enumerate() {
-        if n > 0 {
-            let _ = h.record_n(bucket_low(b), n);
-        }
-    }
-    if h.is_empty() {
+    let count: u64 = buckets.iter().sum();
+    if count == 0 {
         return Percentiles::default();
     }
+    // The bucket holding the ceil(q * count)-th value, by its upper bound.
+    let at = |q: f64| {
+        let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+        let mut seen = 0;
+        for (b, &n) in buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return bucket_high(b);
+            }
+        }
+        unreachable!("rank <= count")
+    };
     Percentiles {
-        count: h.len(),
-        p50: h.value_at_quantile(0.50),
-        p90: h.value_at_quantile(0.90),
-        p99: h.value_at_quantile(0.99),
-        max: h.max(),
+        count,
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: at(1.0),
     }
 }
 
@@ -519,5 +533,22 @@ mod tests {
     fn line_has(r: &Report, part: &str) -> bool {
         let line = r.line();
         line.contains(part) || panic!("{part:?} not in {line:?}")
+    }
+    #[test]
+    fn percentiles_are_the_upper_bounds_of_their_buckets_never_below_the_truth() {
+        use hakmem_common::hist::bucket_of;
+        let mut b = [0u64; HIST_BUCKETS];
+        // 98 values of 5 (exact: below 16), one of 100, one of 1000.
+        b[bucket_of(5)] += 98;
+        b[bucket_of(100)] += 1;
+        b[bucket_of(1000)] += 1;
+        let p = percentiles(&b);
+        assert_eq!((p.count, p.p50, p.p90), (100, 5, 5));
+        // The 99th value is the 100: its bucket is 96..=103.
+        assert_eq!(p.p99, 103);
+        assert!((100..=100 * 9 / 8).contains(&p.p99));
+        // max: the 1000's bucket, 960..=1023, never a floor below the truth.
+        assert_eq!(p.max, 1023);
+        assert_eq!(percentiles(&[0; HIST_BUCKETS]).count, 0);
     }
 }
