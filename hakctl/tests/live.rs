@@ -164,6 +164,14 @@ fn counts_equal_the_allocators_own_tally_for_every_probe() {
     assert_eq!(seen.len(), hakmem_common::PROBE_COUNT);
 }
 
+/// The JSON documents, one a line, of a command that must have succeeded.
+fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    stdout_of_success(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// The standard output of a command that must have succeeded (else its stderr is the failure).
 fn stdout_of_success(out: &std::process::Output) -> String {
     assert!(
@@ -249,10 +257,7 @@ fn watch_with_p_interval_and_count_prints_count_documents_and_stops() {
         .args(["watch", "-p", &t.pid.to_string(), "0.2", "3", "-j"])
         .output()
         .unwrap();
-    let docs: Vec<Value> = stdout_of_success(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let docs = json_lines(&out);
     assert_eq!(docs.len(), 3, "{docs:?}");
     assert!(docs
         .iter()
@@ -290,10 +295,7 @@ fn trace_and_probes_speak_json_with_wall_clock_times() {
         .output()
         .unwrap();
     let after = now();
-    let events: Vec<Value> = stdout_of_success(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = json_lines(&out);
     assert!(
         !events.is_empty(),
         "the scenario drains its caches all the time"

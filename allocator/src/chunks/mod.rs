@@ -327,7 +327,6 @@ pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
         extent
     };
     probes::cache_put(size, user, resident);
-    let mut evicted = [NO_EVICTION; EVICT_MAX];
     let now = os::now_ns();
     let freed = Cached {
         base: chunk,
@@ -336,7 +335,13 @@ pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
         resident,
         freed_at: now,
     };
-    let n = with_cache(|c| c.put(freed, &mut evicted));
+    cache(freed);
+}
+
+/// Caches `m`, returning to the OS what the cache lets go.
+fn cache(m: Cached) {
+    let mut evicted = [NO_EVICTION; EVICT_MAX];
+    let n = with_cache(|c| c.put(m, &mut evicted));
     unmap_all(&mut evicted[..n]);
 }
 
@@ -345,9 +350,7 @@ pub fn put(chunk: usize, size: usize, extent: usize, user: CacheUser) {
 fn put_back(m: Cached) {
     // SAFETY: `m` is a mapping the cache handed out, its header ours.
     unsafe { (*(m.base as *mut MapHeader)).movable = false };
-    let mut evicted = [NO_EVICTION; EVICT_MAX];
-    let n = with_cache(|c| c.put(m, &mut evicted));
-    unmap_all(&mut evicted[..n]);
+    cache(m);
 }
 
 /// What the freed block of `extent` bytes at `chunk` may hold resident. Its

@@ -66,22 +66,39 @@ fn tiny_alloc(bin: usize) -> *mut u8 {
 #[inline(never)]
 fn tiny_refill(bin: usize) -> *mut u8 {
     lifecycle::before_refill();
-    let refusals = os::refusals();
-    let p = with_cache(|tc| tc.tiny.refill(tc.mode, bin));
-    if p.is_null() {
-        return tiny_refill_after_refusal(bin, refusals);
-    }
-    p
+    retried_after_refusal(|| with_cache(|tc| tc.tiny.refill(tc.mode, bin)))
 }
 
-/// `tiny_refill` once more if memory ran out and something went back (`lifecycle::after_refusal`).
-#[cold]
-#[inline(never)]
-fn tiny_refill_after_refusal(bin: usize, refusals: usize) -> *mut u8 {
-    if !lifecycle::after_refusal(refusals) {
-        return null_mut();
+/// Runs `alloc`, and once more if it came back null (the pointer it
+/// returns, `Allocated::ptr`) because a mapping was refused meanwhile and
+/// `lifecycle::after_refusal` gave something back (the pool's idle
+/// SuperSlabs, the chunk cache). The retry is behind that cold call: this
+/// adds a load and a branch to the slow paths it wraps.
+#[inline(always)]
+fn retried_after_refusal<T: Allocated>(mut alloc: impl FnMut() -> T) -> T {
+    let refusals = os::refusals();
+    let r = alloc();
+    if r.ptr().is_null() && lifecycle::after_refusal(refusals) {
+        return alloc();
     }
-    with_cache(|tc| tc.tiny.refill(tc.mode, bin))
+    r
+}
+
+/// What an allocation path returns: its block first.
+trait Allocated {
+    fn ptr(&self) -> *mut u8;
+}
+
+impl Allocated for *mut u8 {
+    fn ptr(&self) -> *mut u8 {
+        *self
+    }
+}
+
+impl<T> Allocated for (*mut u8, T) {
+    fn ptr(&self) -> *mut u8 {
+        self.0
+    }
 }
 
 fn alloc_above_tiny(size: usize) -> *mut u8 {
@@ -98,8 +115,8 @@ fn alloc_above_tiny(size: usize) -> *mut u8 {
 /// failed (its `ace_fail` probe fired), for the large path to serve.
 /// Always inlined: the mid sizes' fast path (a thread-cache pop). Left to
 /// LLVM, it stopped being inlined into `malloc_uncached` when the large
-/// path grew a retry, 6 instructions a call more on hakbench `mid`
-/// (benches/instructions-guard.sh).
+/// path grew its retry after a refusal, 6 instructions a call more on
+/// hakbench `mid` (benches/instructions-guard.sh).
 #[inline(always)]
 fn ace_alloc(size: usize) -> *mut u8 {
     let Some(class) = ace::class_for(size) else {
@@ -122,22 +139,7 @@ fn ace_refill(class: usize, size: usize) -> *mut u8 {
 /// A large block (`large::alloc`), after the lifecycle's slow-path duties.
 fn large_alloc(size: usize, align: usize) -> (*mut u8, bool) {
     lifecycle::before_slow_path();
-    let refusals = os::refusals();
-    let r = large::alloc(size, align);
-    if r.0.is_null() {
-        return large_alloc_after_refusal(size, align, refusals);
-    }
-    r
-}
-
-/// `large::alloc` once more if memory ran out and something went back (`lifecycle::after_refusal`).
-#[cold]
-#[inline(never)]
-fn large_alloc_after_refusal(size: usize, align: usize, refusals: usize) -> (*mut u8, bool) {
-    if !lifecycle::after_refusal(refusals) {
-        return (null_mut(), false);
-    }
-    large::alloc(size, align)
+    retried_after_refusal(|| large::alloc(size, align))
 }
 
 /// `free`. Aborts (or logs, `HAKMEM_INVALID_FREE=ignore`) on a pointer hakmem
@@ -440,7 +442,7 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         // The new block, and how many of its first bytes an earlier user
         // may have made resident.
         let (p, touched) = if size <= parcel::MAX && align <= MIN_ALIGN {
-            parcel::alloc(size)
+            retried_after_refusal(|| parcel::alloc(size))
         } else {
             let (p, fresh) = large_alloc(size, align.max(MIN_ALIGN));
             (p, if fresh { 0 } else { usize::MAX })
