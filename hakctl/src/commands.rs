@@ -10,13 +10,95 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How a collection loop ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum End {
-    Interrupted,
+    /// A signal (SIGINT, SIGTERM, SIGHUP) or a quit key: what ended it.
+    Stopped(&'static str),
     Elapsed,
     TargetExited,
+}
+
+impl End {
+    /// What hakctl says on stderr when it stops for this reason.
+    fn say(self, pid: i32) {
+        match self {
+            End::TargetExited => eprintln!("hakctl: process {pid} exited; detached"),
+            End::Stopped(why) => eprintln!("hakctl: {why}; detached"),
+            End::Elapsed => {}
+        }
+    }
+}
+
+/// The signals that end a collection loop as Ctrl-C does, so that the
+/// terminal is given back and the figures so far are printed: SIGINT,
+/// SIGTERM (kill, systemd, timeout) and SIGHUP (the terminal went away).
+struct Stop {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Stop {
+    fn new() -> Result<Stop> {
+        let on = |kind| signal(kind).context("cannot handle signals");
+        Ok(Stop {
+            int: on(SignalKind::interrupt())?,
+            term: on(SignalKind::terminate())?,
+            hup: on(SignalKind::hangup())?,
+        })
+    }
+
+    async fn signalled(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "interrupted",
+            _ = self.term.recv() => "terminated (SIGTERM)",
+            _ = self.hup.recv() => "hung up (SIGHUP)",
+        }
+    }
+}
+
+/// Waits up to `d` (or forever), returning early on a signal or when the
+/// target exits; every 50 ms it calls `step`, which ends the wait by
+/// returning true (the view's quit key).
+async fn wait(
+    pid: i32,
+    d: Option<Duration>,
+    until: Instant,
+    stop: &mut Stop,
+    step: &mut dyn FnMut() -> Result<bool>,
+) -> Result<End> {
+    let deadline = d.map(|d| until.min(Instant::now() + d));
+    loop {
+        if target::exited(pid) {
+            return Ok(End::TargetExited);
+        }
+        if step()? {
+            return Ok(End::Stopped("quit"));
+        }
+        let step = Duration::from_millis(50);
+        let sleep = match deadline {
+            Some(dl) => {
+                let now = Instant::now();
+                if now >= dl {
+                    return Ok(End::Elapsed);
+                }
+                step.min(dl - now)
+            }
+            None => step,
+        };
+        tokio::select! {
+            why = stop.signalled() => return Ok(End::Stopped(why)),
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+/// No step between the waits of a loop that shows nothing live.
+fn no_step() -> Result<bool> {
+    Ok(false)
 }
 
 pub fn probes(target_arg: &str, json: bool) -> Result<ExitCode> {
@@ -77,33 +159,6 @@ fn attach(pid: i32, drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
     Ok((session, objects))
 }
 
-/// Waits up to `d` (or forever), returning early on Ctrl-C or when the target exits.
-async fn wait(pid: i32, d: Option<Duration>, until: Instant) -> End {
-    let deadline = d.map(|d| until.min(Instant::now() + d));
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        if target::exited(pid) {
-            return End::TargetExited;
-        }
-        let step = Duration::from_millis(50);
-        let sleep = match deadline {
-            Some(dl) => {
-                let now = Instant::now();
-                if now >= dl {
-                    return End::Elapsed;
-                }
-                step.min(dl - now)
-            }
-            None => step,
-        };
-        tokio::select! {
-            _ = &mut ctrl_c => return End::Interrupted,
-            _ = tokio::time::sleep(sleep) => {}
-        }
-    }
-}
-
 fn report<'a>(
     s: &Session,
     kind: &'static str,
@@ -119,12 +174,7 @@ fn report<'a>(
         drains: s.drains,
         total,
         elapsed: total.at.duration_since(s.started).as_secs_f64(),
-        interval: prev.map(|p| {
-            (
-                total.tally.since(&p.tally),
-                total.at.duration_since(p.at).as_secs_f64().max(1e-9),
-            )
-        }),
+        interval: prev.map(|p| (total.since(p), total.secs_since(p))),
         target_exited: exited,
         memory: if exited {
             None
@@ -147,8 +197,8 @@ pub async fn watch(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Refreshes every `interval` seconds until the target exits, Ctrl-C,
-/// `duration` seconds, or `count` refreshes.
+/// Refreshes every `interval` seconds until the target exits, a signal or
+/// the quit key, `duration` seconds, or `count` refreshes.
 async fn watch_session(
     session: &Session,
     interval: f64,
@@ -160,28 +210,26 @@ async fn watch_session(
     if !(interval > 0.0 && interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
-    let tty = std::io::stdout().is_terminal() && !json;
     let stop_at = duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)))
         .unwrap_or(Instant::now() + Duration::from_secs(u32::MAX as u64));
+    let mut stop = Stop::new()?;
     let mut prev = session.snapshot()?;
-    let mut out = std::io::stdout().lock();
-    if tty {
-        // Alternate screen, hidden cursor: redrawn in place.
-        let _ = write!(out, "\x1b[?1049h\x1b[?25l");
-    }
+    let mut live = Live::new(json, kind)?;
+    live.first(session, &prev)?;
     let mut refreshes = 0u64;
     let end = loop {
         let end = wait(
             session.pid,
             Some(Duration::from_secs_f64(interval)),
             stop_at,
+            &mut stop,
+            &mut || live.keys(Some(session)),
         )
-        .await;
+        .await?;
         let exited = end == End::TargetExited;
         let cur = session.snapshot()?;
-        let r = report(session, kind, &cur, Some(&prev), exited);
-        render(&mut out, &r, json, tty);
+        live.show(session, cur.clone(), Some(prev), exited)?;
         prev = cur;
         refreshes += 1;
         if end != End::Elapsed || Instant::now() >= stop_at || count.is_some_and(|c| refreshes >= c)
@@ -189,34 +237,123 @@ async fn watch_session(
             break end;
         }
     };
-    if tty {
-        let _ = write!(out, "\x1b[?25h\x1b[?1049l");
-        let last = session.snapshot()?;
-        let _ = write!(
-            out,
-            "{}",
-            report(session, kind, &last, None, end == End::TargetExited).tables(false)
-        );
-    }
-    drop(out);
-    match end {
-        End::TargetExited => eprintln!("hakctl: process {} exited; detached", session.pid),
-        End::Interrupted => eprintln!("hakctl: interrupted; detached"),
-        End::Elapsed => {}
-    }
+    live.finish(Some(session), end == End::TargetExited)?;
+    end.say(session.pid);
     Ok(end)
 }
 
-/// One refresh: a JSON line, a full-screen redraw on a terminal, or a plain line.
-fn render(out: &mut impl Write, r: &Report, json: bool, tty: bool) {
-    if json {
-        let _ = writeln!(out, "{}", r.json());
-    } else if tty {
-        let _ = write!(out, "\x1b[H\x1b[2J{}\n(Ctrl-C to quit)", r.tables(true));
-    } else {
-        let _ = writeln!(out, "{}", r.line());
+/// How `watch` and `run` show each refresh: the full-screen view on a
+/// terminal (`view`), else one JSON document or one plain line per refresh.
+struct Live {
+    screen: Option<crate::view::Screen>,
+    view: crate::view::View,
+    json: bool,
+    kind: &'static str,
+    /// The refresh on screen: its snapshot, the one before, whether the
+    /// target had exited (drawn again when a key changes the view).
+    shown: Option<(Snapshot, Option<Snapshot>, bool)>,
+}
+
+impl Live {
+    fn new(json: bool, kind: &'static str) -> Result<Live> {
+        let tty = std::io::stdout().is_terminal() && !json;
+        Ok(Live {
+            screen: tty.then(crate::view::Screen::enter).transpose()?,
+            view: crate::view::View::default(),
+            json,
+            kind,
+            shown: None,
+        })
     }
-    let _ = out.flush();
+
+    fn full_screen(&self) -> bool {
+        self.screen.is_some()
+    }
+
+    /// Draws the view at once on attach (the first refresh is an interval away).
+    fn first(&mut self, session: &Session, at_attach: &Snapshot) -> Result<()> {
+        if self.full_screen() {
+            self.shown = Some((at_attach.clone(), None, false));
+            self.redraw(session)?;
+        }
+        Ok(())
+    }
+
+    /// One refresh: `cur`, with `prev` the start of its interval.
+    fn show(
+        &mut self,
+        session: &Session,
+        cur: Snapshot,
+        prev: Option<Snapshot>,
+        exited: bool,
+    ) -> Result<()> {
+        if self.full_screen() {
+            if !self.view.paused || exited {
+                self.shown = Some((cur, prev, exited));
+            }
+            return self.redraw(session);
+        }
+        let r = report(session, self.kind, &cur, prev.as_ref(), exited);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "{}",
+            if self.json {
+                r.json().to_string()
+            } else {
+                r.line()
+            }
+        );
+        let _ = out.flush();
+        Ok(())
+    }
+
+    fn redraw(&mut self, session: &Session) -> Result<()> {
+        let (Some(screen), Some((cur, prev, exited))) = (&mut self.screen, &self.shown) else {
+            return Ok(());
+        };
+        screen.draw(
+            &self.view,
+            &report(session, self.kind, cur, prev.as_ref(), *exited),
+        )
+    }
+
+    /// Keys pressed since the last look, redrawing what they change; true on quit.
+    fn keys(&mut self, session: Option<&Session>) -> Result<bool> {
+        if !self.full_screen() {
+            return Ok(false);
+        }
+        match self.view.read_keys()? {
+            crate::view::Asked::Quit => Ok(true),
+            crate::view::Asked::Redraw => {
+                if let Some(session) = session {
+                    self.redraw(session)?;
+                }
+                Ok(false)
+            }
+            crate::view::Asked::Nothing => Ok(false),
+        }
+    }
+
+    /// A new program image (`run` across an exec): its counts start again.
+    fn restart(&mut self) {
+        self.shown = None;
+    }
+
+    /// Gives the terminal back and prints the final tables there.
+    fn finish(mut self, session: Option<&Session>, exited: bool) -> Result<()> {
+        if self.screen.take().is_none() {
+            return Ok(());
+        }
+        if let Some(session) = session {
+            let last = session.snapshot()?;
+            print!(
+                "{}",
+                report(session, self.kind, &last, None, exited).tables(false)
+            );
+        }
+        Ok(())
+    }
 }
 
 pub async fn stage_stats(
@@ -234,8 +371,10 @@ pub async fn stage_stats(
         pid,
         duration.map(|d| Duration::from_secs_f64(d.max(0.0))),
         Instant::now() + Duration::from_secs(u32::MAX as u64),
+        &mut Stop::new()?,
+        &mut no_step,
     )
-    .await;
+    .await?;
     let snap = session.snapshot()?;
     let r = report(
         &session,
@@ -280,6 +419,7 @@ pub async fn trace(
     let (mut session, _) = attach(pid, drains)?;
     session.set_trace_mask(mask)?;
     let mut events = session.take_events()?;
+    let mut stop = Stop::new()?;
     let stop_at = duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)))
         .unwrap_or(Instant::now() + Duration::from_secs(u32::MAX as u64));
@@ -311,7 +451,14 @@ pub async fn trace(
             printed += 1;
         }
         let _ = out.flush();
-        let end = wait(pid, Some(Duration::from_millis(100)), stop_at).await;
+        let end = wait(
+            pid,
+            Some(Duration::from_millis(100)),
+            stop_at,
+            &mut stop,
+            &mut no_step,
+        )
+        .await?;
         if end != End::Elapsed || Instant::now() >= stop_at {
             break end;
         }
@@ -509,70 +656,90 @@ fn preload_library() -> Result<std::path::PathBuf> {
     Ok(lib)
 }
 
-pub async fn run(cmd: &[String], interval: f64, json: bool, drains: bool) -> Result<ExitCode> {
+/// Where `run` sends the command's output so that it never mixes with
+/// hakctl's: to `--output FILE` when given; else, while the full-screen view
+/// owns the terminal, to a file in the temporary directory (named when the
+/// view closes; the command's stdin is then /dev/null, the keys are
+/// hakctl's); else (JSON or lines on stdout) the command's stdout goes to
+/// hakctl's stderr, so that hakctl's stdout holds only its own documents.
+fn child_output(output: Option<&std::path::Path>, full_screen: bool) -> Result<crate::run::Output> {
+    let path = match output {
+        Some(p) => p.to_path_buf(),
+        None if full_screen => {
+            std::env::temp_dir().join(format!("hakctl-run-{}.log", std::process::id()))
+        }
+        None => return Ok(crate::run::Output::Stderr),
+    };
+    let file = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {} for the command's output", path.display()))?;
+    Ok(crate::run::Output::File(path, file))
+}
+
+pub async fn run(
+    cmd: &[String],
+    interval: f64,
+    json: bool,
+    drains: bool,
+    output: Option<&std::path::Path>,
+) -> Result<ExitCode> {
     if !(interval > 0.0 && interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
     let lib = preload_library()?.canonicalize().context("libhakmem.so")?;
     target::find_in_file(&lib)?;
     target::check_environment()?;
-    let mut child = crate::run::spawn(cmd, &lib, drains)?;
-    let tty = std::io::stdout().is_terminal() && !json;
-    let mut out = std::io::stdout().lock();
-    if tty {
-        let _ = write!(out, "\x1b[?1049h\x1b[?25l");
-    }
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let full_screen = std::io::stdout().is_terminal() && !json;
+    let output = child_output(output, full_screen)?;
+    let log = output.path();
+    let mut child = crate::run::spawn(cmd, &lib, drains, output)?;
+    let mut stop = Stop::new()?;
+    let mut live = Live::new(json, "run")?;
     let mut prev: Option<Snapshot> = None;
     let mut code = None;
-    let mut interrupted = false;
-    while code.is_none() && !interrupted {
+    let mut stopped = None;
+    while code.is_none() && stopped.is_none() {
         let tick = Instant::now() + Duration::from_secs_f64(interval);
         while Instant::now() < tick {
             match child.poll()? {
                 crate::run::Event::Running => {}
-                crate::run::Event::Attached => prev = None,
+                crate::run::Event::Attached => {
+                    prev = None;
+                    live.restart();
+                }
                 crate::run::Event::Exited(c) => {
                     code = Some(c);
                     break;
                 }
             }
+            if live.keys(child.session.as_ref())? {
+                stopped = Some("quit");
+                break;
+            }
             tokio::select! {
-                _ = &mut ctrl_c => { interrupted = true; break; }
+                why = stop.signalled() => { stopped = Some(why); break; }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
         if let Some(session) = &child.session {
             let cur = session.snapshot()?;
-            render(
-                &mut out,
-                &report(session, "run", &cur, prev.as_ref(), code.is_some()),
-                json,
-                tty,
-            );
+            live.show(session, cur.clone(), prev.take(), code.is_some())?;
             prev = Some(cur);
         }
     }
-    if tty {
-        let _ = write!(out, "\x1b[?25h\x1b[?1049l");
-        if let Some(session) = &child.session {
-            let last = session.snapshot()?;
-            let _ = write!(
-                out,
-                "{}",
-                report(session, "run", &last, None, code.is_some()).tables(false)
-            );
-        }
+    live.finish(child.session.as_ref(), code.is_some())?;
+    if let Some(log) = log {
+        eprintln!("hakctl: the command's output is in {}", log.display());
     }
-    drop(out);
     match code {
         Some(c) => {
             eprintln!("hakctl: {} exited with status {c}", cmd[0]);
             Ok(ExitCode::from(c.clamp(0, 255) as u8))
         }
         None => {
-            eprintln!("hakctl: interrupted; the command is ended with hakctl");
+            eprintln!(
+                "hakctl: {}; the command is ended with hakctl",
+                stopped.unwrap_or("interrupted")
+            );
             Ok(ExitCode::FAILURE)
         }
     }

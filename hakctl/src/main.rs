@@ -8,6 +8,7 @@ mod run;
 mod session;
 mod stapsdt;
 mod target;
+mod view;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -146,6 +147,12 @@ enum Command {
         /// Also attach tls_drain and remote_drain (see `watch --drains`).
         #[arg(long)]
         drains: bool,
+        /// Write the command's stdout and stderr to FILE. Without it they go to
+        /// a file in the temporary directory while the full-screen view is on,
+        /// else the command's stdout goes to hakctl's stderr: hakctl's stdout
+        /// carries only hakctl's output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
@@ -260,8 +267,9 @@ fn main() -> ExitCode {
                 interval,
                 json,
                 drains,
+                output,
                 cmd,
-            } => commands::run(&cmd, interval, json, drains).await,
+            } => commands::run(&cmd, interval, json, drains, output.as_deref()).await,
         }
     });
     match result {

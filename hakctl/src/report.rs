@@ -32,8 +32,9 @@ pub struct Report<'a> {
     pub total: &'a Snapshot,
     /// Seconds since attach.
     pub elapsed: f64,
-    /// Counts of the last interval (for rates), and its length in seconds.
-    pub interval: Option<(Tally, f64)>,
+    /// What the last interval added (counts for rates, histogram buckets),
+    /// and its length in seconds.
+    pub interval: Option<(Snapshot, f64)>,
     pub target_exited: bool,
     /// The memory levels now (`hakctl mem`), if they could be read.
     pub memory: Option<crate::mem::Reading>,
@@ -93,8 +94,35 @@ fn pct_json(p: Percentiles) -> Value {
     json!({"count": p.count, "p50": p.p50, "p90": p.p90, "p99": p.p99, "max": p.max})
 }
 
+/// The histogram rows by name, each as its percentiles.
+fn histograms_json(h: &[[u64; HIST_BUCKETS]]) -> Value {
+    let row = |r: u32| pct_json(h.get(r as usize).map(percentiles).unwrap_or_default());
+    json!({
+        "tls_drain_batch": row(HIST_TLS_DRAIN_BATCH),
+        "remote_drain_batch": row(HIST_REMOTE_DRAIN_BATCH),
+        "acquire_ns": {
+            "stage1": row(HIST_ACQUIRE_NS),
+            "stage2": row(HIST_ACQUIRE_NS + 1),
+            "stage3": row(HIST_ACQUIRE_NS + 2),
+        },
+    })
+}
+
+/// The histogram rows as people read them: a name, its row, and the probe that fills it.
+pub const HISTOGRAM_ROWS: [(&str, u32, ProbeId); 5] = [
+    ("tls_drain batch", HIST_TLS_DRAIN_BATCH, ProbeId::TlsDrain),
+    (
+        "remote_drain batch",
+        HIST_REMOTE_DRAIN_BATCH,
+        ProbeId::RemoteDrain,
+    ),
+    ("acquire stage1 ns", HIST_ACQUIRE_NS, ProbeId::SsAcquire),
+    ("acquire stage2 ns", HIST_ACQUIRE_NS + 1, ProbeId::SsAcquire),
+    ("acquire stage3 ns", HIST_ACQUIRE_NS + 2, ProbeId::SsAcquire),
+];
+
 /// Per class: (stage 1, 2, 3 acquires, shared_fail total).
-fn stage_counts(t: &Tally, class: usize) -> ([u64; STAGES], u64) {
+pub fn stage_counts(t: &Tally, class: usize) -> ([u64; STAGES], u64) {
     let s = [
         t.acquire(class, 1),
         t.acquire(class, 2),
@@ -104,7 +132,7 @@ fn stage_counts(t: &Tally, class: usize) -> ([u64; STAGES], u64) {
     (s, fails)
 }
 
-fn ratio(n: u64, d: u64) -> f64 {
+pub fn ratio(n: u64, d: u64) -> f64 {
     if d == 0 {
         0.0
     } else {
@@ -114,7 +142,7 @@ fn ratio(n: u64, d: u64) -> f64 {
 
 impl Report<'_> {
     /// Whether probe `id` was attached (its count means something).
-    fn attached(&self, id: ProbeId) -> bool {
+    pub fn attached(&self, id: ProbeId) -> bool {
         self.drains || !crate::session::DRAIN_PROBES.contains(&id)
     }
 
@@ -131,11 +159,10 @@ impl Report<'_> {
                 })
             })
             .collect();
-        let h = &self.total.hists;
         let rates = self.interval.as_ref().map(|(d, secs)| {
             let mut m = serde_json::Map::new();
             for p in PROBES.iter() {
-                m.insert(p.name.to_string(), json!(d.probe(p.id) as f64 / secs));
+                m.insert(p.name.to_string(), json!(d.tally.probe(p.id) as f64 / secs));
             }
             Value::Object(m)
         });
@@ -154,15 +181,8 @@ impl Report<'_> {
             "rates_per_s": rates,
             "stage_hit_rates": hit_rates,
             "funnel": self.funnel_json(),
-            "histograms": {
-                "tls_drain_batch": pct_json(percentiles(&h[HIST_TLS_DRAIN_BATCH as usize])),
-                "remote_drain_batch": pct_json(percentiles(&h[HIST_REMOTE_DRAIN_BATCH as usize])),
-                "acquire_ns": {
-                    "stage1": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize])),
-                    "stage2": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize + 1])),
-                    "stage3": pct_json(percentiles(&h[HIST_ACQUIRE_NS as usize + 2])),
-                },
-            },
+            "histograms": histograms_json(&self.total.hists),
+            "histograms_interval": self.interval.as_ref().map(|(d, _)| histograms_json(&d.hists)),
             "memory": self.memory.as_ref().map(|m| m.json()),
             "cost": {
                 "events": events,
@@ -175,7 +195,7 @@ impl Report<'_> {
         })
     }
 
-    fn funnel_json(&self) -> Value {
+    pub fn funnel_json(&self) -> Value {
         let t = &self.total.tally;
         let sum = |o: RecycleOutcome| (0..TINY_CLASSES).map(|c| t.recycle(c, o)).sum::<u64>();
         let reused: u64 = (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum();
@@ -209,7 +229,7 @@ impl Report<'_> {
                 continue;
             }
             let rate = match &self.interval {
-                Some((d, secs)) => format!("{:>12.0}", d.probe(p.id) as f64 / secs),
+                Some((d, secs)) => format!("{:>12.0}", d.tally.probe(p.id) as f64 / secs),
                 None => format!("{:>12}", "-"),
             };
             let _ = writeln!(o, "{:<16} {:>9} {rate}", p.name, t.probe(p.id));
@@ -292,19 +312,7 @@ impl Report<'_> {
             o,
             "\nHISTOGRAM              COUNT      P50      P90      P99      MAX"
         );
-        // Each row with the probe that fills it.
-        let rows = [
-            ("tls_drain batch", HIST_TLS_DRAIN_BATCH, ProbeId::TlsDrain),
-            (
-                "remote_drain batch",
-                HIST_REMOTE_DRAIN_BATCH,
-                ProbeId::RemoteDrain,
-            ),
-            ("acquire stage1 ns", HIST_ACQUIRE_NS, ProbeId::SsAcquire),
-            ("acquire stage2 ns", HIST_ACQUIRE_NS + 1, ProbeId::SsAcquire),
-            ("acquire stage3 ns", HIST_ACQUIRE_NS + 2, ProbeId::SsAcquire),
-        ];
-        for (name, row, probe) in rows {
+        for (name, row, probe) in HISTOGRAM_ROWS {
             let row = row as usize;
             if !self.attached(probe) {
                 let _ = writeln!(o, "{name:<20} {:>7}", "off");
@@ -346,15 +354,15 @@ impl Report<'_> {
         let (acquires, s1) = acquires_and_stage1(t);
         let fails = t.probe(ProbeId::SharedFail);
         let rate = self.interval.as_ref().map(|(d, secs)| {
-            let n: u64 = PROBES.iter().map(|p| d.probe(p.id)).sum();
+            let n: u64 = PROBES.iter().map(|p| d.tally.probe(p.id)).sum();
             n as f64 / secs
         });
         // Counted as the total's share is: shared-pool failures are requests too.
         let recent = match &self.interval {
-            Some((d, secs)) => match acquires_and_stage1(d) {
-                (n, s1) if n + d.probe(ProbeId::SharedFail) > 0 => format!(
+            Some((d, secs)) => match acquires_and_stage1(&d.tally) {
+                (n, s1) if n + d.tally.probe(ProbeId::SharedFail) > 0 => format!(
                     " (last {secs:.1}s: {s1} of {})",
-                    n + d.probe(ProbeId::SharedFail)
+                    n + d.tally.probe(ProbeId::SharedFail)
                 ),
                 _ => format!(" (last {secs:.1}s: none)"),
             },
@@ -376,7 +384,7 @@ impl Report<'_> {
 /// Memory to and from the OS: SuperSlabs, and the large cache in front of
 /// large blocks, ACE segments and SuperSlabs (what it served each without a
 /// syscall, what it gave back and why). Where a program's RSS goes, in one place.
-fn os_memory(t: &Tally) -> String {
+pub fn os_memory(t: &Tally) -> String {
     let (ss_made, ss_retired) = t.ss_bytes();
     let (cached, cached_bytes) = t.takes(TakeSource::Cached);
     let (fresh, fresh_bytes) = t.takes(TakeSource::Fresh);
@@ -430,7 +438,7 @@ fn acquires_and_stage1(t: &Tally) -> (u64, u64) {
     (all, (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum())
 }
 
-fn funnel_break(f: &Value) -> &'static str {
+pub fn funnel_break(f: &Value) -> &'static str {
     let (e, r, u) = (
         f["empty"].as_u64().unwrap_or(0),
         f["released"].as_u64().unwrap_or(0),
@@ -447,7 +455,7 @@ fn funnel_break(f: &Value) -> &'static str {
     }
 }
 
-fn bar(fraction: f64, width: usize) -> String {
+pub fn bar(fraction: f64, width: usize) -> String {
     let filled = (fraction.clamp(0.0, 1.0) * width as f64).round() as usize;
     format!("{}{}", "█".repeat(filled), "·".repeat(width - filled))
 }
@@ -464,19 +472,23 @@ mod tests {
         t
     }
 
+    fn snapshot(tally: Tally) -> Snapshot {
+        Snapshot {
+            at: std::time::Instant::now(),
+            tally,
+            hists: Vec::new(),
+            trace_drops: 0,
+            bpf_run_time_ns: 0,
+            bpf_run_count: 0,
+        }
+    }
+
     #[test]
     fn the_line_gives_the_last_intervals_stage1_share_beside_the_total() {
         // 50 fresh slabs at start-up, then 3 acquisitions, 2 of them recycled.
         let mut all = vec![2; 50];
         all.extend([1, 1, 2]);
-        let total = Snapshot {
-            at: std::time::Instant::now(),
-            tally: acquisitions(&all),
-            hists: Vec::new(),
-            trace_drops: 0,
-            bpf_run_time_ns: 0,
-            bpf_run_count: 0,
-        };
+        let total = snapshot(acquisitions(&all));
         let mut r = Report {
             kind: "run",
             pid: 1,
@@ -485,17 +497,17 @@ mod tests {
             drains: false,
             total: &total,
             elapsed: 3.0,
-            interval: Some((acquisitions(&[1, 1, 2]), 1.0)),
+            interval: Some((snapshot(acquisitions(&[1, 1, 2])), 1.0)),
             target_exited: false,
             memory: None,
         };
         assert!(line_has(&r, "acquires=53 stage1=3.8% (last 1.0s: 2 of 3) "));
-        r.interval = Some((Tally::default(), 1.0));
+        r.interval = Some((snapshot(Tally::default()), 1.0));
         assert!(line_has(&r, "stage1=3.8% (last 1.0s: none) "));
         // A shared-pool failure is a request that Stage 1 did not serve.
         let mut failed = Tally::default();
         failed.record(ProbeId::SharedFail as u32, 7, 0);
-        r.interval = Some((failed, 1.0));
+        r.interval = Some((snapshot(failed), 1.0));
         assert!(line_has(&r, "(last 1.0s: 0 of 1) "));
         r.interval = None;
         assert!(line_has(&r, "stage1=3.8% shared_fail=0"));

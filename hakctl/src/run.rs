@@ -12,6 +12,7 @@
 use crate::session::Session;
 use crate::target;
 use anyhow::{bail, Context, Result};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 
 const PTRACE_EVENT_EXEC: i32 = 4;
@@ -31,9 +32,43 @@ pub struct Child {
     drains: bool,
 }
 
+/// Where the command's stdout and stderr go (`commands::child_output` decides).
+pub enum Output {
+    /// Both into this file; stdin from /dev/null.
+    File(std::path::PathBuf, std::fs::File),
+    /// stdout to hakctl's stderr, stderr and stdin inherited.
+    Stderr,
+}
+
+impl Output {
+    pub fn path(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Output::File(p, _) => Some(p.clone()),
+            Output::Stderr => None,
+        }
+    }
+}
+
 /// Starts `cmd` traced, with the preload and the stop request in its environment.
-pub fn spawn(cmd: &[String], lib: &std::path::Path, drains: bool) -> Result<Child> {
+pub fn spawn(cmd: &[String], lib: &std::path::Path, drains: bool, output: Output) -> Result<Child> {
     let mut c = std::process::Command::new("/bin/sh");
+    match output {
+        Output::File(path, file) => {
+            let copy = file
+                .try_clone()
+                .with_context(|| format!("{}", path.display()))?;
+            c.stdin(std::process::Stdio::null())
+                .stdout(copy)
+                .stderr(file);
+        }
+        Output::Stderr => {
+            let err = std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating stderr")?;
+            c.stdout(err);
+        }
+    }
     c.arg("-c")
         .arg("HAKMEM_STOP_AT_START=$$ LD_PRELOAD=\"$HAKCTL_PRELOAD${LD_PRELOAD:+ $LD_PRELOAD}\" exec \"$@\"")
         .arg("hakctl-run")

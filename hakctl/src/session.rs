@@ -32,6 +32,32 @@ pub struct Snapshot {
     pub bpf_run_count: u64,
 }
 
+impl Snapshot {
+    /// What happened between `earlier` and this snapshot: counts, histogram
+    /// buckets and eBPF run time of that interval (taken at this one's time).
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        let hists = self
+            .hists
+            .iter()
+            .zip(&earlier.hists)
+            .map(|(now, then)| std::array::from_fn(|b| now[b].saturating_sub(then[b])))
+            .collect();
+        Snapshot {
+            at: self.at,
+            tally: self.tally.since(&earlier.tally),
+            hists,
+            trace_drops: self.trace_drops.saturating_sub(earlier.trace_drops),
+            bpf_run_time_ns: self.bpf_run_time_ns.saturating_sub(earlier.bpf_run_time_ns),
+            bpf_run_count: self.bpf_run_count.saturating_sub(earlier.bpf_run_count),
+        }
+    }
+
+    /// Seconds from `earlier` to this snapshot (never 0, to divide by).
+    pub fn secs_since(&self, earlier: &Snapshot) -> f64 {
+        self.at.duration_since(earlier.at).as_secs_f64().max(1e-9)
+    }
+}
+
 pub struct Session {
     ebpf: Ebpf,
     _links: Vec<UprobeLink>,

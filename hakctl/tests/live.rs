@@ -568,3 +568,294 @@ fn an_ordinary_user_gets_a_clear_refusal() {
     let _ = t.child.kill();
     let _ = t.child.wait();
 }
+
+/// A tmux server of its own (socket named for this test process), with one
+/// pane whose program stays on screen after it exits (`remain-on-exit`).
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(width: u16, height: u16) -> Tmux {
+        let t = Tmux {
+            socket: format!("hakctl-test-{}", std::process::id()),
+        };
+        let size = [width.to_string(), height.to_string()];
+        t.ok(&[
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-x",
+            &size[0],
+            "-y",
+            &size[1],
+        ]);
+        t.ok(&["set-option", "-g", "remain-on-exit", "on"]);
+        t
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux is needed for this test (scripts/setup.sh installs it)")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `cmd` in the pane (replacing what ran there).
+    fn respawn(&self, cmd: &str) {
+        self.ok(&["respawn-pane", "-k", &format!("exec {cmd}")]);
+    }
+
+    fn screen(&self) -> String {
+        self.ok(&["capture-pane", "-p"])
+    }
+
+    fn show(&self, format: &str) -> String {
+        self.ok(&["display-message", "-p", format])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the pane shows every one of `parts`; the screen then.
+    fn wait_for(&self, parts: &[&str]) -> String {
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = self.screen();
+            if parts.iter().all(|p| s.contains(p)) {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "{parts:?} never shown; the pane:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys"];
+        args.extend(keys);
+        self.ok(&args);
+    }
+
+    /// Waits until the pane's program exited; the terminal's state then:
+    /// (alternate screen on, cursor visible).
+    fn after_exit(&self) -> (bool, bool) {
+        let until = Instant::now() + Duration::from_secs(15);
+        while self.show("#{pane_dead}") != "1" {
+            assert!(Instant::now() < until, "never exited:\n{}", self.screen());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (
+            self.show("#{alternate_on}") == "1",
+            self.show("#{cursor_flag}") == "1",
+        )
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+fn fits(screen: &str, width: usize) {
+    for line in screen.lines() {
+        assert!(
+            line.chars().count() <= width,
+            "a line wider than {width}: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn the_full_screen_view_fits_80x24_takes_keys_follows_resizes_and_gives_the_terminal_back() {
+    if !need_bpf("the_full_screen_view") {
+        return;
+    }
+    let mut t = start_scenario("forever", &[], false);
+    let tmux = Tmux::start(80, 24);
+    let watch = format!("{} watch {}", env!("CARGO_BIN_EXE_hakctl"), t.pid);
+    tmux.respawn(&watch);
+    let s = tmux.wait_for(&["hakctl watch pid", "┌ Stages", "q quit", "all: "]);
+    assert_eq!(s.lines().count(), 24, "{s}");
+    fits(&s, 80);
+    assert_eq!(tmux.show("#{alternate_on} #{cursor_flag}"), "1 0");
+    // Keys: next pane, pause, the last interval, a pane by its digit, sort, histograms.
+    tmux.keys(&["Tab"]);
+    tmux.wait_for(&["┌ Probes", "ss_acquire", "RATE/s"]);
+    tmux.keys(&["p"]);
+    tmux.wait_for(&["PAUSED"]);
+    let paused = tmux.screen();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(tmux.screen(), paused, "a paused view stays as it was");
+    tmux.keys(&["p", "i"]);
+    tmux.wait_for(&["last 1.0s of", "i since attach"]);
+    tmux.keys(&["s"]);
+    tmux.wait_for(&["sort (by count)"]);
+    tmux.keys(&["5"]);
+    let s = tmux.wait_for(&["┌ Histograms", "acquire stage1 ns", "values up to"]);
+    fits(&s, 80);
+    tmux.keys(&["4"]);
+    tmux.wait_for(&["┌ Memory", "RSS", "OS MEMORY"]);
+    // A larger terminal shows every pane at once.
+    tmux.ok(&["resize-window", "-x", "200", "-y", "60"]);
+    let s = tmux.wait_for(&[
+        "┌ Stages",
+        "┌ Probes",
+        "┌ Funnel & failures",
+        "┌ Histograms",
+        "┌ Memory",
+    ]);
+    assert_eq!(s.lines().count(), 60, "{s}");
+    fits(&s, 200);
+    tmux.ok(&["resize-window", "-x", "80", "-y", "24"]);
+    tmux.wait_for(&["1 Stages|2 Probes"]);
+    tmux.keys(&["q"]);
+    assert_eq!(
+        tmux.after_exit(),
+        (false, true),
+        "terminal given back after q"
+    );
+    tmux.wait_for(&["COST", "quit; detached"]);
+    // Signals end it the same way: the alternate screen off, the cursor shown.
+    for (signal, says) in [
+        (libc::SIGTERM, "terminated (SIGTERM)"),
+        (libc::SIGHUP, "hung up (SIGHUP)"),
+    ] {
+        tmux.respawn(&watch);
+        tmux.wait_for(&["┌ Stages"]);
+        let pid: i32 = tmux.show("#{pane_pid}").parse().unwrap();
+        // SAFETY: a signal to the hakctl this test started.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        assert_eq!(tmux.after_exit(), (false, true), "after {says}");
+        tmux.wait_for(&[says]);
+    }
+    assert!(t.child.try_wait().unwrap().is_none(), "the target runs on");
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
+
+/// A C program built here with plain `gcc -O2`: tiny, mid and large blocks
+/// (slabs from every stage, ACE, the large path), a line on stdout and one
+/// on stderr.
+fn c_workload() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hakctl-c-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("work.c");
+    std::fs::write(
+        &src,
+        r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(void) {
+    static void *p[60000];
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 60000; i++) { p[i] = malloc(16 << (round + i % 4)); memset(p[i], 1, 8); }
+        for (int i = 0; i < 60000; i++) free(p[i]);
+    }
+    for (int i = 0; i < 200; i++) { void *m = malloc(100000 + i * 100); memset(m, 2, 64); free(m); }
+    for (int i = 0; i < 20; i++) { void *l = malloc((size_t)(i + 1) << 20); memset(l, 3, 4096); free(l); }
+    printf("out-of-the-command\n");
+    fprintf(stderr, "err-of-the-command\n");
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let exe = dir.join("work");
+    let st = Command::new("gcc")
+        .arg("-O2")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("gcc");
+    assert!(st.success());
+    exe
+}
+
+#[test]
+fn run_across_an_exec_counts_from_the_first_allocation_exactly_and_keeps_the_output_apart() {
+    if !need_bpf("run_across_an_exec") {
+        return;
+    }
+    let exe = c_workload();
+    let stats = exe.with_file_name("stats");
+    let _ = std::fs::remove_file(&stats);
+    // The shell allocates (its own session), then execs the program: hakctl
+    // detaches at the exec and attaches again at the program's first allocation.
+    let script = format!("echo from-the-shell; exec {}", exe.display());
+    let out = hakctl()
+        .env("HAKMEM_LIB", release_lib())
+        .env("HAKMEM_STATS_FILE", &stats)
+        .args([
+            "run", "-j", "-i", "0.2", "--drains", "--", "sh", "-c", &script,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // hakctl's stdout holds its JSON documents only; the command's output went to stderr.
+    let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    for line in ["from-the-shell", "out-of-the-command", "err-of-the-command"] {
+        assert!(stderr.contains(line), "{line} not on stderr: {stderr}");
+    }
+    // Exactly the program's own tally (written by its copy of hakmem at exit).
+    let last = docs.last().expect("a document");
+    assert_eq!(last["target_exited"], true);
+    let own: Value = serde_json::from_str(
+        std::fs::read_to_string(&stats)
+            .expect("the program's exit tally")
+            .lines()
+            .last()
+            .unwrap()
+            .trim_start_matches("hakmem-stats: "),
+    )
+    .unwrap();
+    assert!(
+        last["counts"] == own,
+        "hakctl's counts {} against the program's own {own}",
+        last["counts"]
+    );
+    assert!(own["probes"]["ss_map"].as_u64().unwrap() >= 1, "{own}");
+    assert!(own["probes"]["tls_drain"].as_u64().unwrap() >= 1, "{own}");
+
+    // With -o the output goes to the file, in any mode.
+    let log = exe.with_file_name("out.log");
+    let out = hakctl()
+        .env("HAKMEM_LIB", release_lib())
+        .arg("run")
+        .arg("-o")
+        .arg(&log)
+        .args(["-j", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in ["from-the-shell", "out-of-the-command", "err-of-the-command"] {
+        assert!(
+            text.contains(line),
+            "{line} not in {}: {text}",
+            log.display()
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(line));
+    }
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}
