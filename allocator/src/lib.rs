@@ -94,3 +94,24 @@ mod usdt_probes {
 pub fn probes_enabled() -> bool {
     probes::semaphore_raised!(ss_acquire)
 }
+
+/// How many probes have their semaphore raised by a tracer, of how many there
+/// are (`hakmem-scenario --wait-attach` waits for every one).
+pub fn probes_raised() -> (usize, usize) {
+    let raised: [bool; hakmem_common::PROBE_COUNT] = [
+        probes::semaphore_raised!(slab_recycle),
+        probes::semaphore_raised!(ss_acquire_begin),
+        probes::semaphore_raised!(ss_acquire),
+        probes::semaphore_raised!(shared_fail),
+        probes::semaphore_raised!(ace_fail),
+        probes::semaphore_raised!(tls_drain),
+        probes::semaphore_raised!(remote_drain),
+        probes::semaphore_raised!(ss_map),
+        probes::semaphore_raised!(ss_unmap),
+        probes::semaphore_raised!(legacy_refill),
+        probes::semaphore_raised!(cache_take),
+        probes::semaphore_raised!(os_return),
+        probes::semaphore_raised!(cache_put),
+    ];
+    (raised.iter().filter(|&&r| r).count(), raised.len())
+}

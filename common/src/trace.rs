@@ -18,3 +18,91 @@ pub struct TraceEvent {
 /// mask of the probe ids to send through the ring buffer (0: tracing off).
 pub const CONFIG_TRACE_MASK: u32 = 0;
 pub const CONFIG_ENTRIES: u32 = 1;
+
+/// Conditions a trace filter can hold per probe.
+pub const FILTER_CONDITIONS: usize = 2;
+
+/// Which events of one probe go through the ring buffer (`hakctl trace
+/// --class`, `--arg`): those whose argument `arg[i] - 1` equals `value[i]`
+/// for every condition `i` that is set (`arg[i] != 0`). Evaluated in the
+/// eBPF program before anything is reserved, so events filtered out never
+/// take room in the ring buffer. Kept in the `FILTERS` array, by probe id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceFilter {
+    /// Argument index + 1 of each condition (0: unset).
+    pub arg: [u64; FILTER_CONDITIONS],
+    pub value: [u64; FILTER_CONDITIONS],
+}
+
+impl TraceFilter {
+    /// Adds the condition "argument `index` equals `value`"; false when full.
+    pub fn require(&mut self, index: usize, value: u64) -> bool {
+        match self.arg.iter().position(|&a| a == 0) {
+            Some(i) => {
+                self.arg[i] = index as u64 + 1;
+                self.value[i] = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The filter as the map stores it (`repr(C)`: the arguments, then the values).
+    pub fn words(&self) -> [u64; 2 * FILTER_CONDITIONS] {
+        let mut w = [0; 2 * FILTER_CONDITIONS];
+        w[..FILTER_CONDITIONS].copy_from_slice(&self.arg);
+        w[FILTER_CONDITIONS..].copy_from_slice(&self.value);
+        w
+    }
+
+    /// Whether an event with these arguments passes every condition. Written
+    /// without indexing by a variable, for the eBPF verifier.
+    #[inline(always)]
+    pub fn passes(&self, args: &[u64; 4]) -> bool {
+        let mut i = 0;
+        while i < FILTER_CONDITIONS {
+            let got = match self.arg[i] {
+                0 => self.value[i],
+                1 => args[0],
+                2 => args[1],
+                3 => args[2],
+                4 => args[3],
+                _ => return false,
+            };
+            if got != self.value[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// The `FILTERS` array's length: one entry per probe id.
+pub const FILTER_ENTRIES: u32 = 64;
+
+/// Index in the eBPF `DROPS` array of events the ring buffer had no room
+/// for, and of events a trace filter kept out.
+pub const DROPPED_FULL: u32 = 0;
+pub const DROPPED_FILTERED: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_passes_what_every_condition_allows() {
+        let mut f = TraceFilter::default();
+        assert!(f.passes(&[1, 2, 3, 4]), "no condition: everything");
+        assert!(f.require(0, 7));
+        assert!(f.passes(&[7, 0, 0, 0]) && !f.passes(&[6, 0, 0, 0]));
+        assert!(f.require(3, 9));
+        assert!(f.passes(&[7, 0, 0, 9]) && !f.passes(&[7, 0, 0, 8]));
+        assert!(!f.require(1, 1), "two conditions at most");
+        assert_eq!(f.words(), [1, 4, 7, 9]);
+        assert_eq!(core::mem::size_of::<TraceFilter>(), 8 * f.words().len());
+        f.arg[0] = 5;
+        assert!(!f.passes(&[7, 0, 0, 9]), "an argument that does not exist");
+    }
+}

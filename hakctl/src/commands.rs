@@ -4,7 +4,7 @@ use crate::report::Report;
 use crate::session::{Session, Snapshot, DRAIN_PROBES};
 use crate::target::{self, HakmemObject};
 use anyhow::{bail, Context, Result};
-use hakmem_common::trace::TraceEvent;
+use hakmem_common::trace::{TraceEvent, TraceFilter, FILTER_CONDITIONS};
 use hakmem_common::{ProbeId, PROBES, PROBE_COUNT};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -394,10 +394,69 @@ pub async fn stage_stats(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The trace filters of `--class` and `--arg NAME=VALUE`, per probe in
+/// `mask`; probes that lack an argument a condition names leave the mask.
+fn trace_filters(
+    mut mask: u64,
+    class: Option<u64>,
+    args: &[String],
+) -> Result<(u64, Vec<(ProbeId, TraceFilter)>)> {
+    let mut conditions: Vec<(&str, u64)> = Vec::new();
+    for a in args {
+        let (name, value) = a
+            .split_once('=')
+            .with_context(|| format!("--arg {a:?}: expected NAME=VALUE (e.g. --arg stage=3)"))?;
+        let value = match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => value.parse(),
+        }
+        .with_context(|| format!("--arg {a:?}: {value:?} is not a number"))?;
+        conditions.push((name, value));
+    }
+    if conditions.len() + class.is_some() as usize > FILTER_CONDITIONS {
+        bail!("at most {FILTER_CONDITIONS} conditions (--class and --arg together)");
+    }
+    if let Some(name) = conditions
+        .iter()
+        .map(|c| c.0)
+        .find(|n| !PROBES.iter().any(|p| p.args.contains(n)))
+    {
+        bail!("no probe has an argument {name:?} (`hakctl probes FILE` lists them)");
+    }
+    let mut filters = Vec::new();
+    let asked = mask;
+    for p in PROBES.iter().filter(|p| asked & (1 << p.id as u32) != 0) {
+        let mut f = TraceFilter::default();
+        let mut applies = true;
+        if let Some(c) = class {
+            match class_arg(p.id) {
+                Some(i) => applies &= f.require(i, c),
+                None => applies = false,
+            }
+        }
+        for &(name, value) in &conditions {
+            match p.args.iter().position(|a| *a == name) {
+                Some(i) => applies &= f.require(i, value),
+                None => applies = false,
+            }
+        }
+        if applies {
+            filters.push((p.id, f));
+        } else {
+            mask &= !(1 << p.id as u32);
+        }
+    }
+    if mask == 0 {
+        bail!("no probe asked for has every argument the filters name");
+    }
+    Ok((mask, filters))
+}
+
 pub async fn trace(
     pid: i32,
     probes: &[String],
     class: Option<u64>,
+    args: &[String],
     duration: Option<f64>,
     json: bool,
 ) -> Result<ExitCode> {
@@ -414,10 +473,18 @@ pub async fn trace(
     if mask == 0 {
         mask = (1 << PROBE_COUNT) - 1;
     }
+    let (mask, filters) = trace_filters(mask, class, args)?;
     // Tracing is asking for events: the drain probes too, unless filtered out.
     let drains = DRAIN_PROBES.iter().any(|&id| mask & (1 << id as u32) != 0);
     let (mut session, _) = attach(pid, drains)?;
+    for (id, f) in filters {
+        session.set_trace_filter(id, f)?;
+    }
     session.set_trace_mask(mask)?;
+    eprintln!(
+        "hakctl: attached to {} probe locations in process {pid}; tracing",
+        session.locations
+    );
     let mut events = session.take_events()?;
     let mut stop = Stop::new()?;
     let stop_at = duration
@@ -440,11 +507,6 @@ pub async fn trace(
             }
             // SAFETY: the eBPF program writes whole TraceEvents; read_unaligned copes with ring buffer alignment.
             let ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            if let Some(c) = class {
-                if class_of(&ev) != Some(c) {
-                    continue;
-                }
-            }
             if writeln!(out, "{}", line(&ev)).is_err() {
                 return Ok(ExitCode::SUCCESS); // reader went away (e.g. `| head`)
             }
@@ -468,16 +530,15 @@ pub async fn trace(
         if item.len() >= std::mem::size_of::<TraceEvent>() {
             // SAFETY: as above.
             let ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            if class.is_none_or(|c| class_of(&ev) == Some(c)) {
-                let _ = writeln!(out, "{}", line(&ev));
-                printed += 1;
-            }
+            let _ = writeln!(out, "{}", line(&ev));
+            printed += 1;
         }
     }
     drop(out);
     let drops = session.snapshot()?.trace_drops;
+    let filtered = session.trace_filtered()?;
     eprintln!(
-        "hakctl: {printed} events printed, {drops} dropped (ring buffer full){}",
+        "hakctl: {printed} events printed, {drops} dropped (ring buffer full), {filtered} filtered out in the kernel{}",
         if end == End::TargetExited {
             "; target exited"
         } else {
@@ -559,15 +620,16 @@ fn mono_to_unix_ns() -> i128 {
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
 
-fn class_of(ev: &TraceEvent) -> Option<u64> {
-    match ProbeId::from_u32(ev.probe)? {
-        ProbeId::AceFail => Some(ev.args[2]),
+/// Which argument of probe `id` is its class (`trace --class`), if any.
+fn class_arg(id: ProbeId) -> Option<usize> {
+    match id {
+        ProbeId::AceFail => Some(2),
         ProbeId::SsMap
         | ProbeId::SsUnmap
         | ProbeId::CacheTake
         | ProbeId::OsReturn
         | ProbeId::CachePut => None,
-        _ => Some(ev.args[0]),
+        _ => Some(0),
     }
 }
 
@@ -742,5 +804,42 @@ pub async fn run(
             );
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn trace_filters_leave_out_probes_without_the_named_arguments() {
+        let all = (1u64 << PROBE_COUNT) - 1;
+        let bit = |id: ProbeId| 1u64 << id as u32;
+        // --class: every probe with a class argument, ace_fail by its third.
+        let (mask, filters) = trace_filters(all, Some(3), &[]).unwrap();
+        assert_eq!(mask & bit(ProbeId::SsMap), 0);
+        assert_ne!(mask & bit(ProbeId::AceFail), 0);
+        let ace = filters.iter().find(|f| f.0 == ProbeId::AceFail).unwrap().1;
+        assert!(ace.passes(&[0, 0, 3, 0]) && !ace.passes(&[3, 0, 0, 0]));
+        // --arg stage=3 keeps ss_acquire alone; with --class both conditions hold.
+        let (mask, filters) = trace_filters(all, Some(7), &strings(&["stage=0x3"])).unwrap();
+        assert_eq!(mask, bit(ProbeId::SsAcquire));
+        let f = filters[0].1;
+        assert!(f.passes(&[7, 3, 0, 0]) && !f.passes(&[7, 2, 0, 0]) && !f.passes(&[6, 3, 0, 0]));
+        for (class, args, says) in [
+            (None, vec!["stage"], "NAME=VALUE"),
+            (None, vec!["stage=x"], "not a number"),
+            (None, vec!["nosuch=1"], "no probe has an argument"),
+            (Some(1), vec!["stage=1", "slab=2"], "at most 2"),
+        ] {
+            let e = trace_filters(all, class, &strings(&args)).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{args:?}: {e:#}");
+        }
+        let e = trace_filters(bit(ProbeId::SsMap), Some(1), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("no probe asked for"), "{e:#}");
     }
 }

@@ -21,6 +21,7 @@ Examples:
   hakctl watch -p 4242 2 5 -j             five JSON documents, two seconds apart
   hakctl stage-stats 4242 -d 10           stage hit rates over ten seconds
   hakctl trace 4242 --probe ss_acquire -c 3   one line per slab request of class 3 (64 B)
+  hakctl trace 4242 -a stage=3            only Stage 3 acquisitions (filtered in the kernel)
   hakctl mem 4242 -j                      where the memory is, as JSON
   hakctl probes target/release/libhakmem.so
   hakctl completions bash > /etc/bash_completion.d/hakctl
@@ -118,9 +119,15 @@ enum Command {
         #[arg(long = "probe")]
         probes: Vec<String>,
         /// Only events of this class: an index, not a size (tiny classes 0-7 are 8, 16,
-        /// 32, ... 1024 bytes; for ace_fail, the ACE class).
+        /// 32, ... 1024 bytes; for ace_fail, the ACE class). Filtered in the kernel;
+        /// probes without a class are left out.
         #[arg(short, long, value_name = "INDEX")]
         class: Option<u64>,
+        /// Only events whose argument NAME equals VALUE (decimal or 0x hex; names as
+        /// `hakctl probes` lists them, e.g. stage=3, reason=1). Filtered in the kernel;
+        /// probes without that argument are left out. Up to two conditions with --class.
+        #[arg(short, long = "arg", value_name = "NAME=VALUE")]
+        arg: Vec<String>,
         /// Stop after this many seconds.
         #[arg(short, long)]
         duration: Option<f64>,
@@ -244,9 +251,10 @@ fn main() -> ExitCode {
                 target,
                 probes,
                 class,
+                arg,
                 duration,
                 json,
-            } => commands::trace(target.pid(), &probes, class, duration, json).await,
+            } => commands::trace(target.pid(), &probes, class, &arg, duration, json).await,
             Command::Mem { target, json } => mem::mem(target.pid(), json),
             Command::Completions { shell } => {
                 clap_complete::generate(

@@ -8,7 +8,9 @@ use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::UProbe;
 use aya::Ebpf;
 use hakmem_common::hist::{HIST_BUCKETS, HIST_ROWS};
-use hakmem_common::trace::CONFIG_TRACE_MASK;
+use hakmem_common::trace::{
+    TraceFilter, CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, FILTER_CONDITIONS,
+};
 use hakmem_common::{ProbeId, Tally, TALLY_SLOTS};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
@@ -140,6 +142,21 @@ impl Session {
         Ok(())
     }
 
+    /// Sends only the events of probe `id` that pass `filter` through the ring buffer.
+    pub fn set_trace_filter(&mut self, id: ProbeId, filter: TraceFilter) -> Result<()> {
+        let mut filters: Array<&mut MapData, [u64; 2 * FILTER_CONDITIONS]> =
+            Array::try_from(self.ebpf.map_mut("FILTERS").context("FILTERS map")?)?;
+        filters.set(id as u32, filter.words(), 0)?;
+        Ok(())
+    }
+
+    /// Events the trace filters kept out of the ring buffer so far.
+    pub fn trace_filtered(&self) -> Result<u64> {
+        let drops: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS map")?)?;
+        Ok(drops.get(&DROPPED_FILTERED, 0)?.iter().sum())
+    }
+
     pub fn take_events(&mut self) -> Result<RingBuf<aya::maps::MapData>> {
         let map = self.ebpf.take_map("EVENTS").context("EVENTS map")?;
         Ok(RingBuf::try_from(map)?)
@@ -168,7 +185,7 @@ impl Session {
         }
         let drops_map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS map")?)?;
-        let trace_drops = drops_map.get(&0, 0)?.iter().sum();
+        let trace_drops = drops_map.get(&DROPPED_FULL, 0)?.iter().sum();
         let (bpf_run_time_ns, bpf_run_count) = self.program_stats();
         Ok(Snapshot {
             at: Instant::now(),

@@ -83,6 +83,7 @@ fn start_scenario(name: &str, env: &[(&str, &str)], wait_attach: bool) -> Target
     cmd.arg(name)
         .env("HAKMEM_STATS", "1")
         .envs(env.iter().copied())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     if wait_attach {
@@ -100,30 +101,71 @@ fn start_scenario(name: &str, env: &[(&str, &str)], wait_attach: bool) -> Target
     Target { child, pid, lines }
 }
 
+/// hakctl attached to a scenario, and the scenario's tally.
+struct Attached {
+    ctl: Child,
+    /// hakctl's stderr, read in the background.
+    stderr: std::thread::JoinHandle<String>,
+    tally: String,
+}
+
+impl Attached {
+    /// Starts `hakctl ARGS` on a scenario started with `--wait-attach` and
+    /// lets the workload begin once every probe's semaphore is raised and
+    /// hakctl says it is attached (every program linked); waits for the
+    /// scenario's tally.
+    fn start(t: &mut Target, args: &[&str]) -> Attached {
+        use std::io::Write;
+        let mut ctl = hakctl()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut errs = BufReader::new(ctl.stderr.take().unwrap());
+        let mut said = String::new();
+        errs.read_line(&mut said).unwrap();
+        assert!(said.contains("attached to"), "hakctl said: {said}");
+        let enabled = t.lines.next().unwrap().unwrap();
+        assert!(enabled.starts_with("every probe is enabled"), "{enabled}");
+        t.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let tally = t
+            .lines
+            .find_map(|l| {
+                l.ok()
+                    .and_then(|l| l.strip_prefix("tally: ").map(str::to_string))
+            })
+            .expect("the scenario printed its tally");
+        let stderr = std::thread::spawn(move || {
+            let mut s = said;
+            let _ = std::io::Read::read_to_string(&mut errs, &mut s);
+            s
+        });
+        Attached { ctl, stderr, tally }
+    }
+
+    /// Waits for hakctl: its output and its whole stderr.
+    fn finish(self) -> (Output, String) {
+        let out = self.ctl.wait_with_output().unwrap();
+        (out, self.stderr.join().unwrap())
+    }
+}
+
 /// Runs a scenario under `hakctl stage-stats --json` and returns (hakctl's counts, the target's own tally).
 fn traced(name: &str, env: &[(&str, &str)]) -> (Value, Value) {
     let mut t = start_scenario(name, env, true);
-    let ctl = hakctl()
-        .args(["stage-stats", &t.pid.to_string(), "--json", "--drains"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let tally_line = t.lines.find_map(|l| {
-        l.ok()
-            .and_then(|l| l.strip_prefix("tally: ").map(str::to_string))
-    });
+    let pid = t.pid.to_string();
+    let a = Attached::start(&mut t, &["stage-stats", &pid, "--json", "--drains"]);
+    let tally_line = a.tally.clone();
     let status = t.child.wait().unwrap();
-    let out = ctl.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = a.finish();
     assert!(out.status.success(), "hakctl failed: {stderr}");
     assert!(status.success(), "scenario {name} failed: {status:?}");
     assert!(
         stderr.contains("exited"),
         "hakctl says the target exited: {stderr}"
     );
-    let tally: Value =
-        serde_json::from_str(&tally_line.expect("the scenario printed its tally")).unwrap();
+    let tally: Value = serde_json::from_str(&tally_line).unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).expect("stage-stats --json output");
     assert_eq!(report["schema"], "hakctl/1");
     assert_eq!(report["target_exited"], true);
@@ -569,8 +611,10 @@ fn an_ordinary_user_gets_a_clear_refusal() {
     let _ = t.child.wait();
 }
 
-/// A tmux server of its own (socket named for this test process), with one
-/// pane whose program stays on screen after it exits (`remain-on-exit`).
+/// What the pane's shell prints when the program it ran has exited.
+const ENDED: &str = "PROGRAM-ENDED";
+
+/// A tmux server of its own (socket named for this test process), one pane.
 struct Tmux {
     socket: String,
 }
@@ -591,7 +635,6 @@ impl Tmux {
             "-y",
             &size[1],
         ]);
-        t.ok(&["set-option", "-g", "remain-on-exit", "on"]);
         t
     }
 
@@ -614,9 +657,27 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Starts `cmd` in the pane (replacing what ran there).
+    /// Starts `cmd` in the pane (replacing what ran there), under a shell
+    /// that stays after it (a dead pane's cursor state is tmux's, not the
+    /// program's: tmux writes its "Pane is dead" line there).
     fn respawn(&self, cmd: &str) {
-        self.ok(&["respawn-pane", "-k", &format!("exec {cmd}")]);
+        self.ok(&[
+            "respawn-pane",
+            "-k",
+            &format!("{cmd}; echo {ENDED}; exec sleep 600"),
+        ]);
+    }
+
+    /// The pid of the program the pane's shell runs.
+    fn program_pid(&self) -> i32 {
+        let shell = self.show("#{pane_pid}");
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+            .unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the pane's shell {shell} runs nothing"))
     }
 
     fn screen(&self) -> String {
@@ -654,11 +715,7 @@ impl Tmux {
     /// Waits until the pane's program exited; the terminal's state then:
     /// (alternate screen on, cursor visible).
     fn after_exit(&self) -> (bool, bool) {
-        let until = Instant::now() + Duration::from_secs(15);
-        while self.show("#{pane_dead}") != "1" {
-            assert!(Instant::now() < until, "never exited:\n{}", self.screen());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_for(&[ENDED]);
         (
             self.show("#{alternate_on}") == "1",
             self.show("#{cursor_flag}") == "1",
@@ -738,7 +795,7 @@ fn the_full_screen_view_fits_80x24_takes_keys_follows_resizes_and_gives_the_term
     ] {
         tmux.respawn(&watch);
         tmux.wait_for(&["┌ Stages"]);
-        let pid: i32 = tmux.show("#{pane_pid}").parse().unwrap();
+        let pid = tmux.program_pid();
         // SAFETY: a signal to the hakctl this test started.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         assert_eq!(tmux.after_exit(), (false, true), "after {says}");
@@ -858,4 +915,53 @@ fn run_across_an_exec_counts_from_the_first_allocation_exactly_and_keeps_the_out
         assert!(!String::from_utf8_lossy(&out.stdout).contains(line));
     }
     let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}
+
+/// `hakctl trace` on the `mixed` scenario with `args`: (its events, its
+/// stderr, the scenario's tally).
+fn traced_events(args: &[&str]) -> (Vec<Value>, String, Value) {
+    let mut t = start_scenario("mixed", &[], true);
+    let pid = t.pid.to_string();
+    let mut all = vec!["trace", &pid, "--json"];
+    all.extend(args);
+    let a = Attached::start(&mut t, &all);
+    let tally: Value = serde_json::from_str(&a.tally).unwrap();
+    assert!(t.child.wait().unwrap().success());
+    let (out, stderr) = a.finish();
+    assert!(out.status.success(), "{stderr}");
+    (json_lines(&out), stderr, tally)
+}
+
+#[test]
+fn trace_prints_exactly_the_events_the_allocator_counts_and_filters_in_the_kernel() {
+    if !need_bpf("trace_prints_exactly_the_events") {
+        return;
+    }
+    // Every probe: as many events of each as the scenario's own tally counts.
+    let (events, stderr, tally) = traced_events(&[]);
+    assert!(stderr.contains(" 0 dropped"), "{stderr}");
+    for (probe, n) in tally["probes"].as_object().unwrap() {
+        let printed = events.iter().filter(|e| e["probe"] == *probe).count() as u64;
+        assert_eq!(printed, n.as_u64().unwrap(), "{probe}: printed vs counted");
+    }
+    let stage_events = |events: &[Value], class: u64, stage: u64| {
+        events
+            .iter()
+            .filter(|e| e["args"]["class"] == class && e["args"]["stage"] == stage)
+            .count() as u64
+    };
+    let stage2 = |tally: &Value| tally["classes"][7]["stage2"].as_u64().unwrap();
+    assert_eq!(stage_events(&events, 7, 2), stage2(&tally));
+    // Class 7's Stage 2 acquisitions only: the others never reach the ring
+    // buffer. (The workload's threads make the figures differ between runs.)
+    let (events, stderr, tally) =
+        traced_events(&["--probe", "ss_acquire", "-c", "7", "-a", "stage=2"]);
+    let expected = stage2(&tally);
+    assert_eq!(events.len() as u64, expected, "{stderr}");
+    assert_eq!(stage_events(&events, 7, 2), expected);
+    let kept_out = tally["probes"]["ss_acquire"].as_u64().unwrap() - expected;
+    assert!(
+        stderr.contains(&format!("{kept_out} filtered out in the kernel")),
+        "{kept_out} expected filtered: {stderr}"
+    );
 }

@@ -20,7 +20,10 @@ use hakmem_common::hist::{
     bucket_of, HistRow, HIST_ACQUIRE_NS, HIST_BUCKETS, HIST_REMOTE_DRAIN_BATCH, HIST_ROWS,
     HIST_TLS_DRAIN_BATCH,
 };
-use hakmem_common::trace::{TraceEvent, CONFIG_ENTRIES, CONFIG_TRACE_MASK};
+use hakmem_common::trace::{
+    TraceEvent, TraceFilter, CONFIG_ENTRIES, CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL,
+    FILTER_ENTRIES,
+};
 use hakmem_common::{tally, ProbeId, Tally, STAGES, TALLY_SLOTS};
 
 #[map(name = "TALLY")]
@@ -39,8 +42,13 @@ static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_ENTRIES, 0);
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// Per probe id: which of its events `trace` wants (`TraceFilter`).
+#[map(name = "FILTERS")]
+static FILTERS: Array<TraceFilter> = Array::with_max_entries(FILTER_ENTRIES, 0);
+
+/// Traced events not sent: the ring buffer was full, or a filter kept them out.
 #[map(name = "DROPS")]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 #[uprobe]
 pub fn hakmem_probe(ctx: ProbeContext) -> u32 {
@@ -113,6 +121,13 @@ fn trace(ctx: &ProbeContext, probe: u32, pid_tgid: u64, a0: u64, a1: u64) {
     if probe >= 64 || mask & (1u64 << probe) == 0 {
         return;
     }
+    let args = [a0, a1, ctx.arg(2).unwrap_or(0), ctx.arg(3).unwrap_or(0)];
+    if let Some(filter) = FILTERS.get(probe) {
+        if !filter.passes(&args) {
+            dropped(DROPPED_FILTERED);
+            return;
+        }
+    }
     match EVENTS.reserve::<TraceEvent>(0) {
         Some(mut entry) => {
             let ev = TraceEvent {
@@ -121,17 +136,20 @@ fn trace(ctx: &ProbeContext, probe: u32, pid_tgid: u64, a0: u64, a1: u64) {
                 pid_tgid,
                 probe,
                 _pad: 0,
-                args: [a0, a1, ctx.arg(2).unwrap_or(0), ctx.arg(3).unwrap_or(0)],
+                args,
             };
             entry.write(ev);
             entry.submit(0);
         }
-        None => {
-            if let Some(d) = DROPS.get_ptr_mut(0) {
-                // SAFETY: this CPU's counter.
-                unsafe { *d += 1 };
-            }
-        }
+        None => dropped(DROPPED_FULL),
+    }
+}
+
+#[inline(always)]
+fn dropped(why: u32) {
+    if let Some(d) = DROPS.get_ptr_mut(why) {
+        // SAFETY: this CPU's counter.
+        unsafe { *d += 1 };
     }
 }
 

@@ -4,10 +4,13 @@
 //!
 //! `hakmem-scenario NAME [--wait-attach] [--hold]`
 //!
-//! With `--wait-attach` it first waits until a tracer raises the semaphore of
-//! `ss_acquire` (so hakctl's counts cover the same interval), then prints the
-//! workload's tally (`tally: {json}`) with write(2) and exits with `_exit`, so
-//! nothing allocates between the last counted event and the exit.
+//! With `--wait-attach` it first waits until a tracer has raised the semaphore
+//! of every probe (the drain probes only if asked for), then for a line on stdin: the test writes it once hakctl
+//! has said it is attached (the kernel raises a site's semaphore when its
+//! uprobe is registered, a moment before hakctl links its program there), so
+//! hakctl's counts cover exactly the workload. It then prints the workload's
+//! tally (`tally: {json}`) with write(2) and exits with `_exit`, so nothing
+//! allocates between the last counted event and the exit.
 
 use hakmem::HakMem;
 use hakmem_common::Tally;
@@ -62,11 +65,18 @@ fn main() {
     }
     if wait_attach {
         println!("waiting for a tracer, pid {}", std::process::id());
-        while !hakmem::probes_enabled() {
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        // Every probe but the two drain probes, which hakctl attaches on request.
+        let (_, probes) = hakmem::probes_raised();
+        while hakmem::probes_raised().0 < probes - 2 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        // The tracer attaches its probes one after another; give the last ones time.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        println!(
+            "every probe is enabled ({} of {probes}); waiting for a line on stdin",
+            hakmem::probes_raised().0
+        );
+        let mut line = [0u8; 64];
+        // SAFETY: reading into a stack buffer of the given length.
+        while unsafe { libc::read(0, line.as_mut_ptr().cast(), line.len()) } < 0 {}
     }
     if matches!(
         name,
