@@ -25,37 +25,68 @@ impl End {
     /// What hakctl says on stderr when it stops for this reason.
     fn say(self, pid: i32) {
         match self {
-            End::TargetExited => eprintln!("hakctl: process {pid} exited; detached"),
-            End::Stopped(why) => eprintln!("hakctl: {why}; detached"),
+            // Written without eprintln!, which panics when the terminal hung up.
+            End::TargetExited => say(format_args!("process {pid} exited; detached")),
+            End::Stopped(why) => say(format_args!("{why}; detached")),
             End::Elapsed => {}
         }
+    }
+}
+
+/// A line on stderr that is lost, not a panic, when stderr is gone (a hung-up terminal).
+fn say(what: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "hakctl: {what}");
+}
+
+/// Whether `sig` was inherited as ignored (`nohup`, a background job's
+/// SIGINT): such a signal is left ignored, as the shell meant.
+fn inherited_ignored(sig: libc::c_int) -> bool {
+    // SAFETY: an all-zero sigaction is valid to be filled; querying only (act is null).
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: valid signal number and out-pointer.
+    unsafe {
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }
 
 /// The signals that end a collection loop as Ctrl-C does, so that the
 /// terminal is given back and the figures so far are printed: SIGINT,
 /// SIGTERM (kill, systemd, timeout) and SIGHUP (the terminal went away).
+/// Signals inherited as ignored stay ignored.
 struct Stop {
-    int: Signal,
-    term: Signal,
-    hup: Signal,
+    int: Option<Signal>,
+    term: Option<Signal>,
+    hup: Option<Signal>,
 }
 
 impl Stop {
     fn new() -> Result<Stop> {
-        let on = |kind| signal(kind).context("cannot handle signals");
+        let on = |sig, kind| -> Result<Option<Signal>> {
+            if inherited_ignored(sig) {
+                return Ok(None);
+            }
+            signal(kind).map(Some).context("cannot handle signals")
+        };
         Ok(Stop {
-            int: on(SignalKind::interrupt())?,
-            term: on(SignalKind::terminate())?,
-            hup: on(SignalKind::hangup())?,
+            int: on(libc::SIGINT, SignalKind::interrupt())?,
+            term: on(libc::SIGTERM, SignalKind::terminate())?,
+            hup: on(libc::SIGHUP, SignalKind::hangup())?,
         })
     }
 
     async fn signalled(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         tokio::select! {
-            _ = self.int.recv() => "interrupted",
-            _ = self.term.recv() => "terminated (SIGTERM)",
-            _ = self.hup.recv() => "hung up (SIGHUP)",
+            _ = recv(&mut self.int) => "interrupted",
+            _ = recv(&mut self.term) => "terminated (SIGTERM)",
+            _ = recv(&mut self.hup) => "hung up (SIGHUP)",
         }
     }
 }
@@ -347,7 +378,9 @@ impl Live {
         }
         if let Some(session) = session {
             let last = session.snapshot()?;
-            print!(
+            // Lost, not a panic, when the terminal hung up.
+            let _ = write!(
+                std::io::stdout(),
                 "{}",
                 report(session, self.kind, &last, None, exited).tables(false)
             );
@@ -362,6 +395,8 @@ pub async fn stage_stats(
     json: bool,
     drains: bool,
 ) -> Result<ExitCode> {
+    // Before attach: a signal after the "attached" line ends the wait, not hakctl.
+    let mut stop = Stop::new()?;
     let (session, _) = attach(pid, drains)?;
     eprintln!(
         "hakctl: attached to {} probe locations in process {pid}",
@@ -371,7 +406,7 @@ pub async fn stage_stats(
         pid,
         duration.map(|d| Duration::from_secs_f64(d.max(0.0))),
         Instant::now() + Duration::from_secs(u32::MAX as u64),
-        &mut Stop::new()?,
+        &mut stop,
         &mut no_step,
     )
     .await?;
@@ -476,6 +511,7 @@ pub async fn trace(
     let (mask, filters) = trace_filters(mask, class, args)?;
     // Tracing is asking for events: the drain probes too, unless filtered out.
     let drains = DRAIN_PROBES.iter().any(|&id| mask & (1 << id as u32) != 0);
+    let mut stop = Stop::new()?;
     let (mut session, _) = attach(pid, drains)?;
     for (id, f) in filters {
         session.set_trace_filter(id, f)?;
@@ -486,7 +522,6 @@ pub async fn trace(
         session.locations
     );
     let mut events = session.take_events()?;
-    let mut stop = Stop::new()?;
     let stop_at = duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d.max(0.0)))
         .unwrap_or(Instant::now() + Duration::from_secs(u32::MAX as u64));
@@ -732,7 +767,15 @@ fn child_output(output: Option<&std::path::Path>, full_screen: bool) -> Result<c
         }
         None => return Ok(crate::run::Output::Stderr),
     };
-    let file = std::fs::File::create(&path)
+    // A file of hakctl's own choosing is made new, readable by its owner only
+    // (never through a link someone else left at that name); -o FILE is the user's.
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    if output.is_none() {
+        std::os::unix::fs::OpenOptionsExt::mode(open.create_new(true), 0o600);
+    }
+    let file = open
+        .open(&path)
         .with_context(|| format!("cannot create {} for the command's output", path.display()))?;
     Ok(crate::run::Output::File(path, file))
 }
@@ -790,11 +833,11 @@ pub async fn run(
     }
     live.finish(child.session.as_ref(), code.is_some())?;
     if let Some(log) = log {
-        eprintln!("hakctl: the command's output is in {}", log.display());
+        say(format_args!("the command's output is in {}", log.display()));
     }
     match code {
         Some(c) => {
-            eprintln!("hakctl: {} exited with status {c}", cmd[0]);
+            say(format_args!("{} exited with status {c}", cmd[0]));
             Ok(ExitCode::from(c.clamp(0, 255) as u8))
         }
         None => {

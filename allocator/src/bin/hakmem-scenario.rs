@@ -76,7 +76,9 @@ fn main() {
         );
         let mut line = [0u8; 64];
         // SAFETY: reading into a stack buffer of the given length.
-        while unsafe { libc::read(0, line.as_mut_ptr().cast(), line.len()) } < 0 {}
+        while unsafe { libc::read(0, line.as_mut_ptr().cast(), line.len()) } < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
     }
     if matches!(
         name,
