@@ -382,7 +382,7 @@ impl Live {
             let _ = write!(
                 std::io::stdout(),
                 "{}",
-                report(session, self.kind, &last, None, exited).tables(false)
+                report(session, self.kind, &last, None, exited).tables()
             );
         }
         Ok(())
@@ -421,7 +421,7 @@ pub async fn stage_stats(
     if json {
         println!("{}", serde_json::to_string_pretty(&r.json())?);
     } else {
-        print!("{}", r.tables(false));
+        print!("{}", r.tables());
     }
     if end == End::TargetExited {
         eprintln!("hakctl: process {pid} exited; counts cover its whole run after attach");

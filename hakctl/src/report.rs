@@ -208,8 +208,8 @@ impl Report<'_> {
         })
     }
 
-    /// Full tables; `bars` draws hit-rate bars (terminal view).
-    pub fn tables(&self, bars: bool) -> String {
+    /// Full tables (`stage-stats`, and what `watch` and `run` leave on the terminal).
+    pub fn tables(&self) -> String {
         let t = &self.total.tally;
         let mut o = String::new();
         let state = if self.target_exited {
@@ -242,14 +242,9 @@ impl Report<'_> {
             let (s, fails) = stage_counts(t, c);
             let requests = s.iter().sum::<u64>() + fails;
             let r = ratio(s[0], requests);
-            let bar = if bars {
-                format!("  {}", bar(r, 24))
-            } else {
-                String::new()
-            };
             let _ = writeln!(
                 o,
-                "{c:>5} {size:>5} {:>8} {:>8} {:>8} {:>7}  {:>6.1}%{bar}",
+                "{c:>5} {size:>5} {:>8} {:>8} {:>8} {:>7}  {:>6.1}%",
                 s[0],
                 s[1],
                 s[2],
@@ -277,13 +272,11 @@ impl Report<'_> {
             );
         }
         let f = self.funnel_json();
+        let n = |k: &str| f[k].as_u64().unwrap_or(0);
         let _ = writeln!(
             o,
-            "  all: {} EMPTY -> {} released -> {} reused{}",
-            f["empty"],
-            f["released"],
-            f["reused_stage1"],
-            funnel_break(&f)
+            "{}",
+            funnel_line(n("empty"), n("released"), n("reused_stage1"))
         );
         let _ = writeln!(o, "\nSHARED_FAIL -> LEGACY (class: map_failed/budget)");
         let fails: Vec<String> = (0..TINY_CLASSES)
@@ -438,12 +431,15 @@ fn acquires_and_stage1(t: &Tally) -> (u64, u64) {
     (all, (0..TINY_CLASSES).map(|c| t.acquire(c, 1)).sum())
 }
 
-pub fn funnel_break(f: &Value) -> &'static str {
-    let (e, r, u) = (
-        f["empty"].as_u64().unwrap_or(0),
-        f["released"].as_u64().unwrap_or(0),
-        f["reused_stage1"].as_u64().unwrap_or(0),
-    );
+/// The funnel of every class on one line, and where it breaks if it does.
+pub fn funnel_line(empty: u64, released: u64, reused: u64) -> String {
+    format!(
+        "  all: {empty} EMPTY -> {released} released -> {reused} reused{}",
+        funnel_break(empty, released, reused)
+    )
+}
+
+fn funnel_break(e: u64, r: u64, u: u64) -> &'static str {
     if e == 0 {
         "   <- no slab ever became EMPTY"
     } else if r == 0 {

@@ -449,15 +449,7 @@ fn funnel(t: &Tally) -> Text<'static> {
             row[2]
         )));
     }
-    let verdict =
-        serde_json::json!({"empty": sums[0], "released": sums[1], "reused_stage1": sums[2]});
-    lines.push(Line::from(format!(
-        "  all: {} EMPTY -> {} released -> {} reused{}",
-        sums[0],
-        sums[1],
-        sums[2],
-        report::funnel_break(&verdict)
-    )));
+    lines.push(Line::from(report::funnel_line(sums[0], sums[1], sums[2])));
     let fails: Vec<String> = (0..TINY_CLASSES)
         .filter(|&c| (0..REASONS).any(|r| t.shared_fail(c, r) > 0))
         .map(|c| format!("c{c} {}/{}", t.shared_fail(c, 0), t.shared_fail(c, 1)))
