@@ -17,7 +17,33 @@ pub struct TraceEvent {
 /// Index of the trace configuration word in the eBPF `CONFIG` array: a bit
 /// mask of the probe ids to send through the ring buffer (0: tracing off).
 pub const CONFIG_TRACE_MASK: u32 = 0;
-pub const CONFIG_ENTRIES: u32 = 1;
+/// Index of the per-process switch: non-zero when hakctl attached to a
+/// library file for every process (`watch --all`, `serve --all`), so the
+/// program also counts into `PROCESS_TALLY`, keyed by process id.
+pub const CONFIG_PER_PROCESS: u32 = 1;
+/// Index of the stack mask: probe ids (bit = id) whose events record the
+/// user call stack into `STACK_COUNTS` (`hakctl stacks`), after the probe's
+/// `FILTERS` entry passes.
+pub const CONFIG_STACK_MASK: u32 = 2;
+pub const CONFIG_ENTRIES: u32 = 3;
+
+/// Processes `PROCESS_TALLY` holds at once (least recently updated evicted;
+/// hakctl removes the ones that exited at every refresh).
+pub const PROCESS_ENTRIES: u32 = 4096;
+
+/// Call stacks `STACKS` can hold, and (process, probe, stack) counters.
+pub const STACK_ENTRIES: u32 = 16384;
+
+/// Key of the `STACK_COUNTS` map: how many events of `probe` in process
+/// `tgid` came with the user stack `stack_id` (an id in `STACKS`; negative:
+/// the kernel could not take the stack, its error code).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    pub tgid: u32,
+    pub probe: u32,
+    pub stack_id: i64,
+}
 
 /// Conditions a trace filter can hold per probe.
 pub const FILTER_CONDITIONS: usize = 2;

@@ -32,7 +32,10 @@ pub fn uprobe_pmu_type() -> Result<u32> {
         .with_context(|| format!("unexpected contents of {path}: {s:?}"))
 }
 
-/// Attaches `prog_fd` at file offset `offset` of `path` for process `pid`.
+/// Attaches `prog_fd` at file offset `offset` of `path` for process `pid`,
+/// or for every process that maps the file if `pid` is -1 (a uprobe event
+/// is then opened on CPU 0, as perf and BCC do: the kernel runs the BPF
+/// program on whichever CPU hits the probe).
 pub fn attach(
     pmu: u32,
     prog_fd: RawFd,
@@ -56,7 +59,7 @@ pub fn attach(
             libc::SYS_perf_event_open,
             attr.as_ptr(),
             pid,
-            -1,
+            if pid == -1 { 0 } else { -1 },
             -1,
             PERF_FLAG_FD_CLOEXEC,
         )

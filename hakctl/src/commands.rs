@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How a collection loop ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(crate) enum End {
     /// A signal (SIGINT, SIGTERM, SIGHUP) or a quit key: what ended it.
     Stopped(&'static str),
     Elapsed,
@@ -23,7 +23,7 @@ enum End {
 
 impl End {
     /// What hakctl says on stderr when it stops for this reason.
-    fn say(self, pid: i32) {
+    pub(crate) fn say(self, pid: i32) {
         match self {
             // Written without eprintln!, which panics when the terminal hung up.
             End::TargetExited => say(format_args!("process {pid} exited; detached")),
@@ -53,14 +53,14 @@ fn inherited_ignored(sig: libc::c_int) -> bool {
 /// terminal is given back and the figures so far are printed: SIGINT,
 /// SIGTERM (kill, systemd, timeout) and SIGHUP (the terminal went away).
 /// Signals inherited as ignored stay ignored.
-struct Stop {
+pub(crate) struct Stop {
     int: Option<Signal>,
     term: Option<Signal>,
     hup: Option<Signal>,
 }
 
 impl Stop {
-    fn new() -> Result<Stop> {
+    pub(crate) fn new() -> Result<Stop> {
         let on = |sig, kind| -> Result<Option<Signal>> {
             if inherited_ignored(sig) {
                 return Ok(None);
@@ -92,9 +92,9 @@ impl Stop {
 }
 
 /// Waits up to `d` (or forever), returning early on a signal or when the
-/// target exits; every 50 ms it calls `step`, which ends the wait by
-/// returning true (the view's quit key).
-async fn wait(
+/// target exits (`pid` -1: no one target); every 50 ms it calls `step`,
+/// which ends the wait by returning true (the view's quit key).
+pub(crate) async fn wait(
     pid: i32,
     d: Option<Duration>,
     until: Instant,
@@ -103,7 +103,7 @@ async fn wait(
 ) -> Result<End> {
     let deadline = d.map(|d| until.min(Instant::now() + d));
     loop {
-        if target::exited(pid) {
+        if pid != -1 && target::exited(pid) {
             return Ok(End::TargetExited);
         }
         if step()? {
@@ -738,7 +738,7 @@ pub fn format_event(ev: &TraceEvent) -> String {
 }
 
 /// The library `run` preloads: HAKMEM_LIB, or libhakmem.so beside hakctl.
-fn preload_library() -> Result<std::path::PathBuf> {
+pub fn preload_library() -> Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("HAKMEM_LIB") {
         return Ok(p.into());
     }

@@ -2,6 +2,7 @@
 
 mod attach;
 mod commands;
+mod fleet;
 mod mem;
 mod report;
 mod run;
@@ -72,14 +73,25 @@ enum Command {
     },
     /// Attach and refresh live: totals, rates, stage hit rates, recycle funnel, failures, histograms.
     #[command(
-        override_usage = "hakctl watch [OPTIONS] <PID> [INTERVAL [COUNT]]\n       hakctl watch [OPTIONS] -p <PID> [INTERVAL [COUNT]]",
+        override_usage = "hakctl watch [OPTIONS] <PID> [INTERVAL [COUNT]]\n       hakctl watch [OPTIONS] -p <PID> [INTERVAL [COUNT]]\n       hakctl watch [OPTIONS] --all [INTERVAL [COUNT]]",
         after_help = "\
-`hakctl watch PID 2 10`, as vmstat: a refresh every 2 seconds, 10 of them."
+`hakctl watch PID 2 10`, as vmstat: a refresh every 2 seconds, 10 of them.
+`hakctl watch --all`: a table of every process that maps libhakmem.so, also those started later."
     )]
     Watch {
         /// The process id, as a flag.
-        #[arg(short = 'p', long = "pid", value_name = "PID")]
+        #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "all")]
         pid_flag: Option<i32>,
+        /// Every process that maps libhakmem.so (or a --lib file), now or later: one row each.
+        #[arg(short, long)]
+        all: bool,
+        /// With --all: attach to this library, or binary with hakmem as its allocator
+        /// (repeatable; default: libhakmem.so beside hakctl and every *hakmem* file mapped now).
+        #[arg(long, value_name = "PATH", requires = "all")]
+        lib: Vec<std::path::PathBuf>,
+        /// With --all: the table's order (s changes it in the full-screen view).
+        #[arg(long, value_enum, default_value = "rate", requires = "all")]
+        sort: fleet::SortBy,
         /// PID (unless -p), then INTERVAL seconds and COUNT refreshes (both optional).
         #[arg(value_name = "PID INTERVAL COUNT", num_args = 0..=3)]
         positional: Vec<String>,
@@ -170,21 +182,26 @@ enum Command {
     Man,
 }
 
-/// `watch`'s process, interval and count from `-p`, its positionals and `--interval`.
+/// `watch`'s process (None: `--all`), interval and count from `-p`, its
+/// positionals and `--interval`.
 fn watch_args(
     pid_flag: Option<i32>,
+    all: bool,
     positional: &[String],
     interval: Option<f64>,
-) -> Result<(i32, f64, Option<u64>)> {
+) -> Result<(Option<i32>, f64, Option<u64>)> {
     let mut rest = positional.iter();
     let pid = match pid_flag {
-        Some(pid) => pid,
+        _ if all => None,
+        Some(pid) => Some(pid),
         None => {
             let Some(p) = rest.next() else {
                 bail!("which process? `hakctl watch PID` or `hakctl watch -p PID`");
             };
-            p.parse()
-                .with_context(|| format!("{p:?} is not a process id"))?
+            Some(
+                p.parse()
+                    .with_context(|| format!("{p:?} is not a process id"))?,
+            )
         }
     };
     let positional_interval = rest
@@ -232,15 +249,22 @@ fn main() -> ExitCode {
             Command::Probes { target, json } => commands::probes(&target, json),
             Command::Watch {
                 pid_flag,
+                all,
+                lib,
+                sort,
                 positional,
                 interval,
                 duration,
                 json,
                 drains,
-            } => {
-                let (pid, interval, count) = watch_args(pid_flag, &positional, interval)?;
-                commands::watch(pid, interval, count, duration, json, drains).await
-            }
+            } => match watch_args(pid_flag, all, &positional, interval)? {
+                (Some(pid), interval, count) => {
+                    commands::watch(pid, interval, count, duration, json, drains).await
+                }
+                (None, interval, count) => {
+                    fleet::watch_all(&lib, interval, count, duration, json, drains, sort).await
+                }
+            },
             Command::StageStats {
                 target,
                 duration,
@@ -300,20 +324,24 @@ mod tests {
     #[test]
     fn watch_takes_pid_interval_count_as_vmstat_does() {
         assert_eq!(
-            watch_args(None, &strings(&["42"]), None).unwrap(),
-            (42, 1.0, None)
+            watch_args(None, false, &strings(&["42"]), None).unwrap(),
+            (Some(42), 1.0, None)
         );
         assert_eq!(
-            watch_args(None, &strings(&["42", "2", "10"]), None).unwrap(),
-            (42, 2.0, Some(10))
+            watch_args(None, false, &strings(&["42", "2", "10"]), None).unwrap(),
+            (Some(42), 2.0, Some(10))
         );
         assert_eq!(
-            watch_args(Some(42), &strings(&["0.5", "3"]), None).unwrap(),
-            (42, 0.5, Some(3))
+            watch_args(Some(42), false, &strings(&["0.5", "3"]), None).unwrap(),
+            (Some(42), 0.5, Some(3))
         );
         assert_eq!(
-            watch_args(Some(42), &[], Some(2.0)).unwrap(),
-            (42, 2.0, None)
+            watch_args(None, true, &strings(&["0.5", "3"]), None).unwrap(),
+            (None, 0.5, Some(3))
+        );
+        assert_eq!(
+            watch_args(Some(42), false, &[], Some(2.0)).unwrap(),
+            (Some(42), 2.0, None)
         );
         for (flag, pos, interval, says) in [
             (None, vec![], None, "which process"),
@@ -323,7 +351,7 @@ mod tests {
             (Some(1), vec!["1", "2", "3"], None, "unexpected"),
             (Some(1), vec!["1"], Some(1.0), "twice"),
         ] {
-            let e = watch_args(flag, &strings(&pos), interval).unwrap_err();
+            let e = watch_args(flag, false, &strings(&pos), interval).unwrap_err();
             assert!(format!("{e:#}").contains(says), "{pos:?}: {e:#}");
         }
     }

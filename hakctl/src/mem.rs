@@ -15,6 +15,7 @@ use crate::report::mib;
 use anyhow::{bail, Context, Result};
 use hakmem_common::levels::{self as lv, LevelsLayout};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -797,6 +798,11 @@ impl Reading {
         o
     }
 
+    /// Bytes in use, in thread caches, resident (RSS).
+    pub fn bytes(&self) -> (u64, u64, u64) {
+        (self.in_use(), self.cached(), self.rss)
+    }
+
     /// One line's worth for `watch`'s piped output.
     pub fn short(&self) -> String {
         format!(
@@ -808,13 +814,18 @@ impl Reading {
     }
 }
 
-/// The copies found in a process, kept between the refreshes of `watch`:
+/// The copies found in each process, kept between the refreshes of `watch`:
 /// its ELF files are read again only when a copy is no longer mapped where
 /// it was (`hakctl run` follows a process across its execs).
-static FOUND: std::sync::Mutex<Option<Found>> = std::sync::Mutex::new(None);
+static FOUND: std::sync::Mutex<BTreeMap<i32, Found>> = std::sync::Mutex::new(BTreeMap::new());
 
-/// A process, its readable copies, and the ones skipped with why.
-type Found = (i32, Vec<Copy>, Vec<String>);
+/// A process's readable copies, and the ones skipped with why.
+type Found = (Vec<Copy>, Vec<String>);
+
+/// Forgets what was found in `pid` (it exited; its id may be reused).
+pub fn forget(pid: i32) {
+    FOUND.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+}
 
 /// Reads the levels of every copy of hakmem in `pid`.
 pub fn read(pid: i32) -> Result<Reading> {
@@ -828,11 +839,11 @@ pub fn read(pid: i32) -> Result<Reading> {
         c.iter()
             .all(|c| files.get(&c.path).map(|f| f.0) == Some(c.start))
     };
-    let (copies, skipped) = match &*found {
-        Some((p, c, s)) if *p == pid && still_mapped(c) => (c.clone(), s.clone()),
+    let (copies, skipped) = match found.get(&pid) {
+        Some((c, s)) if still_mapped(c) => (c.clone(), s.clone()),
         _ => {
             let (c, s) = copies(pid, &m)?;
-            *found = Some((pid, c.clone(), s.clone()));
+            found.insert(pid, (c.clone(), s.clone()));
             (c, s)
         }
     };

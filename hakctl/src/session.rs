@@ -4,14 +4,17 @@
 use crate::attach::{self, UprobeLink};
 use crate::target::HakmemObject;
 use anyhow::{anyhow, Context, Result};
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::maps::stack_trace::StackTraceMap;
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::UProbe;
 use aya::Ebpf;
 use hakmem_common::hist::{HIST_BUCKETS, HIST_ROWS};
 use hakmem_common::trace::{
-    TraceFilter, CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, FILTER_CONDITIONS,
+    StackKey, TraceFilter, CONFIG_PER_PROCESS, CONFIG_STACK_MASK, CONFIG_TRACE_MASK,
+    DROPPED_FILTERED, DROPPED_FULL, FILTER_CONDITIONS,
 };
 use hakmem_common::{ProbeId, Tally, TALLY_SLOTS};
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
@@ -77,6 +80,21 @@ impl Session {
     /// Loads the programs and attaches them to every hakmem probe site of
     /// `objects` in `pid` (the `DRAIN_PROBES` only if `drains`).
     pub fn attach(pid: i32, objects: Vec<HakmemObject>, drains: bool) -> Result<Session> {
+        Session::load(pid, objects, drains)
+    }
+
+    /// Attaches to the probe sites of `files` (libraries or executables on
+    /// disk) in every process that maps them, now or later, and counts per
+    /// process too (`process_tallies`). The kernel raises the probes'
+    /// semaphores in each process as it maps the file. `pid` is -1.
+    pub fn attach_everywhere(files: Vec<HakmemObject>, drains: bool) -> Result<Session> {
+        let mut s = Session::load(-1, files, drains)?;
+        s.set_config(CONFIG_PER_PROCESS, 1)?;
+        s.process = "every process".into();
+        Ok(s)
+    }
+
+    fn load(pid: i32, objects: Vec<HakmemObject>, drains: bool) -> Result<Session> {
         crate::target::check_environment()?;
         // Run-time statistics (best effort: older kernels or missing privilege just show 0).
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -134,12 +152,98 @@ impl Session {
         })
     }
 
-    /// Sends the probes in `mask` (bit = probe id) through the trace ring buffer.
-    pub fn set_trace_mask(&mut self, mask: u64) -> Result<()> {
+    fn set_config(&mut self, index: u32, value: u64) -> Result<()> {
         let mut config: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
-        config.set(CONFIG_TRACE_MASK, mask, 0)?;
+        config.set(index, value, 0)?;
         Ok(())
+    }
+
+    /// Sends the probes in `mask` (bit = probe id) through the trace ring buffer.
+    pub fn set_trace_mask(&mut self, mask: u64) -> Result<()> {
+        self.set_config(CONFIG_TRACE_MASK, mask)
+    }
+
+    /// Records the user call stack of every event of the probes in `mask`
+    /// that passes the probe's trace filter.
+    #[allow(dead_code)] // `hakctl stacks`, the next commit
+    pub fn set_stack_mask(&mut self, mask: u64) -> Result<()> {
+        self.set_config(CONFIG_STACK_MASK, mask)
+    }
+
+    /// How often each (process, probe, user stack) came so far.
+    #[allow(dead_code)]
+    pub fn stack_counts(&self) -> Result<Vec<(StackKey, u64)>> {
+        let map: PerCpuHashMap<&MapData, [u64; 2], u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("STACK_COUNTS").context("STACK_COUNTS map")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (k, per_cpu) = entry?;
+            let key = StackKey {
+                tgid: k[0] as u32,
+                probe: (k[0] >> 32) as u32,
+                stack_id: k[1] as i64,
+            };
+            out.push((key, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// The return addresses of user stack `id`, innermost first.
+    #[allow(dead_code)]
+    pub fn stack(&self, id: u32) -> Result<Vec<u64>> {
+        let map: StackTraceMap<&MapData> =
+            StackTraceMap::try_from(self.ebpf.map("STACKS").context("STACKS map")?)?;
+        Ok(map.get(&id, 0)?.frames().iter().map(|f| f.ip).collect())
+    }
+
+    /// Counts per process so far (`attach_everywhere` sessions), by process id.
+    pub fn process_tallies(&self) -> Result<BTreeMap<u32, Tally>> {
+        let map: PerCpuHashMap<&MapData, u32, [u64; TALLY_SLOTS]> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map("PROCESS_TALLY")
+                .context("PROCESS_TALLY map")?,
+        )?;
+        let mut out = BTreeMap::new();
+        for entry in map.iter() {
+            let (pid, per_cpu) = entry?;
+            let mut tally = Tally::default();
+            for cpu in per_cpu.iter() {
+                for (t, v) in tally.slots.iter_mut().zip(cpu.iter()) {
+                    *t += v;
+                }
+            }
+            out.insert(pid, tally);
+        }
+        Ok(out)
+    }
+
+    /// A process's command name at its first event (`attach_everywhere` sessions).
+    pub fn process_comm(&self, pid: u32) -> Option<String> {
+        let map: aya::maps::HashMap<&MapData, u32, [u8; 16]> =
+            aya::maps::HashMap::try_from(self.ebpf.map("PROCESS_COMM")?).ok()?;
+        let comm = map.get(&pid, 0).ok()?;
+        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        Some(String::from_utf8_lossy(&comm[..len]).into_owned())
+    }
+
+    /// Drops the per-process counts of a process that exited (its id may be reused).
+    pub fn forget_process(&mut self, pid: u32) -> Result<()> {
+        if let Some(map) = self.ebpf.map_mut("PROCESS_COMM") {
+            let mut comms: aya::maps::HashMap<&mut MapData, u32, [u8; 16]> =
+                aya::maps::HashMap::try_from(map)?;
+            let _ = comms.remove(&pid);
+        }
+        let mut map: PerCpuHashMap<&mut MapData, u32, [u64; TALLY_SLOTS]> =
+            PerCpuHashMap::try_from(
+                self.ebpf
+                    .map_mut("PROCESS_TALLY")
+                    .context("PROCESS_TALLY map")?,
+            )?;
+        match map.remove(&pid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Sends only the events of probe `id` that pass `filter` through the ring buffer.

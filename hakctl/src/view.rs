@@ -60,8 +60,12 @@ impl Screen {
     }
 
     pub fn draw(&mut self, view: &View, r: &Report) -> Result<()> {
+        self.draw_with(|f| view.render(f, r))
+    }
+
+    pub fn draw_with(&mut self, render: impl FnOnce(&mut Frame)) -> Result<()> {
         self.term
-            .draw(|f| view.render(f, r))
+            .draw(render)
             .context("cannot draw on the terminal")?;
         Ok(())
     }

@@ -2,75 +2,13 @@
 //! always run; where BPF is unusable they are skipped, except under
 //! HAKMEM_REQUIRE_BPF=1 (CI), where they fail.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn hakctl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hakctl"))
-}
-
-/// Sibling binaries of this test's build (target/<profile>/...).
-fn built(name: &str) -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace` (or `just test`) so that it is built",
-        p.display()
-    );
-    p
-}
-
-/// The release libhakmem.so (`cargo build --release -p hakmem`, done by `just test`), or HAKMEM_LIB.
-fn release_lib() -> PathBuf {
-    if let Some(p) = std::env::var_os("HAKMEM_LIB") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhakmem.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build --release -p hakmem` (or run `just test`)",
-        p.display()
-    );
-    p
-}
-
-fn bpf_usable() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    if !std::path::Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
-        return Err("no uprobe PMU".into());
-    }
-    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Err("no kernel BTF".into());
-    }
-    Ok(())
-}
-
-/// True if the BPF tests should run; panics if BPF is required but unusable.
-fn need_bpf(test: &str) -> bool {
-    match bpf_usable() {
-        Ok(()) => true,
-        Err(why) if std::env::var("HAKMEM_REQUIRE_BPF").as_deref() == Ok("1") => {
-            panic!("{test}: BPF is required (HAKMEM_REQUIRE_BPF=1) but unusable here: {why}")
-        }
-        Err(why) => {
-            eprintln!("{test}: skipped, BPF unusable: {why}");
-            false
-        }
-    }
-}
 
 struct Target {
     child: Child,
@@ -218,24 +156,6 @@ fn counts_equal_the_allocators_own_tally_for_every_probe() {
         );
     }
     assert_eq!(seen.len(), hakmem_common::PROBE_COUNT);
-}
-
-/// The JSON documents, one a line, of a command that must have succeeded.
-fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    stdout_of_success(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The standard output of a command that must have succeeded (else its stderr is the failure).
-fn stdout_of_success(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// (probe, "yes"/"no") for every probe of the process.
@@ -818,45 +738,6 @@ fn the_full_screen_view_fits_80x24_takes_keys_follows_resizes_and_gives_the_term
     assert!(t.child.try_wait().unwrap().is_none(), "the target runs on");
     let _ = t.child.kill();
     let _ = t.child.wait();
-}
-
-/// A C program built here with plain `gcc -O2`: tiny, mid and large blocks
-/// (slabs from every stage, ACE, the large path), a line on stdout and one
-/// on stderr.
-fn c_workload() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hakctl-c-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("work.c");
-    std::fs::write(
-        &src,
-        r#"#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-int main(void) {
-    static void *p[60000];
-    for (int round = 0; round < 4; round++) {
-        for (int i = 0; i < 60000; i++) { p[i] = malloc(16 << (round + i % 4)); memset(p[i], 1, 8); }
-        for (int i = 0; i < 60000; i++) free(p[i]);
-    }
-    for (int i = 0; i < 200; i++) { void *m = malloc(100000 + i * 100); memset(m, 2, 64); free(m); }
-    for (int i = 0; i < 20; i++) { void *l = malloc((size_t)(i + 1) << 20); memset(l, 3, 4096); free(l); }
-    printf("out-of-the-command\n");
-    fprintf(stderr, "err-of-the-command\n");
-    return 0;
-}
-"#,
-    )
-    .unwrap();
-    let exe = dir.join("work");
-    let st = Command::new("gcc")
-        .arg("-O2")
-        .arg("-o")
-        .arg(&exe)
-        .arg(&src)
-        .status()
-        .expect("gcc");
-    assert!(st.success());
-    exe
 }
 
 #[test]

@@ -6,14 +6,20 @@
 //! (the same function the allocator's own `HAKMEM_STATS` tally uses), buckets
 //! drain batches and slab acquire latencies into per-CPU log-linear
 //! histograms, and, when `hakctl trace` asked for this probe, sends the event
-//! through the ring buffer (counting what did not fit).
+//! through the ring buffer (counting what did not fit). Attached to a library
+//! file for every process, it also counts per process (`PROCESS_TALLY`); for
+//! `hakctl stacks` it counts the user call stacks of the chosen probes.
 #![no_std]
 #![no_main]
 
+use aya_ebpf::bindings::BPF_F_USER_STACK;
 use aya_ebpf::helpers::generated::bpf_get_attach_cookie;
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, uprobe};
-use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{
+    Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace,
+};
+use aya_ebpf::programs::tracing::StackIdContext;
 use aya_ebpf::programs::ProbeContext;
 use aya_ebpf::EbpfContext;
 use hakmem_common::hist::{
@@ -21,13 +27,37 @@ use hakmem_common::hist::{
     HIST_TLS_DRAIN_BATCH,
 };
 use hakmem_common::trace::{
-    TraceEvent, TraceFilter, CONFIG_ENTRIES, CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL,
-    FILTER_ENTRIES,
+    StackKey, TraceEvent, TraceFilter, CONFIG_ENTRIES, CONFIG_PER_PROCESS, CONFIG_STACK_MASK,
+    CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, FILTER_ENTRIES, PROCESS_ENTRIES,
+    STACK_ENTRIES,
 };
 use hakmem_common::{tally, ProbeId, Tally, STAGES, TALLY_SLOTS};
 
 #[map(name = "TALLY")]
 static TALLY: PerCpuArray<Tally> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per process (tgid), when `CONFIG_PER_PROCESS` is set.
+#[map(name = "PROCESS_TALLY")]
+static PROCESS_TALLY: LruPerCpuHashMap<u32, Tally> =
+    LruPerCpuHashMap::with_max_entries(PROCESS_ENTRIES, 0);
+
+/// Per process: its command name at its first event (for processes that
+/// exit before hakctl reads `/proc`).
+#[map(name = "PROCESS_COMM")]
+static PROCESS_COMM: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(PROCESS_ENTRIES, 0);
+
+/// A zeroed tally, the first value of a new process's entry: a tally does
+/// not fit on the eBPF stack (512 bytes). Never written.
+#[map(name = "ZERO_TALLY")]
+static ZERO_TALLY: Array<Tally> = Array::with_max_entries(1, 0);
+
+/// User call stacks of the probes in `CONFIG_STACK_MASK`, and how often each came.
+#[map(name = "STACKS")]
+static STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+#[map(name = "STACK_COUNTS")]
+static STACK_COUNTS: PerCpuHashMap<StackKey, u64> =
+    PerCpuHashMap::with_max_entries(STACK_ENTRIES, 0);
 
 #[map(name = "HIST")]
 static HIST: PerCpuArray<HistRow> = PerCpuArray::with_max_entries(HIST_ROWS, 0);
@@ -65,16 +95,15 @@ fn handle(ctx: &ProbeContext) {
     let a2: u64 = ctx.arg(2).unwrap_or(0);
 
     if let Some(t) = TALLY.get_ptr_mut(0) {
-        tally::record(probe, a0, a1, a2, |slot, n| {
-            if slot < TALLY_SLOTS {
-                // SAFETY: `t` is this CPU's tally (no concurrent writer: per-CPU,
-                // and uprobe programs do not nest on one CPU); slot is in bounds.
-                unsafe { *(*t).slots.get_unchecked_mut(slot) += n };
-            }
-        });
+        count(t, probe, a0, a1, a2);
     }
 
     let pid_tgid = bpf_get_current_pid_tgid();
+    if config(CONFIG_PER_PROCESS) != 0 {
+        if let Some(t) = process_tally((pid_tgid >> 32) as u32) {
+            count(t, probe, a0, a1, a2);
+        }
+    }
     match probe {
         p if p == ProbeId::TlsDrain as u32 => hist(HIST_TLS_DRAIN_BATCH, a1),
         p if p == ProbeId::RemoteDrain as u32 => hist(HIST_REMOTE_DRAIN_BATCH, a1),
@@ -100,7 +129,72 @@ fn handle(ctx: &ProbeContext) {
         _ => {}
     }
 
-    trace(ctx, probe, pid_tgid, a0, a1);
+    let args = [a0, a1, a2, ctx.arg(3).unwrap_or(0)];
+    stack(ctx, probe, pid_tgid, &args);
+    trace(probe, pid_tgid, args);
+}
+
+#[inline(always)]
+fn config(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn count(t: *mut Tally, probe: u32, a0: u64, a1: u64, a2: u64) {
+    tally::record(probe, a0, a1, a2, |slot, n| {
+        if slot < TALLY_SLOTS {
+            // SAFETY: `t` is this CPU's copy of a per-CPU map value (no
+            // concurrent writer: uprobe programs do not nest on one CPU); slot is in bounds.
+            unsafe { *(*t).slots.get_unchecked_mut(slot) += n };
+        }
+    });
+}
+
+/// This CPU's tally of process `tgid`, made on its first event.
+#[inline(always)]
+fn process_tally(tgid: u32) -> Option<*mut Tally> {
+    if let Some(t) = PROCESS_TALLY.get_ptr_mut(tgid) {
+        return Some(t);
+    }
+    if let Ok(comm) = bpf_get_current_comm() {
+        let _ = PROCESS_COMM.insert(tgid, comm, 0);
+    }
+    let zero = ZERO_TALLY.get(0)?;
+    // NOEXIST: another CPU may have made it meanwhile; then it is used as is.
+    let _ = PROCESS_TALLY.insert(tgid, zero, aya_ebpf::bindings::BPF_NOEXIST as u64);
+    PROCESS_TALLY.get_ptr_mut(tgid)
+}
+
+/// Whether the probe's `FILTERS` entry (`--class`, `--arg`) lets this event through.
+#[inline(always)]
+fn passes(probe: u32, args: &[u64; 4]) -> bool {
+    FILTERS.get(probe).is_none_or(|f| f.passes(args))
+}
+
+/// Counts the user call stack of this event if `hakctl stacks` asked for its probe.
+#[inline(always)]
+fn stack(ctx: &ProbeContext, probe: u32, pid_tgid: u64, args: &[u64; 4]) {
+    let mask = config(CONFIG_STACK_MASK);
+    if probe >= 64 || mask & (1u64 << probe) == 0 || !passes(probe, args) {
+        return;
+    }
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(e) => e as i64,
+    };
+    let key = StackKey {
+        tgid: (pid_tgid >> 32) as u32,
+        probe,
+        stack_id,
+    };
+    if STACK_COUNTS.get_ptr_mut(&key).is_none() {
+        // NOEXIST: when another CPU made it first, this CPU's slot of it is used.
+        let _ = STACK_COUNTS.insert(&key, &0, aya_ebpf::bindings::BPF_NOEXIST as u64);
+    }
+    if let Some(n) = STACK_COUNTS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot of a per-CPU map value (no concurrent writer).
+        unsafe { *n += 1 };
+    }
 }
 
 #[inline(always)]
@@ -113,20 +207,14 @@ fn hist(row: u32, value: u64) {
 }
 
 #[inline(always)]
-fn trace(ctx: &ProbeContext, probe: u32, pid_tgid: u64, a0: u64, a1: u64) {
-    let mask = match CONFIG.get(CONFIG_TRACE_MASK) {
-        Some(&m) => m,
-        None => return,
-    };
+fn trace(probe: u32, pid_tgid: u64, args: [u64; 4]) {
+    let mask = config(CONFIG_TRACE_MASK);
     if probe >= 64 || mask & (1u64 << probe) == 0 {
         return;
     }
-    let args = [a0, a1, ctx.arg(2).unwrap_or(0), ctx.arg(3).unwrap_or(0)];
-    if let Some(filter) = FILTERS.get(probe) {
-        if !filter.passes(&args) {
-            dropped(DROPPED_FILTERED);
-            return;
-        }
+    if !passes(probe, &args) {
+        dropped(DROPPED_FILTERED);
+        return;
     }
     match EVENTS.reserve::<TraceEvent>(0) {
         Some(mut entry) => {

@@ -1,0 +1,260 @@
+//! hakctl across processes with real eBPF: `watch --all` attached to the
+//! library file itself. Skipped where BPF is unusable, except under
+//! HAKMEM_REQUIRE_BPF=1 (CI), where they fail.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A hakctl command running in the background, its stdout and stderr read
+/// by threads (a pipe nobody reads would stall it).
+struct Background {
+    child: Child,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Background {
+    /// Starts hakctl with `args` and returns once it said it is attached.
+    fn attached(args: &[&str]) -> Background {
+        let mut child = hakctl()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let mut errs = BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        errs.read_line(&mut said).unwrap();
+        assert!(said.contains("attached to"), "hakctl said: {said}");
+        let stderr = std::thread::spawn(move || {
+            let mut s = said;
+            let _ = errs.read_to_string(&mut s);
+            s
+        });
+        Background {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Stops it as Ctrl-C does; its stdout and stderr.
+    fn interrupt(self) -> (String, String) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.finish()
+    }
+
+    fn finish(mut self) -> (String, String) {
+        let status = self.child.wait().unwrap();
+        let (out, err) = (self.stdout.join().unwrap(), self.stderr.join().unwrap());
+        assert!(status.success(), "hakctl failed: {err}");
+        (out, err)
+    }
+}
+
+/// The interpreter itself, not a launcher script in front of it (pyenv's
+/// shims run other programs first, which would be counted too).
+fn python() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A program started with libhakmem.so preloaded and its exit tally going to `stats`.
+fn preloaded(program: &Path, args: &[&str], stats: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("LD_PRELOAD", release_lib())
+        .env("HAKMEM_STATS_FILE", stats)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn own_tally(stats: &Path) -> Value {
+    let text = std::fs::read_to_string(stats).expect("the program's exit tally");
+    serde_json::from_str(
+        text.lines()
+            .last()
+            .unwrap()
+            .trim_start_matches("hakmem-stats: "),
+    )
+    .unwrap()
+}
+
+#[test]
+fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later() {
+    if !need_bpf("watch_all") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("hakctl-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stats = |name: &str| dir.join(format!("{name}.stats"));
+    let py = python();
+    // Started before hakctl; allocates once told to, after the attach.
+    let mut early = preloaded(
+        &py,
+        &[
+            "-c",
+            "import sys; sys.stdin.readline(); x = [str(i) for i in range(100000)]",
+        ],
+        &stats("early"),
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let lib = release_lib();
+    let ctl = Background::attached(&[
+        "watch",
+        "--all",
+        "--lib",
+        lib.to_str().unwrap(),
+        "--drains",
+        "-j",
+        "-i",
+        "0.3",
+    ]);
+    use std::io::Write;
+    early.stdin.take().unwrap().write_all(b"go\n").unwrap();
+
+    // Started after hakctl: every event of theirs is counted, so hakctl's
+    // final counts equal their own exit tallies exactly.
+    let c = c_workload();
+    let mut later = vec![
+        ("work", preloaded(&c, &[], &stats("work")).spawn().unwrap()),
+        (
+            "python",
+            preloaded(
+                &py,
+                &[
+                    "-c",
+                    "import time; d = {i: str(i) * 3 for i in range(200000)}; time.sleep(1.2)",
+                ],
+                &stats("python"),
+            )
+            .spawn()
+            .unwrap(),
+        ),
+    ];
+    let mut sqlite = preloaded(Path::new("sqlite3"), &[":memory:"], &stats("sqlite3"))
+        .spawn()
+        .unwrap();
+    sqlite
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"create table t(a, b);
+              with recursive c(x) as (select 1 union all select x + 1 from c limit 50000)
+              insert into t select x, hex(randomblob(40)) from c;
+              create index i on t(b);
+              select count(*) from t;\n",
+        )
+        .unwrap();
+    later.push(("sqlite3", sqlite));
+    let pids: Vec<(&str, u32)> = later.iter().map(|(n, c)| (*n, c.id())).collect();
+    for (name, child) in &mut later {
+        assert!(child.wait().unwrap().success(), "{name} failed");
+    }
+    assert!(early.wait().unwrap().success());
+    // Two refreshes after the last exit: every process had its final row.
+    std::thread::sleep(Duration::from_millis(900));
+    let (out, err) = ctl.interrupt();
+    assert!(err.contains("interrupted; detached"), "{err}");
+    let docs: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(docs.len() >= 3, "{out}");
+    let rows_of = |pid: u32| -> Vec<&Value> {
+        docs.iter()
+            .flat_map(|d| d["processes"].as_array().unwrap())
+            .filter(|p| p["pid"] == pid)
+            .collect()
+    };
+    for (name, pid) in &pids {
+        let rows = rows_of(*pid);
+        let last = rows
+            .last()
+            .unwrap_or_else(|| panic!("{name} ({pid}) never shown: {out}"));
+        assert_eq!(last["exited"], true, "{name}: {last}");
+        // Shown once as exited, then gone from the table.
+        assert_eq!(
+            rows.iter().filter(|r| r["exited"] == true).count(),
+            1,
+            "{name}"
+        );
+        let own = own_tally(&stats(name));
+        assert!(
+            last["counts"] == own,
+            "{name}: hakctl counted {} and the program itself {own}",
+            last["counts"]
+        );
+        let command = last["command"].as_str().unwrap();
+        assert!(command.starts_with(&name[..4]), "{name} shown as {command}");
+    }
+    // The python that sleeps was seen alive, with its memory levels.
+    let python_pid = pids.iter().find(|(n, _)| *n == "python").unwrap().1;
+    let alive = rows_of(python_pid)
+        .into_iter()
+        .find(|r| r["exited"] == false)
+        .expect("a row while python was alive");
+    assert!(
+        alive["memory"]["rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{alive}"
+    );
+    assert!(
+        alive["memory"]["in_use_bytes"].as_u64().unwrap() > 0,
+        "{alive}"
+    );
+    assert!(alive["events_per_s"].as_f64().unwrap() > 0.0 || alive["events"].as_u64().unwrap() > 0);
+    // The one started before hakctl is counted too (from the attach on).
+    let early_rows = rows_of(early.id());
+    let last = early_rows.last().expect("the early process is shown");
+    assert!(last["events"].as_u64().unwrap() > 0, "{last}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(c.parent().unwrap());
+}
+
+#[test]
+fn watch_all_names_what_it_cannot_attach_to() {
+    for (lib, says) in [
+        (
+            "/nonexistent/libhakmem.so",
+            "--lib /nonexistent/libhakmem.so",
+        ),
+        ("/bin/true", "no hakmem probes in /bin/true"),
+    ] {
+        let out = hakctl()
+            .args(["watch", "--all", "--lib", lib, "-j", "1", "1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{lib}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = hakctl()
+        .args(["watch", "--all", "-p", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}
