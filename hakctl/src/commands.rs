@@ -128,7 +128,7 @@ pub(crate) async fn wait(
 }
 
 /// No step between the waits of a loop that shows nothing live.
-fn no_step() -> Result<bool> {
+pub(crate) fn no_step() -> Result<bool> {
     Ok(false)
 }
 
@@ -177,7 +177,7 @@ pub fn probes(target_arg: &str, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn attach(pid: i32, drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
+pub(crate) fn attach(pid: i32, drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
     target::check_environment()?;
     let objects = target::find_in_process(pid)?;
     let session = Session::attach(pid, objects.clone(), drains).map_err(|e| {
@@ -431,7 +431,22 @@ pub async fn stage_stats(
 
 /// The trace filters of `--class` and `--arg NAME=VALUE`, per probe in
 /// `mask`; probes that lack an argument a condition names leave the mask.
-fn trace_filters(
+/// The probes named (bit = probe id; 0 when none are).
+pub(crate) fn probe_mask(probes: &[String]) -> Result<u64> {
+    let mut mask = 0u64;
+    for name in probes {
+        let id = ProbeId::from_name(name).with_context(|| {
+            format!(
+                "unknown probe {name:?}; known: {}",
+                PROBES.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        mask |= 1 << id as u32;
+    }
+    Ok(mask)
+}
+
+pub(crate) fn trace_filters(
     mut mask: u64,
     class: Option<u64>,
     args: &[String],
@@ -495,19 +510,10 @@ pub async fn trace(
     duration: Option<f64>,
     json: bool,
 ) -> Result<ExitCode> {
-    let mut mask = 0u64;
-    for name in probes {
-        let id = ProbeId::from_name(name).with_context(|| {
-            format!(
-                "unknown probe {name:?}; known: {}",
-                PROBES.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
-            )
-        })?;
-        mask |= 1 << id as u32;
-    }
-    if mask == 0 {
-        mask = (1 << PROBE_COUNT) - 1;
-    }
+    let mask = match probe_mask(probes)? {
+        0 => (1 << PROBE_COUNT) - 1,
+        m => m,
+    };
     let (mask, filters) = trace_filters(mask, class, args)?;
     // Tracing is asking for events: the drain probes too, unless filtered out.
     let drains = DRAIN_PROBES.iter().any(|&id| mask & (1 << id as u32) != 0);

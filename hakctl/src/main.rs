@@ -7,6 +7,7 @@ mod mem;
 mod report;
 mod run;
 mod session;
+mod stacks;
 mod stapsdt;
 mod target;
 mod view;
@@ -147,6 +148,36 @@ enum Command {
         #[arg(short, long)]
         json: bool,
     },
+    /// Count the user call stacks behind slow-path events and print the top ones.
+    #[command(after_help = "\
+Frames: the kernel follows frame pointers. libhakmem.so keeps them, so the frames inside
+hakmem and the function that called malloc are always there; the program's frames further
+out only where it keeps frame pointers too (gcc/clang -fno-omit-frame-pointer).")]
+    Stacks {
+        #[command(flatten)]
+        target: Target,
+        /// Only these probes (repeatable; default: ss_acquire, shared_fail, ace_fail, cache_take).
+        #[arg(long = "probe")]
+        probes: Vec<String>,
+        /// Only events of this class (as `trace --class`; filtered in the kernel).
+        #[arg(short, long)]
+        class: Option<u64>,
+        /// Only events whose argument NAME equals VALUE (as `trace --arg`).
+        #[arg(short, long, value_name = "NAME=VALUE")]
+        arg: Vec<String>,
+        /// Seconds to collect (default: until Ctrl-C or the target exits).
+        #[arg(short, long)]
+        duration: Option<f64>,
+        /// Stacks shown per probe.
+        #[arg(short, long, default_value_t = 5)]
+        top: usize,
+        /// Folded stacks, one a line (`command;outer;...;inner;[probe] count`), for flame graph tools.
+        #[arg(short, long, conflicts_with = "json")]
+        folded: bool,
+        /// One JSON document (schema: docs/json-schema.md).
+        #[arg(short, long)]
+        json: bool,
+    },
     /// Where the process's memory is: bytes in use, in thread caches and resident, per tier and class.
     Mem {
         #[command(flatten)]
@@ -279,6 +310,28 @@ fn main() -> ExitCode {
                 duration,
                 json,
             } => commands::trace(target.pid(), &probes, class, &arg, duration, json).await,
+            Command::Stacks {
+                target,
+                probes,
+                class,
+                arg,
+                duration,
+                top,
+                folded,
+                json,
+            } => {
+                stacks::stacks(
+                    target.pid(),
+                    &probes,
+                    class,
+                    &arg,
+                    duration,
+                    top,
+                    folded,
+                    json,
+                )
+                .await
+            }
             Command::Mem { target, json } => mem::mem(target.pid(), json),
             Command::Completions { shell } => {
                 clap_complete::generate(

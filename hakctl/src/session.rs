@@ -166,13 +166,11 @@ impl Session {
 
     /// Records the user call stack of every event of the probes in `mask`
     /// that passes the probe's trace filter.
-    #[allow(dead_code)] // `hakctl stacks`, the next commit
     pub fn set_stack_mask(&mut self, mask: u64) -> Result<()> {
         self.set_config(CONFIG_STACK_MASK, mask)
     }
 
     /// How often each (process, probe, user stack) came so far.
-    #[allow(dead_code)]
     pub fn stack_counts(&self) -> Result<Vec<(StackKey, u64)>> {
         let map: PerCpuHashMap<&MapData, [u64; 2], u64> =
             PerCpuHashMap::try_from(self.ebpf.map("STACK_COUNTS").context("STACK_COUNTS map")?)?;
@@ -190,7 +188,6 @@ impl Session {
     }
 
     /// The return addresses of user stack `id`, innermost first.
-    #[allow(dead_code)]
     pub fn stack(&self, id: u32) -> Result<Vec<u64>> {
         let map: StackTraceMap<&MapData> =
             StackTraceMap::try_from(self.ebpf.map("STACKS").context("STACKS map")?)?;

@@ -258,3 +258,139 @@ fn watch_all_names_what_it_cannot_attach_to() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }
+
+/// A program whose only SuperSlab maps (Stage 3) come from one function, built with plain `gcc -O2`.
+const KNOWN: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+/* The one function that makes the allocator map SuperSlabs: 200000 blocks
+   of 512 bytes kept alive. */
+__attribute__((noinline)) void **make_buffers(int n) {
+    void **p = malloc(n * sizeof *p);
+    for (int i = 0; i < n; i++) { p[i] = malloc(512); memset(p[i], 1, 16); }
+    return p;
+}
+int main(void) {
+    getchar();
+    void **p = make_buffers(200000);
+    printf("%p\n", p[7]);
+    return 0;
+}
+"#;
+
+/// `hakctl stacks ARGS` on `program` started with the preload, told to go once hakctl is attached:
+/// (hakctl's stdout, its stderr, the program's own exit tally).
+fn stacks_of(program: &Path, script: Option<&str>, args: &[&str]) -> (String, String, Value) {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("hakctl-stacks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stats = dir.join(format!(
+        "{}.stats",
+        program.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&stats);
+    let mut target = preloaded(
+        program,
+        script.map(|s| vec!["-c", s]).unwrap_or_default().as_slice(),
+        &stats,
+    )
+    .spawn()
+    .unwrap();
+    // Loaded and waiting on stdin: its first allocations are done, libhakmem.so is mapped.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = target.id().to_string();
+    let mut all = vec!["stacks", pid.as_str()];
+    all.extend(args);
+    let ctl = Background::attached(&all);
+    target.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(target.wait().unwrap().success());
+    let (out, err) = ctl.finish();
+    assert!(err.contains("exited; detached"), "{err}");
+    (out, err, own_tally(&stats))
+}
+
+fn in_hakmem(frame: &Value) -> bool {
+    frame["module"]
+        .as_str()
+        .is_some_and(|m| m.ends_with("libhakmem.so"))
+}
+
+#[test]
+fn stacks_name_the_function_that_made_the_allocator_map_superslabs() {
+    if !need_bpf("stacks") {
+        return;
+    }
+    let exe = gcc_program("known", KNOWN);
+    let (out, _, own) = stacks_of(
+        &exe,
+        None,
+        &["--probe", "ss_acquire", "-a", "stage=3", "-j"],
+    );
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let stacks = doc["stacks"].as_array().unwrap();
+    // Every Stage 3 acquisition the program made (its own tally) has a stack.
+    let stage3: u64 = own["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stage3"].as_u64().unwrap())
+        .sum();
+    let counted: u64 = stacks.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert!(stage3 > 0, "{own}");
+    assert_eq!(counted + doc["lost"].as_u64().unwrap(), stage3, "{out}");
+    assert_eq!(doc["lost"], 0, "{out}");
+    // ... and the first frame outside hakmem is the one function that asks.
+    for s in stacks {
+        let frames = s["frames"].as_array().unwrap();
+        assert!(in_hakmem(&frames[0]), "{s}");
+        let caller = frames
+            .iter()
+            .find(|f| !in_hakmem(f))
+            .expect("a frame outside hakmem");
+        assert_eq!(caller["symbol"], "make_buffers", "{s}");
+        assert!(
+            caller["module"].as_str().unwrap().ends_with("/known"),
+            "{s}"
+        );
+    }
+    // Folded, for flame graph tools: command;...;make_buffers;...;[ss_acquire] COUNT.
+    let (out, _, _) = stacks_of(
+        &exe,
+        None,
+        &["--probe", "ss_acquire", "-a", "stage=3", "--folded"],
+    );
+    let mut total = 0;
+    for line in out.lines() {
+        let (stack, n) = line.rsplit_once(' ').unwrap();
+        assert!(stack.starts_with("known;"), "{line}");
+        assert!(stack.contains(";make_buffers;"), "{line}");
+        assert!(stack.ends_with(";[ss_acquire]"), "{line}");
+        total += n.parse::<u64>().unwrap();
+    }
+    assert_eq!(total, stage3, "{out}");
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}
+
+#[test]
+fn stacks_of_python_reach_its_c_frames() {
+    if !need_bpf("stacks_of_python") {
+        return;
+    }
+    let script = "import sys; sys.stdin.readline(); d = {i: [str(i)] * 4 for i in range(300000)}";
+    let (out, _, _) = stacks_of(&python(), Some(script), &["-j"]);
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let stacks = doc["stacks"].as_array().unwrap();
+    assert!(!stacks.is_empty(), "{out}");
+    // The top stack goes from hakmem into CPython's own C functions, by name.
+    let top = stacks[0]["frames"].as_array().unwrap();
+    let caller = top
+        .iter()
+        .find(|f| !in_hakmem(f))
+        .unwrap_or_else(|| panic!("{}", stacks[0]));
+    assert!(
+        caller["module"].as_str().unwrap().contains("python"),
+        "{}",
+        stacks[0]
+    );
+    assert_ne!(caller["symbol"], "[unknown]", "{}", stacks[0]);
+}

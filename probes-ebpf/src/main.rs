@@ -187,11 +187,11 @@ fn stack(ctx: &ProbeContext, probe: u32, pid_tgid: u64, args: &[u64; 4]) {
         probe,
         stack_id,
     };
-    if STACK_COUNTS.get_ptr_mut(&key).is_none() {
+    if STACK_COUNTS.get_ptr_mut(key).is_none() {
         // NOEXIST: when another CPU made it first, this CPU's slot of it is used.
-        let _ = STACK_COUNTS.insert(&key, &0, aya_ebpf::bindings::BPF_NOEXIST as u64);
+        let _ = STACK_COUNTS.insert(key, 0, aya_ebpf::bindings::BPF_NOEXIST as u64);
     }
-    if let Some(n) = STACK_COUNTS.get_ptr_mut(&key) {
+    if let Some(n) = STACK_COUNTS.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU map value (no concurrent writer).
         unsafe { *n += 1 };
     }
