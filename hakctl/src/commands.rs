@@ -74,7 +74,7 @@ impl Stop {
         })
     }
 
-    async fn signalled(&mut self) -> &'static str {
+    pub(crate) async fn signalled(&mut self) -> &'static str {
         async fn recv(s: &mut Option<Signal>) {
             match s {
                 Some(s) => {

@@ -6,6 +6,7 @@ mod fleet;
 mod mem;
 mod report;
 mod run;
+mod serve;
 mod session;
 mod stacks;
 mod stapsdt;
@@ -147,6 +148,34 @@ enum Command {
         /// One JSON document per event, with its wall-clock time (schema: docs/json-schema.md).
         #[arg(short, long)]
         json: bool,
+    },
+    /// Serve the counts, memory levels and histograms to Prometheus (OpenMetrics text at /metrics).
+    #[command(
+        override_usage = "hakctl serve [OPTIONS] <PID>\n       hakctl serve [OPTIONS] --all",
+        after_help = "\
+`hakctl serve --all`: every process that maps libhakmem.so, also those started later, each
+series labelled with pid and command. Listens on loopback only unless told otherwise."
+    )]
+    Serve {
+        /// The process id (or --all).
+        #[arg(
+            value_name = "PID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        pid: Option<i32>,
+        /// Every process that maps libhakmem.so (or a --lib file), now or later.
+        #[arg(short, long)]
+        all: bool,
+        /// With --all: attach to this library or binary (repeatable; as in `watch --all`).
+        #[arg(long, value_name = "PATH", requires = "all")]
+        lib: Vec<std::path::PathBuf>,
+        /// Where to listen: HOST:PORT, or a port on 127.0.0.1.
+        #[arg(short, long, default_value = "127.0.0.1:9464")]
+        listen: String,
+        /// Also attach tls_drain and remote_drain (see `watch --drains`).
+        #[arg(long)]
+        drains: bool,
     },
     /// Count the user call stacks behind slow-path events and print the top ones.
     #[command(after_help = "\
@@ -310,6 +339,13 @@ fn main() -> ExitCode {
                 duration,
                 json,
             } => commands::trace(target.pid(), &probes, class, &arg, duration, json).await,
+            Command::Serve {
+                pid,
+                all: _,
+                lib,
+                listen,
+                drains,
+            } => serve::serve(pid, &lib, serve::listen_address(&listen)?, drains).await,
             Command::Stacks {
                 target,
                 probes,

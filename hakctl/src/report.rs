@@ -473,6 +473,7 @@ mod tests {
             at: std::time::Instant::now(),
             tally,
             hists: Vec::new(),
+            hist_sums: Vec::new(),
             trace_drops: 0,
             bpf_run_time_ns: 0,
             bpf_run_count: 0,

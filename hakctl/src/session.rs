@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub at: Instant,
     pub tally: Tally,
     pub hists: Vec<[u64; HIST_BUCKETS]>,
+    /// The sum of the values recorded into each histogram row.
+    pub hist_sums: Vec<u64>,
     pub trace_drops: u64,
     /// Kernel run-time statistics of the program (0 if the kernel keeps none).
     pub bpf_run_time_ns: u64,
@@ -51,6 +53,12 @@ impl Snapshot {
             at: self.at,
             tally: self.tally.since(&earlier.tally),
             hists,
+            hist_sums: self
+                .hist_sums
+                .iter()
+                .zip(&earlier.hist_sums)
+                .map(|(now, then)| now.wrapping_sub(*then))
+                .collect(),
             trace_drops: self.trace_drops.saturating_sub(earlier.trace_drops),
             bpf_run_time_ns: self.bpf_run_time_ns.saturating_sub(earlier.bpf_run_time_ns),
             bpf_run_count: self.bpf_run_count.saturating_sub(earlier.bpf_run_count),
@@ -284,6 +292,16 @@ impl Session {
             }
             hists.push(sum);
         }
+        let sums_map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("HIST_SUM").context("HIST_SUM map")?)?;
+        let hist_sums = (0..HIST_ROWS)
+            .map(|row| {
+                Ok(sums_map
+                    .get(&row, 0)?
+                    .iter()
+                    .fold(0u64, |a, v| a.wrapping_add(*v)))
+            })
+            .collect::<Result<Vec<u64>>>()?;
         let drops_map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS map")?)?;
         let trace_drops = drops_map.get(&DROPPED_FULL, 0)?.iter().sum();
@@ -292,6 +310,7 @@ impl Session {
             at: Instant::now(),
             tally,
             hists,
+            hist_sums,
             trace_drops,
             bpf_run_time_ns,
             bpf_run_count,

@@ -274,6 +274,8 @@ int main(void) {
     getchar();
     void **p = make_buffers(200000);
     printf("%p\n", p[7]);
+    fflush(stdout);
+    getchar(); /* until told to end (or stdin closes) */
     return 0;
 }
 "#;
@@ -393,4 +395,268 @@ fn stacks_of_python_reach_its_c_frames() {
         stacks[0]
     );
     assert_ne!(caller["symbol"], "[unknown]", "{}", stacks[0]);
+}
+
+/// A port on loopback nobody listens on (the moment it is asked).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from 127.0.0.1:`port` with `accept`: (status line, body).
+fn http_get(port: u16, path: &str, accept: &str) -> std::io::Result<(String, String)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n\r\n"
+    )?;
+    let mut all = String::new();
+    s.read_to_string(&mut all)?;
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    Ok((
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    ))
+}
+
+/// A Prometheus server from Debian's package, on loopback, scraping
+/// 127.0.0.1:`target` every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("hakctl-prom-{}-{target}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: hakctl\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).unwrap())
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`, installed by scripts/setup.sh)");
+        Prometheus { child, port, dir }
+    }
+
+    /// The result vector of an instant query (empty until Prometheus answers).
+    fn query(&self, q: &str) -> Vec<Value> {
+        self.raw_query(q)["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn raw_query(&self, q: &str) -> Value {
+        let encoded: String = q
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        match http_get(self.port, &format!("/api/v1/query?query={encoded}"), "*/*") {
+            Ok((_, body)) => serde_json::from_str(&body).unwrap_or(Value::String(body)),
+            Err(e) => Value::String(e.to_string()),
+        }
+    }
+
+    /// Waits up to 60 s for `q` to give a series that `ok` accepts.
+    fn wait_for(&self, q: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(found) = self.query(q).into_iter().find(|s| ok(s)) {
+                return found;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "Prometheus never answered {q} as expected: {}; its targets: {:?}; its log: {}",
+                self.raw_query(q),
+                http_get(self.port, "/api/v1/targets", "*/*"),
+                std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn value(series: &Value) -> f64 {
+    series["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn prometheus_scrapes_serve_and_reads_back_the_programs_own_counts() {
+    if !need_bpf("prometheus_scrapes_serve") {
+        return;
+    }
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("hakctl-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stats = dir.join("known.stats");
+    let exe = gcc_program("known", KNOWN);
+    let mut target = preloaded(&exe, &[], &stats)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let port = free_port();
+    let pid = target.id().to_string();
+    let ctl = Background::attached(&["serve", &pid, "--listen", &port.to_string()]);
+    let prometheus = Prometheus::start(port);
+    // The program allocates once hakctl is attached, prints its line, and
+    // waits on stdin: nothing more happens until the test says so.
+    target.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(target.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // Stage 3 acquisitions as Prometheus stored them from its scrapes.
+    let read_back = prometheus.wait_for("sum(hakmem_slab_acquires_total{stage=\"stage3\"})", |s| {
+        value(s) > 0.0
+    });
+    let rss = prometheus.wait_for("hakmem_rss_bytes", |s| value(s) > 1e6);
+    assert_eq!(rss["metric"]["job"], "hakctl", "{rss}");
+    prometheus.wait_for(
+        "histogram_quantile(0.5, sum by (le) (hakmem_slab_acquire_seconds_bucket{stage=\"stage3\"}))",
+        |s| value(s) > 0.0 && value(s) < 1.0,
+    );
+    // The exposition passes Prometheus's own checker, in its classic text form.
+    let (status, body) = http_get(port, "/metrics", "text/plain").unwrap();
+    assert!(status.contains("200"), "{status}");
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let (status, _) = http_get(port, "/nowhere", "*/*").unwrap();
+    assert!(status.contains("404"), "{status}");
+    drop(target.stdin.take());
+    assert!(target.wait().unwrap().success());
+    let (_, err) = ctl.finish();
+    assert!(err.contains("exited; detached"), "{err}");
+    // What Prometheus read equals the program's own tally.
+    let own = own_tally(&stats);
+    let stage3: u64 = own["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stage3"].as_u64().unwrap())
+        .sum();
+    assert_eq!(value(&read_back), stage3 as f64, "{own}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}
+
+#[test]
+fn serve_all_labels_each_process_and_refuses_a_port_in_use() {
+    if !need_bpf("serve_all") {
+        return;
+    }
+    let port = free_port();
+    let lib = release_lib();
+    let ctl = Background::attached(&[
+        "serve",
+        "--all",
+        "--lib",
+        lib.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    // A second one on the same port says why it cannot start.
+    let out = hakctl()
+        .args([
+            "serve",
+            "--all",
+            "--lib",
+            lib.to_str().unwrap(),
+            "--listen",
+            &port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the port is in use"), "{err}");
+    // A process started after hakctl appears with its pid and command.
+    let dir = std::env::temp_dir().join(format!("hakctl-serve-all-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut py = preloaded(
+        &python(),
+        &[
+            "-c",
+            "import sys; x = [str(i) for i in range(100000)]; sys.stdin.readline()",
+        ],
+        &dir.join("py.stats"),
+    )
+    .spawn()
+    .unwrap();
+    let pid = py.id().to_string();
+    let start = std::time::Instant::now();
+    let body = loop {
+        let (_, body) = http_get(port, "/metrics", "application/openmetrics-text").unwrap();
+        if body.contains(&format!("pid=\"{pid}\"")) && body.contains("hakmem_rss_bytes{") {
+            break body;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics when asked for it");
+    let series = body
+        .lines()
+        .find(|l| {
+            l.starts_with("hakmem_probe_events_total{") && l.contains(&format!("pid=\"{pid}\""))
+        })
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(series.contains("command=\"python3"), "{series}");
+    drop(py.stdin.take());
+    assert!(py.wait().unwrap().success());
+    let (_, err) = ctl.interrupt();
+    assert!(err.contains("interrupted; detached"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -62,6 +62,10 @@ static STACK_COUNTS: PerCpuHashMap<StackKey, u64> =
 #[map(name = "HIST")]
 static HIST: PerCpuArray<HistRow> = PerCpuArray::with_max_entries(HIST_ROWS, 0);
 
+/// The sum of the values recorded in each histogram row (Prometheus's `_sum`).
+#[map(name = "HIST_SUM")]
+static HIST_SUM: PerCpuArray<u64> = PerCpuArray::with_max_entries(HIST_ROWS, 0);
+
 /// Start time of a slab request per thread, between `ss_acquire_begin` and its end.
 #[map(name = "ACQUIRE_START")]
 static ACQUIRE_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
@@ -203,6 +207,10 @@ fn hist(row: u32, value: u64) {
         let b = bucket_of(value) & (HIST_BUCKETS - 1);
         // SAFETY: this CPU's row; b < HIST_BUCKETS.
         unsafe { *(*h).buckets.get_unchecked_mut(b) += 1 };
+    }
+    if let Some(sum) = HIST_SUM.get_ptr_mut(row) {
+        // SAFETY: this CPU's counter.
+        unsafe { *sum = (*sum).wrapping_add(value) };
     }
 }
 
