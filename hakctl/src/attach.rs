@@ -68,6 +68,11 @@ pub fn attach(
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::ESRCH) => bail!("process {pid} exited"),
+            Some(libc::EACCES) | Some(libc::EPERM) if std::fs::File::open(path).is_err() => bail!(
+                "cannot open {}: the kernel places the uprobe on the file, so hakctl must be able to open it (permission denied: a directory on the way, or the file, is not readable by this user)",
+                path.display()
+            ),
+            Some(libc::EACCES) | Some(libc::EPERM) if pid != -1 => bail!("perf_event_open refused for process {pid}: not enough privilege (needs root, or CAP_PERFMON, plus CAP_SYS_PTRACE for another user's process)"),
             Some(libc::EACCES) | Some(libc::EPERM) => bail!("perf_event_open refused: not enough privilege (needs root or CAP_PERFMON)"),
             Some(libc::EINVAL) => bail!("perf_event_open rejected the uprobe at {}+{offset:#x} (ref_ctr_offset {ref_ctr_offset:#x}): {e}; if another tracer attached to this probe with a different semaphore offset, the kernel refuses a second one", path.display()),
             _ => bail!("perf_event_open for uprobe at {}+{offset:#x}: {e}", path.display()),

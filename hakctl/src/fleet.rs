@@ -330,8 +330,9 @@ fn compact(v: f64, base: f64, unit: &str) -> String {
 /// One refresh as a JSON document (`watch --all --json`).
 pub fn json(session: &Session, rows: &[Row], files: &[HakmemObject]) -> Value {
     json!({
+        "schema": "hakctl/1",
         "kind": "watch_all",
-        "time": crate::report::unix_now(),
+        "time_unix_s": crate::report::unix_now(),
         "elapsed_s": session.started.elapsed().as_secs_f64(),
         "files": files.iter().map(|f| f.path.clone()).collect::<Vec<_>>(),
         "locations": session.locations,

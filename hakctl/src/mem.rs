@@ -31,9 +31,7 @@ impl Mem {
     fn open(pid: i32) -> Result<Mem> {
         let mem = File::open(format!("/proc/{pid}/mem")).map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
-                anyhow::anyhow!(
-                    "cannot read /proc/{pid}/mem: permission denied (run hakctl as root, or with CAP_SYS_PTRACE)"
-                )
+                crate::target::denied("/proc/PID/mem", pid)
             } else {
                 anyhow::anyhow!("cannot read /proc/{pid}/mem: {e}")
             }
@@ -219,7 +217,7 @@ fn in_bounds(l: &Layout) -> bool {
 fn copies(pid: i32, mem: &Mem) -> Result<(Vec<Copy>, Vec<String>)> {
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    for elf in crate::target::mapped_elfs(pid)? {
+    for elf in crate::target::mapped_elfs(pid)?.0 {
         for (version, link_addr) in levels_notes(&elf.data) {
             let addr = elf.load_bias.wrapping_add(link_addr);
             match read_layout(mem, &elf.path, version, addr) {

@@ -331,6 +331,7 @@ pub async fn stacks(
         let doc = json!({
             "schema": "hakctl/1",
             "kind": "stacks",
+            "time_unix_s": crate::report::unix_now(),
             "pid": pid,
             "command": command,
             "lost": lost,

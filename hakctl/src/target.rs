@@ -59,6 +59,26 @@ pub struct MappedElf {
     pub start: u64,
 }
 
+/// Why reading `what` of process `pid` was refused, as a person can act on
+/// it: another user's process needs CAP_SYS_PTRACE (or root); and where
+/// Yama restricts ptrace, even one's own processes need it for some reads.
+pub fn denied(what: &str, pid: i32) -> anyhow::Error {
+    let yama = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let yama_says = match yama {
+        Some(3) => "; Yama's ptrace_scope is 3 here: no process may read another's memory until reboot".to_string(),
+        Some(n @ 1..=2) => format!(
+            "; Yama's ptrace_scope is {n} here (/proc/sys/kernel/yama/ptrace_scope): without CAP_SYS_PTRACE              hakctl may only read {}",
+            if n == 1 { "its own descendants (as `hakctl run` does)" } else { "nothing of other processes" }
+        ),
+        _ => String::new(),
+    };
+    anyhow::anyhow!(
+        "cannot read {what} of process {pid}: permission denied (run hakctl as root, or as the process's          user with CAP_SYS_PTRACE; another user's process always needs CAP_SYS_PTRACE){yama_says}"
+    )
+}
+
 /// The files mapped in `pid` (`/proc/PID/maps`): path -> (lowest start of
 /// a mapping at file offset 0, its end).
 pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
@@ -68,7 +88,7 @@ pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
     let maps_path = format!("/proc/{pid}/maps");
     let maps = std::fs::read_to_string(&maps_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
-            anyhow::anyhow!("cannot read {maps_path}: permission denied (run hakctl as root, or with CAP_SYS_PTRACE)")
+            denied("/proc/PID/maps", pid)
         } else if !alive(pid) {
             anyhow::anyhow!("process {pid} exited")
         } else {
@@ -111,10 +131,12 @@ pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
     Ok(files)
 }
 
-/// The ELF files mapped in `pid`.
-pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
+/// The ELF files mapped in `pid`, and how many mapped files could not be
+/// read for want of privilege.
+pub fn mapped_elfs(pid: i32) -> Result<(Vec<MappedElf>, usize)> {
     let files = mapped_files(pid)?;
     let mut out = Vec::new();
+    let mut refused = 0;
     for (path, (start, end)) in files {
         // map_files names the mapped inode even if the path was replaced since.
         let by_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
@@ -124,8 +146,12 @@ pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
         } else {
             by_root
         };
-        let Ok(data) = std::fs::read(&attach_path) else {
-            continue;
+        let data = match std::fs::read(&attach_path) {
+            Ok(data) => data,
+            Err(e) => {
+                refused += (e.kind() == std::io::ErrorKind::PermissionDenied) as usize;
+                continue;
+            }
         };
         if !data.starts_with(b"\x7fELF") {
             continue;
@@ -139,13 +165,14 @@ pub fn mapped_elfs(pid: i32) -> Result<Vec<MappedElf>> {
             start,
         });
     }
-    Ok(out)
+    Ok((out, refused))
 }
 
 /// The hakmem objects mapped in `pid`.
 pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
     let mut found = Vec::new();
-    for elf in mapped_elfs(pid)? {
+    let (elfs, refused) = mapped_elfs(pid)?;
+    for elf in elfs {
         let sites = match probe_sites(&elf.data) {
             Ok(sites) => sites,
             Err(e) if has_hakmem_note(&elf.data) => return Err(e.context(elf.path.clone())),
@@ -165,6 +192,9 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
     if found.is_empty() {
         if !alive(pid) {
             bail!("process {pid} exited");
+        }
+        if refused > 0 {
+            return Err(denied(&format!("{refused} of the files mapped"), pid));
         }
         bail!(
             "no hakmem probes in process {pid} ({}): it neither preloads libhakmem.so nor links hakmem as its allocator",

@@ -113,9 +113,11 @@ int main(void) {
 }
 
 /// `source` built with plain `gcc -O2` (as users build) in a directory of
-/// this test process's own: the path of the program, named `name`.
+/// its own (tests run in parallel threads): the path of the program, named `name`.
 pub fn gcc_program(name: &str, source: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hakctl-c-{}-{name}", std::process::id()));
+    static BUILT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hakctl-c-{}-{n}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join(format!("{name}.c"));
     std::fs::write(&src, source).unwrap();
