@@ -72,8 +72,12 @@ pub fn attach(
                 "cannot open {}: the kernel places the uprobe on the file, so hakctl must be able to open it (permission denied: a directory on the way, or the file, is not readable by this user)",
                 path.display()
             ),
-            Some(libc::EACCES) | Some(libc::EPERM) if pid != -1 => bail!("perf_event_open refused for process {pid}: not enough privilege (needs root, or CAP_PERFMON, plus CAP_SYS_PTRACE for another user's process)"),
-            Some(libc::EACCES) | Some(libc::EPERM) => bail!("perf_event_open refused: not enough privilege (needs root or CAP_PERFMON)"),
+            Some(libc::EACCES) | Some(libc::EPERM) if !crate::target::has_cap(crate::target::CAP_SYS_ADMIN) => bail!(
+                "perf_event_open refused the uprobe event: this kernel wants CAP_SYS_ADMIN for uprobe events \
+                 (CAP_PERFMON alone is refused on some kernels, this one among them){}",
+                if pid != -1 { ", plus CAP_SYS_PTRACE for another user's process" } else { "" }
+            ),
+            Some(libc::EACCES) | Some(libc::EPERM) => bail!("perf_event_open refused the uprobe event: {e}"),
             Some(libc::EINVAL) => bail!("perf_event_open rejected the uprobe at {}+{offset:#x} (ref_ctr_offset {ref_ctr_offset:#x}): {e}; if another tracer attached to this probe with a different semaphore offset, the kernel refuses a second one", path.display()),
             _ => bail!("perf_event_open for uprobe at {}+{offset:#x}: {e}", path.display()),
         }

@@ -293,7 +293,6 @@ pub fn check_environment() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         let caps = effective_caps();
-        const CAP_SYS_ADMIN: u32 = 21;
         const CAP_PERFMON: u32 = 38;
         const CAP_BPF: u32 = 39;
         let has = |c: u32| caps & (1u64 << c) != 0;
@@ -324,6 +323,14 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
+}
+
+pub const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether capability `cap` is in this process's effective set (root's
+/// usually holds every one; a root with a reduced bounding set may not).
+pub fn has_cap(cap: u32) -> bool {
+    effective_caps() & (1u64 << cap) != 0
 }
 
 fn effective_caps() -> u64 {

@@ -660,3 +660,133 @@ fn serve_all_labels_each_process_and_refuses_a_port_in_use() {
     assert!(err.contains("interrupted; detached"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `hakctl ARGS` as user nobody with exactly the capabilities `caps` (setpriv, util-linux).
+fn as_nobody_with(caps: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    if !caps.is_empty() {
+        cmd.arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"));
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_hakctl")).args(args);
+    cmd
+}
+
+#[test]
+fn least_privilege_capabilities_instead_of_root() {
+    if !need_bpf("least_privilege") {
+        return;
+    }
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    // Files nobody can read: the uprobe is placed on the library file, which
+    // hakctl opens as the user it runs as.
+    let dir = std::env::temp_dir().join(format!("hakctl-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lib = dir.join("libhakmem.so");
+    std::fs::copy(release_lib(), &lib).unwrap();
+    let exe = gcc_program("known", KNOWN);
+    // The target runs as root: reading it needs CAP_SYS_PTRACE.
+    let mut target = Command::new(&exe)
+        .env("LD_PRELOAD", &lib)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = target.id().to_string();
+    // CAP_SYS_ADMIN too: this kernel (6.18) refuses uprobe perf events to
+    // CAP_PERFMON without it (docs/hakctl.md, "Privileges").
+    let all = "+bpf,+perfmon,+sys_admin,+sys_ptrace";
+
+    // Without CAP_SYS_PTRACE: a refusal that names it.
+    let out = as_nobody_with("+bpf,+perfmon,+sys_admin", &["stacks", &pid, "-d", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("CAP_SYS_PTRACE"),
+        "{err}"
+    );
+    // Without CAP_PERFMON: a refusal that names what is missing.
+    let out = as_nobody_with("+bpf,+sys_ptrace", &["stacks", &pid, "-d", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAP_BPF and CAP_PERFMON"), "{err}");
+    // CAP_BPF and CAP_PERFMON where the kernel wants CAP_SYS_ADMIN for uprobes: named.
+    let lib_arg = lib.to_str().unwrap();
+    let out = as_nobody_with(
+        "+bpf,+perfmon,+sys_ptrace",
+        &["watch", "--all", "--lib", lib_arg, "1", "1"],
+    )
+    .output()
+    .unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("wants CAP_SYS_ADMIN for uprobe events"),
+            "{err}"
+        );
+    }
+
+    // With the four: system-wide and per-process commands work.
+    let out = as_nobody_with(
+        all,
+        &[
+            "watch",
+            "--all",
+            "--lib",
+            lib.to_str().unwrap(),
+            "-j",
+            "0.3",
+            "2",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut stacks = as_nobody_with(
+        all,
+        &[
+            "stacks",
+            &pid,
+            "--probe",
+            "ss_acquire",
+            "-a",
+            "stage=3",
+            "-j",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut said = String::new();
+    BufReader::new(stacks.stderr.as_mut().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert!(said.contains("attached to"), "{said}");
+    target.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(target.wait().unwrap().success());
+    let out = stacks.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let frames = doc["stacks"][0]["frames"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert!(
+        frames.iter().any(|f| f["symbol"] == "make_buffers"),
+        "{doc}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}
