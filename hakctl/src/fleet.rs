@@ -140,6 +140,13 @@ fn events(t: &Tally) -> u64 {
 /// The per-process counts of a system-wide session, refreshed: rows of the
 /// processes alive, the counts of exited ones dropped from the map.
 pub struct Fleet {
+    /// The attached files' (device, inode): processes that map one are shown
+    /// from the first refresh on, even before their first event.
+    inodes: BTreeSet<(u64, u64)>,
+    /// Per pid and start time: whether the process maps one of them (each
+    /// process's maps are read once; one that maps the file later, by an
+    /// exec or dlopen, shows up by its events).
+    maps_file: BTreeMap<(u32, u64), bool>,
     /// Per pid: start time, events at the last refresh.
     seen: BTreeMap<u32, (u64, u64)>,
     /// Per pid: its command name at the last refresh.
@@ -149,8 +156,15 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(memory: bool) -> Fleet {
+    pub fn new(files: &[HakmemObject], memory: bool) -> Fleet {
+        let inodes = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(&f.attach_path).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
         Fleet {
+            inodes,
+            maps_file: BTreeMap::new(),
             seen: BTreeMap::new(),
             commands: BTreeMap::new(),
             last: Instant::now(),
@@ -162,7 +176,10 @@ impl Fleet {
         let now = Instant::now();
         let secs = now.duration_since(self.last).as_secs_f64().max(1e-9);
         self.last = now;
-        let tallies = session.process_tallies()?;
+        let mut tallies = session.process_tallies()?;
+        for pid in self.mapping_processes() {
+            tallies.entry(pid).or_default();
+        }
         let mut rows = Vec::new();
         let mut seen = BTreeMap::new();
         for (pid, tally) in tallies {
@@ -220,6 +237,54 @@ impl Fleet {
         self.seen = seen;
         Ok(rows)
     }
+}
+
+impl Fleet {
+    /// The live processes that map one of the attached files (read from
+    /// `/proc/PID/maps` the first time a process is seen).
+    fn mapping_processes(&mut self) -> Vec<u32> {
+        let mut alive = BTreeMap::new();
+        for pid in pids() {
+            let Some(start) = start_time(pid) else {
+                continue;
+            };
+            let maps = *self
+                .maps_file
+                .entry((pid, start))
+                .or_insert_with(|| maps_any(pid, &self.inodes));
+            alive.insert((pid, start), maps);
+        }
+        self.maps_file = alive;
+        self.maps_file
+            .iter()
+            .filter(|(_, &maps)| maps)
+            .map(|(&(pid, _), _)| pid)
+            .collect()
+    }
+}
+
+/// Whether `pid` maps a file with one of these (device, inode) pairs.
+fn maps_any(pid: u32, inodes: &BTreeSet<(u64, u64)>) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    maps.lines().any(|line| {
+        let mut f = line.split_whitespace();
+        let (Some(dev), Some(inode)) = (f.nth(3), f.next()) else {
+            return false;
+        };
+        let Some((major, minor)) = dev.split_once(':') else {
+            return false;
+        };
+        let (Ok(major), Ok(minor), Ok(inode)) = (
+            u32::from_str_radix(major, 16),
+            u32::from_str_radix(minor, 16),
+            inode.parse::<u64>(),
+        ) else {
+            return false;
+        };
+        inode != 0 && inodes.contains(&(libc::makedev(major, minor), inode))
+    })
 }
 
 /// How the table is ordered.
@@ -459,7 +524,7 @@ pub async fn watch_all(
         + duration
             .map(|d| Duration::from_secs_f64(d.max(0.0)))
             .unwrap_or(Duration::from_secs(u32::MAX as u64));
-    let mut fleet = Fleet::new(true);
+    let mut fleet = Fleet::new(&files, true);
     let mut screen = (std::io::stdout().is_terminal() && !json_out)
         .then(crate::view::Screen::enter)
         .transpose()?;

@@ -502,9 +502,10 @@ pub async fn serve(
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            let fleet = Fleet::new(&files, true);
             (
                 Session::attach_everywhere(files, drains)?,
-                Scope::Everywhere(Fleet::new(true)),
+                Scope::Everywhere(fleet),
                 what,
             )
         }
