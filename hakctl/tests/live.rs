@@ -673,6 +673,35 @@ fn fits(screen: &str, width: usize) {
 }
 
 #[test]
+fn the_system_wide_table_fits_80x24_names_a_rust_binary_by_path_sorts_and_quits() {
+    if !need_bpf("the_system_wide_table") {
+        return;
+    }
+    // hakmem-scenario carries hakmem as its Rust allocator: named by path.
+    let mut t = start_scenario("forever", &[], false);
+    let tmux = Tmux::start(80, 24);
+    let watch = format!(
+        "{} watch --all --lib {}",
+        env!("CARGO_BIN_EXE_hakctl"),
+        built("hakmem-scenario").display()
+    );
+    tmux.respawn(&watch);
+    let pid = t.pid.to_string();
+    let s = tmux.wait_for(&["hakctl watch --all", &pid, "hakmem-scenari", "(by events/s)"]);
+    assert_eq!(s.lines().count(), 24, "{s}");
+    fits(&s, 80);
+    assert_eq!(tmux.show("#{alternate_on}"), "1");
+    tmux.keys(&["s"]);
+    tmux.wait_for(&["(by events)  p pause"]);
+    tmux.keys(&["q"]);
+    assert_eq!(tmux.after_exit(), (false, true), "the terminal is given back");
+    let s = tmux.screen();
+    assert!(s.contains("sorted by events") && s.contains(&pid), "{s}");
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
+
+#[test]
 fn the_full_screen_view_fits_80x24_takes_keys_follows_resizes_and_gives_the_terminal_back() {
     if !need_bpf("the_full_screen_view") {
         return;
