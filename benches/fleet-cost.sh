@@ -37,7 +37,7 @@ measure() { # measure NAME CMD...: hakctl's CPU per wall second and peak RSS ove
     local name=$1; shift
     "$@" >/dev/null 2>"$TMP/err" &
     local pid=$!
-    until grep -q attached "$TMP/err"; do sleep 0.05; done
+    until grep -q attached "$TMP/err"; do kill -0 "$pid" || { cat "$TMP/err" >&2; exit 1; }; sleep 0.05; done
     local t0 c0; t0=$(date +%s.%N); c0=$(ticks "$pid")
     sleep "$SECS"
     local c1 t1; c1=$(ticks "$pid"); t1=$(date +%s.%N)

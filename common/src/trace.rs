@@ -112,6 +112,9 @@ pub const FILTER_ENTRIES: u32 = 64;
 /// for, and of events a trace filter kept out.
 pub const DROPPED_FULL: u32 = 0;
 pub const DROPPED_FILTERED: u32 = 1;
+/// Stacks not counted: `STACK_COUNTS` was full.
+pub const DROPPED_STACK_MAP_FULL: u32 = 2;
+pub const DROP_REASONS: u32 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -182,34 +182,34 @@ impl Fleet {
         }
         let mut rows = Vec::new();
         let mut seen = BTreeMap::new();
-        for (pid, tally) in tallies {
+        for (pid, mut tally) in tallies {
             // A process that exited is shown once more, with its final counts, then forgotten.
             let exited = target::exited(pid as i32);
             // The name read while alive, else the one the kernel saw at its first event.
-            let command = match self.commands.remove(&pid) {
-                Some(name) if exited => name,
+            let command = match self.commands.get(&pid) {
+                Some(name) if exited => name.clone(),
                 _ if exited => session.process_comm(pid).unwrap_or_else(|| "?".into()),
-                _ => {
-                    let name = target::process_name(pid as i32);
-                    self.commands.insert(pid, name.clone());
-                    name
-                }
+                _ => target::process_name(pid as i32),
             };
-            let start = match start_time(pid) {
-                Some(start) if !exited => start,
-                _ => {
-                    session.forget_process(pid)?;
-                    crate::mem::forget(pid as i32);
-                    u64::MAX
+            if exited {
+                // Read again now that it is gone: events between the read above
+                // and its exit would be lost with the entry otherwise.
+                if let Some(last) = session.process_tally(pid)? {
+                    tally = last;
                 }
-            };
+                session.forget_process(pid)?;
+            }
             let events = events(&tally);
+            // The same process as at the last refresh: same start time (an id
+            // can be reused); an exited one is the one seen before.
+            let start = start_time(pid);
             let before = match self.seen.get(&pid) {
-                Some(&(s, e)) if s == start => e,
+                Some(&(s, e)) if exited || Some(s) == start => e,
                 _ => 0,
             };
-            if !exited {
+            if let (false, Some(start)) = (exited, start) {
                 seen.insert(pid, (start, events));
+                self.commands.insert(pid, command.clone());
             }
             let acquires: u64 = (0..TINY_CLASSES)
                 .flat_map(|c| (1..=STAGES).map(move |s| (c, s)))
@@ -234,6 +234,11 @@ impl Fleet {
                 tally,
             });
         }
+        // What is kept per process goes with it, events or not.
+        for gone in self.seen.keys().filter(|p| !seen.contains_key(p)) {
+            crate::mem::forget(*gone as i32);
+        }
+        self.commands.retain(|p, _| seen.contains_key(p));
         self.seen = seen;
         Ok(rows)
     }
@@ -395,13 +400,13 @@ fn compact(v: f64, base: f64, unit: &str) -> String {
 /// One refresh as a JSON document (`watch --all --json`).
 pub fn json(session: &Session, rows: &[Row], files: &[HakmemObject]) -> Value {
     json!({
-        "schema": "hakctl/1",
+        "schema": crate::report::SCHEMA,
         "kind": "watch_all",
         "time_unix_s": crate::report::unix_now(),
         "elapsed_s": session.started.elapsed().as_secs_f64(),
         "files": files.iter().map(|f| f.path.clone()).collect::<Vec<_>>(),
-        "locations": session.locations,
-        "drains": session.drains,
+        "probe_locations": session.locations,
+        "drains_attached": session.drains,
         "processes": rows.iter().map(Row::json).collect::<Vec<_>>(),
     })
 }
@@ -505,11 +510,8 @@ pub async fn watch_all(
     if !(interval > 0.0 && interval.is_finite()) {
         bail!("--interval must be a positive number of seconds");
     }
-    check_named(named)?;
-    target::check_environment()?;
     let mut stop = Stop::new()?;
-    let files = files(named)?;
-    let mut session = Session::attach_everywhere(files.clone(), drains)?;
+    let (mut session, files) = attach_files(named, drains)?;
     eprintln!(
         "hakctl: attached to {} probe locations in {} for every process that maps {}",
         session.locations,
@@ -600,12 +602,15 @@ fn header_line(session: &Session, processes: usize) -> String {
     )
 }
 
-/// Checks `--lib` paths up front, with the reason when one cannot be used.
-pub fn check_named(named: &[PathBuf]) -> Result<()> {
+/// The files to attach to (`--lib` paths checked first, with the reason
+/// when one cannot be used, before privileges are), attached to for every process.
+pub fn attach_files(named: &[PathBuf], drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
     for p in named {
         std::fs::metadata(p).with_context(|| format!("--lib {}", p.display()))?;
     }
-    Ok(())
+    let files = files(named)?;
+    target::check_environment()?;
+    Ok((Session::attach_everywhere(files.clone(), drains)?, files))
 }
 
 #[cfg(test)]

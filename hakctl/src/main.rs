@@ -85,7 +85,7 @@ enum Command {
         #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "all")]
         pid_flag: Option<i32>,
         /// Every process that maps libhakmem.so (or a --lib file), now or later: one row each.
-        #[arg(short, long)]
+        #[arg(long)]
         all: bool,
         /// With --all: attach to this library, or binary with hakmem as its allocator
         /// (repeatable; default: libhakmem.so beside hakctl and every *hakmem* file mapped now).
@@ -165,7 +165,7 @@ series labelled with pid and command. Listens on loopback only unless told other
         )]
         pid: Option<i32>,
         /// Every process that maps libhakmem.so (or a --lib file), now or later.
-        #[arg(short, long)]
+        #[arg(long)]
         all: bool,
         /// With --all: attach to this library or binary (repeatable; as in `watch --all`).
         #[arg(long, value_name = "PATH", requires = "all")]

@@ -82,23 +82,23 @@ impl EncodeMetric for BucketedFamily {
     }
 }
 
-/// The log-linear buckets of one row merged into powers of two (at most 36
-/// buckets instead of 256; each `le` is a bucket's exact upper bound, so no
-/// value is placed on the wrong side), divided by `unit` (1e9: ns to seconds).
+/// The log-linear buckets of one row merged at powers of two: the same 35
+/// `le` bounds at every scrape (a bound that came and went would break
+/// `rate()` over the buckets), each the exact upper bound of a bucket, so no
+/// value is counted on the wrong side of it; divided by `unit` (1e9: ns to seconds).
 fn bucketed(buckets: &[u64; HIST_BUCKETS], sum: u64, unit: f64) -> Bucketed {
     let mut out: Vec<(f64, u64)> = Vec::new();
     let mut pending = 0;
-    let last = buckets.iter().rposition(|&n| n > 0).unwrap_or(0);
-    for (b, &n) in buckets.iter().enumerate().take(last + 1) {
+    for (b, &n) in buckets.iter().enumerate() {
         pending += n;
         let high = bucket_high(b);
-        let closes_power = high == u64::MAX || (high + 1).is_power_of_two();
-        if closes_power || b == last {
+        if high == u64::MAX {
+            out.push((f64::INFINITY, pending));
+        } else if (high + 1).is_power_of_two() {
             out.push((high as f64 / unit, pending));
             pending = 0;
         }
     }
-    out.push((f64::INFINITY, 0));
     Bucketed {
         count: buckets.iter().sum(),
         sum: sum as f64 / unit,
@@ -491,9 +491,7 @@ pub async fn serve(
             (session, Scope::Process(pid), format!("process {pid}"))
         }
         None => {
-            crate::fleet::check_named(named)?;
-            crate::target::check_environment()?;
-            let files = crate::fleet::files(named)?;
+            let (session, files) = crate::fleet::attach_files(named, drains)?;
             let what = format!(
                 "every process that maps {}",
                 files
@@ -503,11 +501,7 @@ pub async fn serve(
                     .join(", ")
             );
             let fleet = Fleet::new(&files, true);
-            (
-                Session::attach_everywhere(files, drains)?,
-                Scope::Everywhere(fleet),
-                what,
-            )
+            (session, Scope::Everywhere(fleet), what)
         }
     };
     let local = listener.local_addr().unwrap_or(listen);
@@ -522,21 +516,17 @@ pub async fn serve(
     let connections = tokio::task::LocalSet::new();
     let end = connections
         .run_until(async {
+            // One timer for the whole loop: a future made afresh at every turn
+            // would never complete while connections keep coming.
+            let mut exit_check = tokio::time::interval(std::time::Duration::from_millis(200));
             loop {
-                let exited = async {
-                    match pid {
-                        Some(pid) => loop {
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                            if crate::target::exited(pid) {
-                                break;
-                            }
-                        },
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
                     why = stop.signalled() => return End::Stopped(why),
-                    _ = exited => return End::TargetExited,
+                    _ = exit_check.tick() => {
+                        if pid.is_some_and(crate::target::exited) {
+                            return End::TargetExited;
+                        }
+                    }
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let exporter = exporter.clone();
@@ -595,10 +585,16 @@ mod tests {
             let below = values.iter().filter(|&&v| v as f64 <= le).count() as u64;
             assert_eq!(cumulative, below, "le {le}");
         }
-        assert!(h.buckets.len() <= 40);
+        assert_eq!(h.buckets.len(), 35);
         assert_eq!(h.buckets.last().unwrap().0, f64::INFINITY);
         let empty = bucketed(&[0; HIST_BUCKETS], 0, 1e9);
         assert_eq!(empty.count, 0);
+        let bounds = |h: &Bucketed| h.buckets.iter().map(|b| b.0).collect::<Vec<_>>();
+        assert_eq!(
+            bounds(&empty),
+            bounds(&bucketed(&b, 0, 1e9)),
+            "the same bounds always"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use aya::Ebpf;
 use hakmem_common::hist::{HIST_BUCKETS, HIST_ROWS};
 use hakmem_common::trace::{
     StackKey, TraceFilter, CONFIG_PER_PROCESS, CONFIG_STACK_MASK, CONFIG_TRACE_MASK,
-    DROPPED_FILTERED, DROPPED_FULL, FILTER_CONDITIONS,
+    DROPPED_FILTERED, DROPPED_FULL, DROPPED_STACK_MAP_FULL, FILTER_CONDITIONS,
 };
 use hakmem_common::{ProbeId, Tally, TALLY_SLOTS};
 use std::collections::BTreeMap;
@@ -212,15 +212,23 @@ impl Session {
         let mut out = BTreeMap::new();
         for entry in map.iter() {
             let (pid, per_cpu) = entry?;
-            let mut tally = Tally::default();
-            for cpu in per_cpu.iter() {
-                for (t, v) in tally.slots.iter_mut().zip(cpu.iter()) {
-                    *t += v;
-                }
-            }
-            out.insert(pid, tally);
+            out.insert(pid, sum_per_cpu(per_cpu.iter()));
         }
         Ok(out)
+    }
+
+    /// One process's counts so far (`attach_everywhere` sessions).
+    pub fn process_tally(&self, pid: u32) -> Result<Option<Tally>> {
+        let map: PerCpuHashMap<&MapData, u32, [u64; TALLY_SLOTS]> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map("PROCESS_TALLY")
+                .context("PROCESS_TALLY map")?,
+        )?;
+        match map.get(&pid, 0) {
+            Ok(per_cpu) => Ok(Some(sum_per_cpu(per_cpu.iter()))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A process's command name at its first event (`attach_everywhere` sessions).
@@ -261,9 +269,18 @@ impl Session {
 
     /// Events the trace filters kept out of the ring buffer so far.
     pub fn trace_filtered(&self) -> Result<u64> {
+        self.drops(DROPPED_FILTERED)
+    }
+
+    /// Events whose stack was taken but not counted: the stack counts were full.
+    pub fn stacks_dropped(&self) -> Result<u64> {
+        self.drops(DROPPED_STACK_MAP_FULL)
+    }
+
+    fn drops(&self, why: u32) -> Result<u64> {
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS map")?)?;
-        Ok(drops.get(&DROPPED_FILTERED, 0)?.iter().sum())
+        Ok(drops.get(&why, 0)?.iter().sum())
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<aya::maps::MapData>> {
@@ -274,12 +291,7 @@ impl Session {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let tally_map: PerCpuArray<&MapData, [u64; TALLY_SLOTS]> =
             PerCpuArray::try_from(self.ebpf.map("TALLY").context("TALLY map")?)?;
-        let mut tally = Tally::default();
-        for cpu in tally_map.get(&0, 0)?.iter() {
-            for (t, v) in tally.slots.iter_mut().zip(cpu.iter()) {
-                *t += v;
-            }
-        }
+        let tally = sum_per_cpu(tally_map.get(&0, 0)?.iter());
         let hist_map: PerCpuArray<&MapData, [u64; HIST_BUCKETS]> =
             PerCpuArray::try_from(self.ebpf.map("HIST").context("HIST map")?)?;
         let mut hists = Vec::with_capacity(HIST_ROWS as usize);
@@ -326,6 +338,17 @@ impl Session {
             Err(_) => (0, 0),
         }
     }
+}
+
+/// One tally from each CPU's copy of it.
+fn sum_per_cpu<'a>(cpus: impl Iterator<Item = &'a [u64; TALLY_SLOTS]>) -> Tally {
+    let mut tally = Tally::default();
+    for cpu in cpus {
+        for (t, v) in tally.slots.iter_mut().zip(cpu.iter()) {
+            *t += v;
+        }
+    }
+    tally
 }
 
 fn load_error(e: anyhow::Error) -> anyhow::Error {

@@ -213,6 +213,8 @@ fn collect(session: &Session, pid: i32, resolver: &mut Resolver) -> Result<(Vec<
             .cmp(&a.count)
             .then((a.probe as u32).cmp(&(b.probe as u32)))
     });
+    // Not per process: in a one-process session, all of them are its.
+    lost += session.stacks_dropped()?;
     Ok((out, lost))
 }
 
@@ -329,7 +331,7 @@ pub async fn stacks(
     let mut out = std::io::stdout().lock();
     let _ = if json_out {
         let doc = json!({
-            "schema": "hakctl/1",
+            "schema": crate::report::SCHEMA,
             "kind": "stacks",
             "time_unix_s": crate::report::unix_now(),
             "pid": pid,

@@ -34,9 +34,18 @@ pub fn exited(pid: i32) -> bool {
         return true;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // A zombie leader whose other threads run on is alive: its process
+        // exits with its last thread (field 20, num_threads, counts them).
         Ok(stat) => stat
             .rsplit_once(") ")
-            .map(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+            .map(|(_, rest)| {
+                let threads: u32 = rest
+                    .split(' ')
+                    .nth(17)
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(1);
+                (rest.starts_with('Z') || rest.starts_with('X')) && threads <= 1
+            })
             .unwrap_or(false),
         Err(_) => true,
     }
@@ -69,13 +78,13 @@ pub fn denied(what: &str, pid: i32) -> anyhow::Error {
     let yama_says = match yama {
         Some(3) => "; Yama's ptrace_scope is 3 here: no process may read another's memory until reboot".to_string(),
         Some(n @ 1..=2) => format!(
-            "; Yama's ptrace_scope is {n} here (/proc/sys/kernel/yama/ptrace_scope): without CAP_SYS_PTRACE              hakctl may only read {}",
+            "; Yama's ptrace_scope is {n} here (/proc/sys/kernel/yama/ptrace_scope): without CAP_SYS_PTRACE hakctl may only read {}",
             if n == 1 { "its own descendants (as `hakctl run` does)" } else { "nothing of other processes" }
         ),
         _ => String::new(),
     };
     anyhow::anyhow!(
-        "cannot read {what} of process {pid}: permission denied (run hakctl as root, or as the process's          user with CAP_SYS_PTRACE; another user's process always needs CAP_SYS_PTRACE){yama_says}"
+        "cannot read {what} of process {pid}: permission denied (run hakctl as root, or as the process's user with CAP_SYS_PTRACE; another user's process always needs CAP_SYS_PTRACE){yama_says}"
     )
 }
 
@@ -214,7 +223,14 @@ pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
     }
     Ok(HakmemObject {
         path: path.display().to_string(),
-        attach_path: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
+        // `/proc/PID/root/...` is kept as is: the kernel follows the magic
+        // link into the process's root (a container's file), where
+        // canonicalizing would read the link as "/" and name the host's file.
+        attach_path: if path.starts_with("/proc/") {
+            path.to_path_buf()
+        } else {
+            path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+        },
         load_bias: 0,
         sites,
     })

@@ -11,60 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A hakctl command running in the background, its stdout and stderr read
-/// by threads (a pipe nobody reads would stall it).
-struct Background {
-    child: Child,
-    stdout: std::thread::JoinHandle<String>,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-impl Background {
-    /// Starts hakctl with `args` and returns once it said it is attached.
-    fn attached(args: &[&str]) -> Background {
-        let mut child = hakctl()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let mut errs = BufReader::new(child.stderr.take().unwrap());
-        let mut said = String::new();
-        errs.read_line(&mut said).unwrap();
-        assert!(said.contains("attached to"), "hakctl said: {said}");
-        let stderr = std::thread::spawn(move || {
-            let mut s = said;
-            let _ = errs.read_to_string(&mut s);
-            s
-        });
-        Background {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Stops it as Ctrl-C does; its stdout and stderr.
-    fn interrupt(self) -> (String, String) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.finish()
-    }
-
-    fn finish(mut self) -> (String, String) {
-        let status = self.child.wait().unwrap();
-        let (out, err) = (self.stdout.join().unwrap(), self.stderr.join().unwrap());
-        assert!(status.success(), "hakctl failed: {err}");
-        (out, err)
-    }
-}
-
 /// The interpreter itself, not a launcher script in front of it (pyenv's
 /// shims run other programs first, which would be counted too).
 fn python() -> PathBuf {
@@ -103,8 +49,7 @@ fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later
     if !need_bpf("watch_all") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("hakctl-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("fleet");
     let stats = |name: &str| dir.join(format!("{name}.stats"));
     let py = python();
     // Started before hakctl; allocates once told to, after the attach.
@@ -294,8 +239,7 @@ int main(void) {
 /// (hakctl's stdout, its stderr, the program's own exit tally).
 fn stacks_of(program: &Path, script: Option<&str>, args: &[&str]) -> (String, String, Value) {
     use std::io::Write;
-    let dir = std::env::temp_dir().join(format!("hakctl-stacks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("stacks");
     let stats = dir.join(format!(
         "{}.stats",
         program.file_name().unwrap().to_string_lossy()
@@ -531,8 +475,7 @@ fn prometheus_scrapes_serve_and_reads_back_the_programs_own_counts() {
         return;
     }
     use std::io::Write;
-    let dir = std::env::temp_dir().join(format!("hakctl-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("serve");
     let stats = dir.join("known.stats");
     let exe = gcc_program("known", KNOWN);
     let mut target = preloaded(&exe, &[], &stats)
@@ -551,7 +494,14 @@ fn prometheus_scrapes_serve_and_reads_back_the_programs_own_counts() {
     BufReader::new(target.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    // Stage 3 acquisitions as Prometheus stored them from its scrapes.
+    // Everything the program allocates is done now: wait for a scrape
+    // after this moment (one scrape stores every series at one timestamp),
+    // then read the Stage 3 count Prometheus stored.
+    let done = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    prometheus.wait_for("max(timestamp(hakmem_processes))", |s| value(s) > done);
     let read_back = prometheus.wait_for("sum(hakmem_slab_acquires_total{stage=\"stage3\"})", |s| {
         value(s) > 0.0
     });
@@ -634,8 +584,7 @@ fn serve_all_labels_each_process_and_refuses_a_port_in_use() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the port is in use"), "{err}");
     // A process started after hakctl appears with its pid and command.
-    let dir = std::env::temp_dir().join(format!("hakctl-serve-all-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("serve-all");
     let mut py = preloaded(
         &python(),
         &[
@@ -689,12 +638,9 @@ fn least_privilege_capabilities_instead_of_root() {
         return;
     }
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
     // Files nobody can read: the uprobe is placed on the library file, which
     // hakctl opens as the user it runs as.
-    let dir = std::env::temp_dir().join(format!("hakctl-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = scratch_dir("caps");
     let lib = dir.join("libhakmem.so");
     std::fs::copy(release_lib(), &lib).unwrap();
     let exe = gcc_program("known", KNOWN);

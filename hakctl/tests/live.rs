@@ -41,11 +41,7 @@ fn start_scenario(name: &str, env: &[(&str, &str)], wait_attach: bool) -> Target
 
 /// hakctl attached to a scenario, and the scenario's tally.
 struct Attached {
-    ctl: Child,
-    /// hakctl's stdout and stderr, read in the background (a pipe nobody
-    /// reads would stall hakctl, and `trace` would drop events).
-    stdout: std::thread::JoinHandle<Vec<u8>>,
-    stderr: std::thread::JoinHandle<String>,
+    ctl: Background,
     tally: String,
 }
 
@@ -56,22 +52,7 @@ impl Attached {
     /// scenario's tally.
     fn start(t: &mut Target, args: &[&str]) -> Attached {
         use std::io::Write;
-        let mut ctl = hakctl()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut outs = ctl.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut outs, &mut v);
-            v
-        });
-        let mut errs = BufReader::new(ctl.stderr.take().unwrap());
-        let mut said = String::new();
-        errs.read_line(&mut said).unwrap();
-        assert!(said.contains("attached to"), "hakctl said: {said}");
+        let ctl = Background::attached(args);
         let enabled = t.lines.next().unwrap().unwrap();
         assert!(enabled.starts_with("every probe is enabled"), "{enabled}");
         t.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
@@ -82,24 +63,18 @@ impl Attached {
                     .and_then(|l| l.strip_prefix("tally: ").map(str::to_string))
             })
             .expect("the scenario printed its tally");
-        let stderr = std::thread::spawn(move || {
-            let mut s = said;
-            let _ = std::io::Read::read_to_string(&mut errs, &mut s);
-            s
-        });
-        Attached {
-            ctl,
-            stdout,
-            stderr,
-            tally,
-        }
+        Attached { ctl, tally }
     }
 
     /// Waits for hakctl: its output and its whole stderr.
     fn finish(self) -> (Output, String) {
-        let mut out = self.ctl.wait_with_output().unwrap();
-        out.stdout = self.stdout.join().unwrap();
-        (out, self.stderr.join().unwrap())
+        let (status, stdout, stderr) = self.ctl.wait();
+        let out = Output {
+            status,
+            stdout: stdout.into_bytes(),
+            stderr: Vec::new(),
+        };
+        (out, stderr)
     }
 }
 
@@ -548,15 +523,17 @@ fn an_ordinary_user_gets_a_clear_refusal() {
 /// What the pane's shell prints when the program it ran has exited.
 const ENDED: &str = "PROGRAM-ENDED";
 
-/// A tmux server of its own (socket named for this test process), one pane.
+/// A tmux server of its own (a socket per test: tests run in parallel), one pane.
 struct Tmux {
     socket: String,
 }
 
 impl Tmux {
     fn start(width: u16, height: u16) -> Tmux {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = Tmux {
-            socket: format!("hakctl-test-{}", std::process::id()),
+            socket: format!("hakctl-test-{}-{n}", std::process::id()),
         };
         let size = [width.to_string(), height.to_string()];
         t.ok(&[
@@ -687,14 +664,23 @@ fn the_system_wide_table_fits_80x24_names_a_rust_binary_by_path_sorts_and_quits(
     );
     tmux.respawn(&watch);
     let pid = t.pid.to_string();
-    let s = tmux.wait_for(&["hakctl watch --all", &pid, "hakmem-scenari", "(by events/s)"]);
+    let s = tmux.wait_for(&[
+        "hakctl watch --all",
+        &pid,
+        "hakmem-scenari",
+        "(by events/s)",
+    ]);
     assert_eq!(s.lines().count(), 24, "{s}");
     fits(&s, 80);
     assert_eq!(tmux.show("#{alternate_on}"), "1");
     tmux.keys(&["s"]);
     tmux.wait_for(&["(by events)  p pause"]);
     tmux.keys(&["q"]);
-    assert_eq!(tmux.after_exit(), (false, true), "the terminal is given back");
+    assert_eq!(
+        tmux.after_exit(),
+        (false, true),
+        "the terminal is given back"
+    );
     let s = tmux.screen();
     assert!(s.contains("sorted by events") && s.contains(&pid), "{s}");
     let _ = t.child.kill();

@@ -28,8 +28,8 @@ use hakmem_common::hist::{
 };
 use hakmem_common::trace::{
     StackKey, TraceEvent, TraceFilter, CONFIG_ENTRIES, CONFIG_PER_PROCESS, CONFIG_STACK_MASK,
-    CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, FILTER_ENTRIES, PROCESS_ENTRIES,
-    STACK_ENTRIES,
+    CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, DROPPED_STACK_MAP_FULL, DROP_REASONS,
+    FILTER_ENTRIES, PROCESS_ENTRIES, STACK_ENTRIES,
 };
 use hakmem_common::{tally, ProbeId, Tally, STAGES, TALLY_SLOTS};
 
@@ -82,7 +82,7 @@ static FILTERS: Array<TraceFilter> = Array::with_max_entries(FILTER_ENTRIES, 0);
 
 /// Traced events not sent: the ring buffer was full, or a filter kept them out.
 #[map(name = "DROPS")]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 
 #[uprobe]
 pub fn hakmem_probe(ctx: ProbeContext) -> u32 {
@@ -147,8 +147,11 @@ fn config(index: u32) -> u64 {
 fn count(t: *mut Tally, probe: u32, a0: u64, a1: u64, a2: u64) {
     tally::record(probe, a0, a1, a2, |slot, n| {
         if slot < TALLY_SLOTS {
-            // SAFETY: `t` is this CPU's copy of a per-CPU map value (no
-            // concurrent writer: uprobe programs do not nest on one CPU); slot is in bounds.
+            // SAFETY: `t` is this CPU's copy of a per-CPU map value, and no
+            // other program writes it meanwhile: the kernel runs one tracing
+            // program at a time per CPU (bpf_prog_active; a hit while one runs,
+            // from a task that preempted it, is skipped and counted as missed,
+            // migration is disabled while it runs); slot is in bounds.
             unsafe { *(*t).slots.get_unchecked_mut(slot) += n };
         }
     });
@@ -196,8 +199,10 @@ fn stack(ctx: &ProbeContext, probe: u32, pid_tgid: u64, args: &[u64; 4]) {
         let _ = STACK_COUNTS.insert(key, 0, aya_ebpf::bindings::BPF_NOEXIST as u64);
     }
     if let Some(n) = STACK_COUNTS.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a per-CPU map value (no concurrent writer).
+        // SAFETY: this CPU's slot of a per-CPU map value (one program at a time per CPU, as in `count`).
         unsafe { *n += 1 };
+    } else {
+        dropped(DROPPED_STACK_MAP_FULL);
     }
 }
 
@@ -205,11 +210,11 @@ fn stack(ctx: &ProbeContext, probe: u32, pid_tgid: u64, args: &[u64; 4]) {
 fn hist(row: u32, value: u64) {
     if let Some(h) = HIST.get_ptr_mut(row) {
         let b = bucket_of(value) & (HIST_BUCKETS - 1);
-        // SAFETY: this CPU's row; b < HIST_BUCKETS.
+        // SAFETY: this CPU's row (one program at a time per CPU, as in `count`); b < HIST_BUCKETS.
         unsafe { *(*h).buckets.get_unchecked_mut(b) += 1 };
     }
     if let Some(sum) = HIST_SUM.get_ptr_mut(row) {
-        // SAFETY: this CPU's counter.
+        // SAFETY: this CPU's counter (one program at a time per CPU, as in `count`).
         unsafe { *sum = (*sum).wrapping_add(value) };
     }
 }
@@ -244,7 +249,7 @@ fn trace(probe: u32, pid_tgid: u64, args: [u64; 4]) {
 #[inline(always)]
 fn dropped(why: u32) {
     if let Some(d) = DROPS.get_ptr_mut(why) {
-        // SAFETY: this CPU's counter.
+        // SAFETY: this CPU's counter (one program at a time per CPU, as in `count`).
         unsafe { *d += 1 };
     }
 }

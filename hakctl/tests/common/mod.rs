@@ -2,8 +2,9 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 pub fn hakctl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hakctl"))
@@ -131,4 +132,77 @@ pub fn gcc_program(name: &str, source: &str) -> PathBuf {
         .expect("gcc");
     assert!(st.success(), "gcc -O2 {}", src.display());
     exe
+}
+
+/// A hakctl command running in the background, its stdout and stderr read
+/// by threads (a pipe nobody reads would stall it).
+pub struct Background {
+    child: Child,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Background {
+    /// Starts hakctl with `args` and returns once it said it is attached.
+    pub fn attached(args: &[&str]) -> Background {
+        let mut child = hakctl()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let mut errs = BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        errs.read_line(&mut said).unwrap();
+        assert!(said.contains("attached to"), "hakctl said: {said}");
+        let stderr = std::thread::spawn(move || {
+            let mut s = said;
+            let _ = errs.read_to_string(&mut s);
+            s
+        });
+        Background {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Stops it as Ctrl-C does; its stdout and stderr.
+    pub fn interrupt(self) -> (String, String) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.finish()
+    }
+
+    /// Waits for it to end: its stdout and stderr; it must have succeeded.
+    pub fn finish(self) -> (String, String) {
+        let (status, out, err) = self.wait();
+        assert!(status.success(), "hakctl failed: {err}");
+        (out, err)
+    }
+
+    /// Waits for it to end: its exit status, stdout and stderr.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String, String) {
+        let status = self.child.wait().unwrap();
+        (
+            status,
+            self.stdout.join().unwrap(),
+            self.stderr.join().unwrap(),
+        )
+    }
+}
+
+/// A directory of its own for one test (tests run in parallel threads), readable by every user.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("hakctl-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }
