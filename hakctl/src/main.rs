@@ -151,26 +151,29 @@ enum Command {
     },
     /// Serve the counts, memory levels and histograms to Prometheus (OpenMetrics text at /metrics).
     #[command(
-        override_usage = "hakctl serve [OPTIONS] <PID>\n       hakctl serve [OPTIONS] --all",
+        override_usage = "hakctl serve [OPTIONS] <PID>\n       hakctl serve [OPTIONS] -p <PID>\n       hakctl serve [OPTIONS] --all",
         after_help = "\
 `hakctl serve --all`: every process that maps libhakmem.so, also those started later, each
 series labelled with pid and command. Listens on loopback only unless told otherwise."
     )]
     Serve {
-        /// The process id (or --all).
+        /// The process id (or -p PID, or --all).
         #[arg(
             value_name = "PID",
-            required_unless_present = "all",
-            conflicts_with = "all"
+            required_unless_present_any = ["all", "pid_flag"],
+            conflicts_with_all = ["all", "pid_flag"]
         )]
         pid: Option<i32>,
+        /// The process id, as a flag.
+        #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "all")]
+        pid_flag: Option<i32>,
         /// Every process that maps libhakmem.so (or a --lib file), now or later.
         #[arg(long)]
         all: bool,
         /// With --all: attach to this library or binary (repeatable; as in `watch --all`).
         #[arg(long, value_name = "PATH", requires = "all")]
         lib: Vec<std::path::PathBuf>,
-        /// Where to listen: HOST:PORT, or a port on 127.0.0.1.
+        /// Where to listen: HOST:PORT, or a port on 127.0.0.1 (0: any free port, printed).
         #[arg(short, long, default_value = "127.0.0.1:9464")]
         listen: String,
         /// Also attach tls_drain and remote_drain (see `watch --drains`).
@@ -341,11 +344,20 @@ fn main() -> ExitCode {
             } => commands::trace(target.pid(), &probes, class, &arg, duration, json).await,
             Command::Serve {
                 pid,
+                pid_flag,
                 all: _,
                 lib,
                 listen,
                 drains,
-            } => serve::serve(pid, &lib, serve::listen_address(&listen)?, drains).await,
+            } => {
+                serve::serve(
+                    pid.or(pid_flag),
+                    &lib,
+                    serve::listen_address(&listen)?,
+                    drains,
+                )
+                .await
+            }
             Command::Stacks {
                 target,
                 probes,

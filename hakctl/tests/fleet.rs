@@ -351,13 +351,24 @@ fn stacks_of_python_reach_its_c_frames() {
     assert_ne!(caller["symbol"], "[unknown]", "{}", stacks[0]);
 }
 
-/// A port on loopback nobody listens on (the moment it is asked).
+/// A port on loopback nobody listens on (the moment it is asked: for
+/// Prometheus, which cannot say which port it took).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The port `hakctl serve --listen 0` took, from its "serving http://HOST:PORT/metrics" line.
+fn serving_port(said: &str) -> u16 {
+    let url = said
+        .split("serving http://")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{said}"));
+    let host_port = url.split('/').next().unwrap();
+    host_port.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// GET `path` from 127.0.0.1:`port` with `accept`: (status line, body).
@@ -483,9 +494,9 @@ fn prometheus_scrapes_serve_and_reads_back_the_programs_own_counts() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let port = free_port();
     let pid = target.id().to_string();
-    let ctl = Background::attached(&["serve", &pid, "--listen", &port.to_string()]);
+    let ctl = Background::attached(&["serve", "-p", &pid, "--listen", "0"]);
+    let port = serving_port(&ctl.said);
     let prometheus = Prometheus::start(port);
     // The program allocates once hakctl is attached, prints its line, and
     // waits on stdin: nothing more happens until the test says so.
@@ -558,7 +569,6 @@ fn serve_all_labels_each_process_and_refuses_a_port_in_use() {
     if !need_bpf("serve_all") {
         return;
     }
-    let port = free_port();
     let lib = release_lib();
     let ctl = Background::attached(&[
         "serve",
@@ -566,8 +576,9 @@ fn serve_all_labels_each_process_and_refuses_a_port_in_use() {
         "--lib",
         lib.to_str().unwrap(),
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        "127.0.0.1:0",
     ]);
+    let port = serving_port(&ctl.said);
     // A second one on the same port says why it cannot start.
     let out = hakctl()
         .args([

@@ -137,6 +137,8 @@ pub fn gcc_program(name: &str, source: &str) -> PathBuf {
 /// A hakctl command running in the background, its stdout and stderr read
 /// by threads (a pipe nobody reads would stall it).
 pub struct Background {
+    /// The line in which it said it is attached.
+    pub said: String,
     child: Child,
     stdout: std::thread::JoinHandle<String>,
     stderr: std::thread::JoinHandle<String>,
@@ -161,12 +163,14 @@ impl Background {
         let mut said = String::new();
         errs.read_line(&mut said).unwrap();
         assert!(said.contains("attached to"), "hakctl said: {said}");
+        let first = said.clone();
         let stderr = std::thread::spawn(move || {
             let mut s = said;
             let _ = errs.read_to_string(&mut s);
             s
         });
         Background {
+            said: first,
             child,
             stdout,
             stderr,
