@@ -427,12 +427,14 @@ fn respond(
     exporter: &RefCell<Exporter>,
     req: &Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
-    let reply = |status, kind: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", kind)
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid response")
+    let reply = |status, kind: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(kind),
+        );
+        r
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => match exporter.borrow_mut().metrics() {
