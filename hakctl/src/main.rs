@@ -63,6 +63,19 @@ impl Target {
     }
 }
 
+/// Every process that maps the library instead of one (`watch`, `serve`).
+#[derive(clap::Args)]
+struct Everywhere {
+    /// Every process that maps libhakmem.so (or a --lib file), now or later: one row (or
+    /// label set) each.
+    #[arg(long)]
+    all: bool,
+    /// With --all: attach to this library, or a binary with hakmem as its allocator
+    /// (repeatable; default: libhakmem.so beside hakctl and every *hakmem* file mapped now).
+    #[arg(long, value_name = "PATH", requires = "all")]
+    lib: Vec<std::path::PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the hakmem probes in a process (PID) or an ELF file, and whether each is enabled.
@@ -84,13 +97,8 @@ enum Command {
         /// The process id, as a flag.
         #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "all")]
         pid_flag: Option<i32>,
-        /// Every process that maps libhakmem.so (or a --lib file), now or later: one row each.
-        #[arg(long)]
-        all: bool,
-        /// With --all: attach to this library, or binary with hakmem as its allocator
-        /// (repeatable; default: libhakmem.so beside hakctl and every *hakmem* file mapped now).
-        #[arg(long, value_name = "PATH", requires = "all")]
-        lib: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        everywhere: Everywhere,
         /// With --all: the table's order (s changes it in the full-screen view).
         #[arg(long, value_enum, default_value = "rate", requires = "all")]
         sort: fleet::SortBy,
@@ -167,12 +175,8 @@ series labelled with pid and command. Listens on loopback only unless told other
         /// The process id, as a flag.
         #[arg(short = 'p', long = "pid", value_name = "PID", conflicts_with = "all")]
         pid_flag: Option<i32>,
-        /// Every process that maps libhakmem.so (or a --lib file), now or later.
-        #[arg(long)]
-        all: bool,
-        /// With --all: attach to this library or binary (repeatable; as in `watch --all`).
-        #[arg(long, value_name = "PATH", requires = "all")]
-        lib: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        everywhere: Everywhere,
         /// Where to listen: HOST:PORT, or a port on 127.0.0.1 (0: any free port, printed).
         #[arg(short, long, default_value = "127.0.0.1:9464")]
         listen: String,
@@ -312,8 +316,7 @@ fn main() -> ExitCode {
             Command::Probes { target, json } => commands::probes(&target, json),
             Command::Watch {
                 pid_flag,
-                all,
-                lib,
+                everywhere: Everywhere { all, lib },
                 sort,
                 positional,
                 interval,
@@ -345,8 +348,7 @@ fn main() -> ExitCode {
             Command::Serve {
                 pid,
                 pid_flag,
-                all: _,
-                lib,
+                everywhere: Everywhere { all: _, lib },
                 listen,
                 drains,
             } => {
