@@ -4,11 +4,11 @@
 //! program then also counts per process id. Shown as a top-like table, one
 //! row per process, sorted, refreshed; processes that exit leave it.
 
-use crate::report::{ratio, tally_json};
+use crate::report::{acquires_and_stage1, events, ratio, tally_json};
 use crate::session::Session;
 use crate::target::{self, HakmemObject};
 use anyhow::{bail, Context, Result};
-use hakmem_common::{ProbeId, Tally, PROBE_COUNT, STAGES, TINY_CLASSES};
+use hakmem_common::{ProbeId, Tally};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
@@ -32,9 +32,7 @@ pub fn files(named: &[PathBuf]) -> Result<Vec<HakmemObject>> {
     for path in candidates {
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) if named.contains(&path) => {
-                bail!("cannot read {}: {e}", path.display())
-            }
+            Err(e) if named.contains(&path) => bail!("--lib {}: {e}", path.display()),
             Err(_) => continue,
         };
         if !inodes.insert((meta.dev(), meta.ino())) {
@@ -130,13 +128,6 @@ impl Row {
     }
 }
 
-fn events(t: &Tally) -> u64 {
-    (0..PROBE_COUNT as u32)
-        .filter_map(ProbeId::from_u32)
-        .map(|p| t.probe(p))
-        .sum()
-}
-
 /// The per-process counts of a system-wide session, refreshed: rows of the
 /// processes alive, the counts of exited ones dropped from the map.
 pub struct Fleet {
@@ -211,11 +202,7 @@ impl Fleet {
                 seen.insert(pid, (start, events));
                 self.commands.insert(pid, command.clone());
             }
-            let acquires: u64 = (0..TINY_CLASSES)
-                .flat_map(|c| (1..=STAGES).map(move |s| (c, s)))
-                .map(|(c, s)| tally.acquire(c, s))
-                .sum();
-            let stage1: u64 = (0..TINY_CLASSES).map(|c| tally.acquire(c, 1)).sum();
+            let (acquires, stage1) = acquires_and_stage1(&tally);
             let memory = if self.memory && !exited {
                 crate::mem::read(pid as i32).ok().map(|m| m.bytes())
             } else {
@@ -273,23 +260,9 @@ fn maps_any(pid: u32, inodes: &BTreeSet<(u64, u64)>) -> bool {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return false;
     };
-    maps.lines().any(|line| {
-        let mut f = line.split_whitespace();
-        let (Some(dev), Some(inode)) = (f.nth(3), f.next()) else {
-            return false;
-        };
-        let Some((major, minor)) = dev.split_once(':') else {
-            return false;
-        };
-        let (Ok(major), Ok(minor), Ok(inode)) = (
-            u32::from_str_radix(major, 16),
-            u32::from_str_radix(minor, 16),
-            inode.parse::<u64>(),
-        ) else {
-            return false;
-        };
-        inode != 0 && inodes.contains(&(libc::makedev(major, minor), inode))
-    })
+    maps.lines()
+        .filter_map(target::parse_maps_line)
+        .any(|m| m.inode != 0 && inodes.contains(&(libc::makedev(m.dev.0, m.dev.1), m.inode)))
 }
 
 /// How the table is ordered.
@@ -435,16 +408,15 @@ struct Keys {
 impl Keys {
     /// Reads pending keys: q/Esc/Ctrl-C quit, s sorts by the next key, p or space pauses.
     fn read(&mut self) -> Result<Option<bool>> {
-        use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+        use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
         let mut redraw = None;
         while event::poll(std::time::Duration::ZERO).context("reading the terminal")? {
             match event::read().context("reading the terminal")? {
                 Event::Resize(..) => redraw = Some(false),
+                Event::Key(k) if k.kind != KeyEventKind::Release && crate::view::is_quit(&k) => {
+                    return Ok(Some(true))
+                }
                 Event::Key(k) if k.kind != KeyEventKind::Release => match k.code {
-                    KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
-                        return Ok(Some(true))
-                    }
-                    KeyCode::Char('q') | KeyCode::Esc => return Ok(Some(true)),
                     KeyCode::Char('s') => {
                         self.sort = self.sort.next();
                         redraw = Some(false);
@@ -602,12 +574,9 @@ fn header_line(session: &Session, processes: usize) -> String {
     )
 }
 
-/// The files to attach to (`--lib` paths checked first, with the reason
-/// when one cannot be used, before privileges are), attached to for every process.
+/// The files to attach to (`files`: a `--lib` path that cannot be used is
+/// named before privileges are checked), attached to for every process.
 pub fn attach_files(named: &[PathBuf], drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
-    for p in named {
-        std::fs::metadata(p).with_context(|| format!("--lib {}", p.display()))?;
-    }
     let files = files(named)?;
     target::check_environment()?;
     Ok((Session::attach_everywhere(files.clone(), drains)?, files))

@@ -166,7 +166,7 @@ impl Report<'_> {
             }
             Value::Object(m)
         });
-        let events: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
+        let events = events(t);
         json!({
             "schema": SCHEMA,
             "kind": self.kind,
@@ -321,7 +321,7 @@ impl Report<'_> {
         if let Some(m) = &self.memory {
             let _ = write!(o, "\n{}", m.summary());
         }
-        let events: u64 = PROBES.iter().map(|p| t.probe(p.id)).sum();
+        let events = events(t);
         let _ = writeln!(
             o,
             "\nCOST  {events} events ({:.0}/s)  eBPF: {} runs, {:.0} ns/run, {:.3} ms total{}",
@@ -347,7 +347,7 @@ impl Report<'_> {
         let (acquires, s1) = acquires_and_stage1(t);
         let fails = t.probe(ProbeId::SharedFail);
         let rate = self.interval.as_ref().map(|(d, secs)| {
-            let n: u64 = PROBES.iter().map(|p| d.tally.probe(p.id)).sum();
+            let n = events(&d.tally);
             n as f64 / secs
         });
         // Counted as the total's share is: shared-pool failures are requests too.
@@ -422,8 +422,13 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// Events of every probe in a tally.
+pub fn events(t: &Tally) -> u64 {
+    PROBES.iter().map(|p| t.probe(p.id)).sum()
+}
+
 /// Slab acquisitions of every tiny class and stage, and those from Stage 1.
-fn acquires_and_stage1(t: &Tally) -> (u64, u64) {
+pub fn acquires_and_stage1(t: &Tally) -> (u64, u64) {
     let all = (0..TINY_CLASSES)
         .flat_map(|c| (1..=STAGES).map(move |s| (c, s)))
         .map(|(c, s)| t.acquire(c, s))

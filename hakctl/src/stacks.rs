@@ -51,18 +51,15 @@ fn exec_mappings(pid: i32) -> Vec<Mapping> {
 }
 
 fn parse_mapping(line: &str) -> Option<Mapping> {
-    let mut f = line.split_whitespace();
-    let (range, perms, offset) = (f.next()?, f.next()?, f.next()?);
-    let path = f.nth(2)?;
-    if !perms.contains('x') || !path.starts_with('/') {
+    let m = crate::target::parse_maps_line(line)?;
+    if !m.executable || !m.path.starts_with('/') {
         return None;
     }
-    let (start, end) = range.split_once('-')?;
     Some(Mapping {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
-        path: path.to_string(),
+        start: m.start,
+        end: m.end,
+        offset: m.offset,
+        path: m.path.trim_end_matches(" (deleted)").to_string(),
     })
 }
 

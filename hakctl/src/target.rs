@@ -88,6 +88,42 @@ pub fn denied(what: &str, pid: i32) -> anyhow::Error {
     )
 }
 
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapsLine {
+    pub start: u64,
+    pub end: u64,
+    pub executable: bool,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    /// The device (major, minor) and inode of the file (0 for none).
+    pub dev: (u32, u32),
+    pub inode: u64,
+    /// The rest of the line: a path (spaces kept, ` (deleted)` too), `[heap]`, or empty.
+    pub path: String,
+}
+
+/// Reads one line of `/proc/PID/maps`; None if it is not one.
+pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
+    let mut f = line.split_whitespace();
+    let (range, perms, offset, dev, inode) =
+        (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    Some(MapsLine {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        executable: perms.contains('x'),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode: inode.parse().ok()?,
+        path: f.collect::<Vec<_>>().join(" "),
+    })
+}
+
 /// The files mapped in `pid` (`/proc/PID/maps`): path -> (lowest start of
 /// a mapping at file offset 0, its end).
 pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
@@ -105,37 +141,18 @@ pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
         }
     })?;
     let mut files: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let path: String = f.collect::<Vec<_>>().join(" ");
-        if !path.starts_with('/') || path.ends_with("(deleted)") {
+    for m in maps.lines().filter_map(parse_maps_line) {
+        if !m.path.starts_with('/') || m.path.ends_with("(deleted)") || m.offset != 0 {
             continue;
         }
-        let Some((start, end)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end), Ok(offset)) = (
-            u64::from_str_radix(start, 16),
-            u64::from_str_radix(end, 16),
-            u64::from_str_radix(offset, 16),
-        ) else {
-            continue;
-        };
-        if offset == 0 {
-            files
-                .entry(path)
-                .and_modify(|e| {
-                    if start < e.0 {
-                        *e = (start, end)
-                    }
-                })
-                .or_insert((start, end));
-        }
+        files
+            .entry(m.path)
+            .and_modify(|e| {
+                if m.start < e.0 {
+                    *e = (m.start, m.end)
+                }
+            })
+            .or_insert((m.start, m.end));
     }
     Ok(files)
 }
@@ -361,6 +378,27 @@ fn effective_caps() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_lines_are_read_with_their_device_inode_and_whole_path() {
+        let m = parse_maps_line(
+            "7f0000001000-7f0000005000 r-xp 00002000 fd:01 1234   /opt/my lib/libx.so (deleted)",
+        )
+        .unwrap();
+        assert_eq!(
+            (m.start, m.end, m.offset),
+            (0x7f0000001000, 0x7f0000005000, 0x2000)
+        );
+        assert!(m.executable);
+        assert_eq!((m.dev, m.inode), ((0xfd, 1), 1234));
+        assert_eq!(m.path, "/opt/my lib/libx.so (deleted)");
+        let anon = parse_maps_line("7f00-7f10 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!(
+            (anon.inode, anon.path.as_str(), anon.executable),
+            (0, "", false)
+        );
+        assert_eq!(parse_maps_line("garbage"), None);
+    }
 
     #[test]
     fn kernel_releases_are_read_to_major_and_minor() {

@@ -100,6 +100,15 @@ fn install_panic_hook() {
     });
 }
 
+/// The keys that quit every full-screen view: q, Esc, Ctrl-C.
+pub fn is_quit(key: &ratatui::crossterm::event::KeyEvent) -> bool {
+    match key.code {
+        KeyCode::Char('c') => key.modifiers.contains(KeyModifiers::CONTROL),
+        KeyCode::Char('q') | KeyCode::Esc => true,
+        _ => false,
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Pane {
     Stages,
@@ -189,11 +198,10 @@ impl View {
             _ => return Asked::Nothing,
         };
         let at = PANES.iter().position(|&p| p == self.pane).unwrap_or(0);
+        if is_quit(&key) {
+            return Asked::Quit;
+        }
         match key.code {
-            KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
-                return Asked::Quit
-            }
-            KeyCode::Char('q') | KeyCode::Esc => return Asked::Quit,
             KeyCode::Char('p') | KeyCode::Char(' ') => self.paused = !self.paused,
             KeyCode::Char('i') => self.recent = !self.recent,
             KeyCode::Tab | KeyCode::Right => self.pane = PANES[(at + 1) % PANES.len()],
