@@ -5,7 +5,15 @@
 //! and an owner's free paid for both (bench_random_mixed: +7% without them).
 //!
 //! Direct-mapped by slab number, SLOTS slots: a thread's slabs within one
-//! 8 MiB stretch of addresses never collide. A slab that lost its slot to
+//! 32 MiB stretch of addresses never collide. It was 128 slots (8 MiB) until
+//! glibc's bench-malloc-thread (mimalloc-bench's glibc-thread, 2 threads)
+//! ran at two speeds from one run to the next, ASLR off or on: in the slow
+//! runs (about 135M iterations against 175M) 37% of `free`'s samples were
+//! on the registry path. Each thread's slabs lay in SuperSlabs spread over
+//! the chunks mapped around the threads' 8 MiB stacks, and two of them 8 MiB
+//! apart took the same slots. With 512, ten runs out of ten were fast
+//! (166-185M); bench_random_mixed did not move (ab.sh, 15 pairs each order:
+//! 1.008 and 1.001). A slab that lost its slot to
 //! another, or a thread whose index could not be mapped, takes the slower
 //! path, which reads the slab's line. So the index is a cache of
 //! `Slab::owner`, never a second authority: a slot names a slab only while
@@ -13,7 +21,7 @@
 //! unlinks it; no other thread touches the index).
 //!
 //! Indexes live outside the thread cache, which must fit glibc's static TLS
-//! surplus (see `tls`): 1 KiB each, carved from 64 KiB mappings and kept on a
+//! surplus (see `tls`): 4 KiB each (one page), carved from 64 KiB mappings and kept on a
 //! free list when their threads exit.
 
 use crate::os;
@@ -21,7 +29,8 @@ use crate::superslab::SLAB_SIZE;
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
-pub const SLOTS: usize = 128;
+pub const SLOTS: usize = 512;
+const _: () = assert!(SLOTS * SLAB_SIZE == 32 << 20);
 
 /// A slot holds `slab base | IN_USE | bin`; an empty slot (0) matches no
 /// address, as slab bases are SLAB_SIZE-aligned and bins are below 256.
@@ -146,7 +155,7 @@ mod tests {
         // SAFETY: a fresh index, ours alone.
         let ix = unsafe { &mut *ix };
         let a = 0x7f00_0000_0000 + 3 * SLAB_SIZE;
-        // Same slot as `a`, 8 MiB on.
+        // Same slot as `a`, 32 MiB on.
         let b = a + SLOTS * SLAB_SIZE;
         assert_eq!(ix.bin_of(a + 100), None);
         ix.insert(a, 7);
