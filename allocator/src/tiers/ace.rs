@@ -5,7 +5,7 @@
 //! segments dedicated to the class. The cache's capacity adapts: it doubles on
 //! every miss (the thread wants more than it keeps) and halves when the cache
 //! overflows twice with no miss in between (the thread keeps more than it
-//! uses). A refill takes half the cap, at most 64 KiB of blocks (REFILL_BYTES).
+//! uses). A refill takes half the cap, at most about 64 KiB (REFILL_BYTES).
 //! A segment whose blocks are all free stays with its class while the
 //! class keeps fewer than four such segments and all classes together fewer
 //! than 32; beyond that its chunk goes to the chunk cache, which gives it to
@@ -39,13 +39,15 @@ pub const HEADER_RESERVE: usize = 4096;
 /// aligned (see `api::alloc_aligned`).
 pub const COLOR: usize = 64;
 const MIN_CAP: u32 = 2;
-/// Most bytes of blocks one refill takes from the class (at least one
-/// block): half the cap was up to 32 blocks, 512 KiB of 16 KiB ones, each
-/// carved (its first page touched by the link) for a cache that may not
-/// need them. mimalloc-bench's rptest (2 threads, 8..16000 bytes, 500
-/// loops; 10 interleaved pairs): 5% more operations per second, 5% fewer
-/// page faults, peak RSS 29.1 MiB against 30.6; hakbench (`suite-ab.sh`, 5
-/// repetitions, pinned) mid 1.012, big 1.029, kept 1.011, stress 1.033.
+/// About the most bytes of blocks one refill takes from the class, rounded
+/// up to whole blocks (at least one; classes of 64 KiB and up take one
+/// block a miss, their caches filled by frees). Half the cap was up to 32
+/// blocks: 512 KiB of 16 KiB ones, 1 MiB of 32 KiB ones, each carved (its
+/// first page touched by the link) for a cache that may not need them.
+/// mimalloc-bench's rptest (2 threads, 8..16000 bytes, 500 loops; 10
+/// interleaved pairs): 5% more operations per second, 5% fewer page
+/// faults, peak RSS 29.1 MiB against 30.6; hakbench (`suite-ab.sh`, 7
+/// repetitions, pinned) big 1.045 and mid 0.997 in operations per second.
 const REFILL_BYTES: usize = 64 << 10;
 /// Most blocks a thread cache of each class may hold: 64, or fewer for the
 /// big classes so that no class holds more than about 2 MiB per thread.
@@ -801,6 +803,11 @@ mod tests {
             if b.is_null() {
                 refills += 1;
                 b = cache.refill(REGISTERED, class, 5000);
+                let most = REFILL_BYTES.div_ceil(block_size(class)) as u32;
+                assert!(
+                    cache.classes[class].count < most,
+                    "a refill takes at most REFILL_BYTES rounded up to whole blocks"
+                );
             }
             assert!(!b.is_null() && block_start(b as usize, class) == Some(b as usize));
             blocks.push(b);

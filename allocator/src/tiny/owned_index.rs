@@ -11,7 +11,7 @@
 //! runs (about 135M iterations against 175M) 37% of `free`'s samples were
 //! on the registry path. Each thread's slabs lay in SuperSlabs spread over
 //! the chunks mapped around the threads' 8 MiB stacks, and two of them 8 MiB
-//! apart took the same slots. With 512, ten runs out of ten were fast
+//! apart took the same slots. With 512, eight runs out of eight were fast
 //! (166-185M); bench_random_mixed did not move (ab.sh, 15 pairs each order:
 //! 1.008 and 1.001). A slab that lost its slot to
 //! another, or a thread whose index could not be mapped, takes the slower
