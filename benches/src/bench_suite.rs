@@ -34,6 +34,9 @@ fn run_one(job: &Job, preload: Option<&Path>) -> Result<Run, String> {
     let workload = job.name;
     let mut cmd = Command::new(&job.program);
     cmd.args(&job.args);
+    if let Some(dir) = &job.cwd {
+        cmd.current_dir(dir);
+    }
     if let Some(file) = &job.stdin {
         let f = std::fs::File::open(file)
             .map_err(|e| format!("cannot open {} ({workload}): {e}", file.display()))?;
@@ -237,6 +240,7 @@ fn main() {
             program: bench.clone(),
             args: vec![name.to_string(), scale.to_string()],
             stdin: None,
+            cwd: None,
             timing: Timing::Reported,
         };
         WORKLOADS

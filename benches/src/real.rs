@@ -18,6 +18,9 @@ pub struct Job {
     pub args: Vec<String>,
     /// A file for its standard input (else none).
     pub stdin: Option<PathBuf>,
+    /// Where it runs (else the caller's directory): a program that writes
+    /// files where it runs (rptest) writes them there.
+    pub cwd: Option<PathBuf>,
     pub timing: Timing,
 }
 
@@ -149,6 +152,7 @@ pub fn prepare(dir: &Path, scale: f64) -> Result<Vec<Job>, String> {
                 program,
                 args,
                 stdin: None,
+                cwd: None,
                 timing: Timing::Wall,
             }),
             None => eprintln!("bench-suite: {program} is not installed; {name} left out"),
@@ -281,6 +285,8 @@ pub const COLLECTION: &[(&str, &str, &str)] = &[
 /// stderr), and bench_random_mixed from `release` in two shapes. A job's
 /// argument `<file` is its standard input.
 pub fn collection(dir: &Path, release: &Path, procs: usize) -> Vec<Job> {
+    // Absolute, as the programs run in its `build/` (see `cwd`).
+    let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let bench = dir.join("bench");
     let mut jobs: Vec<Job> = COLLECTION
         .iter()
@@ -300,6 +306,9 @@ pub fn collection(dir: &Path, release: &Path, procs: usize) -> Vec<Job> {
                 program,
                 args: args.into_iter().map(String::from).collect(),
                 stdin: stdin.first().map(|f| PathBuf::from(&f[1..])),
+                // rptest writes its results where it runs: outside the
+                // repository, as under mimalloc-bench's own bench.sh.
+                cwd: Some(dir.join("build")),
                 timing: match name {
                     "larsonN" | "larsonN-sized" => Timing::Printed(larson_time),
                     "xmalloc-testN" => Timing::Printed(xmalloc_time),
@@ -316,6 +325,7 @@ pub fn collection(dir: &Path, release: &Path, procs: usize) -> Vec<Job> {
             program: release.join("bench_random_mixed"),
             args: vec!["10000000".into(), slots.into()],
             stdin: None,
+            cwd: None,
             timing: Timing::Wall,
         });
     }
