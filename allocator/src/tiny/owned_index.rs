@@ -5,23 +5,27 @@
 //! and an owner's free paid for both (bench_random_mixed: +7% without them).
 //!
 //! Direct-mapped by slab number, SLOTS slots: a thread's slabs within one
-//! 32 MiB stretch of addresses never collide. It was 128 slots (8 MiB) until
+//! 16 MiB stretch of addresses never collide. It was 128 slots (8 MiB) until
 //! glibc's bench-malloc-thread (mimalloc-bench's glibc-thread, 2 threads)
 //! ran at two speeds from one run to the next, ASLR off or on: in the slow
 //! runs (about 135M iterations against 175M) 37% of `free`'s samples were
 //! on the registry path. Each thread's slabs lay in SuperSlabs spread over
 //! the chunks mapped around the threads' 8 MiB stacks, and two of them 8 MiB
-//! apart took the same slots. With 512, eight runs out of eight were fast
-//! (166-185M); bench_random_mixed did not move (ab.sh, 15 pairs each order:
-//! 1.008 and 1.001). A slab that lost its slot to
-//! another, or a thread whose index could not be mapped, takes the slower
-//! path, which reads the slab's line. So the index is a cache of
+//! apart took the same slots. With 256 slots, 16 runs of 16 were fast
+//! (173-184M). 512 slots were as fast there, but their 4 KiB index cost a
+//! producer-consumer pair sharing one core 5% (hakbench prodcons, pinned):
+//! every free of the other thread's blocks reads a slot of it, spread over
+//! four times the lines. bench_random_mixed did not move with either
+//! (ab.sh, 15 pairs each order).
+//!
+//! A slab that lost its slot to another, or a thread whose index could not
+//! be mapped, takes the slower path, which reads the slab's line. So the index is a cache of
 //! `Slab::owner`, never a second authority: a slot names a slab only while
 //! this thread owns it (set when the thread links the slab, cleared when it
 //! unlinks it; no other thread touches the index).
 //!
 //! Indexes live outside the thread cache, which must fit glibc's static TLS
-//! surplus (see `tls`): 4 KiB each (one page), carved from 64 KiB mappings and kept on a
+//! surplus (see `tls`): 2 KiB each, carved from 64 KiB mappings and kept on a
 //! free list when their threads exit.
 
 use crate::os;
@@ -29,8 +33,8 @@ use crate::superslab::SLAB_SIZE;
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
-pub const SLOTS: usize = 512;
-const _: () = assert!(SLOTS * SLAB_SIZE == 32 << 20);
+pub const SLOTS: usize = 256;
+const _: () = assert!(SLOTS * SLAB_SIZE == 16 << 20);
 
 /// A slot holds `slab base | IN_USE | bin`; an empty slot (0) matches no
 /// address, as slab bases are SLAB_SIZE-aligned and bins are below 256.
@@ -149,7 +153,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slabs_of_superslabs_up_to_32_mib_apart_keep_their_slots() {
+    fn slabs_of_superslabs_8_mib_apart_keep_their_slots() {
         // glibc-thread's threads had slabs in SuperSlabs 8 MiB apart (the
         // chunks between their 8 MiB stacks); with 128 slots they took each
         // other's slots and a third of `free`'s time went to the registry path.
@@ -158,8 +162,8 @@ mod tests {
         // SAFETY: a fresh index, ours alone.
         let ix = unsafe { &mut *ix };
         let first = 0x7f00_0000_0000 + 5 * SLAB_SIZE;
-        let slabs: Vec<usize> = (0..4)
-            .flat_map(|k| (0..4).map(move |i| first + k * (8 << 20) + i * 3 * SLAB_SIZE))
+        let slabs: Vec<usize> = (0..2)
+            .flat_map(|k| (0..8).map(move |i| first + k * (8 << 20) + i * 3 * SLAB_SIZE))
             .collect();
         for (bin, &s) in slabs.iter().enumerate() {
             ix.insert(s, bin);
@@ -181,7 +185,7 @@ mod tests {
         // SAFETY: a fresh index, ours alone.
         let ix = unsafe { &mut *ix };
         let a = 0x7f00_0000_0000 + 3 * SLAB_SIZE;
-        // Same slot as `a`, 32 MiB on.
+        // Same slot as `a`, 16 MiB on.
         let b = a + SLOTS * SLAB_SIZE;
         assert_eq!(ix.bin_of(a + 100), None);
         ix.insert(a, 7);
