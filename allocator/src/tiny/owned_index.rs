@@ -19,10 +19,10 @@
 //! (ab.sh, 15 pairs each order).
 //!
 //! A slab that lost its slot to another, or a thread whose index could not
-//! be mapped, takes the slower path, which reads the slab's line. So the index is a cache of
-//! `Slab::owner`, never a second authority: a slot names a slab only while
-//! this thread owns it (set when the thread links the slab, cleared when it
-//! unlinks it; no other thread touches the index).
+//! be mapped, takes the slower path, which reads the slab's line. So the
+//! index is a cache of `Slab::owner`, never a second authority: a slot names
+//! a slab only while this thread owns it (set when the thread links the
+//! slab, cleared when it unlinks it; no other thread touches the index).
 //!
 //! Indexes live outside the thread cache, which must fit glibc's static TLS
 //! surplus (see `tls`): 2 KiB each, carved from 64 KiB mappings and kept on a
