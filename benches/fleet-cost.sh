@@ -8,12 +8,13 @@
 #   bash benches/fleet-cost.sh [N] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 N=${1:-100}; SECS=${2:-30}
 REL=$PWD/target/release
 LIB=$REL/libhakmem.so
 TMP=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$TMP"' EXIT
-cat > "$TMP/worker.c" <<'C'
+c_program "$TMP/worker" <<'C'
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -28,7 +29,6 @@ int main(void) {
     }
 }
 C
-gcc -O2 -o "$TMP/worker" "$TMP/worker.c"
 for _ in $(seq 1 "$N"); do LD_PRELOAD=$LIB "$TMP/worker" & done
 sleep 1
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -37,7 +37,7 @@ measure() { # measure NAME CMD...: hakctl's CPU per wall second and peak RSS ove
     local name=$1; shift
     "$@" >/dev/null 2>"$TMP/err" &
     local pid=$!
-    until grep -q attached "$TMP/err"; do kill -0 "$pid" || { cat "$TMP/err" >&2; exit 1; }; sleep 0.05; done
+    wait_attached "$pid" "$TMP/err"
     local t0 c0; t0=$(date +%s.%N); c0=$(ticks "$pid")
     sleep "$SECS"
     local c1 t1; c1=$(ticks "$pid"); t1=$(date +%s.%N)

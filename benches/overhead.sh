@@ -22,7 +22,7 @@ all_attached() {
     log=$(mktemp)
     $REL/hakctl watch --all --lib "$PWD/$REL/libhakmem.so" -j 1 >/dev/null 2>"$log" &
     pid=$!
-    until grep -q attached "$log"; do kill -0 "$pid" || { cat "$log" >&2; exit 1; }; sleep 0.05; done
+    wait_attached "$pid" "$log"
     LD_PRELOAD=$PWD/$REL/libhakmem.so $REL/bench_random_mixed "$OPS" "$SLOTS" | ops_of
     kill -TERM "$pid"; wait "$pid" || true  # not INT: a background job of a script ignores SIGINT
     rm -f "$log"

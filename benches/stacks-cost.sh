@@ -12,7 +12,7 @@ REL=$PWD/target/release
 LIB=$REL/libhakmem.so
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-cat > "$TMP/churn.c" <<'C'
+c_program "$TMP/churn" <<'C'
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,7 +31,6 @@ int main(void) {
     return 0;
 }
 C
-gcc -O2 -o "$TMP/churn" "$TMP/churn.c"
 # once HAKCTL_ARGS...: the program's microseconds, hakctl (if any) attached before it starts
 once() {
     local fifo=$TMP/go out=$TMP/out
@@ -42,7 +41,7 @@ once() {
     if [ $# -gt 0 ]; then
         "$REL/hakctl" "$@" "$pid" >/dev/null 2>"$TMP/err" &
         local ctl=$!
-        until grep -q attached "$TMP/err"; do kill -0 "$ctl" || { cat "$TMP/err" >&2; exit 1; }; sleep 0.05; done
+        wait_attached "$ctl" "$TMP/err"
     fi
     echo >&3; exec 3>&-
     wait "$pid"
