@@ -133,8 +133,12 @@ pub enum ReturnWhy {
     /// delay (or at `malloc_trim`), their address space kept. `mappings`
     /// counts slabs.
     Slabs = 5,
+    /// Not the large cache: the pages of ACE segments kept with every block
+    /// free and unused for the purge delay, their address space kept.
+    /// `mappings` counts segments.
+    AceSegments = 6,
 }
-pub const RETURN_WHYS: usize = 6;
+pub const RETURN_WHYS: usize = 7;
 impl ReturnWhy {
     /// Every reason, in code order.
     pub const ALL: [ReturnWhy; RETURN_WHYS] = [
@@ -144,6 +148,7 @@ impl ReturnWhy {
         ReturnWhy::Refused,
         ReturnWhy::Trim,
         ReturnWhy::Slabs,
+        ReturnWhy::AceSegments,
     ];
 }
 const _: () = {
@@ -154,4 +159,4 @@ const _: () = {
     }
 };
 pub const RETURN_WHY_NAMES: [&str; RETURN_WHYS] =
-    ["idle", "burst", "bound", "refused", "trim", "slabs"];
+    ["idle", "burst", "bound", "refused", "trim", "slabs", "ace"];

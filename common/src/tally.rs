@@ -176,10 +176,10 @@ impl Tally {
     /// returned (for counts read since the process started; a tracer that
     /// attached later sees the change since then).
     pub fn held_bytes(&self) -> i64 {
-        // Purged slabs' pages never were in the cache.
+        // Purged slabs' and ACE segments' pages never were in the cache.
         let returned: u64 = ReturnWhy::ALL
             .iter()
-            .filter(|&&why| why != ReturnWhy::Slabs)
+            .filter(|&&why| !matches!(why, ReturnWhy::Slabs | ReturnWhy::AceSegments))
             .map(|&why| self.slots[SLOT_RETURNED_BYTES + why as usize])
             .sum();
         self.put_bytes() as i64 - self.takes(TakeSource::Cached).1 as i64 - returned as i64

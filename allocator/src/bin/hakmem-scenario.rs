@@ -477,10 +477,16 @@ fn rss_kib_without_allocating() -> u64 {
 
 /// A burst of 6,000 mid blocks of 32 KiB (192 MiB, about 100 ACE segments)
 /// written whole and freed: prints RSS at the peak, at once after the frees,
-/// and after the chunk cache's burst delay (the segments' chunks wait there).
+/// and after the chunk cache's burst delay (the segments' chunks wait
+/// there), `idle=` after the chunk cache's reserve's second (its chunks go
+/// back) and `kept=` after 10 s (the class's kept segments' pages go back).
 fn ace_burst() {
     let size = 32 << 10;
     free_burst(&make(6000, size, size));
+    after_idle_reserve();
+    let idle = rss_kib();
+    allocate_after(10_000);
+    println!("rss_kib idle={idle} kept={}", rss_kib());
 }
 
 /// 300 short-lived threads, each of which only frees 48 blocks of 40 KiB that

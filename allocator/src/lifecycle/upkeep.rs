@@ -3,7 +3,7 @@
 //! (`HAKMEM_PURGE_THREAD=1`).
 //!
 //! What the chunk cache holds past its delays, and the pages of EMPTY slabs
-//! unused for the purge delay, go back to the OS at the next allocator slow
+//! and of kept ACE segments unused for the purge delay, go back to the OS at the next allocator slow
 //! path, so a process that makes no allocator call after a burst keeps them.
 //! With the knob, one background thread sleeps until the next due time (at
 //! most a second, at least 10 ms) and returns what is due, as jemalloc's
@@ -24,20 +24,25 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 const MIN_SLEEP_NS: u64 = 10_000_000;
 const MAX_SLEEP_NS: u64 = 1_000_000_000;
 
-/// Returns to the OS what is due: the chunk cache's mappings and EMPTY
-/// slabs' pages. Cheap when nothing is (two loads, and a vDSO clock read
-/// when anything waits).
+/// Returns to the OS what is due: the chunk cache's mappings, EMPTY
+/// slabs' pages and kept ACE segments' pages. Cheap when nothing is (three
+/// loads, and a vDSO clock read when anything waits).
 pub fn if_due() {
     crate::chunks::decay_if_due();
     crate::pool::purge_if_due();
+    crate::ace::purge_if_due();
 }
 
 /// When anything is next due to go back, if anything waits.
 fn next_due_ns() -> Option<u64> {
-    match (crate::chunks::next_due_ns(), crate::pool::next_due_ns()) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    [
+        crate::chunks::next_due_ns(),
+        crate::pool::next_due_ns(),
+        crate::ace::next_due_ns(),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
 }
 
 /// At a slow path that holds no lock and no thread-cache reference
