@@ -85,7 +85,7 @@ const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
         "upkeep",
         "pthread_create",
         1,
-        "the purge thread calls down (chunk cache, pool)",
+        "the purge thread calls down (chunk cache, pool, ace)",
     ),
 ];
 

@@ -134,8 +134,8 @@ pub enum ReturnWhy {
     /// counts slabs.
     Slabs = 5,
     /// Not the large cache: the pages of ACE segments kept with every block
-    /// free and unused for the purge delay, their address space kept.
-    /// `mappings` counts segments.
+    /// free and unused for 10 s (at once with `HAKMEM_PURGE_DELAY_MS=0`),
+    /// their address space kept. `mappings` counts segments.
     AceSegments = 6,
 }
 pub const RETURN_WHYS: usize = 7;

@@ -112,12 +112,12 @@ knobs! {
         "HAKMEM_PURGE_DELAY_MS", ms, "100",
         "how long freed memory beyond the chunk cache's 64 MiB reserve, and an EMPTY slab beyond \
          the pool's reserve of 64, waits for reuse before it goes back to the OS (at the next \
-         allocator slow path after the delay); 0 returns it at the first chance (A/B of the \
-         burst delay)";
+         allocator slow path after the delay; the ACE segments a class keeps with every block \
+         free wait 10 s); 0 returns it, and those, at the first chance (A/B of the burst delay)";
     purge_thread: bool = false,
         "HAKMEM_PURGE_THREAD", flag, "0",
         "1 starts one background thread (`hakmem-purge`, at the first allocator slow path) that \
-         sleeps until the next due time (chunk cache or EMPTY slabs) and returns what is due, so \
+         sleeps until the next due time (chunk cache, EMPTY slabs or kept ACE segments) and returns what is due, so \
          a process that goes idle after a burst gets its memory back without an allocator call \
          or `malloc_trim` (jemalloc's `background_thread`); off by default, since a library \
          that starts threads surprises programs that count theirs or fork without exec";

@@ -2,9 +2,10 @@
 //! allocator slow paths call, and the opt-in purge thread
 //! (`HAKMEM_PURGE_THREAD=1`).
 //!
-//! What the chunk cache holds past its delays, and the pages of EMPTY slabs
-//! and of kept ACE segments unused for the purge delay, go back to the OS at the next allocator slow
-//! path, so a process that makes no allocator call after a burst keeps them.
+//! What the chunk cache holds past its delays, the pages of EMPTY slabs
+//! unused for the purge delay and those of kept ACE segments unused for
+//! 10 s go back to the OS at the next allocator slow path, so a process
+//! that makes no allocator call after a burst keeps them.
 //! With the knob, one background thread sleeps until the next due time (at
 //! most a second, at least 10 ms) and returns what is due, as jemalloc's
 //! `background_thread` does.

@@ -127,6 +127,10 @@ struct AceSegment {
     list: SegList,
     /// When `keep_free` kept it (`os::now_ns`), for `KEPT_IDLE_NS`.
     kept_at: u64,
+    /// How far from the segment's start pages may be resident besides its
+    /// carved blocks: all of it for a chunk the chunk cache had (its last
+    /// user's pages), the header for a fresh mapping or after a purge.
+    touched_end: u32,
 }
 
 impl AceSegment {
@@ -136,17 +140,30 @@ impl AceSegment {
         HEADER_RESERVE + self.carved as usize * (self.block_size as usize + COLOR)
     }
 
+    /// Offset below which every resident page of the segment lies.
+    fn resident_end(&self) -> usize {
+        self.carved_end().max(self.touched_end as usize)
+    }
+
+    /// Whether pages past the header may be resident.
+    fn holds_pages(&self) -> bool {
+        self.resident_end() > HEADER_RESERVE
+    }
+
     /// Gives the pages of a segment with every block free back to the OS
     /// (`os::decommit`; the address space and the header stay) and forgets
-    /// its blocks, which the next `take` carves again. The bytes given back.
+    /// its blocks, which the next `take` carves again. The bytes given back
+    /// (at most: some may not have been resident).
     fn purge(&mut self) -> usize {
         let start = self as *mut AceSegment as usize + HEADER_RESERVE;
-        let len = self.carved_end().next_multiple_of(crate::os::PAGE) - HEADER_RESERVE;
-        // SAFETY: the segment's own mapping past its header, with no block
-        // out (every block is free, and the class lock is held).
+        let len = self.resident_end().next_multiple_of(crate::os::PAGE) - HEADER_RESERVE;
+        // SAFETY: the segment's own mapping past its header (`resident_end`
+        // is at most CHUNK, which is page-aligned), with no block out (every
+        // block is free, and the class lock is held).
         unsafe { crate::os::decommit(start as *mut u8, len) };
         self.carved = 0;
         self.free = null_mut();
+        self.touched_end = HEADER_RESERVE as u32;
         len
     }
 }
@@ -409,7 +426,7 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
 fn hand_to_cache(segments: &[*mut AceSegment]) {
     for &s in segments {
         // SAFETY: per the contract, nothing references the segment any more.
-        unsafe { crate::chunks::cache_chunk(s as usize, (*s).carved_end(), CacheUser::Ace) };
+        unsafe { crate::chunks::cache_chunk(s as usize, (*s).resident_end(), CacheUser::Ace) };
     }
 }
 
@@ -425,7 +442,7 @@ pub fn trim() -> bool {
             {
                 let mut pool = class.lock();
                 while n < free.len() {
-                    let Some(s) = pool.take_free() else {
+                    let Some(s) = pool.take_kept(false) else {
                         break;
                     };
                     pool.segments -= 1;
@@ -461,8 +478,19 @@ static PURGE_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// purge thread.
 const KEPT_IDLE_NS: u64 = 10_000_000_000;
 
+/// `KEPT_IDLE_NS`, or 0 with `HAKMEM_PURGE_DELAY_MS=0` (everything goes
+/// back at the first chance: the knob's A/B, and the real-program tests'
+/// way of purging as often as can be).
+fn kept_idle_ns() -> u64 {
+    if config::get().purge_delay_ns == 0 {
+        0
+    } else {
+        KEPT_IDLE_NS
+    }
+}
+
 /// Gives back the pages of segments kept with every block free and unused
-/// for `KEPT_IDLE_NS`. Cheap when none is due (one load), so allocator slow
+/// for `kept_idle_ns()`. Cheap when none is due (one load), so allocator slow
 /// paths call it (`lifecycle::upkeep`). Without it the kept segments stayed
 /// resident for the process's life: up to 64 MiB (`KEEP_FREE_TOTAL`) after
 /// a burst of mid sizes.
@@ -487,6 +515,7 @@ pub fn next_due_ns() -> Option<u64> {
 /// lock (the madvise runs under it: nobody takes the segment meanwhile), and
 /// fires `os_return` (why `ace`) once for all of them.
 fn purge(now: u64) {
+    let idle = kept_idle_ns();
     // Cleared first: a segment kept from here on lowers it again, and one
     // kept before is seen below.
     PURGE_DUE.store(u64::MAX, Ordering::Relaxed);
@@ -500,8 +529,8 @@ fn purge(now: u64) {
                 // SAFETY: segments on the class's free list are live and
                 // have every block free (lock held).
                 let s = unsafe { &mut *seg };
-                if s.carved > 0 {
-                    let due = s.kept_at + KEPT_IDLE_NS;
+                if s.holds_pages() {
+                    let due = s.kept_at + idle;
                     if now >= due {
                         bytes += s.purge();
                         segments += 1;
@@ -578,11 +607,12 @@ impl AceClass {
 
     /// The segment `take` takes blocks from next, the one whose pages are
     /// already resident first: a partial segment with blocks on its free
-    /// list (moved to the head), else a segment kept with every block free
-    /// (its carved blocks are resident until `purge_if_due`), else a partial
-    /// segment with blocks not yet carved; None if the class has none of
-    /// these. Before, a partial segment was carved (new pages faulted in)
-    /// while kept segments held resident blocks nobody used.
+    /// list (moved to the head), else a kept segment (every block free)
+    /// whose pages are still resident, else a partial segment with blocks
+    /// not yet carved, else a kept segment whose pages went back
+    /// (`purge_if_due`); None if the class has none of these. Before, a
+    /// partial segment was carved (new pages faulted in) while kept
+    /// segments held resident blocks nobody used.
     fn source(&mut self) -> Option<*mut AceSegment> {
         let mut seg = self.partial;
         while !seg.is_null() {
@@ -597,13 +627,15 @@ impl AceClass {
             }
             seg = next;
         }
-        if let Some(s) = self.take_free() {
-            self.link(s, SegList::Partial);
-            return Some(s);
-        }
-        // Every partial segment has blocks not yet carved (a full one
+        // Every partial segment left has blocks not yet carved (a full one
         // leaves the list).
-        (!self.partial.is_null()).then_some(self.partial)
+        let kept = match self.take_kept(true) {
+            Some(s) => s,
+            None if !self.partial.is_null() => return Some(self.partial),
+            None => self.take_kept(false)?,
+        };
+        self.link(kept, SegList::Partial);
+        Some(kept)
     }
 
     fn grow(&mut self, class: usize) -> Result<*mut AceSegment, AceFailKind> {
@@ -612,7 +644,7 @@ impl AceClass {
         }
         // A chunk the chunk cache kept (an ACE segment or a large block
         // before) saves the mapping and the page faults.
-        let (base, _) = crate::chunks::take_chunk(CacheUser::Ace);
+        let (base, cached) = crate::chunks::take_chunk(CacheUser::Ace);
         if base.is_null() {
             return Err(AceFailKind::MapFail);
         }
@@ -631,6 +663,7 @@ impl AceClass {
                 prev: null_mut(),
                 list: SegList::None,
                 kept_at: 0,
+                touched_end: if cached { CHUNK } else { HEADER_RESERVE } as u32,
             })
         };
         registry::insert(base as usize, crate::segment::ace_byte(class));
@@ -674,18 +707,24 @@ impl AceClass {
     fn keep_free(&mut self, seg: *mut AceSegment) {
         // SAFETY: a live segment of the class (lock held).
         let s = unsafe { &mut *seg };
-        if s.carved > 0 {
+        if s.holds_pages() {
             s.kept_at = crate::os::now_ns();
-            PURGE_DUE.fetch_min(s.kept_at + KEPT_IDLE_NS, Ordering::Relaxed);
+            PURGE_DUE.fetch_min(s.kept_at + kept_idle_ns(), Ordering::Relaxed);
         }
         self.link(seg, SegList::Free);
         self.free_count += 1;
         FREE_KEPT.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes a segment `keep_free` kept off the free list, if there is one.
-    fn take_free(&mut self) -> Option<*mut AceSegment> {
-        let seg = self.free;
+    /// Takes a segment `keep_free` kept off the free list, if there is one
+    /// (with `resident`, only one whose pages are still resident).
+    fn take_kept(&mut self, resident: bool) -> Option<*mut AceSegment> {
+        let mut seg = self.free;
+        // SAFETY: segments on our lists are live and ours (lock held).
+        while !seg.is_null() && resident && !unsafe { (*seg).holds_pages() } {
+            // SAFETY: as above.
+            seg = unsafe { (*seg).next };
+        }
         if seg.is_null() {
             return None;
         }
@@ -927,7 +966,7 @@ mod tests {
 
     #[test]
     fn a_kept_segment_serves_before_new_blocks_are_carved_and_its_pages_go_back() {
-        // A class pool of its own (the class is the largest: 10 blocks a
+        // A class pool of its own (the class is the largest: 7 blocks a
         // segment), so that no other test's blocks are in it.
         let class = ACE_CLASSES - 1;
         let mut pool = AceClass {
@@ -956,7 +995,8 @@ mod tests {
         let mut all_of_first = take(&mut pool, capacity - 1);
         all_of_first.push(one);
         assert!(all_of_first.iter().all(|&b| seg(b) == first));
-        assert!(seg(take(&mut pool, 1)[0]) != first);
+        let second = seg(take(&mut pool, 1)[0]);
+        assert!(second != first);
         // Every block of the first back: kept with every block free, resident.
         for &b in &all_of_first {
             assert_eq!(pool.put(first, b), None);
@@ -975,7 +1015,11 @@ mod tests {
         let s = unsafe { &mut *first };
         let carved = s.carved_end();
         assert!(s.purge() >= carved - HEADER_RESERVE);
-        assert!(s.carved == 0 && s.free.is_null());
+        assert!(s.carved == 0 && s.free.is_null() && !s.holds_pages());
+        // Now the second's uncarved blocks come first (both fault pages in;
+        // the kept segment stays whole), then the purged one, carved anew.
+        let rest_of_second = take(&mut pool, capacity - 1);
+        assert!(rest_of_second.iter().all(|&b| seg(b) == second));
         assert_eq!(
             take(&mut pool, 1)[0] as usize,
             first as usize + HEADER_RESERVE
