@@ -325,7 +325,7 @@ fn main() {
         Some(cpu) => format!("{what}, all on CPU {cpu}"),
         None => what.to_string(),
     };
-    let _ = writeln!(md, "Median of {reps} interleaved runs (the allocators in a new order each repetition), scale {scale}, {what}. Cells: time in seconds (ratio to glibc, lower is better) / peak RSS MiB.\n");
+    let _ = writeln!(md, "Median of {reps} interleaved runs (the allocators in a shuffled order each repetition), scale {scale}, {what}. Cells: time in seconds (ratio to glibc, lower is better) / peak RSS MiB.\n");
     let _ = writeln!(md, "| workload | {} |", names.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(names.len()));
     let mut csv = String::from("workload,allocator,median_s,ratio_to_glibc,peak_rss_kib\n");

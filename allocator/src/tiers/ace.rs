@@ -472,8 +472,8 @@ static PURGE_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// mimalloc-bench's rptest, whose second round starts new threads about
 /// 4 s after the first, took a median of 44% more page faults with the
 /// purge delay (10,100 against 7,000; 5 interleaved runs) and 31% more
-/// with a second (11,300 against 8,600; 6 runs) and 24% fewer operations
-/// a second, and peaked no lower. An idle program gets at most 64 MiB
+/// with a second (11,400 against 8,700; 6 runs) and 24% fewer operations
+/// a second, and peaked about as high. An idle program gets at most 64 MiB
 /// (`KEEP_FREE_TOTAL`) back 10 s later, at its next slow path or from the
 /// purge thread.
 const KEPT_IDLE_NS: u64 = 10_000_000_000;
