@@ -5,7 +5,7 @@
 //! graph has no cycle; docs/layers.md has the picture and the reasons):
 //!
 //! ```text
-//! front      api, capi, global_alloc (C ABI, GlobalAlloc), place (free's classifier)
+//! front      api, capi, cxx, global_alloc (C and C++ ABI, GlobalAlloc), place (free's classifier)
 //! lifecycle  init, thread registration and exit, fork, upkeep (purge)
 //! thread     the per-thread state: one part per tier, in static TLS
 //! tiny       the tiny thread cache (TLS SLL, refill, drain), owned-slab index
@@ -27,6 +27,8 @@ mod front {
     pub mod api;
     #[cfg(feature = "c-abi")]
     pub mod capi;
+    #[cfg(all(feature = "c-abi", target_arch = "x86_64"))]
+    pub mod cxx;
     pub mod global_alloc;
     pub mod levels;
     pub mod place;

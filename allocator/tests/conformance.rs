@@ -2,10 +2,14 @@
 //! walks glibc's documented allocation contract and prints one normalised
 //! line per case (`case -> behaviour`); run once plainly and once under
 //! `LD_PRELOAD=libhakmem.so`, the two outputs must agree case by case.
+//! `conformance/contract.cc` does the same for the C++ operators, with
+//! libstdc++'s as the oracle, except where libstdc++ breaks C++'s own
+//! contract (`CXX_DELIBERATE`).
 //!
-//! `CONFORMANCE_TABLE=path` also writes every case with both results as a
-//! Markdown table. Uses the release library (`cargo build --release -p
-//! hakmem`), or the one named by `HAKMEM_LIB`.
+//! `CONFORMANCE_TABLE=path` (and `CONFORMANCE_TABLE_CXX=path`) also writes
+//! every case with both results as a Markdown table. Uses the release
+//! library (`cargo build --release -p hakmem`), or the one named by
+//! `HAKMEM_LIB`.
 
 mod common;
 use common::lib;
@@ -14,15 +18,108 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 
-/// Compiles the contract program into `dir`.
-fn compile(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/contract.c");
-    let exe = dir.join("contract");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+/// A contract program and how to build it.
+struct Program {
+    /// Under `tests/conformance/`.
+    source: &'static str,
+    /// The variable that names the compiler, and the compiler without it.
+    compiler: (&'static str, &'static str),
+    flags: &'static [&'static str],
+    /// After the source (libraries).
+    libs: &'static [&'static str],
+    /// The variable that names a file for the Markdown table.
+    table_var: &'static str,
+    title: &'static str,
+    /// Whose behaviour the plain run shows.
+    oracle: &'static str,
+}
+
+const C_CONTRACT: Program = Program {
+    source: "contract.c",
+    compiler: ("CC", "cc"),
+    flags: &["-std=c11", "-O1", "-Wall", "-Werror"],
+    libs: &[],
+    table_var: "CONFORMANCE_TABLE",
+    title: "hakmem vs glibc: allocation contract",
+    oracle: "glibc",
+};
+
+const CXX_CONTRACT: Program = Program {
+    source: "contract.cc",
+    compiler: ("CXX", "c++"),
+    flags: &["-std=c++17", "-O1", "-Wall", "-Werror"],
+    libs: &["-ldl"],
+    table_var: "CONFORMANCE_TABLE_CXX",
+    title: "hakmem vs libstdc++: the C++ allocation operators",
+    oracle: "libstdc++",
+};
+
+/// Calls hakmem's `operator new` from a C program (`no-cxx-runtime.c`).
+const NO_CXX_RUNTIME: Program = Program {
+    source: "no-cxx-runtime.c",
+    compiler: ("CC", "cc"),
+    flags: &["-std=c11", "-O1", "-Wall", "-Werror"],
+    libs: &[],
+    table_var: "",
+    title: "",
+    oracle: "",
+};
+
+/// A case where hakmem answers differently from the oracle on purpose: the
+/// oracle's answer breaks the documented contract.
+struct Deliberate {
+    case: &'static str,
+    oracle: &'static str,
+    hakmem: &'static str,
+}
+
+/// libstdc++ 12's aligned `operator new` rounds the size up to the alignment
+/// without checking: SIZE_MAX and SIZE_MAX - 1 wrap to 0 and come back as a
+/// zero-byte block, where C++ requires `bad_alloc` (or null from nothrow)
+/// after the new-handler loop. hakmem's stub sends such a size to the plain
+/// operator instead (`front/cxx.rs`, `cxx_next_new`).
+const CXX_DELIBERATE: &[Deliberate] = &[
+    Deliberate {
+        case: "new(SIZE_MAX, align 64), handler gives up at its 3rd call",
+        oracle: "nonnull calls=0",
+        hakmem: "threw bad_alloc calls=3",
+    },
+    Deliberate {
+        case: "new(0xffffffffffffffff, align 4096)",
+        oracle: "nonnull",
+        hakmem: "threw bad_alloc",
+    },
+    Deliberate {
+        case: "new[](0xffffffffffffffff, align 64, nothrow)",
+        oracle: "nonnull",
+        hakmem: "NULL",
+    },
+    Deliberate {
+        case: "new(0xfffffffffffffffe, align 4096)",
+        oracle: "nonnull",
+        hakmem: "threw bad_alloc",
+    },
+    Deliberate {
+        case: "new[](0xfffffffffffffffe, align 64, nothrow)",
+        oracle: "nonnull",
+        hakmem: "NULL",
+    },
+];
+
+/// Compiles `prog` into `dir`.
+fn compile(dir: &Path, prog: &Program) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/conformance")
+        .join(prog.source);
+    let exe = dir.join(prog.source.replace('.', "-"));
+    let (var, default) = prog.compiler;
+    let cc = std::env::var(var).unwrap_or_else(|_| default.into());
     let out = Command::new(&cc)
-        .args(["-std=c11", "-O1", "-Wall", "-Werror", "-o"])
+        .args(prog.flags)
+        .arg("-o")
         .arg(&exe)
         .arg(&src)
+        .args(prog.libs)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
     assert!(
@@ -86,6 +183,15 @@ impl Row {
     fn differs(&self) -> bool {
         self.glibc != self.hakmem
     }
+
+    /// Differs exactly as a deliberate entry says.
+    fn is_deliberate(&self, deliberate: &[Deliberate]) -> bool {
+        deliberate.iter().any(|d| {
+            d.case == self.case
+                && self.glibc.as_deref().map(str::trim) == Some(d.oracle)
+                && self.hakmem.as_deref().map(str::trim) == Some(d.hakmem)
+        })
+    }
 }
 
 /// Every case of the glibc run in its order, then any only hakmem printed.
@@ -124,12 +230,12 @@ fn cell(s: Option<&String>) -> String {
 }
 
 /// A Markdown table of `rows`, with a marker column when `mark` is set.
-fn table<'a>(rows: impl IntoIterator<Item = &'a Row>, mark: bool) -> String {
-    let mut t = String::from(if mark {
-        "| | case | glibc | hakmem |\n|---|---|---|---|\n"
+fn table<'a>(rows: impl IntoIterator<Item = &'a Row>, oracle: &str, mark: bool) -> String {
+    let mut t = if mark {
+        format!("| | case | {oracle} | hakmem |\n|---|---|---|---|\n")
     } else {
-        "| case | glibc | hakmem |\n|---|---|---|\n"
-    });
+        format!("| case | {oracle} | hakmem |\n|---|---|---|\n")
+    };
     for r in rows {
         if mark {
             t.push_str(if r.differs() { "| ✗ " } else { "| " });
@@ -146,29 +252,99 @@ fn table<'a>(rows: impl IntoIterator<Item = &'a Row>, mark: bool) -> String {
 
 #[test]
 fn hakmem_keeps_glibcs_allocation_contract() {
-    let lib = lib();
-    let dir = std::env::temp_dir().join(format!("hakmem-conformance-{}", std::process::id()));
+    check_against_oracle(&C_CONTRACT, &[]);
+}
+
+#[test]
+fn hakmem_exports_the_cxx_operators_and_keeps_their_contract() {
+    let (oracle, hakmem) = check_against_oracle(&CXX_CONTRACT, CXX_DELIBERATE);
+    // The program names the library its `operator new` resolves to.
+    let from = |out: &Output| {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find_map(|l| l.strip_prefix("operator new from: ").map(str::to_owned))
+            .unwrap_or_default()
+    };
+    assert!(
+        from(&hakmem).contains("libhakmem"),
+        "under the preload, operator new came from {:?}, not hakmem",
+        from(&hakmem)
+    );
+    assert!(
+        !from(&oracle).contains("libhakmem"),
+        "without the preload, operator new came from {:?}",
+        from(&oracle)
+    );
+}
+
+/// With no C++ runtime to throw `bad_alloc`, a failed `operator new` aborts
+/// with a message naming it: it must neither return null nor hang.
+#[test]
+fn operator_new_with_no_cxx_runtime_aborts_naming_the_operator() {
+    let dir = std::env::temp_dir().join(format!("hakmem-no-cxx-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let exe = compile(&dir);
+    let exe = compile(&dir, &NO_CXX_RUNTIME);
+    let out = run(&exe, Some(&lib()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("new(100) -> nonnull"), "stdout: {stdout}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{}; stdout: {stdout}; stderr: {stderr}",
+        describe(out.status)
+    );
+    assert!(
+        stderr.contains("hakmem: _Znwm: out of memory, and no C++ runtime"),
+        "stderr: {stderr}"
+    );
+}
+
+/// Runs `prog` plainly and under hakmem and fails on any case whose two
+/// results differ, other than the `deliberate` ones. Returns both runs.
+fn check_against_oracle(prog: &Program, deliberate: &[Deliberate]) -> (Output, Output) {
+    let lib = lib();
+    let dir = std::env::temp_dir().join(format!(
+        "hakmem-conformance-{}-{}",
+        std::process::id(),
+        prog.source
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = compile(&dir, prog);
     let glibc = run(&exe, None);
     let hakmem = run(&exe, Some(&lib));
     let _ = std::fs::remove_dir_all(&dir);
 
     let (g, h) = (cases(&glibc), cases(&hakmem));
     let rows = rows(&g, &h);
-    let differing: Vec<&Row> = rows.iter().filter(|r| r.differs()).collect();
-    if let Some(path) = std::env::var_os("CONFORMANCE_TABLE") {
+    let differing: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.differs() && !r.is_deliberate(deliberate))
+        .collect();
+    if let Some(path) = std::env::var_os(prog.table_var) {
         let md = format!(
-            "# hakmem vs glibc: allocation contract\n\n{} cases, {} differ.\n\n{}",
+            "# {}\n\n{} cases, {} differ{}.\n\n{}",
+            prog.title,
             rows.len(),
-            differing.len(),
-            table(&rows, true)
+            rows.iter().filter(|r| r.differs()).count(),
+            if deliberate.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} on purpose: the oracle breaks the documented contract there; \
+                     see `tests/conformance.rs`)",
+                    deliberate.len()
+                )
+            },
+            table(&rows, prog.oracle, true)
         );
         std::fs::write(&path, md)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.to_string_lossy()));
     }
     println!(
-        "conformance: {} cases, {} differ from glibc",
+        "conformance ({}): {} cases, {} differ from the oracle",
+        prog.source,
         rows.len(),
         differing.len()
     );
@@ -177,7 +353,7 @@ fn hakmem_keeps_glibcs_allocation_contract() {
     let mut problems = Vec::new();
     if !glibc.status.success() {
         problems.push(format!(
-            "the program itself failed under glibc ({}):\n{}",
+            "the program itself failed without the preload ({}):\n{}",
             describe(glibc.status),
             String::from_utf8_lossy(&glibc.stderr)
         ));
@@ -203,12 +379,24 @@ fn hakmem_keeps_glibcs_allocation_contract() {
     if !dups.is_empty() {
         problems.push(format!("case names printed twice: {dups:?}"));
     }
+    for d in deliberate {
+        if !rows
+            .iter()
+            .any(|r| r.is_deliberate(std::slice::from_ref(d)))
+        {
+            problems.push(format!(
+                "deliberate difference no longer seen (the oracle or hakmem changed): {:?}: \
+                 oracle {:?}, hakmem {:?}",
+                d.case, d.oracle, d.hakmem
+            ));
+        }
+    }
     if !differing.is_empty() {
         let mut msg = format!(
-            "{} of {} cases differ from glibc:\n\n{}",
+            "{} of {} cases differ from the oracle:\n\n{}",
             differing.len(),
             rows.len(),
-            table(differing, false)
+            table(differing, prog.oracle, false)
         );
         // What hakmem said (an abort's reason), without its tally.
         let said: Vec<&str> = hak_stderr
@@ -223,4 +411,5 @@ fn hakmem_keeps_glibcs_allocation_contract() {
         problems.push(msg);
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    (glibc, hakmem)
 }
