@@ -25,8 +25,9 @@
 //! too); a sized delete's size is not checked.
 
 use crate::api;
-use crate::misuse;
+use crate::stats::{write_fd, StackBuf};
 use core::ffi::{c_char, c_void};
+use core::fmt::Write;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The operators' names, in the order of `cxx_next_new`'s index: plain,
@@ -98,10 +99,27 @@ extern "C" fn cxx_next_new(index: usize, size: usize, align: usize) -> usize {
     }
     if found.is_null() || found as usize == ours {
         let what = core::str::from_utf8(&name[..name.len() - 1]).unwrap_or("operator new");
-        misuse::no_cxx_runtime(what);
+        no_cxx_runtime(what);
     }
     slot.store(found as usize, Ordering::Release);
     found as usize
+}
+
+/// A `new` got no memory from hakmem and no other library defines it to run
+/// the new-handler loop and throw `std::bad_alloc`: hakmem cannot throw,
+/// and returning null would break `new`'s contract.
+#[cold]
+#[inline(never)]
+fn no_cxx_runtime(operator: &str) -> ! {
+    let mut msg = StackBuf::<200>::new();
+    let _ = writeln!(
+        msg,
+        "hakmem: {operator}: out of memory, and no C++ runtime loaded after hakmem \
+         defines it to throw std::bad_alloc"
+    );
+    write_fd(2, msg.as_bytes());
+    // SAFETY: abort has no preconditions.
+    unsafe { libc::abort() }
 }
 
 /// Defines a `new` as a naked stub: the argument registers (size, alignment,

@@ -54,20 +54,3 @@ pub fn fatal(what: &str, ptr: usize) -> ! {
     // SAFETY: abort has no preconditions.
     unsafe { libc::abort() }
 }
-
-/// A C++ `operator new` got no memory from hakmem and no other library
-/// defines it to run the new-handler loop and throw `std::bad_alloc`
-/// (`cxx`): hakmem cannot throw, and returning null would break `new`'s
-/// contract.
-#[cold]
-#[inline(never)]
-pub fn no_cxx_runtime(operator: &str) -> ! {
-    let mut msg = StackBuf::<200>::new();
-    let _ = writeln!(
-        msg,
-        "hakmem: {operator}: out of memory, and no C++ runtime loaded after hakmem defines it to throw std::bad_alloc"
-    );
-    write_fd(2, msg.as_bytes());
-    // SAFETY: abort has no preconditions.
-    unsafe { libc::abort() }
-}
