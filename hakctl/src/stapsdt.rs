@@ -197,6 +197,40 @@ pub fn probe_sites(data: &[u8]) -> Result<Vec<ProbeSite>> {
     Ok(sites)
 }
 
+/// The semaphores (`provider:name`) whose file page more than one loadable
+/// segment maps. The kernel raises a semaphore in a process that maps the
+/// file after the probe was attached by writing through the first writable
+/// mapping of the file that holds the semaphore's file offset (uprobes'
+/// `valid_ref_ctr_vma`); when the last page of the RELRO segment is the
+/// same file page, that is the RELRO copy, so the real semaphore stays 0
+/// and such a process never fires the probe. libhakmem.so page-aligns its
+/// semaphores' section (`allocator/src/leaf/probes.rs`) so that this list
+/// stays empty.
+pub fn semaphores_on_shared_pages(data: &[u8]) -> Result<Vec<String>> {
+    const PAGE: u64 = 4096;
+    let file = object::File::parse(data).context("not an ELF file this tool can read")?;
+    let pages: Vec<(u64, u64)> = file
+        .segments()
+        .map(|s| {
+            let (offset, size) = s.file_range();
+            (offset / PAGE, (offset + size).div_ceil(PAGE))
+        })
+        .collect();
+    Ok(probe_sites(data)?
+        .into_iter()
+        .filter(|s| s.semaphore != 0)
+        .filter(|s| {
+            let page = s.semaphore_offset / PAGE;
+            pages
+                .iter()
+                .filter(|&&(a, b)| page >= a && page < b)
+                .count()
+                > 1
+        })
+        .map(|s| format!("{}:{}", s.provider, s.name))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +326,23 @@ mod tests {
         assert!(
             stale.is_empty(),
             "notes pointing outside the code: {stale:?}"
+        );
+    }
+
+    /// Processes started after hakctl attached fire the probes only if no
+    /// other segment maps the semaphores' file page (see
+    /// `semaphores_on_shared_pages`). Found when a change of code size put
+    /// them on the RELRO segment's last page: hakctl's fleet test saw no
+    /// event from any process started after it.
+    #[test]
+    fn no_semaphore_of_the_shipped_library_shares_its_file_page_with_another_segment() {
+        let data = shipped_library();
+        let sites = probe_sites(&data).unwrap();
+        assert!(sites.iter().filter(|s| s.semaphore != 0).count() >= 13);
+        let shared = semaphores_on_shared_pages(&data).unwrap();
+        assert!(
+            shared.is_empty(),
+            "semaphores on a shared file page: {shared:?}"
         );
     }
 

@@ -9,6 +9,24 @@ use hakmem_common::{
     TakeSource,
 };
 
+// The semaphores' section (`.probes`, which the usdt macros fill) starts on
+// a page of its own. A process that maps the library after a tracer
+// attached gets its semaphores raised by the kernel, through the first
+// writable mapping of the file holding the semaphore's file offset. When
+// `.probes` shared a file page with the end of the RELRO segment (which the
+// loader maps first, writable until relocated), the kernel raised the RELRO
+// copy and the probes of every process started after `hakctl watch --all`
+// stayed silent: a change of code size did it, and the fleet test caught it.
+// hakctl's `no_semaphore_of_the_shipped_library_shares_its_file_page_...`
+// test checks the layout. (The section's alignment is its inputs' largest:
+// this one input at 4096 aligns the whole output section.)
+#[cfg(feature = "probes")]
+core::arch::global_asm!(
+    ".pushsection .probes, \"aw\", \"progbits\"",
+    ".balign 4096",
+    ".popsection"
+);
+
 /// Whether a tracer has raised probe `$name`'s semaphore (hakctl and
 /// bpftrace raise it on attach); false with the probes compiled out.
 macro_rules! semaphore_raised {
