@@ -70,6 +70,13 @@ const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
         "the exit tally's .fini_array entry points at stats' own function",
     ),
     (
+        "cxx",
+        "fn(",
+        1,
+        "`forward_delete` calls the C++ runtime's operator delete, found by \
+         dlsym: code outside hakmem that calls back only through the C API",
+    ),
+    (
         "threads",
         "pthread_key_create",
         1,

@@ -238,6 +238,18 @@ pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
     if sites.is_empty() {
         bail!("no hakmem probes in {}", path.display());
     }
+    // A file attached as such serves processes that map it later, which
+    // need the kernel to raise the semaphores (see the function).
+    if let Ok(shared) = crate::stapsdt::semaphores_on_shared_pages(&data) {
+        if !shared.is_empty() {
+            eprintln!(
+                "hakctl: warning: {}: the semaphores of {} share a file page with another \
+                 segment: processes that map it after this attach will not fire those probes",
+                path.display(),
+                shared.join(", ")
+            );
+        }
+    }
     Ok(HakmemObject {
         path: path.display().to_string(),
         // `/proc/PID/root/...` is kept as is: the kernel follows the magic

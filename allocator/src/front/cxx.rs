@@ -5,34 +5,43 @@
 //!
 //! Why: without them a C++ program's `new` runs libstdc++'s operator, which
 //! loops around `malloc` through the PLT; every `new` and `delete` pays that
-//! wrapper and a second indirect jump. In mimalloc-bench's alloc-test
-//! (`perf record`, pinned) the wrappers and the hop took 2.5% of the samples
-//! under hakmem, and none under the peers, which export the operators.
+//! wrapper and a second indirect jump. mimalloc-bench's alloc-test (one
+//! thread, callgrind): 14.74G instructions before, 14.04G with them (4.8%
+//! fewer).
 //!
 //! **Failure keeps C++'s contract** (the new-handler loop, then
 //! `std::bad_alloc`; null from the nothrow forms) without a line of it here:
 //! hakmem cannot throw (Rust, built with `panic = "abort"`, may not be
 //! unwound through). Each `new` is a naked stub that calls hakmem; when that
 //! returns null (no memory, or an alignment that is not a power of two) the
-//! stub jumps, its own frame gone, to the same operator of the next library
-//! that defines it (libstdc++, or libc++): that one runs its new-handler loop
-//! around `malloc` or `aligned_alloc`, which are hakmem's, and throws. So a
-//! block that comes back is always hakmem's, and an exception never crosses
-//! a Rust frame. `tests/conformance.rs` runs `conformance/contract.cc` with
-//! and without the preload and compares every case.
+//! stub jumps, its own frame gone, to the same operator of the C++ runtime
+//! (libstdc++ or libc++): that one runs its new-handler loop around `malloc`
+//! or `aligned_alloc`, which are hakmem's when it is preloaded, and throws.
+//! An exception never crosses a Rust frame.
+//!
+//! **A program that replaces some operators** (C++ lets it replace any of
+//! them, and most replace only `new` and `delete`) keeps its own for every
+//! form: if any of the names resolves outside this library, each of ours
+//! forwards to the C++ runtime's, which calls the program's, as without
+//! hakmem (`serves`). Otherwise a sized delete of the program's block would
+//! reach hakmem's `free`.
 //!
 //! The deletes are plain functions: every form is `free` (libstdc++'s are
 //! too); a sized delete's size is not checked.
+//! `tests/conformance.rs` runs `conformance/contract.cc`, a program that
+//! replaces two operators, and a C program that loads C++ privately, with
+//! and without the preload, and compares.
 
 use crate::api;
 use crate::stats::{write_fd, StackBuf};
 use core::ffi::{c_char, c_void};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-/// The operators' names, in the order of `cxx_next_new`'s index: plain,
-/// array, their nothrow forms, then the same four aligned (index + 4).
-const NEW_NAMES: [&[u8]; 8] = [
+/// The operators' names: the eight `new`s in the order of the stubs' index
+/// (plain, array, their nothrow forms, then the same four aligned: index +
+/// 4), then the twelve deletes.
+const NAMES: [&[u8]; 20] = [
     b"_Znwm\0",
     b"_Znam\0",
     b"_ZnwmRKSt9nothrow_t\0",
@@ -41,29 +50,145 @@ const NEW_NAMES: [&[u8]; 8] = [
     b"_ZnamSt11align_val_t\0",
     b"_ZnwmSt11align_val_tRKSt9nothrow_t\0",
     b"_ZnamSt11align_val_tRKSt9nothrow_t\0",
+    b"_ZdlPv\0",
+    b"_ZdaPv\0",
+    b"_ZdlPvm\0",
+    b"_ZdaPvm\0",
+    b"_ZdlPvRKSt9nothrow_t\0",
+    b"_ZdaPvRKSt9nothrow_t\0",
+    b"_ZdlPvSt11align_val_t\0",
+    b"_ZdaPvSt11align_val_t\0",
+    b"_ZdlPvmSt11align_val_t\0",
+    b"_ZdaPvmSt11align_val_t\0",
+    b"_ZdlPvSt11align_val_tRKSt9nothrow_t\0",
+    b"_ZdaPvSt11align_val_tRKSt9nothrow_t\0",
 ];
-static NEXT_NEW: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+/// The C++ runtime's operator of each name, once looked up (0: not yet).
+static RUNTIME_OPERATOR: [AtomicUsize; 20] = [const { AtomicUsize::new(0) }; 20];
+/// Where the C++ runtime may be loaded privately (`RTLD_LOCAL`, by a C
+/// program's plugin), out of `RTLD_NEXT`'s and `RTLD_DEFAULT`'s sight.
+const RUNTIMES: [&[u8]; 2] = [b"libstdc++.so.6\0", b"libc++.so.1\0"];
 
-/// `operator new(size)` and the nothrow form's first try: hakmem's `malloc`.
+const NOT_DECIDED: u8 = 0;
+const SERVE: u8 = 1;
+const FORWARD: u8 = 2;
+/// Whether hakmem serves the operators or forwards each to the C++ runtime
+/// (the program replaces some): decided at the first call.
+static MODE: AtomicU8 = AtomicU8::new(NOT_DECIDED);
+
+/// Whether hakmem serves the operators itself: true unless the program (or
+/// a library loaded before hakmem) defines one of them. One load and a
+/// branch once decided.
+#[inline(always)]
+fn serves() -> bool {
+    let mode = MODE.load(Ordering::Relaxed);
+    if mode == SERVE {
+        return true;
+    }
+    mode == NOT_DECIDED && decide()
+}
+
+/// Looks up every name where the program's own lookups start: one that
+/// resolves outside this library means the program (or a library before
+/// hakmem) replaced it. Outside every lock of hakmem's (`dlsym` may call
+/// `malloc`); two threads deciding at once reach the same answer.
+#[cold]
+#[inline(never)]
+fn decide() -> bool {
+    let replaced = NAMES.iter().any(|name| {
+        // SAFETY: `name` is NUL-terminated; RTLD_DEFAULT is dlsym's constant.
+        let found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast::<c_char>()) };
+        !found.is_null() && !is_ours(found)
+    });
+    let mode = if replaced { FORWARD } else { SERVE };
+    MODE.store(mode, Ordering::Relaxed);
+    mode == SERVE
+}
+
+/// Whether `addr` lies in this library (by the base `dladdr` finds; an
+/// exported function's address would be read through the GOT, which names
+/// whoever defines it first).
+fn is_ours(addr: *mut c_void) -> bool {
+    base_of(addr) == base_of(decide as *const () as *mut c_void)
+}
+
+fn base_of(addr: *mut c_void) -> usize {
+    // SAFETY: dladdr only reads the loader's tables; `info` is ours to fill.
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 {
+            return 0;
+        }
+        info.dli_fbase as usize
+    }
+}
+
+/// The C++ runtime's operator `NAMES[index]`: the next definition after
+/// hakmem's, else the first one that is not ours, else one in a runtime
+/// loaded privately; 0 if none is loaded. Looked up once per operator.
+fn runtime_operator(index: usize) -> usize {
+    let slot = &RUNTIME_OPERATOR[index];
+    let cached = slot.load(Ordering::Acquire);
+    if cached != 0 {
+        return cached;
+    }
+    let name = NAMES[index].as_ptr().cast::<c_char>();
+    let usable = |f: *mut c_void| !f.is_null() && !is_ours(f);
+    // SAFETY: `name` is NUL-terminated; the handles are dlsym's constants.
+    let mut found = unsafe { libc::dlsym(libc::RTLD_NEXT, name) };
+    if !usable(found) {
+        // SAFETY: as above.
+        found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name) };
+    }
+    for lib in RUNTIMES {
+        if usable(found) {
+            break;
+        }
+        // SAFETY: RTLD_NOLOAD loads nothing: a handle to a library already
+        // in the process, or null. The handle is kept (the operator's
+        // address is cached) and never closed.
+        let handle = unsafe {
+            libc::dlopen(
+                lib.as_ptr().cast::<c_char>(),
+                libc::RTLD_LAZY | libc::RTLD_NOLOAD,
+            )
+        };
+        if !handle.is_null() {
+            // SAFETY: a live handle and a NUL-terminated name.
+            found = unsafe { libc::dlsym(handle, name) };
+        }
+    }
+    if !usable(found) {
+        return 0;
+    }
+    slot.store(found as usize, Ordering::Release);
+    found as usize
+}
+
+/// `operator new(size)` and the nothrow form's first try: hakmem's `malloc`,
+/// or null to forward (`serves`).
 extern "C" fn cxx_try_new(size: usize) -> *mut u8 {
+    if !serves() {
+        return core::ptr::null_mut();
+    }
     // SAFETY: malloc has no precondition.
     unsafe { api::malloc(size) }
 }
 
 /// The aligned forms' first try. An alignment that is not a power of two is
-/// left to the next library's operator (libstdc++ throws `bad_alloc`).
+/// left to the runtime's operator (libstdc++ throws `bad_alloc`).
 extern "C" fn cxx_try_new_aligned(size: usize, align: usize) -> *mut u8 {
-    if !align.is_power_of_two() {
+    if !align.is_power_of_two() || !serves() {
         return core::ptr::null_mut();
     }
     // SAFETY: `align` is a power of two, as `alloc_aligned` requires.
     unsafe { api::alloc_aligned(align, size) }
 }
 
-/// Where a `new` that got no block from hakmem goes: the address of the next
-/// library's operator `NEW_NAMES[index]` (called with the stub's `size` and
-/// `align`), or for an aligned form whose size cannot be rounded up to its
-/// alignment, the plain form of the same kind (`index - 4`).
+/// Where a `new` that got no block from hakmem goes: the C++ runtime's
+/// operator `NAMES[index]` (called with the stub's `size` and `align`), or
+/// for an aligned form whose size cannot be rounded up to its alignment,
+/// the plain form of the same kind (`index - 4`).
 ///
 /// Why the latter: libstdc++ 12's aligned `new` rounds the size up to the
 /// alignment without checking, so `new(SIZE_MAX, align_val_t(64))` wraps to
@@ -72,50 +197,28 @@ extern "C" fn cxx_try_new_aligned(size: usize, align: usize) -> *mut u8 {
 /// plain form runs the same new-handler loop around `malloc` and throws, or
 /// returns null from a nothrow form, as C++ requires.
 ///
-/// Looked up once per operator (`dlsym` may call `malloc`: this runs outside
-/// every lock of hakmem's, on a path that has already failed). Aborts,
-/// naming the operator, if no other library defines it: hakmem cannot throw
-/// `bad_alloc` itself.
+/// Aborts, naming the operator, if no C++ runtime is loaded: hakmem cannot
+/// throw `bad_alloc` itself, and null would break `new`'s contract.
 extern "C" fn cxx_next_new(index: usize, size: usize, align: usize) -> usize {
     let index = if index >= 4 && align.is_power_of_two() && size > usize::MAX - (align - 1) {
         index - 4
     } else {
         index
     };
-    let slot = &NEXT_NEW[index];
-    let cached = slot.load(Ordering::Acquire);
-    if cached != 0 {
-        return cached;
+    match runtime_operator(index) {
+        0 => no_cxx_runtime(NAMES[index]),
+        f => f,
     }
-    let name = NEW_NAMES[index];
-    let ours = ours(index);
-    // SAFETY: `name` is NUL-terminated; the handles are dlsym's own constants.
-    let mut found = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast::<c_char>()) };
-    if found.is_null() || found as usize == ours {
-        // Loaded after the C++ runtime (not preloaded): its operator is
-        // the first definition, if it is not ours.
-        // SAFETY: as above.
-        found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast::<c_char>()) };
-    }
-    if found.is_null() || found as usize == ours {
-        let what = core::str::from_utf8(&name[..name.len() - 1]).unwrap_or("operator new");
-        no_cxx_runtime(what);
-    }
-    slot.store(found as usize, Ordering::Release);
-    found as usize
 }
 
-/// A `new` got no memory from hakmem and no other library defines it to run
-/// the new-handler loop and throw `std::bad_alloc`: hakmem cannot throw,
-/// and returning null would break `new`'s contract.
 #[cold]
 #[inline(never)]
-fn no_cxx_runtime(operator: &str) -> ! {
+fn no_cxx_runtime(name: &[u8]) -> ! {
+    let name = core::str::from_utf8(&name[..name.len() - 1]).unwrap_or("operator new");
     let mut msg = StackBuf::<200>::new();
     let _ = writeln!(
         msg,
-        "hakmem: {operator}: out of memory, and no C++ runtime loaded after hakmem \
-         defines it to throw std::bad_alloc"
+        "hakmem: {name}: out of memory, and no C++ runtime is loaded to throw std::bad_alloc"
     );
     write_fd(2, msg.as_bytes());
     // SAFETY: abort has no preconditions.
@@ -124,58 +227,52 @@ fn no_cxx_runtime(operator: &str) -> ! {
 
 /// Defines a `new` as a naked stub: the argument registers (size, alignment,
 /// the nothrow tag) saved, hakmem's try called; a block returned, or the
-/// registers restored and a jump to the next library's operator.
+/// registers restored and a jump to the runtime's operator. The CFI offsets
+/// are absolute (the canonical frame is 8 bytes above the stack pointer at
+/// entry, 32 after the three pushes).
 macro_rules! operator_new {
-    ($($name:ident = $sym:literal, $index:literal, $try:ident;)*) => {
-        /// The address of our operator `NEW_NAMES[index]` (so that a lookup
-        /// that finds it is not taken for the next library's).
-        fn ours(index: usize) -> usize {
-            [$($name as *const () as usize),*][index]
+    ($($name:ident = $sym:literal, $index:literal, $try:ident;)*) => {$(
+        #[doc = concat!("`", $sym, "`: see the module's comment.")]
+        #[unsafe(naked)]
+        #[export_name = $sym]
+        pub unsafe extern "C" fn $name() {
+            core::arch::naked_asm!(
+                ".cfi_startproc",
+                // Three pushes: the stack is 16-byte aligned at the calls.
+                "push rdi",
+                ".cfi_def_cfa_offset 16",
+                "push rsi",
+                ".cfi_def_cfa_offset 24",
+                "push rdx",
+                ".cfi_def_cfa_offset 32",
+                "call {try}",
+                "test rax, rax",
+                "jz 2f",
+                "add rsp, 24",
+                ".cfi_def_cfa_offset 8",
+                "ret",
+                "2:",
+                ".cfi_def_cfa_offset 32",
+                // cxx_next_new(index, size, align), from the saved rdi, rsi.
+                "mov edi, {index}",
+                "mov rsi, [rsp + 16]",
+                "mov rdx, [rsp + 8]",
+                "call {next}",
+                "mov r11, rax",
+                "pop rdx",
+                ".cfi_def_cfa_offset 24",
+                "pop rsi",
+                ".cfi_def_cfa_offset 16",
+                "pop rdi",
+                ".cfi_def_cfa_offset 8",
+                "jmp r11",
+                ".cfi_endproc",
+                try = sym $try,
+                next = sym cxx_next_new,
+                index = const $index,
+            )
         }
-        $(
-            #[doc = concat!("`", $sym, "`: see the module's comment.")]
-            #[unsafe(naked)]
-            #[export_name = $sym]
-            pub unsafe extern "C" fn $name() {
-                core::arch::naked_asm!(
-                    ".cfi_startproc",
-                    // Three pushes: the stack is 16-byte aligned at the call.
-                    "push rdi",
-                    ".cfi_adjust_cfa_offset 8",
-                    "push rsi",
-                    ".cfi_adjust_cfa_offset 8",
-                    "push rdx",
-                    ".cfi_adjust_cfa_offset 8",
-                    "call {try}",
-                    "test rax, rax",
-                    "jz 2f",
-                    "add rsp, 24",
-                    ".cfi_remember_state",
-                    ".cfi_adjust_cfa_offset -24",
-                    "ret",
-                    ".cfi_restore_state",
-                    "2:",
-                    // cxx_next_new(index, size, align), from the saved rdi, rsi.
-                    "mov edi, {index}",
-                    "mov rsi, [rsp + 16]",
-                    "mov rdx, [rsp + 8]",
-                    "call {next}",
-                    "mov r11, rax",
-                    "pop rdx",
-                    ".cfi_adjust_cfa_offset -8",
-                    "pop rsi",
-                    ".cfi_adjust_cfa_offset -8",
-                    "pop rdi",
-                    ".cfi_adjust_cfa_offset -8",
-                    "jmp r11",
-                    ".cfi_endproc",
-                    try = sym $try,
-                    next = sym cxx_next_new,
-                    index = const $index,
-                )
-            }
-        )*
-    };
+    )*};
 }
 
 operator_new! {
@@ -189,31 +286,58 @@ operator_new! {
     operator_new_array_aligned_nothrow = "_ZnamSt11align_val_tRKSt9nothrow_t", 7, cxx_try_new_aligned;
 }
 
-/// Defines the deletes: each is `free` of its first argument; the others
-/// (size, alignment, nothrow tag) are not read.
+/// A delete while the program replaces some operators: the runtime's of
+/// the same name, with every argument register a delete may use (the
+/// others are not read); `free` if no runtime is loaded.
+#[cold]
+#[inline(never)]
+unsafe fn forward_delete(index: usize, ptr: *mut c_void, a: usize, b: usize) {
+    match runtime_operator(index) {
+        // SAFETY: C++'s contract, as for the caller.
+        0 => unsafe { api::free(ptr.cast()) },
+        f => {
+            // SAFETY: `f` is the runtime's operator delete of the same
+            // name; a delete takes at most three arguments, all in
+            // registers, and ignores those its form lacks.
+            let f = unsafe {
+                core::mem::transmute::<usize, unsafe extern "C" fn(*mut c_void, usize, usize)>(f)
+            };
+            // SAFETY: forwarding the caller's arguments unchanged.
+            unsafe { f(ptr, a, b) }
+        }
+    }
+}
+
+/// Defines the deletes: `free` of the first argument, or forwarded
+/// (`serves`).
 macro_rules! operator_delete {
-    ($($name:ident = $sym:literal;)*) => {$(
+    ($($name:ident = $sym:literal, $index:literal;)*) => {$(
         #[doc = concat!("`", $sym, "`: `free`.")]
         #[export_name = $sym]
-        pub unsafe extern "C" fn $name(ptr: *mut c_void) {
-            // SAFETY: C++'s contract: `ptr` is null or came from a `new`,
-            // which is hakmem's (ours, or the next library's around our malloc).
-            unsafe { api::free(ptr.cast()) }
+        pub unsafe extern "C" fn $name(ptr: *mut c_void, a: usize, b: usize) {
+            if serves() {
+                // SAFETY: C++'s contract: `ptr` is null or came from a
+                // `new`, hakmem's (ours, or the runtime's around our malloc).
+                unsafe { api::free(ptr.cast()) }
+            } else {
+                // SAFETY: as above, for the runtime's operator.
+                unsafe { forward_delete($index, ptr, a, b) }
+            }
         }
     )*};
 }
 
 operator_delete! {
-    operator_delete = "_ZdlPv";
-    operator_delete_array = "_ZdaPv";
-    operator_delete_sized = "_ZdlPvm";
-    operator_delete_array_sized = "_ZdaPvm";
-    operator_delete_nothrow = "_ZdlPvRKSt9nothrow_t";
-    operator_delete_array_nothrow = "_ZdaPvRKSt9nothrow_t";
-    operator_delete_aligned = "_ZdlPvSt11align_val_t";
-    operator_delete_array_aligned = "_ZdaPvSt11align_val_t";
-    operator_delete_sized_aligned = "_ZdlPvmSt11align_val_t";
-    operator_delete_array_sized_aligned = "_ZdaPvmSt11align_val_t";
-    operator_delete_aligned_nothrow = "_ZdlPvSt11align_val_tRKSt9nothrow_t";
-    operator_delete_array_aligned_nothrow = "_ZdaPvSt11align_val_tRKSt9nothrow_t";
+    operator_delete = "_ZdlPv", 8;
+    operator_delete_array = "_ZdaPv", 9;
+    operator_delete_sized = "_ZdlPvm", 10;
+    operator_delete_array_sized = "_ZdaPvm", 11;
+    operator_delete_nothrow = "_ZdlPvRKSt9nothrow_t", 12;
+    operator_delete_array_nothrow = "_ZdaPvRKSt9nothrow_t", 13;
+    operator_delete_aligned = "_ZdlPvSt11align_val_t", 14;
+    operator_delete_array_aligned = "_ZdaPvSt11align_val_t", 15;
+    operator_delete_sized_aligned = "_ZdlPvmSt11align_val_t", 16;
+    operator_delete_array_sized_aligned = "_ZdaPvmSt11align_val_t", 17;
+    operator_delete_aligned_nothrow = "_ZdlPvSt11align_val_tRKSt9nothrow_t", 18;
+    operator_delete_array_aligned_nothrow = "_ZdaPvSt11align_val_tRKSt9nothrow_t", 19;
 }

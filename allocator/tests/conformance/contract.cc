@@ -9,8 +9,8 @@
  * Every case runs in a forked child, so a crash costs only that case
  * ("<case> -> crashed(signal N)").
  *
- * On stderr (not compared) it says which library's operator new the
- * program calls: "operator new from: <path>".
+ * On stderr (not compared) it says which library each operator's name
+ * resolves to: "operator <mangled name> from: <path>".
  *
  * Build: c++ -std=c++17 -O1 -Wall -Werror contract.cc -o contract-cxx -ldl */
 #include <dlfcn.h>
@@ -200,6 +200,25 @@ static void handler_forms()
         });
         add("calls=" + std::to_string(handler_calls));
     });
+    run_case("new(1<<62, align 64), handler gives up at its 3rd call", [] {
+        // A size that fits the rounding: the aligned runtime operator's own
+        // loop (a wrong alignment or size passed on would show here).
+        std::set_new_handler(counting_handler);
+        catching([] {
+            add(::operator new(opaque((size_t)1 << 62), std::align_val_t(opaque(64))) ? "nonnull"
+                                                                                        : "NULL");
+        });
+        add("calls=" + std::to_string(handler_calls));
+    });
+    run_case("new[](1<<62, align 4096, nothrow), handler gives up at its 3rd call", [] {
+        std::set_new_handler(counting_handler);
+        catching([] {
+            void *p = ::operator new[](opaque((size_t)1 << 62), std::align_val_t(opaque(4096)),
+                                       std::nothrow);
+            add(p ? "nonnull" : "NULL");
+        });
+        add("calls=" + std::to_string(handler_calls));
+    });
     run_case("new(SIZE_MAX), handler throws int", [] {
         std::set_new_handler(throwing_handler);
         catching([] { add(::operator new(opaque(SIZE_MAXV)) ? "nonnull" : "NULL"); });
@@ -302,12 +321,24 @@ static void delete_forms()
     });
 }
 
+/* Every operator's mangled name: where each resolves goes to stderr. */
+static const char *const OPERATORS[] = {
+    "_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t", "_ZnwmSt11align_val_t",
+    "_ZnamSt11align_val_t", "_ZnwmSt11align_val_tRKSt9nothrow_t",
+    "_ZnamSt11align_val_tRKSt9nothrow_t", "_ZdlPv", "_ZdaPv", "_ZdlPvm", "_ZdaPvm",
+    "_ZdlPvRKSt9nothrow_t", "_ZdaPvRKSt9nothrow_t", "_ZdlPvSt11align_val_t",
+    "_ZdaPvSt11align_val_t", "_ZdlPvmSt11align_val_t", "_ZdaPvmSt11align_val_t",
+    "_ZdlPvSt11align_val_tRKSt9nothrow_t", "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+};
+
 int main()
 {
-    Dl_info info;
-    void *sym = dlsym(RTLD_DEFAULT, "_Znwm");
-    fprintf(stderr, "operator new from: %s\n",
-            sym && dladdr(sym, &info) && info.dli_fname ? info.dli_fname : "(unknown)");
+    for (const char *name : OPERATORS) {
+        Dl_info info;
+        void *sym = dlsym(RTLD_DEFAULT, name);
+        fprintf(stderr, "operator %s from: %s\n", name,
+                sym && dladdr(sym, &info) && info.dli_fname ? info.dli_fname : "(unknown)");
+    }
     plain_forms();
     handler_forms();
     aligned_forms();
