@@ -73,7 +73,7 @@ const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
         "cxx",
         "fn(",
         1,
-        "`forward_delete` calls the C++ runtime's operator delete, found by \
+        "`cxx_delete_slow` calls the C++ runtime's operator delete, found by \
          dlsym: code outside hakmem that calls back only through the C API",
     ),
     (
