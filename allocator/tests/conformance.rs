@@ -306,6 +306,9 @@ fn hakmem_exports_the_cxx_operators_and_keeps_their_contract() {
             .map(|(name, lib)| (name.to_owned(), lib.to_owned()))
             .collect()
     };
+    // ... and hakmem says it serves them (with HAKMEM_STATS=1, as `run` sets).
+    let said = String::from_utf8_lossy(&hakmem.stderr);
+    assert!(said.contains("hakmem-cxx: serve\n"), "{said}");
     let (ours, theirs) = (from(&hakmem), from(&oracle));
     assert_eq!(ours.len(), 20, "{ours:?}");
     assert_eq!(theirs.len(), 20, "{theirs:?}");
@@ -329,6 +332,11 @@ fn hakmem_exports_the_cxx_operators_and_keeps_their_contract() {
 #[test]
 fn a_program_that_replaces_two_operators_keeps_them_for_every_form() {
     let (_, hakmem) = check_against_oracle(&REPLACED, &[]);
+    let said = String::from_utf8_lossy(&hakmem.stderr);
+    assert!(
+        said.contains("hakmem-cxx: forward (_Znwm is defined before hakmem)"),
+        "{said}"
+    );
     let out = String::from_utf8_lossy(&hakmem.stdout);
     assert!(
         out.contains("delete int (sized) -> - news+0 deletes+1"),

@@ -72,9 +72,10 @@ const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
     (
         "cxx",
         "fn(",
-        1,
+        2,
         "`cxx_delete_slow` calls the C++ runtime's operator delete, found by \
-         dlsym: code outside hakmem that calls back only through the C API",
+         dlsym: code outside hakmem that calls back only through the C API; \
+         the .init_array entry points at cxx's own `decide_at_load`",
     ),
     (
         "threads",

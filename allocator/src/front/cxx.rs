@@ -27,13 +27,14 @@
 //! hakmem (`serves`). Otherwise a sized delete of the program's block would
 //! reach hakmem's `free`.
 //!
-//! The deletes are plain functions: every form is `free` (libstdc++'s are
+//! The deletes are naked stubs too: every form is `free` (libstdc++'s are
 //! too); a sized delete's size is not checked.
 //! `tests/conformance.rs` runs `conformance/contract.cc`, a program that
 //! replaces two operators, and a C program that loads C++ privately, with
 //! and without the preload, and compares.
 
 use crate::api;
+use crate::config;
 use crate::stats::{write_fd, StackBuf};
 use core::ffi::{c_char, c_void};
 use core::fmt::Write;
@@ -93,44 +94,106 @@ extern "C" fn cxx_decide() {
     serves();
 }
 
+/// Names that, defined before hakmem, mean the program's allocations are
+/// not hakmem's to serve even though the operators are: a tool that
+/// replaces only `malloc` and `free` (memusage, a heap profiler) sees
+/// libstdc++'s `new` call its `malloc`, and must see it with hakmem too.
+const C_NAMES: [&[u8]; 2] = [b"malloc\0", b"free\0"];
+
 /// Looks up every name where the program's own lookups start: one that
 /// resolves outside this library means the program (or a library before
 /// hakmem) replaced it. Outside every lock of hakmem's (`dlsym` may call
-/// `malloc`); two threads deciding at once reach the same answer.
+/// `malloc`); two threads deciding at once reach the same answer. With
+/// `HAKMEM_STATS=1` (and no stats file) it says on stderr what it decided:
+/// `hakmem-cxx: serve`, or `hakmem-cxx: forward (NAME is defined before
+/// hakmem)`.
 #[cold]
 #[inline(never)]
 fn decide() -> bool {
-    let replaced = NAMES.iter().any(|name| {
+    let replaced = NAMES.iter().chain(C_NAMES.iter()).find(|name| {
         // SAFETY: `name` is NUL-terminated; RTLD_DEFAULT is dlsym's constant.
         let found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast::<c_char>()) };
         !found.is_null() && !is_ours(found)
     });
-    let mode = if replaced { FORWARD } else { SERVE };
+    let mode = if replaced.is_some() { FORWARD } else { SERVE };
     MODE.store(mode, Ordering::Relaxed);
+    if config::stats_enabled() && config::get().stats_file.is_none() {
+        let mut msg = StackBuf::<160>::new();
+        let _ = match replaced {
+            None => writeln!(msg, "hakmem-cxx: serve"),
+            Some(name) => writeln!(
+                msg,
+                "hakmem-cxx: forward ({} is defined before hakmem)",
+                text(name)
+            ),
+        };
+        write_fd(2, msg.as_bytes());
+    }
     mode == SERVE
+}
+
+/// A NUL-terminated name without its NUL.
+fn text(name: &[u8]) -> &str {
+    core::str::from_utf8(&name[..name.len() - 1]).unwrap_or("?")
+}
+
+/// Decides at load time when a C++ runtime is loaded already (the usual
+/// case for a C++ program), so that the lookups do not run later from an
+/// operator called with one of the loader's locks held (inside a
+/// `dl_iterate_phdr` callback, say, while another thread's `dlopen` waits
+/// for it). Otherwise the first operator call decides.
+extern "C" fn decide_at_load() {
+    if MODE.load(Ordering::Relaxed) == NOT_DECIDED
+        && RUNTIMES.iter().any(|lib| !loaded(lib).is_null())
+    {
+        decide();
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static DECIDE_AT_LOAD: extern "C" fn() = decide_at_load;
+
+/// A handle to the library `soname` if the process has it loaded (globally
+/// or privately), else null. The reference `dlopen` takes is kept: the
+/// library stays loaded (`RTLD_NODELETE`), as an operator found in it must.
+fn loaded(soname: &[u8]) -> *mut c_void {
+    // SAFETY: RTLD_NOLOAD loads nothing: a handle to a library already in
+    // the process, or null; `soname` is NUL-terminated.
+    unsafe {
+        libc::dlopen(
+            soname.as_ptr().cast::<c_char>(),
+            libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+        )
+    }
 }
 
 /// Whether `addr` lies in this library (by the base `dladdr` finds; an
 /// exported function's address would be read through the GOT, which names
 /// whoever defines it first).
 fn is_ours(addr: *mut c_void) -> bool {
-    base_of(addr) == base_of(decide as *const () as *mut c_void)
+    base_of(addr).0 == base_of(decide as *const () as *mut c_void).0
 }
 
-fn base_of(addr: *mut c_void) -> usize {
+/// The base and file name of the object `addr` lies in (0 and null if none).
+fn base_of(addr: *mut c_void) -> (usize, *const c_char) {
     // SAFETY: dladdr only reads the loader's tables; `info` is ours to fill.
     unsafe {
         let mut info: libc::Dl_info = core::mem::zeroed();
         if libc::dladdr(addr, &mut info) == 0 {
-            return 0;
+            return (0, core::ptr::null());
         }
-        info.dli_fbase as usize
+        (info.dli_fbase as usize, info.dli_fname)
     }
 }
 
 /// The C++ runtime's operator `NAMES[index]`: the next definition after
-/// hakmem's, else the first one that is not ours, else one in a runtime
-/// loaded privately; 0 if none is loaded. Looked up once per operator.
+/// hakmem's, else one in libstdc++ or libc++ wherever they are loaded
+/// (privately, by a C program's plugin, too), else the first definition
+/// that is not ours; 0 if there is none. Looked up once per operator; the
+/// library it lies in is kept loaded (`RTLD_NODELETE`). The first
+/// definition comes last: it may be a wrapper loaded before hakmem that
+/// forwards to the next definition, hakmem's, and back again.
 fn runtime_operator(index: usize) -> usize {
     let slot = &RUNTIME_OPERATOR[index];
     let cached = slot.load(Ordering::Acquire);
@@ -139,32 +202,36 @@ fn runtime_operator(index: usize) -> usize {
     }
     let name = NAMES[index].as_ptr().cast::<c_char>();
     let usable = |f: *mut c_void| !f.is_null() && !is_ours(f);
-    // SAFETY: `name` is NUL-terminated; the handles are dlsym's constants.
+    // SAFETY: `name` is NUL-terminated; RTLD_NEXT is dlsym's constant.
     let mut found = unsafe { libc::dlsym(libc::RTLD_NEXT, name) };
-    if !usable(found) {
-        // SAFETY: as above.
-        found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name) };
-    }
     for lib in RUNTIMES {
         if usable(found) {
             break;
         }
-        // SAFETY: RTLD_NOLOAD loads nothing: a handle to a library already
-        // in the process, or null. The handle is kept (the operator's
-        // address is cached) and never closed.
-        let handle = unsafe {
-            libc::dlopen(
-                lib.as_ptr().cast::<c_char>(),
-                libc::RTLD_LAZY | libc::RTLD_NOLOAD,
-            )
-        };
+        let handle = loaded(lib);
         if !handle.is_null() {
             // SAFETY: a live handle and a NUL-terminated name.
             found = unsafe { libc::dlsym(handle, name) };
         }
     }
     if !usable(found) {
+        // SAFETY: as above.
+        found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name) };
+    }
+    if !usable(found) {
         return 0;
+    }
+    // Keep its library loaded while the address is cached.
+    let (_, file) = base_of(found);
+    if !file.is_null() {
+        // SAFETY: `file` is the loader's NUL-terminated name of a loaded
+        // object; RTLD_NOLOAD loads nothing.
+        unsafe {
+            libc::dlopen(
+                file,
+                libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+            )
+        };
     }
     slot.store(found as usize, Ordering::Release);
     found as usize
@@ -191,6 +258,9 @@ extern "C" fn cxx_try_new_aligned(size: usize, align: usize) -> *mut u8 {
 /// for an aligned form whose size cannot be rounded up to its alignment,
 /// the plain form of the same kind (`index - 4`).
 ///
+/// (A nothrow form redirected so gets the alignment where its `nothrow_t&`
+/// would be: libstdc++ and libc++ never read the tag.)
+///
 /// Why the latter: libstdc++ 12's aligned `new` rounds the size up to the
 /// alignment without checking, so `new(SIZE_MAX, align_val_t(64))` wraps to
 /// 0 and returns a zero-byte block instead of throwing (the oracle run of
@@ -207,20 +277,19 @@ extern "C" fn cxx_next_new(index: usize, size: usize, align: usize) -> usize {
         index
     };
     match runtime_operator(index) {
-        0 => no_cxx_runtime(NAMES[index]),
+        0 => no_cxx_runtime(
+            NAMES[index],
+            "out of memory, and no C++ runtime is loaded to throw std::bad_alloc",
+        ),
         f => f,
     }
 }
 
 #[cold]
 #[inline(never)]
-fn no_cxx_runtime(name: &[u8]) -> ! {
-    let name = core::str::from_utf8(&name[..name.len() - 1]).unwrap_or("operator new");
+fn no_cxx_runtime(name: &[u8], what: &str) -> ! {
     let mut msg = StackBuf::<200>::new();
-    let _ = writeln!(
-        msg,
-        "hakmem: {name}: out of memory, and no C++ runtime is loaded to throw std::bad_alloc"
-    );
+    let _ = writeln!(msg, "hakmem: {}: {what}", text(name));
     write_fd(2, msg.as_bytes());
     // SAFETY: abort has no preconditions.
     unsafe { libc::abort() }
@@ -323,19 +392,27 @@ extern "C" fn cxx_free(ptr: *mut c_void) {
 
 /// A delete while hakmem does not serve, or has not decided: `free`, or the
 /// runtime's operator of the same name with every argument register a
-/// delete may use (the others are not read; `free` if no runtime is loaded).
+/// delete may use. Forwarding with no runtime loaded aborts: the block came
+/// from the program's own `new`, which `free` does not know.
 ///
 /// # Safety
 /// C++'s contract for the operator `NAMES[index]`.
 unsafe extern "C" fn cxx_delete_slow(ptr: *mut c_void, a: usize, b: usize, index: usize) {
-    let runtime = if serves() { 0 } else { runtime_operator(index) };
-    if runtime == 0 {
+    if serves() {
         cxx_free(ptr);
         return;
     }
-    // SAFETY: `runtime` is the runtime's operator delete of the same name;
-    // a delete takes at most three arguments, all in registers, and
-    // ignores those its form lacks.
+    let runtime = runtime_operator(index);
+    if runtime == 0 {
+        no_cxx_runtime(
+            NAMES[index],
+            "the program replaces operators, and no C++ runtime is loaded to forward to",
+        );
+    }
+    // SAFETY: `runtime` is the runtime's operator delete of the same name.
+    // Under the SysV x86_64 ABI (the only one this module is built for) a
+    // delete's arguments (at most three, all integer or pointer) travel in
+    // rdi, rsi, rdx, and a callee ignores the registers its form lacks.
     let f = unsafe {
         core::mem::transmute::<usize, unsafe extern "C" fn(*mut c_void, usize, usize)>(runtime)
     };
