@@ -141,13 +141,36 @@ fn text(name: &[u8]) -> &str {
 /// case for a C++ program), so that the lookups do not run later from an
 /// operator called with one of the loader's locks held (inside a
 /// `dl_iterate_phdr` callback, say, while another thread's `dlopen` waits
-/// for it). Otherwise the first operator call decides.
+/// for it). Otherwise the first operator call decides. Whether a runtime is
+/// loaded is read off the loader's list: a `dlopen` that fails would
+/// allocate its message and leave it for the program's `dlerror`.
 extern "C" fn decide_at_load() {
-    if MODE.load(Ordering::Relaxed) == NOT_DECIDED
-        && RUNTIMES.iter().any(|lib| !loaded(lib).is_null())
-    {
+    // SAFETY: the callback reads only the entries dl_iterate_phdr hands it.
+    let cxx = unsafe { libc::dl_iterate_phdr(Some(is_cxx_runtime), core::ptr::null_mut()) };
+    if cxx != 0 && MODE.load(Ordering::Relaxed) == NOT_DECIDED {
         decide();
     }
+}
+
+/// `dl_iterate_phdr`'s callback: 1 (stop) for a loaded libstdc++ or libc++.
+unsafe extern "C" fn is_cxx_runtime(
+    info: *mut libc::dl_phdr_info,
+    _size: usize,
+    _data: *mut c_void,
+) -> core::ffi::c_int {
+    // SAFETY: the loader hands a valid entry whose name is null or a
+    // NUL-terminated path.
+    let name = unsafe { (*info).dlpi_name };
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let path = unsafe { core::ffi::CStr::from_ptr(name) }.to_bytes();
+    let file = path.rsplit(|&c| c == b'/').next().unwrap_or(path);
+    RUNTIMES
+        .iter()
+        .any(|lib| file == &lib[..lib.len() - 1])
+        .into()
 }
 
 #[used]
