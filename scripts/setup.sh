@@ -9,7 +9,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-APT_PKGS=(bpftrace libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0 sqlite3 binutils valgrind tmux prometheus)
+APT_PKGS=(g++ bpftrace libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0 sqlite3 binutils valgrind tmux prometheus)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
