@@ -85,6 +85,18 @@ const PRIVATE_CXX_PLUGIN: Program = Program {
     oracle: "",
 };
 
+/// Takes the addresses of `free`, `malloc` and `new` in position-dependent
+/// code (`nonpie.cc`).
+const NON_PIE: Program = Program {
+    source: "nonpie.cc",
+    compiler: ("CXX", "c++"),
+    flags: &["-std=c++17", "-O1", "-fno-pic", "-no-pie"],
+    libs: &[],
+    table_var: "",
+    title: "",
+    oracle: "",
+};
+
 /// Calls hakmem's `operator new` from a C program (`no-cxx-runtime.c`).
 const NO_CXX_RUNTIME: Program = Program {
     source: "no-cxx-runtime.c",
@@ -343,6 +355,25 @@ fn a_program_that_replaces_two_operators_keeps_them_for_every_form() {
         "{out}"
     );
     assert!(!out.contains("NOT-in-arena"), "{out}");
+}
+
+/// A position-dependent program's canonical PLT entries (what `dlsym`
+/// returns for `free` when the program takes its address) are no
+/// definitions: hakmem still serves.
+#[test]
+fn a_non_pie_program_that_takes_free_s_address_is_served() {
+    let dir = std::env::temp_dir().join(format!("hakmem-nonpie-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = compile(&dir, &NON_PIE);
+    let out = run(&exe, Some(&lib()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{}: {stderr}", describe(out.status));
+    assert!(stdout.contains("addresses taken -> distinct"), "{stdout}");
+    assert!(stderr.contains("hakmem-cxx: serve\n"), "{stderr}");
 }
 
 /// A C program that loads a C++ plugin privately (`RTLD_LOCAL`): hakmem's

@@ -113,11 +113,14 @@ fn decide() -> bool {
     let replaced = NAMES.iter().chain(C_NAMES.iter()).find(|name| {
         // SAFETY: `name` is NUL-terminated; RTLD_DEFAULT is dlsym's constant.
         let found = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast::<c_char>()) };
-        !found.is_null() && !is_ours(found)
+        !found.is_null() && !is_ours(found) && is_definition(found)
     });
     let mode = if replaced.is_some() { FORWARD } else { SERVE };
     MODE.store(mode, Ordering::Relaxed);
-    if config::stats_enabled() && config::get().stats_file.is_none() {
+    // `get`, not `stats_enabled`: this may run before any allocation has
+    // read the configuration (at load time).
+    let c = config::get();
+    if c.stats && c.stats_file.is_none() {
         let mut msg = StackBuf::<160>::new();
         let _ = match replaced {
             None => writeln!(msg, "hakmem-cxx: serve"),
@@ -147,8 +150,12 @@ fn text(name: &[u8]) -> &str {
 extern "C" fn decide_at_load() {
     // SAFETY: the callback reads only the entries dl_iterate_phdr hands it.
     let cxx = unsafe { libc::dl_iterate_phdr(Some(is_cxx_runtime), core::ptr::null_mut()) };
-    if cxx != 0 && MODE.load(Ordering::Relaxed) == NOT_DECIDED {
-        decide();
+    if cxx != 0 && MODE.load(Ordering::Relaxed) == NOT_DECIDED && !decide() {
+        // Forwarding: every call goes to the runtime; look its operators up
+        // now too.
+        for index in 0..NAMES.len() {
+            runtime_operator(index);
+        }
     }
 }
 
@@ -167,9 +174,11 @@ unsafe extern "C" fn is_cxx_runtime(
     // SAFETY: as above.
     let path = unsafe { core::ffi::CStr::from_ptr(name) }.to_bytes();
     let file = path.rsplit(|&c| c == b'/').next().unwrap_or(path);
+    // The soname (`libstdc++.so.6`, as the loader names a needed library)
+    // or the file's own name (`libstdc++.so.6.0.30`, loaded by path).
     RUNTIMES
         .iter()
-        .any(|lib| file == &lib[..lib.len() - 1])
+        .any(|lib| file.starts_with(&lib[..lib.len() - 1]))
         .into()
 }
 
@@ -198,6 +207,34 @@ fn is_ours(addr: *mut c_void) -> bool {
     base_of(addr).0 == base_of(decide as *const () as *mut c_void).0
 }
 
+/// Whether `addr`, which a lookup returned for a name, is a definition of
+/// it. A position-dependent executable that takes a function's address in
+/// its code (`(void *)free`) gets a "canonical" PLT entry for it: the
+/// executable's symbol stays undefined but carries the entry's address, and
+/// `dlsym(RTLD_DEFAULT)` returns that. Taken for a definition, it made hakmem
+/// forward in such programs, and a jump to it comes back to hakmem's own
+/// operator. `dladdr1` names the symbol; an undefined one is no definition.
+fn is_definition(addr: *mut c_void) -> bool {
+    /// glibc's `RTLD_DL_SYMENT`: `dladdr1` returns the ELF symbol.
+    const RTLD_DL_SYMENT: core::ffi::c_int = 1;
+    /// ELF's section index of an undefined symbol.
+    const SHN_UNDEF: u16 = 0;
+    let mut sym: *const libc::Elf64_Sym = core::ptr::null();
+    // SAFETY: dladdr1 only reads the loader's tables; `info` and `sym` are
+    // ours to fill; with RTLD_DL_SYMENT it stores a symbol pointer in `sym`.
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        let found = libc::dladdr1(
+            addr,
+            &mut info,
+            (&mut sym as *mut *const libc::Elf64_Sym).cast(),
+            RTLD_DL_SYMENT,
+        );
+        // Unknown (no object, or no symbol): take it as a definition.
+        found == 0 || sym.is_null() || (*sym).st_shndx != SHN_UNDEF
+    }
+}
+
 /// The base and file name of the object `addr` lies in (0 and null if none).
 fn base_of(addr: *mut c_void) -> (usize, *const c_char) {
     // SAFETY: dladdr only reads the loader's tables; `info` is ours to fill.
@@ -224,7 +261,7 @@ fn runtime_operator(index: usize) -> usize {
         return cached;
     }
     let name = NAMES[index].as_ptr().cast::<c_char>();
-    let usable = |f: *mut c_void| !f.is_null() && !is_ours(f);
+    let usable = |f: *mut c_void| !f.is_null() && !is_ours(f) && is_definition(f);
     // SAFETY: `name` is NUL-terminated; RTLD_NEXT is dlsym's constant.
     let mut found = unsafe { libc::dlsym(libc::RTLD_NEXT, name) };
     for lib in RUNTIMES {

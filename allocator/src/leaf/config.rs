@@ -124,7 +124,8 @@ knobs! {
     stats: bool = false,
         "HAKMEM_STATS", flag, "0",
         "1 counts every probe event and prints the tally as JSON at exit (`hakmem-stats: {...}` \
-         on stderr)";
+         on stderr), and in a C++ program whether hakmem serves its `operator new` \
+         (`hakmem-cxx: serve` or `forward (...)`, docs/hardening.md)";
     stats_file: Option<&'static CStr> = None,
         "HAKMEM_STATS_FILE", path, "unset",
         "append the exit tally to this file instead of stderr (implies `HAKMEM_STATS=1`; for \
