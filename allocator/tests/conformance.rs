@@ -34,79 +34,72 @@ struct Program {
     oracle: &'static str,
 }
 
+/// A C program built with the C contract's flags, with no table.
+const fn c_program(source: &'static str) -> Program {
+    Program {
+        source,
+        compiler: ("CC", "cc"),
+        flags: &["-std=c11", "-O1", "-Wall", "-Werror"],
+        libs: &[],
+        table_var: "",
+        title: "",
+        oracle: "",
+    }
+}
+
+/// A C++ program built with the C++ contract's flags, with no table.
+const fn cxx_program(source: &'static str) -> Program {
+    Program {
+        compiler: ("CXX", "c++"),
+        flags: &["-std=c++17", "-O1", "-Wall", "-Werror"],
+        ..c_program(source)
+    }
+}
+
 const C_CONTRACT: Program = Program {
-    source: "contract.c",
-    compiler: ("CC", "cc"),
-    flags: &["-std=c11", "-O1", "-Wall", "-Werror"],
-    libs: &[],
     table_var: "CONFORMANCE_TABLE",
     title: "hakmem vs glibc: allocation contract",
     oracle: "glibc",
+    ..c_program("contract.c")
 };
 
 const CXX_CONTRACT: Program = Program {
-    source: "contract.cc",
-    compiler: ("CXX", "c++"),
-    flags: &["-std=c++17", "-O1", "-Wall", "-Werror"],
     libs: &["-ldl"],
     table_var: "CONFORMANCE_TABLE_CXX",
     title: "hakmem vs libstdc++: the C++ allocation operators",
     oracle: "libstdc++",
+    ..cxx_program("contract.cc")
 };
 
 /// Replaces two operators (`replaced.cc`).
 const REPLACED: Program = Program {
-    source: "replaced.cc",
-    compiler: ("CXX", "c++"),
-    flags: &["-std=c++17", "-O1", "-Wall", "-Werror"],
-    libs: &[],
-    table_var: "",
-    title: "",
     oracle: "libstdc++",
+    ..cxx_program("replaced.cc")
 };
 
 /// A C program and the C++ plugin it loads privately (`private-cxx*`).
-const PRIVATE_CXX_MAIN: Program = Program {
-    source: "private-cxx-main.c",
-    compiler: ("CC", "cc"),
-    flags: &["-std=c11", "-O1", "-Wall", "-Werror"],
-    libs: &[],
-    table_var: "",
-    title: "",
-    oracle: "",
-};
+const PRIVATE_CXX_MAIN: Program = c_program("private-cxx-main.c");
 const PRIVATE_CXX_PLUGIN: Program = Program {
-    source: "private-cxx.cc",
-    compiler: ("CXX", "c++"),
     flags: &["-std=c++17", "-O1", "-shared", "-fPIC"],
-    libs: &[],
-    table_var: "",
-    title: "",
-    oracle: "",
+    ..cxx_program("private-cxx.cc")
 };
 
 /// Takes the addresses of `free`, `malloc` and `new` in position-dependent
 /// code (`nonpie.cc`).
 const NON_PIE: Program = Program {
-    source: "nonpie.cc",
-    compiler: ("CXX", "c++"),
-    flags: &["-std=c++17", "-O1", "-fno-pic", "-no-pie"],
-    libs: &[],
-    table_var: "",
-    title: "",
-    oracle: "",
+    flags: &[
+        "-std=c++17",
+        "-O1",
+        "-Wall",
+        "-Werror",
+        "-fno-pic",
+        "-no-pie",
+    ],
+    ..cxx_program("nonpie.cc")
 };
 
 /// Calls hakmem's `operator new` from a C program (`no-cxx-runtime.c`).
-const NO_CXX_RUNTIME: Program = Program {
-    source: "no-cxx-runtime.c",
-    compiler: ("CC", "cc"),
-    flags: &["-std=c11", "-O1", "-Wall", "-Werror"],
-    libs: &[],
-    table_var: "",
-    title: "",
-    oracle: "",
-};
+const NO_CXX_RUNTIME: Program = c_program("no-cxx-runtime.c");
 
 /// A case where hakmem answers differently from the oracle on purpose: the
 /// oracle's answer breaks the documented contract.
