@@ -30,8 +30,9 @@
 //! The deletes are naked stubs too: every form is `free` (libstdc++'s are
 //! too); a sized delete's size is not checked.
 //! `tests/conformance.rs` runs `conformance/contract.cc`, a program that
-//! replaces two operators, and a C program that loads C++ privately, with
-//! and without the preload, and compares.
+//! replaces two operators, a C program that loads C++ privately, and a
+//! position-dependent one that takes `free`'s address, with and without the
+//! preload, and compares (docs/hardening.md, "The C++ operators").
 
 use crate::api;
 use crate::config;
@@ -75,7 +76,8 @@ const NOT_DECIDED: u8 = 0;
 const SERVE: u8 = 1;
 const FORWARD: u8 = 2;
 /// Whether hakmem serves the operators or forwards each to the C++ runtime
-/// (the program replaces some): decided at the first call.
+/// (the program replaces some): decided at load time when a C++ runtime is
+/// loaded then (`decide_at_load`), else at the first operator call.
 static MODE: AtomicU8 = AtomicU8::new(NOT_DECIDED);
 
 /// Whether hakmem serves the operators itself: true unless the program (or
