@@ -27,6 +27,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "opaque.h"
+
 /* glibc exports these (GLIBC_2.2.5) but no header declares them. */
 extern void *__libc_malloc(size_t);
 extern void __libc_free(void *);
@@ -44,23 +46,6 @@ extern void *__libc_pvalloc(size_t);
 #define MAX_TRY (3 * GiB)
 
 static size_t page;
-
-/* ---- keeping the optimiser out of it ---------------------------------- */
-
-/* Opaque to the compiler: no -Walloc-size-larger-than on constant huge
- * sizes, no alignment assumed from alloc_align/malloc attributes, no
- * malloc/free pair elided. */
-static size_t opaque(size_t v)
-{
-    __asm__ volatile("" : "+r"(v));
-    return v;
-}
-
-static void *opaque_ptr(void *p)
-{
-    __asm__ volatile("" : "+r"(p));
-    return p;
-}
 
 /* ---- one output line per case ----------------------------------------- */
 

@@ -28,23 +28,14 @@
 #include <string>
 #include <vector>
 
+#include "opaque.h"
+
 static const size_t SIZE_MAXV = SIZE_MAX;
 static const size_t HUGE_SIZES[] = {SIZE_MAXV, SIZE_MAXV - 1, SIZE_MAXV / 2 + 1,
                                     (size_t)PTRDIFF_MAX, (size_t)1 << 62};
 static const size_t SIZES[] = {0, 1, 8, 16, 24, 1024, 1025, 16384, 65536, (size_t)1 << 20,
                                (size_t)64 << 20};
 
-/* Opaque to the optimiser: no new/delete pair elided, no size folded. */
-static size_t opaque(size_t v)
-{
-    __asm__ volatile("" : "+r"(v));
-    return v;
-}
-static void *opaque_ptr(void *p)
-{
-    __asm__ volatile("" : "+r"(p));
-    return p;
-}
 
 static std::string result;
 
@@ -294,6 +285,18 @@ static void delete_forms()
         ::operator delete[](nullptr, (size_t)8, std::align_val_t(64));
         ::operator delete(nullptr, std::align_val_t(64), std::nothrow);
         ::operator delete[](nullptr, std::align_val_t(64), std::nothrow);
+        add("returned");
+    });
+    run_case("delete twice", [] {
+        void *p = ::operator new(opaque(48));
+        void *volatile again = p;
+        ::operator delete(p);
+        ::operator delete(again);
+        add("returned");
+    });
+    run_case("delete of a pointer from the stack", [] {
+        char local[64];
+        ::operator delete(opaque_ptr(local + 16));
         add("returned");
     });
     run_case("new, then free(); malloc, then delete", [] {
