@@ -362,16 +362,18 @@ pub unsafe fn populate(ptr: *mut u8, len: usize) -> bool {
 }
 
 /// Gives the pages of `ptr..ptr + len` (page-aligned) back to the OS, keeping
-/// the mapping: they read as zero when next touched. errno is left alone.
+/// the mapping: they read as zero when next touched. True if they went; a
+/// refusal (locked pages: the program called `mlockall`) leaves them
+/// resident with their bytes. errno is left alone.
 ///
 /// # Safety
 /// The range lies in one of our writable private mappings and holds nothing
 /// anyone will read again.
-pub unsafe fn decommit(ptr: *mut u8, len: usize) {
+pub unsafe fn decommit(ptr: *mut u8, len: usize) -> bool {
     debug_assert!((ptr as usize).is_multiple_of(PAGE) && len.is_multiple_of(PAGE));
     // SAFETY: per the contract; MADV_DONTNEED on private anonymous memory
-    // only drops its pages. A failed hint leaves them resident, no more.
-    unsafe { advise(ptr as usize, len, libc::MADV_DONTNEED) };
+    // only drops its pages.
+    unsafe { advise(ptr as usize, len, libc::MADV_DONTNEED) == 0 }
 }
 
 /// `madvise` as a hint: returns the error it met (0 if none) and leaves

@@ -34,6 +34,7 @@ fn main() {
         "ace-burst" => ace_burst,
         "ace-free-threads" => ace_free_threads,
         "large-cache" => large_cache,
+        "calloc-sparse" => calloc_sparse,
         "large-stale" => large_stale,
         "forever" => forever,
         "fork" => fork,
@@ -50,7 +51,7 @@ fn main() {
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -614,6 +615,73 @@ fn large_cache() {
     // What the reserve kept goes back at a `malloc_trim`.
     let trimmed = hakmem::api::trim();
     println!("trim returned={trimmed} rss_kib={}", rss_kib());
+}
+
+/// Mid-size callocs that the program touches in one byte each: those ACE
+/// carves from untouched pages are not written (`api::calloc`). Each block
+/// must read zero where the test looks, fresh or after a dirty reuse.
+fn calloc_sparse() {
+    // The largest classes (a refill takes one block) and a smaller one
+    // (a refill takes four: one of them known to read zero).
+    let shapes = [(1000, 200_000), (1000, 20_000)];
+    let before = rss_kib();
+    let mut blocks = Vec::new();
+    for (n, size) in shapes {
+        for _ in 0..n {
+            // SAFETY: plain allocation, checked, freed below.
+            let p = unsafe { hakmem::api::calloc(1, size) };
+            assert!(!p.is_null());
+            // SAFETY: a byte of the block.
+            unsafe { *p.add(size / 2) = 1 };
+            blocks.push((p, size));
+        }
+    }
+    let grown = rss_kib() - before;
+    let fresh_zero = blocks
+        .iter()
+        .all(|&(p, size)| reads_zero_but_middle(p, size));
+    // The same blocks written all over, freed and calloc'd again: cleared.
+    for &(p, size) in &blocks {
+        // SAFETY: the block is the scenario's; freed once.
+        unsafe {
+            core::ptr::write_bytes(p, 0xA5, size);
+            hakmem::api::free(p);
+        }
+    }
+    let again: Vec<_> = blocks
+        .iter()
+        .map(|&(_, size)| {
+            // SAFETY: plain allocation, checked, freed below.
+            let p = unsafe { hakmem::api::calloc(1, size) };
+            assert!(!p.is_null());
+            // SAFETY: as above.
+            unsafe { *p.add(size / 2) = 1 };
+            (p, size)
+        })
+        .collect();
+    let reused_zero = again
+        .iter()
+        .all(|&(p, size)| reads_zero_but_middle(p, size));
+    for (p, _) in again {
+        // SAFETY: allocated above, freed once.
+        unsafe { hakmem::api::free(p) };
+    }
+    println!("calloc_sparse grown_kib={grown} fresh_zero={fresh_zero} reused_zero={reused_zero}");
+}
+
+/// Whether the first and last 4 KiB of a calloc'd block of `size` bytes
+/// (and every byte for a smaller one) read zero, but the byte at the middle
+/// that `calloc_sparse` wrote. (Not every byte: reading untouched pages
+/// would not fault them in, but would take the scenario's time.)
+fn reads_zero_but_middle(p: *mut u8, size: usize) -> bool {
+    // SAFETY: `p` has `size` readable bytes.
+    let bytes = unsafe { core::slice::from_raw_parts(p, size) };
+    let edge = 4096.min(size / 2);
+    bytes[..edge]
+        .iter()
+        .chain(&bytes[size - edge..])
+        .all(|&b| b == 0)
+        && bytes[size / 2] == 1
 }
 
 /// Allocates and frees in a loop until killed (a target for attach/detach tests).

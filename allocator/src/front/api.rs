@@ -102,36 +102,47 @@ impl<T> Allocated for (*mut u8, T) {
 }
 
 fn alloc_above_tiny(size: usize) -> *mut u8 {
-    if size <= ACE_MAX {
-        let p = ace_alloc(size);
-        if !p.is_null() {
-            return p;
-        }
-    }
-    large_alloc(size, MIN_ALIGN).0
+    above_tiny(size).0
 }
 
-/// A block of `size` (TINY_MAX < size <= ACE_MAX) from ACE; null if ACE
+/// A block of `size` (> TINY_MAX) from ACE or the large path, and how many
+/// of its first bytes may hold anything but zero (what `calloc` clears):
+/// all of them, but none of a large block fresh from the OS and only the
+/// first word of an ACE block carved from untouched pages.
+#[inline(always)]
+fn above_tiny(size: usize) -> (*mut u8, usize) {
+    if size <= ACE_MAX {
+        let (p, zero) = ace_alloc(size);
+        if !p.is_null() {
+            return (p, if zero { ace::CARVE_WRITES } else { size });
+        }
+    }
+    let (p, zeroed) = large_alloc(size, MIN_ALIGN);
+    (p, if zeroed { 0 } else { size })
+}
+
+/// A block of `size` (TINY_MAX < size <= ACE_MAX) from ACE, and whether it
+/// reads as zero past `ace::CARVE_WRITES` (`AceCache::refill`); null if ACE
 /// failed (its `ace_fail` probe fired), for the large path to serve.
 /// Always inlined: the mid sizes' fast path (a thread-cache pop). Left to
 /// LLVM, it stopped being inlined into `malloc_uncached` when the large
 /// path grew its retry after a refusal, 6 instructions a call more on
 /// hakbench `mid` (benches/instructions-guard.sh).
 #[inline(always)]
-fn ace_alloc(size: usize) -> *mut u8 {
+fn ace_alloc(size: usize) -> (*mut u8, bool) {
     let Some(class) = ace::class_for(size) else {
-        return null_mut();
+        return (null_mut(), false);
     };
     let p = with_cache(|tc| tc.ace.alloc_cached(class));
     if !p.is_null() {
-        return p;
+        return (p, false);
     }
     ace_refill(class, size)
 }
 
 #[cold]
 #[inline(never)]
-fn ace_refill(class: usize, size: usize) -> *mut u8 {
+fn ace_refill(class: usize, size: usize) -> (*mut u8, bool) {
     lifecycle::before_refill();
     with_cache(|tc| tc.ace.refill(tc.mode, class, size))
 }
@@ -350,7 +361,13 @@ fn usable_in(place: Place, p: usize) -> Option<usize> {
     })
 }
 
-/// `calloc`: overflow-checked, zeroed.
+/// `calloc`: overflow-checked, zeroed. What reads as zero already is not
+/// written: a large block fresh from the OS, an ACE block carved from pages
+/// nobody wrote since they were mapped or purged (but its first word). A
+/// program that callocs mid-size buffers and touches a few bytes of each
+/// (1,000 of 200,000 bytes, one byte each) took 193 MiB of RSS when every
+/// block was cleared; glibc, whose blocks of that size are mappings, 9 MiB
+/// (docs/performance.md, nineteenth session).
 ///
 /// # Safety
 /// As `malloc`.
@@ -359,21 +376,17 @@ pub unsafe fn calloc(n: usize, size: usize) -> *mut u8 {
         set_errno(libc::ENOMEM);
         return null_mut();
     };
-    if total > ACE_MAX {
-        let (p, zeroed) = large_alloc(total, MIN_ALIGN);
-        if p.is_null() {
-            set_errno(libc::ENOMEM);
-        } else if !zeroed {
-            // SAFETY: `p` has at least `total` writable bytes.
-            unsafe { core::ptr::write_bytes(p, 0, total) };
-        }
-        return p;
-    }
-    // SAFETY: forwarding.
-    let p = unsafe { malloc(total) };
-    if !p.is_null() {
+    let (p, dirty) = if total <= TINY_MAX {
+        // SAFETY: forwarding.
+        (unsafe { malloc(total) }, total)
+    } else {
+        above_tiny(total)
+    };
+    if p.is_null() {
+        set_errno(libc::ENOMEM);
+    } else {
         // SAFETY: `p` has at least `total` writable bytes.
-        unsafe { core::ptr::write_bytes(p, 0, total) };
+        unsafe { core::ptr::write_bytes(p, 0, dirty.min(total)) };
     }
     p
 }
@@ -495,9 +508,9 @@ pub unsafe fn alloc_aligned(align: usize, size: usize) -> *mut u8 {
     } else {
         let pad = align.saturating_sub(ace::COLOR);
         let from_ace = match size.checked_add(pad) {
-            Some(total) if total <= ACE_MAX && pad == 0 => ace_alloc(size.max(TINY_MAX + 1)),
+            Some(total) if total <= ACE_MAX && pad == 0 => ace_alloc(size.max(TINY_MAX + 1)).0,
             Some(total) if total <= ACE_MAX => {
-                let b = ace_alloc(ace::aligned_request(size, align));
+                let b = ace_alloc(ace::aligned_request(size, align)).0;
                 if b.is_null() {
                     b
                 } else {

@@ -41,6 +41,10 @@ pub const HEADER_RESERVE: usize = 4096;
 /// aligned (see `api::alloc_aligned`).
 pub const COLOR: usize = 64;
 const MIN_CAP: u32 = 2;
+/// Bytes at a block's start that taking it from its segment may have
+/// written (the link, and the key in `HAKMEM_CHECK_FREES` mode): all that
+/// `calloc` clears of a block `AceCache::refill` says reads as zero.
+pub const CARVE_WRITES: usize = core::mem::size_of::<Block>();
 /// About the most bytes of blocks one refill takes from the class, rounded
 /// up to whole blocks (at least one; classes of 64 KiB and up take one
 /// block a miss, their caches filled by frees). Half the cap was up to 32
@@ -160,10 +164,16 @@ impl AceSegment {
         // SAFETY: the segment's own mapping past its header (`resident_end`
         // is at most CHUNK, which is page-aligned), with no block out (every
         // block is free, and the class lock is held).
-        unsafe { crate::os::decommit(start as *mut u8, len) };
+        let dropped = unsafe { crate::os::decommit(start as *mut u8, len) };
         self.carved = 0;
         self.free = null_mut();
-        self.touched_end = HEADER_RESERVE as u32;
+        // Refused, the pages keep their last users' bytes: touched, so that
+        // no block carved from them is taken for zero (`Taken::head_zero`).
+        self.touched_end = if dropped {
+            HEADER_RESERVE
+        } else {
+            HEADER_RESERVE + len
+        } as u32;
         len
     }
 }
@@ -274,10 +284,12 @@ impl AceCache {
     /// The cache of `class` ran empty: a block of `size` for the caller and
     /// more in the cache, from the class's segments; null after firing
     /// `ace_fail` (the caller falls back to the large path). (The front has
-    /// run `lifecycle::before_refill`.)
+    /// run `lifecycle::before_refill`.) With it, whether the block reads as
+    /// zero past its first word (`Taken::head_zero`): what `calloc` need not
+    /// clear.
     #[cold]
     #[inline(never)]
-    pub fn refill(&mut self, mode: CacheMode, class: usize, size: usize) -> *mut u8 {
+    pub fn refill(&mut self, mode: CacheMode, class: usize, size: usize) -> (*mut u8, bool) {
         let check = mode.checks_frees();
         let c = &mut self.classes[class];
         let want = if check || mode.keeps_nothing() {
@@ -291,11 +303,11 @@ impl AceCache {
         };
         let mut head = null_mut();
         let got = CLASSES[class].lock().take(class, want.max(1), &mut head);
-        let n = match got {
-            Ok(n) => n,
+        let Taken { n, head_zero } = match got {
+            Ok(taken) => taken,
             Err(kind) => {
                 probes::ace_fail(kind, size, class as u64);
-                return null_mut();
+                return (null_mut(), false);
             }
         };
         // SAFETY: `take` linked n >= 1 free blocks at `head`.
@@ -314,7 +326,7 @@ impl AceCache {
         }
         // SAFETY: the first block goes to the caller.
         unsafe { Block::mark_in_use(head, check) };
-        head.cast()
+        (head.cast(), head_zero)
     }
 
     /// Frees an ACE block of `class` into the cache. True if the cache
@@ -560,10 +572,25 @@ pub fn unlock_after_fork() {
     CLASSES.iter().for_each(|c| c.release_after_fork());
 }
 
+/// What `AceClass::take` linked: `n >= 1` blocks, and whether the first
+/// (`*head`, the last linked) reads as zero past its link: carved from pages
+/// nobody has written since they were mapped or purged.
+#[derive(Debug, PartialEq, Eq)]
+struct Taken {
+    n: u32,
+    head_zero: bool,
+}
+
 impl AceClass {
-    /// Links up to `want` blocks at `*head`; Ok(n >= 1) or the failure kind.
-    fn take(&mut self, class: usize, want: u32, head: &mut *mut Block) -> Result<u32, AceFailKind> {
+    /// Links up to `want` blocks at `*head`, or fails with the failure kind.
+    fn take(
+        &mut self,
+        class: usize,
+        want: u32,
+        head: &mut *mut Block,
+    ) -> Result<Taken, AceFailKind> {
         let mut n = 0;
+        let mut head_zero = false;
         while n < want {
             let seg = match self.source() {
                 Some(s) => s,
@@ -584,8 +611,13 @@ impl AceClass {
                     let b = s.free;
                     // SAFETY: a free block of the segment.
                     s.free = unsafe { Block::next(b) };
+                    head_zero = false;
                     b
                 } else if carve && s.carved < s.capacity {
+                    // Past `touched_end` nothing was written since the pages
+                    // were mapped or purged (`MADV_DONTNEED`: they read as
+                    // zero), and no block beyond `carved` was ever handed out.
+                    head_zero = s.carved_end() >= s.touched_end as usize;
                     let b = (seg as usize + s.carved_end()) as *mut Block;
                     s.carved += 1;
                     b
@@ -602,7 +634,7 @@ impl AceClass {
                 self.unlink(seg);
             }
         }
-        Ok(n)
+        Ok(Taken { n, head_zero })
     }
 
     /// The segment `take` takes blocks from next, the one whose pages are
@@ -942,7 +974,7 @@ mod tests {
         let mut cache = Box::new(AceCache::NEW);
         for align in [128usize, 4096, 65536] {
             let class = ace_class(aligned_request(3000, align));
-            let b = cache.refill(REGISTERED, class, aligned_request(3000, align));
+            let (b, _) = cache.refill(REGISTERED, class, aligned_request(3000, align));
             let p = carve_aligned(b, align) as usize;
             assert!(p != 0 && p.is_multiple_of(align));
             let start = block_start(p, class).unwrap();
@@ -977,7 +1009,7 @@ mod tests {
         };
         let take = |pool: &mut AceClass, want: u32| {
             let mut head = null_mut();
-            assert_eq!(pool.take(class, want, &mut head), Ok(want));
+            assert_eq!(pool.take(class, want, &mut head).map(|t| t.n), Ok(want));
             let mut blocks = Vec::new();
             while !head.is_null() {
                 blocks.push(head);
@@ -1027,6 +1059,52 @@ mod tests {
     }
 
     #[test]
+    fn a_block_carved_from_untouched_pages_is_known_to_read_zero() {
+        // A pool of its own, as above; the largest class: 7 blocks a segment.
+        let class = ACE_CLASSES - 1;
+        let mut pool = AceClass {
+            partial: null_mut(),
+            free: null_mut(),
+            free_count: 0,
+            segments: 0,
+        };
+        let take_one = |pool: &mut AceClass| {
+            let mut head = null_mut();
+            let taken = pool.take(class, 1, &mut head).unwrap();
+            assert_eq!(taken.n, 1);
+            let block = head as *mut u8;
+            if taken.head_zero {
+                // SAFETY: the block is the test's, block_size bytes long.
+                let bytes = unsafe { core::slice::from_raw_parts(block, block_size(class)) };
+                assert!(
+                    bytes[8..].iter().all(|&x| x == 0),
+                    "a block said zero is not"
+                );
+            }
+            (block, taken.head_zero)
+        };
+        let (first, zero) = take_one(&mut pool);
+        let seg = crate::segment::chunk_of(first as usize) as *mut AceSegment;
+        // SAFETY: a live segment of the pool.
+        let fresh = unsafe { (*seg).touched_end } as usize == HEADER_RESERVE;
+        // A chunk the chunk cache kept may hold a last user's bytes.
+        assert_eq!(zero, fresh, "zero exactly when the chunk was mapped fresh");
+        // Written, given back, taken again: from the free list, not zero.
+        // SAFETY: the block is the test's.
+        unsafe { core::ptr::write_bytes(first, 0xA5, block_size(class)) };
+        assert_eq!(pool.put(seg, first as *mut Block), None);
+        assert_eq!(take_one(&mut pool), (first, false));
+        // Every block back, the segment kept and purged: carved again, zero.
+        assert_eq!(pool.put(seg, first as *mut Block), None);
+        assert_eq!(pool.free, seg);
+        // SAFETY: kept with every block free; the pool is this test's.
+        unsafe { (*seg).purge() };
+        assert_eq!(take_one(&mut pool), (first, true));
+        let (second, zero) = take_one(&mut pool);
+        assert!(zero && second as usize > first as usize);
+    }
+
+    #[test]
     fn a_cache_grows_on_misses_shrinks_on_overflows_and_empties_at_thread_exit() {
         // A cache of its own: no thread, no lifecycle, only the class pools.
         let mut cache = Box::new(AceCache::NEW);
@@ -1037,7 +1115,7 @@ mod tests {
             let mut b = cache.alloc_cached(class);
             if b.is_null() {
                 refills += 1;
-                b = cache.refill(REGISTERED, class, 5000);
+                b = cache.refill(REGISTERED, class, 5000).0;
                 let most = REFILL_BYTES.div_ceil(block_size(class)) as u32;
                 assert!(
                     cache.classes[class].count < most,
