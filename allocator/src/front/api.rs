@@ -108,7 +108,7 @@ fn alloc_above_tiny(size: usize) -> *mut u8 {
 /// A block of `size` (> TINY_MAX) from ACE or the large path, and how many
 /// of its first bytes may hold anything but zero (what `calloc` clears):
 /// all of them, but none of a large block fresh from the OS and only the
-/// first word of an ACE block carved from untouched pages.
+/// first two words of an ACE block carved from untouched pages.
 #[inline(always)]
 fn above_tiny(size: usize) -> (*mut u8, usize) {
     if size <= ACE_MAX {
@@ -363,7 +363,7 @@ fn usable_in(place: Place, p: usize) -> Option<usize> {
 
 /// `calloc`: overflow-checked, zeroed. What reads as zero already is not
 /// written: a large block fresh from the OS, an ACE block carved from pages
-/// nobody wrote since they were mapped or purged (but its first word). A
+/// nobody wrote since they were mapped or purged (but its first two words). A
 /// program that callocs mid-size buffers and touches a few bytes of each
 /// (1,000 of 200,000 bytes, one byte each) took 193 MiB of RSS when every
 /// block was cleared; glibc, whose blocks of that size are mappings, 9 MiB

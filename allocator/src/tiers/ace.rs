@@ -15,6 +15,10 @@
 //! ACE's reserve: one unused for 10 s (`KEPT_IDLE_NS`) gives its pages back
 //! and stays, its address space kept (`purge_if_due`).
 //!
+//! A block carved past what a segment has touched (since it was mapped or
+//! purged) reads as zero but its first two words: `refill` says so of the
+//! block it returns, and `calloc` clears only those (`CARVE_WRITES`).
+//!
 //! Failures, each an `ace_fail` probe, fall through to the large path:
 //! Threshold (size above `HAKMEM_ACE_MAX_BYTES`), Exhaustion (the class may not
 //! grow past `HAKMEM_ACE_MAX_SEGMENTS`), MapFail (the OS refused a segment).
@@ -157,8 +161,9 @@ impl AceSegment {
     /// Gives the pages of a segment with every block free back to the OS
     /// (`os::decommit`; the address space and the header stay) and forgets
     /// its blocks, which the next `take` carves again. The bytes given back
-    /// (at most: some may not have been resident).
-    fn purge(&mut self) -> usize {
+    /// (at most: some may not have been resident), or None if the OS
+    /// refused (locked pages).
+    fn purge(&mut self) -> Option<usize> {
         let start = self as *mut AceSegment as usize + HEADER_RESERVE;
         let len = self.resident_end().next_multiple_of(crate::os::PAGE) - HEADER_RESERVE;
         // SAFETY: the segment's own mapping past its header (`resident_end`
@@ -174,7 +179,7 @@ impl AceSegment {
         } else {
             HEADER_RESERVE + len
         } as u32;
-        len
+        dropped.then_some(len)
     }
 }
 
@@ -197,13 +202,18 @@ struct AceClass {
 // SAFETY: the raw pointers are only touched under the class lock.
 unsafe impl Send for AceClass {}
 
+impl AceClass {
+    /// A class with no segment.
+    const EMPTY: AceClass = AceClass {
+        partial: null_mut(),
+        free: null_mut(),
+        free_count: 0,
+        segments: 0,
+    };
+}
+
 #[allow(clippy::declare_interior_mutable_const)]
-const NEW_CLASS: SpinLock<AceClass> = SpinLock::new(AceClass {
-    partial: null_mut(),
-    free: null_mut(),
-    free_count: 0,
-    segments: 0,
-});
+const NEW_CLASS: SpinLock<AceClass> = SpinLock::new(AceClass::EMPTY);
 static CLASSES: [SpinLock<AceClass>; ACE_CLASSES] = [NEW_CLASS; ACE_CLASSES];
 
 /// Where the count of class 0's cache lies in an `AceCache`, how far apart
@@ -285,7 +295,7 @@ impl AceCache {
     /// more in the cache, from the class's segments; null after firing
     /// `ace_fail` (the caller falls back to the large path). (The front has
     /// run `lifecycle::before_refill`.) With it, whether the block reads as
-    /// zero past its first word (`Taken::head_zero`): what `calloc` need not
+    /// zero past its first two words (`Taken::head_zero`): what `calloc` need not
     /// clear.
     #[cold]
     #[inline(never)]
@@ -544,8 +554,16 @@ fn purge(now: u64) {
                 if s.holds_pages() {
                     let due = s.kept_at + idle;
                     if now >= due {
-                        bytes += s.purge();
-                        segments += 1;
+                        match s.purge() {
+                            Some(len) => {
+                                bytes += len;
+                                segments += 1;
+                            }
+                            // Refused (the program locked its pages): due
+                            // again after `idle`, not in this pass, which
+                            // would find it due forever.
+                            None => s.kept_at = now + 1,
+                        }
                         purged = true;
                         break;
                     }
@@ -573,8 +591,8 @@ pub fn unlock_after_fork() {
 }
 
 /// What `AceClass::take` linked: `n >= 1` blocks, and whether the first
-/// (`*head`, the last linked) reads as zero past its link: carved from pages
-/// nobody has written since they were mapped or purged.
+/// (`*head`, the last linked) reads as zero past `CARVE_WRITES`: carved
+/// from pages nobody has written since they were mapped or purged.
 #[derive(Debug, PartialEq, Eq)]
 struct Taken {
     n: u32,
@@ -1001,12 +1019,7 @@ mod tests {
         // A class pool of its own (the class is the largest: 7 blocks a
         // segment), so that no other test's blocks are in it.
         let class = ACE_CLASSES - 1;
-        let mut pool = AceClass {
-            partial: null_mut(),
-            free: null_mut(),
-            free_count: 0,
-            segments: 0,
-        };
+        let mut pool = AceClass::EMPTY;
         let take = |pool: &mut AceClass, want: u32| {
             let mut head = null_mut();
             assert_eq!(pool.take(class, want, &mut head).map(|t| t.n), Ok(want));
@@ -1046,7 +1059,7 @@ mod tests {
         // SAFETY: kept with every block free; the pool is this test's.
         let s = unsafe { &mut *first };
         let carved = s.carved_end();
-        assert!(s.purge() >= carved - HEADER_RESERVE);
+        assert!(s.purge().unwrap() >= carved - HEADER_RESERVE);
         assert!(s.carved == 0 && s.free.is_null() && !s.holds_pages());
         // Now the second's uncarved blocks come first (both fault pages in;
         // the kept segment stays whole), then the purged one, carved anew.
@@ -1062,12 +1075,7 @@ mod tests {
     fn a_block_carved_from_untouched_pages_is_known_to_read_zero() {
         // A pool of its own, as above; the largest class: 7 blocks a segment.
         let class = ACE_CLASSES - 1;
-        let mut pool = AceClass {
-            partial: null_mut(),
-            free: null_mut(),
-            free_count: 0,
-            segments: 0,
-        };
+        let mut pool = AceClass::EMPTY;
         let take_one = |pool: &mut AceClass| {
             let mut head = null_mut();
             let taken = pool.take(class, 1, &mut head).unwrap();
@@ -1098,10 +1106,38 @@ mod tests {
         assert_eq!(pool.put(seg, first as *mut Block), None);
         assert_eq!(pool.free, seg);
         // SAFETY: kept with every block free; the pool is this test's.
-        unsafe { (*seg).purge() };
+        assert!(unsafe { (*seg).purge() }.is_some());
         assert_eq!(take_one(&mut pool), (first, true));
         let (second, zero) = take_one(&mut pool);
         assert!(zero && second as usize > first as usize);
+    }
+
+    #[test]
+    fn a_purge_the_os_refuses_ends_and_leaves_the_pages_touched() {
+        // The class pool itself (`purge` walks them all), of a class no
+        // other test takes from.
+        let class = ACE_CLASSES - 2;
+        let take_one = || {
+            let mut head = null_mut();
+            let taken = CLASSES[class].lock().take(class, 1, &mut head).unwrap();
+            (head, taken.head_zero)
+        };
+        let (b, _) = take_one();
+        let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
+        // SAFETY: a page of the block, ours; MADV_DONTNEED refuses locked
+        // pages (EINVAL), as after a program's `mlockall`.
+        assert_eq!(unsafe { libc::mlock(b.cast(), crate::os::PAGE) }, 0);
+        assert_eq!(CLASSES[class].lock().put(seg, b), None, "kept");
+        // Everything is due: this returns (it looped forever on a refusal).
+        purge(u64::MAX / 2);
+        // SAFETY: a live segment of the class, kept with every block free.
+        let (touched, carved) = unsafe { ((*seg).touched_end as usize, (*seg).carved) };
+        assert!(touched > HEADER_RESERVE && carved == 0);
+        // Carved anew from pages that kept their bytes: not taken for zero.
+        assert_eq!(take_one(), (b, false));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::munlock(b.cast(), crate::os::PAGE) }, 0);
+        assert_eq!(CLASSES[class].lock().put(seg, b), None);
     }
 
     #[test]
