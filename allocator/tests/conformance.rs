@@ -98,6 +98,16 @@ const NON_PIE: Program = Program {
     ..cxx_program("nonpie.cc")
 };
 
+/// A tool preloaded before hakmem that wraps `new` and `delete` with
+/// `RTLD_NEXT` (`wrapper-new.cc`), and a program that allocates under it
+/// (`wrapped.cc`).
+const WRAPPER_NEW: Program = Program {
+    flags: &["-std=c++17", "-O1", "-shared", "-fPIC"],
+    libs: &["-ldl"],
+    ..cxx_program("wrapper-new.cc")
+};
+const WRAPPED: Program = cxx_program("wrapped.cc");
+
 /// Calls hakmem's `operator new` from a C program (`no-cxx-runtime.c`).
 const NO_CXX_RUNTIME: Program = c_program("no-cxx-runtime.c");
 
@@ -170,11 +180,11 @@ fn compile(dir: &Path, prog: &Program) -> PathBuf {
 /// Runs the program with no allocator knobs from the caller's environment:
 /// under glibc, or under hakmem with its exit tally on stderr.
 fn run(exe: &Path, preload: Option<&Path>) -> Output {
-    run_with(exe, &[], preload)
+    run_with(exe, &[], preload.as_slice())
 }
 
 /// `run` with arguments.
-fn run_with(exe: &Path, args: &[&Path], preload: Option<&Path>) -> Output {
+fn run_with(exe: &Path, args: &[&Path], preload: &[&Path]) -> Output {
     let mut cmd = Command::new(exe);
     cmd.args(args);
     for (key, _) in std::env::vars_os() {
@@ -187,8 +197,10 @@ fn run_with(exe: &Path, args: &[&Path], preload: Option<&Path>) -> Output {
             cmd.env_remove(&*key);
         }
     }
-    if let Some(lib) = preload {
-        cmd.env("LD_PRELOAD", lib).env("HAKMEM_STATS", "1");
+    if !preload.is_empty() {
+        let libs: Vec<_> = preload.iter().map(|l| l.as_os_str()).collect();
+        cmd.env("LD_PRELOAD", libs.join(" ".as_ref()))
+            .env("HAKMEM_STATS", "1");
     }
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()))
@@ -378,8 +390,8 @@ fn a_privately_loaded_cxx_runtime_still_throws_bad_alloc() {
     std::fs::create_dir_all(&dir).unwrap();
     let plugin = compile(&dir, &PRIVATE_CXX_PLUGIN);
     let main = compile(&dir, &PRIVATE_CXX_MAIN);
-    let plain = run_with(&main, &[&plugin], None);
-    let preloaded = run_with(&main, &[&plugin], Some(&lib()));
+    let plain = run_with(&main, &[&plugin], &[]);
+    let preloaded = run_with(&main, &[&plugin], &[&lib()]);
     let _ = std::fs::remove_dir_all(&dir);
     let (plain_out, ours) = (
         String::from_utf8_lossy(&plain.stdout),
@@ -397,6 +409,37 @@ fn a_privately_loaded_cxx_runtime_still_throws_bad_alloc() {
         String::from_utf8_lossy(&preloaded.stderr)
     );
     assert!(preloaded.status.success(), "{}", describe(preloaded.status));
+}
+
+/// A wrapper preloaded before hakmem (a heap profiler's way) sees every
+/// `new`, reaches hakmem's through `RTLD_NEXT`, and the program runs as with
+/// the wrapper alone: hakmem forwards to the C++ runtime's operator, found
+/// after hakmem, not to the first definition (the wrapper: an endless loop).
+#[test]
+fn a_wrapper_preloaded_before_hakmem_sees_every_new_and_nothing_loops() {
+    let dir = std::env::temp_dir().join(format!("hakmem-wrapper-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = compile(&dir, &WRAPPER_NEW);
+    let exe = compile(&dir, &WRAPPED);
+    let alone = run_with(&exe, &[], &[&wrapper]);
+    let both = run_with(&exe, &[], &[&wrapper, &lib()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (theirs, ours) = (
+        String::from_utf8_lossy(&alone.stdout),
+        String::from_utf8_lossy(&both.stdout),
+    );
+    let said = String::from_utf8_lossy(&both.stderr);
+    assert!(
+        theirs.contains("new(SIZE_MAX / 2) -> threw bad_alloc"),
+        "{theirs}"
+    );
+    assert!(both.status.success(), "{}: {said}", describe(both.status));
+    assert_eq!(ours, theirs, "{said}");
+    assert!(
+        said.contains("hakmem-cxx: forward (_Znwm is defined before hakmem)"),
+        "{said}"
+    );
+    assert!(said.contains("wrapper-new: news=1001 "), "{said}");
 }
 
 /// With no C++ runtime to throw `bad_alloc`, a failed `operator new` aborts
