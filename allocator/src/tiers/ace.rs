@@ -543,36 +543,11 @@ fn purge(now: u64) {
     PURGE_DUE.store(u64::MAX, Ordering::Relaxed);
     let (mut next_due, mut bytes, mut segments) = (u64::MAX, 0, 0);
     for class in CLASSES.iter() {
-        loop {
-            let pool = class.lock();
-            let mut seg = pool.free;
-            let mut purged = false;
-            while !seg.is_null() {
-                // SAFETY: segments on the class's free list are live and
-                // have every block free (lock held).
-                let s = unsafe { &mut *seg };
-                if s.holds_pages() {
-                    let due = s.kept_at + idle;
-                    if now >= due {
-                        match s.purge() {
-                            Some(len) => {
-                                bytes += len;
-                                segments += 1;
-                            }
-                            // Refused (the program locked its pages): due
-                            // again after `idle`, not in this pass, which
-                            // would find it due forever.
-                            None => s.kept_at = now + 1,
-                        }
-                        purged = true;
-                        break;
-                    }
-                    next_due = next_due.min(due);
-                }
-                seg = s.next;
-            }
-            if !purged {
-                break;
+        // One madvise per hold of the lock.
+        while let Some(purged) = class.lock().purge_one(now, idle, &mut next_due) {
+            if let Some(len) = purged {
+                bytes += len;
+                segments += 1;
             }
         }
     }
@@ -599,7 +574,38 @@ struct Taken {
     head_zero: bool,
 }
 
+/// How long a kept segment whose purge the OS refused (the program locked
+/// its pages: `mlockall`) waits before the next try, at least: with
+/// `HAKMEM_PURGE_DELAY_MS=0` every slow path would try again.
+const REFUSED_RETRY_NS: u64 = 1_000_000_000;
+
 impl AceClass {
+    /// Purges the first kept segment due at `now` (unused for `idle`):
+    /// Some(Some(bytes)), or Some(None) if the OS refused (the segment waits
+    /// `REFUSED_RETRY_NS` at least, so the caller's next call moves on);
+    /// None when none is due, with `next_due` lowered to when the next is.
+    fn purge_one(&mut self, now: u64, idle: u64, next_due: &mut u64) -> Option<Option<usize>> {
+        let mut seg = self.free;
+        while !seg.is_null() {
+            // SAFETY: segments on the class's free list are live and have
+            // every block free (lock held).
+            let s = unsafe { &mut *seg };
+            if s.holds_pages() {
+                let due = s.kept_at.saturating_add(idle);
+                if now >= due {
+                    let purged = s.purge();
+                    if purged.is_none() {
+                        s.kept_at = now.saturating_add(REFUSED_RETRY_NS.max(idle) - idle);
+                    }
+                    return Some(purged);
+                }
+                *next_due = (*next_due).min(due);
+            }
+            seg = s.next;
+        }
+        None
+    }
+
     /// Links up to `want` blocks at `*head`, or fails with the failure kind.
     fn take(
         &mut self,
@@ -1114,30 +1120,38 @@ mod tests {
 
     #[test]
     fn a_purge_the_os_refuses_ends_and_leaves_the_pages_touched() {
-        // The class pool itself (`purge` walks them all), of a class no
-        // other test takes from.
-        let class = ACE_CLASSES - 2;
-        let take_one = || {
+        // A pool of its own, as above.
+        let class = ACE_CLASSES - 1;
+        let mut pool = AceClass::EMPTY;
+        let take_one = |pool: &mut AceClass| {
             let mut head = null_mut();
-            let taken = CLASSES[class].lock().take(class, 1, &mut head).unwrap();
+            let taken = pool.take(class, 1, &mut head).unwrap();
             (head, taken.head_zero)
         };
-        let (b, _) = take_one();
+        let (b, _) = take_one(&mut pool);
         let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
         // SAFETY: a page of the block, ours; MADV_DONTNEED refuses locked
         // pages (EINVAL), as after a program's `mlockall`.
         assert_eq!(unsafe { libc::mlock(b.cast(), crate::os::PAGE) }, 0);
-        assert_eq!(CLASSES[class].lock().put(seg, b), None, "kept");
-        // Everything is due: this returns (it looped forever on a refusal).
-        purge(u64::MAX / 2);
-        // SAFETY: a live segment of the class, kept with every block free.
+        // Kept with every block free (whatever other tests keep meanwhile).
+        if let Some(s) = pool.put(seg, b) {
+            pool.segments += 1;
+            pool.keep_free(s);
+        }
+        // Due (with no idle time): refused once, then not due again at
+        // once, even with no idle time (it looped forever on a refusal).
+        let mut next_due = u64::MAX;
+        let now = crate::os::now_ns();
+        assert_eq!(pool.purge_one(now, 0, &mut next_due), Some(None));
+        assert_eq!(pool.purge_one(now, 0, &mut next_due), None);
+        assert!(next_due >= now + REFUSED_RETRY_NS);
+        // SAFETY: a live segment of the pool, kept with every block free.
         let (touched, carved) = unsafe { ((*seg).touched_end as usize, (*seg).carved) };
         assert!(touched > HEADER_RESERVE && carved == 0);
         // Carved anew from pages that kept their bytes: not taken for zero.
-        assert_eq!(take_one(), (b, false));
+        assert_eq!(take_one(&mut pool), (b, false));
         // SAFETY: as above.
         assert_eq!(unsafe { libc::munlock(b.cast(), crate::os::PAGE) }, 0);
-        assert_eq!(CLASSES[class].lock().put(seg, b), None);
     }
 
     #[test]
