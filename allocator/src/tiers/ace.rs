@@ -1077,26 +1077,29 @@ mod tests {
         );
     }
 
+    /// One block of the largest class (7 a segment) from a test's own
+    /// pool, and whether `take` says it reads zero (checked if so).
+    fn take_one(pool: &mut AceClass) -> (*mut u8, bool) {
+        let class = ACE_CLASSES - 1;
+        let mut head = null_mut();
+        let taken = pool.take(class, 1, &mut head).unwrap();
+        assert_eq!(taken.n, 1);
+        let block = head as *mut u8;
+        if taken.head_zero {
+            // SAFETY: the block is the test's, block_size bytes long.
+            let bytes = unsafe { core::slice::from_raw_parts(block, block_size(class)) };
+            assert!(
+                bytes[8..].iter().all(|&x| x == 0),
+                "a block said zero is not"
+            );
+        }
+        (block, taken.head_zero)
+    }
+
     #[test]
     fn a_block_carved_from_untouched_pages_is_known_to_read_zero() {
-        // A pool of its own, as above; the largest class: 7 blocks a segment.
-        let class = ACE_CLASSES - 1;
         let mut pool = AceClass::EMPTY;
-        let take_one = |pool: &mut AceClass| {
-            let mut head = null_mut();
-            let taken = pool.take(class, 1, &mut head).unwrap();
-            assert_eq!(taken.n, 1);
-            let block = head as *mut u8;
-            if taken.head_zero {
-                // SAFETY: the block is the test's, block_size bytes long.
-                let bytes = unsafe { core::slice::from_raw_parts(block, block_size(class)) };
-                assert!(
-                    bytes[8..].iter().all(|&x| x == 0),
-                    "a block said zero is not"
-                );
-            }
-            (block, taken.head_zero)
-        };
+        let class = ACE_CLASSES - 1;
         let (first, zero) = take_one(&mut pool);
         let seg = crate::segment::chunk_of(first as usize) as *mut AceSegment;
         // SAFETY: a live segment of the pool.
@@ -1120,21 +1123,14 @@ mod tests {
 
     #[test]
     fn a_purge_the_os_refuses_ends_and_leaves_the_pages_touched() {
-        // A pool of its own, as above.
-        let class = ACE_CLASSES - 1;
         let mut pool = AceClass::EMPTY;
-        let take_one = |pool: &mut AceClass| {
-            let mut head = null_mut();
-            let taken = pool.take(class, 1, &mut head).unwrap();
-            (head, taken.head_zero)
-        };
         let (b, _) = take_one(&mut pool);
         let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
         // SAFETY: a page of the block, ours; MADV_DONTNEED refuses locked
         // pages (EINVAL), as after a program's `mlockall`.
         assert_eq!(unsafe { libc::mlock(b.cast(), crate::os::PAGE) }, 0);
         // Kept with every block free (whatever other tests keep meanwhile).
-        if let Some(s) = pool.put(seg, b) {
+        if let Some(s) = pool.put(seg, b.cast()) {
             pool.segments += 1;
             pool.keep_free(s);
         }
