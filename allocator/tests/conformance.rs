@@ -107,6 +107,13 @@ const WRAPPER_NEW: Program = Program {
     ..cxx_program("wrapper-new.cc")
 };
 const WRAPPED: Program = cxx_program("wrapped.cc");
+/// A tool preloaded before hakmem that replaces only `malloc`, `calloc`,
+/// `realloc` and `free` (`malloc-tool.c`).
+const MALLOC_TOOL: Program = Program {
+    flags: &["-std=c11", "-O1", "-Wall", "-Werror", "-shared", "-fPIC"],
+    libs: &["-ldl"],
+    ..c_program("malloc-tool.c")
+};
 
 /// Calls hakmem's `operator new` from a C program (`no-cxx-runtime.c`).
 const NO_CXX_RUNTIME: Program = c_program("no-cxx-runtime.c");
@@ -451,6 +458,35 @@ fn a_wrapper_preloaded_before_hakmem_sees_every_new_and_nothing_loops() {
     // Every `new` of the program (1001), and what the runtime makes.
     assert!(seen(&alone) > 1000, "{said}");
     assert_eq!(seen(&both), seen(&alone), "{said}");
+}
+
+/// A tool preloaded before hakmem that replaces only the C functions (a
+/// counter, a leak checker) still sees a C++ program's `new`: hakmem's
+/// operators forward to the C++ runtime's, which call `malloc`. Served by
+/// hakmem instead, the tool would count a handful of mallocs, not 1000.
+#[test]
+fn a_malloc_tool_preloaded_before_hakmem_sees_every_new() {
+    let dir = std::env::temp_dir().join(format!("hakmem-malloc-tool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tool = compile(&dir, &MALLOC_TOOL);
+    let exe = compile(&dir, &WRAPPED);
+    let alone = run_with(&exe, &[], &[&tool]);
+    let both = run_with(&exe, &[], &[&tool, &lib()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = String::from_utf8_lossy(&both.stderr);
+    assert!(alone.status.success(), "{}", describe(alone.status));
+    assert!(both.status.success(), "{}: {said}", describe(both.status));
+    assert_eq!(both.stdout, alone.stdout, "{said}");
+    assert!(
+        said.contains("hakmem-cxx: forward (malloc is defined before hakmem)"),
+        "{said}"
+    );
+    let mallocs = said
+        .lines()
+        .find_map(|l| l.strip_prefix("malloc-tool: mallocs="))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no count from the tool: {said}"));
+    assert!(mallocs >= 1000, "{said}");
 }
 
 /// With no C++ runtime to throw `bad_alloc`, a failed `operator new` aborts
