@@ -418,46 +418,51 @@ fn a_privately_loaded_cxx_runtime_still_throws_bad_alloc() {
     assert!(preloaded.status.success(), "{}", describe(preloaded.status));
 }
 
+/// Runs `wrapped.cc` under `tool` alone and under `tool` then hakmem, both
+/// preloaded; both must succeed, print the same (1000 `new`s, then a `new`
+/// that throws `bad_alloc`), and hakmem must say it forwards because of
+/// `name`. Returns the count the tool prints after `count` in each run.
+fn wrapped_under_a_tool_before_hakmem(tool: &Program, name: &str, count: &str) -> (u64, u64) {
+    let dir = std::env::temp_dir().join(format!("hakmem-tool-{}-{}", std::process::id(), name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tool = compile(&dir, tool);
+    let exe = compile(&dir, &WRAPPED);
+    let alone = run_with(&exe, &[], &[&tool]);
+    let both = run_with(&exe, &[], &[&tool, &lib()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = String::from_utf8_lossy(&both.stderr);
+    assert!(alone.status.success(), "{}", describe(alone.status));
+    assert!(both.status.success(), "{}: {said}", describe(both.status));
+    let theirs = String::from_utf8_lossy(&alone.stdout);
+    assert!(
+        theirs.contains("new(SIZE_MAX / 2) -> threw bad_alloc"),
+        "{theirs}"
+    );
+    assert_eq!(String::from_utf8_lossy(&both.stdout), theirs, "{said}");
+    let forward = format!("hakmem-cxx: forward ({name} is defined before hakmem)");
+    assert!(said.contains(&forward), "{said}");
+    let seen = |out: &Output| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        err.lines()
+            .find_map(|l| l.strip_prefix(count))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no count from the tool: {err}"))
+    };
+    (seen(&alone), seen(&both))
+}
+
 /// A wrapper preloaded before hakmem (a heap profiler's way) sees every
 /// `new`, reaches hakmem's through `RTLD_NEXT`, and the program runs as with
 /// the wrapper alone: hakmem forwards to the C++ runtime's operator, found
 /// after hakmem, not to the first definition (the wrapper: an endless loop).
 #[test]
 fn a_wrapper_preloaded_before_hakmem_sees_every_new_and_nothing_loops() {
-    let dir = std::env::temp_dir().join(format!("hakmem-wrapper-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let wrapper = compile(&dir, &WRAPPER_NEW);
-    let exe = compile(&dir, &WRAPPED);
-    let alone = run_with(&exe, &[], &[&wrapper]);
-    let both = run_with(&exe, &[], &[&wrapper, &lib()]);
-    let _ = std::fs::remove_dir_all(&dir);
-    let (theirs, ours) = (
-        String::from_utf8_lossy(&alone.stdout),
-        String::from_utf8_lossy(&both.stdout),
-    );
-    let said = String::from_utf8_lossy(&both.stderr);
-    let seen = |out: &Output| {
-        let err = String::from_utf8_lossy(&out.stderr);
-        err.lines()
-            .find_map(|l| l.strip_prefix("wrapper-new: news="))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no count from the wrapper: {err}"))
-    };
-    assert!(alone.status.success(), "{}", describe(alone.status));
-    assert!(
-        theirs.contains("new(SIZE_MAX / 2) -> threw bad_alloc"),
-        "{theirs}"
-    );
-    assert!(both.status.success(), "{}: {said}", describe(both.status));
-    assert_eq!(ours, theirs, "{said}");
-    assert!(
-        said.contains("hakmem-cxx: forward (_Znwm is defined before hakmem)"),
-        "{said}"
-    );
+    let (alone, both) =
+        wrapped_under_a_tool_before_hakmem(&WRAPPER_NEW, "_Znwm", "wrapper-new: news=");
     // Every `new` of the program (1001), and what the runtime makes.
-    assert!(seen(&alone) > 1000, "{said}");
-    assert_eq!(seen(&both), seen(&alone), "{said}");
+    assert!(alone > 1000, "{alone}");
+    assert_eq!(both, alone);
 }
 
 /// A tool preloaded before hakmem that replaces only the C functions (a
@@ -466,27 +471,9 @@ fn a_wrapper_preloaded_before_hakmem_sees_every_new_and_nothing_loops() {
 /// hakmem instead, the tool would count a handful of mallocs, not 1000.
 #[test]
 fn a_malloc_tool_preloaded_before_hakmem_sees_every_new() {
-    let dir = std::env::temp_dir().join(format!("hakmem-malloc-tool-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let tool = compile(&dir, &MALLOC_TOOL);
-    let exe = compile(&dir, &WRAPPED);
-    let alone = run_with(&exe, &[], &[&tool]);
-    let both = run_with(&exe, &[], &[&tool, &lib()]);
-    let _ = std::fs::remove_dir_all(&dir);
-    let said = String::from_utf8_lossy(&both.stderr);
-    assert!(alone.status.success(), "{}", describe(alone.status));
-    assert!(both.status.success(), "{}: {said}", describe(both.status));
-    assert_eq!(both.stdout, alone.stdout, "{said}");
-    assert!(
-        said.contains("hakmem-cxx: forward (malloc is defined before hakmem)"),
-        "{said}"
-    );
-    let mallocs = said
-        .lines()
-        .find_map(|l| l.strip_prefix("malloc-tool: mallocs="))
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no count from the tool: {said}"));
-    assert!(mallocs >= 1000, "{said}");
+    let (_, both) =
+        wrapped_under_a_tool_before_hakmem(&MALLOC_TOOL, "malloc", "malloc-tool: mallocs=");
+    assert!(both >= 1000, "{both}");
 }
 
 /// With no C++ runtime to throw `bad_alloc`, a failed `operator new` aborts
