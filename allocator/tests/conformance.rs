@@ -159,6 +159,31 @@ const CXX_DELIBERATE: &[Deliberate] = &[
     },
 ];
 
+/// A directory of its own for one test's programs, removed when dropped
+/// (a failing assertion too).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("hakmem-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// Compiles `prog` into `dir`.
 fn compile(dir: &Path, prog: &Program) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -374,11 +399,9 @@ fn a_program_that_replaces_two_operators_keeps_them_for_every_form() {
 /// definitions: hakmem still serves.
 #[test]
 fn a_non_pie_program_that_takes_free_s_address_is_served() {
-    let dir = std::env::temp_dir().join(format!("hakmem-nonpie-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("nonpie");
     let exe = compile(&dir, &NON_PIE);
     let out = run(&exe, Some(&lib()));
-    let _ = std::fs::remove_dir_all(&dir);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -393,13 +416,11 @@ fn a_non_pie_program_that_takes_free_s_address_is_served() {
 /// plugin catches `bad_alloc`, as without the preload.
 #[test]
 fn a_privately_loaded_cxx_runtime_still_throws_bad_alloc() {
-    let dir = std::env::temp_dir().join(format!("hakmem-private-cxx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("private-cxx");
     let plugin = compile(&dir, &PRIVATE_CXX_PLUGIN);
     let main = compile(&dir, &PRIVATE_CXX_MAIN);
     let plain = run_with(&main, &[&plugin], &[]);
     let preloaded = run_with(&main, &[&plugin], &[&lib()]);
-    let _ = std::fs::remove_dir_all(&dir);
     let (plain_out, ours) = (
         String::from_utf8_lossy(&plain.stdout),
         String::from_utf8_lossy(&preloaded.stdout),
@@ -423,13 +444,11 @@ fn a_privately_loaded_cxx_runtime_still_throws_bad_alloc() {
 /// that throws `bad_alloc`), and hakmem must say it forwards because of
 /// `name`. Returns the count the tool prints after `count` in each run.
 fn wrapped_under_a_tool_before_hakmem(tool: &Program, name: &str, count: &str) -> (u64, u64) {
-    let dir = std::env::temp_dir().join(format!("hakmem-tool-{}-{}", std::process::id(), name));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(&format!("tool-{name}"));
     let tool = compile(&dir, tool);
     let exe = compile(&dir, &WRAPPED);
     let alone = run_with(&exe, &[], &[&tool]);
     let both = run_with(&exe, &[], &[&tool, &lib()]);
-    let _ = std::fs::remove_dir_all(&dir);
     let said = String::from_utf8_lossy(&both.stderr);
     assert!(alone.status.success(), "{}", describe(alone.status));
     assert!(both.status.success(), "{}: {said}", describe(both.status));
@@ -480,11 +499,9 @@ fn a_malloc_tool_preloaded_before_hakmem_sees_every_new() {
 /// with a message naming it: it must neither return null nor hang.
 #[test]
 fn operator_new_with_no_cxx_runtime_aborts_naming_the_operator() {
-    let dir = std::env::temp_dir().join(format!("hakmem-no-cxx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("no-cxx");
     let exe = compile(&dir, &NO_CXX_RUNTIME);
     let out = run(&exe, Some(&lib()));
-    let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("new(100) -> nonnull"), "stdout: {stdout}");
@@ -504,16 +521,10 @@ fn operator_new_with_no_cxx_runtime_aborts_naming_the_operator() {
 /// results differ, other than the `deliberate` ones. Returns both runs.
 fn check_against_oracle(prog: &Program, deliberate: &[Deliberate]) -> (Output, Output) {
     let lib = lib();
-    let dir = std::env::temp_dir().join(format!(
-        "hakmem-conformance-{}-{}",
-        std::process::id(),
-        prog.source
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(&format!("conformance-{}", prog.source));
     let exe = compile(&dir, prog);
     let glibc = run(&exe, None);
     let hakmem = run(&exe, Some(&lib));
-    let _ = std::fs::remove_dir_all(&dir);
 
     let (g, h) = (cases(&glibc), cases(&hakmem));
     let rows = rows(&g, &h);

@@ -188,15 +188,19 @@ unsafe extern "C" fn is_cxx_runtime(
 #[link_section = ".init_array"]
 static DECIDE_AT_LOAD: extern "C" fn() = decide_at_load;
 
-/// A handle to the library `soname` if the process has it loaded (globally
-/// or privately), else null. The reference `dlopen` takes is kept: the
-/// library stays loaded (`RTLD_NODELETE`), as an operator found in it must.
-fn loaded(soname: &[u8]) -> *mut c_void {
+/// A handle to the library `name` (a soname or the loader's file name) if
+/// the process has it loaded (globally or privately), else null. The
+/// reference `dlopen` takes is kept: the library stays loaded
+/// (`RTLD_NODELETE`), as an operator found in it must.
+///
+/// # Safety
+/// `name` is a NUL-terminated string.
+unsafe fn loaded(name: *const c_char) -> *mut c_void {
     // SAFETY: RTLD_NOLOAD loads nothing: a handle to a library already in
-    // the process, or null; `soname` is NUL-terminated.
+    // the process, or null; `name` is NUL-terminated per the contract.
     unsafe {
         libc::dlopen(
-            soname.as_ptr().cast::<c_char>(),
+            name,
             libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
         )
     }
@@ -270,7 +274,8 @@ fn runtime_operator(index: usize) -> usize {
         if usable(found) {
             break;
         }
-        let handle = loaded(lib);
+        // SAFETY: RUNTIMES' names are NUL-terminated.
+        let handle = unsafe { loaded(lib.as_ptr().cast::<c_char>()) };
         if !handle.is_null() {
             // SAFETY: a live handle and a NUL-terminated name.
             found = unsafe { libc::dlsym(handle, name) };
@@ -287,13 +292,8 @@ fn runtime_operator(index: usize) -> usize {
     let (_, file) = base_of(found);
     if !file.is_null() {
         // SAFETY: `file` is the loader's NUL-terminated name of a loaded
-        // object; RTLD_NOLOAD loads nothing.
-        unsafe {
-            libc::dlopen(
-                file,
-                libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
-            )
-        };
+        // object.
+        unsafe { loaded(file) };
     }
     slot.store(found as usize, Ordering::Release);
     found as usize
