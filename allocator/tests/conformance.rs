@@ -12,7 +12,7 @@
 //! `HAKMEM_LIB`.
 
 mod common;
-use common::lib;
+use common::{lib, Scratch};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -158,31 +158,6 @@ const CXX_DELIBERATE: &[Deliberate] = &[
         hakmem: "NULL",
     },
 ];
-
-/// A directory of its own for one test's programs, removed when dropped
-/// (a failing assertion too).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("hakmem-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
 
 /// Compiles `prog` into `dir`.
 fn compile(dir: &Path, prog: &Program) -> PathBuf {

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
 mod common;
-use common::hakctl;
+use common::{hakctl, Scratch};
 use std::process::{Command, Stdio};
 
 /// What the rest of the RSS may be (the scenario binary, libc, stacks).
@@ -132,8 +132,7 @@ fn hakctl_mem_sees_exactly_what_the_legacy_path_holds() {
 
 #[test]
 fn hakctl_mem_reads_a_stripped_binary_too() {
-    let dir = std::env::temp_dir().join(format!("hakmem-levels-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("levels");
     let copy = dir.join("hakmem-scenario-stripped");
     std::fs::copy(env!("CARGO_BIN_EXE_hakmem-scenario"), &copy).unwrap();
     let st = Command::new("strip").arg("-s").arg(&copy).status().unwrap();
@@ -144,5 +143,4 @@ fn hakctl_mem_reads_a_stripped_binary_too() {
         "strip -s left symbols"
     );
     check(&copy, &[]);
-    let _ = std::fs::remove_dir_all(&dir);
 }

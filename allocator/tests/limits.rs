@@ -9,16 +9,16 @@
 //! `HAKMEM_REQUIRE_BPF=1` (the CI, which runs as root on such a host).
 
 mod common;
-use common::lib;
+use common::{lib, Scratch};
 use std::ffi::CString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Compiles the program into a directory of the calling test's own.
-fn compile(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hakmem-limits-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// Compiles the program into a directory of the calling test's own, which
+/// goes when the returned `Scratch` does.
+fn compile(test: &str) -> (Scratch, PathBuf) {
+    let dir = Scratch::new(&format!("limits-{test}"));
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/limits/exhaust.c");
     let exe = dir.join("exhaust");
     let out = Command::new("cc")
@@ -32,7 +32,7 @@ fn compile(test: &str) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    exe
+    (dir, exe)
 }
 
 /// Runs the program, hakmem preloaded or not, with `setup` run in the child
@@ -87,7 +87,7 @@ fn assert_refused_cleanly(out: &Output, what: &str) {
 
 #[test]
 fn under_rlimit_as_running_out_is_null_with_enomem() {
-    let exe = compile("rlimit");
+    let (_dir, exe) = compile("rlimit");
     let limit = || {
         let rl = libc::rlimit {
             rlim_cur: 1 << 30,
@@ -183,7 +183,7 @@ impl Drop for TestCgroup {
 
 #[test]
 fn under_a_memory_cgroup_running_out_is_null_with_enomem_where_glibc_is_killed() {
-    let exe = compile("cgroup");
+    let (_dir, exe) = compile("cgroup");
     let cg = match TestCgroup::new(256 << 20) {
         Ok(cg) => cg,
         Err(why) if std::env::var_os("HAKMEM_REQUIRE_BPF").is_none() => {

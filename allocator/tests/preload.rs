@@ -5,7 +5,7 @@
 //! `just test`), or the one named by `HAKMEM_LIB`.
 
 mod common;
-use common::lib;
+use common::{lib, Scratch};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -352,7 +352,7 @@ print(res)
 
 #[test]
 fn git_init_add_commit_log() {
-    let dir = tempdir("git");
+    let dir = Scratch::new("preload-git");
     let script = r#"
 set -e
 rm -rf repo && mkdir repo && cd repo
@@ -377,7 +377,7 @@ git diff HEAD~1 --stat | tail -1
 
 #[test]
 fn sort_a_large_file() {
-    let dir = tempdir("sort");
+    let dir = Scratch::new("preload-sort");
     let input = dir.join("input.txt");
     let mut x: u64 = 88172645463325252;
     let mut text = String::new();
@@ -398,7 +398,7 @@ fn sort_a_large_file() {
 
 #[test]
 fn gcc_compiles_a_program() {
-    let dir = tempdir("gcc");
+    let dir = Scratch::new("preload-gcc");
     std::fs::write(
         dir.join("prog.c"),
         r#"#include <stdio.h>
@@ -429,16 +429,9 @@ int main(void) {
     });
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hakmem-preload-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn sqlite3_runs_a_generated_workload() {
-    let dir = tempdir("sqlite");
+    let dir = Scratch::new("preload-sqlite");
     let sql = r#"
 CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, grp INTEGER, payload BLOB);
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)
@@ -502,7 +495,7 @@ fn python_regression_suite_long() {
 #[test]
 #[ignore]
 fn gcc_compiles_many_units() {
-    let dir = tempdir("gcc-many");
+    let dir = Scratch::new("preload-gcc-many");
     for i in 0..40 {
         let mut src = String::from("#include <stdio.h>\n#include <string.h>\n");
         for f in 0..60 {

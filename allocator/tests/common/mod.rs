@@ -29,3 +29,36 @@ pub fn hakctl() -> PathBuf {
     );
     p
 }
+
+/// A directory of its own for one test's files (`hakmem-NAME-PID` in the
+/// temp directory), removed when dropped (a failing assertion too).
+#[allow(dead_code)] // Not every test file that shares this module writes files.
+pub struct Scratch(PathBuf);
+
+#[allow(dead_code)]
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("hakmem-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
