@@ -5,18 +5,26 @@
 //! and an owner's free paid for both (bench_random_mixed: +7% without them).
 //!
 //! Direct-mapped by slab number, SLOTS slots: a thread's slabs within one
-//! 16 MiB stretch of addresses never collide. It was 128 slots (8 MiB) until
+//! 64 MiB stretch of addresses never collide. It was 128 slots (8 MiB) until
 //! glibc's bench-malloc-thread (mimalloc-bench's glibc-thread, 2 threads)
 //! ran at two speeds from one run to the next, ASLR off or on: in the slow
 //! runs (about 135M iterations against 175M) 37% of `free`'s samples were
 //! on the registry path. Each thread's slabs lay in SuperSlabs spread over
 //! the chunks mapped around the threads' 8 MiB stacks, and two of them 8 MiB
-//! apart took the same slots. With 256 slots, 16 runs of 16 were fast
-//! (173-184M). 512 slots were as fast there, but their 4 KiB index cost a
-//! producer-consumer pair sharing one core 5% (hakbench prodcons, pinned):
-//! every free of the other thread's blocks reads a slot of it, spread over
-//! four times the lines. bench_random_mixed did not move with either
-//! (ab.sh, 15 pairs each order).
+//! apart took the same slots. With 256 slots (16 MiB), 16 runs of 16 were
+//! fast (173-184M). Then a program holding more than 16 MiB of tiny blocks
+//! found half of its frees on the registry path (bench_random_mixed with
+//! 65,536 slots: about 22 MiB of slabs; callgrind counted the registry
+//! lookup on about half of the 1M frees), and ran 12% behind tcmalloc
+//! (pinned, 9 repetitions). 1024 slots (8 KiB an index, of which a thread
+//! touches the pages its slabs' slots fall on): that workload 1.13x as many
+//! operations a second (pinned, 11 pairs: quartiles 1.10-1.16), and with
+//! 8192 slots 0.996 (0.989-1.003); hakbench pinned, 5 repetitions: prodcons
+//! 1.003, mixed-2t 0.991, larson 1.035, working-set-2t 1.018, tiny 1.001;
+//! glibc-thread level (6 runs each). 512 slots had cost prodcons 5% when
+//! 256 were chosen, by the index lines a free of the other thread's blocks
+//! reads; that cost did not show with 1024 slots in this code (unpinned,
+//! 3 and 5 repetitions: 0.973, 1.028).
 //!
 //! A slab that lost its slot to another, or a thread whose index could not
 //! be mapped, takes the slower path, which reads the slab's line. So the
@@ -25,7 +33,7 @@
 //! slab, cleared when it unlinks it; no other thread touches the index).
 //!
 //! Indexes live outside the thread cache, which must fit glibc's static TLS
-//! surplus (see `tls`): 2 KiB each, carved from 64 KiB mappings and kept on a
+//! surplus (see `tls`): 8 KiB each, carved from 64 KiB mappings and kept on a
 //! free list when their threads exit.
 
 use crate::os;
@@ -33,8 +41,8 @@ use crate::superslab::SLAB_SIZE;
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
-pub const SLOTS: usize = 256;
-const _: () = assert!(SLOTS * SLAB_SIZE == 16 << 20);
+pub const SLOTS: usize = 1024;
+const _: () = assert!(SLOTS * SLAB_SIZE == 64 << 20);
 
 /// A slot holds `slab base | IN_USE | bin`; an empty slot (0) matches no
 /// address, as slab bases are SLAB_SIZE-aligned and bins are below 256.
@@ -179,13 +187,39 @@ mod tests {
     }
 
     #[test]
+    fn every_slab_of_a_40_mib_stretch_keeps_its_slot() {
+        // bench_random_mixed with 65,536 slots held about 22 MiB of slabs;
+        // with 256 slots (16 MiB) slabs 16 MiB apart displaced each other
+        // and half of its frees took the registry path.
+        let ix = take();
+        assert!(!ix.is_null());
+        // SAFETY: a fresh index, ours alone.
+        let ix = unsafe { &mut *ix };
+        let first = 0x7f00_0000_0000 + 7 * SLAB_SIZE;
+        let slabs: Vec<usize> = (0..(40 << 20) / SLAB_SIZE)
+            .map(|i| first + i * SLAB_SIZE)
+            .collect();
+        for (i, &s) in slabs.iter().enumerate() {
+            ix.insert(s, i % 25);
+        }
+        for (i, &s) in slabs.iter().enumerate() {
+            assert_eq!(ix.bin_of(s + 16), Some(i % 25), "slab {s:#x}");
+        }
+        for &s in &slabs {
+            ix.remove(s);
+        }
+        // SAFETY: empty and no longer used.
+        unsafe { give_back(ix) };
+    }
+
+    #[test]
     fn names_a_slab_until_removed_or_displaced() {
         let ix = take();
         assert!(!ix.is_null());
         // SAFETY: a fresh index, ours alone.
         let ix = unsafe { &mut *ix };
         let a = 0x7f00_0000_0000 + 3 * SLAB_SIZE;
-        // Same slot as `a`, 16 MiB on.
+        // Same slot as `a`, 64 MiB on.
         let b = a + SLOTS * SLAB_SIZE;
         assert_eq!(ix.bin_of(a + 100), None);
         ix.insert(a, 7);
