@@ -15,6 +15,11 @@
 //! ACE's reserve: one unused for 10 s (`KEPT_IDLE_NS`) gives its pages back
 //! and stays, its address space kept (`purge_if_due`).
 //!
+//! The class lock covers list and count work only: a refill maps a new
+//! segment (`take_from`) and writes the first words of the blocks it
+//! carves (`Taken::link_carved`), the page faults, without it. Held across
+//! them, a thread on two cores slept on the lock for milliseconds (rptest).
+//!
 //! A block carved past what a segment has touched (since it was mapped or
 //! purged) reads as zero but its first two words: `refill` says so of the
 //! block it returns, and `calloc` clears only those (`CARVE_WRITES`).
@@ -173,7 +178,7 @@ impl AceSegment {
         self.carved = 0;
         self.free = null_mut();
         // Refused, the pages keep their last users' bytes: touched, so that
-        // no block carved from them is taken for zero (`Taken::head_zero`).
+        // no block carved from them is taken for zero (`Carved::last_zero`).
         self.touched_end = if dropped {
             HEADER_RESERVE
         } else {
@@ -295,7 +300,7 @@ impl AceCache {
     /// more in the cache, from the class's segments; null after firing
     /// `ace_fail` (the caller falls back to the large path). (The front has
     /// run `lifecycle::before_refill`.) With it, whether the block reads as
-    /// zero past its first two words (`Taken::head_zero`): what `calloc` need not
+    /// zero past its first two words (`Taken::link_carved`): what `calloc` need not
     /// clear.
     #[cold]
     #[inline(never)]
@@ -312,14 +317,16 @@ impl AceCache {
             (c.cap() / 2).min(REFILL_BYTES.div_ceil(ACE_CLASS_SIZES[class]) as u32)
         };
         let mut head = null_mut();
-        let got = CLASSES[class].lock().take(class, want.max(1), &mut head);
-        let Taken { n, head_zero } = match got {
+        let taken = match take_from(&CLASSES[class], class, want.max(1), &mut head) {
             Ok(taken) => taken,
             Err(kind) => {
                 probes::ace_fail(kind, size, class as u64);
                 return (null_mut(), false);
             }
         };
+        // The class lock is released: new blocks' pages fault in here.
+        let head_zero = taken.link_carved(&mut head);
+        let n = taken.n;
         // SAFETY: `take` linked n >= 1 free blocks at `head`.
         let rest = unsafe { Block::next(head) };
         // Keep all but the first block in the cache.
@@ -565,13 +572,123 @@ pub fn unlock_after_fork() {
     CLASSES.iter().for_each(|c| c.release_after_fork());
 }
 
-/// What `AceClass::take` linked: `n >= 1` blocks, and whether the first
-/// (`*head`, the last linked) reads as zero past `CARVE_WRITES`: carved
-/// from pages nobody has written since they were mapped or purged.
+/// What `AceClass::take` took: `n >= 1` blocks, of which the last
+/// `carved.count` are new ones for the caller to link outside the lock.
 #[derive(Debug, PartialEq, Eq)]
 struct Taken {
     n: u32,
-    head_zero: bool,
+    carved: Carved,
+}
+
+/// A run of blocks `take` carved: `count` blocks `stride` bytes apart from
+/// `first`, reserved (counted in their segment's `carved` and `used`) and
+/// not yet written; whether the last of them reads as zero past
+/// `CARVE_WRITES`: carved from pages nobody has written since they were
+/// mapped or purged.
+#[derive(Debug, PartialEq, Eq)]
+struct Carved {
+    first: usize,
+    count: u32,
+    stride: usize,
+    last_zero: bool,
+}
+
+impl Carved {
+    const NONE: Carved = Carved {
+        first: 0,
+        count: 0,
+        stride: 0,
+        last_zero: false,
+    };
+}
+
+impl Taken {
+    /// Links the carved run at `*head`, in address order, so that the last
+    /// carved block heads the chain; whether that head reads as zero past
+    /// `CARVE_WRITES` (`refill` hands it to the caller: what `calloc` need
+    /// not clear). Run without the class lock.
+    fn link_carved(&self, head: &mut *mut Block) -> bool {
+        let c = &self.carved;
+        for i in 0..c.count as usize {
+            let b = (c.first + i * c.stride) as *mut Block;
+            // SAFETY: `take` reserved the run for the caller alone: blocks
+            // inside a live segment that nobody else hands out or frees.
+            unsafe { Block::set_next(b, *head) };
+            *head = b;
+        }
+        c.count > 0 && c.last_zero
+    }
+}
+
+/// Why `AceClass::take` took nothing.
+#[derive(Debug, PartialEq, Eq)]
+enum Shortfall {
+    Failed(AceFailKind),
+    /// The class has no segment to take from; one more is counted for the
+    /// caller to map.
+    NoSegment,
+}
+
+/// Takes up to `want` blocks of `class` from `pool` (`AceClass::take`
+/// under its lock), mapping a segment between two holds of the lock when
+/// the class has none: `mmap` may wait for the process's mmap lock behind
+/// other threads' page faults (1.3 ms once in rptest, with the class lock
+/// held and the other thread asleep on it).
+fn take_from(
+    pool: &SpinLock<AceClass>,
+    class: usize,
+    want: u32,
+    head: &mut *mut Block,
+) -> Result<Taken, AceFailKind> {
+    let mut grown: *mut AceSegment = null_mut();
+    loop {
+        let mut p = pool.lock();
+        if !grown.is_null() {
+            p.link(grown, SegList::Partial);
+        }
+        match p.take(want, head) {
+            Ok(taken) => return Ok(taken),
+            Err(Shortfall::Failed(kind)) => return Err(kind),
+            Err(Shortfall::NoSegment) => {}
+        }
+        drop(p);
+        grown = new_segment(class);
+        if grown.is_null() {
+            pool.lock().segments -= 1;
+            return Err(AceFailKind::MapFail);
+        }
+    }
+}
+
+/// A segment for `class`, on no list (the caller links it, and has counted
+/// it); null if the OS refuses the memory.
+fn new_segment(class: usize) -> *mut AceSegment {
+    // A chunk the chunk cache kept (an ACE segment or a large block
+    // before) saves the mapping and the page faults.
+    let (base, cached) = crate::chunks::take_chunk(CacheUser::Ace);
+    if base.is_null() {
+        return null_mut();
+    }
+    let bs = ACE_CLASS_SIZES[class];
+    let seg = base as *mut AceSegment;
+    // SAFETY: a fresh, writable, chunk-aligned mapping of ours.
+    unsafe {
+        seg.write(AceSegment {
+            hdr: SegHeader::new(SegKind::Ace, class as u32),
+            block_size: bs as u32,
+            capacity: ((CHUNK - HEADER_RESERVE) / (bs + COLOR)) as u32,
+            used: 0,
+            carved: 0,
+            free: null_mut(),
+            next: null_mut(),
+            prev: null_mut(),
+            list: SegList::None,
+            kept_at: 0,
+            touched_end: if cached { CHUNK } else { HEADER_RESERVE } as u32,
+        })
+    };
+    registry::insert(base as usize, crate::segment::ace_byte(class));
+    seg
 }
 
 /// How long a kept segment whose purge the OS refused (the program locked
@@ -606,50 +723,69 @@ impl AceClass {
         None
     }
 
-    /// Links up to `want` blocks at `*head`, or fails with the failure kind.
-    fn take(
-        &mut self,
-        class: usize,
-        want: u32,
-        head: &mut *mut Block,
-    ) -> Result<Taken, AceFailKind> {
+    /// Takes up to `want` blocks, or fails with the failure kind: blocks from
+    /// segments' free lists linked at `*head`, then at most one run of new
+    /// blocks carved from one segment, reserved but not linked: the caller
+    /// links them (`Taken::link_carved`) once it has let go of the class
+    /// lock, because their first writes fault fresh pages in. (Linked here,
+    /// a 64 KiB refill from fresh pages held the lock across 16 page faults,
+    /// longer than `SpinLock`'s spin: rptest's other thread slept on the lock,
+    /// once for 3.4 ms.)
+    /// With no segment to take from, it counts one more for the caller to
+    /// map (`take_from`).
+    fn take(&mut self, want: u32, head: &mut *mut Block) -> Result<Taken, Shortfall> {
         let mut n = 0;
-        let mut head_zero = false;
+        let mut carved = Carved::NONE;
         while n < want {
             let seg = match self.source() {
                 Some(s) => s,
                 None if n > 0 => break,
+                None if self.segments >= config::get().ace_max_segments => {
+                    return Err(Shortfall::Failed(AceFailKind::Exhaustion));
+                }
                 None => {
-                    let s = self.grow(class)?;
-                    self.link(s, SegList::Partial);
-                    s
+                    // Counted now, mapped by the caller without the lock.
+                    self.segments += 1;
+                    return Err(Shortfall::NoSegment);
                 }
             };
             // SAFETY: segments on our lists are live and ours (lock held).
             let s = unsafe { &mut *seg };
-            // `source` gives a segment with no free block only when no
-            // other has one: only then are new blocks carved.
-            let carve = s.free.is_null();
-            while n < want {
-                let b = if !s.free.is_null() {
-                    let b = s.free;
-                    // SAFETY: a free block of the segment.
-                    s.free = unsafe { Block::next(b) };
-                    head_zero = false;
-                    b
-                } else if carve && s.carved < s.capacity {
+            if s.free.is_null() {
+                // `source` gives a segment with no free block only when no
+                // other has one, and never a full one: new blocks are carved.
+                let count = (want - n).min(s.capacity - s.carved);
+                if count == 0 {
+                    // Full: cannot happen (a full segment leaves the lists).
+                    self.unlink(seg);
+                    continue;
+                }
+                let stride = s.block_size as usize + COLOR;
+                let last = s.carved_end() + (count as usize - 1) * stride;
+                carved = Carved {
+                    first: seg as usize + s.carved_end(),
+                    count,
+                    stride,
                     // Past `touched_end` nothing was written since the pages
                     // were mapped or purged (`MADV_DONTNEED`: they read as
                     // zero), and no block beyond `carved` was ever handed out.
-                    head_zero = s.carved_end() >= s.touched_end as usize;
-                    let b = (seg as usize + s.carved_end()) as *mut Block;
-                    s.carved += 1;
-                    b
-                } else {
-                    break;
+                    last_zero: last >= s.touched_end as usize,
                 };
-                // SAFETY: `b` is free and now the caller's.
-                unsafe { Block::set_next(b, *head) };
+                s.carved += count;
+                s.used += count;
+                n += count;
+                if s.carved == s.capacity {
+                    self.unlink(seg);
+                }
+                break;
+            }
+            while n < want && !s.free.is_null() {
+                let b = s.free;
+                // SAFETY: a free block of the segment, now the caller's.
+                unsafe {
+                    s.free = Block::next(b);
+                    Block::set_next(b, *head);
+                }
                 *head = b;
                 s.used += 1;
                 n += 1;
@@ -658,7 +794,7 @@ impl AceClass {
                 self.unlink(seg);
             }
         }
-        Ok(Taken { n, head_zero })
+        Ok(Taken { n, carved })
     }
 
     /// The segment `take` takes blocks from next, the one whose pages are
@@ -692,39 +828,6 @@ impl AceClass {
         };
         self.link(kept, SegList::Partial);
         Some(kept)
-    }
-
-    fn grow(&mut self, class: usize) -> Result<*mut AceSegment, AceFailKind> {
-        if self.segments >= config::get().ace_max_segments {
-            return Err(AceFailKind::Exhaustion);
-        }
-        // A chunk the chunk cache kept (an ACE segment or a large block
-        // before) saves the mapping and the page faults.
-        let (base, cached) = crate::chunks::take_chunk(CacheUser::Ace);
-        if base.is_null() {
-            return Err(AceFailKind::MapFail);
-        }
-        let bs = ACE_CLASS_SIZES[class];
-        let seg = base as *mut AceSegment;
-        // SAFETY: a fresh, writable, chunk-aligned mapping of ours.
-        unsafe {
-            seg.write(AceSegment {
-                hdr: SegHeader::new(SegKind::Ace, class as u32),
-                block_size: bs as u32,
-                capacity: ((CHUNK - HEADER_RESERVE) / (bs + COLOR)) as u32,
-                used: 0,
-                carved: 0,
-                free: null_mut(),
-                next: null_mut(),
-                prev: null_mut(),
-                list: SegList::None,
-                kept_at: 0,
-                touched_end: if cached { CHUNK } else { HEADER_RESERVE } as u32,
-            })
-        };
-        registry::insert(base as usize, crate::segment::ace_byte(class));
-        self.segments += 1;
-        Ok(seg)
     }
 
     /// Returns a block to its segment; Some(segment) if it should go to the chunk cache
@@ -1025,10 +1128,12 @@ mod tests {
         // A class pool of its own (the class is the largest: 7 blocks a
         // segment), so that no other test's blocks are in it.
         let class = ACE_CLASSES - 1;
-        let mut pool = AceClass::EMPTY;
-        let take = |pool: &mut AceClass, want: u32| {
+        let pool = SpinLock::new(AceClass::EMPTY);
+        let take = |pool: &SpinLock<AceClass>, want: u32| {
             let mut head = null_mut();
-            assert_eq!(pool.take(class, want, &mut head).map(|t| t.n), Ok(want));
+            let taken = take_from(pool, class, want, &mut head).unwrap();
+            assert_eq!(taken.n, want);
+            taken.link_carved(&mut head);
             let mut blocks = Vec::new();
             while !head.is_null() {
                 blocks.push(head);
@@ -1038,29 +1143,29 @@ mod tests {
             blocks
         };
         let seg = |b: *mut Block| crate::segment::chunk_of(b as usize) as *mut AceSegment;
-        let one = take(&mut pool, 1)[0];
+        let one = take(&pool, 1)[0];
         let first = seg(one);
         // SAFETY: a live segment of the pool.
         let capacity = unsafe { (*first).capacity };
         // The whole first segment, then one block carved in a second.
-        let mut all_of_first = take(&mut pool, capacity - 1);
+        let mut all_of_first = take(&pool, capacity - 1);
         all_of_first.push(one);
         assert!(all_of_first.iter().all(|&b| seg(b) == first));
-        let second = seg(take(&mut pool, 1)[0]);
+        let second = seg(take(&pool, 1)[0]);
         assert!(second != first);
         // Every block of the first back: kept with every block free, resident.
         for &b in &all_of_first {
-            assert_eq!(pool.put(first, b), None);
+            assert_eq!(pool.lock().put(first, b), None);
         }
-        assert_eq!(pool.free, first);
+        assert_eq!(pool.lock().free, first);
         // The next block comes from it, not carved in the second.
-        let again = take(&mut pool, 1);
+        let again = take(&pool, 1);
         assert_eq!(
             seg(again[0]),
             first,
             "the kept segment's resident block first"
         );
-        assert_eq!(pool.put(first, again[0]), None);
+        assert_eq!(pool.lock().put(first, again[0]), None);
         // Its pages go back: nothing carved is left, the address space stays.
         // SAFETY: kept with every block free; the pool is this test's.
         let s = unsafe { &mut *first };
@@ -1069,23 +1174,21 @@ mod tests {
         assert!(s.carved == 0 && s.free.is_null() && !s.holds_pages());
         // Now the second's uncarved blocks come first (both fault pages in;
         // the kept segment stays whole), then the purged one, carved anew.
-        let rest_of_second = take(&mut pool, capacity - 1);
+        let rest_of_second = take(&pool, capacity - 1);
         assert!(rest_of_second.iter().all(|&b| seg(b) == second));
-        assert_eq!(
-            take(&mut pool, 1)[0] as usize,
-            first as usize + HEADER_RESERVE
-        );
+        assert_eq!(take(&pool, 1)[0] as usize, first as usize + HEADER_RESERVE);
     }
 
     /// One block of the largest class (7 a segment) from a test's own
     /// pool, and whether `take` says it reads zero (checked if so).
-    fn take_one(pool: &mut AceClass) -> (*mut u8, bool) {
+    fn take_one(pool: &SpinLock<AceClass>) -> (*mut u8, bool) {
         let class = ACE_CLASSES - 1;
         let mut head = null_mut();
-        let taken = pool.take(class, 1, &mut head).unwrap();
+        let taken = take_from(pool, class, 1, &mut head).unwrap();
         assert_eq!(taken.n, 1);
+        let zero = taken.link_carved(&mut head);
         let block = head as *mut u8;
-        if taken.head_zero {
+        if zero {
             // SAFETY: the block is the test's, block_size bytes long.
             let bytes = unsafe { core::slice::from_raw_parts(block, block_size(class)) };
             assert!(
@@ -1093,14 +1196,14 @@ mod tests {
                 "a block said zero is not"
             );
         }
-        (block, taken.head_zero)
+        (block, zero)
     }
 
     #[test]
     fn a_block_carved_from_untouched_pages_is_known_to_read_zero() {
-        let mut pool = AceClass::EMPTY;
+        let pool = SpinLock::new(AceClass::EMPTY);
         let class = ACE_CLASSES - 1;
-        let (first, zero) = take_one(&mut pool);
+        let (first, zero) = take_one(&pool);
         let seg = crate::segment::chunk_of(first as usize) as *mut AceSegment;
         // SAFETY: a live segment of the pool.
         let fresh = unsafe { (*seg).touched_end } as usize == HEADER_RESERVE;
@@ -1109,43 +1212,89 @@ mod tests {
         // Written, given back, taken again: from the free list, not zero.
         // SAFETY: the block is the test's.
         unsafe { core::ptr::write_bytes(first, 0xA5, block_size(class)) };
-        assert_eq!(pool.put(seg, first as *mut Block), None);
-        assert_eq!(take_one(&mut pool), (first, false));
+        assert_eq!(pool.lock().put(seg, first as *mut Block), None);
+        assert_eq!(take_one(&pool), (first, false));
         // Every block back, the segment kept and purged: carved again, zero.
-        assert_eq!(pool.put(seg, first as *mut Block), None);
-        assert_eq!(pool.free, seg);
+        assert_eq!(pool.lock().put(seg, first as *mut Block), None);
+        assert_eq!(pool.lock().free, seg);
         // SAFETY: kept with every block free; the pool is this test's.
         assert!(unsafe { (*seg).purge() }.is_some());
-        assert_eq!(take_one(&mut pool), (first, true));
-        let (second, zero) = take_one(&mut pool);
+        assert_eq!(take_one(&pool), (first, true));
+        let (second, zero) = take_one(&pool);
         assert!(zero && second as usize > first as usize);
     }
 
     #[test]
-    fn a_purge_the_os_refuses_ends_and_leaves_the_pages_touched() {
+    fn take_leaves_the_pages_of_the_blocks_it_carves_to_be_faulted_in_without_the_lock() {
+        // `refill` calls `take` under the class lock and `link_carved`
+        // after it: what faults fresh pages in must be the latter.
+        let class = ACE_CLASSES - 1;
+        let pool = SpinLock::new(AceClass::EMPTY);
+        let mut head = null_mut();
+        let taken = take_from(&pool, class, 3, &mut head).unwrap();
+        assert_eq!((taken.n, taken.carved.count), (3, 3));
+        assert!(head.is_null(), "nothing linked yet");
+        let seg = crate::segment::chunk_of(taken.carved.first);
+        // SAFETY: a live segment of the pool.
+        let fresh = unsafe { (*(seg as *mut AceSegment)).touched_end } as usize == HEADER_RESERVE;
+        let span = HEADER_RESERVE..taken.carved.first - seg + 3 * taken.carved.stride;
+        let resident = || crate::os::resident_bytes(seg + span.start, span.len()).unwrap();
+        if fresh {
+            // A chunk from the chunk cache may hold its last user's pages.
+            assert_eq!(resident(), 0, "take wrote into the blocks it carved");
+        }
+        assert_eq!(taken.link_carved(&mut head), fresh);
+        assert!(resident() >= 3 * crate::os::PAGE);
+        let mut n = 0;
+        while !head.is_null() {
+            // SAFETY: the chain `link_carved` linked.
+            head = unsafe { Block::next(head) };
+            n += 1;
+        }
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn a_class_with_no_segment_counts_one_for_the_caller_to_map_without_the_lock() {
         let mut pool = AceClass::EMPTY;
-        let (b, _) = take_one(&mut pool);
+        let mut head = null_mut();
+        assert_eq!(pool.take(1, &mut head), Err(Shortfall::NoSegment));
+        assert_eq!(pool.segments, 1, "counted under the lock");
+        assert!(pool.partial.is_null() && pool.free.is_null() && head.is_null());
+        pool.segments = config::get().ace_max_segments;
+        assert_eq!(
+            pool.take(1, &mut head),
+            Err(Shortfall::Failed(AceFailKind::Exhaustion))
+        );
+    }
+
+    #[test]
+    fn a_purge_the_os_refuses_ends_and_leaves_the_pages_touched() {
+        let pool = SpinLock::new(AceClass::EMPTY);
+        let (b, _) = take_one(&pool);
         let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
         // SAFETY: a page of the block, ours; MADV_DONTNEED refuses locked
         // pages (EINVAL), as after a program's `mlockall`.
         assert_eq!(unsafe { libc::mlock(b.cast(), crate::os::PAGE) }, 0);
         // Kept with every block free (whatever other tests keep meanwhile).
-        if let Some(s) = pool.put(seg, b.cast()) {
-            pool.segments += 1;
-            pool.keep_free(s);
+        let mut p = pool.lock();
+        if let Some(s) = p.put(seg, b.cast()) {
+            p.segments += 1;
+            p.keep_free(s);
         }
+        drop(p);
         // Due (with no idle time): refused once, then not due again at
         // once, even with no idle time (it looped forever on a refusal).
         let mut next_due = u64::MAX;
         let now = crate::os::now_ns();
-        assert_eq!(pool.purge_one(now, 0, &mut next_due), Some(None));
-        assert_eq!(pool.purge_one(now, 0, &mut next_due), None);
+        assert_eq!(pool.lock().purge_one(now, 0, &mut next_due), Some(None));
+        assert_eq!(pool.lock().purge_one(now, 0, &mut next_due), None);
         assert!(next_due >= now + REFUSED_RETRY_NS);
         // SAFETY: a live segment of the pool, kept with every block free.
         let (touched, carved) = unsafe { ((*seg).touched_end as usize, (*seg).carved) };
         assert!(touched > HEADER_RESERVE && carved == 0);
         // Carved anew from pages that kept their bytes: not taken for zero.
-        assert_eq!(take_one(&mut pool), (b, false));
+        assert_eq!(take_one(&pool), (b, false));
         // SAFETY: as above.
         assert_eq!(unsafe { libc::munlock(b.cast(), crate::os::PAGE) }, 0);
     }
