@@ -15,10 +15,10 @@
 //! ACE's reserve: one unused for 10 s (`KEPT_IDLE_NS`) gives its pages back
 //! and stays, its address space kept (`purge_if_due`).
 //!
-//! The class lock covers list and count work only: a refill maps a new
-//! segment (`take_from`) and writes the first words of the blocks it
-//! carves (`Taken::link_carved`), the page faults, without it. Held across
-//! them, a thread on two cores slept on the lock for milliseconds (rptest).
+//! A refill maps a new segment (`take_from`) and writes the first words of
+//! the blocks it carves (`Taken::link_carved`), their page faults, without
+//! the class lock: held across them, the other thread of a two-thread
+//! program slept on the lock for milliseconds (rptest).
 //!
 //! A block carved past what a segment has touched (since it was mapped or
 //! purged) reads as zero but its first two words: `refill` says so of the
@@ -327,12 +327,12 @@ impl AceCache {
         // The class lock is released: new blocks' pages fault in here.
         let head_zero = taken.link_carved(&mut head);
         let n = taken.n;
-        // SAFETY: `take` linked n >= 1 free blocks at `head`.
+        // SAFETY: `take` and `link_carved` linked n >= 1 free blocks at `head`.
         let rest = unsafe { Block::next(head) };
         // Keep all but the first block in the cache.
         let mut tail = head;
         for _ in 1..n {
-            // SAFETY: walking the n-block chain built by `take`.
+            // SAFETY: walking the n-block chain they built.
             tail = unsafe { Block::next(tail) };
         }
         if n > 1 {
@@ -631,14 +631,37 @@ enum Shortfall {
 
 /// Takes up to `want` blocks of `class` from `pool` (`AceClass::take`
 /// under its lock), mapping a segment between two holds of the lock when
-/// the class has none: `mmap` may wait for the process's mmap lock behind
+/// the class has none: mapping (`mprotect` of a chunk of the reserved
+/// region, or `mmap`) takes the process's mmap lock, which may wait behind
 /// other threads' page faults (1.3 ms once in rptest, with the class lock
 /// held and the other thread asleep on it).
+///
+/// Meanwhile other threads may free blocks of the class, and `take` then
+/// serves from those first: a segment mapped and not used leaves the
+/// partial list as a free one (`release_free`), so that it is purged or
+/// handed on like any other. Two threads that find the class empty at once
+/// each map one (the second waited for the first's before); with
+/// `HAKMEM_ACE_MAX_SEGMENTS` set, the second may be refused while the first
+/// is being mapped. A fork while a thread maps leaves the child's count one
+/// too high (and the chunk, if taken, unused): it matters only under that
+/// limit.
 fn take_from(
     pool: &SpinLock<AceClass>,
     class: usize,
     want: u32,
     head: &mut *mut Block,
+) -> Result<Taken, AceFailKind> {
+    take_mapping(pool, class, want, head, new_segment)
+}
+
+/// `take_from`, with `map` for `new_segment` (a test runs other threads'
+/// work in the window where the lock is let go).
+fn take_mapping(
+    pool: &SpinLock<AceClass>,
+    class: usize,
+    want: u32,
+    head: &mut *mut Block,
+    mut map: impl FnMut(usize) -> *mut AceSegment,
 ) -> Result<Taken, AceFailKind> {
     let mut grown: *mut AceSegment = null_mut();
     loop {
@@ -646,13 +669,20 @@ fn take_from(
         if !grown.is_null() {
             p.link(grown, SegList::Partial);
         }
-        match p.take(want, head) {
+        let got = p.take(want, head);
+        // SAFETY: a segment of the class (lock held).
+        let unused = !grown.is_null() && unsafe { (*grown).used } == 0;
+        let spare = if unused { p.release_free(grown) } else { None };
+        drop(p);
+        if let Some(s) = spare {
+            hand_to_cache(&[s]);
+        }
+        match got {
             Ok(taken) => return Ok(taken),
             Err(Shortfall::Failed(kind)) => return Err(kind),
             Err(Shortfall::NoSegment) => {}
         }
-        drop(p);
-        grown = new_segment(class);
+        grown = map(class);
         if grown.is_null() {
             pool.lock().segments -= 1;
             return Err(AceFailKind::MapFail);
@@ -852,6 +882,14 @@ impl AceClass {
         if s.used > 0 {
             return None;
         }
+        self.release_free(seg)
+    }
+
+    /// A segment with every block free leaves the partial list: kept (its
+    /// pages go back after the idle time, `purge_if_due`) while the class
+    /// and all classes keep few; else Some(segment), no longer counted, for
+    /// the caller to hand to the chunk cache once it has let go of the lock.
+    fn release_free(&mut self, seg: *mut AceSegment) -> Option<*mut AceSegment> {
         self.unlink(seg);
         if self.free_count < KEEP_FREE_SEGMENTS
             && FREE_KEPT.load(Ordering::Relaxed) < KEEP_FREE_TOTAL
@@ -1229,21 +1267,28 @@ mod tests {
         // `refill` calls `take` under the class lock and `link_carved`
         // after it: what faults fresh pages in must be the latter.
         let class = ACE_CLASSES - 1;
-        let pool = SpinLock::new(AceClass::EMPTY);
+        let mut pool = AceClass::EMPTY;
+        let seg = new_segment(class);
+        assert!(!seg.is_null());
+        // SAFETY: our segment, no block out. A chunk from the chunk cache
+        // holds its last user's pages: they go back, so the check below
+        // runs on pages nobody has touched.
+        unsafe {
+            if (*seg).holds_pages() {
+                assert!((*seg).purge().is_some());
+            }
+        }
+        pool.segments += 1;
+        pool.link(seg, SegList::Partial);
         let mut head = null_mut();
-        let taken = take_from(&pool, class, 3, &mut head).unwrap();
+        let taken = pool.take(3, &mut head).unwrap();
         assert_eq!((taken.n, taken.carved.count), (3, 3));
         assert!(head.is_null(), "nothing linked yet");
-        let seg = crate::segment::chunk_of(taken.carved.first);
-        // SAFETY: a live segment of the pool.
-        let fresh = unsafe { (*(seg as *mut AceSegment)).touched_end } as usize == HEADER_RESERVE;
-        let span = HEADER_RESERVE..taken.carved.first - seg + 3 * taken.carved.stride;
-        let resident = || crate::os::resident_bytes(seg + span.start, span.len()).unwrap();
-        if fresh {
-            // A chunk from the chunk cache may hold its last user's pages.
-            assert_eq!(resident(), 0, "take wrote into the blocks it carved");
-        }
-        assert_eq!(taken.link_carved(&mut head), fresh);
+        let base = seg as usize;
+        let span = HEADER_RESERVE..taken.carved.first - base + 3 * taken.carved.stride;
+        let resident = || crate::os::resident_bytes(base + span.start, span.len()).unwrap();
+        assert_eq!(resident(), 0, "take wrote into the blocks it carved");
+        assert!(taken.link_carved(&mut head), "fresh pages read as zero");
         assert!(resident() >= 3 * crate::os::PAGE);
         let mut n = 0;
         while !head.is_null() {
@@ -1252,6 +1297,54 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn a_segment_mapped_while_blocks_came_back_is_not_left_unused_on_the_partial_list() {
+        // The class's only segment is full; a refill maps one without the
+        // lock, and meanwhile (the closure, run in that window) another
+        // thread frees a block of the full one. `take` serves that block:
+        // the new segment must not stay on the partial list with nothing
+        // out, where neither purge nor trim looks.
+        let class = ACE_CLASSES - 1;
+        let pool = SpinLock::new(AceClass::EMPTY);
+        let seg = |b: *mut Block| crate::segment::chunk_of(b as usize) as *mut AceSegment;
+        let mut head = null_mut();
+        let first = take_from(&pool, class, 1, &mut head).unwrap();
+        first.link_carved(&mut head);
+        let full = seg(head);
+        // SAFETY: a live segment of the pool.
+        let capacity = unsafe { (*full).capacity };
+        let rest = take_from(&pool, class, capacity - 1, &mut head).unwrap();
+        rest.link_carved(&mut head);
+        // SAFETY: as above.
+        assert!(unsafe { (*full).used == capacity && (*full).list == SegList::None });
+        let back = head;
+        let mut mapped = null_mut();
+        let mut got = null_mut();
+        let taken = take_mapping(&pool, class, 1, &mut got, |c| {
+            assert_eq!(pool.lock().put(full, back), None);
+            mapped = new_segment(c);
+            mapped
+        })
+        .unwrap();
+        taken.link_carved(&mut got);
+        assert_eq!(got, back, "the block freed meanwhile comes first");
+        let p = pool.lock();
+        // Kept by the class (its free list), or handed to the chunk cache
+        // and no longer counted (not read: the cache may have unmapped it).
+        let kept = p.free == mapped;
+        assert!(
+            kept || p.segments == 1,
+            "the unused segment is kept free or handed on"
+        );
+        let mut s = p.partial;
+        while !s.is_null() {
+            // SAFETY: segments on the pool's lists are live.
+            let (used, next) = unsafe { ((*s).used, (*s).next) };
+            assert!(used > 0, "an unused segment on the partial list");
+            s = next;
+        }
     }
 
     #[test]
