@@ -637,9 +637,10 @@ enum Shortfall {
 /// held and the other thread asleep on it).
 ///
 /// Meanwhile other threads may free blocks of the class, and `take` then
-/// serves from those first: a segment mapped and not used leaves the
-/// partial list as a free one (`release_free`), so that it is purged or
-/// handed on like any other. Two threads that find the class empty at once
+/// serves from those first: a segment mapped and not used goes to the
+/// chunk cache (`hand_back_unused`), not to the partial list, where neither
+/// the purge nor `trim` would look, nor to the kept segments, whose places
+/// and 10 s of residence are for segments the class has used. Two threads that find the class empty at once
 /// each map one (the second waited for the first's before); with
 /// `HAKMEM_ACE_MAX_SEGMENTS` set, the second may be refused while the first
 /// is being mapped. A fork while a thread maps leaves the child's count one
@@ -672,7 +673,7 @@ fn take_mapping(
         let got = p.take(want, head);
         // SAFETY: a segment of the class (lock held).
         let unused = !grown.is_null() && unsafe { (*grown).used } == 0;
-        let spare = if unused { p.release_free(grown) } else { None };
+        let spare = unused.then(|| p.hand_back_unused(grown));
         drop(p);
         if let Some(s) = spare {
             hand_to_cache(&[s]);
@@ -883,6 +884,15 @@ impl AceClass {
             return None;
         }
         self.release_free(seg)
+    }
+
+    /// A segment `take_from` linked and `take` did not use leaves the class
+    /// (not counted any more), for the caller to hand to the chunk cache
+    /// once it has let go of the lock.
+    fn hand_back_unused(&mut self, seg: *mut AceSegment) -> *mut AceSegment {
+        self.unlink(seg);
+        self.segments -= 1;
+        seg
     }
 
     /// A segment with every block free leaves the partial list: kept (its
@@ -1331,13 +1341,9 @@ mod tests {
         taken.link_carved(&mut got);
         assert_eq!(got, back, "the block freed meanwhile comes first");
         let p = pool.lock();
-        // Kept by the class (its free list), or handed to the chunk cache
-        // and no longer counted (not read: the cache may have unmapped it).
-        let kept = p.free == mapped;
-        assert!(
-            kept || p.segments == 1,
-            "the unused segment is kept free or handed on"
-        );
+        // Handed to the chunk cache (not read: it may have unmapped it).
+        assert_eq!(p.segments, 1, "the unused segment is no longer counted");
+        assert!(p.free.is_null(), "nor kept");
         let mut s = p.partial;
         while !s.is_null() {
             // SAFETY: segments on the pool's lists are live.
