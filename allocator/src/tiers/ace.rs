@@ -640,12 +640,12 @@ enum Shortfall {
 /// serves from those first: a segment mapped and not used goes to the
 /// chunk cache (`hand_back_unused`), not to the partial list, where neither
 /// the purge nor `trim` would look, nor to the kept segments, whose places
-/// and 10 s of residence are for segments the class has used. Two threads that find the class empty at once
-/// each map one (the second waited for the first's before); with
-/// `HAKMEM_ACE_MAX_SEGMENTS` set, the second may be refused while the first
-/// is being mapped. A fork while a thread maps leaves the child's count one
-/// too high (and the chunk, if taken, unused): it matters only under that
-/// limit.
+/// and 10 s of residence are for segments the class has used. Two threads
+/// that find the class empty at once each map one (the second waited for
+/// the first's before); with `HAKMEM_ACE_MAX_SEGMENTS` set, the second may
+/// be refused while the first is being mapped. A fork while a thread maps
+/// leaves the child's count one too high (and the chunk, if taken, unused):
+/// it matters only under that limit.
 fn take_from(
     pool: &SpinLock<AceClass>,
     class: usize,
@@ -762,6 +762,7 @@ impl AceClass {
     /// a 64 KiB refill from fresh pages held the lock across 16 page faults,
     /// longer than `SpinLock`'s spin: rptest's other thread slept on the lock,
     /// once for 3.4 ms.)
+    ///
     /// With no segment to take from, it counts one more for the caller to
     /// map (`take_from`).
     fn take(&mut self, want: u32, head: &mut *mut Block) -> Result<Taken, Shortfall> {
