@@ -14,12 +14,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// the run appends its tally to a stats file (not stderr, so programs that
 /// check their own stderr are undisturbed); returns the output and those tallies.
 fn run(cmd: &mut Command, preload: bool) -> (Output, Vec<serde_json::Value>) {
-    let stats = std::env::temp_dir().join(format!(
-        "hakmem-stats-{}-{}",
-        std::process::id(),
+    // In a directory of its own, gone when this returns: a process of the
+    // run that outlives it (a daemon a test suite starts) then writes no
+    // tally anywhere, instead of leaving a stats file in /tmp.
+    let dir = Scratch::new(&format!(
+        "stats-{}",
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let _ = std::fs::remove_file(&stats);
+    let stats = dir.join("stats");
     if preload {
         cmd.env("LD_PRELOAD", lib())
             .env("HAKMEM_STATS_FILE", &stats);
@@ -43,7 +45,6 @@ fn run(cmd: &mut Command, preload: bool) -> (Output, Vec<serde_json::Value>) {
         .filter_map(|l| l.strip_prefix("hakmem-stats: "))
         .map(|j| serde_json::from_str(j).expect("stats JSON"))
         .collect();
-    let _ = std::fs::remove_file(&stats);
     (out, tallies)
 }
 
