@@ -300,8 +300,8 @@ impl AceCache {
     /// more in the cache, from the class's segments; null after firing
     /// `ace_fail` (the caller falls back to the large path). (The front has
     /// run `lifecycle::before_refill`.) With it, whether the block reads as
-    /// zero past its first two words (`Taken::link_carved`): what `calloc` need not
-    /// clear.
+    /// zero past its first two words (`Taken::link_carved`): what `calloc`
+    /// need not clear.
     #[cold]
     #[inline(never)]
     pub fn refill(&mut self, mode: CacheMode, class: usize, size: usize) -> (*mut u8, bool) {
@@ -616,7 +616,7 @@ impl Taken {
             unsafe { Block::set_next(b, *head) };
             *head = b;
         }
-        c.count > 0 && c.last_zero
+        c.last_zero
     }
 }
 
@@ -1366,6 +1366,22 @@ mod tests {
             pool.take(1, &mut head),
             Err(Shortfall::Failed(AceFailKind::Exhaustion))
         );
+    }
+
+    #[test]
+    fn a_segment_the_os_refuses_fails_the_refill_and_is_not_counted() {
+        let class = ACE_CLASSES - 1;
+        let pool = SpinLock::new(AceClass::EMPTY);
+        let mut head = null_mut();
+        let refused = take_mapping(&pool, class, 1, &mut head, |_| null_mut());
+        assert_eq!(refused.map(|t| t.n), Err(AceFailKind::MapFail));
+        assert!(head.is_null());
+        let p = pool.lock();
+        assert_eq!(
+            p.segments, 0,
+            "the count taken for the mapping is given back"
+        );
+        assert!(p.partial.is_null() && p.free.is_null());
     }
 
     #[test]
