@@ -41,23 +41,47 @@ const BATCH: [u32; BINS] = {
 /// at all of them whenever the active slab ran out made growth quadratic.
 const PARTIAL_SCAN: u32 = 8;
 
-/// A bin's cache limit, in batches: it starts at 2 and grows by one at each
-/// refill (the cache ran empty) up to LIMIT_MAX_BATCHES; every LIMIT_SHRINK_AFTER
+/// A bin's cache limit: it starts at 2 batches and grows by one at each
+/// refill (the cache ran empty) up to `LIMIT_MAX[bin]`; every LIMIT_SHRINK_AFTER
 /// overflows take one back. A bin that is both allocated and freed a lot (the
 /// cache walks between empty and full at random) ends at the top, where a
-/// walk reaches either end 16 times less often than at 2 batches; a bin the
+/// walk reaches either end far less often than at 2 batches; a bin the
 /// thread mostly frees (blocks it made before) stays at the bottom. As
 /// tcmalloc's free lists grow and shrink.
 const LIMIT_MIN_BATCHES: u32 = 2;
-const LIMIT_MAX_BATCHES: u32 = 8;
 const LIMIT_SHRINK_AFTER: u8 = 3;
+
+/// The top of a bin's cache limit: 128 KiB of blocks, but no fewer than 8
+/// batches and no more than 32 (16 B to 64 B: 2,048 blocks; 128 B: 1,024;
+/// 1 KiB: 128). A program that allocates a run of blocks and frees it
+/// again (glibc's bench-malloc-simple: 1,600 blocks of 16, 32 or 64 B)
+/// drained and refilled the cache on every run at the old top of 8 batches
+/// (512 blocks of those sizes): a third of its allocator instructions, and
+/// 1.08x the time it takes at this top (pinned, 9 runs). The 32-batch bound
+/// keeps one overflow's walk to at most 1,024 blocks; the bytes bound keeps
+/// a thread's lists to about 2.8 MiB at most (docs/decisions.md).
+const LIMIT_MAX: [u32; BINS] = {
+    const BYTES: usize = 128 << 10;
+    let mut t = [0u32; BINS];
+    let mut b = 0;
+    while b < BINS {
+        let (low, high) = (8 * BATCH[b], 32 * BATCH[b]);
+        let n = (BYTES / BIN_SIZES[b]) as u32;
+        t[b] = if n < low {
+            low
+        } else if n > high {
+            high
+        } else {
+            n
+        };
+        b += 1;
+    }
+    t
+};
 
 /// `limit` brought within the bounds of `bin`'s cache limit.
 fn bounded_limit(bin: usize, limit: u32) -> u32 {
-    limit.clamp(
-        LIMIT_MIN_BATCHES * BATCH[bin],
-        LIMIT_MAX_BATCHES * BATCH[bin],
-    )
+    limit.clamp(LIMIT_MIN_BATCHES * BATCH[bin], LIMIT_MAX[bin])
 }
 
 /// Most blocks a refill takes whole from a drained remote list (bounds what
@@ -69,8 +93,8 @@ pub struct ClassCache {
     /// The TLS SLL.
     head: *mut Block,
     count: u32,
-    /// Drain when `count` passes this (LIMIT_MIN_BATCHES..=LIMIT_MAX_BATCHES
-    /// x BATCH; 0 until the first use, which sets it, so a zeroed cache is valid).
+    /// Drain when `count` passes this (LIMIT_MIN_BATCHES x BATCH ..=
+    /// LIMIT_MAX; 0 until the first use, which sets it, so a zeroed cache is valid).
     limit: u32,
 }
 
@@ -730,39 +754,86 @@ mod tests {
         assert!(tc.owned(bin).is_null());
     }
 
-    #[test]
-    fn a_bin_that_runs_empty_gets_room_and_one_that_only_frees_gives_it_back() {
-        let bin = tiny_bin(1024);
-        let batch = BATCH[bin];
-        let mut tc = Box::new(TinyCache::NEW);
-        tc.id = &*tc as *const TinyCache as usize;
-        let mode = REGISTERED;
-        // Allocate 1,000 blocks: the cache runs empty at every batch.
-        let mut blocks = Vec::new();
-        while blocks.len() < 1000 {
+    /// Allocates `n` blocks of `bin` as malloc does (a refill when the
+    /// cache is empty); the second value counts the refills.
+    fn allocate_run(tc: &mut TinyCache, bin: usize, n: usize) -> (Vec<*mut Block>, u32) {
+        let mut blocks = Vec::with_capacity(n);
+        let mut refills = 0;
+        while blocks.len() < n {
             let b = if tc.tiny[bin].count == 0 {
-                tc.refill(mode, bin)
+                refills += 1;
+                tc.refill(REGISTERED, bin)
             } else {
-                tc.pop(mode, bin)
+                tc.pop(REGISTERED, bin)
             };
             assert!(!b.is_null());
             blocks.push(b as *mut Block);
         }
-        assert_eq!(tc.tiny[bin].limit, LIMIT_MAX_BATCHES * batch);
-        // Free them all: the cache overflows again and again with no refill
-        // in between, so its room shrinks back to the bottom.
-        let mut most = 0;
+        (blocks, refills)
+    }
+
+    /// Frees `blocks` as free does (an overflow past the limit); returns
+    /// the most the cache held and how many overflows drained it.
+    fn free_run(tc: &mut TinyCache, bin: usize, blocks: Vec<*mut Block>) -> (u32, u32) {
+        let (mut most, mut overflows) = (0, 0);
         for b in blocks {
-            if let Push::OverLimit(bin) = push_local(&mut tc, bin, b, false) {
-                tc.overflow(mode, bin);
+            if let Push::OverLimit(bin) = push_local(tc, bin, b, false) {
+                overflows += 1;
+                tc.overflow(REGISTERED, bin);
             }
             most = most.max(tc.tiny[bin].count);
         }
+        (most, overflows)
+    }
+
+    fn new_cache() -> Box<TinyCache> {
+        let mut tc = Box::new(TinyCache::NEW);
+        tc.id = &*tc as *const TinyCache as usize;
+        tc
+    }
+
+    #[test]
+    fn a_bin_that_runs_empty_gets_room_and_one_that_only_frees_gives_it_back() {
+        let bin = tiny_bin(1024);
+        let batch = BATCH[bin];
+        let mut tc = new_cache();
+        // Allocate 1,000 blocks: the cache runs empty at every batch.
+        let (blocks, _) = allocate_run(&mut tc, bin, 1000);
+        assert_eq!(tc.tiny[bin].limit, LIMIT_MAX[bin]);
+        // Free them all: the cache overflows again and again with no refill
+        // in between, so its room shrinks back to the bottom.
+        let (most, _) = free_run(&mut tc, bin, blocks);
         assert_eq!(tc.tiny[bin].limit, LIMIT_MIN_BATCHES * batch);
-        assert!(most <= LIMIT_MAX_BATCHES * batch + 1, "held {most} blocks");
+        assert!(most <= LIMIT_MAX[bin] + 1, "held {most} blocks");
         assert!(tc.tiny[bin].count <= LIMIT_MIN_BATCHES * batch);
         tc.release_all();
         assert!(tc.owned(bin).is_null());
+    }
+
+    /// glibc's bench-malloc-simple allocates 1,600 blocks of 16, 32 or 64
+    /// bytes and frees them, again and again: once the limit has grown, a
+    /// run is served and taken back by the cache alone. (At the old top of
+    /// 8 batches, 512 blocks, every run drained and refilled it.)
+    #[test]
+    fn a_run_of_1600_small_blocks_allocated_and_freed_again_stays_in_the_cache() {
+        for size in [16, 32, 64] {
+            let bin = tiny_bin(size);
+            let mut tc = new_cache();
+            for _ in 0..3 {
+                let (blocks, _) = allocate_run(&mut tc, bin, 1600);
+                free_run(&mut tc, bin, blocks);
+            }
+            let (blocks, refills) = allocate_run(&mut tc, bin, 1600);
+            let (most, overflows) = free_run(&mut tc, bin, blocks);
+            assert_eq!(
+                (refills, overflows),
+                (0, 0),
+                "{size} B: the cache held {most}"
+            );
+            // What it holds stays within 128 KiB.
+            assert!(most as usize * size <= 128 << 10, "{size} B: held {most}");
+            tc.release_all();
+        }
     }
 
     #[test]
