@@ -106,34 +106,69 @@ fn small_pages(start: usize, len: usize) {
     unsafe { advise(start, len, libc::MADV_NOHUGEPAGE) };
 }
 
-/// The next chunk of the current region, mapping a new region when it is
-/// used up; None if the OS refuses a region.
+/// The next chunk of the current region, made writable; None if the OS
+/// refuses a region or the chunk's pages (the commit limit).
+///
+/// The region lock is held only to take the chunk: `mprotect` and `mmap`
+/// wait for the process's memory map lock, which page faults elsewhere in
+/// the program hold (rptest, two threads faulting in fresh blocks: one
+/// `map_chunk` under the lock took 1.3 ms, and the other thread slept on the
+/// lock meanwhile). A refused chunk's address space goes back; the region
+/// goes on past it.
 fn chunk_from_region() -> Option<*mut u8> {
-    let mut region = REGION.lock();
-    if region.next == region.end {
+    let p = reserve_chunk()?;
+    #[cfg(test)]
+    tests::chunk_taken(p);
+    // SAFETY: a reserved chunk that `reserve_chunk` handed to us alone.
+    let (r, _) = errno::keep(|| unsafe { libc::mprotect(p as *mut libc::c_void, CHUNK, RW) });
+    if r != 0 {
+        // SAFETY: as above; nobody else has it, and nothing of it was used.
+        unsafe { munmap(p, CHUNK) };
+        return None;
+    }
+    Some(p as *mut u8)
+}
+
+/// Takes the next chunk of the current region (reserved, not writable),
+/// reserving a new region first when it is used up; None if the OS refuses.
+fn reserve_chunk() -> Option<usize> {
+    loop {
+        if let Some(p) = REGION.lock().take() {
+            return Some(p);
+        }
         // Reserved, not writable: a host with `vm.overcommit_memory=2`
         // charges a writable private mapping in full, touched or not (32 MiB
         // for a program that needs one chunk); each chunk is made writable
-        // as it is handed out.
-        let base = map_aligned_uncharged(REGION_CHUNKS * CHUNK, CHUNK, libc::PROT_NONE) as usize;
+        // as it is handed out. Mapped without the lock, as above.
+        let len = REGION_CHUNKS * CHUNK;
+        let base = map_aligned_uncharged(len, CHUNK, libc::PROT_NONE) as usize;
         if base == 0 {
             return None;
         }
-        small_pages(base, REGION_CHUNKS * CHUNK);
-        *region = Region {
-            next: base,
-            end: base + REGION_CHUNKS * CHUNK,
-        };
+        small_pages(base, len);
+        let mut region = REGION.lock();
+        if region.next == region.end {
+            *region = Region {
+                next: base + CHUNK,
+                end: base + len,
+            };
+            return Some(base);
+        }
+        drop(region);
+        // Another thread put a region in place meanwhile: take from it.
+        // SAFETY: ours, mapped above, handed to nobody.
+        unsafe { munmap(base, len) };
     }
-    let p = region.next;
-    // SAFETY: a chunk of the region reserved, handed out to nobody yet.
-    let (r, _) = errno::keep(|| unsafe { libc::mprotect(p as *mut libc::c_void, CHUNK, RW) });
-    if r != 0 {
-        // Refused (the commit limit): the chunk stays for the next try.
-        return None;
+}
+
+impl Region {
+    /// The next chunk, if any is left.
+    fn take(&mut self) -> Option<usize> {
+        (self.next != self.end).then(|| {
+            self.next += CHUNK;
+            self.next - CHUNK
+        })
     }
-    region.next += CHUNK;
-    Some(p as *mut u8)
 }
 
 pub fn lock_for_fork() {
@@ -469,6 +504,71 @@ mod tests {
             // SAFETY: handed out above, no longer used; chunks go back one by one.
             unsafe { unmap(c as *mut u8, CHUNK) };
         }
+    }
+
+    /// The thread of `a_chunk_is_made_writable_without_the_region_lock` that
+    /// stops in the window; the chunk it took, once there; whether to go on.
+    static PAUSE_THREAD: AtomicUsize = AtomicUsize::new(0);
+    static PAUSED_AT: AtomicUsize = AtomicUsize::new(0);
+    static RESUME: AtomicBool = AtomicBool::new(false);
+
+    fn thread_tag() -> usize {
+        // SAFETY: pthread_self has no preconditions.
+        unsafe { libc::pthread_self() as usize }
+    }
+
+    /// Called by `chunk_from_region` between taking a chunk and making it
+    /// writable (in unit tests only: `test_hooks` would make `os` reach up
+    /// to `hardening`, which reaches `os`).
+    pub(super) fn chunk_taken(chunk: usize) {
+        if PAUSE_THREAD.load(Ordering::Acquire) != thread_tag() {
+            return;
+        }
+        PAUSED_AT.store(chunk, Ordering::Release);
+        while !RESUME.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// One thread stops after taking its chunk and before `mprotect`; another
+    /// maps a chunk meanwhile, which it could not if the region lock were
+    /// held across the `mprotect` (as it was until the twenty-first session).
+    #[test]
+    fn a_chunk_is_made_writable_without_the_region_lock() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let paused = std::thread::spawn(|| {
+            PAUSE_THREAD.store(thread_tag(), Ordering::Release);
+            map_chunk() as usize
+        });
+        for _ in 0..20_000 {
+            if PAUSED_AT.load(Ordering::Acquire) != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_ne!(
+            PAUSED_AT.load(Ordering::Acquire),
+            0,
+            "no chunk came from the region"
+        );
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(map_chunk() as usize).unwrap());
+        let other = rx.recv_timeout(Duration::from_secs(20));
+        RESUME.store(true, Ordering::Release);
+        let first = paused.join().unwrap();
+        let other =
+            other.expect("a chunk could not be mapped while another was being made writable");
+        assert_eq!(first, PAUSED_AT.load(Ordering::Relaxed));
+        for c in [first, other] {
+            assert!(c != 0 && c % CHUNK == 0, "chunk at {c:#x}");
+            // SAFETY: fresh chunks of ours, written once and given back.
+            unsafe {
+                *((c + CHUNK - 1) as *mut u8) = 1;
+                unmap(c as *mut u8, CHUNK);
+            }
+        }
+        assert_ne!(first, other);
     }
 
     #[test]
