@@ -111,10 +111,10 @@ fn small_pages(start: usize, len: usize) {
 ///
 /// The region lock is held only to take the chunk: `mprotect` and `mmap`
 /// wait for the process's memory map lock, which page faults elsewhere in
-/// the program hold (rptest, two threads faulting in fresh blocks: one
-/// `map_chunk` under the lock took 1.3 ms, and the other thread slept on the
-/// lock meanwhile). A refused chunk's address space goes back; the region
-/// goes on past it.
+/// the program hold (rptest, two threads faulting in fresh blocks: each
+/// traced run had one `mprotect` of 1-4 ms among about 30 of 1-30 us, and a
+/// thread mapping a chunk meanwhile slept on the region lock as long). A
+/// refused chunk's address space goes back; the region goes on past it.
 fn chunk_from_region() -> Option<*mut u8> {
     let p = reserve_chunk()?;
     #[cfg(test)]
@@ -506,22 +506,29 @@ mod tests {
         }
     }
 
-    /// The thread of `a_chunk_is_made_writable_without_the_region_lock` that
-    /// stops in the window; the chunk it took, once there; whether to go on.
-    static PAUSE_THREAD: AtomicUsize = AtomicUsize::new(0);
+    std::thread_local! {
+        /// Set on the thread of `a_chunk_is_made_writable_without_the_region_lock`
+        /// that stops in the window.
+        static PAUSE_HERE: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+    }
+    /// The chunk the stopped thread took, once it is there; whether to go on.
     static PAUSED_AT: AtomicUsize = AtomicUsize::new(0);
     static RESUME: AtomicBool = AtomicBool::new(false);
 
-    fn thread_tag() -> usize {
-        // SAFETY: pthread_self has no preconditions.
-        unsafe { libc::pthread_self() as usize }
+    /// Lets the stopped thread go on when the test ends, a failed one too.
+    struct Resume;
+
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            RESUME.store(true, Ordering::Release);
+        }
     }
 
     /// Called by `chunk_from_region` between taking a chunk and making it
     /// writable (in unit tests only: `test_hooks` would make `os` reach up
     /// to `hardening`, which reaches `os`).
     pub(super) fn chunk_taken(chunk: usize) {
-        if PAUSE_THREAD.load(Ordering::Acquire) != thread_tag() {
+        if !PAUSE_HERE.with(|p| p.get()) {
             return;
         }
         PAUSED_AT.store(chunk, Ordering::Release);
@@ -537,8 +544,9 @@ mod tests {
     fn a_chunk_is_made_writable_without_the_region_lock() {
         use std::sync::mpsc;
         use std::time::Duration;
+        let resume = Resume;
         let paused = std::thread::spawn(|| {
-            PAUSE_THREAD.store(thread_tag(), Ordering::Release);
+            PAUSE_HERE.with(|p| p.set(true));
             map_chunk() as usize
         });
         for _ in 0..20_000 {
@@ -555,7 +563,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || tx.send(map_chunk() as usize).unwrap());
         let other = rx.recv_timeout(Duration::from_secs(20));
-        RESUME.store(true, Ordering::Release);
+        drop(resume);
         let first = paused.join().unwrap();
         let other =
             other.expect("a chunk could not be mapped while another was being made writable");
