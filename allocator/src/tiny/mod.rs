@@ -242,14 +242,11 @@ pub unsafe fn free_owned(tc: &mut TinyCache, ptr: *mut u8) -> Push {
     let Some(ix) = (unsafe { tc.owned_index.as_ref() }) else {
         return Push::NotOurs;
     };
-    let Some(bin) = ix.bin_of(ptr as usize) else {
+    // Off the 16-byte grid is NotOurs too: the slow path, which reads the
+    // slab's metadata, refuses it.
+    let Some(bin) = ix.bin_of_block(ptr as usize) else {
         return Push::NotOurs;
     };
-    if ptr as usize & 15 != 0 {
-        // Off the 16-byte grid: the slow path, which reads the slab's
-        // metadata, refuses it (two instructions here, no call).
-        return Push::NotOurs;
-    }
     push_local(tc, bin, ptr as *mut Block, false)
 }
 
