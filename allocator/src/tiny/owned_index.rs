@@ -49,8 +49,10 @@ const _: () = assert!(SLOTS * SLAB_SIZE == 64 << 20);
 const IN_USE: usize = 0x100;
 const BIN_MASK: usize = 0xff;
 /// The low bits of a block's address, zero for every block (they start on
-/// the 16-byte grid), which `bin_of_block` compares with the zero bits of a
-/// slot's `slab base` part.
+/// the 16-byte grid): `bin_of_block` keeps them in its key and masks them
+/// off the slot (with the bin), so an address with any of them set matches
+/// no slot. (Block sizes, the SuperSlab header and colours are multiples of
+/// 16; were one not, its blocks would take the slower path, not a wrong one.)
 const GRID_BITS: usize = 15;
 const _: () = assert!(GRID_BITS & !BIN_MASK == 0 && SLAB_SIZE > IN_USE);
 
