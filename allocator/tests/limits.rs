@@ -85,22 +85,55 @@ fn assert_refused_cleanly(out: &Output, what: &str) {
     }
 }
 
-#[test]
-fn under_rlimit_as_running_out_is_null_with_enomem() {
-    let (_dir, exe) = compile("rlimit");
-    let limit = || {
+/// A `pre_exec` setup that sets `resource` to `bytes`, soft and hard.
+fn rlimit(
+    resource: libc::__rlimit_resource_t,
+    bytes: u64,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    move || {
         let rl = libc::rlimit {
-            rlim_cur: 1 << 30,
-            rlim_max: 1 << 30,
+            rlim_cur: bytes,
+            rlim_max: bytes,
         };
         // SAFETY: setrlimit with a valid struct; async-signal-safe.
-        if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) } != 0 {
+        if unsafe { libc::setrlimit(resource, &rl) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
-    };
-    assert_refused_cleanly(&run(&exe, &[], false, limit), "glibc under RLIMIT_AS 1 GiB");
-    assert_refused_cleanly(&run(&exe, &[], true, limit), "hakmem under RLIMIT_AS 1 GiB");
+    }
+}
+
+#[test]
+fn under_rlimit_as_running_out_is_null_with_enomem() {
+    let (_dir, exe) = compile("rlimit");
+    let limit = || rlimit(libc::RLIMIT_AS, 1 << 30);
+    assert_refused_cleanly(
+        &run(&exe, &[], false, limit()),
+        "glibc under RLIMIT_AS 1 GiB",
+    );
+    assert_refused_cleanly(
+        &run(&exe, &[], true, limit()),
+        "hakmem under RLIMIT_AS 1 GiB",
+    );
+}
+
+/// `RLIMIT_DATA` counts private writable mappings, not hakmem's reserved
+/// (`PROT_NONE`) regions: it refuses the `mprotect` that makes a region's
+/// chunk writable, the path whose refused chunk is unmapped
+/// (`os::chunk_from_region`), and every tier still gets NULL with ENOMEM and
+/// allocates again after the frees.
+#[test]
+fn under_rlimit_data_running_out_is_null_with_enomem() {
+    let (_dir, exe) = compile("rlimit-data");
+    let limit = || rlimit(libc::RLIMIT_DATA, 1 << 30);
+    assert_refused_cleanly(
+        &run(&exe, &[], false, limit()),
+        "glibc under RLIMIT_DATA 1 GiB",
+    );
+    assert_refused_cleanly(
+        &run(&exe, &[], true, limit()),
+        "hakmem under RLIMIT_DATA 1 GiB",
+    );
 }
 
 /// A memory cgroup made for the test, removed when dropped.

@@ -18,19 +18,24 @@ use core::sync::atomic::Ordering;
 use hakmem_common::DrainWhy;
 use owned_index::OwnedIndex;
 
-/// Blocks moved per refill, per bin: about 4 KiB worth, at least 16.
+/// `n` brought within `low..=high`, for the tables below (`Ord::clamp` is
+/// not a const fn).
+const fn clamp(n: u32, low: u32, high: u32) -> u32 {
+    if n < low {
+        low
+    } else if n > high {
+        high
+    } else {
+        n
+    }
+}
+
+/// Blocks moved per refill, per bin: about 4 KiB worth, 16 to 64.
 const BATCH: [u32; BINS] = {
     let mut t = [0u32; BINS];
     let mut b = 0;
     while b < BINS {
-        let n = 4096 / BIN_SIZES[b];
-        t[b] = if n > 64 {
-            64
-        } else if n < 16 {
-            16
-        } else {
-            n as u32
-        };
+        t[b] = clamp((4096 / BIN_SIZES[b]) as u32, 16, 64);
         b += 1;
     }
     t
@@ -65,15 +70,7 @@ const LIMIT_MAX: [u32; BINS] = {
     let mut t = [0u32; BINS];
     let mut b = 0;
     while b < BINS {
-        let (low, high) = (8 * BATCH[b], 32 * BATCH[b]);
-        let n = (BYTES / BIN_SIZES[b]) as u32;
-        t[b] = if n < low {
-            low
-        } else if n > high {
-            high
-        } else {
-            n
-        };
+        t[b] = clamp((BYTES / BIN_SIZES[b]) as u32, 8 * BATCH[b], 32 * BATCH[b]);
         b += 1;
     }
     t
