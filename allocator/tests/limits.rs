@@ -103,18 +103,19 @@ fn rlimit(
     }
 }
 
+/// exhaust.c under `resource` at 1 GiB, glibc (the control) and hakmem.
+fn refused_cleanly_under(resource: libc::__rlimit_resource_t, name: &str) {
+    let (_dir, exe) = compile(&name.to_lowercase());
+    let limit = || rlimit(resource, 1 << 30);
+    for (preload, who) in [(false, "glibc"), (true, "hakmem")] {
+        let out = run(&exe, &[], preload, limit());
+        assert_refused_cleanly(&out, &format!("{who} under {name} 1 GiB"));
+    }
+}
+
 #[test]
 fn under_rlimit_as_running_out_is_null_with_enomem() {
-    let (_dir, exe) = compile("rlimit");
-    let limit = || rlimit(libc::RLIMIT_AS, 1 << 30);
-    assert_refused_cleanly(
-        &run(&exe, &[], false, limit()),
-        "glibc under RLIMIT_AS 1 GiB",
-    );
-    assert_refused_cleanly(
-        &run(&exe, &[], true, limit()),
-        "hakmem under RLIMIT_AS 1 GiB",
-    );
+    refused_cleanly_under(libc::RLIMIT_AS, "RLIMIT_AS");
 }
 
 /// `RLIMIT_DATA` counts private writable mappings, not hakmem's reserved
@@ -124,16 +125,7 @@ fn under_rlimit_as_running_out_is_null_with_enomem() {
 /// allocates again after the frees.
 #[test]
 fn under_rlimit_data_running_out_is_null_with_enomem() {
-    let (_dir, exe) = compile("rlimit-data");
-    let limit = || rlimit(libc::RLIMIT_DATA, 1 << 30);
-    assert_refused_cleanly(
-        &run(&exe, &[], false, limit()),
-        "glibc under RLIMIT_DATA 1 GiB",
-    );
-    assert_refused_cleanly(
-        &run(&exe, &[], true, limit()),
-        "hakmem under RLIMIT_DATA 1 GiB",
-    );
+    refused_cleanly_under(libc::RLIMIT_DATA, "RLIMIT_DATA");
 }
 
 /// A memory cgroup made for the test, removed when dropped.
