@@ -593,6 +593,23 @@ fn a_free_inside_a_block_or_off_its_alignment_is_refused() {
     }
 }
 
+/// A pointer into a SuperSlab's header (or an ACE segment's) is no block, also
+/// for the thread that owns slabs of that SuperSlab, whose `free` reads
+/// only its owned index first: no slab in the index may start where a
+/// header does (`superslab::FIRST_SLAB`).
+#[test]
+fn a_free_into_a_segment_header_is_refused() {
+    for size in MISUSE_SIZES {
+        misuse_aborts("segment-header", size, &[], "free(): invalid pointer");
+        misuse_aborts(
+            "segment-header",
+            size,
+            &[CHECK_FREES],
+            "free(): invalid pointer",
+        );
+    }
+}
+
 #[cfg(feature = "safe-linking")]
 #[test]
 fn a_use_after_free_write_of_a_pointer_does_not_steer_malloc() {

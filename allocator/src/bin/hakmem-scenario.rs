@@ -1135,6 +1135,14 @@ fn misuse() {
                 let a = malloc(size);
                 free(a.add(1));
             }
+            // Into the header at the start of the block's 2 MiB chunk (a
+            // SuperSlab's, an ACE segment's), from the thread that owns
+            // slabs of that SuperSlab: its free reads its index first.
+            "segment-header" => {
+                let a = malloc(size);
+                let chunk = a as usize & !((2 << 20) - 1);
+                free((chunk + 64) as *mut u8);
+            }
             // A use-after-free write of a plain pointer into the link word:
             // it must not become the next block handed out.
             "use-after-free-link" => {
@@ -1154,7 +1162,7 @@ fn misuse() {
                 println!("handed out {again:p} then {forged:p} (forged {target:#x})");
             }
             _ => {
-                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|use-after-free-link");
+                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|segment-header|use-after-free-link");
                 std::process::exit(2);
             }
         }

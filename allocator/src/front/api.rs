@@ -8,7 +8,7 @@
 
 use super::place::{self, Place};
 use crate::class::{aligned_bin, tiny_bin, ACE_MAX, BIN_SIZES, TINY_MAX};
-use crate::superslab::{is_block_start, SlabState, SS_HEADER_RESERVE, SS_SIZE};
+use crate::superslab::{is_block_start, SlabState};
 use crate::thread::{self, with_cache};
 use crate::tiny::Push;
 use crate::{ace, chunks, large, legacy, lifecycle, misuse, os, parcel, pool, tiny};
@@ -164,17 +164,14 @@ pub unsafe fn free(ptr: *mut u8) {
         return;
     }
     let p = ptr as usize;
-    // The first SS_HEADER_RESERVE bytes of a SuperSlab are its header.
-    let in_ss_header = p & (SS_SIZE - 1) < SS_HEADER_RESERVE;
-    if !in_ss_header {
-        // A block of this thread's own slabs first, from its index alone.
-        // SAFETY: this thread's cache, the only reference while it lives;
-        // the block per the contract, and not in a header.
-        match unsafe { tiny::free_owned(&mut thread::cache().tiny, ptr) } {
-            Push::Done => return,
-            Push::OverLimit(bin) => return tiny_overflow(bin),
-            Push::NotOurs => {}
-        }
+    // A block of this thread's own slabs first, from its index alone (which
+    // names no SuperSlab header: no serving slab holds one, `FIRST_SLAB`).
+    // SAFETY: this thread's cache, the only reference while it lives; the
+    // block per the contract.
+    match unsafe { tiny::free_owned(&mut thread::cache().tiny, ptr) } {
+        Push::Done => return,
+        Push::OverLimit(bin) => return tiny_overflow(bin),
+        Push::NotOurs => {}
     }
     match place::by_registry(p) {
         Ok(Place::Slab(slab)) => {

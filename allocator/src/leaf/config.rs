@@ -85,7 +85,7 @@ knobs! {
         "fully EMPTY SuperSlabs kept in the pool (their slabs serve Stage 1); further ones are \
          retired to the chunk cache once their slabs' pages went back (the purge delay); also \
          sizes the reserve of EMPTY slabs that keep their pages for a second instead of the purge \
-         delay (32 slabs each)";
+         delay (31 slabs each)";
     ace_max_bytes: usize = crate::class::ACE_MAX,
         "HAKMEM_ACE_MAX_BYTES", count, "262144",
         "largest size ACE serves (at most its largest class, 256 KiB); mid sizes above it are \

@@ -14,7 +14,7 @@ use crate::os;
 use crate::probes;
 use crate::registry;
 use crate::segment::SegKind;
-use crate::superslab::{Block, Slab, SlabState, SuperSlab, SLABS_PER_SS, SS_SIZE};
+use crate::superslab::{Block, Slab, SlabState, SuperSlab, FIRST_SLAB, SERVING_SLABS, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -312,7 +312,7 @@ const PURGE_BATCH: usize = 8;
 /// The newest resident EMPTY slabs, which wait `chunks::MAX_IDLE_NS` rather
 /// than the purge delay: `HAKMEM_SS_KEEP` SuperSlabs' worth.
 fn reserve_slabs() -> usize {
-    config::get().ss_keep * SLABS_PER_SS
+    config::get().ss_keep * SERVING_SLABS
 }
 
 /// Gives back the pages of EMPTY slabs unused for the purge delay. Cheap
@@ -409,7 +409,7 @@ impl Pool {
         // SAFETY: the pool's SuperSlabs and parked slabs (lock held).
         unsafe {
             while !ss.is_null() {
-                if (*ss).claimed as usize >= SLABS_PER_SS || (*ss).empty > (*ss).claimed {
+                if (*ss).claimed as usize >= SERVING_SLABS || (*ss).empty > (*ss).claimed {
                     return Err("invariant: a SuperSlab on the fresh list has no free slot");
                 }
                 ss = (*ss).next_fresh;
@@ -482,9 +482,9 @@ impl Pool {
         // SAFETY: SuperSlabs on the fresh list are mapped and pool-managed (lock held).
         unsafe {
             let ss = &mut *ssp;
-            let idx = ss.claimed as usize;
+            let idx = FIRST_SLAB + ss.claimed as usize;
             ss.claimed += 1;
-            if ss.claimed as usize == SLABS_PER_SS {
+            if ss.claimed as usize == SERVING_SLABS {
                 self.fresh = ss.next_fresh;
                 ss.next_fresh = null_mut();
             }
@@ -570,12 +570,15 @@ impl Pool {
     /// The lock is held; `ssp` is a live SuperSlab of the pool.
     unsafe fn retire_if_idle(&mut self, ssp: *mut SuperSlab) -> *mut SuperSlab {
         // SAFETY: per the contract.
-        let ss = unsafe { &*ssp };
+        let ss = unsafe { &mut *ssp };
         let delay = config::get().purge_delay_ns;
-        let claimed = &ss.slabs[..ss.claimed as usize];
         if ss.empty != ss.claimed
             || self.idle_superslabs <= config::get().ss_keep
-            || (delay > 0 && claimed.iter().any(|s| s.state != SlabState::Purged))
+            || (delay > 0
+                && ss
+                    .claimed_slabs()
+                    .iter()
+                    .any(|s| s.state != SlabState::Purged))
         {
             return null_mut();
         }
@@ -591,9 +594,9 @@ impl Pool {
     unsafe fn retire(&mut self, ssp: *mut SuperSlab) -> *mut SuperSlab {
         // SAFETY: per the contract.
         let ss = unsafe { &mut *ssp };
-        for i in 0..ss.claimed as usize {
+        for slab in ss.claimed_slabs() {
             // SAFETY: every claimed slab is EMPTY, on the pool's lists.
-            unsafe { self.empty.unlink(core::ptr::addr_of_mut!(ss.slabs[i])) };
+            unsafe { self.empty.unlink(slab) };
         }
         // SAFETY: per the contract.
         unsafe { self.unlink_fresh(ssp) };

@@ -2,7 +2,12 @@
 //! atomic remote list.
 //!
 //! A SuperSlab is a 2 MiB-aligned mapping of 32 slabs of 64 KiB. Its header
-//! (the slab metadata array) occupies the first 4 KiB of slab 0. Block addresses
+//! (the slab metadata array) occupies the first 4 KiB of slab 0, which serves
+//! no blocks: slabs 1 to 31 do (`FIRST_SLAB`). So no slab a thread owns
+//! starts where a header does, and an owner's `free` needs no test of its own
+//! that the pointer is not in one: the owned index, keyed by slab start,
+//! cannot name a header (four of the 44 instructions of its fast path; the
+//! rest of slab 0 is address space, never touched). Block addresses
 //! are `slab start + colour + i * block size`. The colour (0..15 cache lines,
 //! by the slab's place) staggers where blocks start: without it the blocks of a
 //! 1024-byte bin all began at one of 4 of the 64 L1 sets and 128 of the 2,048
@@ -28,6 +33,10 @@ pub const SLAB_SHIFT: u32 = 16;
 pub const SLAB_SIZE: usize = 1 << SLAB_SHIFT;
 pub const SLABS_PER_SS: usize = SS_SIZE / SLAB_SIZE;
 pub const SS_HEADER_RESERVE: usize = 4096;
+/// The first slab that serves blocks (slab 0 holds the header; see above).
+pub const FIRST_SLAB: usize = 1;
+/// Slabs of a SuperSlab that serve blocks.
+pub const SERVING_SLABS: usize = SLABS_PER_SS - FIRST_SLAB;
 
 /// The remote list is one word: the head block's address in the low
 /// `REMOTE_ADDR_BITS` bits, the list's length above them. One CAS pushes a
@@ -176,7 +185,8 @@ pub struct Slab {
 #[repr(C)]
 pub struct SuperSlab {
     pub hdr: SegHeader,
-    /// Slots claimed so far (Stage 2 cursor). Pool lock.
+    /// Slabs claimed so far (Stage 2 cursor): `slabs[FIRST_SLAB..][..claimed]`.
+    /// Pool lock.
     pub claimed: u32,
     /// Claimed slabs currently on the empty list. Pool lock.
     pub empty: u32,
@@ -193,10 +203,15 @@ impl SuperSlab {
     /// the end of its last claimed slab that was not purged (the header's
     /// page if all were). What a retiring SuperSlab tells the chunk cache.
     pub fn resident_extent(&self) -> usize {
-        (0..self.claimed as usize)
+        (FIRST_SLAB..FIRST_SLAB + self.claimed as usize)
             .rev()
             .find(|&i| self.slabs[i].state != SlabState::Purged)
             .map_or(SS_HEADER_RESERVE, |i| (i + 1) * SLAB_SIZE)
+    }
+
+    /// The slabs claimed so far, in the order they were.
+    pub fn claimed_slabs(&mut self) -> &mut [Slab] {
+        &mut self.slabs[FIRST_SLAB..][..self.claimed as usize]
     }
 
     /// Whether a SuperSlab at `base` can serve: its blocks' addresses must fit
@@ -225,10 +240,12 @@ impl SuperSlab {
     }
 }
 
-/// First byte of slab `idx`'s block area.
+/// First byte of slab `idx`'s block area (its first byte: no serving slab
+/// holds the header).
 #[inline(always)]
 pub fn slab_area(ss: usize, idx: usize) -> usize {
-    ss + idx * SLAB_SIZE + if idx == 0 { SS_HEADER_RESERVE } else { 0 }
+    debug_assert!(idx >= FIRST_SLAB);
+    ss + idx * SLAB_SIZE
 }
 
 /// Colour of slab `idx` of the SuperSlab at `ss`: 0..15 cache lines. Slabs
@@ -239,10 +256,11 @@ fn slab_color(ss: usize, idx: usize) -> usize {
     ((idx * 5 + (ss >> 21) * 3) % 16) * 64
 }
 
-/// Whether `p`, a pointer into a slab of `bin`, is where one of its blocks
-/// starts (not inside a block, in the colour pad or in the SuperSlab's
-/// header): from the address and the bin, as `Slab::format` lays the blocks
-/// out. A few shifts and a multiply (see `hardening`).
+/// Whether `p`, a pointer into a slab in use of `bin` (so never slab 0, the
+/// header's: callers check the slab's state first), is where one of its
+/// blocks starts (not inside a block or in the colour pad): from the
+/// address and the bin, as `Slab::format` lays the blocks out. A few shifts
+/// and a multiply (see `hardening`).
 #[inline(always)]
 pub fn is_block_start(p: usize, bin: usize) -> bool {
     let ss = p & !(SS_SIZE - 1);
@@ -253,8 +271,8 @@ pub fn is_block_start(p: usize, bin: usize) -> bool {
         0
     };
     let in_slab = p & (SLAB_SIZE - 1);
-    // Wraps (and fails) before the area; the last block ends in the slab.
-    let off = in_slab.wrapping_sub(slab_area(ss, idx) + color - (ss + idx * SLAB_SIZE));
+    // Wraps (and fails) in the colour's pad; the last block ends in the slab.
+    let off = in_slab.wrapping_sub(color);
     debug_assert!(bin < BINS);
     // SAFETY: bins come from slab metadata, which holds only bin numbers
     // below BINS.
@@ -332,7 +350,7 @@ impl Slab {
         slab_area(self.superslab() as usize, self.index()) + self.color as usize
     }
 
-    /// The slab's first byte (in slab 0, the SuperSlab's header).
+    /// The slab's first byte.
     pub fn base(&self) -> usize {
         self.superslab() as usize + self.index() * SLAB_SIZE
     }
@@ -632,26 +650,33 @@ mod tests {
         let (base, ss) = fresh_superslab();
         // SAFETY: ours alone (see `fresh_superslab`).
         unsafe { (*ss).claimed = 4 };
-        for i in 0..4 {
+        let serving = FIRST_SLAB..FIRST_SLAB + 4;
+        for i in serving.clone() {
             let slab = slab_at(ss, i);
             slab.format(crate::class::tiny_bin(100), 7);
             slab.populate();
             slab.state = SlabState::Empty;
         }
+        let last = serving.end - 1;
+        assert_eq!(
+            os::resident_bytes(base as usize, FIRST_SLAB * SLAB_SIZE),
+            Some(SS_HEADER_RESERVE),
+            "of slab 0 only the header's page is touched"
+        );
         // SAFETY: as above.
         let extent = || unsafe { (*ss).resident_extent() };
-        assert_eq!(extent(), 4 * SLAB_SIZE);
-        let start = base as usize + 3 * SLAB_SIZE;
-        assert_eq!(slab_at(ss, 3).purge(), SLAB_SIZE);
+        assert_eq!(extent(), serving.end * SLAB_SIZE);
+        let start = base as usize + last * SLAB_SIZE;
+        assert_eq!(slab_at(ss, last).purge(), SLAB_SIZE);
         assert_eq!(os::resident_bytes(start, SLAB_SIZE), Some(0));
         assert_eq!(
             os::resident_bytes(start - SLAB_SIZE, SLAB_SIZE),
             Some(SLAB_SIZE),
             "its neighbour keeps its pages"
         );
-        slab_at(ss, 3).state = SlabState::Purged;
-        assert_eq!(extent(), 3 * SLAB_SIZE);
-        for i in 0..3 {
+        slab_at(ss, last).state = SlabState::Purged;
+        assert_eq!(extent(), last * SLAB_SIZE);
+        for i in FIRST_SLAB..last {
             slab_at(ss, i).purge();
             slab_at(ss, i).state = SlabState::Purged;
         }

@@ -232,7 +232,8 @@ pub enum Push {
 ///
 /// # Safety
 /// `ptr` is a block handed out by hakmem and not yet freed, or a pointer
-/// outside every slab this thread owns; either way not in a SuperSlab header.
+/// outside every slab this thread owns (a SuperSlab's header is in none:
+/// `superslab::FIRST_SLAB`).
 #[inline(always)]
 pub unsafe fn free_owned(tc: &mut TinyCache, ptr: *mut u8) -> Push {
     // SAFETY: a non-null index is this thread's, live until its exit hook.
