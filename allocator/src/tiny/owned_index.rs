@@ -37,24 +37,36 @@
 //! free list when their threads exit.
 
 use crate::os;
-use crate::superslab::SLAB_SIZE;
+use crate::superslab::{FIRST_SLAB, SLAB_SIZE, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
 pub const SLOTS: usize = 1024;
 const _: () = assert!(SLOTS * SLAB_SIZE == 64 << 20);
 
-/// A slot holds `slab base | IN_USE | bin`; an empty slot (0) matches no
-/// address, as slab bases are SLAB_SIZE-aligned and bins are below 256.
-const IN_USE: usize = 0x100;
+/// A slot holds `slab start | bin << BIN_SHIFT`, or 0: empty.
+///
+/// `bin_of_block` compares a slot with an address in one XOR: the slab
+/// start's bits and the address's grid bits (the low four, zero for every
+/// block: blocks start on the 16-byte grid; block sizes, colours and slab
+/// starts are multiples of 16, and were one not, its blocks would take the
+/// slower path, not a wrong one) must come out zero, the bin's bits are
+/// masked off. Against the masks, shifts and second constant of a key built
+/// from the address, five of `free`'s fast-path instructions.
+const BIN_SHIFT: u32 = 4;
 const BIN_MASK: usize = 0xff;
-/// The low bits of a block's address, zero for every block (they start on
-/// the 16-byte grid): `bin_of_block` keeps them in its key and masks them
-/// off the slot (with the bin), so an address with any of them set matches
-/// no slot. (Block sizes, the SuperSlab header and colours are multiples of
-/// 16; were one not, its blocks would take the slower path, not a wrong one.)
 const GRID_BITS: usize = 15;
-const _: () = assert!(GRID_BITS & !BIN_MASK == 0 && SLAB_SIZE > IN_USE);
+/// The bits of `slot ^ address` that must be zero for a match.
+const MATCH_MASK: usize = !(SLAB_SIZE - 1) | GRID_BITS;
+const _: () = assert!(BIN_MASK << BIN_SHIFT & MATCH_MASK == 0);
+/// An empty slot (0) matches only addresses below SLAB_SIZE, all of which
+/// fall in slot 0. Slot 0 names slabs that start on a multiple of 64 MiB,
+/// so at the start of a SuperSlab: slab 0, the header's, which never serves
+/// (`FIRST_SLAB`). So slot 0 never names a slab and holds this instead, a
+/// slab start of slot 1, which no address of slot 0 matches: no address
+/// matches an empty slot, the lowest ones (`free((void *)16)`) included.
+const SLOT0: usize = SLAB_SIZE;
+const _: () = assert!((SLOTS * SLAB_SIZE).is_multiple_of(SS_SIZE) && FIRST_SLAB > 0);
 
 #[repr(C)]
 pub struct OwnedIndex {
@@ -68,34 +80,41 @@ fn slot(addr: usize) -> usize {
 
 impl OwnedIndex {
     /// The bin of the slab holding `addr`, if the index names that slab and
-    /// `addr` is on the 16-byte grid blocks start on. One comparison does
-    /// both: the grid bits of `addr` are kept and compared with the zero bits
-    /// below the slot's `IN_USE` (`free` had a test and a branch of its own for
-    /// the grid: two of its 46 instructions).
+    /// `addr` is on the 16-byte grid blocks start on (one test does both,
+    /// see `MATCH_MASK`).
     #[inline(always)]
     pub fn bin_of_block(&self, addr: usize) -> Option<usize> {
         let e = self.slots[slot(addr)];
-        let key = (addr & (!(SLAB_SIZE - 1) | GRID_BITS)) | IN_USE;
-        (e & !BIN_MASK == key).then_some(e & BIN_MASK)
+        if (e ^ addr) & MATCH_MASK != 0 {
+            return None;
+        }
+        Some(e >> BIN_SHIFT & BIN_MASK)
     }
 
     /// Names the slab at `base` (its first byte) as serving `bin`, in place
     /// of whichever slab held its slot.
     pub fn insert(&mut self, base: usize, bin: usize) {
         debug_assert!(base.is_multiple_of(SLAB_SIZE) && bin <= BIN_MASK);
-        self.slots[slot(base)] = base | IN_USE | bin;
+        debug_assert!(slot(base) != 0, "slab {base:#x} is a SuperSlab's slab 0");
+        self.slots[slot(base)] = base | bin << BIN_SHIFT;
     }
 
     /// Forgets the slab at `base`, if it holds its slot.
     pub fn remove(&mut self, base: usize) {
         let s = &mut self.slots[slot(base)];
-        if *s & !BIN_MASK == base | IN_USE {
+        if *s & !(SLAB_SIZE - 1) == base {
             *s = 0;
         }
     }
 
+    /// Writes slot 0's constant (see `SLOT0`); with every other slot 0, the
+    /// index names no slab.
+    fn clear_slot0(&mut self) {
+        self.slots[0] = SLOT0;
+    }
+
     fn is_empty(&self) -> bool {
-        self.slots.iter().all(|&s| s == 0)
+        self.slots[0] == SLOT0 && self.slots[1..].iter().all(|&s| s == 0)
     }
 }
 
@@ -129,7 +148,7 @@ pub fn take() -> *mut OwnedIndex {
         // SAFETY: indexes on the free list are ours, empty but for the link.
         unsafe {
             spare.free = (*ix).slots[0] as *mut OwnedIndex;
-            (*ix).slots[0] = 0;
+            (*ix).clear_slot0();
         }
         return ix;
     }
@@ -143,7 +162,9 @@ pub fn take() -> *mut OwnedIndex {
     }
     let ix = spare.next as *mut OwnedIndex;
     spare.next += SIZE;
-    // A fresh mapping reads as zero: an empty index.
+    // SAFETY: carved from our mapping, which reads as zero, for this caller
+    // alone: all it needs to be empty is slot 0.
+    unsafe { (*ix).clear_slot0() };
     ix
 }
 
@@ -235,6 +256,23 @@ mod tests {
             }
         }
         ix.remove(a);
+        // SAFETY: empty and no longer used.
+        unsafe { give_back(ix) };
+    }
+
+    #[test]
+    fn no_address_matches_an_empty_index_not_even_the_lowest() {
+        let ix = fresh_index();
+        let slot0 = 0x7f00_0000_0000; // a multiple of 64 MiB: slot 0
+        for base in [0, slot0, slot0 + SLOTS * SLAB_SIZE] {
+            for off in (0..SLAB_SIZE).step_by(16) {
+                // An empty slot 0 would take these for blocks of bin 0.
+                assert_eq!(ix.bin_of_block(base + off), None, "{:#x}", base + off);
+            }
+        }
+        for addr in (SLAB_SIZE..SLOTS * SLAB_SIZE).step_by(SLAB_SIZE / 2) {
+            assert_eq!(ix.bin_of_block(addr), None, "{addr:#x}");
+        }
         // SAFETY: empty and no longer used.
         unsafe { give_back(ix) };
     }
