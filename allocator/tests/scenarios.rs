@@ -494,6 +494,16 @@ fn a_reclaimer_parks_an_orphaned_slab_and_looks_at_its_remote_list_under_one_loc
     forced_race("race-repark");
 }
 
+/// A thread mapping a new SuperSlab does it with the pool lock let go:
+/// another thread takes the lock (`malloc_trim`) while the first is held in
+/// that window (`race_map_superslab` in the scenario driver; with the lock
+/// held across it hangs, and the deadline fails it).
+#[test]
+fn a_superslab_is_mapped_without_the_pool_lock() {
+    let t = scenario("race-map-superslab", &[]);
+    assert!(n(&t["probes"]["ss_map"]) >= 2, "{t}");
+}
+
 /// Runs `misuse` with `MISUSE=kind` and the block size and knobs given: it
 /// must abort (SIGABRT) with a message that names the call (`message` is part
 /// of it) and the pointer.
@@ -596,11 +606,14 @@ fn a_free_inside_a_block_or_off_its_alignment_is_refused() {
 /// A pointer into a SuperSlab's header (or an ACE segment's) is no block, also
 /// for the thread that owns slabs of that SuperSlab, whose `free` reads
 /// only its owned index first: no slab in the index may start where a
-/// header does (`superslab::FIRST_SLAB`).
+/// header does (`superslab::FIRST_SLAB`). Nor is one into the rest of slab
+/// 0, which serves no blocks (`free` and `realloc`).
 #[test]
 fn a_free_into_a_segment_header_is_refused() {
     for size in MISUSE_SIZES {
         misuse_aborts("segment-header", size, &[], "free(): invalid pointer");
+        misuse_aborts("slab-zero", size, &[], "free(): invalid pointer");
+        misuse_aborts("slab-zero-realloc", size, &[], "realloc(): invalid pointer");
         misuse_aborts(
             "segment-header",
             size,

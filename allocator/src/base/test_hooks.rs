@@ -27,6 +27,9 @@ pub enum Point {
     /// A reclaimer is done with an orphaned slab that still has blocks out,
     /// before it parks it again (`pool::free_unowned`); the argument is the slab.
     BeforeRepark = 2,
+    /// Stage 3 of `pool::acquire`, after the pool lock is let go and before
+    /// the SuperSlab is mapped; the argument is 0.
+    MapSuperSlab = 3,
 }
 
 /// Stops the allocator's clock (`os::now_ns`) at the present. A test that

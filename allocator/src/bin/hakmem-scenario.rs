@@ -47,6 +47,7 @@ fn main() {
         "idle-burst" => idle_burst,
         "threads-burst" => threads_burst,
         "race-unowned-free" => race_unowned_free,
+        "race-map-superslab" => race_map_superslab,
         "race-repark" => race_repark,
         "misuse" => misuse,
         "levels" => levels,
@@ -942,17 +943,25 @@ static RACE_POINT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 /// nothing itself.
 fn race_hook(point: hakmem::test_hooks::Point, _slab: usize) {
     use std::sync::atomic::Ordering;
-    if point as u32 != RACE_POINT.load(Ordering::Relaxed)
-        || RACE_STAGE
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
+    if point as u32 == RACE_POINT.load(Ordering::Relaxed) && hold_window() {
+        hakmem::api::trim();
+    }
+}
+
+/// At the first call only (false at any later one): RACE_STAGE goes to 1
+/// and the caller waits until another thread sets it to 2.
+fn hold_window() -> bool {
+    use std::sync::atomic::Ordering;
+    if RACE_STAGE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
     {
-        return;
+        return false;
     }
     while RACE_STAGE.load(Ordering::Acquire) != 2 {
         std::thread::yield_now();
     }
-    hakmem::api::trim();
+    true
 }
 
 /// A thread fills slabs of 1000-byte blocks past one SuperSlab, keeps `1 +
@@ -1042,6 +1051,52 @@ fn race_unowned_free() {
 /// before parking it again, while another thread frees those last blocks.
 fn race_repark() {
     race_orphan(hakmem::test_hooks::Point::BeforeRepark, 2);
+}
+
+/// A thread that needs a new SuperSlab pauses after letting the pool lock go
+/// and before mapping it (`Point::MapSuperSlab`); meanwhile this thread
+/// takes the pool lock (`malloc_trim` purges the pool's EMPTY slabs under
+/// it). With the lock held across the mapping, the trim would wait for the
+/// paused thread, which waits for the trim: the scenario would hang (the
+/// test's deadline fails it). Allocates nothing in the hook.
+fn race_map_superslab() {
+    use std::sync::atomic::Ordering;
+    thread_local! {
+        // Only the growing thread pauses: this one may map a SuperSlab too
+        // (for its own small allocations), and must not wait for itself.
+        static GROWER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    fn hook(point: hakmem::test_hooks::Point, _: usize) {
+        if point == hakmem::test_hooks::Point::MapSuperSlab && GROWER.with(|g| g.get()) {
+            hold_window();
+        }
+    }
+    hakmem::test_hooks::set(Some(hook));
+    // Slabs of 1000-byte blocks until the pool has no slot left: about 2 MiB
+    // fills a SuperSlab, so 6 MiB reach Stage 3 whatever earlier calls took.
+    let grower = std::thread::spawn(|| {
+        GROWER.with(|g| g.set(true));
+        let blocks: Vec<usize> = (0..6 * 1024)
+            .map(|_| {
+                // SAFETY: plain allocation, checked.
+                let p = unsafe { hakmem::api::malloc(1000) };
+                assert!(!p.is_null());
+                p as usize
+            })
+            .collect();
+        for b in blocks {
+            // SAFETY: allocated above, freed once.
+            unsafe { hakmem::api::free(b as *mut u8) };
+        }
+    });
+    while RACE_STAGE.load(Ordering::Acquire) != 1 {
+        std::thread::yield_now();
+    }
+    hakmem::api::trim();
+    println!("the pool lock was free while a SuperSlab was being mapped");
+    RACE_STAGE.store(2, Ordering::Release);
+    grower.join().unwrap();
+    hakmem::test_hooks::set(None);
 }
 
 /// One misuse, named by `MISUSE` (`MISUSE_SIZE` picks the block size):
@@ -1143,6 +1198,16 @@ fn misuse() {
                 let chunk = a as usize & !((2 << 20) - 1);
                 free((chunk + 64) as *mut u8);
             }
+            // Into slab 0 past the header (on the grid): no slab serves there.
+            "slab-zero" | "slab-zero-realloc" => {
+                let a = malloc(size);
+                let p = ((a as usize & !((2 << 20) - 1)) + 0x8000) as *mut u8;
+                if kind == "slab-zero" {
+                    free(p);
+                } else {
+                    hakmem::api::realloc(p, 100);
+                }
+            }
             // A use-after-free write of a plain pointer into the link word:
             // it must not become the next block handed out.
             "use-after-free-link" => {
@@ -1162,7 +1227,7 @@ fn misuse() {
                 println!("handed out {again:p} then {forged:p} (forged {target:#x})");
             }
             _ => {
-                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|segment-header|use-after-free-link");
+                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|segment-header|slab-zero|slab-zero-realloc|use-after-free-link");
                 std::process::exit(2);
             }
         }

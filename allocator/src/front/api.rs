@@ -589,6 +589,10 @@ mod tests {
                     assert_eq!(s.bin as usize, tiny_bin(size));
                     assert_eq!(class_of_bin(s.bin as usize), tiny_class(size));
                     assert!(p as usize >= s.area() && idx < crate::superslab::SLABS_PER_SS);
+                    assert!(
+                        idx >= crate::superslab::FIRST_SLAB,
+                        "slab 0 serves no blocks"
+                    );
                 }
             } else if size <= ACE_MAX {
                 assert_eq!(h.kind, SegKind::Ace, "size {size}");

@@ -111,7 +111,7 @@ knobs! {
     purge_delay_ns: u64 = 100_000_000,
         "HAKMEM_PURGE_DELAY_MS", ms, "100",
         "how long freed memory beyond the chunk cache's 64 MiB reserve, and an EMPTY slab beyond \
-         the pool's reserve of 64, waits for reuse before it goes back to the OS (at the next \
+         the pool's reserve of 62, waits for reuse before it goes back to the OS (at the next \
          allocator slow path after the delay; the ACE segments a class keeps with every block \
          free wait 10 s); 0 returns it, and those, at the first chance (A/B of the burst delay)";
     purge_thread: bool = false,

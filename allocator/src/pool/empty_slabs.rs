@@ -8,7 +8,7 @@
 //! which Stage 1 takes from only when no resident slab is left: a purged slab
 //! costs page faults again, like a fresh one. As in the chunk cache, a
 //! reserve waits longer (a second): the newest `HAKMEM_SS_KEEP` SuperSlabs'
-//! worth of slabs (64, 4 MiB), for programs that free and allocate in cycles.
+//! worth of slabs (62, about 3.9 MiB), for programs that free and allocate in cycles.
 //!
 //! Without this, a SuperSlab went back only when all its slabs were EMPTY. The
 //! slabs of one SuperSlab serve many threads, and every thread keeps its active

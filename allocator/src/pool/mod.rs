@@ -14,7 +14,10 @@ use crate::os;
 use crate::probes;
 use crate::registry;
 use crate::segment::SegKind;
-use crate::superslab::{Block, Slab, SlabState, SuperSlab, FIRST_SLAB, SERVING_SLABS, SS_SIZE};
+use crate::superslab::{
+    Block, Slab, SlabState, SuperSlab, FIRST_SLAB, SERVING_SLABS, SLAB_SIZE, SS_HEADER_RESERVE,
+    SS_SIZE,
+};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +31,9 @@ struct Pool {
     fresh: *mut SuperSlab,
     /// SuperSlabs in the pool now (made and not retired).
     superslabs: usize,
+    /// SuperSlabs being mapped outside the lock (`acquire`'s Stage 3), counted
+    /// with `superslabs` against `HAKMEM_SS_MAX`.
+    mapping: usize,
     /// SuperSlabs all of whose claimed slabs are EMPTY.
     idle_superslabs: usize,
     /// Slabs of exited threads still holding blocks, per bin (through Slab::next).
@@ -37,13 +43,18 @@ struct Pool {
 // SAFETY: the raw pointers are only touched under the pool lock.
 unsafe impl Send for Pool {}
 
-static POOL: SpinLock<Pool> = SpinLock::new(Pool {
-    empty: EmptySlabs::NEW,
-    fresh: null_mut(),
-    superslabs: 0,
-    idle_superslabs: 0,
-    abandoned: [null_mut(); BINS],
-});
+impl Pool {
+    const NEW: Pool = Pool {
+        empty: EmptySlabs::NEW,
+        fresh: null_mut(),
+        superslabs: 0,
+        mapping: 0,
+        idle_superslabs: 0,
+        abandoned: [null_mut(); BINS],
+    };
+}
+
+static POOL: SpinLock<Pool> = SpinLock::new(Pool::NEW);
 
 /// Result of a slab request.
 pub enum Acquired {
@@ -58,26 +69,28 @@ pub enum Acquired {
 pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     let class = class_of_bin(bin);
     probes::ss_acquire_begin(class);
-    // `cold`: none of its pages is resident (never used, or purged).
-    let (slab, stage, cold) = {
+    // `cold`: none of its pages is resident (never used, or purged). None:
+    // Stage 3, a SuperSlab to map with the lock let go (`map_new`).
+    let taken = {
         let mut pool = POOL.lock();
         crate::misuse::check_invariant!(pool.check(), pool.fresh);
-        match pool
-            .take_empty()
-            .map(|(s, purged)| (s, Stage::ReuseEmpty, purged))
-        {
-            Some(found) => found,
-            None => match pool.claim_fresh().map(|s| (s, Stage::ClaimFresh, true)) {
-                Some(found) => found,
-                None => match pool.map_new() {
-                    Ok(s) => (s, Stage::MapNew, true),
-                    Err(reason) => {
-                        drop(pool);
-                        probes::shared_fail(class, reason);
-                        return Acquired::Failed;
-                    }
-                },
+        match pool.take_empty() {
+            Some((s, purged)) => Ok(Some((s, Stage::ReuseEmpty, purged))),
+            None => match pool.claim_fresh() {
+                Some(s) => Ok(Some((s, Stage::ClaimFresh, true))),
+                None => pool.reserve_mapping().map(|()| None),
             },
+        }
+    };
+    let taken = taken.and_then(|t| match t {
+        Some(t) => Ok(t),
+        None => map_new().map(|s| (s, Stage::MapNew, true)),
+    });
+    let (slab, stage, cold) = match taken {
+        Ok(t) => t,
+        Err(reason) => {
+            probes::shared_fail(class, reason);
+            return Acquired::Failed;
         }
     };
     // SAFETY: the slab was just removed from the pool's lists under the lock;
@@ -89,6 +102,64 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     }
     probes::ss_acquire(class, stage, slab as usize);
     Acquired::Slab(slab)
+}
+
+/// Stage 3, after `reserve_mapping`: maps a SuperSlab and writes its header
+/// outside the pool lock, then takes the lock again to add it and claim its
+/// first slab. Held across, the chunk cache's lock, the OS's mapping (`mmap`
+/// and `mprotect` wait for the process's memory map lock, which other
+/// threads' page faults hold: 1-4 ms in rptest's traces, see `os`) and the
+/// header's page fault kept every other thread's Stage 1 and 2, recycles
+/// and purges waiting as long. Two threads that find no slot at once each
+/// map one and take its first slab; the rest of both serve Stage 2 later.
+/// (A fork while a thread is here leaves the child's `mapping` one high, as
+/// that thread is not in the child: one SuperSlab less under `HAKMEM_SS_MAX`,
+/// and the chunk it took stays mapped there, unused.)
+fn map_new() -> Result<*mut Slab, FailReason> {
+    crate::test_hooks::at(crate::test_hooks::Point::MapSuperSlab, 0);
+    let mapped = map_superslab();
+    let mut pool = POOL.lock();
+    pool.mapping -= 1;
+    Ok(pool.add_mapped(mapped?))
+}
+
+/// A new SuperSlab, its header written and its registry byte set; in no
+/// pool list yet.
+fn map_superslab() -> Result<*mut SuperSlab, FailReason> {
+    // A chunk the chunk cache kept saves the mapping and the page faults.
+    let (base, cached) = chunks::take_chunk(CacheUser::SuperSlab);
+    if base.is_null() {
+        return Err(FailReason::MapFailed);
+    }
+    if cached {
+        // Its last user (a large block, an ACE segment) may have touched
+        // slab 0 past the header, which no slab will purge now that slab 0
+        // serves no blocks (`superslab::FIRST_SLAB`): up to 60 KiB resident
+        // for the SuperSlab's life, and missing from its resident extent.
+        // SAFETY: the chunk is ours alone and nothing in it is in use; the
+        // header's page, written below, is not in the range.
+        unsafe {
+            os::decommit(
+                (base as usize + SS_HEADER_RESERVE) as *mut u8,
+                SLAB_SIZE - SS_HEADER_RESERVE,
+            )
+        };
+    }
+    if !SuperSlab::addressable(base as usize) {
+        // Should it ever happen, the legacy path serves.
+        // SAFETY: the mapping was just made or taken from the cache, and
+        // nothing refers to it.
+        unsafe {
+            registry::remove(base as usize);
+            os::unmap(base, SS_SIZE);
+        }
+        return Err(FailReason::MapFailed);
+    }
+    // SAFETY: an SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
+    let ss = unsafe { SuperSlab::init(base) };
+    registry::insert(base as usize, SegKind::SuperSlab as u8);
+    probes::ss_map(SS_SIZE, base as usize);
+    Ok(ss)
 }
 
 /// The recycle boundary, its decision: `slab` reached `used == 0` at a
@@ -492,36 +563,23 @@ impl Pool {
         }
     }
 
-    fn map_new(&mut self) -> Result<*mut Slab, FailReason> {
-        if self.superslabs >= config::get().ss_max {
+    /// Counts a SuperSlab about to be mapped against the budget (Stage 3).
+    fn reserve_mapping(&mut self) -> Result<(), FailReason> {
+        if self.superslabs + self.mapping >= config::get().ss_max {
             return Err(FailReason::Budget);
         }
-        // A chunk the chunk cache kept saves the mapping and the page faults.
-        let (base, _) = chunks::take_chunk(CacheUser::SuperSlab);
-        if base.is_null() {
-            return Err(FailReason::MapFailed);
-        }
-        if !SuperSlab::addressable(base as usize) {
-            // Should it ever happen, the legacy path serves.
-            // SAFETY: the mapping was just made or taken from the cache, and
-            // nothing refers to it.
-            unsafe {
-                registry::remove(base as usize);
-                os::unmap(base, SS_SIZE);
-            }
-            return Err(FailReason::MapFailed);
-        }
-        // SAFETY: an SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
-        let ss = unsafe { SuperSlab::init(base) };
-        registry::insert(base as usize, SegKind::SuperSlab as u8);
+        self.mapping += 1;
+        Ok(())
+    }
+
+    /// The SuperSlab `ss`, mapped for a reservation, joins the fresh list;
+    /// returns its first slab.
+    fn add_mapped(&mut self, ss: *mut SuperSlab) -> *mut Slab {
         self.superslabs += 1;
-        probes::ss_map(SS_SIZE, base as usize);
-        // SAFETY: `ss` was just initialised; pushing it on the fresh list.
-        unsafe {
-            (*ss).next_fresh = self.fresh;
-        }
+        // SAFETY: `ss` was just initialised by its mapper, in no list yet.
+        unsafe { (*ss).next_fresh = self.fresh };
         self.fresh = ss;
-        Ok(self.claim_fresh().expect("a new SuperSlab has free slots"))
+        self.claim_fresh().expect("a new SuperSlab has free slots")
     }
 
     /// Pushes an EMPTY slab; returns a SuperSlab to retire (its chunk goes to
@@ -570,15 +628,16 @@ impl Pool {
     /// The lock is held; `ssp` is a live SuperSlab of the pool.
     unsafe fn retire_if_idle(&mut self, ssp: *mut SuperSlab) -> *mut SuperSlab {
         // SAFETY: per the contract.
-        let ss = unsafe { &mut *ssp };
+        let ss = unsafe { &*ssp };
         let delay = config::get().purge_delay_ns;
         if ss.empty != ss.claimed
             || self.idle_superslabs <= config::get().ss_keep
             || (delay > 0
-                && ss
-                    .claimed_slabs()
-                    .iter()
-                    .any(|s| s.state != SlabState::Purged))
+                // SAFETY: per the contract; all its slabs are EMPTY (checked
+                // first), the pool's.
+                && unsafe { SuperSlab::claimed_slabs(ssp) }
+                    // SAFETY: as above.
+                    .any(|s| unsafe { (*s).state } != SlabState::Purged))
         {
             return null_mut();
         }
@@ -593,8 +652,7 @@ impl Pool {
     /// The lock is held; `ssp` is a live SuperSlab of the pool, idle.
     unsafe fn retire(&mut self, ssp: *mut SuperSlab) -> *mut SuperSlab {
         // SAFETY: per the contract.
-        let ss = unsafe { &mut *ssp };
-        for slab in ss.claimed_slabs() {
+        for slab in unsafe { SuperSlab::claimed_slabs(ssp) } {
             // SAFETY: every claimed slab is EMPTY, on the pool's lists.
             unsafe { self.empty.unlink(slab) };
         }
@@ -628,13 +686,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_superslab_on_a_cached_chunk_has_no_page_of_slab_0_past_its_header() {
+        // A chunk its last user touched whole, newest in the chunk cache:
+        // the next chunk a SuperSlab takes.
+        let chunk = os::map_chunk();
+        assert!(!chunk.is_null());
+        // SAFETY: a fresh writable chunk, ours alone until cached.
+        unsafe { core::ptr::write_bytes(chunk, 1, SS_SIZE) };
+        // SAFETY: ours, handed over; nothing refers to it.
+        unsafe { chunks::cache_chunk(chunk as usize, SS_SIZE, CacheUser::Large) };
+        let ss = map_superslab().expect("a SuperSlab") as usize;
+        let header = SS_HEADER_RESERVE;
+        assert_eq!(os::resident_bytes(ss + header, SLAB_SIZE - header), Some(0));
+        assert_eq!(os::resident_bytes(ss, header), Some(header));
+        // SAFETY: the SuperSlab is in no pool list; nothing else refers to it.
+        unsafe {
+            registry::remove(ss);
+            os::unmap(ss as *mut u8, SS_SIZE);
+        }
+    }
+
+    #[test]
+    fn stage_2_claims_slabs_1_to_31_in_order_then_drops_the_superslab() {
+        let base = os::map_aligned(SS_SIZE, SS_SIZE);
+        assert!(!base.is_null());
+        // SAFETY: a fresh SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
+        let ss = unsafe { SuperSlab::init(base) };
+        let mut pool = Pool::NEW;
+        let mut claimed = vec![pool.add_mapped(ss)];
+        while let Some(s) = pool.claim_fresh() {
+            claimed.push(s);
+        }
+        // SAFETY: the header of the SuperSlab just initialised.
+        let slab0 = unsafe { core::ptr::addr_of_mut!((*ss).slabs[0]) } as usize;
+        let slots: Vec<usize> = claimed
+            .iter()
+            .map(|&s| (s as usize - slab0) / core::mem::size_of::<Slab>())
+            .collect();
+        assert_eq!(
+            slots,
+            (FIRST_SLAB..FIRST_SLAB + SERVING_SLABS).collect::<Vec<_>>()
+        );
+        assert!(
+            pool.fresh.is_null(),
+            "a full SuperSlab leaves the fresh list"
+        );
+        assert_eq!(pool.superslabs, 1);
+        assert_eq!(pool.check(), Ok(()));
+        // SAFETY: the test's own mapping; the pool above is dropped unused.
+        unsafe { os::unmap(base, SS_SIZE) };
+    }
+
+    #[test]
     fn the_pool_checker_sees_counts_and_parked_slabs_that_disagree() {
         let mut pool = Pool {
-            empty: EmptySlabs::NEW,
-            fresh: null_mut(),
             superslabs: 1,
-            idle_superslabs: 0,
-            abandoned: [null_mut(); BINS],
+            ..Pool::NEW
         };
         assert_eq!(pool.check(), Ok(()));
         pool.idle_superslabs = 2;

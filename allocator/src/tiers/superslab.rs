@@ -7,7 +7,8 @@
 //! starts where a header does, and an owner's `free` needs no test of its own
 //! that the pointer is not in one: the owned index, keyed by slab start,
 //! cannot name a header (four of the 44 instructions of its fast path; the
-//! rest of slab 0 is address space, never touched). Block addresses
+//! rest of slab 0 is address space, decommitted if a cached chunk had it
+//! touched: `pool::map_superslab`). Block addresses
 //! are `slab start + colour + i * block size`. The colour (0..15 cache lines,
 //! by the slab's place) staggers where blocks start: without it the blocks of a
 //! 1024-byte bin all began at one of 4 of the 64 L1 sets and 128 of the 2,048
@@ -209,9 +210,20 @@ impl SuperSlab {
             .map_or(SS_HEADER_RESERVE, |i| (i + 1) * SLAB_SIZE)
     }
 
-    /// The slabs claimed so far, in the order they were.
-    pub fn claimed_slabs(&mut self) -> &mut [Slab] {
-        &mut self.slabs[FIRST_SLAB..][..self.claimed as usize]
+    /// The metadata of the slabs claimed so far of the SuperSlab at `ss`, in
+    /// the order they were claimed. Pointers, not references: other threads
+    /// own slabs of a SuperSlab and write their metadata meanwhile.
+    ///
+    /// # Safety
+    /// `ss` is a live SuperSlab of the pool, whose lock the caller holds
+    /// (`claimed` does not change).
+    pub unsafe fn claimed_slabs(ss: *mut SuperSlab) -> impl Iterator<Item = *mut Slab> {
+        // SAFETY: per the contract.
+        let claimed = unsafe { (*ss).claimed } as usize;
+        // SAFETY: i < FIRST_SLAB + SERVING_SLABS = SLABS_PER_SS, inside the
+        // live header per the contract; the place is only named, not read.
+        (FIRST_SLAB..FIRST_SLAB + claimed)
+            .map(move |i| unsafe { core::ptr::addr_of_mut!((*ss).slabs[i]) })
     }
 
     /// Whether a SuperSlab at `base` can serve: its blocks' addresses must fit

@@ -17,9 +17,9 @@
 //! 65,536 slots: about 22 MiB of slabs; callgrind counted the registry
 //! lookup on about half of the 1M frees), and ran at 0.889 of tcmalloc's speed
 //! (pinned, 9 repetitions). 1024 slots (8 KiB an index, of which a thread
-//! touches the pages its slabs' slots fall on): that workload 1.13x as many
-//! operations a second (pinned, 11 pairs: quartiles 1.10-1.16), and with
-//! 8192 slots 0.996 (0.989-1.003); hakbench pinned, 5 repetitions: prodcons
+//! touches the pages its slabs' slots fall on, and the first, for slot 0):
+//! that workload 1.13x as many operations a second (pinned, 11 pairs:
+//! quartiles 1.10-1.16), and with 8192 slots 0.996 (0.989-1.003); hakbench pinned, 5 repetitions: prodcons
 //! 1.003, mixed-2t 0.991, larson 1.035, working-set-2t 1.018, tiny 1.001;
 //! glibc-thread level (6 runs each). 512 slots had cost prodcons 5% when
 //! 256 were chosen, by the index lines a free of the other thread's blocks
