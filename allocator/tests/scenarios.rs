@@ -497,11 +497,13 @@ fn a_reclaimer_parks_an_orphaned_slab_and_looks_at_its_remote_list_under_one_loc
 /// A thread mapping a new SuperSlab does it with the pool lock let go:
 /// another thread takes the lock (`malloc_trim`) while the first is held in
 /// that window (`race_map_superslab` in the scenario driver; with the lock
-/// held across it hangs, and the deadline fails it).
+/// held across it hangs, and the deadline fails it), and a third that needs
+/// a slab meanwhile waits for that SuperSlab instead of mapping its own.
 #[test]
 fn a_superslab_is_mapped_without_the_pool_lock() {
     let t = scenario("race-map-superslab", &[]);
     assert!(n(&t["probes"]["ss_map"]) >= 2, "{t}");
+    assert_eq!(n(&t["probes"]["shared_fail"]), 0, "{t}");
 }
 
 /// Runs `misuse` with `MISUSE=kind` and the block size and knobs given: it

@@ -52,7 +52,7 @@ fn main() {
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-repark|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-map-superslab|race-repark|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -1058,7 +1058,9 @@ fn race_repark() {
 /// takes the pool lock (`malloc_trim` purges the pool's EMPTY slabs under
 /// it). With the lock held across the mapping, the trim would wait for the
 /// paused thread, which waits for the trim: the scenario would hang (the
-/// test's deadline fails it). Allocates nothing in the hook.
+/// test's deadline fails it). Then a third thread that needs a slab must
+/// wait for the paused one's SuperSlab, not map another. Allocates nothing
+/// in the hook.
 fn race_map_superslab() {
     use std::sync::atomic::Ordering;
     thread_local! {
@@ -1090,13 +1092,31 @@ fn race_map_superslab() {
         }
     });
     while RACE_STAGE.load(Ordering::Acquire) != 1 {
+        assert!(!grower.is_finished(), "the grower never mapped a SuperSlab");
         std::thread::yield_now();
     }
     hakmem::api::trim();
-    println!("the pool lock was free while a SuperSlab was being mapped");
+    // A second thread that needs a slab now finds none: it waits for the
+    // grower's SuperSlab instead of mapping one of its own (one mapping at
+    // a time; see `pool::map_new`).
+    let waiter = std::thread::spawn(|| {
+        // SAFETY: plain allocation, checked, freed once.
+        unsafe {
+            let p = hakmem::api::malloc(1000);
+            assert!(!p.is_null());
+            hakmem::api::free(p);
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "a second SuperSlab was mapped while the first was"
+    );
     RACE_STAGE.store(2, Ordering::Release);
     grower.join().unwrap();
+    waiter.join().unwrap();
     hakmem::test_hooks::set(None);
+    println!("the pool lock was free while a SuperSlab was being mapped, and one mapped at a time");
 }
 
 /// One misuse, named by `MISUSE` (`MISUSE_SIZE` picks the block size):
@@ -1198,7 +1218,8 @@ fn misuse() {
                 let chunk = a as usize & !((2 << 20) - 1);
                 free((chunk + 64) as *mut u8);
             }
-            // Into slab 0 past the header (on the grid): no slab serves there.
+            // Into slab 0 past the header (on the grid), where no slab serves,
+            // for tiny sizes; for mid ones, into an ACE segment's block.
             "slab-zero" | "slab-zero-realloc" => {
                 let a = malloc(size);
                 let p = ((a as usize & !((2 << 20) - 1)) + 0x8000) as *mut u8;

@@ -4,7 +4,8 @@
 //!
 //! The order, outermost first: a lock is taken only after every lock that
 //! code holding it may take. Reading down:
-//! 1. the shared pool (its slow paths take chunks and then os locks);
+//! 1. the shared pool (it maps SuperSlabs with its lock let go, and hands
+//!    retired ones to the chunk cache after it; kept first, outermost);
 //! 2. legacy (maps its segments: os locks), ACE's classes and parcels (each
 //!    takes chunks and os locks);
 //! 3. the chunk cache (maps and unmaps: os locks);
@@ -55,4 +56,5 @@ extern "C" fn after_fork_child() {
     super::upkeep::forget_after_fork();
     crate::thread::forget_others_after_fork();
     unlock_all();
+    pool::forget_mapper_after_fork();
 }

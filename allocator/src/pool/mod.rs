@@ -31,9 +31,8 @@ struct Pool {
     fresh: *mut SuperSlab,
     /// SuperSlabs in the pool now (made and not retired).
     superslabs: usize,
-    /// SuperSlabs being mapped outside the lock (`acquire`'s Stage 3), counted
-    /// with `superslabs` against `HAKMEM_SS_MAX`.
-    mapping: usize,
+    /// A thread is mapping a SuperSlab with the lock let go (`map_new`).
+    mapping: bool,
     /// SuperSlabs all of whose claimed slabs are EMPTY.
     idle_superslabs: usize,
     /// Slabs of exited threads still holding blocks, per bin (through Slab::next).
@@ -48,7 +47,7 @@ impl Pool {
         empty: EmptySlabs::NEW,
         fresh: null_mut(),
         superslabs: 0,
-        mapping: 0,
+        mapping: false,
         idle_superslabs: 0,
         abandoned: [null_mut(); BINS],
     };
@@ -71,16 +70,24 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
     probes::ss_acquire_begin(class);
     // `cold`: none of its pages is resident (never used, or purged). None:
     // Stage 3, a SuperSlab to map with the lock let go (`map_new`).
-    let taken = {
+    let taken = loop {
         let mut pool = POOL.lock();
         crate::misuse::check_invariant!(pool.check(), pool.fresh);
-        match pool.take_empty() {
-            Some((s, purged)) => Ok(Some((s, Stage::ReuseEmpty, purged))),
-            None => match pool.claim_fresh() {
-                Some(s) => Ok(Some((s, Stage::ClaimFresh, true))),
-                None => pool.reserve_mapping().map(|()| None),
-            },
+        if let Some((s, purged)) = pool.take_empty() {
+            break Ok(Some((s, Stage::ReuseEmpty, purged)));
         }
+        if let Some(s) = pool.claim_fresh() {
+            break Ok(Some((s, Stage::ClaimFresh, true)));
+        }
+        if !pool.mapping {
+            break pool.reserve_mapping().map(|()| None);
+        }
+        // Another thread is mapping a SuperSlab: its other 30 slabs will
+        // serve this request (one mapping at a time, as when the lock was
+        // held across it; under `HAKMEM_SS_MAX` this one's budget may be
+        // the last).
+        drop(pool);
+        os::yield_now();
     };
     let taken = taken.and_then(|t| match t {
         Some(t) => Ok(t),
@@ -110,16 +117,16 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
 /// and `mprotect` wait for the process's memory map lock, which other
 /// threads' page faults hold: 1-4 ms in rptest's traces, see `os`) and the
 /// header's page fault kept every other thread's Stage 1 and 2, recycles
-/// and purges waiting as long. Two threads that find no slot at once each
-/// map one and take its first slab; the rest of both serve Stage 2 later.
-/// (A fork while a thread is here leaves the child's `mapping` one high, as
-/// that thread is not in the child: one SuperSlab less under `HAKMEM_SS_MAX`,
-/// and the chunk it took stays mapped there, unused.)
+/// and purges waiting as long. One thread maps at a time: another that finds
+/// no slot meanwhile waits for this one's SuperSlab (`acquire`), so the
+/// budget and the address space go as when the lock was held across. (A
+/// fork while a thread is here leaves the chunk it took mapped in the child,
+/// unused; the child may map again: `forget_mapper_after_fork`.)
 fn map_new() -> Result<*mut Slab, FailReason> {
     crate::test_hooks::at(crate::test_hooks::Point::MapSuperSlab, 0);
     let mapped = map_superslab();
     let mut pool = POOL.lock();
-    pool.mapping -= 1;
+    pool.mapping = false;
     Ok(pool.add_mapped(mapped?))
 }
 
@@ -372,6 +379,13 @@ pub fn unlock_after_fork() {
     POOL.release_after_fork();
 }
 
+/// In a forked child (after `unlock_after_fork`): a thread that was mapping
+/// a SuperSlab at the fork is not in the child, and the child's Stage 3
+/// must not wait for it for good.
+pub fn forget_mapper_after_fork() {
+    POOL.lock().mapping = false;
+}
+
 /// When the oldest resident EMPTY slab is due to be purged (`os::now_ns`
 /// time), u64::MAX when none is waiting; possibly early (then the check
 /// finds nothing due and sets it again). Read without the lock.
@@ -563,12 +577,14 @@ impl Pool {
         }
     }
 
-    /// Counts a SuperSlab about to be mapped against the budget (Stage 3).
+    /// Takes the turn to map a SuperSlab (Stage 3; nobody else's turn), if
+    /// the budget allows one more.
     fn reserve_mapping(&mut self) -> Result<(), FailReason> {
-        if self.superslabs + self.mapping >= config::get().ss_max {
+        debug_assert!(!self.mapping);
+        if self.superslabs >= config::get().ss_max {
             return Err(FailReason::Budget);
         }
-        self.mapping += 1;
+        self.mapping = true;
         Ok(())
     }
 

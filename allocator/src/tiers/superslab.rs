@@ -7,8 +7,8 @@
 //! starts where a header does, and an owner's `free` needs no test of its own
 //! that the pointer is not in one: the owned index, keyed by slab start,
 //! cannot name a header (four of the 44 instructions of its fast path; the
-//! rest of slab 0 is address space, decommitted if a cached chunk had it
-//! touched: `pool::map_superslab`). Block addresses
+//! rest of slab 0 is address space, decommitted whenever the chunk comes
+//! from the chunk cache: `pool::map_superslab`). Block addresses
 //! are `slab start + colour + i * block size`. The colour (0..15 cache lines,
 //! by the slab's place) staggers where blocks start: without it the blocks of a
 //! 1024-byte bin all began at one of 4 of the 64 L1 sets and 128 of the 2,048
