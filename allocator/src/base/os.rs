@@ -76,14 +76,6 @@ struct Region {
 
 static REGION: SpinLock<Region> = SpinLock::new(Region { next: 0, end: 0 });
 
-/// Gives the CPU to another thread: a wait for one that holds no lock to
-/// sleep on (`pool::acquire`, while another thread maps a SuperSlab).
-pub fn yield_now() {
-    // SAFETY: sched_yield takes no argument and touches no memory of ours;
-    // on Linux it always succeeds.
-    unsafe { libc::sched_yield() };
-}
-
 /// Maps one chunk (CHUNK bytes, CHUNK-aligned), from the current region or a
 /// new one. Null when the budget or the OS refuses. Return it with `unmap`.
 pub fn map_chunk() -> *mut u8 {

@@ -1064,8 +1064,8 @@ fn race_repark() {
 fn race_map_superslab() {
     use std::sync::atomic::Ordering;
     thread_local! {
-        // Only the growing thread pauses: this one may map a SuperSlab too
-        // (for its own small allocations), and must not wait for itself.
+        // Only the growing thread pauses: the others may map a SuperSlab
+        // too, before the window opens, and must go on.
         static GROWER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
     fn hook(point: hakmem::test_hooks::Point, _: usize) {
@@ -1074,6 +1074,22 @@ fn race_map_superslab() {
         }
     }
     hakmem::test_hooks::set(Some(hook));
+    // A thread that will need a slab while the window is open: it must wait
+    // for the grower's SuperSlab, not map one of its own (one mapping at a
+    // time; see `pool::map_new`). Started now, so that nothing it needs to
+    // start comes from the pool in the window, where this thread, which the
+    // grower waits for, must not wait for the grower.
+    let waiter = std::thread::spawn(|| {
+        while RACE_STAGE.load(Ordering::Acquire) != 1 {
+            std::thread::yield_now();
+        }
+        // SAFETY: plain allocation, checked, freed once.
+        unsafe {
+            let p = hakmem::api::malloc(1000);
+            assert!(!p.is_null());
+            hakmem::api::free(p);
+        }
+    });
     // Slabs of 1000-byte blocks until the pool has no slot left: about 2 MiB
     // fills a SuperSlab, so 6 MiB reach Stage 3 whatever earlier calls took.
     let grower = std::thread::spawn(|| {
@@ -1096,17 +1112,6 @@ fn race_map_superslab() {
         std::thread::yield_now();
     }
     hakmem::api::trim();
-    // A second thread that needs a slab now finds none: it waits for the
-    // grower's SuperSlab instead of mapping one of its own (one mapping at
-    // a time; see `pool::map_new`).
-    let waiter = std::thread::spawn(|| {
-        // SAFETY: plain allocation, checked, freed once.
-        unsafe {
-            let p = hakmem::api::malloc(1000);
-            assert!(!p.is_null());
-            hakmem::api::free(p);
-        }
-    });
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(
         !waiter.is_finished(),

@@ -91,6 +91,39 @@ impl<T> SpinLock<T> {
     }
 }
 
+/// A count that threads can sleep on until it moves: a waiter reads it
+/// where the event it waits for cannot yet have happened (under a lock the
+/// other side takes before `advance`), then `wait_past`s that value. A
+/// futex, as the lock's sleep, not `sched_yield` (see above).
+pub struct Generation(AtomicU32);
+
+impl Generation {
+    pub const fn new() -> Self {
+        Generation(AtomicU32::new(0))
+    }
+
+    pub fn current(&self) -> u32 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until the count is no longer `seen` (at once if it moved).
+    pub fn wait_past(&self, seen: u32) {
+        while self.0.load(Ordering::Acquire) == seen {
+            futex(&self.0, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, seen);
+        }
+    }
+
+    /// Moves the count on and wakes every sleeper.
+    pub fn advance(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+        futex(
+            &self.0,
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX as u32,
+        );
+    }
+}
+
 fn futex(word: &AtomicU32, op: i32, val: u32) {
     // SAFETY: `word` is a live, aligned u32; FUTEX_WAIT returns at once if the
     // word no longer holds `val`, FUTEX_WAKE touches no memory. Errors (EAGAIN,

@@ -18,7 +18,7 @@ use crate::superslab::{
     Block, Slab, SlabState, SuperSlab, FIRST_SLAB, SERVING_SLABS, SLAB_SIZE, SS_HEADER_RESERVE,
     SS_SIZE,
 };
-use crate::sync::SpinLock;
+use crate::sync::{Generation, SpinLock};
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
 use empty_slabs::EmptySlabs;
@@ -85,9 +85,11 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
         // Another thread is mapping a SuperSlab: its other 30 slabs will
         // serve this request (one mapping at a time, as when the lock was
         // held across it; under `HAKMEM_SS_MAX` this one's budget may be
-        // the last).
+        // the last). Sleep until it is in: read under the lock, which the
+        // mapper takes to finish before it moves the count.
+        let seen = MAPPED.current();
         drop(pool);
-        os::yield_now();
+        MAPPED.wait_past(seen);
     };
     let taken = taken.and_then(|t| match t {
         Some(t) => Ok(t),
@@ -118,17 +120,27 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
 /// threads' page faults hold: 1-4 ms in rptest's traces, see `os`) and the
 /// header's page fault kept every other thread's Stage 1 and 2, recycles
 /// and purges waiting as long. One thread maps at a time: another that finds
-/// no slot meanwhile waits for this one's SuperSlab (`acquire`), so the
-/// budget and the address space go as when the lock was held across. (A
+/// no slot meanwhile sleeps until this one's SuperSlab is in (`acquire`,
+/// `MAPPED`), so the budget and the address space go as when the lock was
+/// held across. (A
 /// fork while a thread is here leaves the chunk it took mapped in the child,
 /// unused; the child may map again: `forget_mapper_after_fork`.)
 fn map_new() -> Result<*mut Slab, FailReason> {
     crate::test_hooks::at(crate::test_hooks::Point::MapSuperSlab, 0);
     let mapped = map_superslab();
-    let mut pool = POOL.lock();
-    pool.mapping = false;
-    Ok(pool.add_mapped(mapped?))
+    let slab = {
+        let mut pool = POOL.lock();
+        pool.mapping = false;
+        mapped.map(|ss| pool.add_mapped(ss))
+    };
+    // Failed too: a waiter then takes the turn.
+    MAPPED.advance();
+    slab
 }
+
+/// Moves on each time a Stage 3 mapping ends; threads that found another
+/// thread mapping sleep on it (`acquire`).
+static MAPPED: Generation = Generation::new();
 
 /// A new SuperSlab, its header written and its registry byte set; in no
 /// pool list yet.
@@ -577,8 +589,8 @@ impl Pool {
         }
     }
 
-    /// Takes the turn to map a SuperSlab (Stage 3; nobody else's turn), if
-    /// the budget allows one more.
+    /// Takes the one mapper's turn (Stage 3; nobody has it), if the budget
+    /// allows a SuperSlab more.
     fn reserve_mapping(&mut self) -> Result<(), FailReason> {
         debug_assert!(!self.mapping);
         if self.superslabs >= config::get().ss_max {
@@ -749,7 +761,7 @@ mod tests {
         );
         assert_eq!(pool.superslabs, 1);
         assert_eq!(pool.check(), Ok(()));
-        // SAFETY: the test's own mapping; the pool above is dropped unused.
+        // SAFETY: the test's own mapping; nothing refers to its slabs now.
         unsafe { os::unmap(base, SS_SIZE) };
     }
 
