@@ -609,12 +609,16 @@ fn a_free_inside_a_block_or_off_its_alignment_is_refused() {
 /// for the thread that owns slabs of that SuperSlab, whose `free` reads
 /// only its owned index first: no slab in the index may start where a
 /// header does (`superslab::FIRST_SLAB`). Nor is one into the rest of slab
-/// 0, which serves no blocks (`free` and `realloc`).
+/// 0, which serves no blocks (`free` and `realloc`), nor the lowest address
+/// on the grid or one in the kernel's half, which an empty slot must not
+/// match (`owned_index::SLOT0`).
 #[test]
 fn a_free_into_a_segment_header_is_refused() {
     for size in MISUSE_SIZES {
         misuse_aborts("segment-header", size, &[], "free(): invalid pointer");
         misuse_aborts("slab-zero", size, &[], "free(): invalid pointer");
+        misuse_aborts("low-address", size, &[], "free(): invalid pointer");
+        misuse_aborts("kernel-address", size, &[], "free(): invalid pointer");
         misuse_aborts("slab-zero-realloc", size, &[], "realloc(): invalid pointer");
         misuse_aborts(
             "segment-header",

@@ -1223,6 +1223,18 @@ fn misuse() {
                 let chunk = a as usize & !((2 << 20) - 1);
                 free((chunk + 64) as *mut u8);
             }
+            // Addresses no slab can hold, on the grid, from a thread whose
+            // owned index is in use: the lowest (slot 0, which holds
+            // `owned_index::SLOT0`) and one in the kernel's half.
+            "low-address" | "kernel-address" => {
+                let a = malloc(size);
+                assert!(!a.is_null());
+                free(if kind == "low-address" {
+                    16 as *mut u8
+                } else {
+                    0xffff_8000_0000_0010usize as *mut u8
+                });
+            }
             // Into slab 0 past the header (on the grid), where no slab serves,
             // for tiny sizes; for mid ones, into an ACE segment's block.
             "slab-zero" | "slab-zero-realloc" => {
@@ -1253,7 +1265,7 @@ fn misuse() {
                 println!("handed out {again:p} then {forged:p} (forged {target:#x})");
             }
             _ => {
-                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|segment-header|slab-zero|slab-zero-realloc|use-after-free-link");
+                eprintln!("MISUSE=double-free-deep|double-free-drained|double-free-remote|double-free-other-cache|double-free-repeated|interior|interior-remote|misaligned|segment-header|low-address|kernel-address|slab-zero|slab-zero-realloc|use-after-free-link");
                 std::process::exit(2);
             }
         }

@@ -122,9 +122,9 @@ pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
 /// and purges waiting as long. One thread maps at a time: another that finds
 /// no slot meanwhile sleeps until this one's SuperSlab is in (`acquire`,
 /// `MAPPED`), so the budget and the address space go as when the lock was
-/// held across. (A
-/// fork while a thread is here leaves the chunk it took mapped in the child,
-/// unused; the child may map again: `forget_mapper_after_fork`.)
+/// held across. (A fork while a thread is here leaves the chunk it took
+/// mapped in the child, unused; the child may map again:
+/// `forget_mapper_after_fork`.)
 fn map_new() -> Result<*mut Slab, FailReason> {
     crate::test_hooks::at(crate::test_hooks::Point::MapSuperSlab, 0);
     let mapped = map_superslab();
@@ -150,6 +150,16 @@ fn map_superslab() -> Result<*mut SuperSlab, FailReason> {
     if base.is_null() {
         return Err(FailReason::MapFailed);
     }
+    if !SuperSlab::addressable(base as usize) {
+        // Should it ever happen, the legacy path serves.
+        // SAFETY: the mapping was just made or taken from the cache, and
+        // nothing refers to it.
+        unsafe {
+            registry::remove(base as usize);
+            os::unmap(base, SS_SIZE);
+        }
+        return Err(FailReason::MapFailed);
+    }
     if cached {
         // Its last user (a large block, an ACE segment) may have touched
         // slab 0 past the header, which no slab will purge now that slab 0
@@ -163,16 +173,6 @@ fn map_superslab() -> Result<*mut SuperSlab, FailReason> {
                 SLAB_SIZE - SS_HEADER_RESERVE,
             )
         };
-    }
-    if !SuperSlab::addressable(base as usize) {
-        // Should it ever happen, the legacy path serves.
-        // SAFETY: the mapping was just made or taken from the cache, and
-        // nothing refers to it.
-        unsafe {
-            registry::remove(base as usize);
-            os::unmap(base, SS_SIZE);
-        }
-        return Err(FailReason::MapFailed);
     }
     // SAFETY: an SS_SIZE-aligned mapping of SS_SIZE bytes, ours alone.
     let ss = unsafe { SuperSlab::init(base) };

@@ -59,7 +59,7 @@ pub struct Block {
 }
 
 /// Every block start is a multiple of this (tiny and legacy: 16, ACE: 64).
-const BLOCK_ALIGN: usize = 16;
+pub const BLOCK_ALIGN: usize = 16;
 
 impl Block {
     /// The block after `b` on its list (null at the end). With the feature
@@ -252,14 +252,6 @@ impl SuperSlab {
     }
 }
 
-/// First byte of slab `idx`'s block area (its first byte: no serving slab
-/// holds the header).
-#[inline(always)]
-pub fn slab_area(ss: usize, idx: usize) -> usize {
-    debug_assert!(idx >= FIRST_SLAB);
-    ss + idx * SLAB_SIZE
-}
-
 /// Colour of slab `idx` of the SuperSlab at `ss`: 0..15 cache lines. Slabs
 /// are claimed in order, and 5 is prime to 16, so consecutive slabs (and the
 /// same slab of consecutive SuperSlabs) get different colours.
@@ -359,7 +351,10 @@ impl Slab {
     }
 
     pub fn area(&self) -> usize {
-        slab_area(self.superslab() as usize, self.index()) + self.color as usize
+        // No serving slab holds the header: its blocks start at its first
+        // byte and the colour.
+        debug_assert!(self.index() >= FIRST_SLAB);
+        self.base() + self.color as usize
     }
 
     /// The slab's first byte.
@@ -376,7 +371,7 @@ impl Slab {
     /// they read as zero when touched again. Returns the bytes given back.
     /// Its free list lay in those pages: only `format` may follow.
     pub fn purge(&self) -> usize {
-        let start = slab_area(self.superslab() as usize, self.index());
+        let start = self.base();
         let end = self.end();
         // SAFETY: the slab's part of its SuperSlab's mapping, with no block
         // out (the pool holds it EMPTY); the header lies before `start`.

@@ -19,8 +19,8 @@
 //! (pinned, 9 repetitions). 1024 slots (8 KiB an index, of which a thread
 //! touches the pages its slabs' slots fall on, and the first, for slot 0):
 //! that workload 1.13x as many operations a second (pinned, 11 pairs:
-//! quartiles 1.10-1.16), and with 8192 slots 0.996 (0.989-1.003); hakbench pinned, 5 repetitions: prodcons
-//! 1.003, mixed-2t 0.991, larson 1.035, working-set-2t 1.018, tiny 1.001;
+//! quartiles 1.10-1.16), and with 8192 slots 0.996 (0.989-1.003); hakbench
+//! pinned, 5 repetitions: prodcons 1.003, mixed-2t 0.991, larson 1.035, working-set-2t 1.018, tiny 1.001;
 //! glibc-thread level (6 runs each). 512 slots had cost prodcons 5% when
 //! 256 were chosen, by the index lines a free of the other thread's blocks
 //! reads; that cost did not show with 1024 slots in this code (unpinned,
@@ -37,7 +37,7 @@
 //! free list when their threads exit.
 
 use crate::os;
-use crate::superslab::{FIRST_SLAB, SLAB_SIZE, SS_SIZE};
+use crate::superslab::{BLOCK_ALIGN, FIRST_SLAB, SLAB_SIZE, SS_SIZE};
 use crate::sync::SpinLock;
 use core::ptr::null_mut;
 
@@ -55,7 +55,7 @@ const _: () = assert!(SLOTS * SLAB_SIZE == 64 << 20);
 /// from the address, five of `free`'s fast-path instructions.
 const BIN_SHIFT: u32 = 4;
 const BIN_MASK: usize = 0xff;
-const GRID_BITS: usize = 15;
+const GRID_BITS: usize = BLOCK_ALIGN - 1;
 /// The bits of `slot ^ address` that must be zero for a match.
 const MATCH_MASK: usize = !(SLAB_SIZE - 1) | GRID_BITS;
 const _: () = assert!(BIN_MASK << BIN_SHIFT & MATCH_MASK == 0);
