@@ -13,7 +13,7 @@
 //! tiers      superslab, legacy, ace, large, parcel
 //! chunks     the chunk cache under every tier
 //! base       os, registry, segment, hardening, test_hooks
-//! leaf       errno, sync, class, config, cgroup, stats, probes, misuse
+//! leaf       errno, sync, class, config, cgroup, procfs, stats, probes, misuse
 //! ```
 //!
 //! Nothing here allocates through malloc, and nothing on the malloc/free fast
@@ -59,6 +59,7 @@ mod leaf {
     pub mod errno;
     pub mod misuse;
     pub mod probes;
+    pub mod procfs;
     pub mod stats;
     pub mod sync;
 }
@@ -69,7 +70,7 @@ pub use base::test_hooks;
 use base::{hardening, os, registry, segment};
 pub use front::api;
 pub use front::global_alloc::HakMem;
-use leaf::{cgroup, errno, misuse, probes, sync};
+use leaf::{cgroup, errno, misuse, probes, procfs, sync};
 pub use leaf::{class, config, stats};
 use tiers::{ace, large, legacy, parcel, superslab};
 

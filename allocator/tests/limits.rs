@@ -118,11 +118,11 @@ fn under_rlimit_as_running_out_is_null_with_enomem() {
     refused_cleanly_under(libc::RLIMIT_AS, "RLIMIT_AS");
 }
 
-/// `RLIMIT_DATA` counts private writable mappings, not hakmem's reserved
-/// (`PROT_NONE`) regions: it refuses the `mprotect` that makes a region's
-/// chunk writable, the path whose refused chunk is unmapped
-/// (`os::chunk_from_region`), and every tier still gets NULL with ENOMEM and
-/// allocates again after the frees.
+/// `RLIMIT_DATA` counts private writable mappings, not reserved (`PROT_NONE`)
+/// ones, so under it hakmem reserves its regions (`os::region_prot`) and it
+/// refuses the `mprotect` that makes a region's chunk writable, the path
+/// whose refused chunk is unmapped (`os::chunk_from_region`), and every tier
+/// still gets NULL with ENOMEM and allocates again after the frees.
 #[test]
 fn under_rlimit_data_running_out_is_null_with_enomem() {
     refused_cleanly_under(libc::RLIMIT_DATA, "RLIMIT_DATA");

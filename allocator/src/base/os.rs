@@ -3,6 +3,7 @@
 
 use crate::config;
 use crate::errno;
+use crate::procfs;
 use crate::registry::CHUNK;
 use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -68,13 +69,22 @@ fn charged(bytes: usize, map: impl FnOnce() -> *mut u8) -> *mut u8 {
 /// its chunks go back to the OS one by one, as before.
 const REGION_CHUNKS: usize = 16;
 
-/// The rest of the current region: `next..end`, whole chunks not yet handed out.
+/// The rest of the current region: `start..next`, whole chunks not yet
+/// handed out, taken from the top down (the chunk above the newest is the one
+/// handed out before it, not an untouched one a stray write past the newest
+/// chunk's end could dirty unseen); `writable` if it was mapped writable (see
+/// `region_prot`).
 struct Region {
+    start: usize,
     next: usize,
-    end: usize,
+    writable: bool,
 }
 
-static REGION: SpinLock<Region> = SpinLock::new(Region { next: 0, end: 0 });
+static REGION: SpinLock<Region> = SpinLock::new(Region {
+    start: 0,
+    next: 0,
+    writable: false,
+});
 
 /// Maps one chunk (CHUNK bytes, CHUNK-aligned), from the current region or a
 /// new one. Null when the budget or the OS refuses. Return it with `unmap`.
@@ -106,19 +116,23 @@ fn small_pages(start: usize, len: usize) {
     unsafe { advise(start, len, libc::MADV_NOHUGEPAGE) };
 }
 
-/// The next chunk of the current region, made writable; None if the OS
-/// refuses a region or the chunk's pages (the commit limit).
+/// The next chunk of the current region, writable; None if the OS refuses a
+/// region or the chunk's pages (the commit limit).
 ///
-/// The region lock is held only to take the chunk: `mprotect` and `mmap`
-/// wait for the process's memory map lock, which page faults elsewhere in
-/// the program hold (rptest, two threads faulting in fresh blocks: each
-/// traced run had one `mprotect` of 1-4 ms among about 30 of 1-30 us, and a
-/// thread mapping a chunk meanwhile slept on the region lock as long). A
-/// refused chunk's address space goes back; the region goes on past it.
+/// A chunk of a reserved region is made writable here, with the region lock
+/// let go: `mprotect` waits for the process's memory map lock, which page
+/// faults elsewhere in the program hold (rptest, two threads faulting in
+/// fresh blocks: each traced run had one `mprotect` of 1-4 ms among about 30
+/// of 1-30 us, and a thread mapping a chunk meanwhile slept on the region
+/// lock as long). A refused chunk's address space goes back; the region goes
+/// on past it.
 fn chunk_from_region() -> Option<*mut u8> {
-    let p = reserve_chunk()?;
+    let (p, writable) = reserve_chunk()?;
     #[cfg(test)]
     tests::chunk_taken(p);
+    if writable {
+        return Some(p as *mut u8);
+    }
     // SAFETY: a reserved chunk that `reserve_chunk` handed to us alone.
     let (r, _) = errno::keep(|| unsafe { libc::mprotect(p as *mut libc::c_void, CHUNK, RW) });
     if r != 0 {
@@ -129,30 +143,123 @@ fn chunk_from_region() -> Option<*mut u8> {
     Some(p as *mut u8)
 }
 
-/// Takes the next chunk of the current region (reserved, not writable),
-/// reserving a new region first when it is used up; None if the OS refuses.
-fn reserve_chunk() -> Option<usize> {
+/// How a new region is mapped: writable where that costs nothing until its
+/// pages are touched, reserved (`PROT_NONE`, each chunk made writable as it
+/// is handed out) where it would be charged or locked in full.
+///
+/// Why not reserve always: the `mprotect` that makes a reserved chunk
+/// writable changes the region's mapping (the kernel write-locks the mapping
+/// it merges the chunk into), so it waits for every page fault in that
+/// mapping and makes the next ones wait for it (before Linux 6.4, with no
+/// per-mapping locks, every fault of the process). In rptest (two threads
+/// faulting in fresh blocks) that put a thread to sleep in state D 2-9 times
+/// a run, and a woken thread was seen moved onto its waker's CPU while the
+/// other CPU idled for a timer tick (4 ms, a fifth of a round); with
+/// writable regions, once (rptest's own file at exit). docs/performance.md.
+fn region_prot() -> libc::c_int {
+    if writable_regions(overcommit_mode(), data_unlimited(), future_locked()) {
+        RW
+    } else {
+        libc::PROT_NONE
+    }
+}
+
+/// `region_prot`'s rule. Writable only when the kernel does not charge a
+/// `MAP_NORESERVE` mapping (`vm.overcommit_memory` 0 or 1; None: unknown),
+/// `RLIMIT_DATA` (which counts every private writable mapping, touched or
+/// not) is unlimited, and `mlockall(MCL_FUTURE)` is not in force (the kernel
+/// would fault in and lock the whole region at once; it leaves `PROT_NONE`
+/// alone).
+fn writable_regions(overcommit: Option<usize>, data_unlimited: bool, future_locked: bool) -> bool {
+    matches!(overcommit, Some(0 | 1)) && data_unlimited && !future_locked
+}
+
+/// `vm.overcommit_memory`, read at the first region (at startup, before a
+/// program may shut itself off from `/proc` with seccomp or chroot) and kept.
+fn overcommit_mode() -> Option<usize> {
+    const UNREAD: usize = usize::MAX;
+    const UNKNOWN: usize = usize::MAX - 1;
+    static MODE: AtomicUsize = AtomicUsize::new(UNREAD);
+    let mut mode = MODE.load(Ordering::Relaxed);
+    if mode == UNREAD {
+        mode = procfs::overcommit_mode().unwrap_or(UNKNOWN);
+        MODE.store(mode, Ordering::Relaxed);
+    }
+    (mode != UNKNOWN).then_some(mode)
+}
+
+/// Whether `RLIMIT_DATA` is unlimited now (raw `prlimit64`: a wrapper of
+/// `getrlimit` preloaded before hakmem could allocate). A limit set later
+/// applies from the next region: the current one's chunks are counted
+/// already.
+fn data_unlimited() -> bool {
+    let mut data = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 on this process with no new limit writes only `data`.
+    let (r, _) = errno::keep(|| unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            libc::RLIMIT_DATA,
+            core::ptr::null::<libc::rlimit>(),
+            &mut data as *mut libc::rlimit,
+        )
+    });
+    r == 0 && data.rlim_cur == libc::RLIM_INFINITY
+}
+
+/// Whether new mappings come locked and faulted in (`mlockall(MCL_FUTURE)`):
+/// a one-page read-only probe is resident at once if so. Three syscalls a
+/// region, no `/proc`.
+fn future_locked() -> bool {
+    // SAFETY: a fresh anonymous page at a kernel-chosen address, unmapped
+    // below; mincore writes one byte into `resident`.
+    let (locked, _) = errno::keep(|| unsafe {
+        let p = libc::mmap(
+            core::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return true;
+        }
+        let mut resident = 0u8;
+        let r = libc::mincore(p, PAGE, &mut resident);
+        libc::munmap(p, PAGE);
+        r != 0 || resident & 1 != 0
+    });
+    locked
+}
+
+/// Takes the next chunk of the current region, reserving a new region first
+/// when it is used up; None if the OS refuses. With it, whether it is
+/// writable already.
+fn reserve_chunk() -> Option<(usize, bool)> {
     loop {
         if let Some(p) = REGION.lock().take() {
             return Some(p);
         }
-        // Reserved, not writable: a host with `vm.overcommit_memory=2`
-        // charges a writable private mapping in full, touched or not (32 MiB
-        // for a program that needs one chunk); each chunk is made writable
-        // as it is handed out. Mapped without the lock, as above.
+        // Mapped without the lock, as above.
         let len = REGION_CHUNKS * CHUNK;
-        let base = map_aligned_uncharged(len, CHUNK, libc::PROT_NONE) as usize;
+        let prot = region_prot();
+        let base = map_aligned_uncharged(len, CHUNK, prot) as usize;
         if base == 0 {
             return None;
         }
         small_pages(base, len);
         let mut region = REGION.lock();
-        if region.next == region.end {
+        if region.next == region.start {
             *region = Region {
-                next: base + CHUNK,
-                end: base + len,
+                start: base,
+                next: base + len,
+                writable: prot == RW,
             };
-            return Some(base);
+            return region.take();
         }
         drop(region);
         // Another thread put a region in place meanwhile: take from it.
@@ -162,11 +269,11 @@ fn reserve_chunk() -> Option<usize> {
 }
 
 impl Region {
-    /// The next chunk, if any is left.
-    fn take(&mut self) -> Option<usize> {
-        (self.next != self.end).then(|| {
-            self.next += CHUNK;
-            self.next - CHUNK
+    /// The next chunk down and whether it is writable, if any is left.
+    fn take(&mut self) -> Option<(usize, bool)> {
+        (self.next != self.start).then(|| {
+            self.next -= CHUNK;
+            (self.next, self.writable)
         })
     }
 }
@@ -506,6 +613,132 @@ mod tests {
         }
     }
 
+    #[test]
+    fn regions_are_writable_only_where_that_charges_nothing() {
+        for mode in [Some(0), Some(1)] {
+            assert!(writable_regions(mode, true, false), "overcommit {mode:?}");
+            assert!(
+                !writable_regions(mode, false, false),
+                "{mode:?}, RLIMIT_DATA"
+            );
+            assert!(!writable_regions(mode, true, true), "{mode:?}, MCL_FUTURE");
+        }
+        for mode in [Some(2), Some(3), None] {
+            assert!(!writable_regions(mode, true, false), "overcommit {mode:?}");
+        }
+    }
+
+    /// The protection (`rw-p`, `---p`, ...) of the mapping holding `addr`,
+    /// from /proc/self/maps read into `buf`; None if it cannot be read or no
+    /// mapping holds `addr`. Nothing allocated and nothing asserted, so it may
+    /// run with the region lock held (this test binary's malloc is hakmem's:
+    /// a panic's message there would wait for the lock).
+    fn protection_at(addr: usize, buf: &mut [u8]) -> Option<[u8; 4]> {
+        // SAFETY: open/read/close on a NUL-terminated path into `buf`,
+        // within its length.
+        let len = unsafe {
+            let fd = libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY);
+            if fd < 0 {
+                return None;
+            }
+            let mut len = 0;
+            loop {
+                let r = libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len);
+                if r <= 0 {
+                    break;
+                }
+                len += r as usize;
+            }
+            libc::close(fd);
+            len
+        };
+        if len == buf.len() {
+            return None;
+        }
+        buf[..len].split(|&b| b == b'\n').find_map(|line| {
+            let text = core::str::from_utf8(line).ok()?;
+            let mut fields = text.split_whitespace();
+            let (lo, hi) = fields.next()?.split_once('-')?;
+            let lo = usize::from_str_radix(lo, 16).ok()?;
+            let hi = usize::from_str_radix(hi, 16).ok()?;
+            let prot: [u8; 4] = fields.next()?.as_bytes().try_into().ok()?;
+            (lo..hi).contains(&addr).then_some(prot)
+        })
+    }
+
+    /// A region mapped writable is not changed as its chunks are handed out
+    /// (no `mprotect`, which waits for and blocks the program's page faults
+    /// in it): the chunk below one just taken, which nobody has yet, is
+    /// writable already. Where regions are reserved, it is not.
+    #[test]
+    fn the_chunks_of_a_writable_region_are_handed_out_as_they_are() {
+        let writable = region_prot() == RW;
+        let expected = if writable { *b"rw-p" } else { *b"---p" };
+        let mut buf = vec![0u8; 4 << 20];
+        let mut checked = false;
+        // A chunk with another below it in its region (the last has none;
+        // another test may take the next first): within a region's worth.
+        for _ in 0..=REGION_CHUNKS {
+            let chunk = map_chunk() as usize;
+            assert_ne!(chunk, 0);
+            assert_eq!(protection_at(chunk, &mut buf), Some(*b"rw-p"));
+            // Under the lock the chunk below can be neither taken nor
+            // unmapped by another test; nothing allocates until it is let go.
+            let seen = {
+                let region = REGION.lock();
+                (region.next != region.start && region.next == chunk)
+                    .then(|| (region.writable, protection_at(chunk - CHUNK, &mut buf)))
+            };
+            // SAFETY: ours, handed out above, unused.
+            unsafe { unmap(chunk as *mut u8, CHUNK) };
+            if let Some((region_writable, below)) = seen {
+                assert_eq!(region_writable, writable);
+                assert_eq!(
+                    below,
+                    Some(expected),
+                    "the region's next chunk, not handed out"
+                );
+                checked = true;
+                break;
+            }
+        }
+        assert!(checked, "no chunk had one below it in its region");
+    }
+
+    /// A new region is writable on this machine unless a limit says
+    /// otherwise, and a program's `mlockall(MCL_FUTURE)` is seen by the
+    /// probe (in a child: the lock would hold for the whole test process).
+    #[test]
+    fn mlockall_of_future_mappings_is_seen() {
+        assert!(!future_locked());
+        // SAFETY: fork in a test process; the child makes only syscalls
+        // (mlockall, the probe's mmap/mincore/munmap) and _exit.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                let code = if libc::mlockall(libc::MCL_FUTURE) != 0 {
+                    2 // not permitted here (no CAP_IPC_LOCK, a low limit)
+                } else if future_locked() {
+                    0
+                } else {
+                    1
+                };
+                libc::_exit(code);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            assert!(libc::WIFEXITED(status));
+            match libc::WEXITSTATUS(status) {
+                0 => {}
+                2 => panic!(
+                    "mlockall(MCL_FUTURE) refused: the test needs CAP_IPC_LOCK or RLIMIT_MEMLOCK"
+                ),
+                _ => panic!("mlockall(MCL_FUTURE) was in force and the probe did not see it"),
+            }
+        }
+    }
+
     std::thread_local! {
         /// Set on the thread of `a_chunk_is_made_writable_without_the_region_lock`
         /// that stops in the window.
@@ -537,9 +770,11 @@ mod tests {
         }
     }
 
-    /// One thread stops after taking its chunk and before `mprotect`; another
+    /// One thread stops after taking its chunk and before `mprotect` (where
+    /// regions are reserved; on a writable region, after taking it); another
     /// maps a chunk meanwhile, which it could not if the region lock were
     /// held across the `mprotect` (as it was until the twenty-first session).
+    /// The `mprotect` itself runs under `RLIMIT_DATA` (tests/limits.rs).
     #[test]
     fn a_chunk_is_made_writable_without_the_region_lock() {
         use std::sync::mpsc;

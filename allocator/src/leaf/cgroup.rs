@@ -24,7 +24,7 @@
 //! cgroup and of each ancestor (the lowest applies), and its usage now. A
 //! limit that changes after the first allocation is not followed.
 
-use crate::errno;
+use crate::procfs::{read_file, read_number, Buf};
 
 /// Room kept for what the process needs besides hakmem's heap (stacks, the
 /// program's own mappings and files): an eighth of the limit, at least this.
@@ -32,86 +32,6 @@ const MIN_MARGIN: usize = 4 << 20;
 /// The least the cap is: a few chunks, so that a tiny limit still lets a
 /// program start (the kernel then decides, as without the cap).
 const MIN_BUDGET: usize = 16 << 20;
-
-/// A path or file's bytes, on the stack.
-struct Buf {
-    bytes: [u8; 512],
-    len: usize,
-}
-
-impl Buf {
-    const fn new() -> Buf {
-        Buf {
-            bytes: [0; 512],
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, s: &[u8]) -> Option<()> {
-        let end = self
-            .len
-            .checked_add(s.len())
-            .filter(|&e| e < self.bytes.len())?;
-        self.bytes[self.len..end].copy_from_slice(s);
-        self.len = end;
-        Some(())
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-/// Reads the file at `path` into `out`, up to its capacity; the bytes read.
-fn read_file<'a>(path: &Buf, out: &'a mut [u8]) -> Option<&'a [u8]> {
-    let mut z = [0u8; 513];
-    z[..path.len].copy_from_slice(path.as_slice());
-    // Raw syscalls, not libc's wrappers: a preloaded library that wraps
-    // `open` (fakechroot, libeatmydata) may call calloc on its first use,
-    // which would come back here while the configuration is being read.
-    // SAFETY: `z` is NUL-terminated (zeroed past the path); openat, read and
-    // close touch only `out`, within its length.
-    let (n, _) = errno::keep(|| unsafe {
-        let fd = libc::syscall(
-            libc::SYS_openat,
-            libc::AT_FDCWD,
-            z.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        );
-        if fd < 0 {
-            return -1;
-        }
-        let mut total = 0usize;
-        while total < out.len() {
-            let r = libc::syscall(
-                libc::SYS_read,
-                fd,
-                out[total..].as_mut_ptr(),
-                out.len() - total,
-            );
-            if r <= 0 {
-                break;
-            }
-            total += r as usize;
-        }
-        libc::syscall(libc::SYS_close, fd);
-        total as isize
-    });
-    (n >= 0).then(|| &out[..n as usize])
-}
-
-/// The decimal number a file holds ("max" and empty are None).
-fn read_number(path: &Buf) -> Option<usize> {
-    let mut buf = [0u8; 64];
-    let text = read_file(path, &mut buf)?;
-    let digits = text.split(|&b| b == b'\n').next()?;
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0usize, |v, &d| {
-        v.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    })
-}
 
 /// Where a cgroup's memory files live: the hierarchy's mount and the
 /// group's path in it.

@@ -631,8 +631,8 @@ enum Shortfall {
 
 /// Takes up to `want` blocks of `class` from `pool` (`AceClass::take`
 /// under its lock), mapping a segment between two holds of the lock when
-/// the class has none: mapping (`mprotect` of a chunk of the reserved
-/// region, or `mmap`) takes the process's mmap lock, which may wait behind
+/// the class has none: mapping (`mprotect` of a chunk of a reserved
+/// region, or `mmap` of a new region) takes the process's mmap lock, which may wait behind
 /// other threads' page faults (1.3 ms once in rptest, with the class lock
 /// held and the other thread asleep on it).
 ///
