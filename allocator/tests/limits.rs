@@ -15,12 +15,12 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Compiles the program into a directory of the calling test's own, which
-/// goes when the returned `Scratch` does.
-fn compile(test: &str) -> (Scratch, PathBuf) {
+/// Compiles `limits/{program}.c` into a directory of the calling test's own,
+/// which goes when the returned `Scratch` does.
+fn compile(test: &str, program: &str) -> (Scratch, PathBuf) {
     let dir = Scratch::new(&format!("limits-{test}"));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/limits/exhaust.c");
-    let exe = dir.join("exhaust");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/limits/{program}.c"));
+    let exe = dir.join(program);
     let out = Command::new("cc")
         .args(["-std=c11", "-O1", "-Wall", "-Werror", "-o"])
         .arg(&exe)
@@ -43,6 +43,17 @@ fn run(
     preload: bool,
     setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
 ) -> Output {
+    run_with(exe, args, preload, &[], setup)
+}
+
+/// `run` with `knobs` (`HAKMEM_*` settings) in the environment.
+fn run_with(
+    exe: &Path,
+    args: &[&str],
+    preload: bool,
+    knobs: &[(&str, &str)],
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Output {
     let mut cmd = Command::new(exe);
     cmd.args(args).env_remove("LD_PRELOAD");
     for (key, _) in std::env::vars_os() {
@@ -50,6 +61,7 @@ fn run(
             cmd.env_remove(key);
         }
     }
+    cmd.envs(knobs.iter().copied());
     if preload {
         cmd.env("LD_PRELOAD", lib());
     }
@@ -105,7 +117,7 @@ fn rlimit(
 
 /// exhaust.c under `resource` at 1 GiB, glibc (the control) and hakmem.
 fn refused_cleanly_under(resource: libc::__rlimit_resource_t, name: &str) {
-    let (_dir, exe) = compile(&name.to_lowercase());
+    let (_dir, exe) = compile(&name.to_lowercase(), "exhaust");
     let limit = || rlimit(resource, 1 << 30);
     for (preload, who) in [(false, "glibc"), (true, "hakmem")] {
         let out = run(&exe, &[], preload, limit());
@@ -126,6 +138,40 @@ fn under_rlimit_as_running_out_is_null_with_enomem() {
 #[test]
 fn under_rlimit_data_running_out_is_null_with_enomem() {
     refused_cleanly_under(libc::RLIMIT_DATA, "RLIMIT_DATA");
+}
+
+/// `mlock.c`'s resident KiB after its `mlockall`, under `knobs`.
+fn resident_after_mlockall(exe: &Path, preload: bool, knobs: &[(&str, &str)]) -> u64 {
+    let out = run_with(exe, &[], preload, knobs, || Ok(()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "mlockall needs CAP_IPC_LOCK or RLIMIT_MEMLOCK: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("rss_kib ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rss_kib line: {}", describe(&out)))
+}
+
+/// A program that calls `mlockall(MCL_CURRENT)` after its first allocation
+/// locks what is mapped writable then, a writable region's untaken chunks
+/// too (`os::region_prot`); `HAKMEM_RESERVE_REGIONS=1` maps regions
+/// reserved, which `mlockall` does not fault in. Needs CAP_IPC_LOCK (root).
+#[test]
+fn reserved_regions_keep_mlockall_from_faulting_in_untaken_chunks() {
+    let (_dir, exe) = compile("mlock", "mlock");
+    let glibc = resident_after_mlockall(&exe, false, &[]);
+    let writable = resident_after_mlockall(&exe, true, &[]);
+    let reserved = resident_after_mlockall(&exe, true, &[("HAKMEM_RESERVE_REGIONS", "1")]);
+    eprintln!("resident after mlockall: glibc {glibc} KiB, hakmem {writable}, reserved {reserved}");
+    // 2 MiB chunks are what hakmem has taken at its first allocation; a
+    // writable region's other 30 MiB must not be there.
+    assert!(
+        reserved < glibc + 16 * 1024,
+        "with reserved regions {reserved} KiB resident (glibc {glibc}, writable regions {writable})"
+    );
 }
 
 /// A memory cgroup made for the test, removed when dropped.
@@ -208,7 +254,7 @@ impl Drop for TestCgroup {
 
 #[test]
 fn under_a_memory_cgroup_running_out_is_null_with_enomem_where_glibc_is_killed() {
-    let (_dir, exe) = compile("cgroup");
+    let (_dir, exe) = compile("cgroup", "exhaust");
     let cg = match TestCgroup::new(256 << 20) {
         Ok(cg) => cg,
         Err(why) if std::env::var_os("HAKMEM_REQUIRE_BPF").is_none() => {

@@ -65,24 +65,22 @@ fn charged(bytes: usize, map: impl FnOnce() -> *mut u8) -> *mut u8 {
 /// Chunks a region maps ahead. A SuperSlab, an ACE segment, a legacy segment
 /// and a large block up to 2 MiB each take one chunk; a program that makes
 /// many of them (10,000 buffers grown past 32 KiB by realloc) paid an mmap for
-/// each, 5% of its time. The region is address space only (never touched) and
-/// its chunks go back to the OS one by one, as before.
+/// each, 5% of its time. The region is address space only (never touched,
+/// though a writable one counts whole in `VmData`) and its chunks go back to
+/// the OS one by one, as before.
 const REGION_CHUNKS: usize = 16;
 
-/// The rest of the current region: `start..next`, whole chunks not yet
-/// handed out, taken from the top down (the chunk above the newest is the one
-/// handed out before it, not an untouched one a stray write past the newest
-/// chunk's end could dirty unseen); `writable` if it was mapped writable (see
-/// `region_prot`).
+/// The rest of the current region: `start..end`, whole chunks not yet handed
+/// out; `writable` if it was mapped writable (see `region_prot`).
 struct Region {
     start: usize,
-    next: usize,
+    end: usize,
     writable: bool,
 }
 
 static REGION: SpinLock<Region> = SpinLock::new(Region {
     start: 0,
-    next: 0,
+    end: 0,
     writable: false,
 });
 
@@ -125,7 +123,7 @@ fn small_pages(start: usize, len: usize) {
 /// fresh blocks: each traced run had one `mprotect` of 1-4 ms among about 30
 /// of 1-30 us, and a thread mapping a chunk meanwhile slept on the region
 /// lock as long). A refused chunk's address space goes back; the region goes
-/// on past it.
+/// on with the next.
 fn chunk_from_region() -> Option<*mut u8> {
     let (p, writable) = reserve_chunk()?;
     #[cfg(test)]
@@ -155,9 +153,16 @@ fn chunk_from_region() -> Option<*mut u8> {
 /// faulting in fresh blocks) that put a thread to sleep in state D 2-9 times
 /// a run, and a woken thread was seen moved onto its waker's CPU while the
 /// other CPU idled for a timer tick (4 ms, a fifth of a round); with
-/// writable regions, once (rptest's own file at exit). docs/performance.md.
+/// writable regions 1-2 times in most runs, one for rptest's own result
+/// file at exit (docs/performance.md).
 fn region_prot() -> libc::c_int {
-    if writable_regions(overcommit_mode(), data_unlimited(), future_locked()) {
+    #[cfg(test)]
+    if tests::FORCE_RESERVED.load(Ordering::Relaxed) {
+        return libc::PROT_NONE;
+    }
+    if !config::get().reserve_regions
+        && writable_regions(overcommit_mode(), data_unlimited, future_locked)
+    {
         RW
     } else {
         libc::PROT_NONE
@@ -165,13 +170,18 @@ fn region_prot() -> libc::c_int {
 }
 
 /// `region_prot`'s rule. Writable only when the kernel does not charge a
-/// `MAP_NORESERVE` mapping (`vm.overcommit_memory` 0 or 1; None: unknown),
-/// `RLIMIT_DATA` (which counts every private writable mapping, touched or
-/// not) is unlimited, and `mlockall(MCL_FUTURE)` is not in force (the kernel
-/// would fault in and lock the whole region at once; it leaves `PROT_NONE`
-/// alone).
-fn writable_regions(overcommit: Option<usize>, data_unlimited: bool, future_locked: bool) -> bool {
-    matches!(overcommit, Some(0 | 1)) && data_unlimited && !future_locked
+/// `MAP_NORESERVE` mapping (`vm.overcommit_memory` 0 or 1; None: unknown,
+/// as when /proc could not be read), `RLIMIT_DATA` (which counts every
+/// private writable mapping, touched or not) is unlimited, and
+/// `mlockall(MCL_FUTURE)` is not in force (the kernel would fault in and
+/// lock the whole region at once; it leaves `PROT_NONE` alone). The last two
+/// cost syscalls, so they are asked only if the answer still depends on them.
+fn writable_regions(
+    overcommit: Option<usize>,
+    data_unlimited: impl FnOnce() -> bool,
+    future_locked: impl FnOnce() -> bool,
+) -> bool {
+    matches!(overcommit, Some(0 | 1)) && data_unlimited() && !future_locked()
 }
 
 /// `vm.overcommit_memory`, read at the first region (at startup, before a
@@ -210,30 +220,65 @@ fn data_unlimited() -> bool {
     r == 0 && data.rlim_cur == libc::RLIM_INFINITY
 }
 
-/// Whether new mappings come locked and faulted in (`mlockall(MCL_FUTURE)`):
-/// a one-page read-only probe is resident at once if so. Three syscalls a
-/// region, no `/proc`.
+/// Whether new mappings come locked and faulted in (`mlockall(MCL_FUTURE)`);
+/// yes if the probe cannot say.
 fn future_locked() -> bool {
+    probe_future_locked().unwrap_or(true)
+}
+
+/// A one-page read-only probe, resident at once if new mappings are locked
+/// (the kernel maps the zero page into it); None if it could not be mapped
+/// or asked. Three syscalls a region, no `/proc`.
+fn probe_future_locked() -> Option<bool> {
     // SAFETY: a fresh anonymous page at a kernel-chosen address, unmapped
-    // below; mincore writes one byte into `resident`.
-    let (locked, _) = errno::keep(|| unsafe {
-        let p = libc::mmap(
+    // below, handed to nobody.
+    let (p, _) = errno::keep(|| unsafe {
+        libc::mmap(
             core::ptr::null_mut(),
             PAGE,
             libc::PROT_READ,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
-        );
-        if p == libc::MAP_FAILED {
-            return true;
-        }
-        let mut resident = 0u8;
-        let r = libc::mincore(p, PAGE, &mut resident);
-        libc::munmap(p, PAGE);
-        r != 0 || resident & 1 != 0
+        )
     });
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let locked = resident(p as usize);
+    // SAFETY: the probe mapped above.
+    unsafe { munmap(p as usize, PAGE) };
     locked
+}
+
+/// Maps a region of `len` bytes as `region_prot` says, and its protection.
+/// A writable one found resident at once (a thread called
+/// `mlockall(MCL_FUTURE)` after the probe) is mapped again reserved.
+fn map_region(len: usize) -> Option<(usize, libc::c_int)> {
+    let mut prot = region_prot();
+    loop {
+        let base = map_aligned_uncharged(len, CHUNK, prot) as usize;
+        if base == 0 {
+            return None;
+        }
+        if prot == RW && resident(base) != Some(false) {
+            // SAFETY: ours, mapped above, handed to nobody.
+            unsafe { munmap(base, len) };
+            prot = libc::PROT_NONE;
+            continue;
+        }
+        return Some((base, prot));
+    }
+}
+
+/// Whether the page at `addr` (of a mapping of ours) is resident; None if
+/// the kernel will not say.
+fn resident(addr: usize) -> Option<bool> {
+    let mut page = 0u8;
+    // SAFETY: mincore writes one byte into `page`.
+    let (r, _) =
+        errno::keep(|| unsafe { libc::mincore(addr as *mut libc::c_void, PAGE, &mut page) });
+    (r == 0).then_some(page & 1 != 0)
 }
 
 /// Takes the next chunk of the current region, reserving a new region first
@@ -246,17 +291,13 @@ fn reserve_chunk() -> Option<(usize, bool)> {
         }
         // Mapped without the lock, as above.
         let len = REGION_CHUNKS * CHUNK;
-        let prot = region_prot();
-        let base = map_aligned_uncharged(len, CHUNK, prot) as usize;
-        if base == 0 {
-            return None;
-        }
+        let (base, prot) = map_region(len)?;
         small_pages(base, len);
         let mut region = REGION.lock();
-        if region.next == region.start {
+        if region.start == region.end {
             *region = Region {
                 start: base,
-                next: base + len,
+                end: base + len,
                 writable: prot == RW,
             };
             return region.take();
@@ -269,12 +310,23 @@ fn reserve_chunk() -> Option<(usize, bool)> {
 }
 
 impl Region {
-    /// The next chunk down and whether it is writable, if any is left.
+    /// The next chunk and whether it is writable, if any is left. A reserved
+    /// region goes up, a writable one down: either way the chunk past the
+    /// newest one's end is not an untaken writable one, which a stray write
+    /// there would dirty unseen (a reserved one faults, a taken one is
+    /// another block's, as between any two chunks).
     fn take(&mut self) -> Option<(usize, bool)> {
-        (self.next != self.start).then(|| {
-            self.next -= CHUNK;
-            (self.next, self.writable)
-        })
+        if self.start == self.end {
+            return None;
+        }
+        let chunk = if self.writable {
+            self.end -= CHUNK;
+            self.end
+        } else {
+            self.start += CHUNK;
+            self.start - CHUNK
+        };
+        Some((chunk, self.writable))
     }
 }
 
@@ -613,18 +665,42 @@ mod tests {
         }
     }
 
+    /// Makes `region_prot` say "reserved" (while a test needs the
+    /// `mprotect` path on a host where regions are writable).
+    pub(super) static FORCE_RESERVED: AtomicBool = AtomicBool::new(false);
+
+    /// Held by the tests that read what kind of region is current or force
+    /// one: either would confuse the other.
+    static REGION_KIND: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Gives back the chunks of the current region nobody has taken, so
+    /// that the next chunk comes from a region `region_prot` decides now.
+    fn drop_current_region() {
+        let mut region = REGION.lock();
+        if region.start != region.end {
+            // SAFETY: chunks nobody was handed, taken off the region.
+            unsafe { munmap(region.start, region.end - region.start) };
+            region.start = region.end;
+        }
+    }
+
     #[test]
     fn regions_are_writable_only_where_that_charges_nothing() {
+        let yes = || true;
+        let no = || false;
         for mode in [Some(0), Some(1)] {
-            assert!(writable_regions(mode, true, false), "overcommit {mode:?}");
-            assert!(
-                !writable_regions(mode, false, false),
-                "{mode:?}, RLIMIT_DATA"
-            );
-            assert!(!writable_regions(mode, true, true), "{mode:?}, MCL_FUTURE");
+            assert!(writable_regions(mode, yes, no), "overcommit {mode:?}");
+            assert!(!writable_regions(mode, no, no), "{mode:?}, RLIMIT_DATA");
+            assert!(!writable_regions(mode, yes, yes), "{mode:?}, MCL_FUTURE");
         }
         for mode in [Some(2), Some(3), None] {
-            assert!(!writable_regions(mode, true, false), "overcommit {mode:?}");
+            let asked = core::cell::Cell::new(false);
+            let ask = || {
+                asked.set(true);
+                true
+            };
+            assert!(!writable_regions(mode, ask, no), "overcommit {mode:?}");
+            assert!(!asked.get(), "{mode:?}: RLIMIT_DATA asked for nothing");
         }
     }
 
@@ -668,33 +744,40 @@ mod tests {
 
     /// A region mapped writable is not changed as its chunks are handed out
     /// (no `mprotect`, which waits for and blocks the program's page faults
-    /// in it): the chunk below one just taken, which nobody has yet, is
-    /// writable already. Where regions are reserved, it is not.
+    /// in it): the chunk next in line after one just taken, which nobody has
+    /// yet, is writable already. Where regions are reserved, it is not.
     #[test]
     fn the_chunks_of_a_writable_region_are_handed_out_as_they_are() {
+        let _kind = REGION_KIND.lock().unwrap_or_else(|e| e.into_inner());
+        drop_current_region();
         let writable = region_prot() == RW;
         let expected = if writable { *b"rw-p" } else { *b"---p" };
         let mut buf = vec![0u8; 4 << 20];
         let mut checked = false;
-        // A chunk with another below it in its region (the last has none;
+        // A chunk with another after it in its region (the last has none;
         // another test may take the next first): within a region's worth.
         for _ in 0..=REGION_CHUNKS {
             let chunk = map_chunk() as usize;
             assert_ne!(chunk, 0);
-            assert_eq!(protection_at(chunk, &mut buf), Some(*b"rw-p"));
-            // Under the lock the chunk below can be neither taken nor
+            // Under the lock the next chunk can be neither taken nor
             // unmapped by another test; nothing allocates until it is let go.
             let seen = {
                 let region = REGION.lock();
-                (region.next != region.start && region.next == chunk)
-                    .then(|| (region.writable, protection_at(chunk - CHUNK, &mut buf)))
+                let next = match region.writable {
+                    true if region.end == chunk => chunk - CHUNK,
+                    false if region.start == chunk + CHUNK => chunk + CHUNK,
+                    _ => 0,
+                };
+                (next != 0 && region.start != region.end)
+                    .then(|| (region.writable, protection_at(next, &mut buf)))
             };
+            assert_eq!(protection_at(chunk, &mut buf), Some(*b"rw-p"));
             // SAFETY: ours, handed out above, unused.
             unsafe { unmap(chunk as *mut u8, CHUNK) };
-            if let Some((region_writable, below)) = seen {
+            if let Some((region_writable, next)) = seen {
                 assert_eq!(region_writable, writable);
                 assert_eq!(
-                    below,
+                    next,
                     Some(expected),
                     "the region's next chunk, not handed out"
                 );
@@ -702,15 +785,15 @@ mod tests {
                 break;
             }
         }
-        assert!(checked, "no chunk had one below it in its region");
+        assert!(checked, "no chunk had one after it in its region");
     }
 
-    /// A new region is writable on this machine unless a limit says
-    /// otherwise, and a program's `mlockall(MCL_FUTURE)` is seen by the
-    /// probe (in a child: the lock would hold for the whole test process).
+    /// The probe finds no lock in the test process and finds
+    /// `mlockall(MCL_FUTURE)` in a forked child (there: the lock would hold
+    /// for the whole test process).
     #[test]
     fn mlockall_of_future_mappings_is_seen() {
-        assert!(!future_locked());
+        assert_eq!(probe_future_locked(), Some(false));
         // SAFETY: fork in a test process; the child makes only syscalls
         // (mlockall, the probe's mmap/mincore/munmap) and _exit.
         unsafe {
@@ -718,11 +801,13 @@ mod tests {
             assert!(pid >= 0);
             if pid == 0 {
                 let code = if libc::mlockall(libc::MCL_FUTURE) != 0 {
-                    2 // not permitted here (no CAP_IPC_LOCK, a low limit)
-                } else if future_locked() {
-                    0
+                    2
                 } else {
-                    1
+                    match probe_future_locked() {
+                        Some(true) => 0,
+                        Some(false) => 1,
+                        None => 3,
+                    }
                 };
                 libc::_exit(code);
             }
@@ -731,10 +816,9 @@ mod tests {
             assert!(libc::WIFEXITED(status));
             match libc::WEXITSTATUS(status) {
                 0 => {}
-                2 => panic!(
-                    "mlockall(MCL_FUTURE) refused: the test needs CAP_IPC_LOCK or RLIMIT_MEMLOCK"
-                ),
-                _ => panic!("mlockall(MCL_FUTURE) was in force and the probe did not see it"),
+                1 => panic!("mlockall(MCL_FUTURE) was in force and the probe did not see it"),
+                2 => panic!("mlockall(MCL_FUTURE) refused: needs CAP_IPC_LOCK or RLIMIT_MEMLOCK"),
+                _ => panic!("the probe could not be mapped or asked under MCL_FUTURE"),
             }
         }
     }
@@ -779,6 +863,18 @@ mod tests {
     fn a_chunk_is_made_writable_without_the_region_lock() {
         use std::sync::mpsc;
         use std::time::Duration;
+        let _kind = REGION_KIND.lock().unwrap_or_else(|e| e.into_inner());
+        // The path with an `mprotect`: a reserved region, so the rest of the
+        // current one (writable on most hosts) goes back first.
+        struct Unforce;
+        impl Drop for Unforce {
+            fn drop(&mut self) {
+                FORCE_RESERVED.store(false, Ordering::Relaxed);
+            }
+        }
+        FORCE_RESERVED.store(true, Ordering::Relaxed);
+        let _unforce = Unforce;
+        drop_current_region();
         let resume = Resume;
         let paused = std::thread::spawn(|| {
             PAUSE_HERE.with(|p| p.set(true));
@@ -794,6 +890,12 @@ mod tests {
             PAUSED_AT.load(Ordering::Acquire),
             0,
             "no chunk came from the region"
+        );
+        let mut buf = vec![0u8; 4 << 20];
+        assert_eq!(
+            protection_at(PAUSED_AT.load(Ordering::Acquire), &mut buf),
+            Some(*b"---p"),
+            "the stopped thread's chunk is not waiting for its mprotect"
         );
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || tx.send(map_chunk() as usize).unwrap());

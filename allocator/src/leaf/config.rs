@@ -102,6 +102,13 @@ knobs! {
     cgroup_limit: bool = true,
         "HAKMEM_CGROUP_LIMIT", flag, "1",
         "0 ignores the cgroup's memory limit (maps until the OS or the kernel's OOM killer says no)";
+    reserve_regions: bool = false,
+        "HAKMEM_RESERVE_REGIONS", flag, "0",
+        "1 maps hakmem's 32 MiB regions reserved (`PROT_NONE`) and makes each 2 MiB chunk \
+         writable as it is handed out, as under `vm.overcommit_memory=2`: for a program that \
+         calls `mlockall(MCL_CURRENT)` after its first allocation, which would lock a writable \
+         region's unused chunks too; each chunk then costs an `mprotect`, which waits for other \
+         threads' page faults ([docs/decisions.md](docs/decisions.md))";
     check_frees: bool = false,
         "HAKMEM_CHECK_FREES", flag, "0",
         "1 checks every free fully: a double free on any list (a key in each free block), a \
