@@ -143,7 +143,10 @@ fn chunk_from_region() -> Option<*mut u8> {
 
 /// How a new region is mapped: writable where that costs nothing until its
 /// pages are touched, reserved (`PROT_NONE`, each chunk made writable as it
-/// is handed out) where it would be charged or locked in full.
+/// is handed out) where it would be charged or locked in full, or where
+/// `HAKMEM_RESERVE_REGIONS=1` asks (a program that calls
+/// `mlockall(MCL_CURRENT)` after its first allocation would lock a writable
+/// region's untaken chunks: tests/limits.rs).
 ///
 /// Why not reserve always: the `mprotect` that makes a reserved chunk
 /// writable changes the region's mapping (the kernel write-locks the mapping
