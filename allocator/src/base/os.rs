@@ -248,7 +248,7 @@ fn probe_future_locked() -> Option<bool> {
     if p == libc::MAP_FAILED {
         return None;
     }
-    let locked = resident(p as usize);
+    let locked = page_resident(p as usize);
     // SAFETY: the probe mapped above.
     unsafe { munmap(p as usize, PAGE) };
     locked
@@ -258,30 +258,24 @@ fn probe_future_locked() -> Option<bool> {
 /// A writable one found resident at once (a thread called
 /// `mlockall(MCL_FUTURE)` after the probe) is mapped again reserved.
 fn map_region(len: usize) -> Option<(usize, libc::c_int)> {
-    let mut prot = region_prot();
-    loop {
-        let base = map_aligned_uncharged(len, CHUNK, prot) as usize;
-        if base == 0 {
-            return None;
-        }
-        if prot == RW && resident(base) != Some(false) {
-            // SAFETY: ours, mapped above, handed to nobody.
-            unsafe { munmap(base, len) };
-            prot = libc::PROT_NONE;
-            continue;
-        }
+    let prot = region_prot();
+    let base = map_aligned_uncharged(len, CHUNK, prot) as usize;
+    if base == 0 {
+        return None;
+    }
+    if prot == libc::PROT_NONE || !page_resident(base).unwrap_or(true) {
         return Some((base, prot));
     }
+    // SAFETY: ours, mapped above, handed to nobody.
+    unsafe { munmap(base, len) };
+    let base = map_aligned_uncharged(len, CHUNK, libc::PROT_NONE) as usize;
+    (base != 0).then_some((base, libc::PROT_NONE))
 }
 
 /// Whether the page at `addr` (of a mapping of ours) is resident; None if
 /// the kernel will not say.
-fn resident(addr: usize) -> Option<bool> {
-    let mut page = 0u8;
-    // SAFETY: mincore writes one byte into `page`.
-    let (r, _) =
-        errno::keep(|| unsafe { libc::mincore(addr as *mut libc::c_void, PAGE, &mut page) });
-    (r == 0).then_some(page & 1 != 0)
+fn page_resident(addr: usize) -> Option<bool> {
+    resident_bytes(addr, PAGE).map(|bytes| bytes != 0)
 }
 
 /// Takes the next chunk of the current region, reserving a new region first
