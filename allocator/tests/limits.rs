@@ -141,8 +141,13 @@ fn under_rlimit_data_running_out_is_null_with_enomem() {
 }
 
 /// `mlock.c`'s resident KiB after its `mlockall`, under `knobs`.
-fn resident_after_mlockall(exe: &Path, preload: bool, knobs: &[(&str, &str)]) -> u64 {
-    let out = run_with(exe, &[], preload, knobs, || Ok(()));
+fn resident_after_mlockall(
+    exe: &Path,
+    args: &[&str],
+    preload: bool,
+    knobs: &[(&str, &str)],
+) -> u64 {
+    let out = run_with(exe, args, preload, knobs, || Ok(()));
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -162,15 +167,33 @@ fn resident_after_mlockall(exe: &Path, preload: bool, knobs: &[(&str, &str)]) ->
 #[test]
 fn reserved_regions_keep_mlockall_from_faulting_in_untaken_chunks() {
     let (_dir, exe) = compile("mlock", "mlock");
-    let glibc = resident_after_mlockall(&exe, false, &[]);
-    let writable = resident_after_mlockall(&exe, true, &[]);
-    let reserved = resident_after_mlockall(&exe, true, &[("HAKMEM_RESERVE_REGIONS", "1")]);
+    let glibc = resident_after_mlockall(&exe, &[], false, &[]);
+    let writable = resident_after_mlockall(&exe, &[], true, &[]);
+    let reserved = resident_after_mlockall(&exe, &[], true, &[("HAKMEM_RESERVE_REGIONS", "1")]);
     eprintln!("resident after mlockall: glibc {glibc} KiB, hakmem {writable}, reserved {reserved}");
     // 2 MiB chunks are what hakmem has taken at its first allocation; a
     // writable region's other 30 MiB must not be there.
     assert!(
         reserved < glibc + 16 * 1024,
         "with reserved regions {reserved} KiB resident (glibc {glibc}, writable regions {writable})"
+    );
+}
+
+/// A program that calls `mlockall(MCL_CURRENT | MCL_FUTURE)` before its
+/// first allocation (hakmem not yet initialised) locks what is mapped
+/// writable then: the registry's 64 MiB `.bss` table was, until hakmem's
+/// initialisation made it read-only (71 MB resident, glibc 2.4); it is
+/// read-only from the library's load now (`registry::protect_at_load`).
+/// Needs CAP_IPC_LOCK (root).
+#[test]
+fn mlockall_before_the_first_allocation_locks_no_registry_table() {
+    let (_dir, exe) = compile("mlock-first", "mlock");
+    let glibc = resident_after_mlockall(&exe, &["first"], false, &[]);
+    let hakmem = resident_after_mlockall(&exe, &["first"], true, &[]);
+    eprintln!("resident after mlockall then malloc: glibc {glibc} KiB, hakmem {hakmem}");
+    assert!(
+        hakmem < glibc + 16 * 1024,
+        "{hakmem} KiB resident (glibc {glibc})"
     );
 }
 
