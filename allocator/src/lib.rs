@@ -55,6 +55,7 @@ mod base {
 mod leaf {
     pub mod cgroup;
     pub mod class;
+    pub mod clock;
     pub mod config;
     pub mod errno;
     pub mod misuse;
@@ -70,7 +71,7 @@ pub use base::test_hooks;
 use base::{hardening, os, registry, segment};
 pub use front::api;
 pub use front::global_alloc::HakMem;
-use leaf::{cgroup, errno, misuse, probes, procfs, sync};
+use leaf::{cgroup, clock, errno, misuse, probes, procfs, sync};
 pub use leaf::{class, config, stats};
 use tiers::{ace, large, legacy, parcel, superslab};
 

@@ -494,6 +494,16 @@ fn a_reclaimer_parks_an_orphaned_slab_and_looks_at_its_remote_list_under_one_loc
     forced_race("race-repark");
 }
 
+/// `mlockall(MCL_FUTURE)` between the region rule's look and the region's
+/// mapping: the region, found resident, is mapped again reserved
+/// (`race_mlock_region` in the scenario driver). Needs root; fails, does not
+/// skip, without it.
+#[test]
+fn a_region_mapped_writable_under_a_fresh_mlockall_is_mapped_again_reserved() {
+    let out = scenario_stdout("race-mlock-region", &[]);
+    assert!(out.contains("mapped reserved"), "{out}");
+}
+
 /// A thread mapping a new SuperSlab does it with the pool lock let go:
 /// another thread takes the lock (`malloc_trim`) while the first is held in
 /// that window (`race_map_superslab` in the scenario driver; with the lock

@@ -118,7 +118,7 @@ fn draw() {
     if n != core::mem::size_of::<usize>() as isize {
         v = (&v as *const usize as usize).rotate_left(23)
             ^ (init as *const () as usize).rotate_left(41)
-            ^ crate::os::now_ns() as usize;
+            ^ crate::clock::now_ns() as usize;
     }
     SECRET.store(v, Ordering::Relaxed);
     CHECK_FREES.store(crate::config::get().check_frees, Ordering::Relaxed);

@@ -6,7 +6,7 @@ use crate::errno;
 use crate::procfs;
 use crate::registry::CHUNK;
 use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub const PAGE: usize = 4096;
 pub static MAPPED: AtomicUsize = AtomicUsize::new(0);
@@ -259,6 +259,7 @@ fn probe_future_locked() -> Option<bool> {
 /// `mlockall(MCL_FUTURE)` after the probe) is mapped again reserved.
 fn map_region(len: usize) -> Option<(usize, libc::c_int)> {
     let prot = region_prot();
+    crate::test_hooks::at(crate::test_hooks::Point::MapRegion, prot as usize);
     let base = map_aligned_uncharged(len, CHUNK, prot) as usize;
     if base == 0 {
         return None;
@@ -593,37 +594,7 @@ unsafe fn munmap(start: usize, len: usize) {
     errno::keep(|| unsafe { libc::munmap(start as *mut libc::c_void, len) });
 }
 
-/// The clock while a test holds it (`test_hooks::freeze_clock`); 0: the real one.
-static FROZEN_NS: AtomicU64 = AtomicU64::new(0);
-
-/// Stops `now_ns` at the present (`test_hooks::freeze_clock`).
-pub fn freeze_clock() {
-    FROZEN_NS.store(real_now_ns().max(1), Ordering::Relaxed);
-}
-
-/// Moves a frozen clock on by `ms` milliseconds (`test_hooks::advance_clock`).
-pub fn advance_clock(ms: u64) {
-    FROZEN_NS.fetch_add(ms * 1_000_000, Ordering::Relaxed);
-}
-
-/// A monotonic clock in nanoseconds, coarse (a few ms) and cheap (vDSO, no syscall).
-pub fn now_ns() -> u64 {
-    match FROZEN_NS.load(Ordering::Relaxed) {
-        0 => real_now_ns(),
-        frozen => frozen,
-    }
-}
-
-/// The monotonic clock itself (`now_ns` unless a test froze it).
-pub fn real_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::clock::now_ns;
 
 /// Asks the CPU to bring the cache line at `p` in (a hint: no fault, even
 /// for null or an unmapped address).

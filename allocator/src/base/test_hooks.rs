@@ -30,6 +30,9 @@ pub enum Point {
     /// Stage 3 of `pool::acquire`, after the pool lock is let go and before
     /// the SuperSlab is mapped; the argument is 0.
     MapSuperSlab = 3,
+    /// A region of chunks is about to be mapped (`os::map_region`), its
+    /// protection decided (the argument: `PROT_*`) and nothing mapped yet.
+    MapRegion = 4,
 }
 
 /// Stops the allocator's clock (`os::now_ns`) at the present. A test that
@@ -39,13 +42,13 @@ pub enum Point {
 /// For tests only.
 #[doc(hidden)]
 pub fn freeze_clock() {
-    crate::os::freeze_clock();
+    crate::clock::freeze();
 }
 
 /// Moves a frozen clock on by `ms` milliseconds. For tests only.
 #[doc(hidden)]
 pub fn advance_clock(ms: u64) {
-    crate::os::advance_clock(ms);
+    crate::clock::advance(ms);
 }
 
 /// A hook: the point reached and its argument.

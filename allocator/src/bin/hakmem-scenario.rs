@@ -49,10 +49,11 @@ fn main() {
         "race-unowned-free" => race_unowned_free,
         "race-map-superslab" => race_map_superslab,
         "race-repark" => race_repark,
+        "race-mlock-region" => race_mlock_region,
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-map-superslab|race-repark|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -1045,6 +1046,76 @@ fn race_orphan(point: hakmem::test_hooks::Point, others: usize) {
 /// where its block goes, while the second frees the slab's last other block.
 fn race_unowned_free() {
     race_orphan(hakmem::test_hooks::Point::UnownedFree, 1);
+}
+
+/// `mlockall(MCL_FUTURE)` lands between the region rule's look (no
+/// `MCL_FUTURE` in force: mapped writable) and the region's mapping
+/// (`Point::MapRegion`), as another thread's call may: the writable region
+/// comes back resident and locked, all 32 MiB of it. `os::map_region` sees
+/// its first page resident and maps it again reserved, so the chunks not
+/// yet taken stay unmapped memory. Checked on the new region's top chunk:
+/// `---p` in /proc/self/maps and not resident. Needs
+/// CAP_IPC_LOCK (root); fails where `mlockall` is refused.
+fn race_mlock_region() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static LOCKED: AtomicBool = AtomicBool::new(false);
+    fn hook(point: hakmem::test_hooks::Point, prot: usize) {
+        let writable = (libc::PROT_READ | libc::PROT_WRITE) as usize;
+        if point == hakmem::test_hooks::Point::MapRegion
+            && prot == writable
+            && !LOCKED.swap(true, Ordering::Relaxed)
+        {
+            // SAFETY: no argument but the flags; allocates nothing.
+            let rc = unsafe { libc::mlockall(libc::MCL_FUTURE) };
+            assert_eq!(rc, 0, "mlockall(MCL_FUTURE) refused: run as root");
+        }
+    }
+    const CHUNK: usize = 2 << 20;
+    const REGION: usize = 16 * CHUNK;
+    hakmem::test_hooks::set(Some(hook));
+    // Blocks of 1.5 MiB take a chunk each, until one needs a new region.
+    let mut blocks = Vec::with_capacity(64);
+    let mut last = 0;
+    while !LOCKED.load(Ordering::Relaxed) && blocks.len() < 64 {
+        // SAFETY: plain allocation, checked, freed below.
+        last = unsafe { hakmem::api::malloc(1536 << 10) } as usize;
+        assert!(last != 0);
+        blocks.push(last);
+    }
+    hakmem::test_hooks::set(None);
+    // The new region's first chunk holds the last block (a reserved region
+    // hands chunks out from its bottom); its top chunk is the last to go,
+    // untaken by what this scenario allocates from here on.
+    let top = (last & !(CHUNK - 1)) + REGION - CHUNK;
+    let mut resident = [0u8; 1];
+    // SAFETY: one page's residency into a one-byte vector; `top` is page-aligned.
+    let rc = unsafe { libc::mincore(top as *mut libc::c_void, 4096, resident.as_mut_ptr()) };
+    // SAFETY: no argument.
+    unsafe { libc::munlockall() };
+    assert!(
+        LOCKED.load(Ordering::Relaxed),
+        "no region was mapped writable: is vm.overcommit_memory 2?"
+    );
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let prot = maps.lines().find_map(|l| {
+        let (range, rest) = l.split_once(' ')?;
+        let (lo, hi) = range.split_once('-')?;
+        let lo = usize::from_str_radix(lo, 16).ok()?;
+        let hi = usize::from_str_radix(hi, 16).ok()?;
+        (lo..hi).contains(&top).then(|| rest[..4].to_string())
+    });
+    for b in blocks {
+        // SAFETY: allocated above, freed once.
+        unsafe { hakmem::api::free(b as *mut u8) };
+    }
+    assert_eq!(prot.as_deref(), Some("---p"), "the new region's top chunk");
+    assert!(
+        rc == 0 && resident[0] & 1 == 0,
+        "the new region's top chunk is resident (mincore {rc})"
+    );
+    println!(
+        "mlockall(MCL_FUTURE) came between the region rule and the mapping, and the region was mapped reserved"
+    );
 }
 
 /// A reclaimer that drained an orphaned slab, with blocks still out, pauses
