@@ -273,6 +273,29 @@ fn map_region(len: usize) -> Option<(usize, libc::c_int)> {
     (base != 0).then_some((base, libc::PROT_NONE))
 }
 
+/// Makes the current region's chunks that nobody has taken reserved
+/// (`PROT_NONE`), if it is writable: from here on each is made writable as
+/// it is handed out. For `mlockall(MCL_CURRENT)` (`capi::mlockall`), which
+/// would fault in and lock every writable page, up to 30 MiB of chunks no
+/// block lives in. Keeps errno; if the kernel refuses, the region stays
+/// writable.
+#[cfg(feature = "c-abi")]
+pub fn reserve_untaken_chunks() {
+    let mut region = REGION.lock();
+    if !region.writable || region.start == region.end {
+        return;
+    }
+    let (start, len) = (region.start, region.end - region.start);
+    // SAFETY: the region's untaken chunks are hakmem's and in no one's
+    // hands; the lock keeps `take` off them meanwhile.
+    let (rc, _) = crate::errno::keep(|| unsafe {
+        libc::mprotect(start as *mut libc::c_void, len, libc::PROT_NONE)
+    });
+    if rc == 0 {
+        region.writable = false;
+    }
+}
+
 /// Whether the page at `addr` (of a mapping of ours) is resident; None if
 /// the kernel will not say.
 fn page_resident(addr: usize) -> Option<bool> {

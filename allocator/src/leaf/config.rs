@@ -106,8 +106,9 @@ knobs! {
         "HAKMEM_RESERVE_REGIONS", flag, "0",
         "1 maps hakmem's 32 MiB regions reserved (`PROT_NONE`) and makes each 2 MiB chunk \
          writable as it is handed out, as under `vm.overcommit_memory=2`: for a program that \
-         calls `mlockall(MCL_CURRENT)` after its first allocation, which would lock a writable \
-         region's unused chunks too; each chunk then costs an `mprotect`, which waits for other \
+         makes the `mlockall(MCL_CURRENT)` system call itself after its first allocation, \
+         which would lock a writable region's unused chunks too (hakmem's `mlockall` makes \
+         them reserved first); each chunk then costs an `mprotect`, which waits for other \
          threads' page faults ([docs/decisions.md](docs/decisions.md))";
     check_frees: bool = false,
         "HAKMEM_CHECK_FREES", flag, "0",

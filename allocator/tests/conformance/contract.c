@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -762,6 +763,47 @@ static void g_mallopt(void)
     end();
 }
 
+/* mlockall, which hakmem interposes (it makes its untaken chunks reserved
+ * before MCL_CURRENT locks every writable page): the same return values and
+ * errno as the system call, and the heap still serves under the lock. */
+static void g_mlockall(void)
+{
+    static const struct {
+        const char *name;
+        int flags;
+    } calls[] = {
+        {"0", 0},
+        {"MCL_ONFAULT", MCL_ONFAULT},
+        {"0x80", 0x80},
+        {"MCL_CURRENT", MCL_CURRENT},
+        {"MCL_FUTURE", MCL_FUTURE},
+        {"MCL_CURRENT|MCL_ONFAULT", MCL_CURRENT | MCL_ONFAULT},
+        {"MCL_CURRENT|MCL_FUTURE", MCL_CURRENT | MCL_FUTURE},
+    };
+    void *before = malloc(100);
+    for (size_t i = 0; i < LEN(calls); i++) {
+        begin("mlockall(%s)", calls[i].name);
+        errno = ERRNO_SENTINEL;
+        add("ret=%d", mlockall(calls[i].flags));
+        add_errno(errno);
+        end();
+        munlockall();
+    }
+    begin("malloc(3 MiB) and malloc(100) under mlockall(MCL_CURRENT|MCL_FUTURE)");
+    int locked = mlockall(MCL_CURRENT | MCL_FUTURE);
+    char *big = malloc(3 * MiB);
+    char *small = malloc(100);
+    if (big)
+        memset(big, 1, 3 * MiB);
+    add("locked=%s big=%s small=%s", yes(locked == 0), big ? "nonnull" : "NULL",
+        small ? "nonnull" : "NULL");
+    free(big);
+    free(small);
+    munlockall();
+    end();
+    free(before);
+}
+
 /* The whole of a temporary file, NUL-terminated (malloc'ed). */
 static char *slurp(FILE *f)
 {
@@ -963,6 +1005,7 @@ int main(void)
     run_group("mallinfo2", g_mallinfo2, 60);
     run_group("mallinfo", g_mallinfo, 60);
     run_group("mallopt", g_mallopt, 60);
+    run_group("mlockall", g_mlockall, 60);
     run_group("malloc_stats", g_malloc_stats, 60);
     run_group("malloc_info", g_malloc_info, 60);
     run_group("malloc_trim", g_malloc_trim, 60);
