@@ -144,9 +144,10 @@ fn chunk_from_region() -> Option<*mut u8> {
 /// How a new region is mapped: writable where that costs nothing until its
 /// pages are touched, reserved (`PROT_NONE`, each chunk made writable as it
 /// is handed out) where it would be charged or locked in full, or where
-/// `HAKMEM_RESERVE_REGIONS=1` asks (a program that calls
-/// `mlockall(MCL_CURRENT)` after its first allocation would lock a writable
-/// region's untaken chunks: tests/limits.rs).
+/// `HAKMEM_RESERVE_REGIONS=1` asks (a program that makes the
+/// `mlockall(MCL_CURRENT)` system call itself after its first allocation
+/// would lock a writable region's untaken chunks; hakmem's own `mlockall`
+/// gives them back first: `drop_untaken_chunks`, tests/limits.rs).
 ///
 /// Why not reserve always: the `mprotect` that makes a reserved chunk
 /// writable changes the region's mapping (the kernel write-locks the mapping
@@ -273,26 +274,25 @@ fn map_region(len: usize) -> Option<(usize, libc::c_int)> {
     (base != 0).then_some((base, libc::PROT_NONE))
 }
 
-/// Makes the current region's chunks that nobody has taken reserved
-/// (`PROT_NONE`), if it is writable: from here on each is made writable as
-/// it is handed out. For `mlockall(MCL_CURRENT)` (`capi::mlockall`), which
-/// would fault in and lock every writable page, up to 30 MiB of chunks no
-/// block lives in. Keeps errno; if the kernel refuses, the region stays
-/// writable.
-#[cfg(feature = "c-abi")]
-pub fn reserve_untaken_chunks() {
-    let mut region = REGION.lock();
-    if !region.writable || region.start == region.end {
+/// Gives back the current region's chunks that nobody has taken, so that
+/// the next chunk comes from a region mapped as `region_prot` says then. For
+/// `mlockall(MCL_CURRENT)` (`capi::mlockall`): it would fault in and lock a
+/// writable region's untaken chunks (up to 30 MiB no block lives in), and
+/// lock a reserved one's, so that each chunk made writable later came in
+/// locked, which glibc's later mappings are not. Does nothing if the region
+/// lock stays busy for a few spins (a signal handler interrupting this
+/// thread's own `take`): the chunks are then locked as before. Keeps errno.
+#[cfg(any(test, feature = "c-abi"))]
+pub fn drop_untaken_chunks() {
+    let Some(mut region) = REGION.try_lock() else {
         return;
-    }
+    };
     let (start, len) = (region.start, region.end - region.start);
-    // SAFETY: the region's untaken chunks are hakmem's and in no one's
-    // hands; the lock keeps `take` off them meanwhile.
-    let (rc, _) = crate::errno::keep(|| unsafe {
-        libc::mprotect(start as *mut libc::c_void, len, libc::PROT_NONE)
-    });
-    if rc == 0 {
-        region.writable = false;
+    region.start = region.end;
+    drop(region);
+    if len != 0 {
+        // SAFETY: chunks nobody was handed, taken off the region above.
+        unsafe { munmap(start, len) };
     }
 }
 
@@ -666,15 +666,6 @@ mod tests {
 
     /// Gives back the chunks of the current region nobody has taken, so
     /// that the next chunk comes from a region `region_prot` decides now.
-    fn drop_current_region() {
-        let mut region = REGION.lock();
-        if region.start != region.end {
-            // SAFETY: chunks nobody was handed, taken off the region.
-            unsafe { munmap(region.start, region.end - region.start) };
-            region.start = region.end;
-        }
-    }
-
     #[test]
     fn regions_are_writable_only_where_that_charges_nothing() {
         let yes = || true;
@@ -740,7 +731,7 @@ mod tests {
     #[test]
     fn the_chunks_of_a_writable_region_are_handed_out_as_they_are() {
         let _kind = REGION_KIND.lock().unwrap_or_else(|e| e.into_inner());
-        drop_current_region();
+        drop_untaken_chunks();
         let writable = region_prot() == RW;
         let expected = if writable { *b"rw-p" } else { *b"---p" };
         let mut buf = vec![0u8; 4 << 20];
@@ -865,7 +856,7 @@ mod tests {
         }
         FORCE_RESERVED.store(true, Ordering::Relaxed);
         let _unforce = Unforce;
-        drop_current_region();
+        drop_untaken_chunks();
         let resume = Resume;
         let paused = std::thread::spawn(|| {
             PAUSE_HERE.with(|p| p.set(true));

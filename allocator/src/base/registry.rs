@@ -142,7 +142,8 @@ fn protect_pages(first: usize, pages: usize, prot: libc::c_int) -> bool {
 }
 
 /// Makes the table read-only but for the pages some mapping already needed
-/// (see the module doc). At initialisation; a failure leaves it writable.
+/// (see the module doc). At load, at initialisation and before
+/// `mlockall(MCL_CURRENT)`, once; a failure leaves it writable.
 pub fn protect() {
     let mut pages = PAGES.lock();
     if pages.protected {

@@ -199,22 +199,25 @@ pub extern "C" fn mallinfo() -> Mallinfo {
 }
 
 /// `mlockall`, interposed: before `MCL_CURRENT` locks (and faults in) every
-/// writable page, the current region's untaken chunks become reserved
-/// (`os::reserve_untaken_chunks`), so what is locked is what the program's
+/// writable page, the current region's untaken chunks are given back
+/// (`os::drop_untaken_chunks`), so what is locked is what the program's
 /// blocks use: a program that locks itself in after its first allocation
 /// (most real-time programs) had 36.5 MB resident after it against glibc's
-/// 2.4 MB (`tests/limits.rs`); with `MCL_FUTURE` the next regions are
-/// reserved anyway (`os::region_prot`). Then the system call itself, with
-/// its return value and errno (`MCL_ONFAULT` faults nothing in, so nothing
-/// changes for it). A program that makes the system call directly is not
-/// seen: `HAKMEM_RESERVE_REGIONS=1` is for it.
+/// 2.4 MB (`tests/limits.rs`). Chunks taken later come from a new region,
+/// locked only under `MCL_FUTURE` (and then reserved: `os::region_prot`),
+/// as glibc's later mappings are. The registry table is made read-only
+/// first too, should a library constructor lock before hakmem's
+/// (`registry::protect_at_load`). Then the system call itself, with its
+/// return value and errno. A program that makes the system call directly is
+/// not seen: `HAKMEM_RESERVE_REGIONS=1` is for it.
 #[no_mangle]
 pub extern "C" fn mlockall(flags: c_int) -> c_int {
-    if flags & libc::MCL_CURRENT != 0 && flags & libc::MCL_ONFAULT == 0 {
-        crate::os::reserve_untaken_chunks();
+    if flags & libc::MCL_CURRENT != 0 {
+        crate::errno::keep(crate::registry::protect);
+        crate::os::drop_untaken_chunks();
     }
     // SAFETY: the mlockall system call takes one integer.
-    unsafe { libc::syscall(libc::SYS_mlockall, flags) as c_int }
+    unsafe { libc::syscall(libc::SYS_mlockall, libc::c_long::from(flags)) as c_int }
 }
 
 // glibc's mallopt parameter for the fastbins' largest size, the one whose
