@@ -220,7 +220,7 @@ fn mlockall_before_the_first_allocation_locks_no_registry_table() {
 /// `mmap`ed block is not, and hakmem's next chunk must not be either. When
 /// hakmem's `mlockall` made the region's untaken chunks `PROT_NONE` instead
 /// of giving them back, they stayed locked, and the next chunk came in
-/// locked (smaps: 2048 KiB of its mapping). Needs CAP_IPC_LOCK (root).
+/// locked (smaps: 4096 KiB of its mapping). Needs CAP_IPC_LOCK (root).
 #[test]
 fn what_is_allocated_after_mlockall_of_current_mappings_is_not_locked() {
     let (_dir, exe) = compile("mlock-current", "mlock");
