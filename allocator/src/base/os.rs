@@ -664,8 +664,6 @@ mod tests {
     /// one: either would confuse the other.
     static REGION_KIND: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    /// Gives back the chunks of the current region nobody has taken, so
-    /// that the next chunk comes from a region `region_prot` decides now.
     #[test]
     fn regions_are_writable_only_where_that_charges_nothing() {
         let yes = || true;

@@ -12,11 +12,12 @@
 //! of `.bss`. When the library is loaded (`protect_at_load`, and again at
 //! initialisation) the table becomes read-only, which gives the charge back
 //! (reads of its untouched pages still see zeros, and `mlockall` faults in
-//! only the zero page for them), and the os layer makes the pages covering each new mapping
-//! writable before handing it out (`prepare`: one page covers 8 GiB, so a
-//! process makes a few writable in its life). Measured on a C program that
-//! makes one malloc: 99 MiB charged before (this table, and the region of 16
-//! chunks `os` mapped ahead), 2.3 MiB after (`docs/hardening.md`).
+//! only the zero page for them), and the os layer makes the pages covering
+//! each new mapping writable before handing it out (`prepare`: one page
+//! covers 8 GiB, so a process makes a few writable in its life). Measured on
+//! a C program that makes one malloc: 99 MiB charged before (this table, and
+//! the region of 16 chunks `os` mapped ahead), 2.3 MiB after
+//! (`docs/hardening.md`).
 
 use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};

@@ -1053,7 +1053,7 @@ fn race_unowned_free() {
 /// (`Point::MapRegion`), as another thread's call may: the writable region
 /// comes back resident and locked, all 32 MiB of it. `os::map_region` sees
 /// its first page resident and maps it again reserved, so the chunks not
-/// yet taken stay unmapped memory. Checked on the new region's top chunk:
+/// yet taken are not resident. Checked on the new region's top chunk:
 /// `---p` in /proc/self/maps and not resident. Needs
 /// CAP_IPC_LOCK (root); fails where `mlockall` is refused.
 fn race_mlock_region() {

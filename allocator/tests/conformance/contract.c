@@ -763,9 +763,10 @@ static void g_mallopt(void)
     end();
 }
 
-/* mlockall, which hakmem interposes (it makes its untaken chunks reserved
- * before MCL_CURRENT locks every writable page): the same return values and
- * errno as the system call, and the heap still serves under the lock. */
+/* mlockall, which hakmem interposes (it gives its untaken chunks back before
+ * MCL_CURRENT locks every writable page): the same return values and errno as
+ * the system call, and the heap still serves under the lock, from a new
+ * chunk (1.5 MiB), a mapping of its own (3 MiB) and a slab (100 B). */
 static void g_mlockall(void)
 {
     static const struct {
@@ -789,14 +790,18 @@ static void g_mlockall(void)
         end();
         munlockall();
     }
-    begin("malloc(3 MiB) and malloc(100) under mlockall(MCL_CURRENT|MCL_FUTURE)");
+    begin("malloc(1.5 MiB, 3 MiB, 100) under mlockall(MCL_CURRENT|MCL_FUTURE)");
     int locked = mlockall(MCL_CURRENT | MCL_FUTURE);
+    char *mid = malloc(1536 << 10);
     char *big = malloc(3 * MiB);
     char *small = malloc(100);
+    if (mid)
+        memset(mid, 1, 1536 << 10);
     if (big)
         memset(big, 1, 3 * MiB);
-    add("locked=%s big=%s small=%s", yes(locked == 0), big ? "nonnull" : "NULL",
-        small ? "nonnull" : "NULL");
+    add("locked=%s mid=%s big=%s small=%s", yes(locked == 0), mid ? "nonnull" : "NULL",
+        big ? "nonnull" : "NULL", small ? "nonnull" : "NULL");
+    free(mid);
     free(big);
     free(small);
     munlockall();
