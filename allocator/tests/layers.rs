@@ -67,7 +67,7 @@ const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
         "registry",
         "fn(",
         1,
-        "the .init_array entry points at registry's own `protect`",
+        "the .init_array entry points at registry's own `protect_at_load`",
     ),
     (
         "stats",

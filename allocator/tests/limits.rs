@@ -174,7 +174,7 @@ fn mlock_figure(
 /// A program that calls `mlockall(MCL_CURRENT)` after its first allocation
 /// locks what is mapped writable then: a writable region's untaken chunks
 /// too (`os::region_prot`), 36.5 MB resident, unless hakmem's `mlockall`
-/// makes them reserved first (`capi::mlockall`); `HAKMEM_RESERVE_REGIONS=1`
+/// gives them back first (`capi::mlockall`); `HAKMEM_RESERVE_REGIONS=1`
 /// maps regions reserved from the start (for a program that makes the
 /// system call itself). Needs CAP_IPC_LOCK (root).
 #[test]
@@ -197,8 +197,9 @@ fn mlockall_after_the_first_allocation_locks_no_untaken_chunks() {
     }
 }
 
-/// A program that calls `mlockall(MCL_CURRENT | MCL_FUTURE)` before its
-/// first allocation (hakmem not yet initialised) locks what is mapped
+/// A program that makes the `mlockall(MCL_CURRENT | MCL_FUTURE)` system call
+/// before its first allocation (hakmem not yet initialised; the system call
+/// itself, so hakmem's `mlockall` does not step in) locks what is mapped
 /// writable then: the registry's 64 MiB `.bss` table was, until hakmem's
 /// initialisation made it read-only (71 MB resident, glibc 2.4); it is
 /// read-only from the library's load now (`registry::protect_at_load`).

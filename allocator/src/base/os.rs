@@ -279,14 +279,13 @@ fn map_region(len: usize) -> Option<(usize, libc::c_int)> {
 /// `mlockall(MCL_CURRENT)` (`capi::mlockall`): it would fault in and lock a
 /// writable region's untaken chunks (up to 30 MiB no block lives in), and
 /// lock a reserved one's, so that each chunk made writable later came in
-/// locked, which glibc's later mappings are not. Does nothing if the region
-/// lock stays busy for a few spins (a signal handler interrupting this
-/// thread's own `take`): the chunks are then locked as before. Keeps errno.
+/// locked, which glibc's later mappings are not. Keeps errno. (`mlockall`
+/// is not async-signal-safe: from a signal handler that interrupted this
+/// thread's own `take`, this waits for the region lock forever, as other
+/// such calls may.)
 #[cfg(any(test, feature = "c-abi"))]
 pub fn drop_untaken_chunks() {
-    let Some(mut region) = REGION.try_lock() else {
-        return;
-    };
+    let mut region = REGION.lock();
     let (start, len) = (region.start, region.end - region.start);
     region.start = region.end;
     drop(region);

@@ -20,7 +20,7 @@
 //! (`docs/hardening.md`).
 
 use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 pub const CHUNK_SHIFT: u32 = 21;
 pub const CHUNK: usize = 1 << CHUNK_SHIFT;
@@ -146,6 +146,11 @@ fn protect_pages(first: usize, pages: usize, prot: libc::c_int) -> bool {
 /// (see the module doc). At load, at initialisation and before
 /// `mlockall(MCL_CURRENT)`, once; a failure leaves it writable.
 pub fn protect() {
+    // Once done, no lock: `mlockall` calls this, and a lock taken there
+    // would wait forever for a `prepare` its own thread was interrupted in.
+    if PROTECTED.load(Ordering::Acquire) {
+        return;
+    }
     let mut pages = PAGES.lock();
     if pages.protected {
         return;
@@ -170,7 +175,11 @@ pub fn protect() {
         page += run;
     }
     pages.protected = true;
+    PROTECTED.store(true, Ordering::Release);
 }
+
+/// `protect` has run (what `Pages::protected` says, readable without the lock).
+static PROTECTED: AtomicBool = AtomicBool::new(false);
 
 /// The table goes read-only when the library is loaded, before the program's
 /// `main`: a program that calls `mlockall(MCL_CURRENT)` before its first

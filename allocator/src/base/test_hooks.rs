@@ -4,7 +4,7 @@
 //! scenarios, run by `tests/scenarios.rs`).
 //!
 //! Only cold paths carry a point, so the release library keeps them: one
-//! relaxed load of a null pointer on paths that take a lock anyway. A test
+//! load of a null pointer on paths that take a lock or map memory anyway. A test
 //! installs its hook with `set`; the hook runs on the thread that reached the
 //! point, and must not allocate through hakmem while it holds nothing (it may
 //! block on a condition another thread fulfils).

@@ -1072,6 +1072,11 @@ fn race_mlock_region() {
     }
     const CHUNK: usize = 2 << 20;
     const REGION: usize = 16 * CHUNK;
+    // Unprivileged, mlockall(MCL_FUTURE) may succeed and the locked 32 MiB
+    // mapping then fail (RLIMIT_MEMLOCK): say so rather than fail below.
+    // SAFETY: no argument.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "race-mlock-region needs root");
     hakmem::test_hooks::set(Some(hook));
     // Blocks of 1.5 MiB take a chunk each, until one needs a new region.
     let mut blocks = Vec::with_capacity(64);
@@ -1090,13 +1095,15 @@ fn race_mlock_region() {
     let mut resident = [0u8; 1];
     // SAFETY: one page's residency into a one-byte vector; `top` is page-aligned.
     let rc = unsafe { libc::mincore(top as *mut libc::c_void, 4096, resident.as_mut_ptr()) };
+    // Read while locked: unlocking may merge the reserved mapping with a
+    // neighbour, which would move its end.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     // SAFETY: no argument.
     unsafe { libc::munlockall() };
     assert!(
         LOCKED.load(Ordering::Relaxed),
         "no region was mapped writable: is vm.overcommit_memory 2?"
     );
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let prot = maps.lines().find_map(|l| {
         let (range, rest) = l.split_once(' ')?;
         let (lo, hi) = range.split_once('-')?;

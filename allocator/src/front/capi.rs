@@ -198,8 +198,9 @@ pub extern "C" fn mallinfo() -> Mallinfo {
     }
 }
 
-/// `mlockall`, interposed: before `MCL_CURRENT` locks (and faults in) every
-/// writable page, the current region's untaken chunks are given back
+/// `mlockall`, interposed: before `MCL_CURRENT` locks every mapping (and,
+/// without `MCL_ONFAULT`, faults in every writable page), the current
+/// region's untaken chunks are given back
 /// (`os::drop_untaken_chunks`), so what is locked is what the program's
 /// blocks use: a program that locks itself in after its first allocation
 /// (most real-time programs) had 36.5 MB resident after it against glibc's

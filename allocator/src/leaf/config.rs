@@ -107,8 +107,8 @@ knobs! {
         "1 maps hakmem's 32 MiB regions reserved (`PROT_NONE`) and makes each 2 MiB chunk \
          writable as it is handed out, as under `vm.overcommit_memory=2`: for a program that \
          makes the `mlockall(MCL_CURRENT)` system call itself after its first allocation, \
-         which would lock a writable region's unused chunks too (hakmem's `mlockall` makes \
-         them reserved first); each chunk then costs an `mprotect`, which waits for other \
+         which would lock a writable region's unused chunks too (hakmem's `mlockall` gives \
+         them back first); each chunk then costs an `mprotect`, which waits for other \
          threads' page faults ([docs/decisions.md](docs/decisions.md))";
     check_frees: bool = false,
         "HAKMEM_CHECK_FREES", flag, "0",

@@ -50,24 +50,6 @@ impl<T> SpinLock<T> {
         Guard { lock: self }
     }
 
-    /// The lock if it is free within a few spins, else None: for code that
-    /// may run while this thread holds it (a signal handler) and can do
-    /// without (`os::drop_untaken_chunks`, for the C ABI's `mlockall`).
-    #[cfg(any(test, feature = "c-abi"))]
-    pub fn try_lock(&self) -> Option<Guard<'_, T>> {
-        for _ in 0..SPINS {
-            if self
-                .state
-                .compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                return Some(Guard { lock: self });
-            }
-            core::hint::spin_loop();
-        }
-        None
-    }
-
     #[cold]
     fn lock_contended(&self) {
         for _ in 0..SPINS {
