@@ -140,15 +140,8 @@ fn under_rlimit_data_running_out_is_null_with_enomem() {
     refused_cleanly_under(libc::RLIMIT_DATA, "RLIMIT_DATA");
 }
 
-/// `mlock.c`'s resident KiB after its `mlockall`, under `knobs`.
-fn resident_after_mlockall(
-    exe: &Path,
-    args: &[&str],
-    preload: bool,
-    knobs: &[(&str, &str)],
-) -> u64 {
-    mlock_figure(exe, args, preload, knobs, "rss_kib ")
-}
+/// `mlock.c`'s resident KiB after its `mlockall`.
+const RSS: &str = "rss_kib ";
 
 /// The figure `mlock.c` printed after `key`.
 fn mlock_figure(
@@ -171,6 +164,15 @@ fn mlock_figure(
         .unwrap_or_else(|| panic!("no {key}line: {}", describe(&out)))
 }
 
+/// `mlock.c` (compiled for `test`) run with `args`, under glibc and under
+/// hakmem: the figure each printed after `key`, and the program.
+fn mlock_against_glibc(test: &str, args: &[&str], key: &str) -> (u64, u64, (Scratch, PathBuf)) {
+    let (dir, exe) = compile(test, "mlock");
+    let glibc = mlock_figure(&exe, args, false, &[], key);
+    let hakmem = mlock_figure(&exe, args, true, &[], key);
+    (glibc, hakmem, (dir, exe))
+}
+
 /// A program that calls `mlockall(MCL_CURRENT)` after its first allocation
 /// locks what is mapped writable then: a writable region's untaken chunks
 /// too (`os::region_prot`), 36.5 MB resident, unless hakmem's `mlockall`
@@ -179,10 +181,8 @@ fn mlock_figure(
 /// system call itself). Needs CAP_IPC_LOCK (root).
 #[test]
 fn mlockall_after_the_first_allocation_locks_no_untaken_chunks() {
-    let (_dir, exe) = compile("mlock", "mlock");
-    let glibc = resident_after_mlockall(&exe, &[], false, &[]);
-    let writable = resident_after_mlockall(&exe, &[], true, &[]);
-    let reserved = resident_after_mlockall(&exe, &[], true, &[("HAKMEM_RESERVE_REGIONS", "1")]);
+    let (glibc, writable, (_dir, exe)) = mlock_against_glibc("mlock", &[], RSS);
+    let reserved = mlock_figure(&exe, &[], true, &[("HAKMEM_RESERVE_REGIONS", "1")], RSS);
     eprintln!("resident after mlockall: glibc {glibc} KiB, hakmem {writable}, reserved {reserved}");
     // 2 MiB chunks are what hakmem has taken at its first allocation; a
     // writable region's other 30 MiB must not be there.
@@ -206,9 +206,7 @@ fn mlockall_after_the_first_allocation_locks_no_untaken_chunks() {
 /// Needs CAP_IPC_LOCK (root).
 #[test]
 fn mlockall_before_the_first_allocation_locks_no_registry_table() {
-    let (_dir, exe) = compile("mlock-first", "mlock");
-    let glibc = resident_after_mlockall(&exe, &["first"], false, &[]);
-    let hakmem = resident_after_mlockall(&exe, &["first"], true, &[]);
+    let (glibc, hakmem, _) = mlock_against_glibc("mlock-first", &["first"], RSS);
     eprintln!("resident after mlockall then malloc: glibc {glibc} KiB, hakmem {hakmem}");
     assert!(
         hakmem < glibc + 16 * 1024,
@@ -224,10 +222,8 @@ fn mlockall_before_the_first_allocation_locks_no_registry_table() {
 /// locked (smaps: 4096 KiB of its mapping). Needs CAP_IPC_LOCK (root).
 #[test]
 fn what_is_allocated_after_mlockall_of_current_mappings_is_not_locked() {
-    let (_dir, exe) = compile("mlock-current", "mlock");
     let key = "locked_kib_of_block ";
-    let glibc = mlock_figure(&exe, &["current"], false, &[], key);
-    let hakmem = mlock_figure(&exe, &["current"], true, &[], key);
+    let (glibc, hakmem, _) = mlock_against_glibc("mlock-current", &["current"], key);
     eprintln!(
         "locked of the mapping of a block made after mlockall(MCL_CURRENT): glibc {glibc} KiB, hakmem {hakmem}"
     );

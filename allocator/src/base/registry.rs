@@ -109,18 +109,20 @@ pub const TOUCHED_WORDS: usize = TABLE_PAGES / 64;
 const UNTOUCHED: AtomicU64 = AtomicU64::new(0);
 pub static TOUCHED: [AtomicU64; TOUCHED_WORDS] = [UNTOUCHED; TOUCHED_WORDS];
 
-/// Which pages of the table are writable (all are until `protect`), and
-/// whether `protect` has run; under one lock, so that a page `prepare` marks
-/// is never made read-only by a `protect` running beside it.
+/// Which pages of the table are writable (all are until `protect`); under
+/// the same lock as `PROTECTED` changes, so that a page `prepare` marks is
+/// never made read-only by a `protect` running beside it.
 struct Pages {
     writable: [u64; TABLE_PAGES / 64],
-    protected: bool,
 }
 
 static PAGES: SpinLock<Pages> = SpinLock::new(Pages {
     writable: [0; TABLE_PAGES / 64],
-    protected: false,
 });
+
+/// `protect` has run. Set under `PAGES`'s lock; read without it where only
+/// "done" matters (`protect`'s early return).
+static PROTECTED: AtomicBool = AtomicBool::new(false);
 
 impl Pages {
     fn is_writable(&self, page: usize) -> bool {
@@ -152,7 +154,7 @@ pub fn protect() {
         return;
     }
     let mut pages = PAGES.lock();
-    if pages.protected {
+    if PROTECTED.load(Ordering::Relaxed) {
         return;
     }
     let mut page = 0;
@@ -174,12 +176,8 @@ pub fn protect() {
         }
         page += run;
     }
-    pages.protected = true;
     PROTECTED.store(true, Ordering::Release);
 }
-
-/// `protect` has run (what `Pages::protected` says, readable without the lock).
-static PROTECTED: AtomicBool = AtomicBool::new(false);
 
 /// The table goes read-only when the library is loaded, before the program's
 /// `main`: a program that calls `mlockall(MCL_CURRENT)` before its first
@@ -188,9 +186,9 @@ static PROTECTED: AtomicBool = AtomicBool::new(false);
 /// glibc's 2.4, `tests/limits/mlock.c first`); read-only, its untouched pages
 /// read as the zero page and cost nothing. Initialisation (`lifecycle`)
 /// protects it as well, for an allocation made before the loader runs
-/// constructors; `protect` does it once.
+/// constructors; `protect` does it once (errno kept: `protect_pages`).
 extern "C" fn protect_at_load() {
-    crate::errno::keep(protect);
+    protect();
 }
 
 #[used]
@@ -212,7 +210,9 @@ pub fn prepare(start: usize, len: usize) -> bool {
         if pages.is_writable(page) {
             continue;
         }
-        if pages.protected && !protect_pages(page, 1, libc::PROT_READ | libc::PROT_WRITE) {
+        if PROTECTED.load(Ordering::Relaxed)
+            && !protect_pages(page, 1, libc::PROT_READ | libc::PROT_WRITE)
+        {
             return false;
         }
         pages.writable[page / 64] |= 1 << (page % 64);

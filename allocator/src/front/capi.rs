@@ -214,7 +214,7 @@ pub extern "C" fn mallinfo() -> Mallinfo {
 #[no_mangle]
 pub extern "C" fn mlockall(flags: c_int) -> c_int {
     if flags & libc::MCL_CURRENT != 0 {
-        crate::errno::keep(crate::registry::protect);
+        crate::registry::protect();
         crate::os::drop_untaken_chunks();
     }
     // SAFETY: the mlockall system call takes one integer.
