@@ -33,6 +33,9 @@ pub enum Point {
     /// A region of chunks is about to be mapped (`os::map_region`), its
     /// protection decided (the argument: `PROT_*`) and nothing mapped yet.
     MapRegion = 4,
+    /// A free takes another thread's slab (`TinyCache::take`): it holds the
+    /// owner's gate, and the slab is still the owner's; the argument is the slab.
+    TakeSlab = 5,
 }
 
 /// Stops the allocator's clock (`os::now_ns`) at the present. A test that

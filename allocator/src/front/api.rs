@@ -188,7 +188,13 @@ pub unsafe fn free(ptr: *mut u8) {
                 Push::Done => {}
                 Push::OverLimit(bin) => tiny_overflow(bin),
                 // SAFETY: as above; another thread's slab.
-                Push::NotOurs => unsafe { tiny::free_remote(ptr, slab) },
+                Push::NotOurs => match unsafe { tiny::free_remote(ptr, slab) } {
+                    tiny::Remote::Done => {}
+                    // SAFETY: as above; the block still pins the slab.
+                    tiny::Remote::Take => with_cache(|tc| unsafe {
+                        tiny::take_slab(&mut tc.tiny, tc.mode, ptr, slab)
+                    }),
+                },
             }
         }
         Ok(Place::Ace(class)) if ace::is_block_start(p, class) => ace_free(ptr, class),

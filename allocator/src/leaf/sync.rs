@@ -50,6 +50,17 @@ impl<T> SpinLock<T> {
         Guard { lock: self }
     }
 
+    /// The lock if it is free; None, at once, if it is held. (A guard made
+    /// only on success: one built and dropped on failure would unlock the
+    /// holder's lock.)
+    #[inline]
+    pub fn try_lock(&self) -> Option<Guard<'_, T>> {
+        self.state
+            .compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then(|| Guard { lock: self })
+    }
+
     #[cold]
     fn lock_contended(&self) {
         for _ in 0..SPINS {

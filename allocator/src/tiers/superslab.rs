@@ -474,6 +474,12 @@ impl Slab {
         self.used == 0
     }
 
+    /// Blocks on the remote list now (other threads may add to it meanwhile).
+    #[inline]
+    pub fn remote_len(&self) -> u32 {
+        (self.remote.load(Ordering::Relaxed) >> REMOTE_ADDR_BITS) as u32
+    }
+
     /// Pushes a block freed by a non-owner thread. Any thread.
     #[inline]
     pub fn push_remote(&self, b: *mut Block) {

@@ -13,10 +13,11 @@ use crate::pool::{self, Acquired};
 use crate::probes;
 use crate::segment;
 use crate::superslab::{slab_of, Block, Slab, SlabRef};
+use crate::sync::Guard;
 use core::ptr::null_mut;
 use core::sync::atomic::Ordering;
 use hakmem_common::DrainWhy;
-use owned_index::OwnedIndex;
+use owned_index::{Gate, OwnedIndex};
 
 /// `n` brought within `low..=high`, for the tables below (`Ord::clamp` is
 /// not a const fn).
@@ -284,29 +285,103 @@ pub unsafe fn free_if_owner(
     push_local(tc, bin, ptr as *mut Block, mode.checks_frees())
 }
 
+/// What `free_remote` did with a block of another thread's slab.
+#[must_use]
+pub enum Remote {
+    /// Freed: onto the slab's remote list, or to the pool.
+    Done,
+    /// Nothing yet, the block marked free: the slab's remote list is long
+    /// enough that the caller, holding its thread cache again, should try to
+    /// take the slab (`take_slab`), the block still pinning it.
+    Take,
+}
+
 /// Frees a block of a SuperSlab slab that another thread owns (or owned:
-/// abandoned) onto the slab's remote list, or reclaims the slab.
+/// abandoned) onto the slab's remote list, or reclaims the slab; or leaves
+/// it to `take_slab` (`Remote::Take`).
 ///
 /// # Safety
 /// `ptr` is a block of `slab`, handed out by hakmem and not yet freed, and
 /// `free_if_owner` said `NotOurs`.
 #[inline(always)]
-pub unsafe fn free_remote(ptr: *mut u8, slab: *mut Slab) {
+pub unsafe fn free_remote(ptr: *mut u8, slab: *mut Slab) -> Remote {
     // SAFETY: as in `free_if_owner`.
     let owner = unsafe { (*slab).owner.load(Ordering::Relaxed) };
     let b = ptr as *mut Block;
     // SAFETY: per the contract, a block its user hands back.
     if !unsafe { Block::mark_free(b, hardening::check_frees()) } {
-        return crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
+        crate::misuse::invalid_free(crate::misuse::DOUBLE_FREE, b as usize);
+        return Remote::Done;
     }
+    let abandoned = owner == pool::ABANDONED || owner == pool::RECLAIMING;
+    // SAFETY: `b` pins the slab (live metadata); capacity is stable while
+    // any block of it is out.
+    if !abandoned && worth_taking(unsafe { &*slab }) {
+        return Remote::Take;
+    }
+    // SAFETY: per the contract.
+    unsafe { route_foreign(b, slab) };
+    Remote::Done
+}
+
+/// Sends free block `b` of `slab`, which the calling thread does not own,
+/// to the slab's owner (its remote list) or, if its thread exited, to the
+/// pool (`pool::free_unowned`): decided while `b` still pins the slab.
+///
+/// # Safety
+/// `b` is a block of `slab`, freed and marked free, and the calling thread
+/// does not own `slab`.
+#[inline(always)]
+unsafe fn route_foreign(b: *mut Block, slab: *mut Slab) {
+    // SAFETY: `b` pins the slab: live metadata; owner is atomic.
+    let owner = unsafe { (*slab).owner.load(Ordering::Relaxed) };
     if owner == pool::ABANDONED || owner == pool::RECLAIMING {
-        // Its thread exited: decided while `b` still pins the slab.
         // SAFETY: per the contract.
         unsafe { pool::free_unowned(slab, b) };
     } else {
         // SAFETY: per the contract, the block is ours to link onto the remote
         // list; nothing reads the slab after the push.
         unsafe { (*slab).push_remote(b) };
+    }
+}
+
+/// Whether a free into another thread's `slab` should try to take it: its
+/// remote list is about to hold half its blocks (then every 16th more, if
+/// the first try found the owner busy). Its owner has not drained it for
+/// that long: it has stopped allocating from the bin, or stopped altogether
+/// (docs/decisions.md, "Ownership").
+#[inline(always)]
+fn worth_taking(slab: &Slab) -> bool {
+    let n = slab.remote_len() + 1;
+    let half = slab.capacity / 2;
+    n == half || (n > half && n % TAKE_RETRY == 0)
+}
+
+/// How often past half a slab a free tries again to take it.
+const TAKE_RETRY: u32 = 16;
+
+/// Tries to take `slab`, whose block `ptr` the caller frees and whose
+/// remote list `free_remote` found long (`Remote::Take`), from its owner:
+/// under the owner's gate, free (the owner is in none of its slow paths),
+/// the slab leaves the owner's ring and index for this thread's, its remote
+/// list drained, `ptr` given back. So blocks others free into the slabs of
+/// a thread that stopped allocating are reused, not kept for a refill that
+/// may never come. If the slab cannot be taken, `ptr` goes onto its remote
+/// list as it would have.
+///
+/// # Safety
+/// As for `free_remote`, which returned `Take` (the block is marked free).
+#[cold]
+#[inline(never)]
+pub unsafe fn take_slab(tc: &mut TinyCache, mode: CacheMode, ptr: *mut u8, slab: *mut Slab) {
+    let b = ptr as *mut Block;
+    // SAFETY: per the contract; `b` pins the slab until it is given back or pushed.
+    unsafe {
+        if !(mode.registered && tc.take(slab, b)) {
+            // Not taken: as any other thread's free (its owner may have
+            // exited meanwhile).
+            route_foreign(b, slab);
+        }
     }
 }
 
@@ -341,6 +416,97 @@ fn push_local(tc: &mut TinyCache, bin: usize, b: *mut Block, check: bool) -> Pus
 }
 
 impl TinyCache {
+    /// The start of each slow path that works on the thread's slabs: the
+    /// thread's gate, held until the returned guard drops (None: the thread
+    /// is not listed, so nobody takes its slabs), and what takers changed of
+    /// its rings meanwhile brought into its own state.
+    fn enter(&mut self) -> Option<Guard<'static, Gate>> {
+        // SAFETY: a non-null index is this thread's until its exit hook, and
+        // indexes are never unmapped.
+        let ix: &'static OwnedIndex = unsafe { self.owned_index.as_ref()? };
+        if self.id == 0 || !ix.list(self.id) {
+            return None;
+        }
+        let mut gate = ix.lock_gate();
+        let mut taken = gate.taken_bins;
+        while taken != 0 {
+            let bin = taken.trailing_zeros() as usize;
+            taken &= taken - 1;
+            // A taken ring head or active slab is another thread's now;
+            // `ring_member` is still on the ring (a later take would have
+            // replaced it).
+            if self.lost(self.owned(bin)) {
+                self.set_owned(bin, gate.ring_member[bin].get());
+            }
+            if self.lost(self.active(bin)) {
+                self.slabs[bin].active = SlabRef::NONE;
+            }
+        }
+        gate.taken_bins = 0;
+        Some(gate)
+    }
+
+    /// Whether `s`, a slab this thread's state names, was taken by another.
+    fn lost(&self, s: *mut Slab) -> bool {
+        // SAFETY: a slab named by this thread's state is live metadata;
+        // owner is atomic.
+        !s.is_null() && unsafe { (*s).owner.load(Ordering::Relaxed) } != self.id
+    }
+
+    /// Takes `slab` from its owner for this thread (see `take_slab`); false
+    /// if it cannot be had: its owner is not listed or is in a slow path,
+    /// it is this thread's own or nobody's, or this thread takes nothing
+    /// (no id).
+    ///
+    /// # Safety
+    /// `b` is a block of `slab` the caller frees (it keeps the slab live
+    /// meanwhile), marked free: given back to the slab if it is taken.
+    unsafe fn take(&mut self, slab: *mut Slab, b: *mut Block) -> bool {
+        if self.id == 0 {
+            return false;
+        }
+        let _own = self.enter();
+        // SAFETY: per the contract, live metadata; owner is atomic.
+        let owner = unsafe { (*slab).owner.load(Ordering::Relaxed) };
+        if owner == self.id || owner <= pool::ABANDONED || owner == pool::RECLAIMING {
+            return false;
+        }
+        let Some((theirs, mut gate)) = owned_index::try_gate_of(owner) else {
+            return false;
+        };
+        crate::test_hooks::at(crate::test_hooks::Point::TakeSlab, slab as usize);
+        // SAFETY: under the owner's gate, which it holds in every slow path
+        // that works on its slabs, its ring and the slab's local state are
+        // as it left them, and `owner` changes only there: the slab is still
+        // its, on its ring for the slab's bin, and ours to move.
+        unsafe {
+            if (*slab).owner.load(Ordering::Relaxed) != owner {
+                return false;
+            }
+            let bin = (*slab).bin as usize;
+            let (prev, next) = ((*slab).prev, (*slab).next);
+            if next == slab {
+                gate.ring_member[bin] = SlabRef::NONE;
+            } else {
+                (*prev).next = next;
+                (*next).prev = prev;
+                gate.ring_member[bin] = SlabRef::new(next);
+            }
+            gate.taken_bins |= 1 << bin;
+            theirs.remove((*slab).base());
+            (*slab).owner.store(self.id, Ordering::Relaxed);
+            drop(gate);
+            (*slab).next = null_mut();
+            (*slab).prev = null_mut();
+            drain_remote(&mut *slab);
+            self.link_owned(bin, slab);
+            if (*slab).give_back(b) {
+                self.on_empty(bin, slab);
+            }
+        }
+        true
+    }
+
     fn active(&self, bin: usize) -> *mut Slab {
         self.slabs[bin].active.get()
     }
@@ -369,6 +535,7 @@ impl TinyCache {
     #[cold]
     #[inline(never)]
     pub fn overflow(&mut self, mode: CacheMode, bin: usize) {
+        let _gate = self.enter();
         if mode.keeps_nothing() {
             let n = self.tiny[bin].count;
             return self.drain(bin, n, DrainWhy::Overflow);
@@ -401,6 +568,7 @@ impl TinyCache {
     #[cold]
     #[inline(never)]
     pub fn refill(&mut self, mode: CacheMode, bin: usize) -> *mut u8 {
+        let _gate = self.enter();
         // A thread that keeps nothing takes one block at a time, each handed
         // out by `pop` (which clears its key).
         let keeps_nothing = mode.keeps_nothing();
@@ -524,7 +692,17 @@ impl TinyCache {
                 continue;
             }
             let (_, slab, _) = slab_of(b as usize);
-            // SAFETY: blocks of SuperSlabs reach our SLL only if we own their slab.
+            // SAFETY: blocks of SuperSlabs reach our SLL only while we own
+            // their slab; another thread may have taken it since (`take`),
+            // and then the block goes as another thread's free would. Only
+            // under our gate (held) does `owner` change from our id.
+            unsafe {
+                if (*slab).owner.load(Ordering::Relaxed) != self.id {
+                    route_foreign(b, slab);
+                    continue;
+                }
+            }
+            // SAFETY: ours (above).
             let (had_none, empty) = unsafe { ((*slab).free.is_null(), (*slab).give_back(b)) };
             if empty {
                 self.on_empty(bin, slab);
@@ -562,7 +740,7 @@ impl TinyCache {
         }
         // SAFETY: `s` is live slab metadata (ours from now on).
         let base = unsafe { (*s).base() };
-        if let Some(ix) = self.index_mut() {
+        if let Some(ix) = self.index() {
             ix.insert(base, bin);
         }
         let front = self.owned(bin);
@@ -582,16 +760,17 @@ impl TinyCache {
         self.set_owned(bin, s);
     }
 
-    fn index_mut(&mut self) -> Option<&mut OwnedIndex> {
-        // SAFETY: non-null, the index is this thread's alone until its exit hook.
-        unsafe { self.owned_index.as_mut() }
+    fn index(&self) -> Option<&OwnedIndex> {
+        // SAFETY: non-null, the index is this thread's until its exit hook
+        // (takers only clear a slot, atomically, under the gate).
+        unsafe { self.owned_index.as_ref() }
     }
 
     /// Takes `s` off the ring, out of the active slot and out of the index.
     fn unlink_owned(&mut self, bin: usize, s: *mut Slab) {
         // SAFETY: `s` is live slab metadata, ours until this unlink.
         let base = unsafe { (*s).base() };
-        if let Some(ix) = self.index_mut() {
+        if let Some(ix) = self.index() {
             ix.remove(base);
         }
         self.ring_remove(bin, s);
@@ -628,6 +807,7 @@ impl TinyCache {
     /// Thread exit: every cached block back to its slab, every slab back to the
     /// pool (EMPTY) or parked for adoption (still has blocks out).
     pub fn release_all(&mut self) {
+        let mut gate = self.enter();
         for bin in 0..BINS {
             let n = self.tiny[bin].count;
             if n > 0 {
@@ -651,8 +831,14 @@ impl TinyCache {
             }
         }
         if !self.owned_index.is_null() {
+            if let Some(g) = gate.as_mut() {
+                // SAFETY: ours until the give-back below.
+                unsafe { (*self.owned_index).unlist(g) };
+            }
+            drop(gate);
             // SAFETY: every owned slab was unlinked above, so the index is
-            // empty; the null left behind sends later frees the slow way.
+            // empty, and no taker finds it any more (unlisted, its gate's id
+            // cleared); the null left behind sends later frees the slow way.
             unsafe { owned_index::give_back(self.owned_index) };
             self.owned_index = null_mut();
         }

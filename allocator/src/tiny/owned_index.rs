@@ -33,13 +33,24 @@
 //! slab, cleared when it unlinks it; no other thread touches the index).
 //!
 //! Indexes live outside the thread cache, which must fit glibc's static TLS
-//! surplus (see `tls`): 8 KiB each, carved from 64 KiB mappings and kept on a
-//! free list when their threads exit.
+//! surplus (see `tls`): 8 KiB each and the gate, carved from 64 KiB mappings
+//! and kept on a free list when their threads exit (never unmapped, so a
+//! stale pointer to one is still memory: `lookup`).
+//!
+//! The index also carries its thread's *gate*: the lock under which the
+//! thread works on its slabs (refills, drains, its exit) and under which
+//! another thread may take one of them (`TinyCache::take_slab`); the
+//! directory finds a thread's index by its owner id. So a slab's slot is
+//! cleared either by its owner or, under the owner's gate, by the thread
+//! that takes the slab, and slots are atomics: the owner's `free` reads
+//! them without the gate.
 
+use crate::class::BINS;
 use crate::os;
-use crate::superslab::{BLOCK_ALIGN, FIRST_SLAB, SLAB_SIZE, SS_SIZE};
-use crate::sync::SpinLock;
+use crate::superslab::{SlabRef, BLOCK_ALIGN, FIRST_SLAB, SLAB_SIZE, SS_SIZE};
+use crate::sync::{Guard, SpinLock};
 use core::ptr::null_mut;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 pub const SLOTS: usize = 1024;
 const _: () = assert!(SLOTS * SLAB_SIZE == 64 << 20);
@@ -70,8 +81,35 @@ const _: () = assert!((SLOTS * SLAB_SIZE).is_multiple_of(SS_SIZE) && FIRST_SLAB 
 
 #[repr(C)]
 pub struct OwnedIndex {
-    slots: [usize; SLOTS],
+    slots: [AtomicUsize; SLOTS],
+    gate: SpinLock<Gate>,
 }
+
+/// What the gate guards besides the thread's slabs: whose index this is,
+/// and what takers changed of the thread's rings that the thread's own
+/// state, in its thread cache, still says otherwise. All zero: a spare
+/// index's (fresh mappings read as zero).
+pub struct Gate {
+    /// The owner id of the thread whose index this is; 0 while it is spare
+    /// (a taker holding a stale pointer finds another id or 0 here).
+    pub id: usize,
+    /// Bit `bin`: a slab of the bin was taken since the thread last looked
+    /// (`TinyCache::enter`).
+    pub taken_bins: u32,
+    /// Per bin with its bit set: a slab still on the thread's ring, for its
+    /// ring head if that was taken (NONE: the ring is empty now).
+    pub ring_member: [SlabRef; BINS],
+}
+
+const _: () = assert!(BINS <= 32);
+
+/// Indexes by owner id (`id % DIRECTORY_SLOTS`): the one a taker locks. A
+/// thread whose slot another live thread holds is not listed: its slabs
+/// are not taken, and it takes none (it would have no gate of its own).
+const DIRECTORY_SLOTS: usize = 4096;
+#[allow(clippy::declare_interior_mutable_const)]
+const UNLISTED: AtomicPtr<OwnedIndex> = AtomicPtr::new(null_mut());
+static DIRECTORY: [AtomicPtr<OwnedIndex>; DIRECTORY_SLOTS] = [UNLISTED; DIRECTORY_SLOTS];
 
 #[inline(always)]
 fn slot(addr: usize) -> usize {
@@ -84,7 +122,7 @@ impl OwnedIndex {
     /// see `MATCH_MASK`).
     #[inline(always)]
     pub fn bin_of_block(&self, addr: usize) -> Option<usize> {
-        let e = self.slots[slot(addr)];
+        let e = self.slots[slot(addr)].load(Ordering::Relaxed);
         if (e ^ addr) & MATCH_MASK != 0 {
             return None;
         }
@@ -92,30 +130,85 @@ impl OwnedIndex {
     }
 
     /// Names the slab at `base` (its first byte) as serving `bin`, in place
-    /// of whichever slab held its slot.
-    pub fn insert(&mut self, base: usize, bin: usize) {
+    /// of whichever slab held its slot. The owner, under its gate if listed.
+    pub fn insert(&self, base: usize, bin: usize) {
         debug_assert!(base.is_multiple_of(SLAB_SIZE) && bin <= BIN_MASK);
         debug_assert!(slot(base) != 0, "slab {base:#x} is a SuperSlab's slab 0");
-        self.slots[slot(base)] = base | bin << BIN_SHIFT;
+        self.slots[slot(base)].store(base | bin << BIN_SHIFT, Ordering::Relaxed);
     }
 
-    /// Forgets the slab at `base`, if it holds its slot.
-    pub fn remove(&mut self, base: usize) {
-        let s = &mut self.slots[slot(base)];
-        if *s & !(SLAB_SIZE - 1) == base {
-            *s = 0;
+    /// Forgets the slab at `base`, if it holds its slot. The owner, or a
+    /// taker of the slab, under the owner's gate if it is listed.
+    pub fn remove(&self, base: usize) {
+        let s = &self.slots[slot(base)];
+        if s.load(Ordering::Relaxed) & !(SLAB_SIZE - 1) == base {
+            s.store(0, Ordering::Relaxed);
         }
     }
 
     /// Writes slot 0's constant (see `SLOT0`); with every other slot 0, the
     /// index names no slab.
-    fn clear_slot0(&mut self) {
-        self.slots[0] = SLOT0;
+    fn clear_slot0(&self) {
+        self.slots[0].store(SLOT0, Ordering::Relaxed);
     }
 
     fn is_empty(&self) -> bool {
-        self.slots[0] == SLOT0 && self.slots[1..].iter().all(|&s| s == 0)
+        self.slots[0].load(Ordering::Relaxed) == SLOT0
+            && self.slots[1..]
+                .iter()
+                .all(|s| s.load(Ordering::Relaxed) == 0)
     }
+
+    /// Waits for the gate (the owner, at each of its slow paths that work on
+    /// its slabs).
+    pub fn lock_gate(&self) -> Guard<'_, Gate> {
+        self.gate.lock()
+    }
+
+    /// Lists the index under owner id `id`, if its directory slot is free or
+    /// already this index's; false if another live thread holds the slot.
+    /// The owner, before it first locks its gate.
+    pub fn list(&self, id: usize) -> bool {
+        let slot = &DIRECTORY[id % DIRECTORY_SLOTS];
+        let me = self as *const OwnedIndex as *mut OwnedIndex;
+        let cur = slot.load(Ordering::Acquire);
+        if cur == me {
+            return true;
+        }
+        if !cur.is_null() {
+            return false;
+        }
+        // The id first: a taker that finds the index checks it under the gate.
+        self.gate.lock().id = id;
+        slot.compare_exchange(null_mut(), me, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Takes the index out of the directory (its thread exits); the caller
+    /// holds the gate, whose `id` it sets to 0.
+    pub fn unlist(&self, gate: &mut Gate) {
+        let me = self as *const OwnedIndex as *mut OwnedIndex;
+        let _ = DIRECTORY[gate.id % DIRECTORY_SLOTS].compare_exchange(
+            me,
+            null_mut(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        gate.id = 0;
+        gate.taken_bins = 0;
+    }
+}
+
+/// The gate of the thread whose owner id is `id`, if it is listed and the
+/// gate is free: held, checked to be that thread's (not a spare index's, nor
+/// another thread's since). None otherwise; never waits.
+pub fn try_gate_of(id: usize) -> Option<(&'static OwnedIndex, Guard<'static, Gate>)> {
+    let ix = DIRECTORY[id % DIRECTORY_SLOTS].load(Ordering::Acquire);
+    // SAFETY: indexes are never unmapped (spare ones go on a free list), so
+    // even a stale pointer is to an index; which thread's, the gate says.
+    let ix: &'static OwnedIndex = unsafe { ix.as_ref()? };
+    let gate = ix.gate.try_lock()?;
+    (gate.id == id).then_some((ix, gate))
 }
 
 /// Indexes of exited threads (linked through their first slot) and the
@@ -137,7 +230,7 @@ static SPARE: SpinLock<Spare> = SpinLock::new(Spare {
 
 const MAPPING: usize = 64 * 1024;
 const SIZE: usize = core::mem::size_of::<OwnedIndex>();
-const _: () = assert!(MAPPING.is_multiple_of(SIZE));
+const _: () = assert!(SIZE <= MAPPING);
 
 /// An empty index for a thread; null if the OS refuses the memory (the
 /// thread then frees through the slower path).
@@ -147,12 +240,12 @@ pub fn take() -> *mut OwnedIndex {
     if !ix.is_null() {
         // SAFETY: indexes on the free list are ours, empty but for the link.
         unsafe {
-            spare.free = (*ix).slots[0] as *mut OwnedIndex;
+            spare.free = (*ix).slots[0].load(Ordering::Relaxed) as *mut OwnedIndex;
             (*ix).clear_slot0();
         }
         return ix;
     }
-    if spare.next == spare.end {
+    if spare.end - spare.next < SIZE {
         let m = os::map_aligned(MAPPING, os::PAGE) as usize;
         if m == 0 {
             return null_mut();
@@ -162,8 +255,9 @@ pub fn take() -> *mut OwnedIndex {
     }
     let ix = spare.next as *mut OwnedIndex;
     spare.next += SIZE;
-    // SAFETY: carved from our mapping, which reads as zero, for this caller
-    // alone: all it needs to be empty is slot 0.
+    // SAFETY: carved from our mapping, which reads as zero (a free gate,
+    // owner id 0, nothing taken: see `Gate`), for this caller alone: all it
+    // needs to be empty is slot 0.
     unsafe { (*ix).clear_slot0() };
     ix
 }
@@ -173,11 +267,12 @@ pub fn take() -> *mut OwnedIndex {
 /// # Safety
 /// `ix` came from `take` and nothing uses it any more.
 pub unsafe fn give_back(ix: *mut OwnedIndex) {
-    // SAFETY: per the contract the index is ours again.
-    let ix_ref = unsafe { &mut *ix };
+    // SAFETY: per the contract the index is ours again (a taker holding a
+    // stale pointer touches only its gate, whose id the owner cleared).
+    let ix_ref = unsafe { &*ix };
     debug_assert!(ix_ref.is_empty());
     let mut spare = SPARE.lock();
-    ix_ref.slots[0] = spare.free as usize;
+    ix_ref.slots[0].store(spare.free as usize, Ordering::Relaxed);
     spare.free = ix;
 }
 
@@ -194,11 +289,11 @@ mod tests {
     use super::*;
 
     /// An index from `take`, ours alone until `give_back`.
-    fn fresh_index() -> &'static mut OwnedIndex {
+    fn fresh_index() -> &'static OwnedIndex {
         let ix = take();
         assert!(!ix.is_null());
         // SAFETY: a fresh index, handed to nobody else.
-        unsafe { &mut *ix }
+        unsafe { &*ix }
     }
 
     /// Inserts `slabs` into a fresh index (bin: the slab's position, modulo
