@@ -354,7 +354,7 @@ unsafe fn route_foreign(b: *mut Block, slab: *mut Slab) {
 fn worth_taking(slab: &Slab) -> bool {
     let n = slab.remote_len() + 1;
     let half = slab.capacity / 2;
-    n == half || (n > half && n % TAKE_RETRY == 0)
+    n == half || (n > half && n.is_multiple_of(TAKE_RETRY))
 }
 
 /// How often past half a slab a free tries again to take it.

@@ -311,7 +311,7 @@ mod tests {
             ix.remove(s);
         }
         // SAFETY: empty and no longer used.
-        unsafe { give_back(ix) };
+        unsafe { give_back(ix as *const OwnedIndex as *mut OwnedIndex) };
     }
 
     #[test]
@@ -352,7 +352,7 @@ mod tests {
         }
         ix.remove(a);
         // SAFETY: empty and no longer used.
-        unsafe { give_back(ix) };
+        unsafe { give_back(ix as *const OwnedIndex as *mut OwnedIndex) };
     }
 
     #[test]
@@ -369,7 +369,7 @@ mod tests {
             assert_eq!(ix.bin_of_block(addr), None, "{addr:#x}");
         }
         // SAFETY: empty and no longer used.
-        unsafe { give_back(ix) };
+        unsafe { give_back(ix as *const OwnedIndex as *mut OwnedIndex) };
     }
 
     #[test]
@@ -402,7 +402,7 @@ mod tests {
         // Low addresses never match an empty slot.
         assert_eq!(ix.bin_of_block(16), None);
         // SAFETY: empty and no longer used.
-        unsafe { give_back(ix) };
+        unsafe { give_back(ix as *const OwnedIndex as *mut OwnedIndex) };
         let again = take();
         // SAFETY: handed out again, ours alone.
         assert!(unsafe { (*again).is_empty() });
