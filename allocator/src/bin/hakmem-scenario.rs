@@ -50,10 +50,11 @@ fn main() {
         "race-map-superslab" => race_map_superslab,
         "race-repark" => race_repark,
         "race-mlock-region" => race_mlock_region,
+        "race-take-slab" => race_take_slab,
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -131,7 +132,8 @@ type Mailbox = Mutex<Vec<(SendPtr, usize, u8)>>;
 // SAFETY: the pointer is handed from one thread to another, never shared.
 unsafe impl Send for SendPtr {}
 
-/// Remote frees + drain + recycle, then a Stage 1 hit in another class.
+/// Remote frees (the freeing thread takes each slab at half its blocks) +
+/// drain + recycle, then a Stage 1 hit in another class.
 fn recycle() {
     const N: usize = 256;
     let blocks: Vec<SendPtr> = (0..N)
@@ -1136,6 +1138,103 @@ fn race_mlock_region() {
 /// before parking it again, while another thread frees those last blocks.
 fn race_repark() {
     race_orphan(hakmem::test_hooks::Point::BeforeRepark, 2);
+}
+
+/// Set by the owner just before it allocates in the take's window.
+static OWNER_ASKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set by the owner once its allocations in the window are done.
+static OWNER_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether the owner was still waiting when the taker let its gate go.
+static OWNER_WAITED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// At the first `TakeSlab`: the taker holds the owner's gate. It lets the
+/// owner start allocating (a refill, which needs the gate), gives it 200 ms,
+/// and notes whether the owner is still waiting. Allocates nothing.
+fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
+    use std::sync::atomic::Ordering;
+    if point != hakmem::test_hooks::Point::TakeSlab
+        || RACE_STAGE
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    while !OWNER_ASKING.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    OWNER_WAITED.store(!OWNER_DONE.load(Ordering::Acquire), Ordering::Release);
+    RACE_STAGE.store(2, Ordering::Release);
+}
+
+/// A thread (the owner) allocates 60 blocks of 768 bytes: its first slab
+/// of that bin, its active one, holds them. This thread frees the owner's
+/// blocks of that slab; when the slab's remote list reaches half its
+/// blocks, the free takes the slab (`tiny::take_slab`) and pauses at
+/// `Point::TakeSlab`, holding the owner's gate, while the owner allocates
+/// 40 blocks more of the bin, which needs a refill (see `take_hook`). The
+/// owner must wait for the gate (a refill that did not would work on the
+/// slab under the taker: it read 'done' here, built to check), and its
+/// refill must carve from another slab, not the one taken from it, which
+/// its state still named as active. Then both free everything.
+fn race_take_slab() {
+    use std::sync::atomic::Ordering;
+    const SIZE: usize = 768;
+    const SLAB: usize = 64 << 10;
+    let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let owner = std::thread::spawn(move || {
+        let mut first = [0usize; 60];
+        for b in first.iter_mut() {
+            // SAFETY: plain allocation, checked.
+            *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
+            assert!(*b != 0);
+        }
+        tx.send(first).unwrap();
+        while RACE_STAGE.load(Ordering::Acquire) != 1 {
+            std::thread::yield_now();
+        }
+        OWNER_ASKING.store(true, Ordering::Release);
+        let mut more = [0usize; 40];
+        for b in more.iter_mut() {
+            // SAFETY: as above.
+            *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
+            assert!(*b != 0);
+        }
+        OWNER_DONE.store(true, Ordering::Release);
+        go_rx.recv().unwrap();
+        let taken = first[0] / SLAB;
+        assert!(
+            more[more.len() - 1] / SLAB != taken,
+            "the owner refilled from the slab taken from it"
+        );
+        for b in more {
+            // SAFETY: allocated above, freed once.
+            unsafe { hakmem::api::free(b as *mut u8) };
+        }
+    });
+    let first = rx.recv().unwrap();
+    let taken = first[0] / SLAB;
+    let in_slab: Vec<usize> = first.iter().copied().filter(|&b| b / SLAB == taken).collect();
+    assert!(in_slab.len() >= 50, "the owner's blocks are not in one slab");
+    hakmem::test_hooks::set(Some(take_hook));
+    for &b in &in_slab {
+        // SAFETY: the owner's block, freed once, here.
+        unsafe { hakmem::api::free(b as *mut u8) };
+    }
+    hakmem::test_hooks::set(None);
+    assert_eq!(RACE_STAGE.load(Ordering::Acquire), 2, "no free took the slab");
+    assert!(
+        OWNER_WAITED.load(Ordering::Acquire),
+        "the owner refilled while another thread held its gate"
+    );
+    go_tx.send(()).unwrap();
+    owner.join().unwrap();
+    for b in first.iter().copied().filter(|&b| b / SLAB != taken) {
+        // SAFETY: the owner's other blocks, freed once.
+        unsafe { hakmem::api::free(b as *mut u8) };
+    }
+    println!("the owner waited for the taker's gate and refilled from another slab");
 }
 
 /// A thread that needs a new SuperSlab pauses after letting the pool lock go
