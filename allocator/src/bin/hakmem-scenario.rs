@@ -1215,15 +1215,26 @@ fn race_take_slab() {
     });
     let first = rx.recv().unwrap();
     let taken = first[0] / SLAB;
-    let in_slab: Vec<usize> = first.iter().copied().filter(|&b| b / SLAB == taken).collect();
-    assert!(in_slab.len() >= 50, "the owner's blocks are not in one slab");
+    let in_slab: Vec<usize> = first
+        .iter()
+        .copied()
+        .filter(|&b| b / SLAB == taken)
+        .collect();
+    assert!(
+        in_slab.len() >= 50,
+        "the owner's blocks are not in one slab"
+    );
     hakmem::test_hooks::set(Some(take_hook));
     for &b in &in_slab {
         // SAFETY: the owner's block, freed once, here.
         unsafe { hakmem::api::free(b as *mut u8) };
     }
     hakmem::test_hooks::set(None);
-    assert_eq!(RACE_STAGE.load(Ordering::Acquire), 2, "no free took the slab");
+    assert_eq!(
+        RACE_STAGE.load(Ordering::Acquire),
+        2,
+        "no free took the slab"
+    );
     assert!(
         OWNER_WAITED.load(Ordering::Acquire),
         "the owner refilled while another thread held its gate"

@@ -176,6 +176,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_try_lock_that_fails_leaves_the_lock_held() {
+        // The first version built its guard before knowing whether the CAS
+        // succeeded, and dropping it on failure unlocked the holder's lock:
+        // two threads then worked on one thread's slabs at once (larson
+        // crashed within a few runs).
+        let lock = SpinLock::new(0u32);
+        let held = lock.lock();
+        assert!(lock.try_lock().is_none());
+        assert!(lock.try_lock().is_none(), "still held after a failed try");
+        drop(held);
+        let again = lock.try_lock();
+        assert!(again.is_some());
+        assert!(lock.try_lock().is_none());
+    }
+
+    #[test]
     fn a_futex_wait_that_fails_leaves_errno_as_it_was() {
         // A waiter whose word changed before it slept gets EAGAIN from the
         // kernel (the common case under contention): a free that waited on a
