@@ -48,7 +48,7 @@
 use crate::class::BINS;
 use crate::os;
 use crate::superslab::{SlabRef, BLOCK_ALIGN, FIRST_SLAB, SLAB_SIZE, SS_SIZE};
-use crate::sync::{Guard, SpinLock};
+use crate::sync::{OwnerGuard, OwnerLock, SpinLock};
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
@@ -82,7 +82,7 @@ const _: () = assert!((SLOTS * SLAB_SIZE).is_multiple_of(SS_SIZE) && FIRST_SLAB 
 #[repr(C)]
 pub struct OwnedIndex {
     slots: [AtomicUsize; SLOTS],
-    gate: SpinLock<Gate>,
+    gate: OwnerLock<Gate>,
 }
 
 /// What the gate guards besides the thread's slabs: whose index this is,
@@ -159,10 +159,10 @@ impl OwnedIndex {
                 .all(|s| s.load(Ordering::Relaxed) == 0)
     }
 
-    /// Waits for the gate (the owner, at each of its slow paths that work on
-    /// its slabs).
-    pub fn lock_gate(&self) -> Guard<'_, Gate> {
-        self.gate.lock()
+    /// Holds the gate (the owner, at each of its slow paths that work on
+    /// its slabs), waiting while a taker holds it.
+    pub fn lock_gate(&self) -> OwnerGuard<'_, Gate> {
+        self.gate.enter()
     }
 
     /// Lists the index under owner id `id`, if its directory slot is free or
@@ -179,13 +179,13 @@ impl OwnedIndex {
             return false;
         }
         // The id first: a taker that finds the index checks it under the gate.
-        self.gate.lock().id = id;
+        self.gate.enter().id = id;
         slot.compare_exchange(null_mut(), me, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 
-    /// Takes the index out of the directory (its thread exits); the caller
-    /// holds the gate, whose `id` it sets to 0.
+    /// Takes the index out of the directory (its thread exits); the caller,
+    /// its owner, holds the gate, whose `id` it sets to 0.
     pub fn unlist(&self, gate: &mut Gate) {
         let me = self as *const OwnedIndex as *mut OwnedIndex;
         let _ = DIRECTORY[gate.id % DIRECTORY_SLOTS].compare_exchange(
@@ -202,12 +202,12 @@ impl OwnedIndex {
 /// The gate of the thread whose owner id is `id`, if it is listed and the
 /// gate is free: held, checked to be that thread's (not a spare index's, nor
 /// another thread's since). None otherwise; never waits.
-pub fn try_gate_of(id: usize) -> Option<(&'static OwnedIndex, Guard<'static, Gate>)> {
+pub fn try_gate_of(id: usize) -> Option<(&'static OwnedIndex, OwnerGuard<'static, Gate>)> {
     let ix = DIRECTORY[id % DIRECTORY_SLOTS].load(Ordering::Acquire);
     // SAFETY: indexes are never unmapped (spare ones go on a free list), so
     // even a stale pointer is to an index; which thread's, the gate says.
     let ix: &'static OwnedIndex = unsafe { ix.as_ref()? };
-    let gate = ix.gate.try_lock()?;
+    let gate = ix.gate.try_take()?;
     (gate.id == id).then_some((ix, gate))
 }
 
