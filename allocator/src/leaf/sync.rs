@@ -125,20 +125,18 @@ impl Generation {
 }
 
 /// A lock between one owner, which takes it at every one of its slow paths
-/// and must pay next to nothing for it, and takers from other threads,
-/// which come rarely and may pay a system call. The owner marks itself
-/// busy with a plain store and reads the taker word (no atomic
-/// read-modify-write, no fence: a CAS and a swap per refill cost
-/// hakbench's phases 8% of its time, pinned); a taker sets the taker word
-/// and then makes every thread of the process pass a full memory barrier
-/// (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`) before it reads the
-/// busy word. So either the taker sees the owner busy, or the owner sees
-/// the taker (the asymmetric form of Dekker's lock: the owner's missing
-/// store-load fence is supplied by the barrier the taker forces on it).
-/// Where the system call is refused (a kernel before 4.14, a seccomp
-/// filter), takers never get the lock.
+/// and must pay as little as it can for it, and takers from other threads,
+/// which come rarely and may wait for nothing (they try once, and give up).
+/// Dekker's lock: the owner swaps its busy word to 1 and reads the taker
+/// word; a taker swaps the taker word to held and reads the busy word; both
+/// sequentially consistent, so at least one sees the other. The owner pays
+/// one `xchg` to enter and a plain store to leave. (A spin lock, a CAS to
+/// enter and a swap to leave, cost hakbench's phases about 5%; making every
+/// thread pass a barrier from the taker's side instead, with `membarrier`,
+/// left the owner plain stores but cost producer-consumer programs most of
+/// their speed: an interprocessor interrupt per try, on this machine's VM.)
 pub struct OwnerLock<T> {
-    /// 1 while the owner holds it.
+    /// 1 while the owner holds it (or is about to look at the taker word).
     busy: AtomicU32,
     /// FREE, HELD by a taker, or CONTENDED (held, the owner asleep on it).
     taker: AtomicU32,
@@ -152,36 +150,6 @@ unsafe impl<T: Send> Sync for OwnerLock<T> {}
 pub struct OwnerGuard<'a, T> {
     lock: &'a OwnerLock<T>,
     taker: bool,
-}
-
-/// Whether `membarrier`'s private expedited command may be used: 0 not yet
-/// asked, 1 registered, 2 refused.
-static MEMBARRIER: AtomicU32 = AtomicU32::new(0);
-
-/// Makes every running thread of the process pass a full memory barrier;
-/// false if the kernel refuses (then nothing was ordered).
-fn membarrier() -> bool {
-    const CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
-    const CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
-    // SAFETY: membarrier takes no pointers; an error only means "refused".
-    let call = |cmd: libc::c_long| {
-        crate::errno::keep(|| unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }).0
-    };
-    if MEMBARRIER.load(Ordering::Relaxed) == 0 {
-        // Once per process (a fork child's memory map is a new one, whose
-        // first call is refused until it registers: then it registers here).
-        let ok = call(CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
-        MEMBARRIER.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
-    }
-    if MEMBARRIER.load(Ordering::Relaxed) != 1 {
-        return false;
-    }
-    if call(CMD_PRIVATE_EXPEDITED) == 0 {
-        return true;
-    }
-    // Registered by the parent of a fork, not in this memory map: once more.
-    MEMBARRIER.store(0, Ordering::Relaxed);
-    false
 }
 
 impl<T> OwnerLock<T> {
@@ -200,11 +168,8 @@ impl<T> OwnerLock<T> {
     #[inline]
     pub fn enter(&self) -> OwnerGuard<'_, T> {
         loop {
-            self.busy.store(1, Ordering::Relaxed);
-            // The store must not sink below the load; the hardware's
-            // store-load order comes from the taker's membarrier.
-            core::sync::atomic::compiler_fence(Ordering::SeqCst);
-            if self.taker.load(Ordering::Acquire) == FREE {
+            self.busy.swap(1, Ordering::SeqCst);
+            if self.taker.load(Ordering::SeqCst) == FREE {
                 return OwnerGuard {
                     lock: self,
                     taker: false,
@@ -238,11 +203,11 @@ impl<T> OwnerLock<T> {
     }
 
     /// A taker's hold, if the lock is free and its owner holds it not;
-    /// None at once otherwise (or if the kernel has no membarrier).
+    /// None at once otherwise.
     pub fn try_take(&self) -> Option<OwnerGuard<'_, T>> {
         if self
             .taker
-            .compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(FREE, HELD, Ordering::SeqCst, Ordering::Relaxed)
             .is_err()
         {
             return None;
@@ -251,9 +216,7 @@ impl<T> OwnerLock<T> {
             lock: self,
             taker: true,
         };
-        // The owner's busy store, if it made one, is visible after this;
-        // or its next look at the taker word sees ours.
-        if !membarrier() || self.busy.load(Ordering::Acquire) != 0 {
+        if self.busy.load(Ordering::SeqCst) != 0 {
             return None;
         }
         Some(guard)
@@ -335,7 +298,7 @@ mod tests {
         let owner = lock.enter();
         assert!(lock.try_take().is_none(), "taken while the owner holds it");
         drop(owner);
-        let mut taker = lock.try_take().expect("free, and membarrier is here");
+        let mut taker = lock.try_take().expect("free");
         *taker = 7;
         assert!(lock.try_take().is_none(), "a second taker");
         // The owner waits for the taker (asleep on the futex), then sees
