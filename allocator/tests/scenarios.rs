@@ -47,10 +47,11 @@ fn n(v: &Value) -> u64 {
 fn remote_free_drain_recycle_then_stage1_hit_in_another_class() {
     let t = scenario("recycle", &[]);
     let c7 = class(&t, 7);
-    // The freeing thread takes each of the 4 slabs once its remote list
-    // holds half of the slab's 63-64 blocks (`tiny::take_slab`): it drains
-    // those 31-ish there, and its other frees are its own. (Before slabs
-    // were taken, the owner drained all 256.)
+    // The freeing thread takes each of the 4 slabs (`tiny::take_slab`) once
+    // its remote list holds about half of the slab's 63-64 blocks (the
+    // second try there; the owner, waiting for the join, made no slow path
+    // since the first): it drains those 31-ish, and its other frees are its
+    // own. (Before slabs were taken, the owner drained all 256.)
     let drained = n(&c7["remote_drain_blocks"]);
     assert!(
         (4 * 29..=4 * 32).contains(&drained),

@@ -202,6 +202,12 @@ impl<T> OwnerLock<T> {
         }
     }
 
+    /// The value, for its owner's writes while it holds the lock through a
+    /// guard it does not borrow (see `owned_index::gate_data`).
+    pub fn data_ptr(&self) -> *mut T {
+        self.value.get()
+    }
+
     /// A taker's hold, if the lock is free and its owner holds it not;
     /// None at once otherwise.
     pub fn try_take(&self) -> Option<OwnerGuard<'_, T>> {

@@ -30,12 +30,15 @@
 //! be mapped, takes the slower path, which reads the slab's line. So the
 //! index is a cache of `Slab::owner`, never a second authority: a slot names
 //! a slab only while this thread owns it (set when the thread links the
-//! slab, cleared when it unlinks it; no other thread touches the index).
+//! slab, cleared when it unlinks it, or by another thread that takes the
+//! slab, before it takes it: see below). A free that read the slot just
+//! before a take puts its block on this thread's list all the same; the
+//! thread's drain looks at each block's owner (`TinyCache::drain`).
 //!
 //! Indexes live outside the thread cache, which must fit glibc's static TLS
 //! surplus (see `tls`): 8 KiB each and the gate, carved from 64 KiB mappings
 //! and kept on a free list when their threads exit (never unmapped, so a
-//! stale pointer to one is still memory: `lookup`).
+//! stale pointer to one is still memory: `try_gate_of`).
 //!
 //! The index also carries its thread's *gate*: the lock under which the
 //! thread works on its slabs (refills, drains, its exit) and under which
@@ -96,16 +99,41 @@ pub struct Gate {
     /// Bit `bin`: a slab of the bin was taken since the thread last looked
     /// (`TinyCache::enter`).
     pub taken_bins: u32,
-    /// Per bin with its bit set: a slab still on the thread's ring, for its
-    /// ring head if that was taken (NONE: the ring is empty now).
-    pub ring_member: [SlabRef; BINS],
+    /// Per bin, the thread's ring head and active slab, as the thread sets
+    /// them in its thread cache (which no other thread may write) and as a
+    /// take changes them: the thread copies a taken bin's back at its next
+    /// `enter`, without reading a slab it may no longer own (whose
+    /// SuperSlab may be gone by then).
+    pub head: [SlabRef; BINS],
+    pub active: [SlabRef; BINS],
+    /// The owner's slow paths so far (`TinyCache::enter`): a taker that
+    /// finds it unchanged since its last try knows the owner is idle.
+    pub entries: u32,
+    /// This thread's last try to take (as a taker): whose gate, and that
+    /// gate's `entries` then.
+    pub tried_owner: usize,
+    pub tried_entries: u32,
+}
+
+impl Gate {
+    /// What a spare index's gate holds (and a fresh one's: all zero).
+    fn clear(&mut self) {
+        self.id = 0;
+        self.taken_bins = 0;
+        self.head = [SlabRef::NONE; BINS];
+        self.active = [SlabRef::NONE; BINS];
+        self.entries = 0;
+        self.tried_owner = 0;
+        self.tried_entries = 0;
+    }
 }
 
 const _: () = assert!(BINS <= 32);
 
 /// Indexes by owner id (`id % DIRECTORY_SLOTS`): the one a taker locks. A
 /// thread whose slot another live thread holds is not listed: its slabs
-/// are not taken, and it takes none (it would have no gate of its own).
+/// are not taken (it works on them without its gate; it may still take
+/// others', as nobody else touches its ring).
 const DIRECTORY_SLOTS: usize = 4096;
 #[allow(clippy::declare_interior_mutable_const)]
 const UNLISTED: AtomicPtr<OwnedIndex> = AtomicPtr::new(null_mut());
@@ -165,6 +193,17 @@ impl OwnedIndex {
         self.gate.enter()
     }
 
+    /// The gate's data, for the owner's copy of its ring head and active
+    /// slab (`TinyCache::set_owned`, `set_active`).
+    ///
+    /// # Safety
+    /// The caller is the index's owner and holds its gate, or is not listed
+    /// (then no taker reaches the gate), and makes no other reference to
+    /// the data meanwhile.
+    pub unsafe fn gate_data(&self) -> *mut Gate {
+        self.gate.data_ptr()
+    }
+
     /// Lists the index under owner id `id`, if its directory slot is free or
     /// already this index's; false if another live thread holds the slot.
     /// The owner, before it first locks its gate.
@@ -185,7 +224,7 @@ impl OwnedIndex {
     }
 
     /// Takes the index out of the directory (its thread exits); the caller,
-    /// its owner, holds the gate, whose `id` it sets to 0.
+    /// its owner, holds the gate (and clears it before the give-back).
     pub fn unlist(&self, gate: &mut Gate) {
         let me = self as *const OwnedIndex as *mut OwnedIndex;
         let _ = DIRECTORY[gate.id % DIRECTORY_SLOTS].compare_exchange(
@@ -194,8 +233,6 @@ impl OwnedIndex {
             Ordering::AcqRel,
             Ordering::Relaxed,
         );
-        gate.id = 0;
-        gate.taken_bins = 0;
     }
 }
 
@@ -268,9 +305,10 @@ pub fn take() -> *mut OwnedIndex {
 /// `ix` came from `take` and nothing uses it any more.
 pub unsafe fn give_back(ix: *mut OwnedIndex) {
     // SAFETY: per the contract the index is ours again (a taker holding a
-    // stale pointer touches only its gate, whose id the owner cleared).
+    // stale pointer touches only its gate, which says id 0 from here).
     let ix_ref = unsafe { &*ix };
     debug_assert!(ix_ref.is_empty());
+    ix_ref.gate.enter().clear();
     let mut spare = SPARE.lock();
     ix_ref.slots[0].store(spare.free as usize, Ordering::Relaxed);
     spare.free = ix;
