@@ -346,10 +346,11 @@ unsafe fn route_foreign(b: *mut Block, slab: *mut Slab) {
 }
 
 /// Whether a free into another thread's `slab` should try to take it: its
-/// remote list is about to hold half its blocks (then every 16th more, if
-/// the first try found the owner busy). Its owner has not drained it for
-/// that long: it has stopped allocating from the bin, or stopped altogether
-/// (docs/decisions.md, "Ownership").
+/// remote list is about to hold half its blocks, then every 16th more. Its
+/// owner has not drained it for that long: it has stopped allocating from
+/// the bin, or stopped altogether; a try takes only if the owner made no
+/// slow path since the freeing thread's last try (`TinyCache::take`;
+/// docs/decisions.md, "Ownership").
 #[inline(always)]
 fn worth_taking(slab: &Slab) -> bool {
     let n = slab.remote_len() + 1;
