@@ -1169,8 +1169,9 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
 
 /// A thread (the owner) allocates 60 blocks of 768 bytes: its first slab
 /// of that bin, its active one, holds them. This thread frees the owner's
-/// blocks of that slab; when the slab's remote list reaches half its
-/// blocks, the free takes the slab (`tiny::take_slab`) and pauses at
+/// blocks of that slab; at the second try past half its blocks (the owner,
+/// waiting, made no slow path since the first), the free takes the slab
+/// (`tiny::take_slab`) and pauses at
 /// `Point::TakeSlab`, holding the owner's gate, while the owner allocates
 /// 40 blocks more of the bin, which needs a refill (see `take_hook`). The
 /// owner must wait for the gate (a refill that did not would work on the

@@ -202,6 +202,11 @@ impl<T> OwnerLock<T> {
         }
     }
 
+    /// Ends an owner's hold whose guard was forgotten (held across a fork).
+    pub fn release_owner(&self) {
+        self.busy.store(0, Ordering::Release);
+    }
+
     /// The value, for its owner's writes while it holds the lock through a
     /// guard it does not borrow (see `owned_index::gate_data`).
     pub fn data_ptr(&self) -> *mut T {

@@ -28,6 +28,12 @@ pub fn install_handlers() {
 }
 
 extern "C" fn before_fork() {
+    // The forking thread's own gate first, before any lock a taker may need
+    // (a taker holding it takes the pool lock to recycle): so no other
+    // thread is halfway through taking one of its slabs when the child is
+    // made, which would leave the gate held for good in the child (whose
+    // first refill would sleep on it forever) and its ring half unlinked.
+    crate::thread::with_cache(|tc| tc.tiny.hold_gate_for_fork());
     pool::lock_for_fork();
     legacy::lock_for_fork();
     ace::lock_for_fork();
@@ -38,6 +44,7 @@ extern "C" fn before_fork() {
 }
 
 fn unlock_all() {
+    crate::thread::with_cache(|tc| tc.tiny.release_gate_after_fork());
     os::unlock_after_fork();
     owned_index::unlock_after_fork();
     chunks::unlock_after_fork();

@@ -320,6 +320,15 @@ impl SlabRef {
         slab_of((n / SLABS_PER_SS) * SS_SIZE + (n % SLABS_PER_SS) * SLAB_SIZE).1
     }
 
+    /// The 32 bits (for a copy kept in an atomic).
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+
+    pub const fn from_raw(raw: u32) -> SlabRef {
+        SlabRef(raw)
+    }
+
     pub const fn is_none(self) -> bool {
         self.0 == 0
     }

@@ -419,28 +419,49 @@ fn push_local(tc: &mut TinyCache, bin: usize, b: *mut Block, check: bool) -> Pus
 impl TinyCache {
     /// The start of each slow path that works on the thread's slabs: the
     /// thread's gate, held until the returned guard drops (None: the thread
-    /// is not listed, so nobody takes its slabs), and what takers changed of
-    /// its rings meanwhile brought into its own state.
+    /// has no index or no id yet, so nobody takes its slabs), and what
+    /// takers changed of its rings meanwhile brought into its own state.
     fn enter(&mut self) -> Option<OwnerGuard<'static, Gate>> {
         // SAFETY: a non-null index is this thread's until its exit hook, and
         // indexes are never unmapped.
         let ix: &'static OwnedIndex = unsafe { self.owned_index.as_ref()? };
-        if self.id == 0 || !ix.list(self.id) {
+        if self.id == 0 {
             return None;
         }
-        let mut gate = ix.lock_gate();
-        gate.entries = gate.entries.wrapping_add(1);
-        let mut taken = gate.taken_bins;
+        // Not listed (another live thread holds the directory slot): nobody
+        // takes from this thread, but the gate orders its own takes too.
+        let _ = ix.list(self.id);
+        let gate = ix.lock_gate();
+        gate.entries.fetch_add(1, Ordering::Relaxed);
+        let mut taken = gate.taken_bins.load(Ordering::Relaxed);
         while taken != 0 {
             let bin = taken.trailing_zeros() as usize;
             taken &= taken - 1;
             // The gate's copy says what the takes left of the ring head
             // and the active slab.
-            self.slabs[bin].owned = gate.head[bin];
-            self.slabs[bin].active = gate.active[bin];
+            self.slabs[bin].owned = SlabRef::from_raw(gate.head[bin].load(Ordering::Relaxed));
+            self.slabs[bin].active = SlabRef::from_raw(gate.active[bin].load(Ordering::Relaxed));
         }
-        gate.taken_bins = 0;
+        gate.taken_bins.store(0, Ordering::Relaxed);
         Some(gate)
+    }
+
+    /// Holds this thread's gate across a fork (`lifecycle::fork`), if it
+    /// has one: no taker is then halfway through one of its slabs.
+    pub fn hold_gate_for_fork(&mut self) {
+        if let Some(gate) = self.enter() {
+            core::mem::forget(gate);
+        }
+    }
+
+    /// Lets the gate `hold_gate_for_fork` held go (fork parent and child).
+    pub fn release_gate_after_fork(&mut self) {
+        // SAFETY: a non-null index is this thread's and never unmapped.
+        if let Some(ix) = unsafe { self.owned_index.as_ref() } {
+            if self.id != 0 {
+                ix.release_owner_after_fork();
+            }
+        }
     }
 
     /// Takes `slab` from its owner for this thread (see `take_slab`); false
@@ -455,9 +476,9 @@ impl TinyCache {
         if self.id == 0 {
             return false;
         }
-        // A thread with no gate of its own takes nothing: it has nowhere to
-        // keep its last look at the owner (below).
-        let Some(mut own) = self.enter() else {
+        // A thread with no gate of its own (no index yet) takes nothing: it
+        // has nowhere to keep its last look at the owner (below).
+        let Some(own) = self.enter() else {
             return false;
         };
         // SAFETY: per the contract, live metadata; owner is atomic.
@@ -465,7 +486,7 @@ impl TinyCache {
         if owner == self.id || owner <= pool::ABANDONED || owner == pool::RECLAIMING {
             return false;
         }
-        let Some((theirs, mut gate)) = owned_index::try_gate_of(owner) else {
+        let Some((theirs, gate)) = owned_index::try_gate_of(owner) else {
             return false;
         };
         // Only from an owner that made no slow path since this thread's
@@ -474,9 +495,11 @@ impl TinyCache {
         // itself; taking its slabs (a producer's, by its consumer) left
         // them with takers that never allocate from them: xmalloc-test's
         // peak RSS 36 MB -> 357 MB.
-        let idle = own.tried_owner == owner && own.tried_entries == gate.entries;
-        own.tried_owner = owner;
-        own.tried_entries = gate.entries;
+        let entries = gate.entries.load(Ordering::Relaxed);
+        let idle = own.tried_owner.load(Ordering::Relaxed) == owner
+            && own.tried_entries.load(Ordering::Relaxed) == entries;
+        own.tried_owner.store(owner, Ordering::Relaxed);
+        own.tried_entries.store(entries, Ordering::Relaxed);
         if !idle {
             return false;
         }
@@ -491,20 +514,21 @@ impl TinyCache {
             }
             let bin = (*slab).bin as usize;
             let (prev, next) = ((*slab).prev, (*slab).next);
-            let taken = SlabRef::new(slab);
-            if gate.head[bin] == taken {
-                gate.head[bin] = if next == slab {
+            let taken = SlabRef::new(slab).raw();
+            if gate.head[bin].load(Ordering::Relaxed) == taken {
+                let head = if next == slab {
                     SlabRef::NONE
                 } else {
                     SlabRef::new(next)
                 };
+                gate.head[bin].store(head.raw(), Ordering::Relaxed);
             }
-            if gate.active[bin] == taken {
-                gate.active[bin] = SlabRef::NONE;
+            if gate.active[bin].load(Ordering::Relaxed) == taken {
+                gate.active[bin].store(SlabRef::NONE.raw(), Ordering::Relaxed);
             }
             (*prev).next = next;
             (*next).prev = prev;
-            gate.taken_bins |= 1 << bin;
+            gate.taken_bins.fetch_or(1 << bin, Ordering::Relaxed);
             theirs.remove((*slab).base());
             (*slab).owner.store(self.id, Ordering::Relaxed);
             drop(gate);
@@ -534,9 +558,7 @@ impl TinyCache {
         );
         self.slabs[bin].active = SlabRef::new(s);
         if let Some(ix) = self.index() {
-            // SAFETY: our own index; we hold its gate in every slow path
-            // (or are not listed), and no reference to its data is live.
-            unsafe { (*ix.gate_data()).active[bin] = SlabRef::new(s) };
+            ix.gate_copy().active[bin].store(SlabRef::new(s).raw(), Ordering::Relaxed);
         }
     }
 
@@ -547,8 +569,7 @@ impl TinyCache {
     fn set_owned(&mut self, bin: usize, s: *mut Slab) {
         self.slabs[bin].owned = SlabRef::new(s);
         if let Some(ix) = self.index() {
-            // SAFETY: as in `set_active`.
-            unsafe { (*ix.gate_data()).head[bin] = SlabRef::new(s) };
+            ix.gate_copy().head[bin].store(SlabRef::new(s).raw(), Ordering::Relaxed);
         }
     }
 
@@ -719,9 +740,9 @@ impl TinyCache {
             // here, does `owner` change from our id): then the block goes
             // where another thread's free would. (Sending such blocks away
             // at `enter` instead, walking the lists of the bins taken from,
-            // made hakbench's prodcons 5x slower: its consumer takes the
-            // producer's slabs all the time. This look costs phases about
-            // 1.4% more instructions.)
+            // made hakbench's prodcons 5x slower, when takes were not yet
+            // limited to idle owners. This look and the gate cost phases
+            // 2.8% more instructions.)
             if unsafe { (*slab).owner.load(Ordering::Relaxed) } != self.id {
                 // SAFETY: a free block (marked when cached) of a slab we do not own.
                 unsafe { route_foreign(b, slab) };
@@ -840,7 +861,7 @@ impl TinyCache {
     /// Thread exit: every cached block back to its slab, every slab back to the
     /// pool (EMPTY) or parked for adoption (still has blocks out).
     pub fn release_all(&mut self) {
-        let mut gate = self.enter();
+        let gate = self.enter();
         for bin in 0..BINS {
             let n = self.tiny[bin].count;
             if n > 0 {
@@ -864,7 +885,7 @@ impl TinyCache {
             }
         }
         if !self.owned_index.is_null() {
-            if let Some(g) = gate.as_mut() {
+            if let Some(g) = gate.as_ref() {
                 // SAFETY: ours until the give-back below.
                 unsafe { (*self.owned_index).unlist(g) };
             }

@@ -50,10 +50,10 @@
 
 use crate::class::BINS;
 use crate::os;
-use crate::superslab::{SlabRef, BLOCK_ALIGN, FIRST_SLAB, SLAB_SIZE, SS_SIZE};
+use crate::superslab::{BLOCK_ALIGN, FIRST_SLAB, SLAB_SIZE, SS_SIZE};
 use crate::sync::{OwnerGuard, OwnerLock, SpinLock};
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 pub const SLOTS: usize = 1024;
 const _: () = assert!(SLOTS * SLAB_SIZE == 64 << 20);
@@ -91,40 +91,45 @@ pub struct OwnedIndex {
 /// What the gate guards besides the thread's slabs: whose index this is,
 /// and what takers changed of the thread's rings that the thread's own
 /// state, in its thread cache, still says otherwise. All zero: a spare
-/// index's (fresh mappings read as zero).
+/// index's (fresh mappings read as zero). Atomics, though the gate orders
+/// every use: a taker holding a stale pointer may read `id` while a new
+/// owner, not listed yet, writes its copies (no field is shared then, but
+/// a reference to the whole would be).
 pub struct Gate {
     /// The owner id of the thread whose index this is; 0 while it is spare
     /// (a taker holding a stale pointer finds another id or 0 here).
-    pub id: usize,
+    pub id: AtomicUsize,
     /// Bit `bin`: a slab of the bin was taken since the thread last looked
     /// (`TinyCache::enter`).
-    pub taken_bins: u32,
-    /// Per bin, the thread's ring head and active slab, as the thread sets
-    /// them in its thread cache (which no other thread may write) and as a
-    /// take changes them: the thread copies a taken bin's back at its next
-    /// `enter`, without reading a slab it may no longer own (whose
-    /// SuperSlab may be gone by then).
-    pub head: [SlabRef; BINS],
-    pub active: [SlabRef; BINS],
+    pub taken_bins: AtomicU32,
+    /// Per bin (`SlabRef`s), the thread's ring head and active slab, as
+    /// the thread sets them in its thread cache (which no other thread may
+    /// write) and as a take changes them: the thread copies a taken bin's
+    /// back at its next `enter`, without reading a slab it may no longer
+    /// own (whose SuperSlab may be gone by then).
+    pub head: [AtomicU32; BINS],
+    pub active: [AtomicU32; BINS],
     /// The owner's slow paths so far (`TinyCache::enter`): a taker that
     /// finds it unchanged since its last try knows the owner is idle.
-    pub entries: u32,
+    pub entries: AtomicU32,
     /// This thread's last try to take (as a taker): whose gate, and that
     /// gate's `entries` then.
-    pub tried_owner: usize,
-    pub tried_entries: u32,
+    pub tried_owner: AtomicUsize,
+    pub tried_entries: AtomicU32,
 }
 
 impl Gate {
     /// What a spare index's gate holds (and a fresh one's: all zero).
-    fn clear(&mut self) {
-        self.id = 0;
-        self.taken_bins = 0;
-        self.head = [SlabRef::NONE; BINS];
-        self.active = [SlabRef::NONE; BINS];
-        self.entries = 0;
-        self.tried_owner = 0;
-        self.tried_entries = 0;
+    fn clear(&self) {
+        self.id.store(0, Ordering::Relaxed);
+        self.taken_bins.store(0, Ordering::Relaxed);
+        for (h, a) in self.head.iter().zip(&self.active) {
+            h.store(0, Ordering::Relaxed);
+            a.store(0, Ordering::Relaxed);
+        }
+        self.entries.store(0, Ordering::Relaxed);
+        self.tried_owner.store(0, Ordering::Relaxed);
+        self.tried_entries.store(0, Ordering::Relaxed);
     }
 }
 
@@ -132,8 +137,7 @@ const _: () = assert!(BINS <= 32);
 
 /// Indexes by owner id (`id % DIRECTORY_SLOTS`): the one a taker locks. A
 /// thread whose slot another live thread holds is not listed: its slabs
-/// are not taken (it works on them without its gate; it may still take
-/// others', as nobody else touches its ring).
+/// are not taken (it holds its gate all the same, and may take others').
 const DIRECTORY_SLOTS: usize = 4096;
 #[allow(clippy::declare_interior_mutable_const)]
 const UNLISTED: AtomicPtr<OwnedIndex> = AtomicPtr::new(null_mut());
@@ -193,15 +197,12 @@ impl OwnedIndex {
         self.gate.enter()
     }
 
-    /// The gate's data, for the owner's copy of its ring head and active
-    /// slab (`TinyCache::set_owned`, `set_active`).
-    ///
-    /// # Safety
-    /// The caller is the index's owner and holds its gate, or is not listed
-    /// (then no taker reaches the gate), and makes no other reference to
-    /// the data meanwhile.
-    pub unsafe fn gate_data(&self) -> *mut Gate {
-        self.gate.data_ptr()
+    /// The gate's data without holding it: for the owner's copy of its ring
+    /// head and active slab (`TinyCache::set_owned`, `set_active`), which it
+    /// writes in its slow paths (holding the gate if it is listed).
+    pub fn gate_copy(&self) -> &Gate {
+        // SAFETY: every field is atomic; the lock orders their use.
+        unsafe { &*self.gate.data_ptr() }
     }
 
     /// Lists the index under owner id `id`, if its directory slot is free or
@@ -218,16 +219,22 @@ impl OwnedIndex {
             return false;
         }
         // The id first: a taker that finds the index checks it under the gate.
-        self.gate.enter().id = id;
+        self.gate.enter().id.store(id, Ordering::Relaxed);
         slot.compare_exchange(null_mut(), me, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 
+    /// Lets go of the owner's hold that `TinyCache::hold_gate_for_fork` kept
+    /// (its guard forgotten).
+    pub fn release_owner_after_fork(&self) {
+        self.gate.release_owner();
+    }
+
     /// Takes the index out of the directory (its thread exits); the caller,
     /// its owner, holds the gate (and clears it before the give-back).
-    pub fn unlist(&self, gate: &mut Gate) {
+    pub fn unlist(&self, gate: &Gate) {
         let me = self as *const OwnedIndex as *mut OwnedIndex;
-        let _ = DIRECTORY[gate.id % DIRECTORY_SLOTS].compare_exchange(
+        let _ = DIRECTORY[gate.id.load(Ordering::Relaxed) % DIRECTORY_SLOTS].compare_exchange(
             me,
             null_mut(),
             Ordering::AcqRel,
@@ -245,7 +252,7 @@ pub fn try_gate_of(id: usize) -> Option<(&'static OwnedIndex, OwnerGuard<'static
     // even a stale pointer is to an index; which thread's, the gate says.
     let ix: &'static OwnedIndex = unsafe { ix.as_ref()? };
     let gate = ix.gate.try_take()?;
-    (gate.id == id).then_some((ix, gate))
+    (gate.id.load(Ordering::Relaxed) == id).then_some((ix, gate))
 }
 
 /// Indexes of exited threads (linked through their first slot) and the
