@@ -133,8 +133,8 @@ impl Generation {
 /// one `xchg` to enter and a plain store to leave. (A spin lock, a CAS to
 /// enter and a swap to leave, cost hakbench's phases about 5%; making every
 /// thread pass a barrier from the taker's side instead, with `membarrier`,
-/// left the owner plain stores but cost producer-consumer programs most of
-/// their speed: an interprocessor interrupt per try, on this machine's VM.)
+/// left the owner plain stores but made hakbench's prodcons 3x slower: an
+/// interprocessor interrupt per try, on this machine's VM.)
 pub struct OwnerLock<T> {
     /// 1 while the owner holds it (or is about to look at the taker word).
     busy: AtomicU32,
