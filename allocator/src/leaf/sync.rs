@@ -208,7 +208,7 @@ impl<T> OwnerLock<T> {
     }
 
     /// The value, for its owner's writes while it holds the lock through a
-    /// guard it does not borrow (see `owned_index::gate_data`).
+    /// guard it does not borrow (see `owned_index::OwnedIndex::gate_copy`).
     pub fn data_ptr(&self) -> *mut T {
         self.value.get()
     }
