@@ -1147,9 +1147,53 @@ static OWNER_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 /// Whether the owner was still waiting when the taker let its gate go.
 static OWNER_WAITED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The owner thread's id (gettid), for its state in /proc.
+static OWNER_TID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The state letter of thread `tid` (/proc/self/task/TID/stat), read into a
+/// buffer on the stack (the hook may not allocate: its thread holds a gate).
+fn thread_state(tid: i32) -> u8 {
+    // "/proc/self/task/" TID "/stat" NUL, the TID without leading zeros
+    // (which /proc refuses).
+    let mut path = [0u8; 40];
+    path[..16].copy_from_slice(b"/proc/self/task/");
+    let mut digits = [0u8; 10];
+    let (mut n, mut k) = (tid as u32, 0);
+    loop {
+        digits[k] = b'0' + (n % 10) as u8;
+        k += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..k {
+        path[16 + i] = digits[k - 1 - i];
+    }
+    path[16 + k..16 + k + 5].copy_from_slice(b"/stat");
+    let mut buf = [0u8; 512];
+    // SAFETY: a NUL-terminated path and a buffer of ours.
+    let len = unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY);
+        if fd < 0 {
+            return 0;
+        }
+        let len = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        len
+    };
+    let text = &buf[..len.max(0) as usize];
+    // "pid (comm) S ...": the letter after the last ')'.
+    match text.iter().rposition(|&c| c == b')') {
+        Some(i) if i + 2 < text.len() => text[i + 2],
+        _ => 0,
+    }
+}
+
 /// At the first `TakeSlab`: the taker holds the owner's gate. It lets the
-/// owner start allocating (a refill, which needs the gate), gives it 200 ms,
-/// and notes whether the owner is still waiting. Allocates nothing.
+/// owner start allocating (a refill, which needs the gate) and waits up to
+/// 5 s for it to be asleep (the futex of the gate) or done; it notes
+/// whether the owner was asleep and not done. Allocates nothing.
 fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
     use std::sync::atomic::Ordering;
     if point != hakmem::test_hooks::Point::TakeSlab
@@ -1162,8 +1206,22 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
     while !OWNER_ASKING.load(Ordering::Acquire) {
         std::thread::yield_now();
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    OWNER_WAITED.store(!OWNER_DONE.load(Ordering::Acquire), Ordering::Release);
+    let tid = OWNER_TID.load(Ordering::Acquire);
+    let mut asleep = false;
+    for _ in 0..500 {
+        if OWNER_DONE.load(Ordering::Acquire) {
+            break;
+        }
+        if thread_state(tid) == b'S' {
+            asleep = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    OWNER_WAITED.store(
+        asleep && !OWNER_DONE.load(Ordering::Acquire),
+        Ordering::Release,
+    );
     RACE_STAGE.store(2, Ordering::Release);
 }
 
@@ -1174,8 +1232,8 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
 /// (`tiny::take_slab`) and pauses at
 /// `Point::TakeSlab`, holding the owner's gate, while the owner allocates
 /// 40 blocks more of the bin, which needs a refill (see `take_hook`). The
-/// owner must wait for the gate (a refill that did not would work on the
-/// slab under the taker: it read 'done' here, built to check), and its
+/// owner must be found asleep on the gate, not done (a refill that did
+/// not wait would work on the slab under the taker), and its
 /// refill must carve from another slab, not the one taken from it, which
 /// its state still named as active. Then both free everything.
 fn race_take_slab() {
@@ -1191,6 +1249,8 @@ fn race_take_slab() {
             *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
             assert!(*b != 0);
         }
+        // SAFETY: gettid has no preconditions.
+        OWNER_TID.store(unsafe { libc::gettid() }, Ordering::Release);
         tx.send(first).unwrap();
         while RACE_STAGE.load(Ordering::Acquire) != 1 {
             std::thread::yield_now();
