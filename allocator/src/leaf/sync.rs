@@ -146,7 +146,9 @@ pub struct OwnerLock<T> {
 // SAFETY: access to `value` is serialised by the lock (see the type's doc).
 unsafe impl<T: Send> Sync for OwnerLock<T> {}
 
-/// The owner's hold of an `OwnerLock`, or a taker's.
+/// The owner's hold of an `OwnerLock`, or a taker's: shared access only (the
+/// value's fields are atomics, which the owner also writes without the
+/// guard: `owned_index::OwnedIndex::gate_copy`).
 pub struct OwnerGuard<'a, T> {
     lock: &'a OwnerLock<T>,
     taker: bool,
@@ -242,13 +244,6 @@ impl<T> Deref for OwnerGuard<'_, T> {
     }
 }
 
-impl<T> DerefMut for OwnerGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the guard proves the lock is held by us, exclusively.
-        unsafe { &mut *self.lock.value.get() }
-    }
-}
-
 impl<T> Drop for OwnerGuard<'_, T> {
     fn drop(&mut self) {
         if !self.taker {
@@ -305,12 +300,13 @@ mod tests {
 
     #[test]
     fn an_owner_lock_is_held_by_the_owner_or_one_taker_at_a_time() {
-        let lock: &'static OwnerLock<u32> = Box::leak(Box::new(OwnerLock::new(0)));
+        let lock: &'static OwnerLock<AtomicU32> =
+            Box::leak(Box::new(OwnerLock::new(AtomicU32::new(0))));
         let owner = lock.enter();
         assert!(lock.try_take().is_none(), "taken while the owner holds it");
         drop(owner);
-        let mut taker = lock.try_take().expect("free");
-        *taker = 7;
+        let taker = lock.try_take().expect("free");
+        taker.store(7, Ordering::Relaxed);
         assert!(lock.try_take().is_none(), "a second taker");
         // The owner waits for the taker (asleep on the futex), then sees
         // what the taker wrote. (The first version of the gate, a spin lock,
@@ -320,7 +316,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             let g = lock.enter();
             w.store(true, Ordering::SeqCst);
-            *g
+            g.load(Ordering::Relaxed)
         });
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(

@@ -467,17 +467,14 @@ impl TinyCache {
     /// Takes `slab` from its owner for this thread (see `take_slab`); false
     /// if it cannot be had: its owner is not listed, is in a slow path or
     /// made one since this thread's last try, the slab is this thread's own
-    /// or nobody's, or this thread takes nothing (no id, not listed).
+    /// or nobody's, or this thread takes nothing (no id or no index yet).
     ///
     /// # Safety
     /// `b` is a block of `slab` the caller frees (it keeps the slab live
     /// meanwhile), marked free: given back to the slab if it is taken.
     unsafe fn take(&mut self, slab: *mut Slab, b: *mut Block) -> bool {
-        if self.id == 0 {
-            return false;
-        }
-        // A thread with no gate of its own (no index yet) takes nothing: it
-        // has nowhere to keep its last look at the owner (below).
+        // A thread with no gate of its own (no id or no index yet) takes
+        // nothing: it has nowhere to keep its last look at the owner (below).
         let Some(own) = self.enter() else {
             return false;
         };
@@ -885,14 +882,14 @@ impl TinyCache {
             }
         }
         if !self.owned_index.is_null() {
-            if let Some(g) = gate.as_ref() {
-                // SAFETY: ours until the give-back below.
-                unsafe { (*self.owned_index).unlist(g) };
+            if let (Some(ix), Some(g)) = (self.index(), gate.as_ref()) {
+                ix.unlist(g);
             }
             drop(gate);
             // SAFETY: every owned slab was unlinked above, so the index is
-            // empty, and no taker finds it any more (unlisted, its gate's id
-            // cleared); the null left behind sends later frees the slow way.
+            // empty, and no taker finds it any more (unlisted; the give-back
+            // clears its gate's id); the null left behind sends later frees
+            // the slow way.
             unsafe { owned_index::give_back(self.owned_index) };
             self.owned_index = null_mut();
         }
