@@ -511,6 +511,25 @@ fn a_slab_taken_from_its_owner_is_taken_under_the_owners_gate() {
     assert!(out.contains("refilled from another slab"), "{out}");
 }
 
+/// The owner's thread exits while a free takes its slab: the exit hook,
+/// which gives every slab of the thread back, waits for the gate the taker
+/// holds (`race_take_slab`, `RACE_OWNER=exit`).
+#[test]
+fn an_owner_exiting_while_its_slab_is_taken_waits_for_the_taker() {
+    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", "exit")]);
+    assert!(out.contains("taker's gate (exit)"), "{out}");
+}
+
+/// The owner forks while a free takes its slab: the fork waits for the
+/// gate, so the child is not made with its gate held by a taker it does
+/// not have (its first refill would sleep forever; `race_take_slab`,
+/// `RACE_OWNER=fork`).
+#[test]
+fn an_owner_forking_while_its_slab_is_taken_waits_for_the_taker() {
+    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", "fork")]);
+    assert!(out.contains("the child allocated and exited"), "{out}");
+}
+
 /// `mlockall(MCL_FUTURE)` between the region rule's look and the region's
 /// mapping: the region, found resident, is mapped again reserved
 /// (`race_mlock_region` in the scenario driver). Needs root; fails, does not

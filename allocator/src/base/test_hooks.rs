@@ -34,7 +34,8 @@ pub enum Point {
     /// protection decided (the argument: `PROT_*`) and nothing mapped yet.
     MapRegion = 4,
     /// A free takes another thread's slab (`TinyCache::take`): it holds the
-    /// owner's gate, and the slab is still the owner's; the argument is the slab.
+    /// owner's gate, has found the slab still the owner's and not yet
+    /// unlinked it from the owner's ring; the argument is the slab.
     TakeSlab = 5,
 }
 

@@ -1191,9 +1191,10 @@ fn thread_state(tid: i32) -> u8 {
 }
 
 /// At the first `TakeSlab`: the taker holds the owner's gate. It lets the
-/// owner start allocating (a refill, which needs the gate) and waits up to
-/// 5 s for it to be asleep (the futex of the gate) or done; it notes
-/// whether the owner was asleep and not done. Allocates nothing.
+/// owner start its slow path (a refill, its exit or a fork: each needs the
+/// gate) and waits up to 5 s for it to be asleep (the futex of the gate) or
+/// done (its flag, or its thread gone from /proc); it notes whether the
+/// owner was asleep and not done. Allocates nothing.
 fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
     use std::sync::atomic::Ordering;
     if point != hakmem::test_hooks::Point::TakeSlab
@@ -1212,11 +1213,18 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
         if OWNER_DONE.load(Ordering::Acquire) {
             break;
         }
-        if thread_state(tid) == b'S' {
-            asleep = true;
-            break;
+        match thread_state(tid) {
+            // Exited (its task is gone).
+            0 => {
+                OWNER_DONE.store(true, Ordering::Release);
+                break;
+            }
+            b'S' => {
+                asleep = true;
+                break;
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     OWNER_WAITED.store(
         asleep && !OWNER_DONE.load(Ordering::Acquire),
@@ -1225,21 +1233,44 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
     RACE_STAGE.store(2, Ordering::Release);
 }
 
+/// What the owner does while a free takes its slab (`RACE_OWNER`).
+#[derive(Clone, Copy)]
+enum OwnerAct {
+    /// Allocates 40 blocks more of the bin: a refill.
+    Refill,
+    /// Returns: its thread's exit gives every slab back.
+    Exit,
+    /// Forks; the child allocates 40 blocks of the bin (a refill) and exits.
+    Fork,
+}
+
 /// A thread (the owner) allocates 60 blocks of 768 bytes: its first slab
 /// of that bin, its active one, holds them. This thread frees the owner's
 /// blocks of that slab; at the second try past half its blocks (the owner,
 /// waiting, made no slow path since the first), the free takes the slab
-/// (`tiny::take_slab`) and pauses at
-/// `Point::TakeSlab`, holding the owner's gate, while the owner allocates
-/// 40 blocks more of the bin, which needs a refill (see `take_hook`). The
-/// owner must be found asleep on the gate, not done (a refill that did
-/// not wait would work on the slab under the taker), and its
-/// refill must carve from another slab, not the one taken from it, which
-/// its state still named as active. Then both free everything.
+/// (`tiny::take_slab`) and pauses at `Point::TakeSlab`, holding the owner's
+/// gate, while the owner goes into a slow path that needs it (`RACE_OWNER`,
+/// see `take_hook`): it must be found asleep on the gate, not done.
+/// - `refill` (the default): a refill that did not wait would work on the
+///   slab under the taker; it must then carve from another slab, not the one
+///   taken from it, which its state still named as active.
+/// - `exit`: the exit hook would give the slab back to the pool (or park
+///   it) under the taker.
+/// - `fork`: the child would be made with the gate held by a taker it does
+///   not have, and its first refill would sleep forever (the child must
+///   exit within 10 s).
+///
+/// Then both free everything.
 fn race_take_slab() {
     use std::sync::atomic::Ordering;
     const SIZE: usize = 768;
     const SLAB: usize = 64 << 10;
+    let act = match std::env::var("RACE_OWNER").as_deref() {
+        Ok("exit") => OwnerAct::Exit,
+        Ok("fork") => OwnerAct::Fork,
+        Ok("refill") | Err(_) => OwnerAct::Refill,
+        Ok(other) => panic!("RACE_OWNER={other}: refill, exit or fork"),
+    };
     let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let owner = std::thread::spawn(move || {
@@ -1255,23 +1286,12 @@ fn race_take_slab() {
         while RACE_STAGE.load(Ordering::Acquire) != 1 {
             std::thread::yield_now();
         }
+        // Nothing allocated from here to the slow path, which alone may sleep.
         OWNER_ASKING.store(true, Ordering::Release);
-        let mut more = [0usize; 40];
-        for b in more.iter_mut() {
-            // SAFETY: as above.
-            *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
-            assert!(*b != 0);
-        }
-        OWNER_DONE.store(true, Ordering::Release);
-        go_rx.recv().unwrap();
-        let taken = first[0] / SLAB;
-        assert!(
-            more[more.len() - 1] / SLAB != taken,
-            "the owner refilled from the slab taken from it"
-        );
-        for b in more {
-            // SAFETY: allocated above, freed once.
-            unsafe { hakmem::api::free(b as *mut u8) };
+        match act {
+            OwnerAct::Refill => owner_refills(first[0] / SLAB, &go_rx),
+            OwnerAct::Exit => {}
+            OwnerAct::Fork => owner_forks(),
         }
     });
     let first = rx.recv().unwrap();
@@ -1296,17 +1316,112 @@ fn race_take_slab() {
         2,
         "no free took the slab"
     );
+    let waited = OWNER_WAITED.load(Ordering::Acquire);
+    // Only a refilling owner waits for it (the others may be gone).
+    let _ = go_tx.send(());
+    let joined = owner.join();
     assert!(
-        OWNER_WAITED.load(Ordering::Acquire),
-        "the owner refilled while another thread held its gate"
+        waited,
+        "{}",
+        match act {
+            OwnerAct::Refill => "the owner refilled while another thread held its gate",
+            OwnerAct::Exit => "the owner's exit went on while another thread held its gate",
+            OwnerAct::Fork => "the owner forked while another thread held its gate",
+        }
     );
-    go_tx.send(()).unwrap();
-    owner.join().unwrap();
+    if let Err(e) = joined {
+        std::panic::resume_unwind(e);
+    }
     for b in first.iter().copied().filter(|&b| b / SLAB != taken) {
         // SAFETY: the owner's other blocks, freed once.
         unsafe { hakmem::api::free(b as *mut u8) };
     }
-    println!("the owner waited for the taker's gate and refilled from another slab");
+    // The taken slab is this thread's now: its blocks come back to it.
+    let again: Vec<usize> = (0..in_slab.len())
+        // SAFETY: plain allocation, checked, freed below.
+        .map(|_| unsafe { hakmem::api::malloc(SIZE) } as usize)
+        .collect();
+    assert!(again.iter().all(|&b| b != 0));
+    for b in again {
+        // SAFETY: allocated above, freed once.
+        unsafe { hakmem::api::free(b as *mut u8) };
+    }
+    println!(
+        "the owner waited for the taker's gate ({})",
+        match act {
+            OwnerAct::Refill => "refill; it refilled from another slab",
+            OwnerAct::Exit => "exit",
+            OwnerAct::Fork => "fork; the child allocated and exited",
+        }
+    );
+}
+
+/// `race_take_slab`'s owner, refilling in the window: 40 blocks more of the
+/// bin, which must not come from the slab `taken` (by 64 KiB index).
+fn owner_refills(taken: usize, go: &std::sync::mpsc::Receiver<()>) {
+    use std::sync::atomic::Ordering;
+    const SIZE: usize = 768;
+    const SLAB: usize = 64 << 10;
+    let mut more = [0usize; 40];
+    for b in more.iter_mut() {
+        // SAFETY: plain allocation, checked.
+        *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
+        assert!(*b != 0);
+    }
+    OWNER_DONE.store(true, Ordering::Release);
+    go.recv().unwrap();
+    assert!(
+        more[more.len() - 1] / SLAB != taken,
+        "the owner refilled from the slab taken from it"
+    );
+    for b in more {
+        // SAFETY: allocated above, freed once.
+        unsafe { hakmem::api::free(b as *mut u8) };
+    }
+}
+
+/// `race_take_slab`'s owner, forking in the window. The child allocates 40
+/// blocks of the bin (a refill, under its copy of the gate) and exits; the
+/// parent waits up to 10 s for it, killing it and failing after that.
+fn owner_forks() {
+    use std::sync::atomic::Ordering;
+    // SAFETY: fork; the child only allocates through hakmem and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        for _ in 0..40 {
+            // SAFETY: plain allocation, kept until the exit.
+            if unsafe { hakmem::api::malloc(768) }.is_null() {
+                // SAFETY: leaving the child without the parent's atexit work.
+                unsafe { libc::_exit(1) };
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    OWNER_DONE.store(true, Ordering::Release);
+    // Awake until the hook has looked (a sleep here would read as waiting).
+    while RACE_STAGE.load(Ordering::Acquire) != 2 {
+        std::thread::yield_now();
+    }
+    let mut status = 0;
+    for _ in 0..1000 {
+        // SAFETY: our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "the child failed: {status:#x}"
+            );
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: our own child, then reaped.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &mut status, 0);
+    }
+    panic!("the child did not exit in 10 s: its first refill waits for a gate nobody holds");
 }
 
 /// A thread that needs a new SuperSlab pauses after letting the pool lock go

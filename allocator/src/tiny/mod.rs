@@ -500,7 +500,6 @@ impl TinyCache {
         if !idle {
             return false;
         }
-        crate::test_hooks::at(crate::test_hooks::Point::TakeSlab, slab as usize);
         // SAFETY: under the owner's gate, which it holds in every slow path
         // that works on its slabs, its ring and the slab's local state are
         // as it left them, and `owner` changes only there: the slab is still
@@ -509,6 +508,8 @@ impl TinyCache {
             if (*slab).owner.load(Ordering::Relaxed) != owner {
                 return false;
             }
+            // The window: decided, the ring not yet touched.
+            crate::test_hooks::at(crate::test_hooks::Point::TakeSlab, slab as usize);
             let bin = (*slab).bin as usize;
             let (prev, next) = ((*slab).prev, (*slab).next);
             let taken = SlabRef::new(slab).raw();
