@@ -507,7 +507,7 @@ fn a_reclaimer_parks_an_orphaned_slab_and_looks_at_its_remote_list_under_one_loc
 /// scenario driver).
 #[test]
 fn a_slab_taken_from_its_owner_is_taken_under_the_owners_gate() {
-    let out = scenario_stdout("race-take-slab", &[]);
+    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", "refill")]);
     assert!(out.contains("refilled from another slab"), "{out}");
 }
 

@@ -1336,12 +1336,17 @@ fn race_take_slab() {
         // SAFETY: the owner's other blocks, freed once.
         unsafe { hakmem::api::free(b as *mut u8) };
     }
-    // The taken slab is this thread's now: its blocks come back to it.
+    // The taken slab is this thread's now: the frees after the take kept
+    // its blocks in this thread's cache, and they come back to it.
     let again: Vec<usize> = (0..in_slab.len())
         // SAFETY: plain allocation, checked, freed below.
         .map(|_| unsafe { hakmem::api::malloc(SIZE) } as usize)
         .collect();
     assert!(again.iter().all(|&b| b != 0));
+    assert!(
+        again.iter().any(|&b| b / SLAB == taken),
+        "the taken slab's blocks did not come back to the taker"
+    );
     for b in again {
         // SAFETY: allocated above, freed once.
         unsafe { hakmem::api::free(b as *mut u8) };

@@ -204,6 +204,14 @@ impl<T> OwnerLock<T> {
         }
     }
 
+    /// Whether the owner holds the lock (or is about to look at the taker
+    /// word): for the owner's own invariant checks only, as only its own
+    /// writes make it true.
+    #[cfg(feature = "invariants")]
+    pub fn owner_holds(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) != 0
+    }
+
     /// Ends an owner's hold whose guard was forgotten (held across a fork).
     pub fn release_owner(&self) {
         self.busy.store(0, Ordering::Release);

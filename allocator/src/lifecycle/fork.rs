@@ -28,11 +28,13 @@ pub fn install_handlers() {
 }
 
 extern "C" fn before_fork() {
-    // The forking thread's own gate first, before any lock a taker may need
-    // (a taker holding it takes the pool lock to recycle): so no other
-    // thread is halfway through taking one of its slabs when the child is
-    // made, which would leave the gate held for good in the child (whose
-    // first refill would sleep on it forever) and its ring half unlinked.
+    // The forking thread's own gate, so that no other thread is halfway
+    // through taking one of its slabs when the child is made, which would
+    // leave the gate held for good in the child (whose first refill would
+    // sleep on it forever) and its ring half unlinked (`race-take-slab`,
+    // RACE_OWNER=fork). First: a taker takes no lock while it holds the
+    // gate today, but one that did would then not deadlock with this
+    // handler.
     crate::thread::with_cache(|tc| tc.tiny.hold_gate_for_fork());
     pool::lock_for_fork();
     legacy::lock_for_fork();

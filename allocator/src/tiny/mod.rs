@@ -541,6 +541,20 @@ impl TinyCache {
         true
     }
 
+    /// This thread's rings are touched only under its gate while a taker may
+    /// find it (`enter`): with the `invariants` feature (scenario, soak and
+    /// fuzz runs), a slow path that let its guard go early, or never took
+    /// it, aborts every run that reaches it.
+    fn check_gate_held(&self) {
+        crate::misuse::check_invariant!(
+            match self.id != 0 && self.index().is_some_and(|ix| ix.exposed(self.id)) {
+                true => Err("a thread works on its slabs without its gate (owned index)"),
+                false => Ok(()),
+            },
+            self.owned_index
+        );
+    }
+
     fn active(&self, bin: usize) -> *mut Slab {
         self.slabs[bin].active.get()
     }
@@ -554,6 +568,7 @@ impl TinyCache {
             },
             s
         );
+        self.check_gate_held();
         self.slabs[bin].active = SlabRef::new(s);
         if let Some(ix) = self.index() {
             ix.gate_copy().active[bin].store(SlabRef::new(s).raw(), Ordering::Relaxed);
@@ -565,6 +580,7 @@ impl TinyCache {
     }
 
     fn set_owned(&mut self, bin: usize, s: *mut Slab) {
+        self.check_gate_held();
         self.slabs[bin].owned = SlabRef::new(s);
         if let Some(ix) = self.index() {
             ix.gate_copy().head[bin].store(SlabRef::new(s).raw(), Ordering::Relaxed);
@@ -839,6 +855,7 @@ impl TinyCache {
     }
 
     fn ring_remove(&mut self, bin: usize, s: *mut Slab) {
+        self.check_gate_held();
         // SAFETY: `s` is on this thread's ring for `bin`, as are its neighbours.
         unsafe {
             let (prev, next) = ((*s).prev, (*s).next);

@@ -224,6 +224,15 @@ impl OwnedIndex {
             .is_ok()
     }
 
+    /// Whether a taker may find this index under owner id `id` and the
+    /// owner does not hold its gate: the owner must not touch its rings then
+    /// (`TinyCache::check_gate_held`).
+    #[cfg(feature = "invariants")]
+    pub fn exposed(&self, id: usize) -> bool {
+        let me = self as *const OwnedIndex as *mut OwnedIndex;
+        DIRECTORY[id % DIRECTORY_SLOTS].load(Ordering::Relaxed) == me && !self.gate.owner_holds()
+    }
+
     /// Lets go of the owner's hold that `TinyCache::hold_gate_for_fork` kept
     /// (its guard forgotten).
     pub fn release_owner_after_fork(&self) {
