@@ -249,7 +249,12 @@ pub fn take(map: usize, extent: usize) -> Option<usize> {
 /// they add. None when nothing such is cached or the OS refused (the mapping
 /// goes back to the cache, not to be tried again).
 pub fn take_moved(map: usize) -> Option<usize> {
-    let old = with_cache(|c| c.take_largest_below(map))?;
+    move_into_new(with_cache(|c| c.take_largest_below(map))?, map)
+}
+
+/// `take_moved`'s move of `old`, out of the cache, into a fresh mapping of
+/// `map` bytes (back to the cache if that fails).
+fn move_into_new(old: Cached, map: usize) -> Option<usize> {
     let to = os::map_aligned(map, CHUNK);
     if to.is_null() {
         put_back(old);
@@ -1105,11 +1110,17 @@ mod tests {
         // SAFETY: ours.
         unsafe { ((base + CHUNK) as *mut u8).write(7) };
         let m = sized_at(base, 3);
-        with_cache(|c| {
-            let mut out = [NO_EVICTION; EVICT_MAX];
-            assert_eq!(c.put(m, &mut out), 0);
-        });
-        let to = take_moved(5 * CHUNK).expect("moved");
+        // A cache of the test's own: the process's is shared with the other
+        // tests' allocations (hakmem is this binary's malloc), which may take
+        // the mapping first.
+        let mut cache = Box::new(EMPTY);
+        let mut out = [NO_EVICTION; EVICT_MAX];
+        assert_eq!(cache.put(m, &mut out), 0);
+        let old = cache
+            .take_largest_below(5 * CHUNK)
+            .expect("the smaller mapping");
+        assert_eq!(old.base, base);
+        let to = move_into_new(old, 5 * CHUNK).expect("moved");
         assert_ne!(to, base);
         assert_eq!(registry::kind(base), 0, "the old place is forgotten");
         assert_eq!(registry::kind(to), SegKind::Large as u8);

@@ -162,6 +162,20 @@ mod tests {
                 assert!(!tc.mode.registered, "keeps nothing from now on");
                 assert!(tc.tiny.head(bin).is_null(), "its cache went back");
             });
+            // A later destructor's allocation: from the legacy path, which
+            // has no owners, not from a slab nobody would give back.
+            let late = thread::with_cache(|tc| tc.tiny.refill(tc.mode, bin));
+            assert!(!late.is_null());
+            assert!(
+                !crate::segment::in_superslab(late as usize),
+                "a block after the exit hook came from a slab the exited thread owns"
+            );
+            assert!(
+                !thread::with_cache(|tc| tc.tiny.has_index()),
+                "the exited thread took an owned index again"
+            );
+            // SAFETY: allocated above, freed once.
+            unsafe { crate::api::free(late) };
         })
         .join()
         .unwrap();

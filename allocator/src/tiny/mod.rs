@@ -137,6 +137,9 @@ pub struct TinyCache {
     id: usize,
     /// The slabs this thread owns, by address (null until it owns one).
     owned_index: *mut OwnedIndex,
+    /// Its exit hook gave everything back (`release_all`): it owns no slab
+    /// again (see `refill`).
+    released: bool,
 }
 
 impl TinyCache {
@@ -147,6 +150,7 @@ impl TinyCache {
         overflows: [0; BINS],
         id: 0,
         owned_index: null_mut(),
+        released: false,
     };
 
     /// Whether every field is zero (what `tls` checks of `NEW`).
@@ -172,7 +176,7 @@ impl TinyCache {
             }
             i += 1;
         }
-        self.id == 0 && self.owned_index.is_null()
+        self.id == 0 && self.owned_index.is_null() && !self.released
     }
 
     /// The owner id stamped on this thread's slabs; 0: none yet.
@@ -184,6 +188,12 @@ impl TinyCache {
     #[cfg(test)]
     pub fn head(&self, bin: usize) -> *mut Block {
         self.tiny[bin].head
+    }
+
+    /// Whether the thread has an owned index (tests).
+    #[cfg(test)]
+    pub fn has_index(&self) -> bool {
+        !self.owned_index.is_null()
     }
 
     /// Gives the thread its owner id (`lifecycle`, at registration).
@@ -634,7 +644,11 @@ impl TinyCache {
             self.grow_limit(bin);
             (BATCH[bin], 2 * BATCH[bin], REMOTE_WHOLE_MAX)
         };
-        if config::get().use_superslab {
+        // A thread past its exit hook (a later destructor's allocation)
+        // owns no slab again: nothing would give it back, and a new index
+        // would stay listed under a dead thread's id. Its few late blocks
+        // come from the legacy path, which has no owners.
+        if config::get().use_superslab && !self.released {
             loop {
                 let active = self.active(bin);
                 if !active.is_null() {
@@ -911,6 +925,7 @@ impl TinyCache {
             unsafe { owned_index::give_back(self.owned_index) };
             self.owned_index = null_mut();
         }
+        self.released = true;
     }
 }
 
