@@ -1,6 +1,7 @@
 //! The legacy path: a plain per-class slab allocator that needs no SuperSlab.
-//! It serves tiny requests when the shared pool gives up (`shared_fail`) and
-//! all of them under `HAKMEM_TINY_USE_SUPERSLAB=0`. One locked free list per
+//! It serves tiny requests when the shared pool gives up (`shared_fail`), a
+//! thread's allocations after its exit hook (it owns no slab again), and all
+//! of them under `HAKMEM_TINY_USE_SUPERSLAB=0`. One locked free list per
 //! class, filled by bump-carving dedicated 2 MiB segments that are never
 //! returned; batches move to and from the thread caches, so the lock is taken
 //! once per batch, not per block.
