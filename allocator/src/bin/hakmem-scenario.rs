@@ -1233,6 +1233,10 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
     RACE_STAGE.store(2, Ordering::Release);
 }
 
+/// `race_take_slab`'s block size (a bin of 64 KiB slabs, `TAKE_SLAB`).
+const TAKE_SIZE: usize = 768;
+const TAKE_SLAB: usize = 64 << 10;
+
 /// What the owner does while a free takes its slab (`RACE_OWNER`).
 #[derive(Clone, Copy)]
 enum OwnerAct {
@@ -1263,8 +1267,6 @@ enum OwnerAct {
 /// Then both free everything.
 fn race_take_slab() {
     use std::sync::atomic::Ordering;
-    const SIZE: usize = 768;
-    const SLAB: usize = 64 << 10;
     let act = match std::env::var("RACE_OWNER").as_deref() {
         Ok("exit") => OwnerAct::Exit,
         Ok("fork") => OwnerAct::Fork,
@@ -1277,7 +1279,7 @@ fn race_take_slab() {
         let mut first = [0usize; 60];
         for b in first.iter_mut() {
             // SAFETY: plain allocation, checked.
-            *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
+            *b = unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize;
             assert!(*b != 0);
         }
         // SAFETY: gettid has no preconditions.
@@ -1289,17 +1291,17 @@ fn race_take_slab() {
         // Nothing allocated from here to the slow path, which alone may sleep.
         OWNER_ASKING.store(true, Ordering::Release);
         match act {
-            OwnerAct::Refill => owner_refills(first[0] / SLAB, &go_rx),
+            OwnerAct::Refill => owner_refills(first[0] / TAKE_SLAB, &go_rx),
             OwnerAct::Exit => {}
             OwnerAct::Fork => owner_forks(),
         }
     });
     let first = rx.recv().unwrap();
-    let taken = first[0] / SLAB;
+    let taken = first[0] / TAKE_SLAB;
     let in_slab: Vec<usize> = first
         .iter()
         .copied()
-        .filter(|&b| b / SLAB == taken)
+        .filter(|&b| b / TAKE_SLAB == taken)
         .collect();
     assert!(
         in_slab.len() >= 50,
@@ -1332,7 +1334,7 @@ fn race_take_slab() {
     if let Err(e) = joined {
         std::panic::resume_unwind(e);
     }
-    for b in first.iter().copied().filter(|&b| b / SLAB != taken) {
+    for b in first.iter().copied().filter(|&b| b / TAKE_SLAB != taken) {
         // SAFETY: the owner's other blocks, freed once.
         unsafe { hakmem::api::free(b as *mut u8) };
     }
@@ -1340,11 +1342,11 @@ fn race_take_slab() {
     // its blocks in this thread's cache, and they come back to it.
     let again: Vec<usize> = (0..in_slab.len())
         // SAFETY: plain allocation, checked, freed below.
-        .map(|_| unsafe { hakmem::api::malloc(SIZE) } as usize)
+        .map(|_| unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize)
         .collect();
     assert!(again.iter().all(|&b| b != 0));
     assert!(
-        again.iter().any(|&b| b / SLAB == taken),
+        again.iter().any(|&b| b / TAKE_SLAB == taken),
         "the taken slab's blocks did not come back to the taker"
     );
     for b in again {
@@ -1365,18 +1367,16 @@ fn race_take_slab() {
 /// bin, which must not come from the slab `taken` (by 64 KiB index).
 fn owner_refills(taken: usize, go: &std::sync::mpsc::Receiver<()>) {
     use std::sync::atomic::Ordering;
-    const SIZE: usize = 768;
-    const SLAB: usize = 64 << 10;
     let mut more = [0usize; 40];
     for b in more.iter_mut() {
         // SAFETY: plain allocation, checked.
-        *b = unsafe { hakmem::api::malloc(SIZE) } as usize;
+        *b = unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize;
         assert!(*b != 0);
     }
     OWNER_DONE.store(true, Ordering::Release);
     go.recv().unwrap();
     assert!(
-        more[more.len() - 1] / SLAB != taken,
+        more[more.len() - 1] / TAKE_SLAB != taken,
         "the owner refilled from the slab taken from it"
     );
     for b in more {
@@ -1396,7 +1396,7 @@ fn owner_forks() {
     if pid == 0 {
         for _ in 0..40 {
             // SAFETY: plain allocation, kept until the exit.
-            if unsafe { hakmem::api::malloc(768) }.is_null() {
+            if unsafe { hakmem::api::malloc(TAKE_SIZE) }.is_null() {
                 // SAFETY: leaving the child without the parent's atexit work.
                 unsafe { libc::_exit(1) };
             }
