@@ -4,6 +4,10 @@ use crate::ace::AceCache;
 use crate::hardening::CacheMode;
 use crate::tiny::TinyCache;
 
+/// In this order (`repr(C)`): the tiny lists at the start of the block, so
+/// that `malloc`'s fast path reads them with no added offset (see
+/// `TinyCache`).
+#[repr(C)]
 pub struct ThreadCache {
     pub tiny: TinyCache,
     pub ace: AceCache,
