@@ -8,7 +8,7 @@
 # chunk cache's decay go by the clock, which runs on while callgrind is slow:
 # phases moved by 0.1% between runs here.)
 #
-#   bash benches/instructions-guard.sh           # check: fails past 3% either way
+#   bash benches/instructions-guard.sh           # check: fails past 1.5% either way
 #   bash benches/instructions-guard.sh --update  # rewrite the baseline
 #
 # The baseline moves only in a commit that says why (what got dearer or
@@ -17,7 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 BASELINE=benches/instructions.baseline
-TOLERANCE=${GUARD_TOLERANCE:-1.03}
+# 1.5%: one more instruction in malloc's fast path read +1.7% on
+# random-mixed and passed the 3% this had before (docs/performance.md,
+# twenty-sixth session); runs repeat to within 0.3%.
+TOLERANCE=${GUARD_TOLERANCE:-1.015}
 REL=$PWD/target/release
 command -v valgrind >/dev/null || { echo "instructions-guard: valgrind is not installed (scripts/setup.sh)" >&2; exit 1; }
 [ -e "$REL/libhakmem.so" ] || { echo "instructions-guard: $REL/libhakmem.so is missing: cargo build --release" >&2; exit 1; }
