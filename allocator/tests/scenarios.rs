@@ -507,8 +507,7 @@ fn a_reclaimer_parks_an_orphaned_slab_and_looks_at_its_remote_list_under_one_loc
 /// scenario driver).
 #[test]
 fn a_slab_taken_from_its_owner_is_taken_under_the_owners_gate() {
-    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", "refill")]);
-    assert!(out.contains("refilled from another slab"), "{out}");
+    a_slab_is_taken_while_its_owner("refill", "refilled from another slab");
 }
 
 /// The owner's thread exits while a free takes its slab: the exit hook,
@@ -516,8 +515,7 @@ fn a_slab_taken_from_its_owner_is_taken_under_the_owners_gate() {
 /// holds (`race_take_slab`, `RACE_OWNER=exit`).
 #[test]
 fn an_owner_exiting_while_its_slab_is_taken_waits_for_the_taker() {
-    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", "exit")]);
-    assert!(out.contains("taker's gate (exit)"), "{out}");
+    a_slab_is_taken_while_its_owner("exit", "taker's gate (exit)");
 }
 
 /// The owner forks while a free takes its slab: the fork waits for the
@@ -526,8 +524,14 @@ fn an_owner_exiting_while_its_slab_is_taken_waits_for_the_taker() {
 /// `RACE_OWNER=fork`).
 #[test]
 fn an_owner_forking_while_its_slab_is_taken_waits_for_the_taker() {
-    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", "fork")]);
-    assert!(out.contains("the child allocated and exited"), "{out}");
+    a_slab_is_taken_while_its_owner("fork", "the child allocated and exited");
+}
+
+/// Runs `race_take_slab` with the owner doing `act` (`RACE_OWNER`) in the
+/// take's window; it must succeed and say `says`.
+fn a_slab_is_taken_while_its_owner(act: &str, says: &str) {
+    let out = scenario_stdout("race-take-slab", &[("RACE_OWNER", act)]);
+    assert!(out.contains(says), "{out}");
 }
 
 /// `mlockall(MCL_FUTURE)` between the region rule's look and the region's
