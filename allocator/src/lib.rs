@@ -73,6 +73,10 @@ pub use front::api;
 pub use front::global_alloc::HakMem;
 use leaf::{cgroup, clock, errno, misuse, probes, procfs, sync};
 pub use leaf::{class, config, stats};
+/// Slots of the thread list hakctl reads: a thread beyond them keeps
+/// nothing cached (for tests: `hakmem-scenario beyond-list`).
+#[doc(hidden)]
+pub use thread::THREAD_SLOTS;
 use tiers::{ace, large, legacy, parcel, superslab};
 
 #[cfg(feature = "probes")]

@@ -240,6 +240,19 @@ fn peak_and_after(stdout: &str) -> (u64, u64) {
     (rss_field(stdout, "peak="), rss_field(stdout, "after="))
 }
 
+#[test]
+fn threads_beyond_the_thread_list_own_no_slab_and_keep_their_blocks() {
+    let out = scenario_stdout("beyond-list", &[]);
+    // While only the two threads beyond the list ran: 2 x 50 rounds of
+    // 200 blocks, each taken one at a time.
+    assert_eq!(
+        number_after(&out, "beyond-list acquired: "),
+        0,
+        "a thread with no owner id took a slab"
+    );
+    assert!(number_after(&out, "beyond-list legacy: ") >= 2 * 50 * 200);
+}
+
 /// The number that follows `prefix` at the start of a line of a scenario's output.
 fn number_after(stdout: &str, prefix: &str) -> u64 {
     stdout

@@ -46,6 +46,7 @@ fn main() {
         "grown" => grown,
         "idle-burst" => idle_burst,
         "threads-burst" => threads_burst,
+        "beyond-list" => beyond_list,
         "race-unowned-free" => race_unowned_free,
         "race-map-superslab" => race_map_superslab,
         "race-repark" => race_repark,
@@ -54,7 +55,7 @@ fn main() {
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -458,6 +459,111 @@ fn threads_burst() {
         println!("rss_kib peak={peak} freed={at_once} after={after}");
         done.wait();
     });
+}
+
+/// More live threads than hakctl's thread list has slots: a thread beyond
+/// it gets no owner id (ids come with a slot) and keeps nothing cached.
+/// Two such threads make blocks and free each other's, round after round,
+/// each checking the other's contents first. They must own no slab (a
+/// slab stamped with id 0 would be the own slab of each of them): while
+/// only they run, no slab is acquired, and their blocks come from the
+/// legacy path. Prints both counts of that window.
+fn beyond_list() {
+    const SIZE: usize = 300;
+    const BLOCKS: usize = 200;
+    const ROUNDS: usize = 50;
+    let holders = hakmem::THREAD_SLOTS;
+    let gates = (Barrier::new(holders + 1), Barrier::new(holders + 1));
+    let ids = spawn_holders(holders, &gates);
+    gates.0.wait();
+    // Main and the two workers: the window opens and closes with nothing
+    // but the workers running (the holders wait on `gates.1`).
+    let window = Barrier::new(3);
+    let swap = Barrier::new(2);
+    let boxes: [Mutex<Vec<usize>>; 2] = Default::default();
+    let during = std::thread::scope(|w| {
+        for me in 0..2 {
+            let (window, swap, boxes) = (&window, &swap, &boxes);
+            w.spawn(move || {
+                window.wait();
+                for _ in 0..ROUNDS {
+                    *boxes[me].lock().unwrap() = make(BLOCKS, SIZE, SIZE);
+                    swap.wait();
+                    let theirs = std::mem::take(&mut *boxes[1 - me].lock().unwrap());
+                    for (i, &p) in theirs.iter().enumerate() {
+                        check(p as *const u8, SIZE, i as u8);
+                    }
+                    free_all(&theirs);
+                    swap.wait();
+                }
+                window.wait();
+            });
+        }
+        let before = hakmem::stats::snapshot();
+        window.wait();
+        window.wait();
+        hakmem::stats::snapshot().since(&before)
+    });
+    gates.1.wait();
+    for id in ids {
+        // SAFETY: a thread made by `spawn_holders`, joined once.
+        assert_eq!(unsafe { libc::pthread_join(id, std::ptr::null_mut()) }, 0);
+    }
+    let classes = 0..hakmem_common::TINY_CLASSES;
+    let acquired: u64 = classes
+        .clone()
+        .flat_map(|c| (1..=hakmem_common::STAGES).map(move |s| (c, s)))
+        .map(|(c, s)| during.acquire(c, s))
+        .sum();
+    let legacy: u64 = classes.map(|c| during.legacy_blocks(c)).sum();
+    println!("beyond-list acquired: {acquired}");
+    println!("beyond-list legacy: {legacy}");
+}
+
+/// `n` threads that each take a slot of the thread list (their first
+/// refill) and hold it between the two barriers of `gates`. Raw pthreads
+/// with 64 KiB stacks and no guard page: std's threads each map a guard
+/// page and a signal stack with one of its own, and 16,384 of them went
+/// past the kernel's 65,530 mappings a process (vm.max_map_count).
+fn spawn_holders(n: usize, gates: &(Barrier, Barrier)) -> Vec<libc::pthread_t> {
+    extern "C" fn hold_a_slot(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `beyond_list` keeps the barriers until it has joined us.
+        let (listed, leave) = unsafe { &*(arg as *const (Barrier, Barrier)) };
+        // SAFETY: a plain allocation, freed below.
+        let p = unsafe { hakmem::api::malloc(8) };
+        assert!(!p.is_null());
+        listed.wait();
+        leave.wait();
+        // SAFETY: allocated above, freed once.
+        unsafe { hakmem::api::free(p) };
+        std::ptr::null_mut()
+    }
+    // SAFETY: an attribute object initialised before use and destroyed after.
+    let mut attr: libc::pthread_attr_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe {
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, 64 << 10);
+        libc::pthread_attr_setguardsize(&mut attr, 0);
+    }
+    let arg = gates as *const (Barrier, Barrier) as *mut libc::c_void;
+    let ids = (0..n)
+        .map(|i| {
+            let mut id: libc::pthread_t = 0;
+            // SAFETY: `arg` outlives the thread (see `hold_a_slot`).
+            let rc = unsafe { libc::pthread_create(&mut id, &attr, hold_a_slot, arg) };
+            assert_eq!(
+                rc,
+                0,
+                "holder {i}: pthread_create: {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+            id
+        })
+        .collect();
+    // SAFETY: initialised above.
+    unsafe { libc::pthread_attr_destroy(&mut attr) };
+    ids
 }
 
 /// RSS from /proc/self/statm through a stack buffer: no allocator call.

@@ -114,7 +114,8 @@ pub fn ensure_registered() {
     // The hook's key is made at initialisation.
     ensure_init();
     // Listed first (no allocation): a thread with no slot keeps nothing
-    // cached, as one without its hook, and asks again at its next slow path.
+    // cached, as one without its hook, gets no owner id, so owns no slab
+    // (`TinyCache::may_own_slabs`), and asks again at its next slow path.
     if !thread::list_current() {
         return;
     }

@@ -66,6 +66,7 @@ pub enum Acquired {
 /// before (Stage 2 or 3) is faulted in whole at once: the program will write
 /// every page of it, and one syscall costs less than 16 page faults.
 pub fn acquire(bin: usize, owner: usize, growing: bool) -> Acquired {
+    crate::misuse::check_invariant!(thread_owner(owner), owner);
     let class = class_of_bin(bin);
     probes::ss_acquire_begin(class);
     // `cold`: none of its pages is resident (never used, or purged). None:
@@ -294,6 +295,17 @@ pub const ABANDONED: usize = 1;
 /// Owner id held while a freeing thread reclaims an abandoned slab (never a thread's id).
 pub const RECLAIMING: usize = usize::MAX;
 
+/// A slab handed out is stamped with a thread's id: not 0 (which every
+/// thread without an id would take for its own), ABANDONED or RECLAIMING.
+#[cfg(feature = "invariants")]
+fn thread_owner(owner: usize) -> Result<(), &'static str> {
+    if owner > ABANDONED && owner != RECLAIMING {
+        Ok(())
+    } else {
+        Err("invariant: a slab asked for with no thread's owner id")
+    }
+}
+
 /// Frees block `b` of a slab whose owner was read as ABANDONED or RECLAIMING
 /// (its thread exited). Without this, a slab abandoned with blocks out would
 /// stay mapped until some thread allocated from its bin again.
@@ -369,6 +381,7 @@ pub fn resident_empty_bytes() -> usize {
 
 /// Takes over an abandoned slab of `bin`, if any.
 pub fn adopt(bin: usize, owner: usize) -> Option<*mut Slab> {
+    crate::misuse::check_invariant!(thread_owner(owner), owner);
     let mut pool = POOL.lock();
     let slab = pool.abandoned[bin];
     if slab.is_null() {

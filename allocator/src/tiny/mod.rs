@@ -140,7 +140,7 @@ pub struct TinyCache {
     /// Overflows of each bin since its limit last shrank (see LIMIT_SHRINK_AFTER).
     overflows: [u8; BINS],
     /// Its exit hook gave everything back (`release_all`): it owns no slab
-    /// again (see `refill`).
+    /// again (see `may_own_slabs`).
     released: bool,
     /// Owner id stamped on this thread's slabs (0 until the thread registers).
     id: usize,
@@ -183,6 +183,20 @@ impl TinyCache {
             i += 1;
         }
         self.id == 0 && self.owned_index.is_null() && !self.released
+    }
+
+    /// Whether the thread may take slabs for its own; if not, its refills
+    /// come from the legacy path, which has no owners. Not:
+    /// - with no owner id: a thread beyond hakctl's thread list (ids come
+    ///   with a slot, `lifecycle::ensure_registered`). A slab stamped 0
+    ///   would be every such thread's own (`free_if_owner` compares ids):
+    ///   two of them would work on its free list and its owner's ring at
+    ///   once, and one could recycle it while the other allocates from it;
+    /// - past its exit hook (a later destructor's allocation): nothing
+    ///   would give the slab back, and a new index would stay listed under
+    ///   a dead thread's id.
+    fn may_own_slabs(&self) -> bool {
+        self.id != 0 && !self.released
     }
 
     /// The owner id stamped on this thread's slabs; 0: none yet.
@@ -650,11 +664,7 @@ impl TinyCache {
             self.grow_limit(bin);
             (BATCH[bin], 2 * BATCH[bin], REMOTE_WHOLE_MAX)
         };
-        // A thread past its exit hook (a later destructor's allocation)
-        // owns no slab again: nothing would give it back, and a new index
-        // would stay listed under a dead thread's id. Its few late blocks
-        // come from the legacy path, which has no owners.
-        if config::get().use_superslab && !self.released {
+        if config::get().use_superslab && self.may_own_slabs() {
             loop {
                 let active = self.active(bin);
                 if !active.is_null() {
