@@ -242,15 +242,19 @@ fn peak_and_after(stdout: &str) -> (u64, u64) {
 
 #[test]
 fn threads_beyond_the_thread_list_own_no_slab_and_keep_their_blocks() {
-    let out = scenario_stdout("beyond-list", &[]);
-    // While only the two threads beyond the list ran: 2 x 50 rounds of
-    // 200 blocks, each taken one at a time.
-    assert_eq!(
-        number_after(&out, "beyond-list acquired: "),
-        0,
-        "a thread with no owner id took a slab"
-    );
-    assert!(number_after(&out, "beyond-list legacy: ") >= 2 * 50 * 200);
+    // Again with every free checked: the key a free leaves in a block is
+    // cleared when the block is handed out again.
+    for env in [&[][..], &[("HAKMEM_CHECK_FREES", "1")]] {
+        let out = scenario_stdout("beyond-list", env);
+        // While only the two threads beyond the list ran: 2 x 50 rounds
+        // of 200 blocks, each taken one at a time.
+        assert_eq!(
+            number_after(&out, "beyond-list acquired: "),
+            0,
+            "a thread with no owner id took a slab ({env:?})"
+        );
+        assert!(number_after(&out, "beyond-list legacy: ") >= 2 * 50 * 200);
+    }
 }
 
 /// The number that follows `prefix` at the start of a line of a scenario's output.

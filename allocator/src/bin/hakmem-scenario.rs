@@ -464,17 +464,25 @@ fn threads_burst() {
 /// More live threads than hakctl's thread list has slots: a thread beyond
 /// it gets no owner id (ids come with a slot) and keeps nothing cached.
 /// Two such threads make blocks and free each other's, round after round,
-/// each checking the other's contents first. They must own no slab (a
-/// slab stamped with id 0 would be the own slab of each of them): while
-/// only they run, no slab is acquired, and their blocks come from the
-/// legacy path. Prints both counts of that window.
+/// each checking the other's first word (only that is written, so that
+/// under `HAKMEM_CHECK_FREES=1` a double-free key left in the second would
+/// be found at the next free). They must own no slab (a slab stamped with
+/// id 0 would be the own slab of each of them): while only they run, no
+/// slab is acquired, and their blocks come from the legacy path. Prints
+/// both counts of that window.
 fn beyond_list() {
     const SIZE: usize = 300;
+    const WRITTEN: usize = 8;
     const BLOCKS: usize = 200;
     const ROUNDS: usize = 50;
+    // Main holds a slot, and so do the holders but the last.
     let holders = hakmem::THREAD_SLOTS;
-    let gates = (Barrier::new(holders + 1), Barrier::new(holders + 1));
-    let ids = spawn_holders(holders, &gates);
+    // Leaked: a holder may still wait on them if this thread panics.
+    let gates: &'static (Barrier, Barrier) = Box::leak(Box::new((
+        Barrier::new(holders + 1),
+        Barrier::new(holders + 1),
+    )));
+    let ids = spawn_holders(holders, gates);
     gates.0.wait();
     // Main and the two workers: the window opens and closes with nothing
     // but the workers running (the holders wait on `gates.1`).
@@ -487,11 +495,11 @@ fn beyond_list() {
             w.spawn(move || {
                 window.wait();
                 for _ in 0..ROUNDS {
-                    *boxes[me].lock().unwrap() = make(BLOCKS, SIZE, SIZE);
+                    *boxes[me].lock().unwrap() = make(BLOCKS, SIZE, WRITTEN);
                     swap.wait();
                     let theirs = std::mem::take(&mut *boxes[1 - me].lock().unwrap());
                     for (i, &p) in theirs.iter().enumerate() {
-                        check(p as *const u8, SIZE, i as u8);
+                        check(p as *const u8, WRITTEN, i as u8);
                     }
                     free_all(&theirs);
                     swap.wait();
@@ -522,12 +530,12 @@ fn beyond_list() {
 
 /// `n` threads that each take a slot of the thread list (their first
 /// refill) and hold it between the two barriers of `gates`. Raw pthreads
-/// with 64 KiB stacks and no guard page: std's threads each map a guard
-/// page and a signal stack with one of its own, and 16,384 of them went
-/// past the kernel's 65,530 mappings a process (vm.max_map_count).
-fn spawn_holders(n: usize, gates: &(Barrier, Barrier)) -> Vec<libc::pthread_t> {
+/// with 64 KiB stacks: std's threads each map a signal stack and its guard
+/// page besides their own, and 16,384 of them went past the kernel's
+/// 65,530 mappings a process (vm.max_map_count).
+fn spawn_holders(n: usize, gates: &'static (Barrier, Barrier)) -> Vec<libc::pthread_t> {
     extern "C" fn hold_a_slot(arg: *mut libc::c_void) -> *mut libc::c_void {
-        // SAFETY: `beyond_list` keeps the barriers until it has joined us.
+        // SAFETY: `arg` is the leaked `gates` of `beyond_list`.
         let (listed, leave) = unsafe { &*(arg as *const (Barrier, Barrier)) };
         // SAFETY: a plain allocation, freed below.
         let p = unsafe { hakmem::api::malloc(8) };
@@ -538,26 +546,21 @@ fn spawn_holders(n: usize, gates: &(Barrier, Barrier)) -> Vec<libc::pthread_t> {
         unsafe { hakmem::api::free(p) };
         std::ptr::null_mut()
     }
-    // SAFETY: an attribute object initialised before use and destroyed after.
+    // SAFETY: pthread_attr_init initialises any storage; it is destroyed below.
     let mut attr: libc::pthread_attr_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     unsafe {
-        libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setstacksize(&mut attr, 64 << 10);
-        libc::pthread_attr_setguardsize(&mut attr, 0);
+        assert_eq!(libc::pthread_attr_init(&mut attr), 0);
+        assert_eq!(libc::pthread_attr_setstacksize(&mut attr, 64 << 10), 0);
     }
     let arg = gates as *const (Barrier, Barrier) as *mut libc::c_void;
     let ids = (0..n)
         .map(|i| {
             let mut id: libc::pthread_t = 0;
-            // SAFETY: `arg` outlives the thread (see `hold_a_slot`).
+            // SAFETY: `arg` lives as long as the process (leaked).
             let rc = unsafe { libc::pthread_create(&mut id, &attr, hold_a_slot, arg) };
-            assert_eq!(
-                rc,
-                0,
-                "holder {i}: pthread_create: {}",
-                std::io::Error::from_raw_os_error(rc)
-            );
+            let why = std::io::Error::from_raw_os_error(rc);
+            assert_eq!(rc, 0, "holder {i}: pthread_create: {why}");
             id
         })
         .collect();

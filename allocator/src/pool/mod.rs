@@ -288,8 +288,9 @@ pub fn retire_idle_now() -> bool {
 }
 
 /// Owner id of a slab whose thread exited with blocks still out (never a
-/// thread's id: `thread::new_owner_id` starts past it). Not 0, so that a thread that has
-/// no id yet (0) never takes such a slab for its own in `tiny::free_superslab`.
+/// thread's id: `lifecycle::threads::new_owner_id` starts past it). Not 0,
+/// so that a thread that has no id yet (0) never takes such a slab for its
+/// own in `tiny::free_if_owner`.
 pub const ABANDONED: usize = 1;
 
 /// Owner id held while a freeing thread reclaims an abandoned slab (never a thread's id).

@@ -1,7 +1,9 @@
 //! The legacy path: a plain per-class slab allocator that needs no SuperSlab.
 //! It serves tiny requests when the shared pool gives up (`shared_fail`), a
-//! thread's allocations after its exit hook (it owns no slab again), and all
-//! of them under `HAKMEM_TINY_USE_SUPERSLAB=0`. One locked free list per
+//! thread's allocations while it is not registered (beyond hakctl's thread
+//! list, with no exit hook, or after it: it owns no slab, see
+//! `TinyCache::may_own_slabs`), and all of them under
+//! `HAKMEM_TINY_USE_SUPERSLAB=0`. One locked free list per
 //! class, filled by bump-carving dedicated 2 MiB segments that are never
 //! returned; batches move to and from the thread caches, so the lock is taken
 //! once per batch, not per block.

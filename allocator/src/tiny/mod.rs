@@ -131,18 +131,15 @@ pub const LIST_STRIDE: usize = core::mem::size_of::<ClassCache>();
 /// order (`repr(C)`): the lists first, at the thread cache's start, so
 /// that `malloc`'s fast path addresses them with no added offset (left to
 /// rustc, a new field moved them: one more instruction a call, +1.7% on
-/// the instruction guard's bench_random_mixed), and `released` in the
-/// padding after `overflows`.
+/// the instruction guard's bench_random_mixed).
 #[repr(C)]
 pub struct TinyCache {
     tiny: [ClassCache; BINS],
     slabs: [BinSlabs; BINS],
     /// Overflows of each bin since its limit last shrank (see LIMIT_SHRINK_AFTER).
     overflows: [u8; BINS],
-    /// Its exit hook gave everything back (`release_all`): it owns no slab
-    /// again (see `may_own_slabs`).
-    released: bool,
-    /// Owner id stamped on this thread's slabs (0 until the thread registers).
+    /// Owner id stamped on this thread's slabs (0 until the thread is
+    /// listed, `lifecycle::ensure_registered`).
     id: usize,
     /// The slabs this thread owns, by address (null until it owns one).
     owned_index: *mut OwnedIndex,
@@ -156,7 +153,6 @@ impl TinyCache {
         overflows: [0; BINS],
         id: 0,
         owned_index: null_mut(),
-        released: false,
     };
 
     /// Whether every field is zero (what `tls` checks of `NEW`).
@@ -182,21 +178,24 @@ impl TinyCache {
             }
             i += 1;
         }
-        self.id == 0 && self.owned_index.is_null() && !self.released
+        self.id == 0 && self.owned_index.is_null()
     }
 
-    /// Whether the thread may take slabs for its own; if not, its refills
-    /// come from the legacy path, which has no owners. Not:
-    /// - with no owner id: a thread beyond hakctl's thread list (ids come
-    ///   with a slot, `lifecycle::ensure_registered`). A slab stamped 0
-    ///   would be every such thread's own (`free_if_owner` compares ids):
-    ///   two of them would work on its free list and its owner's ring at
-    ///   once, and one could recycle it while the other allocates from it;
-    /// - past its exit hook (a later destructor's allocation): nothing
-    ///   would give the slab back, and a new index would stay listed under
-    ///   a dead thread's id.
-    fn may_own_slabs(&self) -> bool {
-        self.id != 0 && !self.released
+    /// Whether the thread may take slabs for its own: only while it is
+    /// registered, listed (so it has an owner id) with its exit hook armed
+    /// (which gives its slabs back). If not, its refills come from the
+    /// legacy path, which has no owners. A thread is not registered:
+    /// - beyond hakctl's thread list: it has no owner id (ids come with a
+    ///   slot). A slab stamped 0 would be every such thread's own
+    ///   (`free_if_owner` compares ids): two of them would work on its free
+    ///   list and its owner's ring at once, and one could recycle it while
+    ///   the other allocates from it;
+    /// - with no hook (`pthread_setspecific` failed): nothing would give
+    ///   the slab and the index back at its exit;
+    /// - past its exit hook (a later destructor's allocation): the same,
+    ///   and a new index would stay listed under a dead thread's id.
+    fn may_own_slabs(mode: CacheMode) -> bool {
+        mode.registered
     }
 
     /// The owner id stamped on this thread's slabs; 0: none yet.
@@ -308,7 +307,9 @@ pub unsafe fn free_if_owner(
     // SAFETY: per the contract `slab` is live metadata; owner is atomic and bin
     // is stable while any block of the slab is out.
     let (owner, bin) = unsafe { ((*slab).owner.load(Ordering::Relaxed), (*slab).bin as usize) };
-    // Thread ids and ABANDONED are never 0, so a thread without an id (0) never matches.
+    // A thread without an id (0) never matches: no thread id is 0, nor
+    // ABANDONED, and such a thread owns no slab (`may_own_slabs`); an
+    // in-use slab reads 0 only while `format` or `recycle` is under way.
     if owner != tc.id {
         return Push::NotOurs;
     }
@@ -656,7 +657,7 @@ impl TinyCache {
     pub fn refill(&mut self, mode: CacheMode, bin: usize) -> *mut u8 {
         let _gate = self.enter();
         // A thread that keeps nothing takes one block at a time, each handed
-        // out by `pop` (which clears its key).
+        // out by `pop` (which clears its key if frees are checked).
         let keeps_nothing = mode.keeps_nothing();
         let (want, whole, remote_whole) = if keeps_nothing {
             (1, 0, 1)
@@ -664,7 +665,7 @@ impl TinyCache {
             self.grow_limit(bin);
             (BATCH[bin], 2 * BATCH[bin], REMOTE_WHOLE_MAX)
         };
-        if config::get().use_superslab && self.may_own_slabs() {
+        if config::get().use_superslab && Self::may_own_slabs(mode) {
             loop {
                 let active = self.active(bin);
                 if !active.is_null() {
@@ -719,7 +720,9 @@ impl TinyCache {
     }
 
     fn pop(&mut self, mode: CacheMode, bin: usize) -> *mut u8 {
-        let check = mode.check_frees;
+        // As the frees that put the key there (`push_local`): an
+        // unregistered thread has no copy of the knob, and reads it.
+        let check = mode.checks_frees();
         let cc = &mut self.tiny[bin];
         let b = cc.head;
         // SAFETY: callers only pop after adding at least one block.
@@ -941,7 +944,6 @@ impl TinyCache {
             unsafe { owned_index::give_back(self.owned_index) };
             self.owned_index = null_mut();
         }
-        self.released = true;
     }
 }
 
