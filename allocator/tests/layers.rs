@@ -57,6 +57,12 @@ const CALLBACKS_ALLOWED: &[(&str, &str, usize, &str)] = &[
         "`with_cache` runs the caller's closure at once on the cache, keeps nothing",
     ),
     (
+        "sync",
+        "FnOnce(",
+        1,
+        "`OwnerLock::try_take` runs the caller's closure at once if the owner refuses it (a test hook's window), keeps nothing",
+    ),
+    (
         "test_hooks",
         "fn(",
         1,

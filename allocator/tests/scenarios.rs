@@ -544,6 +544,16 @@ fn an_owner_forking_while_its_slab_is_taken_waits_for_the_taker() {
     a_slab_is_taken_while_its_owner("fork", "the child allocated and exited");
 }
 
+/// A free's try to take a slab, refused because the owner's fork holds its
+/// gate, is still between its two steps when the fork is made: the child's
+/// gate must read free, or its first refill sleeps for good
+/// (`race_take_refused` in the scenario driver).
+#[test]
+fn a_taker_refused_by_a_forking_owner_leaves_the_childs_gate_free() {
+    let out = scenario_stdout("race-take-refused", &[]);
+    assert!(out.contains("the child allocated and exited"), "{out}");
+}
+
 /// Runs `race_take_slab` with the owner doing `act` (`RACE_OWNER`) in the
 /// take's window; it must succeed and say `says`.
 fn a_slab_is_taken_while_its_owner(act: &str, says: &str) {

@@ -43,7 +43,10 @@ static DRAWN: AtomicU8 = AtomicU8::new(0);
 /// handed to each tier with its part of the thread state.
 #[derive(Clone, Copy)]
 pub struct CacheMode {
-    /// The thread's exit hook is armed (its caches are emptied at exit).
+    /// The thread is listed in hakctl's thread list (it has an owner id)
+    /// and its exit hook is armed (its caches are emptied at exit), or is
+    /// being armed (`lifecycle::ensure_registered`). Only then does it
+    /// keep blocks cached or own slabs (`TinyCache::may_own_slabs`).
     pub registered: bool,
     /// `check_frees()`, copied at registration: the fast paths read it
     /// beside the thread's other state instead of through the GOT.
@@ -61,8 +64,9 @@ impl CacheMode {
     }
 
     /// Whether this thread checks every free fully: its copy of the knob,
-    /// or the knob itself before the thread registered (a consumer's first
-    /// frees come before it has a copy).
+    /// or the knob itself while the thread is not registered (a consumer's
+    /// first frees come before it has a copy; a thread beyond the thread
+    /// list never gets one).
     #[inline(always)]
     pub fn checks_frees(self) -> bool {
         self.check_frees || (!self.registered && check_frees())

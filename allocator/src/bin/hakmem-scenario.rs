@@ -52,10 +52,11 @@ fn main() {
         "race-repark" => race_repark,
         "race-mlock-region" => race_mlock_region,
         "race-take-slab" => race_take_slab,
+        "race-take-refused" => race_take_refused,
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|race-take-refused|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -1494,11 +1495,22 @@ fn owner_refills(taken: usize, go: &std::sync::mpsc::Receiver<()>) {
     }
 }
 
-/// `race_take_slab`'s owner, forking in the window. The child allocates 40
-/// blocks of the bin (a refill, under its copy of the gate) and exits; the
-/// parent waits up to 10 s for it, killing it and failing after that.
+/// `race_take_slab`'s owner, forking in the window (see
+/// `fork_a_refilling_child`).
 fn owner_forks() {
     use std::sync::atomic::Ordering;
+    let pid = fork_a_refilling_child();
+    OWNER_DONE.store(true, Ordering::Release);
+    // Awake until the hook has looked (a sleep here would read as waiting).
+    while RACE_STAGE.load(Ordering::Acquire) != 2 {
+        std::thread::yield_now();
+    }
+    reap_within_10s(pid);
+}
+
+/// Forks a child that allocates 40 blocks of `TAKE_SIZE` (a refill, under
+/// its copy of the forking thread's gate) and exits.
+fn fork_a_refilling_child() -> libc::pid_t {
     // SAFETY: fork; the child only allocates through hakmem and `_exit`s.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
@@ -1513,11 +1525,12 @@ fn owner_forks() {
         // SAFETY: as above.
         unsafe { libc::_exit(0) };
     }
-    OWNER_DONE.store(true, Ordering::Release);
-    // Awake until the hook has looked (a sleep here would read as waiting).
-    while RACE_STAGE.load(Ordering::Acquire) != 2 {
-        std::thread::yield_now();
-    }
+    pid
+}
+
+/// Waits up to 10 s for child `pid` to exit with status 0; kills it and
+/// fails after that.
+fn reap_within_10s(pid: libc::pid_t) {
     let mut status = 0;
     for _ in 0..1000 {
         // SAFETY: our own child.
@@ -1536,6 +1549,82 @@ fn owner_forks() {
         libc::waitpid(pid, &mut status, 0);
     }
     panic!("the child did not exit in 10 s: its first refill waits for a gate nobody holds");
+}
+
+/// A free's try to take a slab is refused: its owner holds its gate in the
+/// fork's prepare handler (`Point::ForkHoldsGate`). The fork is made while
+/// the refused taker has not yet let go of the gate's taker word
+/// (`Point::TakeRefused`): the child's copy of the gate must read free, or
+/// its first refill sleeps for good (the child allocates 40 blocks of the
+/// bin and must exit within 10 s). The owner allocates 60 blocks of
+/// `TAKE_SIZE` (one slab holds most), this thread frees them; the try
+/// comes when the slab's remote list is about to hold half its blocks.
+/// Allocates nothing in the hook.
+fn race_take_refused() {
+    use std::sync::atomic::Ordering;
+    // RACE_STAGE: 1 the fork holds the owner's gate; 2 a taker was refused
+    // and holds the taker word; 3 the fork is made.
+    fn hook(point: hakmem::test_hooks::Point, _: usize) {
+        use hakmem::test_hooks::Point;
+        let (from, to, until) = match point {
+            Point::ForkHoldsGate => (0, 1, 2),
+            Point::TakeRefused => (1, 2, 3),
+            _ => return,
+        };
+        if RACE_STAGE
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        // Up to 5 s: a run that misses the window fails below, not hangs.
+        for _ in 0..500 {
+            if RACE_STAGE.load(Ordering::Acquire) >= until {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    hakmem::test_hooks::set(Some(hook));
+    let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
+    let owner = std::thread::spawn(move || {
+        let mut first = [0usize; 60];
+        for b in first.iter_mut() {
+            // SAFETY: plain allocation, checked, freed by the main thread.
+            *b = unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize;
+            assert!(*b != 0);
+        }
+        tx.send(first).unwrap();
+        let pid = fork_a_refilling_child();
+        let _ = RACE_STAGE.compare_exchange(2, 3, Ordering::AcqRel, Ordering::Relaxed);
+        reap_within_10s(pid);
+    });
+    let first = rx.recv().unwrap();
+    let slab = first[0] / TAKE_SLAB;
+    for _ in 0..500 {
+        if RACE_STAGE.load(Ordering::Acquire) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The slab's blocks first: the try comes at half of them.
+    let (in_slab, rest): (Vec<usize>, Vec<usize>) =
+        first.iter().partition(|&&b| b / TAKE_SLAB == slab);
+    for &b in in_slab.iter().chain(&rest) {
+        // SAFETY: the owner's block, freed once, here.
+        unsafe { hakmem::api::free(b as *mut u8) };
+    }
+    let joined = owner.join();
+    hakmem::test_hooks::set(None);
+    if let Err(e) = joined {
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(
+        RACE_STAGE.load(Ordering::Acquire),
+        3,
+        "no free was refused while the fork held the owner's gate"
+    );
+    println!("a taker refused by the fork's hold was copied into the child; the child allocated and exited");
 }
 
 /// A thread that needs a new SuperSlab pauses after letting the pool lock go

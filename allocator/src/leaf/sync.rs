@@ -217,6 +217,18 @@ impl<T> OwnerLock<T> {
         self.busy.store(0, Ordering::Release);
     }
 
+    /// In a fork child, whose only thread is the owner: the lock as new,
+    /// whatever the parent's other threads had left in it. The forking
+    /// owner held it (its guard forgotten), so no taker held it; but a
+    /// taker that the hold refused (`try_take`) may have been between
+    /// setting the taker word and letting it go. The child's copy of the
+    /// word would stay set, with no thread to let it go, and the owner's
+    /// next `enter` would sleep for good.
+    pub fn reset_after_fork_child(&self) {
+        self.busy.store(0, Ordering::Relaxed);
+        self.taker.store(FREE, Ordering::Relaxed);
+    }
+
     /// The value, for its owner's writes while it holds the lock through a
     /// guard it does not borrow (see `owned_index::OwnedIndex::gate_copy`).
     pub fn data_ptr(&self) -> *mut T {
@@ -224,8 +236,11 @@ impl<T> OwnerLock<T> {
     }
 
     /// A taker's hold, if the lock is free and its owner holds it not;
-    /// None at once otherwise.
-    pub fn try_take(&self) -> Option<OwnerGuard<'_, T>> {
+    /// None at once otherwise. A taker that the owner's hold refuses has
+    /// set the taker word first, and lets it go after `refused` has run
+    /// (a test hook holds that window open: a fork inside it is what
+    /// `reset_after_fork_child` is for).
+    pub fn try_take(&self, refused: impl FnOnce()) -> Option<OwnerGuard<'_, T>> {
         if self
             .taker
             .compare_exchange(FREE, HELD, Ordering::SeqCst, Ordering::Relaxed)
@@ -238,6 +253,7 @@ impl<T> OwnerLock<T> {
             taker: true,
         };
         if self.busy.load(Ordering::SeqCst) != 0 {
+            refused();
             return None;
         }
         Some(guard)
@@ -311,11 +327,14 @@ mod tests {
         let lock: &'static OwnerLock<AtomicU32> =
             Box::leak(Box::new(OwnerLock::new(AtomicU32::new(0))));
         let owner = lock.enter();
-        assert!(lock.try_take().is_none(), "taken while the owner holds it");
+        assert!(
+            lock.try_take(|| {}).is_none(),
+            "taken while the owner holds it"
+        );
         drop(owner);
-        let taker = lock.try_take().expect("free");
+        let taker = lock.try_take(|| {}).expect("free");
         taker.store(7, Ordering::Relaxed);
-        assert!(lock.try_take().is_none(), "a second taker");
+        assert!(lock.try_take(|| {}).is_none(), "a second taker");
         // The owner waits for the taker (asleep on the futex), then sees
         // what the taker wrote. (The first version of the gate, a spin lock,
         // had a `try_lock` that unlocked the holder's lock when it failed.)
@@ -333,7 +352,7 @@ mod tests {
         );
         drop(taker);
         assert_eq!(t.join().unwrap(), 7);
-        assert!(lock.try_take().is_some());
+        assert!(lock.try_take(|| {}).is_some());
     }
 
     #[test]

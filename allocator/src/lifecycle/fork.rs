@@ -36,6 +36,7 @@ extern "C" fn before_fork() {
     // gate today, but one that did would then not deadlock with this
     // handler.
     crate::thread::with_cache(|tc| tc.tiny.hold_gate_for_fork());
+    crate::test_hooks::at(crate::test_hooks::Point::ForkHoldsGate, 0);
     pool::lock_for_fork();
     legacy::lock_for_fork();
     ace::lock_for_fork();
@@ -45,8 +46,8 @@ extern "C" fn before_fork() {
     os::lock_for_fork();
 }
 
-fn unlock_all() {
-    crate::thread::with_cache(|tc| tc.tiny.release_gate_after_fork());
+fn unlock_all(child: bool) {
+    crate::thread::with_cache(|tc| tc.tiny.release_gate_after_fork(child));
     os::unlock_after_fork();
     owned_index::unlock_after_fork();
     chunks::unlock_after_fork();
@@ -57,13 +58,13 @@ fn unlock_all() {
 }
 
 extern "C" fn after_fork_parent() {
-    unlock_all();
+    unlock_all(false);
 }
 
 extern "C" fn after_fork_child() {
     // The purge thread did not come along, nor did the other threads.
     super::upkeep::forget_after_fork();
     crate::thread::forget_others_after_fork();
-    unlock_all();
+    unlock_all(true);
     pool::forget_mapper_after_fork();
 }

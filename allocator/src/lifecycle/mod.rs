@@ -128,10 +128,11 @@ pub fn ensure_registered() {
         }
     });
     if !threads::register_current() {
-        // No hook: keep nothing cached (`CacheMode::keeps_nothing`); try
-        // again at the next slow path. (A refill that registering's own
-        // allocation re-entered may have left a batch: the thread stays
-        // listed, so hakctl counts it.)
+        // No hook: keep nothing cached (`CacheMode::keeps_nothing`) and
+        // take no slab (`TinyCache::may_own_slabs`); try again at the next
+        // slow path. (A refill that registering's own allocation re-entered
+        // may have left a batch, and taken a slab: the thread stays listed,
+        // so hakctl counts them.)
         thread::with_cache(|tc| tc.mode.registered = false);
     }
 }

@@ -183,15 +183,18 @@ impl TinyCache {
 
     /// Whether the thread may take slabs for its own: only while it is
     /// registered, listed (so it has an owner id) with its exit hook armed
-    /// (which gives its slabs back). If not, its refills come from the
-    /// legacy path, which has no owners. A thread is not registered:
+    /// (which gives its slabs back) or being armed (an allocation of
+    /// `pthread_setspecific` comes back here). If not, its refills come
+    /// from the legacy path, which has no owners. A thread is not
+    /// registered:
     /// - beyond hakctl's thread list: it has no owner id (ids come with a
     ///   slot). A slab stamped 0 would be every such thread's own
     ///   (`free_if_owner` compares ids): two of them would work on its free
     ///   list and its owner's ring at once, and one could recycle it while
     ///   the other allocates from it;
-    /// - with no hook (`pthread_setspecific` failed): nothing would give
-    ///   the slab and the index back at its exit;
+    /// - with no hook (`pthread_key_create` or `pthread_setspecific`
+    ///   failed): nothing would give the slab and the index back at its
+    ///   exit;
     /// - past its exit hook (a later destructor's allocation): the same,
     ///   and a new index would stay listed under a dead thread's id.
     fn may_own_slabs(mode: CacheMode) -> bool {
@@ -485,12 +488,13 @@ impl TinyCache {
         }
     }
 
-    /// Lets the gate `hold_gate_for_fork` held go (fork parent and child).
-    pub fn release_gate_after_fork(&mut self) {
+    /// Lets the gate `hold_gate_for_fork` held go (fork parent and
+    /// `child`).
+    pub fn release_gate_after_fork(&mut self, child: bool) {
         // SAFETY: a non-null index is this thread's and never unmapped.
         if let Some(ix) = unsafe { self.owned_index.as_ref() } {
             if self.id != 0 {
-                ix.release_owner_after_fork();
+                ix.release_owner_after_fork(child);
             }
         }
     }

@@ -234,9 +234,14 @@ impl OwnedIndex {
     }
 
     /// Lets go of the owner's hold that `TinyCache::hold_gate_for_fork` kept
-    /// (its guard forgotten).
-    pub fn release_owner_after_fork(&self) {
-        self.gate.release_owner();
+    /// (its guard forgotten); in the `child`, the gate as new (see
+    /// `OwnerLock::reset_after_fork_child`).
+    pub fn release_owner_after_fork(&self, child: bool) {
+        if child {
+            self.gate.reset_after_fork_child();
+        } else {
+            self.gate.release_owner();
+        }
     }
 
     /// Takes the index out of the directory (its thread exits); the caller,
@@ -260,7 +265,9 @@ pub fn try_gate_of(id: usize) -> Option<(&'static OwnedIndex, OwnerGuard<'static
     // SAFETY: indexes are never unmapped (spare ones go on a free list), so
     // even a stale pointer is to an index; which thread's, the gate says.
     let ix: &'static OwnedIndex = unsafe { ix.as_ref()? };
-    let gate = ix.gate.try_take()?;
+    let gate = ix
+        .gate
+        .try_take(|| crate::test_hooks::at(crate::test_hooks::Point::TakeRefused, id))?;
     (gate.id.load(Ordering::Relaxed) == id).then_some((ix, gate))
 }
 
