@@ -37,12 +37,13 @@ pub enum Point {
     /// owner's gate, has found the slab still the owner's and not yet
     /// unlinked it from the owner's ring; the argument is the slab.
     TakeSlab = 5,
-    /// A free's try to take a slab was refused, the owner holding its gate
-    /// (`owned_index::try_gate_of`), and has not yet let go of the gate's
-    /// taker word; the argument is the owner's id.
+    /// A free's try to take a slab was refused by the hold of the gate it
+    /// found for the slab's owner (`owned_index::try_gate_of`; the id is
+    /// checked after), and has not yet let go of the gate's taker word;
+    /// the argument is the owner's id.
     TakeRefused = 6,
-    /// The fork's prepare handler holds the forking thread's gate, and no
-    /// lock yet (`lifecycle::fork`); the argument is 0.
+    /// The fork's prepare handler holds the forking thread's gate (if it
+    /// has one), and no lock yet (`lifecycle::fork`); the argument is 0.
     ForkHoldsGate = 7,
 }
 

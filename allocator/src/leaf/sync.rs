@@ -84,6 +84,12 @@ impl<T> SpinLock<T> {
         core::mem::forget(self.lock());
     }
 
+    /// The value, for the holder of `acquire_for_fork`'s hold (its guard
+    /// forgotten) to use before `release_after_fork`.
+    pub fn data_ptr_for_fork(&self) -> *mut T {
+        self.value.get()
+    }
+
     /// Releases a lock taken by `acquire_for_fork` (fork parent and child; in
     /// the child the parent's sleepers do not exist, and waking none is harmless).
     pub fn release_after_fork(&self) {

@@ -49,7 +49,7 @@ extern "C" fn before_fork() {
 fn unlock_all(child: bool) {
     crate::thread::with_cache(|tc| tc.tiny.release_gate_after_fork(child));
     os::unlock_after_fork();
-    owned_index::unlock_after_fork();
+    owned_index::unlock_after_fork(child);
     chunks::unlock_after_fork();
     parcel::unlock_after_fork();
     ace::unlock_after_fork();

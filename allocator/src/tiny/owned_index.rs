@@ -341,8 +341,33 @@ pub fn lock_for_fork() {
     SPARE.acquire_for_fork();
 }
 
-pub fn unlock_after_fork() {
+/// Lets the spare list go after a fork; in the `child`, first makes each
+/// spare index's gate as new. A taker that read a directory entry just
+/// before the index went back (`try_gate_of`) holds the spare's gate for a
+/// moment, finds another id and lets it go: a fork in that moment copies
+/// the gate held, and the next thread of the child that takes the index
+/// would sleep at its first `enter` (see `OwnerLock::reset_after_fork_child`).
+pub fn unlock_after_fork(child: bool) {
+    if child {
+        // SAFETY: the list is ours while the prepare handler's hold lasts,
+        // and the child has no other thread.
+        unsafe { reset_gates_after_fork((*SPARE.data_ptr_for_fork()).free) };
+    }
     SPARE.release_after_fork();
+}
+
+/// Resets the gate of each index on the spare list that starts at `ix`.
+///
+/// # Safety
+/// The list is the caller's alone (the child's only thread, holding it).
+unsafe fn reset_gates_after_fork(mut ix: *mut OwnedIndex) {
+    while !ix.is_null() {
+        // SAFETY: a spare index, linked through its first slot (`give_back`).
+        unsafe {
+            (*ix).gate.reset_after_fork_child();
+            ix = (*ix).slots[0].load(Ordering::Relaxed) as *mut OwnedIndex;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -373,6 +398,32 @@ mod tests {
         }
         // SAFETY: empty and no longer used.
         unsafe { give_back(ix as *const OwnedIndex as *mut OwnedIndex) };
+    }
+
+    #[test]
+    fn a_fork_child_finds_the_gates_of_spare_indexes_free() {
+        // Two indexes linked as the spare list links them, each gate held
+        // as a taker that found another id would hold it at the fork.
+        let (a, b) = (fresh_index(), fresh_index());
+        a.slots[0].store(b as *const OwnedIndex as usize, Ordering::Relaxed);
+        b.slots[0].store(0, Ordering::Relaxed);
+        for ix in [a, b] {
+            core::mem::forget(ix.gate.try_take(|| {}).expect("a free gate"));
+            assert!(ix.gate.try_take(|| {}).is_none());
+        }
+        // SAFETY: the list is this test's alone.
+        unsafe { reset_gates_after_fork(a as *const OwnedIndex as *mut OwnedIndex) };
+        for ix in [a, b] {
+            assert!(
+                ix.gate.try_take(|| {}).is_some(),
+                "a spare's gate is still held in the child"
+            );
+        }
+        for ix in [a, b] {
+            ix.clear_slot0();
+            // SAFETY: empty and no longer used.
+            unsafe { give_back(ix as *const OwnedIndex as *mut OwnedIndex) };
+        }
     }
 
     #[test]
