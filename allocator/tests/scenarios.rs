@@ -706,6 +706,19 @@ fn a_free_into_a_segment_header_is_refused() {
     }
 }
 
+/// A realloc of a freed block is refused in every tier; in a parcel
+/// (blocks that realloc grew past 32 KiB) it read as a live block of 0
+/// bytes, took that parcel again, freed it and returned it.
+#[test]
+fn a_realloc_of_a_freed_parcel_is_refused() {
+    misuse_aborts(
+        "realloc-freed-parcel",
+        3000,
+        &[],
+        "realloc(): invalid pointer",
+    );
+}
+
 #[cfg(feature = "safe-linking")]
 #[test]
 fn a_use_after_free_write_of_a_pointer_does_not_steer_malloc() {

@@ -408,8 +408,23 @@ fn map_and_trim(bytes: usize, align: usize, prot: libc::c_int) -> *mut u8 {
 /// Read and write: what every mapping handed out has.
 const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 
+/// Mappings up to this size are made with `MAP_NORESERVE` (regions of
+/// chunks, and every block up to 1 GiB). A larger one is one program
+/// block, and goes through the kernel's overcommit heuristic as glibc's
+/// mmapped blocks do: in `vm.overcommit_memory`'s default mode a request
+/// beyond the machine's memory and swap is refused. With the flag,
+/// `malloc(2^40)` returned a block here (24 GiB of memory), whose first
+/// touches would have had the program killed; glibc returns NULL with
+/// ENOMEM (the conformance suite's `beyond memory` group).
+const NORESERVE_MAX: usize = 1 << 30;
+
 /// An anonymous mapping of `bytes` anywhere with protection `prot`, or null.
 fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
+    let noreserve = if bytes <= NORESERVE_MAX {
+        libc::MAP_NORESERVE
+    } else {
+        0
+    };
     // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
     // existing memory; the result is checked for MAP_FAILED.
     let (p, _) = errno::keep(|| unsafe {
@@ -417,7 +432,7 @@ fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
             core::ptr::null_mut(),
             bytes,
             prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | noreserve,
             -1,
             0,
         )

@@ -1821,6 +1821,17 @@ fn misuse() {
                     hakmem::api::realloc(p, 100);
                 }
             }
+            // A realloc of a freed block that realloc's growth had put in a
+            // parcel (a second one is live beside it): it took that parcel
+            // again, freed it and returned it.
+            "realloc-freed-parcel" => {
+                use hakmem::api::realloc;
+                let kept = realloc(malloc(size), 40_000);
+                let a = realloc(malloc(size), 40_000);
+                assert!(!kept.is_null() && !a.is_null());
+                free(a);
+                realloc(a, 40_000);
+            }
             // A use-after-free write of a plain pointer into the link word:
             // it must not become the next block handed out.
             "use-after-free-link" => {

@@ -359,7 +359,7 @@ fn usable_in(place: Place, p: usize) -> Option<usize> {
         Place::Legacy(bin) => legacy::is_block_start(p, bin).then_some(BIN_SIZES[bin])?,
         Place::Ace(class) => ace::usable_from(p, ace_block(p, class, false)?, class),
         Place::Large(chunk) => large::is_live_block(p, chunk).then(|| large::usable_size(chunk))?,
-        Place::Parcel => parcel::usable_size(p),
+        Place::Parcel => parcel::usable_size(p)?,
         Place::Foreign => return None,
     })
 }

@@ -434,11 +434,16 @@ impl AceCache {
     }
 }
 
-fn give_back(class: usize, mut b: *mut Block, n: u32) {
+fn give_back(class: usize, b: *mut Block, n: u32) {
+    give_back_to(&CLASSES[class], b, n);
+}
+
+/// `give_back` into `pool` (the tests' pools are their own).
+fn give_back_to(pool: &SpinLock<AceClass>, mut b: *mut Block, n: u32) {
     let mut release: [*mut AceSegment; 4] = [null_mut(); 4];
     let mut released = 0;
     {
-        let mut pool = CLASSES[class].lock();
+        let mut pool = pool.lock();
         for _ in 0..n {
             // SAFETY: each block of the chain is a free ACE block of `class`.
             let next = unsafe { Block::next(b) };
@@ -448,7 +453,7 @@ fn give_back(class: usize, mut b: *mut Block, n: u32) {
                     release[released] = s;
                     released += 1;
                 } else {
-                    pool.keep_free(s);
+                    pool.keep_released(s);
                 }
             }
             b = next;
@@ -919,6 +924,15 @@ impl AceClass {
         Some(seg)
     }
 
+    /// Keeps after all a segment `release_free` let go (no longer counted)
+    /// that the caller has no room to hand on: counted again. (It was not,
+    /// and the count fell short of the segments kept: once they all went,
+    /// it wrapped, and the class refused every refill for good.)
+    fn keep_released(&mut self, seg: *mut AceSegment) {
+        self.segments += 1;
+        self.keep_free(seg);
+    }
+
     fn keep_free(&mut self, seg: *mut AceSegment) {
         // SAFETY: a live segment of the class (lock held).
         let s = unsafe { &mut *seg };
@@ -1235,6 +1249,39 @@ mod tests {
         assert_eq!(take(&pool, 1)[0] as usize, first as usize + HEADER_RESERVE);
     }
 
+    #[test]
+    fn a_flush_that_empties_more_segments_than_it_hands_on_keeps_the_count_true() {
+        // Nine segments of the largest class, each with one block out, in
+        // a pool of the test's own; one flush (`give_back`) frees the nine.
+        // The class keeps up to four, the flush hands up to four to the
+        // chunk cache, and keeps the rest after all.
+        let pool = SpinLock::new(AceClass::EMPTY);
+        let seg = |b: *mut u8| crate::segment::chunk_of(b as usize) as *mut AceSegment;
+        let (first, _) = take_one(&pool);
+        // SAFETY: a live segment of the pool.
+        let capacity = unsafe { (*seg(first)).capacity } as usize;
+        let mut blocks = vec![first];
+        blocks.extend((1..9 * capacity).map(|_| take_one(&pool).0));
+        let mut last_of_each = null_mut();
+        for (i, &b) in blocks.iter().enumerate() {
+            assert_eq!(seg(b), seg(blocks[i - i % capacity]), "carved in order");
+            if i % capacity == 0 {
+                // SAFETY: a block of the pool's, out: the chain's link.
+                unsafe { Block::set_next(b.cast(), last_of_each) };
+                last_of_each = b.cast();
+            } else {
+                assert_eq!(pool.lock().put(seg(b), b.cast()), None);
+            }
+        }
+        give_back_to(&pool, last_of_each, 9);
+        let p = pool.lock();
+        assert!(p.partial.is_null(), "every segment's blocks are back");
+        assert_eq!(
+            p.segments, p.free_count,
+            "the class counts every segment it keeps"
+        );
+    }
+
     /// One block of the largest class (7 a segment) from a test's own
     /// pool, and whether `take` says it reads zero (checked if so).
     fn take_one(pool: &SpinLock<AceClass>) -> (*mut u8, bool) {
@@ -1402,8 +1449,7 @@ mod tests {
         // Kept with every block free (whatever other tests keep meanwhile).
         let mut p = pool.lock();
         if let Some(s) = p.put(seg, b.cast()) {
-            p.segments += 1;
-            p.keep_free(s);
+            p.keep_released(s);
         }
         drop(p);
         // Due (with no idle time): refused once, then not due again at

@@ -155,12 +155,12 @@ fn block_at(ptr: usize, chunk: usize) -> Option<usize> {
     (ptr == start(chunk, i) && live & 1 << i != 0).then_some(i)
 }
 
-/// Usable bytes of the block at `ptr` (0 if it is not a live block).
-pub fn usable_size(ptr: usize) -> usize {
+/// Usable bytes of the block at `ptr`; None if it is not a live block
+/// (`realloc` then refuses it: as 0 bytes, a freed parcel's realloc took
+/// that parcel again, freed it, and returned it).
+pub fn usable_size(ptr: usize) -> Option<usize> {
     let chunk = chunk_of(ptr);
-    block_at(ptr, chunk).map_or(0, |i| {
-        header(chunk).usable[i].load(Ordering::Relaxed) as usize
-    })
+    block_at(ptr, chunk).map(|i| header(chunk).usable[i].load(Ordering::Relaxed) as usize)
 }
 
 /// Makes the live block at `ptr` hold `size` bytes without moving it: true
@@ -290,7 +290,7 @@ mod tests {
         assert!(here.len() >= 2, "{blocks:x?}");
         for &b in &blocks {
             assert!(is_live_block(b));
-            let usable = usable_size(b);
+            let usable = usable_size(b).unwrap();
             assert!((40_000..40_000 + PAGE).contains(&usable), "{usable}");
             assert_eq!((b + usable) % PAGE, 0, "up to its last page's end");
             // SAFETY: the block has `usable` bytes.
@@ -298,7 +298,7 @@ mod tests {
         }
         let b = blocks[1];
         assert!(resize_in_place(b, 200_000));
-        let usable = usable_size(b);
+        let usable = usable_size(b).unwrap();
         assert!(usable >= 200_000 && (b + usable).is_multiple_of(PAGE));
         // SAFETY: grown in place to `usable` bytes.
         unsafe { core::ptr::write_bytes(b as *mut u8, 9, usable) };

@@ -500,6 +500,35 @@ static void g_calloc(void)
         calloc_dirty(dirty[i], dirty[i] > 1 * MiB ? 20 : 50, dirty[i] > 1 * MiB ? 4 : 16);
 }
 
+/* Blocks larger than the memory and swap of any machine this runs on:
+ * in the kernel's default overcommit mode its heuristic refuses such a
+ * mapping, and glibc returns NULL with ENOMEM, not a block whose first
+ * touches would get the program killed. A block given is not touched. */
+static void g_beyond_memory(void)
+{
+    static const struct named sizes[] = {
+        {(size_t)1 << 40, "2^40"}, {(size_t)1 << 44, "2^44"}, {(size_t)1 << 46, "2^46"},
+    };
+    for (size_t i = 0; i < LEN(sizes); i++) {
+        for (int call = 0; call < 3; call++) {
+            static const char *const names[] = {"malloc", "calloc", "aligned_alloc"};
+            begin("%s(%s)", names[call], sizes[i].name);
+            if (!isolated())
+                continue;
+            size_t n = opaque(sizes[i].v);
+            arm();
+            void *p = call == 0 ? malloc(n)
+                      : call == 1 ? calloc(opaque(MiB), n / MiB)
+                                  : aligned_alloc(opaque(page), n);
+            int err = errno;
+            add("%s", opaque_ptr(p) ? "nonnull" : "NULL");
+            add_errno(err);
+            free(p);
+            finish();
+        }
+    }
+}
+
 /* realloc(malloc(old), n), or reallocarray(malloc(old), n, size) when size
  * is not 0. A new block keeps the common prefix; a failure leaves the old
  * block intact and freeable; to 0 bytes, NULL means the old block was freed. */
@@ -1020,6 +1049,7 @@ int main(void)
         run_group(name, g_bad_alignments, 120);
     }
     run_group("calloc", g_calloc, 120);
+    run_group("beyond memory", g_beyond_memory, 60);
     run_group("realloc", g_realloc, 300);
     run_group("free and mixing", g_free_and_mixing, 120);
     run_group("errno", g_errno, 60);
