@@ -706,8 +706,8 @@ fn a_free_into_a_segment_header_is_refused() {
     }
 }
 
-/// A realloc of a freed block is refused in every tier; in a parcel
-/// (blocks that realloc grew past 32 KiB) it read as a live block of 0
+/// A realloc of a freed block in a parcel (blocks that realloc grew past
+/// 32 KiB) is refused, as in the large tier; it read as a live block of 0
 /// bytes, took that parcel again, freed it and returned it.
 #[test]
 fn a_realloc_of_a_freed_parcel_is_refused() {

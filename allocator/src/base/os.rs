@@ -368,23 +368,28 @@ pub fn unlock_after_fork() {
 /// does it map `bytes + align` and trim the ends (three).
 fn map_aligned_uncharged(bytes: usize, align: usize, prot: libc::c_int) -> *mut u8 {
     debug_assert!(bytes.is_multiple_of(PAGE) && align.is_power_of_two() && align >= PAGE);
-    let exact = map_anonymous(bytes, prot);
+    let flags = if bytes <= NORESERVE_MAX {
+        libc::MAP_NORESERVE
+    } else {
+        0
+    };
+    let exact = map_anonymous(bytes, prot, flags);
     if exact as usize & (align - 1) == 0 {
         // Aligned, or null (refused: asking for more would not help).
         return exact;
     }
     // SAFETY: `exact` is the mapping of `bytes` just made, unused.
     unsafe { munmap(exact as usize, bytes) };
-    map_and_trim(bytes, align, prot)
+    map_and_trim(bytes, align, prot, flags)
 }
 
 /// Maps `bytes + align - PAGE` and unmaps what lies outside the aligned
 /// `bytes` in it. Null if the OS refuses.
-fn map_and_trim(bytes: usize, align: usize, prot: libc::c_int) -> *mut u8 {
+fn map_and_trim(bytes: usize, align: usize, prot: libc::c_int, flags: libc::c_int) -> *mut u8 {
     let Some(over) = bytes.checked_add(align - PAGE) else {
         return core::ptr::null_mut();
     };
-    let raw = map_anonymous(over, prot);
+    let raw = map_anonymous(over, prot, flags);
     if raw.is_null() {
         return raw;
     }
@@ -408,9 +413,9 @@ fn map_and_trim(bytes: usize, align: usize, prot: libc::c_int) -> *mut u8 {
 /// Read and write: what every mapping handed out has.
 const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 
-/// Mappings up to this size are made with `MAP_NORESERVE` (regions of
-/// chunks, and every block up to 1 GiB). A larger one is one program
-/// block, and goes through the kernel's overcommit heuristic as glibc's
+/// Mappings asked for up to this size are made with `MAP_NORESERVE`
+/// (regions of chunks, and every block up to 1 GiB, whatever is mapped
+/// beside it to align it). A larger one is one program block, and goes through the kernel's overcommit heuristic as glibc's
 /// mmapped blocks do: in `vm.overcommit_memory`'s default mode a request
 /// beyond the machine's memory and swap is refused. With the flag,
 /// `malloc(2^40)` returned a block here (24 GiB of memory), whose first
@@ -418,13 +423,9 @@ const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 /// ENOMEM (the conformance suite's `beyond memory` group).
 const NORESERVE_MAX: usize = 1 << 30;
 
-/// An anonymous mapping of `bytes` anywhere with protection `prot`, or null.
-fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
-    let noreserve = if bytes <= NORESERVE_MAX {
-        libc::MAP_NORESERVE
-    } else {
-        0
-    };
+/// An anonymous mapping of `bytes` anywhere with protection `prot` and
+/// `flags` beside private and anonymous, or null.
+fn map_anonymous(bytes: usize, prot: libc::c_int, flags: libc::c_int) -> *mut u8 {
     // SAFETY: an anonymous private mapping at a kernel-chosen address touches no
     // existing memory; the result is checked for MAP_FAILED.
     let (p, _) = errno::keep(|| unsafe {
@@ -432,7 +433,7 @@ fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
             core::ptr::null_mut(),
             bytes,
             prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | noreserve,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
             -1,
             0,
         )
@@ -963,7 +964,10 @@ mod tests {
         const ALIGN: usize = 2 << 20;
         for round in 0..4 {
             // The first call usually takes its first try; the second always trims.
-            for p in [map_aligned(ALIGN, ALIGN), map_and_trim(ALIGN, ALIGN, RW)] {
+            for p in [
+                map_aligned(ALIGN, ALIGN),
+                map_and_trim(ALIGN, ALIGN, RW, libc::MAP_NORESERVE),
+            ] {
                 assert!(!p.is_null());
                 assert_eq!(p as usize % ALIGN, 0, "round {round}");
                 // SAFETY: `p` is our fresh ALIGN-byte mapping.

@@ -438,28 +438,31 @@ fn give_back(class: usize, b: *mut Block, n: u32) {
     give_back_to(&CLASSES[class], b, n);
 }
 
-/// `give_back` into `pool` (the tests' pools are their own).
-fn give_back_to(pool: &SpinLock<AceClass>, mut b: *mut Block, n: u32) {
-    let mut release: [*mut AceSegment; 4] = [null_mut(); 4];
-    let mut released = 0;
-    {
-        let mut pool = pool.lock();
-        for _ in 0..n {
-            // SAFETY: each block of the chain is a free ACE block of `class`.
-            let next = unsafe { Block::next(b) };
-            let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
-            if let Some(s) = pool.put(seg, b) {
-                if released < release.len() {
+/// `give_back` into `pool` (the tests' pools are their own). Segments
+/// found with every block free go to the chunk cache four at a time, with
+/// the lock let go. (A flush that emptied more than four kept the rest,
+/// uncounted: the class's count fell short of its segments and, once they
+/// all went, wrapped, after which the class refused every refill.)
+fn give_back_to(pool: &SpinLock<AceClass>, mut b: *mut Block, mut n: u32) {
+    while n > 0 {
+        let mut release: [*mut AceSegment; 4] = [null_mut(); 4];
+        let mut released = 0;
+        {
+            let mut pool = pool.lock();
+            while n > 0 && released < release.len() {
+                // SAFETY: each block of the chain is a free ACE block of the class.
+                let next = unsafe { Block::next(b) };
+                let seg = crate::segment::chunk_of(b as usize) as *mut AceSegment;
+                if let Some(s) = pool.put(seg, b) {
                     release[released] = s;
                     released += 1;
-                } else {
-                    pool.keep_released(s);
                 }
+                b = next;
+                n -= 1;
             }
-            b = next;
         }
+        hand_to_cache(&release[..released]);
     }
-    hand_to_cache(&release[..released]);
 }
 
 /// Hands segments whose blocks are all free, and which the caller has taken
@@ -924,15 +927,6 @@ impl AceClass {
         Some(seg)
     }
 
-    /// Keeps after all a segment `release_free` let go (no longer counted)
-    /// that the caller has no room to hand on: counted again. (It was not,
-    /// and the count fell short of the segments kept: once they all went,
-    /// it wrapped, and the class refused every refill for good.)
-    fn keep_released(&mut self, seg: *mut AceSegment) {
-        self.segments += 1;
-        self.keep_free(seg);
-    }
-
     fn keep_free(&mut self, seg: *mut AceSegment) {
         // SAFETY: a live segment of the class (lock held).
         let s = unsafe { &mut *seg };
@@ -1253,8 +1247,7 @@ mod tests {
     fn a_flush_that_empties_more_segments_than_it_hands_on_keeps_the_count_true() {
         // Nine segments of the largest class, each with one block out, in
         // a pool of the test's own; one flush (`give_back`) frees the nine.
-        // The class keeps up to four, the flush hands up to four to the
-        // chunk cache, and keeps the rest after all.
+        // The class keeps up to four, the rest go to the chunk cache.
         let pool = SpinLock::new(AceClass::EMPTY);
         let seg = |b: *mut u8| crate::segment::chunk_of(b as usize) as *mut AceSegment;
         let (first, _) = take_one(&pool);
@@ -1274,12 +1267,19 @@ mod tests {
             }
         }
         give_back_to(&pool, last_of_each, 9);
-        let p = pool.lock();
+        let mut p = pool.lock();
         assert!(p.partial.is_null(), "every segment's blocks are back");
         assert_eq!(
             p.segments, p.free_count,
             "the class counts every segment it keeps"
         );
+        assert!(p.free_count <= KEEP_FREE_SEGMENTS);
+        // Its kept segments go, so that other tests find the global
+        // count of kept segments as it was.
+        while let Some(s) = p.take_kept(false) {
+            p.segments -= 1;
+            hand_to_cache(&[s]);
+        }
     }
 
     /// One block of the largest class (7 a segment) from a test's own
@@ -1449,7 +1449,8 @@ mod tests {
         // Kept with every block free (whatever other tests keep meanwhile).
         let mut p = pool.lock();
         if let Some(s) = p.put(seg, b.cast()) {
-            p.keep_released(s);
+            p.segments += 1;
+            p.keep_free(s);
         }
         drop(p);
         // Due (with no idle time): refused once, then not due again at
