@@ -518,14 +518,13 @@ fn beyond_list() {
         // SAFETY: a thread made by `spawn_holders`, joined once.
         assert_eq!(unsafe { libc::pthread_join(id, std::ptr::null_mut()) }, 0);
     }
-    let classes = 0..hakmem_common::TINY_CLASSES;
-    let acquired: u64 = classes
-        .clone()
-        .flat_map(|c| (1..=hakmem_common::STAGES).map(move |s| (c, s)))
-        .map(|(c, s)| during.acquire(c, s))
+    let legacy: u64 = (0..hakmem_common::TINY_CLASSES)
+        .map(|c| during.legacy_blocks(c))
         .sum();
-    let legacy: u64 = classes.map(|c| during.legacy_blocks(c)).sum();
-    println!("beyond-list acquired: {acquired}");
+    println!(
+        "beyond-list acquired: {}",
+        during.probe(hakmem_common::ProbeId::SsAcquire)
+    );
     println!("beyond-list legacy: {legacy}");
 }
 
@@ -1347,6 +1346,31 @@ fn take_hook(point: hakmem::test_hooks::Point, _slab: usize) {
 const TAKE_SIZE: usize = 768;
 const TAKE_SLAB: usize = 64 << 10;
 
+/// The owner's 60 blocks of `TAKE_SIZE`, a new thread's first of the bin:
+/// its first slab of the bin holds most of them. The caller frees them.
+fn owners_first_blocks() -> [usize; 60] {
+    let mut first = [0usize; 60];
+    for b in first.iter_mut() {
+        // SAFETY: plain allocation, checked.
+        *b = unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize;
+        assert!(*b != 0);
+    }
+    first
+}
+
+/// Whether RACE_STAGE reaches `stage` within 5 s (a run that misses its
+/// window then fails, it does not hang). Allocates nothing.
+fn stage_reaches(stage: u32) -> bool {
+    use std::sync::atomic::Ordering;
+    for _ in 0..500 {
+        if RACE_STAGE.load(Ordering::Acquire) >= stage {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
 /// What the owner does while a free takes its slab (`RACE_OWNER`).
 #[derive(Clone, Copy)]
 enum OwnerAct {
@@ -1386,12 +1410,7 @@ fn race_take_slab() {
     let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let owner = std::thread::spawn(move || {
-        let mut first = [0usize; 60];
-        for b in first.iter_mut() {
-            // SAFETY: plain allocation, checked.
-            *b = unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize;
-            assert!(*b != 0);
-        }
+        let first = owners_first_blocks();
         // SAFETY: gettid has no preconditions.
         OWNER_TID.store(unsafe { libc::gettid() }, Ordering::Release);
         tx.send(first).unwrap();
@@ -1577,38 +1596,22 @@ fn race_take_refused() {
         {
             return;
         }
-        // Up to 5 s: a run that misses the window fails below, not hangs.
-        for _ in 0..500 {
-            if RACE_STAGE.load(Ordering::Acquire) >= until {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        if !stage_reaches(until) {
+            TIMED_OUT.store(true, Ordering::Release);
         }
-        TIMED_OUT.store(true, Ordering::Release);
     }
     static TIMED_OUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     hakmem::test_hooks::set(Some(hook));
     let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
     let owner = std::thread::spawn(move || {
-        let mut first = [0usize; 60];
-        for b in first.iter_mut() {
-            // SAFETY: plain allocation, checked, freed by the main thread.
-            *b = unsafe { hakmem::api::malloc(TAKE_SIZE) } as usize;
-            assert!(*b != 0);
-        }
-        tx.send(first).unwrap();
+        tx.send(owners_first_blocks()).unwrap();
         let pid = fork_a_refilling_child();
         let _ = RACE_STAGE.compare_exchange(2, 3, Ordering::AcqRel, Ordering::Relaxed);
         reap_within_10s(pid);
     });
     let first = rx.recv().unwrap();
     let slab = first[0] / TAKE_SLAB;
-    for _ in 0..500 {
-        if RACE_STAGE.load(Ordering::Acquire) >= 1 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    stage_reaches(1);
     // The slab's blocks first: the try comes at half of them.
     let (in_slab, rest): (Vec<usize>, Vec<usize>) =
         first.iter().partition(|&&b| b / TAKE_SLAB == slab);

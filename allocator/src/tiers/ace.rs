@@ -486,10 +486,9 @@ pub fn trim() -> bool {
             {
                 let mut pool = class.lock();
                 while n < free.len() {
-                    let Some(s) = pool.take_kept(false) else {
+                    let Some(s) = pool.release_kept() else {
                         break;
                     };
-                    pool.segments -= 1;
                     free[n] = s;
                     n += 1;
                 }
@@ -941,6 +940,14 @@ impl AceClass {
 
     /// Takes a segment `keep_free` kept off the free list, if there is one
     /// (with `resident`, only one whose pages are still resident).
+    /// A kept segment leaving the class (no longer counted), for the
+    /// caller to hand to the chunk cache once it has let go of the lock.
+    fn release_kept(&mut self) -> Option<*mut AceSegment> {
+        let s = self.take_kept(false)?;
+        self.segments -= 1;
+        Some(s)
+    }
+
     fn take_kept(&mut self, resident: bool) -> Option<*mut AceSegment> {
         let mut seg = self.free;
         // SAFETY: segments on our lists are live and ours (lock held).
@@ -1276,8 +1283,7 @@ mod tests {
         assert!(p.free_count <= KEEP_FREE_SEGMENTS);
         // Its kept segments go, so that other tests find the global
         // count of kept segments as it was.
-        while let Some(s) = p.take_kept(false) {
-            p.segments -= 1;
+        while let Some(s) = p.release_kept() {
             hand_to_cache(&[s]);
         }
     }
