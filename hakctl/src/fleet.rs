@@ -54,17 +54,18 @@ pub fn files(named: &[PathBuf]) -> Result<Vec<HakmemObject>> {
 }
 
 /// Files named `*hakmem*` mapped by running processes, as their processes
-/// see them (`/proc/PID/root/PATH`, so a container's copy is found too).
+/// see them (`target::mapping_file`: a container's copy, or one deleted
+/// since, is found too).
 fn mapped_hakmem_files() -> BTreeSet<PathBuf> {
     let mut found = BTreeSet::new();
     for pid in pids() {
         let Ok(files) = target::mapped_files(pid as i32) else {
             continue;
         };
-        for path in files.keys() {
+        for (path, &(start, end)) in &files {
             let name = Path::new(path).file_name().unwrap_or_default();
             if name.to_string_lossy().contains("hakmem") {
-                found.insert(PathBuf::from(format!("/proc/{pid}/root{path}")));
+                found.insert(target::mapping_file(pid as i32, path, start, end));
             }
         }
     }

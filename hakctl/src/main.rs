@@ -106,10 +106,10 @@ enum Command {
         #[arg(value_name = "PID INTERVAL COUNT", num_args = 0..=3)]
         positional: Vec<String>,
         /// Seconds between refreshes.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = interval_seconds)]
         interval: Option<f64>,
         /// Stop after this many seconds (default: until Ctrl-C or the target exits).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = duration_seconds)]
         duration: Option<f64>,
         /// One JSON document per refresh (schema: docs/json-schema.md).
         #[arg(short, long)]
@@ -124,7 +124,7 @@ enum Command {
         #[command(flatten)]
         target: Target,
         /// Seconds to collect (default: until Ctrl-C or the target exits).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = duration_seconds)]
         duration: Option<f64>,
         /// Print the raw counts as JSON (schema: docs/json-schema.md).
         #[arg(short, long)]
@@ -151,7 +151,7 @@ enum Command {
         #[arg(short, long = "arg", value_name = "NAME=VALUE")]
         arg: Vec<String>,
         /// Stop after this many seconds.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = duration_seconds)]
         duration: Option<f64>,
         /// One JSON document per event, with its wall-clock time (schema: docs/json-schema.md).
         #[arg(short, long)]
@@ -202,7 +202,7 @@ out only where it keeps frame pointers too (gcc/clang -fno-omit-frame-pointer)."
         #[arg(short, long, value_name = "NAME=VALUE")]
         arg: Vec<String>,
         /// Seconds to collect (default: until Ctrl-C or the target exits).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = duration_seconds)]
         duration: Option<f64>,
         /// Stacks shown per probe.
         #[arg(short, long, default_value_t = 5)]
@@ -225,7 +225,7 @@ out only where it keeps frame pointers too (gcc/clang -fno-omit-frame-pointer)."
     /// Start CMD with libhakmem.so preloaded and watch it from its first allocation.
     Run {
         /// Seconds between refreshes.
-        #[arg(short, long, default_value_t = 1.0)]
+        #[arg(short, long, default_value_t = 1.0, value_parser = interval_seconds)]
         interval: f64,
         /// One JSON document per refresh (schema: docs/json-schema.md).
         #[arg(short, long)]
@@ -247,6 +247,42 @@ out only where it keeps frame pointers too (gcc/clang -fno-omit-frame-pointer)."
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff), made from these definitions: `hakctl man | man -l -`.
     Man,
+}
+
+/// The longest duration or interval taken, in seconds (about three years):
+/// past it a deadline could overflow the clock's type.
+const MAX_SECONDS: f64 = 1e8;
+/// The shortest interval between refreshes: a view redrawn more often than
+/// every 10 ms only floods the terminal.
+const MIN_INTERVAL: f64 = 0.01;
+
+/// Seconds in `s`, refused unless `low` says they are enough (`at_least`
+/// names that bound in the message) and at most `MAX_SECONDS`.
+fn seconds_within(s: &str, low: impl Fn(f64) -> bool, at_least: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(low(v) && v <= MAX_SECONDS) {
+        return Err(format!(
+            "{s} seconds: it must be {at_least} and at most {MAX_SECONDS}"
+        ));
+    }
+    Ok(v)
+}
+
+/// `--duration`: seconds, more than none (`-d 0` would stop at once).
+fn duration_seconds(s: &str) -> Result<f64, String> {
+    seconds_within(s, |v| v > 0.0, "more than 0")
+}
+
+/// `--interval` and `watch`'s positional interval.
+fn interval_seconds(s: &str) -> Result<f64, String> {
+    seconds_within(
+        s,
+        |v| v >= MIN_INTERVAL,
+        &format!("at least {MIN_INTERVAL}"),
+    )
 }
 
 /// `watch`'s process (None: `--all`), interval and count from `-p`, its
@@ -273,10 +309,7 @@ fn watch_args(
     };
     let positional_interval = rest
         .next()
-        .map(|v| {
-            v.parse::<f64>()
-                .with_context(|| format!("interval {v:?} is not a number of seconds"))
-        })
+        .map(|v| interval_seconds(v).map_err(anyhow::Error::msg))
         .transpose()?;
     let count = rest
         .next()
@@ -456,6 +489,32 @@ mod tests {
         ] {
             let e = watch_args(flag, false, &strings(&pos), interval).unwrap_err();
             assert!(format!("{e:#}").contains(says), "{pos:?}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn durations_and_intervals_outside_what_a_clock_holds_are_refused() {
+        for args in [
+            &["hakctl", "stage-stats", "42", "-d", "inf"][..],
+            &["hakctl", "stage-stats", "42", "-d", "1e19"],
+            &["hakctl", "stacks", "42", "-d", "nan"],
+            &["hakctl", "trace", "42", "--duration=-5"],
+            &["hakctl", "watch", "42", "-d", "0"],
+            &["hakctl", "watch", "42", "-i", "1e-12"],
+            &["hakctl", "watch", "42", "-i", "1e20"],
+            &["hakctl", "run", "-i", "1e20", "true"],
+        ] {
+            let e = Cli::try_parse_from(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} taken"));
+            assert!(e.to_string().contains("seconds"), "{args:?}: {e}");
+        }
+        for (pos, says) in [(["42", "1e19"], "at most"), (["42", "x"], "not a number")] {
+            let e = watch_args(None, false, &strings(&pos), None).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{pos:?}: {e:#}");
+        }
+        if let Err(e) = Cli::try_parse_from(["hakctl", "watch", "42", "-d", "0.5", "-i", "0.01"]) {
+            panic!("{e}");
         }
     }
 

@@ -22,6 +22,8 @@ use hakmem_common::{ProbeId, PROBES};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,12 @@ impl Frame {
 struct Resolver {
     symbolizer: Symbolizer,
     mappings: Vec<Mapping>,
+    /// The file of each mapping (by its start and path), opened while the process
+    /// lived through `target::mapping_file`: the file it maps even if the path
+    /// now names another (deleted or replaced since, or a container's own),
+    /// and still readable once the process has exited. Symbolized through
+    /// `/proc/self/fd/N`.
+    files: BTreeMap<(u64, String), std::fs::File>,
     cache: BTreeMap<u64, Frame>,
 }
 
@@ -103,6 +111,7 @@ impl Resolver {
         Resolver {
             symbolizer: Symbolizer::new(),
             mappings: Vec::new(),
+            files: BTreeMap::new(),
             cache: BTreeMap::new(),
         }
     }
@@ -110,9 +119,21 @@ impl Resolver {
     /// Reads the process's mappings again (kept when it has exited).
     fn refresh(&mut self, pid: i32) {
         let now = exec_mappings(pid);
-        if !now.is_empty() {
-            self.mappings = now;
+        if now.is_empty() {
+            return;
         }
+        self.files
+            .retain(|(start, path), _| now.iter().any(|m| m.start == *start && m.path == *path));
+        for m in &now {
+            let key = (m.start, m.path.clone());
+            if let std::collections::btree_map::Entry::Vacant(e) = self.files.entry(key) {
+                let path = crate::target::mapping_file(pid, &m.path, m.start, m.end);
+                if let Ok(f) = std::fs::File::open(path) {
+                    e.insert(f);
+                }
+            }
+        }
+        self.mappings = now;
     }
 
     /// The frame at return address (or, for the innermost, instruction
@@ -130,7 +151,10 @@ impl Resolver {
         let frame = match self.mappings.iter().find(|m| m.start <= key && key < m.end) {
             Some(m) => {
                 let offset = key - m.start + m.offset;
-                let src = Source::Elf(Elf::new(&m.path));
+                let src = Source::Elf(Elf::new(match self.files.get(&(m.start, m.path.clone())) {
+                    Some(f) => PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
+                    None => PathBuf::from(&m.path),
+                }));
                 let symbol = match self
                     .symbolizer
                     .symbolize_single(&src, Input::FileOffset(offset))

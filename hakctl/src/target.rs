@@ -125,7 +125,10 @@ pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
 }
 
 /// The files mapped in `pid` (`/proc/PID/maps`): path -> (lowest start of
-/// a mapping at file offset 0, its end).
+/// a mapping at file offset 0, its end). A file deleted or replaced since it
+/// was mapped keeps its ` (deleted)` suffix: a process still running a
+/// library that was rebuilt under it is attached to the copy it maps
+/// (`mapping_file`).
 pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
     if pid <= 0 || !alive(pid) {
         bail!("no such process: {pid}");
@@ -142,7 +145,7 @@ pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
     })?;
     let mut files: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for m in maps.lines().filter_map(parse_maps_line) {
-        if !m.path.starts_with('/') || m.path.ends_with("(deleted)") || m.offset != 0 {
+        if !m.path.starts_with('/') || m.offset != 0 {
             continue;
         }
         files
@@ -157,6 +160,18 @@ pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
     Ok(files)
 }
 
+/// A path that opens the file `pid` maps at `start..end` under `path`: its
+/// `map_files` link, which names the mapped inode even if the path was
+/// replaced or deleted since, or failing that (no `CAP_SYS_ADMIN`) the path
+/// as the process sees it (`/proc/PID/root`: a container's own file).
+pub fn mapping_file(pid: i32, path: &str, start: u64, end: u64) -> PathBuf {
+    let by_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+    if std::fs::metadata(&by_mapping).is_ok() {
+        return by_mapping;
+    }
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
 /// The ELF files mapped in `pid`, and how many mapped files could not be
 /// read for want of privilege.
 pub fn mapped_elfs(pid: i32) -> Result<(Vec<MappedElf>, usize)> {
@@ -164,14 +179,7 @@ pub fn mapped_elfs(pid: i32) -> Result<(Vec<MappedElf>, usize)> {
     let mut out = Vec::new();
     let mut refused = 0;
     for (path, (start, end)) in files {
-        // map_files names the mapped inode even if the path was replaced since.
-        let by_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
-        let by_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
-        let attach_path = if std::fs::metadata(&by_mapping).is_ok() {
-            by_mapping
-        } else {
-            by_root
-        };
+        let attach_path = mapping_file(pid, &path, start, end);
         let data = match std::fs::read(&attach_path) {
             Ok(data) => data,
             Err(e) => {

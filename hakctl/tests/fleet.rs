@@ -23,9 +23,14 @@ fn python() -> PathBuf {
 
 /// A program started with libhakmem.so preloaded and its exit tally going to `stats`.
 fn preloaded(program: &Path, args: &[&str], stats: &Path) -> Command {
+    preloaded_from(&release_lib(), program, args, stats)
+}
+
+/// `preloaded`, with the library at `lib`.
+fn preloaded_from(lib: &Path, program: &Path, args: &[&str], stats: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .env("LD_PRELOAD", release_lib())
+        .env("LD_PRELOAD", lib)
         .env("HAKMEM_STATS_FILE", stats)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -238,6 +243,18 @@ int main(void) {
 /// `hakctl stacks ARGS` on `program` started with the preload, told to go once hakctl is attached:
 /// (hakctl's stdout, its stderr, the program's own exit tally).
 fn stacks_of(program: &Path, script: Option<&str>, args: &[&str]) -> (String, String, Value) {
+    stacks_after(program, script, args, &release_lib(), |_| {})
+}
+
+/// `stacks_of`, with the library at `lib`, and `meanwhile` run on the
+/// library's path once the program has mapped it, before hakctl starts.
+fn stacks_after(
+    program: &Path,
+    script: Option<&str>,
+    args: &[&str],
+    lib: &Path,
+    meanwhile: impl FnOnce(&Path),
+) -> (String, String, Value) {
     use std::io::Write;
     let dir = scratch_dir("stacks");
     let stats = dir.join(format!(
@@ -245,7 +262,8 @@ fn stacks_of(program: &Path, script: Option<&str>, args: &[&str]) -> (String, St
         program.file_name().unwrap().to_string_lossy()
     ));
     let _ = std::fs::remove_file(&stats);
-    let mut target = preloaded(
+    let mut target = preloaded_from(
+        lib,
         program,
         script.map(|s| vec!["-c", s]).unwrap_or_default().as_slice(),
         &stats,
@@ -254,6 +272,7 @@ fn stacks_of(program: &Path, script: Option<&str>, args: &[&str]) -> (String, St
     .unwrap();
     // Loaded and waiting on stdin: its first allocations are done, libhakmem.so is mapped.
     std::thread::sleep(Duration::from_millis(300));
+    meanwhile(lib);
     let pid = target.id().to_string();
     let mut all = vec!["stacks", pid.as_str()];
     all.extend(args);
@@ -285,12 +304,7 @@ fn stacks_name_the_function_that_made_the_allocator_map_superslabs() {
     let doc: Value = serde_json::from_str(&out).unwrap();
     let stacks = doc["stacks"].as_array().unwrap();
     // Every Stage 3 acquisition the program made (its own tally) has a stack.
-    let stage3: u64 = own["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["stage3"].as_u64().unwrap())
-        .sum();
+    let stage3 = stage3_of(&own);
     let counted: u64 = stacks.iter().map(|s| s["count"].as_u64().unwrap()).sum();
     assert!(stage3 > 0, "{own}");
     assert_eq!(counted + doc["lost"].as_u64().unwrap(), stage3, "{out}");
@@ -325,6 +339,59 @@ fn stacks_name_the_function_that_made_the_allocator_map_superslabs() {
     }
     assert_eq!(total, stage3, "{out}");
     let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}
+
+/// Every Stage 3 acquisition the program made, by its own tally.
+fn stage3_of(own: &Value) -> u64 {
+    own["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stage3"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_library_rebuilt_under_a_running_process_is_still_attached_and_symbolized() {
+    if !need_bpf("a_library_rebuilt") {
+        return;
+    }
+    // What `cargo build` or a package upgrade does to a process already
+    // running: its library's path now names another file, and maps reads
+    // "/PATH (deleted)". hakctl attaches to the file the process maps and
+    // symbolizes against it, not against what the path names now.
+    let exe = gcc_program("known", KNOWN);
+    let lib = scratch_dir("rebuilt").join("libhakmem.so");
+    std::fs::copy(release_lib(), &lib).unwrap();
+    let (out, err, own) = stacks_after(
+        &exe,
+        None,
+        &["--probe", "ss_acquire", "-a", "stage=3", "-j"],
+        &lib,
+        |lib| {
+            std::fs::remove_file(lib).unwrap();
+            std::fs::write(lib, b"not the library the process maps").unwrap();
+        },
+    );
+    let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    let counted: u64 = doc["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["count"].as_u64().unwrap())
+        .sum();
+    assert!(stage3_of(&own) > 0, "{own}");
+    assert_eq!(counted, stage3_of(&own), "{out}");
+    for s in doc["stacks"].as_array().unwrap() {
+        let frames = s["frames"].as_array().unwrap();
+        assert!(in_hakmem(&frames[0]), "{s}");
+        assert!(
+            frames[0]["symbol"].as_str().unwrap().contains("ss_acquire"),
+            "the innermost frame symbolized against the mapped library: {s}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+    let _ = std::fs::remove_dir_all(lib.parent().unwrap());
 }
 
 #[test]
