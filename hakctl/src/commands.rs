@@ -802,7 +802,8 @@ pub async fn run(
     let full_screen = std::io::stdout().is_terminal() && !json;
     let output = child_output(output, full_screen)?;
     let log = output.path();
-    let mut child = crate::run::spawn(cmd, &lib, drains, output)?;
+    let preload = crate::run::PreloadPath::new(&lib)?;
+    let mut child = crate::run::spawn(cmd, &preload.path, drains, output)?;
     let mut stop = Stop::new()?;
     let mut live = Live::new(json, "run")?;
     let mut prev: Option<Snapshot> = None;
@@ -840,6 +841,14 @@ pub async fn run(
     live.finish(child.session.as_ref(), code.is_some())?;
     if let Some(log) = log {
         say(format_args!("the command's output is in {}", log.display()));
+    }
+    if code.is_some() && !child.attached_once {
+        say(format_args!(
+            "{} exited without an allocation through {}: nothing was watched (it made none, \
+             or ignored LD_PRELOAD as statically linked and set-user-ID programs do)",
+            cmd[0],
+            lib.display()
+        ));
     }
     match code {
         Some(c) => {

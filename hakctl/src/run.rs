@@ -28,6 +28,9 @@ pub enum Event {
 pub struct Child {
     pub pid: i32,
     pub session: Option<Session>,
+    /// Whether any image of the command loaded the library (stopped at its
+    /// first allocation): if none did, nothing was watched.
+    pub attached_once: bool,
     /// Attach the drain probes too (see `session::DRAIN_PROBES`).
     drains: bool,
 }
@@ -45,6 +48,58 @@ impl Output {
         match self {
             Output::File(p, _) => Some(p.clone()),
             Output::Stderr => None,
+        }
+    }
+}
+
+/// The library's path as `LD_PRELOAD` can carry it: ld.so splits that list
+/// at spaces and colons and has no escape, so a library under such a path
+/// (a checkout in "~/my projects") is preloaded through a link to it in a
+/// directory of its own under the temporary directory, removed when dropped.
+pub struct PreloadPath {
+    pub path: std::path::PathBuf,
+    link_dir: Option<std::path::PathBuf>,
+}
+
+impl PreloadPath {
+    pub fn new(lib: &std::path::Path) -> Result<PreloadPath> {
+        let splits = |p: &std::path::Path| {
+            p.as_os_str()
+                .as_encoded_bytes()
+                .iter()
+                .any(|b| b" :\t\n".contains(b))
+        };
+        if !splits(lib) {
+            return Ok(PreloadPath {
+                path: lib.to_path_buf(),
+                link_dir: None,
+            });
+        }
+        let dir = std::env::temp_dir().join(format!("hakctl-preload-{}", std::process::id()));
+        let path = dir.join("libhakmem.so");
+        if splits(&path) {
+            bail!(
+                "LD_PRELOAD cannot name {}: ld.so splits it at spaces and colons, and so would \
+                 a link in the temporary directory {}; set TMPDIR to a directory without them",
+                lib.display(),
+                dir.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::os::unix::fs::symlink(lib, &path)
+            .with_context(|| format!("linking {} to {}", path.display(), lib.display()))?;
+        Ok(PreloadPath {
+            path,
+            link_dir: Some(dir),
+        })
+    }
+}
+
+impl Drop for PreloadPath {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.link_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -103,6 +158,7 @@ pub fn spawn(cmd: &[String], lib: &std::path::Path, drains: bool, output: Output
     Ok(Child {
         pid,
         session: None,
+        attached_once: false,
         drains,
     })
 }
@@ -136,6 +192,7 @@ impl Child {
                 // Its first allocation: attach, and swallow the stop.
                 let objects = target::find_in_process(self.pid)?;
                 self.session = Some(Session::attach(self.pid, objects, self.drains)?);
+                self.attached_once = true;
                 event = Event::Attached;
             } else {
                 deliver = sig;

@@ -337,6 +337,51 @@ fn run_preloads_and_watches_from_the_first_allocation() {
     );
 }
 
+#[test]
+fn run_preloads_a_library_under_a_path_ld_so_would_split_and_says_when_nothing_was_watched() {
+    if !need_bpf("run_preloads_a_library_under_a_path_ld_so_would_split") {
+        return;
+    }
+    // LD_PRELOAD splits at spaces and colons with no escape: a checkout in
+    // "~/my projects" would preload nothing, and run watched nothing, silently.
+    let dir = scratch_dir("run path").join("my build:release");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join("libhakmem.so");
+    std::fs::copy(release_lib(), &lib).unwrap();
+    let run = |args: &[&str]| {
+        hakctl()
+            .env("HAKMEM_LIB", &lib)
+            .args(["run", "--json", "--interval", "0.2", "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "python3",
+        "-c",
+        "x = [bytes(i % 900) for i in range(100000)]",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let docs = json_lines(&out);
+    let last = docs
+        .last()
+        .unwrap_or_else(|| panic!("no document; hakctl said: {stderr}"));
+    assert_eq!(last["target_exited"], true);
+    assert!(
+        last["counts"]["probes"]["ss_acquire"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    assert!(!stderr.contains("nothing was watched"), "{stderr}");
+    // A program that ignores the preload (ldconfig is statically linked) is
+    // named, not passed over.
+    let out = run(&["/sbin/ldconfig", "--version"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing was watched"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
 fn fails_with(out: Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
