@@ -28,7 +28,13 @@ fn mem(pid: u32) -> Value {
         "hakctl mem: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&doc["schema"], &doc["kind"]),
+        (&"hakctl/1".into(), &"mem".into())
+    );
+    assert!(doc["time_unix_s"].as_f64().unwrap() > 1.7e9, "{doc}");
+    doc
 }
 
 fn in_use(doc: &Value, tier: &str) -> u64 {

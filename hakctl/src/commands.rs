@@ -156,7 +156,7 @@ pub fn probes(target_arg: &str, json: bool) -> Result<ExitCode> {
         }
         for (name, sites) in by_name {
             let s = sites[0];
-            let addr = obj.load_bias.wrapping_add(s.semaphore);
+            let addr = semaphore_address(obj, s).map_or("-".into(), |a| format!("{a:#x}"));
             let enabled = match pid {
                 Some(pid) => match target::read_semaphore(pid, obj, s) {
                     Some(v) => format!("{} ({v})", if v > 0 { "yes" } else { "no" }),
@@ -168,13 +168,18 @@ pub fn probes(target_arg: &str, json: bool) -> Result<ExitCode> {
                 .map(|id| PROBES[id as usize].args.join(", "))
                 .unwrap_or_else(|| s.args.clone());
             println!(
-                "{name:<18} {:>5}  {:<#18x} {enabled:<10} {args}",
+                "{name:<18} {:>5}  {addr:<18} {enabled:<10} {args}",
                 sites.len(),
-                addr
             );
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a site's semaphore is in the process; None for a site without one
+/// (a provider built without semaphores: its address field is 0).
+fn semaphore_address(obj: &HakmemObject, site: &crate::stapsdt::ProbeSite) -> Option<u64> {
+    (site.semaphore != 0).then(|| obj.load_bias.wrapping_add(site.semaphore))
 }
 
 pub(crate) fn attach(pid: i32, drains: bool) -> Result<(Session, Vec<HakmemObject>)> {
@@ -418,13 +423,18 @@ pub async fn stage_stats(
         None,
         end == End::TargetExited,
     );
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r.json())?);
+    // Written without println!, which panics when the terminal hung up (the
+    // SIGHUP that ended the wait).
+    let report = if json {
+        serde_json::to_string_pretty(&r.json())? + "\n"
     } else {
-        print!("{}", r.tables());
-    }
+        r.tables()
+    };
+    let _ = std::io::stdout().lock().write_all(report.as_bytes());
     if end == End::TargetExited {
-        eprintln!("hakctl: process {pid} exited; counts cover its whole run after attach");
+        say(format_args!(
+            "process {pid} exited; counts cover its whole run after attach"
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -578,14 +588,14 @@ pub async fn trace(
     drop(out);
     let drops = session.snapshot()?.trace_drops;
     let filtered = session.trace_filtered()?;
-    eprintln!(
-        "hakctl: {printed} events printed, {drops} dropped (ring buffer full), {filtered} filtered out in the kernel{}",
+    say(format_args!(
+        "{printed} events printed, {drops} dropped (ring buffer full), {filtered} filtered out in the kernel{}",
         if end == End::TargetExited {
             "; target exited"
         } else {
             ""
         }
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -607,7 +617,7 @@ fn probes_json(pid: Option<i32>, objects: &[HakmemObject]) -> serde_json::Value 
                     serde_json::json!({
                         "probe": name,
                         "sites": sites.iter().map(|s| obj.load_bias.wrapping_add(s.pc)).collect::<Vec<_>>(),
-                        "semaphore": obj.load_bias.wrapping_add(s.semaphore),
+                        "semaphore": semaphore_address(obj, s),
                         "semaphore_count": semaphore_count,
                         "args": ProbeId::from_name(name).map(|id| PROBES[id as usize].args.to_vec()),
                     })
@@ -856,10 +866,10 @@ pub async fn run(
             Ok(ExitCode::from(c.clamp(0, 255) as u8))
         }
         None => {
-            eprintln!(
-                "hakctl: {}; the command is ended with hakctl",
+            say(format_args!(
+                "{}; the command is ended with hakctl",
                 stopped.unwrap_or("interrupted")
-            );
+            ));
             Ok(ExitCode::FAILURE)
         }
     }

@@ -827,9 +827,7 @@ pub fn forget(pid: i32) {
 
 /// Reads the levels of every copy of hakmem in `pid`.
 pub fn read(pid: i32) -> Result<Reading> {
-    if pid <= 0 || !crate::target::alive(pid) {
-        bail!("no such process: {pid}");
-    }
+    crate::target::check_running(pid)?;
     let m = Mem::open(pid)?;
     let mut found = FOUND.lock().unwrap_or_else(|e| e.into_inner());
     let still_mapped = |c: &[Copy]| {
@@ -868,7 +866,11 @@ pub fn read(pid: i32) -> Result<Reading> {
 pub fn mem(pid: i32, json_out: bool) -> Result<std::process::ExitCode> {
     let reading = read(pid)?;
     if json_out {
-        println!("{}", reading.json());
+        let mut doc = reading.json();
+        doc["schema"] = crate::report::SCHEMA.into();
+        doc["kind"] = "mem".into();
+        doc["time_unix_s"] = crate::report::unix_now().into();
+        println!("{doc}");
     } else {
         let accounted = reading.accounted();
         println!(

@@ -28,6 +28,18 @@ pub fn alive(pid: i32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// An error naming why `pid` cannot be read: no such process, or one that
+/// has exited (a zombie's maps and memory read as empty).
+pub fn check_running(pid: i32) -> Result<()> {
+    if pid <= 0 || !alive(pid) {
+        bail!("no such process: {pid}");
+    }
+    if exited(pid) {
+        bail!("process {pid} has exited (its parent has not reaped it yet)");
+    }
+    Ok(())
+}
+
 /// Whether `pid` is gone or a zombie (exited, not yet reaped).
 pub fn exited(pid: i32) -> bool {
     if !alive(pid) {
@@ -130,9 +142,7 @@ pub fn parse_maps_line(line: &str) -> Option<MapsLine> {
 /// library that was rebuilt under it is attached to the copy it maps
 /// (`mapping_file`).
 pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
-    if pid <= 0 || !alive(pid) {
-        bail!("no such process: {pid}");
-    }
+    check_running(pid)?;
     let maps_path = format!("/proc/{pid}/maps");
     let maps = std::fs::read_to_string(&maps_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {

@@ -426,6 +426,19 @@ fn clear_errors_for_bad_targets() {
     );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+    // Exited, not yet reaped: said so, not "no hakmem probes".
+    let mut zombie = Command::new("true").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for cmd in ["watch", "mem", "stacks"] {
+        fails_with(
+            hakctl()
+                .args([cmd, &zombie.id().to_string()])
+                .output()
+                .unwrap(),
+            "has exited (its parent has not reaped it yet)",
+        );
+    }
+    let _ = zombie.wait();
     fails_with(
         hakctl().args(["probes", "/bin/ls"]).output().unwrap(),
         "no hakmem probes in /bin/ls",
