@@ -420,6 +420,24 @@ fn out_of_memory_returns_null_with_enomem_and_fires_the_probes() {
 }
 
 #[test]
+fn a_request_no_mapping_could_hold_keeps_the_caches() {
+    // 2^42 and 2^45 bytes (more than memory and swap) through malloc, calloc
+    // and a chunk-aligned allocation, with 32 MiB in the chunk cache: before,
+    // each refusal emptied it (33,587,200 bytes given back).
+    let out = scenario_stdout("hopeless", &[]);
+    assert_eq!(number_after(&out, "hopeless gave back: "), 0, "{out}");
+    assert_eq!(number_after(&out, "curable gave back: "), 0, "{out}");
+    // Beyond a budget too; but a request that memory given back can serve
+    // still empties the cache and is served.
+    let out = scenario_stdout("hopeless", &[("HAKMEM_OS_LIMIT_MB", "64")]);
+    assert_eq!(number_after(&out, "hopeless gave back: "), 0, "{out}");
+    assert!(
+        number_after(&out, "curable gave back: ") >= 32 << 20,
+        "{out}"
+    );
+}
+
+#[test]
 fn double_free_aborts_with_a_message_or_is_ignored_by_request() {
     use std::os::unix::process::ExitStatusExt;
     let out = run_with_deadline("double-free", &[], 30);

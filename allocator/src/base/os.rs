@@ -48,18 +48,62 @@ pub fn refusals() -> usize {
 }
 
 /// Runs `map` within the budget: `bytes` are reserved before and given back
-/// if it returns null.
+/// if it returns null. A refusal is counted only if memory given back could
+/// cure it (`could_be_had`).
 fn charged(bytes: usize, map: impl FnOnce() -> *mut u8) -> *mut u8 {
     if !reserve(bytes) {
-        REFUSED.fetch_add(1, Ordering::Relaxed);
+        count_refusal(bytes);
         return core::ptr::null_mut();
     }
     let p = map();
     if p.is_null() {
-        REFUSED.fetch_add(1, Ordering::Relaxed);
+        count_refusal(bytes);
         MAPPED.fetch_sub(bytes, Ordering::Relaxed);
     }
     p
+}
+
+#[cold]
+fn count_refusal(bytes: usize) {
+    if could_be_had(bytes) {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a mapping of `bytes` could be had at all: no more than the
+/// budget (`HAKMEM_OS_LIMIT_MB`, the cgroup's), the address-space limit
+/// (`RLIMIT_AS`), and the machine's memory and swap (the kernel's overcommit
+/// heuristic refuses more than that in one mapping whatever is free).
+/// A refusal of more is not cured by giving memory back: callers then keep
+/// their caches (a program that tries a size from its input and falls back
+/// would otherwise empty every cache at each try). Two syscalls, on a
+/// refusal only.
+pub fn could_be_had(bytes: usize) -> bool {
+    if bytes > config::get().os_limit_bytes {
+        return false;
+    }
+    // SAFETY: both calls fill the plain structs given; all-zero is valid
+    // for each before the call.
+    let (limit, info) = unsafe {
+        let mut limit: libc::rlimit = core::mem::zeroed();
+        let mut info: libc::sysinfo = core::mem::zeroed();
+        let got_limit = libc::getrlimit(libc::RLIMIT_AS, &mut limit) == 0;
+        let got_info = libc::sysinfo(&mut info) == 0;
+        (got_limit.then_some(limit), got_info.then_some(info))
+    };
+    if let Some(l) = limit {
+        if l.rlim_cur != libc::RLIM_INFINITY && bytes as u64 > l.rlim_cur {
+            return false;
+        }
+    }
+    match info {
+        Some(i) => {
+            let unit = u64::from(i.mem_unit.max(1));
+            let memory = i.totalram.saturating_add(i.totalswap);
+            bytes as u64 <= memory.saturating_mul(unit)
+        }
+        None => true,
+    }
 }
 
 /// Chunks a region maps ahead. A SuperSlab, an ACE segment, a legacy segment
@@ -460,15 +504,24 @@ fn map_anonymous(bytes: usize, prot: libc::c_int, flags: libc::c_int) -> *mut u8
 /// `ptr`/`old` is exactly a live mapping made by this layer (possibly grown before).
 pub unsafe fn grow_in_place(ptr: *mut u8, old: usize, new: usize) -> bool {
     debug_assert!(new > old && new.is_multiple_of(PAGE));
-    // The address space it grows into may lie past any mapping of ours before:
-    // the registry's page for it must be writable (a split of the grown
-    // mapping in the chunk cache registers a piece there).
-    if !crate::registry::prepare(ptr as usize, new) || !reserve(new - old) {
+    if !reserve(new - old) {
         return false;
     }
     // SAFETY: per the contract the range is our mapping; flags 0 forbids moving it.
     let (r, _) = errno::keep(|| unsafe { libc::mremap(ptr.cast(), old, new, 0) });
     if r == libc::MAP_FAILED {
+        MAPPED.fetch_sub(new - old, Ordering::Relaxed);
+        return false;
+    }
+    // The address space it grew into may lie past any mapping of ours before:
+    // the registry's page for it must be writable (a split of the grown
+    // mapping in the chunk cache registers a piece there). Made so only once
+    // the growth is had: a refused one (the pages after were taken) leaves
+    // no table page writable, and committed, for a range never used.
+    if !crate::registry::prepare(ptr as usize, new) {
+        // SAFETY: shrinking back the growth just made, unused.
+        let (r, _) = errno::keep(|| unsafe { libc::mremap(ptr.cast(), new, old, 0) });
+        debug_assert!(r != libc::MAP_FAILED, "a shrink in place cannot fail");
         MAPPED.fetch_sub(new - old, Ordering::Relaxed);
         return false;
     }
@@ -668,6 +721,55 @@ mod tests {
         for &c in &chunks {
             // SAFETY: handed out above, no longer used; chunks go back one by one.
             unsafe { unmap(c as *mut u8, CHUNK) };
+        }
+    }
+
+    #[test]
+    fn a_refused_growth_in_place_makes_no_registry_page_writable() {
+        use crate::registry::{CHUNK_SHIFT, TOUCHED};
+        let touched =
+            |page: usize| TOUCHED[page / 64].load(Ordering::Relaxed) & (1 << (page % 64)) != 0;
+        let table_page = |addr: usize| (addr >> CHUNK_SHIFT) / 4096;
+        let old = 4 * CHUNK;
+        let p = map_aligned(old, CHUNK);
+        assert!(!p.is_null());
+        // A page of another mapping right after it: no growth in place.
+        // SAFETY: a fresh anonymous page at a hint, NOREPLACE: nothing of
+        // anyone's is replaced (EEXIST if taken, which serves as well).
+        let guard = unsafe {
+            libc::mmap(
+                p.add(old).cast(),
+                4096,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        // Up to 512 GiB past it, below the registry's 47 bits: up to 64 table
+        // pages (8 GiB each), none of them needed by a mapping of this
+        // process (no test maps above this one's).
+        let below_top = ((1usize << 47) - (p as usize + old)) & !(CHUNK - 1);
+        let new = old + below_top.min(1 << 39);
+        let (first, last) = (
+            table_page(p as usize + old) + 1,
+            table_page(p as usize + new - 1),
+        );
+        assert!(last >= first + 8, "mapped too near the top: {p:?}");
+        let before: Vec<bool> = (first..=last).map(touched).collect();
+        // SAFETY: our mapping of `old` bytes, unused.
+        assert!(!unsafe { grow_in_place(p, old, new) });
+        let after: Vec<bool> = (first..=last).map(touched).collect();
+        assert_eq!(
+            before, after,
+            "table pages made writable for a growth that was refused"
+        );
+        // SAFETY: both mappings made above, unused.
+        unsafe {
+            if guard != libc::MAP_FAILED {
+                munmap(guard as usize, 4096);
+            }
+            unmap(p, old);
         }
     }
 

@@ -39,6 +39,7 @@ fn main() {
         "forever" => forever,
         "fork" => fork,
         "oom" => oom,
+        "hopeless" => hopeless,
         "double-free" => double_free,
         "foreign-free" => foreign_free,
         "stale-free" => stale_free,
@@ -56,7 +57,7 @@ fn main() {
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|race-take-refused|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|hopeless|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|race-take-refused|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -904,6 +905,14 @@ fn oom() {
         assert_eq!(errno(), Some(libc::ENOMEM));
         let keep = hakmem::api::malloc(100);
         fill(keep, 100, 9);
+        // Blocks to grow at the limit, and blocks of their new sizes' classes
+        // to free into the thread cache once nothing else can be had.
+        let grows = [(20_000, 40_000), (16_000, 17_000)];
+        let to_grow = grows.map(|(from, _)| hakmem::api::malloc(from));
+        let spares = grows.map(|(_, to)| hakmem::api::malloc(to));
+        for (p, (from, _)) in to_grow.iter().zip(grows) {
+            fill(*p, from, 5);
+        }
         let mut status = std::fs::read_to_string("/proc/self/status").unwrap();
         let vm: u64 = status
             .lines()
@@ -947,10 +956,68 @@ fn oom() {
         // A failing realloc leaves the block alone.
         assert!(hakmem::api::realloc(keep, 50_000_000).is_null());
         check(keep, 100, 9);
+        // A growth that cannot have its headroom (a parcel, twice the size)
+        // takes what malloc of the size would: here a block in the thread
+        // cache. glibc's realloc fails only when `size` bytes cannot be had.
+        for spare in spares {
+            hakmem::api::free(spare);
+        }
+        let mut grown = [std::ptr::null_mut(); 2];
+        for ((q, p), (_, to)) in grown.iter_mut().zip(to_grow).zip(grows) {
+            *q = hakmem::api::realloc(p, to);
+        }
+        // Checked with the memory given back: a failed assertion's message
+        // and backtrace need some (std's backtrace hangs at an allocation
+        // failure inside it).
         for p in &held[..n] {
             hakmem::api::free(*p);
         }
+        for (q, (from, to)) in grown.into_iter().zip(grows) {
+            assert!(!q.is_null(), "realloc({from} -> {to}) at the limit failed");
+            check(q, from, 5);
+            hakmem::api::free(q);
+        }
         hakmem::api::free(keep);
+    }
+}
+
+/// Requests no mapping could hold (more than memory and swap, than the
+/// budget) are refused without emptying the caches; one that memory given
+/// back could serve empties them and is served. Under HAKMEM_OS_LIMIT_MB=64
+/// (the test's), 40 MiB is such a request; without a limit it is served at
+/// once. Prints what each part gave back to the OS for the refusal.
+fn hopeless() {
+    use hakmem_common::codes::ReturnWhy;
+    let errno = || std::io::Error::last_os_error().raw_os_error();
+    let refused = || hakmem::stats::snapshot().returned_bytes(ReturnWhy::Refused);
+    // SAFETY: each call follows the C contract; results are checked.
+    unsafe {
+        // Eight 4 MiB mappings into the chunk cache.
+        let blocks: [*mut u8; 8] = std::array::from_fn(|_| hakmem::api::malloc(4 << 20));
+        for &b in &blocks {
+            assert!(!b.is_null());
+            fill(b, 4096, 1);
+        }
+        for b in blocks {
+            hakmem::api::free(b);
+        }
+        let before = refused();
+        for size in [1usize << 42, 1 << 45] {
+            assert!(hakmem::api::malloc(size).is_null(), "malloc({size})");
+            assert_eq!(errno(), Some(libc::ENOMEM));
+            assert!(hakmem::api::calloc(size, 1).is_null(), "calloc({size})");
+            assert!(
+                hakmem::api::alloc_aligned(4 << 20, size).is_null(),
+                "aligned({size})"
+            );
+            assert_eq!(errno(), Some(libc::ENOMEM));
+        }
+        println!("hopeless gave back: {}", refused() - before);
+        let before = refused();
+        let p = hakmem::api::malloc(40 << 20);
+        assert!(!p.is_null(), "malloc(40 MiB)");
+        println!("curable gave back: {}", refused() - before);
+        hakmem::api::free(p);
     }
 }
 

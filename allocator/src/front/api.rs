@@ -442,7 +442,8 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     // Past GROW_IN_CHUNK it moves to a parcel, where it grows in place up to
     // 252 KiB, and then to a large block, which grows in its chunk (up to
     // 2 MiB, then by mremap); below, it gets room to double, so that only
-    // every other growth step copies.
+    // every other growth step copies. Where that headroom cannot be had,
+    // the block is moved to one of the size alone.
     let new = if size <= old {
         let saved_errno = crate::errno::get();
         // SAFETY: forwarding.
@@ -458,7 +459,14 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         // The new block, and how many of its first bytes an earlier user
         // may have made resident.
         let (p, touched) = if size <= parcel::MAX && align <= MIN_ALIGN {
-            retried_after_refusal(|| parcel::alloc(size))
+            lifecycle::before_slow_path();
+            match retried_after_refusal(|| parcel::alloc(size)) {
+                // No parcel could be had (a new one needs a 2 MiB chunk): a
+                // block of the size, as malloc would give (ACE's caches).
+                // SAFETY: forwarding.
+                (p, _) if p.is_null() => (unsafe { malloc(size) }, usize::MAX),
+                got => got,
+            }
         } else {
             let (p, fresh) = large_alloc(size, align.max(MIN_ALIGN));
             (p, if fresh { 0 } else { usize::MAX })
@@ -475,7 +483,13 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     } else {
         let room = old.saturating_mul(2).min(GROW_IN_CHUNK);
         // SAFETY: forwarding.
-        unsafe { alloc_aligned(align, size.max(room)) }
+        match unsafe { alloc_aligned(align, size.max(room)) } {
+            // The room could not be had: the size alone, as glibc's realloc
+            // fails only when `size` bytes cannot be had.
+            // SAFETY: forwarding.
+            p if p.is_null() && room > size => unsafe { alloc_aligned(align, size) },
+            p => p,
+        }
     };
     if new.is_null() {
         return null_mut();

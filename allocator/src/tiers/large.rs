@@ -83,7 +83,7 @@ pub fn alloc(size: usize, align: usize) -> (*mut u8, bool) {
         Some(base) => (base, false),
         None => {
             let mut p = map_fresh(map);
-            if p.is_null() && chunks::flush_refused() {
+            if p.is_null() && os::could_be_had(map) && chunks::flush_refused() {
                 p = map_fresh(map);
             }
             if p.is_null() {
@@ -133,7 +133,7 @@ fn alloc_chunk_aligned(size: usize, align: usize) -> *mut u8 {
         return null_mut();
     };
     let mut base = os::map_aligned(over, align);
-    if base.is_null() && chunks::flush_refused() {
+    if base.is_null() && os::could_be_had(over) && chunks::flush_refused() {
         base = os::map_aligned(over, align);
     }
     if base.is_null() {
