@@ -458,7 +458,9 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
     } else if size > GROW_IN_CHUNK {
         // The new block, and how many of its first bytes an earlier user
         // may have made resident.
-        let (p, touched) = if size <= parcel::MAX && align <= MIN_ALIGN {
+        // (A parcel's block is 128-aligned: Rust's growing vectors of
+        // 32- to 128-aligned elements take one too, not a 2 MiB chunk each.)
+        let (p, touched) = if size <= parcel::MAX && align <= parcel::ALIGN {
             lifecycle::before_slow_path();
             match retried_after_refusal(|| parcel::alloc(size)) {
                 // No parcel could be had (a new one needs a 2 MiB chunk): a
@@ -807,6 +809,31 @@ mod tests {
             let m = malloc(40_000);
             assert_eq!(segment::lookup(m as usize).unwrap().kind, SegKind::Ace);
             free(m);
+        }
+    }
+
+    #[test]
+    fn aligned_growth_past_32_kib_takes_a_parcel_not_a_chunk() {
+        for align in [32, 64, 128] {
+            // SAFETY: each call follows the C contract; every block is
+            // written within its size and freed once.
+            unsafe {
+                let p = alloc_aligned(align, 20_000);
+                core::ptr::write_bytes(p, 7, 20_000);
+                let q = realloc_aligned(p, align, 40_000);
+                assert!((q as usize).is_multiple_of(align), "{q:?} for {align}");
+                assert_eq!(
+                    segment::lookup(q as usize).unwrap().kind,
+                    SegKind::Parcel,
+                    "align {align}"
+                );
+                assert!(core::slice::from_raw_parts(q, 20_000)
+                    .iter()
+                    .all(|&b| b == 7));
+                let r = realloc_aligned(q, align, 200_000);
+                assert_eq!(r, q, "grows in its parcel");
+                free(r);
+            }
         }
     }
 

@@ -32,6 +32,8 @@ struct LargeHeader {
     usable: usize,
 }
 
+const _: () = assert!(core::mem::size_of::<LargeHeader>() <= HEADER);
+
 /// Live large blocks and the bytes of their mappings (`mallinfo`'s hblks and
 /// hblkhd). Slow paths only: a large call maps or takes a mapping anyway.
 /// (The bytes are `chunks::LARGE_LIVE_BYTES`: the cache's reserve grows with them.)

@@ -32,6 +32,10 @@ const _: () = assert!(PARCELS == 8);
 const HEADER: usize = 128;
 /// Largest block a parcel holds: every parcel can (the first is a header short).
 pub const MAX: usize = PARCEL - HEADER;
+/// Every parcel's block is aligned to this: the first starts `HEADER` into a
+/// chunk-aligned chunk, the others on their parcel's boundary.
+pub const ALIGN: usize = HEADER;
+const _: () = assert!(HEADER.is_power_of_two() && PARCEL.is_multiple_of(HEADER));
 
 /// The chunk's first bytes. Threads using different parcels of a chunk share
 /// it, so every field that changes is atomic (Relaxed: the mask and the list
