@@ -420,6 +420,13 @@ fn out_of_memory_returns_null_with_enomem_and_fires_the_probes() {
 }
 
 #[test]
+fn a_thread_freeing_into_two_idle_owners_slabs_in_turn_takes_both() {
+    // Before, a taker remembered only its last try: 0 takes.
+    let out = scenario_stdout("take-two-owners", &[]);
+    assert_eq!(number_after(&out, "takes: "), 2, "{out}");
+}
+
+#[test]
 fn a_request_no_mapping_could_hold_keeps_the_caches() {
     // 2^42 and 2^45 bytes (more than memory and swap) through malloc, calloc
     // and a chunk-aligned allocation, with 32 MiB in the chunk cache: before,

@@ -53,11 +53,12 @@ fn main() {
         "race-repark" => race_repark,
         "race-mlock-region" => race_mlock_region,
         "race-take-slab" => race_take_slab,
+        "take-two-owners" => take_two_owners,
         "race-take-refused" => race_take_refused,
         "misuse" => misuse,
         "levels" => levels,
         _ => {
-            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|hopeless|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|race-take-refused|misuse|levels [--wait-attach]");
+            eprintln!("usage: hakmem-scenario recycle|legacy|ace|ace-mapfail|stress|mixed|burst|ace-burst|ace-free-threads|large-cache|calloc-sparse|large-stale|forever|fork|oom|hopeless|double-free|foreign-free|stale-free|abandon|grown|idle-burst|threads-burst|beyond-list|race-unowned-free|race-map-superslab|race-repark|race-mlock-region|race-take-slab|take-two-owners|race-take-refused|misuse|levels [--wait-attach]");
             std::process::exit(2);
         }
     };
@@ -1436,6 +1437,57 @@ fn stage_reaches(stage: u32) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     false
+}
+
+/// Takes decided (`Point::TakeSlab`), counted by `count_takes`.
+static TAKES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_takes(point: hakmem::test_hooks::Point, _slab: usize) {
+    if point == hakmem::test_hooks::Point::TakeSlab {
+        TAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Two owners make their first slab of a bin and go idle; this thread frees
+/// their blocks in turn, one of each. A free tries to take a slab when its
+/// remote list reaches half, then 16 frees later, and takes only from an
+/// owner idle since the thread's last try of that owner: with one record
+/// of the last try, the other owner's try came between and neither was
+/// ever taken. Prints "takes: N".
+fn take_two_owners() {
+    let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
+    let owners: Vec<_> = (0..2)
+        .map(|_| {
+            let tx = tx.clone();
+            let done = done_rx.clone();
+            std::thread::spawn(move || {
+                tx.send(owners_first_blocks()).unwrap();
+                // Idle (no allocation) until the frees are done.
+                let _ = done.lock().unwrap().recv();
+            })
+        })
+        .collect();
+    let blocks: Vec<[usize; 60]> = (0..2).map(|_| rx.recv().unwrap()).collect();
+    hakmem::test_hooks::set(Some(count_takes));
+    for i in 0..60 {
+        for b in &blocks {
+            // SAFETY: an owner's block, freed once, here.
+            unsafe { hakmem::api::free(b[i] as *mut u8) };
+        }
+    }
+    hakmem::test_hooks::set(None);
+    println!(
+        "takes: {}",
+        TAKES.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for _ in &owners {
+        done_tx.send(()).unwrap();
+    }
+    for o in owners {
+        o.join().unwrap();
+    }
 }
 
 /// What the owner does while a free takes its slab (`RACE_OWNER`).

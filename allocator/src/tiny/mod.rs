@@ -528,10 +528,11 @@ impl TinyCache {
         // them with takers that never allocate from them: xmalloc-test's
         // peak RSS 36 MB -> 357 MB.
         let entries = gate.entries.load(Ordering::Relaxed);
-        let idle = own.tried_owner.load(Ordering::Relaxed) == owner
-            && own.tried_entries.load(Ordering::Relaxed) == entries;
-        own.tried_owner.store(owner, Ordering::Relaxed);
-        own.tried_entries.store(entries, Ordering::Relaxed);
+        let tried = &own.tried[owner % owned_index::TRIED];
+        let idle = tried.owner.load(Ordering::Relaxed) == owner
+            && tried.entries.load(Ordering::Relaxed) == entries;
+        tried.owner.store(owner, Ordering::Relaxed);
+        tried.entries.store(entries, Ordering::Relaxed);
         if !idle {
             return false;
         }

@@ -112,10 +112,21 @@ pub struct Gate {
     /// The owner's slow paths so far (`TinyCache::enter`): a taker that
     /// finds it unchanged since its last try knows the owner is idle.
     pub entries: AtomicU32,
-    /// This thread's last try to take (as a taker): whose gate, and that
-    /// gate's `entries` then.
-    pub tried_owner: AtomicUsize,
-    pub tried_entries: AtomicU32,
+    /// This thread's last tries to take (as a taker), one per owner id
+    /// modulo `TRIED`: whose gate, and that gate's `entries` then. More than
+    /// one, so that a thread freeing into the slabs of two idle owners in
+    /// turn still finds each idle at its second try (with one, the other
+    /// owner's try always came between: neither was ever taken).
+    pub tried: [Tried; TRIED],
+}
+
+/// How many owners a taker remembers its last try of (`Gate::tried`).
+pub const TRIED: usize = 4;
+
+/// A taker's last try of one owner (`Gate::tried`).
+pub struct Tried {
+    pub owner: AtomicUsize,
+    pub entries: AtomicU32,
 }
 
 impl Gate {
@@ -128,8 +139,10 @@ impl Gate {
             a.store(0, Ordering::Relaxed);
         }
         self.entries.store(0, Ordering::Relaxed);
-        self.tried_owner.store(0, Ordering::Relaxed);
-        self.tried_entries.store(0, Ordering::Relaxed);
+        for t in &self.tried {
+            t.owner.store(0, Ordering::Relaxed);
+            t.entries.store(0, Ordering::Relaxed);
+        }
     }
 }
 
