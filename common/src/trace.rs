@@ -25,7 +25,15 @@ pub const CONFIG_PER_PROCESS: u32 = 1;
 /// user call stack into `STACK_COUNTS` (`hakctl stacks`), after the probe's
 /// `FILTERS` entry passes.
 pub const CONFIG_STACK_MASK: u32 = 2;
-pub const CONFIG_ENTRIES: u32 = 3;
+/// Indexes of hakctl's pid namespace, the device and inode of its
+/// `/proc/self/ns/pid` (the device as the kernel encodes it), when that is
+/// not the initial namespace: the program then names processes by their ids
+/// in it (`bpf_get_ns_current_pid_tgid`), as hakctl's `/proc` does, and
+/// leaves out of the per-process counts and stacks those it cannot see.
+/// Inode 0: the initial namespace, whose ids the plain helper gives.
+pub const CONFIG_PIDNS_DEV: u32 = 3;
+pub const CONFIG_PIDNS_INO: u32 = 4;
+pub const CONFIG_ENTRIES: u32 = 5;
 
 /// Processes `PROCESS_TALLY` holds at once (least recently updated evicted;
 /// hakctl removes the ones that exited at every refresh).

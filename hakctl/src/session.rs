@@ -10,8 +10,9 @@ use aya::programs::UProbe;
 use aya::Ebpf;
 use hakmem_common::hist::{HIST_BUCKETS, HIST_ROWS};
 use hakmem_common::trace::{
-    StackKey, TraceFilter, CONFIG_PER_PROCESS, CONFIG_STACK_MASK, CONFIG_TRACE_MASK,
-    DROPPED_FILTERED, DROPPED_FULL, DROPPED_STACK_MAP_FULL, FILTER_CONDITIONS,
+    StackKey, TraceFilter, CONFIG_PER_PROCESS, CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO,
+    CONFIG_STACK_MASK, CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, DROPPED_STACK_MAP_FULL,
+    FILTER_CONDITIONS,
 };
 use hakmem_common::{ProbeId, Tally, TALLY_SLOTS};
 use std::collections::BTreeMap;
@@ -84,6 +85,34 @@ pub struct Session {
     pub started: Instant,
 }
 
+/// Sets word `index` of the program's `CONFIG` array.
+fn set_config_in(ebpf: &mut Ebpf, index: u32, value: u64) -> Result<()> {
+    let mut config: Array<&mut MapData, u64> =
+        Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
+    config.set(index, value, 0)?;
+    Ok(())
+}
+
+/// The inode of the initial pid namespace (the kernel's `PROC_PID_INIT_INO`).
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// hakctl's pid namespace as `bpf_get_ns_current_pid_tgid` takes it (the
+/// device of `/proc/self/ns/pid` encoded as the kernel's `dev_t`, its
+/// inode), or None in the initial namespace (or without `/proc`), whose ids
+/// the program's plain helper gives. In a container without the host's pid
+/// namespace, `/proc` and the user's pids are the container's: the counts,
+/// stacks and traces are keyed by those ids too.
+fn own_pid_namespace() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    if ns.ino() == INITIAL_PID_NAMESPACE {
+        return None;
+    }
+    let dev = ns.dev();
+    let kernel_dev = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+    Some((kernel_dev, ns.ino()))
+}
+
 impl Session {
     /// Loads the programs and attaches them to every hakmem probe site of
     /// `objects` in `pid` (the `DRAIN_PROBES` only if `drains`).
@@ -118,6 +147,11 @@ impl Session {
             .context("eBPF program type")?;
         prog.load().map_err(|e| load_error(e.into()))?;
         let prog_fd = prog.fd().context("eBPF program fd")?.as_fd().as_raw_fd();
+        // Before the first event: ids in hakctl's pid namespace from the start.
+        if let Some((dev, ino)) = own_pid_namespace() {
+            set_config_in(&mut ebpf, CONFIG_PIDNS_DEV, dev)?;
+            set_config_in(&mut ebpf, CONFIG_PIDNS_INO, ino)?;
+        }
         let pmu = attach::uprobe_pmu_type()?;
         let mut links = Vec::new();
         for obj in &objects {
@@ -161,10 +195,7 @@ impl Session {
     }
 
     fn set_config(&mut self, index: u32, value: u64) -> Result<()> {
-        let mut config: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
-        config.set(index, value, 0)?;
-        Ok(())
+        set_config_in(&mut self.ebpf, index, value)
     }
 
     /// Sends the probes in `mask` (bit = probe id) through the trace ring buffer.

@@ -395,6 +395,54 @@ fn a_library_rebuilt_under_a_running_process_is_still_attached_and_symbolized() 
 }
 
 #[test]
+fn in_its_own_pid_namespace_hakctl_names_processes_by_the_ids_it_sees() {
+    if !need_bpf("pid_namespace") {
+        return;
+    }
+    // A container without the host's pid namespace: hakctl, its /proc and
+    // the target's pid are the container's; the kernel's plain ids are the
+    // host's. Before, `stacks` found none of its target's events ("stacks":
+    // []) and `watch --all` read every row as exited.
+    let dir = scratch_dir("pidns");
+    let script =
+        "import time; time.sleep(1.5); d = {i: [str(i)] * 4 for i in range(300000)}; time.sleep(1)";
+    let inside = format!(
+        "LD_PRELOAD={lib} {py} -c '{script}' & target=$!; sleep 0.5; \
+         {ctl} watch --all --lib {lib} 0.5 5 --json > {dir}/watch.json & \
+         {ctl} stacks $target --json > {dir}/stacks.json; wait",
+        lib = release_lib().display(),
+        py = python().display(),
+        ctl = env!("CARGO_BIN_EXE_hakctl"),
+        dir = dir.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &inside])
+        .output()
+        .expect("unshare");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let stacks: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stacks.json")).unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {said}"));
+    assert_eq!(
+        stacks["pid"], 2,
+        "the target is pid 2 in the namespace: {said}"
+    );
+    assert!(
+        !stacks["stacks"].as_array().unwrap().is_empty(),
+        "no stacks in the namespace: {stacks}"
+    );
+    let watch = std::fs::read_to_string(dir.join("watch.json")).unwrap();
+    let seen = watch
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .flat_map(|d| d["processes"].as_array().cloned().unwrap_or_default())
+        .any(|p| p["pid"] == 2 && p["command"] == "python3" && p["events"].as_u64() > Some(0));
+    assert!(seen, "no row for pid 2 with its counts: {watch}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn stacks_of_python_reach_its_c_frames() {
     if !need_bpf("stacks_of_python") {
         return;

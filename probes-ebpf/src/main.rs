@@ -12,8 +12,8 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::BPF_F_USER_STACK;
-use aya_ebpf::helpers::generated::bpf_get_attach_cookie;
+use aya_ebpf::bindings::{bpf_pidns_info, BPF_F_USER_STACK};
+use aya_ebpf::helpers::generated::{bpf_get_attach_cookie, bpf_get_ns_current_pid_tgid};
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, uprobe};
 use aya_ebpf::maps::{
@@ -27,9 +27,9 @@ use hakmem_common::hist::{
     HIST_TLS_DRAIN_BATCH,
 };
 use hakmem_common::trace::{
-    StackKey, TraceEvent, TraceFilter, CONFIG_ENTRIES, CONFIG_PER_PROCESS, CONFIG_STACK_MASK,
-    CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL, DROPPED_STACK_MAP_FULL, DROP_REASONS,
-    FILTER_ENTRIES, PROCESS_ENTRIES, STACK_ENTRIES,
+    StackKey, TraceEvent, TraceFilter, CONFIG_ENTRIES, CONFIG_PER_PROCESS, CONFIG_PIDNS_DEV,
+    CONFIG_PIDNS_INO, CONFIG_STACK_MASK, CONFIG_TRACE_MASK, DROPPED_FILTERED, DROPPED_FULL,
+    DROPPED_STACK_MAP_FULL, DROP_REASONS, FILTER_ENTRIES, PROCESS_ENTRIES, STACK_ENTRIES,
 };
 use hakmem_common::{tally, ProbeId, Tally, STAGES, TALLY_SLOTS};
 
@@ -104,8 +104,11 @@ fn handle(ctx: &ProbeContext) {
 
     let pid_tgid = bpf_get_current_pid_tgid();
     if config(CONFIG_PER_PROCESS) != 0 {
-        if let Some(t) = process_tally((pid_tgid >> 32) as u32) {
-            count(t, probe, a0, a1, a2);
+        let tgid = (seen_pid_tgid() >> 32) as u32;
+        if tgid != 0 {
+            if let Some(t) = process_tally(tgid) {
+                count(t, probe, a0, a1, a2);
+            }
         }
     }
     match probe {
@@ -134,8 +137,33 @@ fn handle(ctx: &ProbeContext) {
     }
 
     let args = [a0, a1, a2, ctx.arg(3).unwrap_or(0)];
-    stack(ctx, probe, pid_tgid, &args);
-    trace(probe, pid_tgid, args);
+    stack(ctx, probe, &args);
+    trace(probe, args);
+}
+
+/// The current thread's ids (tgid << 32 | pid) as hakctl sees them: in its
+/// pid namespace when it runs in one (`CONFIG_PIDNS_INO`), else the initial
+/// namespace's. 0 for a thread of a process hakctl cannot see.
+#[inline(always)]
+fn seen_pid_tgid() -> u64 {
+    let ino = config(CONFIG_PIDNS_INO);
+    if ino == 0 {
+        return bpf_get_current_pid_tgid();
+    }
+    let mut ids = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes at most `size` bytes into `ids`, a local of that size.
+    let r = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            config(CONFIG_PIDNS_DEV),
+            ino,
+            &mut ids,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    if r != 0 {
+        return 0;
+    }
+    ((ids.tgid as u64) << 32) | ids.pid as u64
 }
 
 #[inline(always)]
@@ -180,9 +208,13 @@ fn passes(probe: u32, args: &[u64; 4]) -> bool {
 
 /// Counts the user call stack of this event if `hakctl stacks` asked for its probe.
 #[inline(always)]
-fn stack(ctx: &ProbeContext, probe: u32, pid_tgid: u64, args: &[u64; 4]) {
+fn stack(ctx: &ProbeContext, probe: u32, args: &[u64; 4]) {
     let mask = config(CONFIG_STACK_MASK);
     if probe >= 64 || mask & (1u64 << probe) == 0 || !passes(probe, args) {
+        return;
+    }
+    let pid_tgid = seen_pid_tgid();
+    if pid_tgid == 0 {
         return;
     }
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
@@ -220,7 +252,7 @@ fn hist(row: u32, value: u64) {
 }
 
 #[inline(always)]
-fn trace(probe: u32, pid_tgid: u64, args: [u64; 4]) {
+fn trace(probe: u32, args: [u64; 4]) {
     let mask = config(CONFIG_TRACE_MASK);
     if probe >= 64 || mask & (1u64 << probe) == 0 {
         return;
@@ -234,7 +266,7 @@ fn trace(probe: u32, pid_tgid: u64, args: [u64; 4]) {
             let ev = TraceEvent {
                 // SAFETY: the helper has no preconditions.
                 ts_ns: unsafe { bpf_ktime_get_ns() },
-                pid_tgid,
+                pid_tgid: seen_pid_tgid(),
                 probe,
                 _pad: 0,
                 args,
