@@ -167,12 +167,22 @@ pub fn probe_sites(data: &[u8]) -> Result<Vec<ProbeSite>> {
         } else {
             n.semaphore.wrapping_add(delta)
         };
-        let pc_offset = to_offset(pc).with_context(|| {
-            format!(
-                "probe {}:{} at {pc:#x} lies in no loaded segment",
-                n.provider, n.name
-            )
-        })?;
+        let Some(pc_offset) = to_offset(pc) else {
+            // Left by code the linker dropped: its address (near 0) lies in
+            // no segment of a non-PIE file. Kept as a site outside the code,
+            // which callers skip with a warning, as in a PIE file.
+            sites.push(ProbeSite {
+                provider: n.provider,
+                name: n.name,
+                args: n.args,
+                pc,
+                pc_offset: 0,
+                semaphore,
+                semaphore_offset: 0,
+                in_code: false,
+            });
+            continue;
+        };
         let semaphore_offset = if semaphore == 0 {
             0
         } else {

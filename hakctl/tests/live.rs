@@ -486,6 +486,32 @@ fn a_corrupt_note_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn a_note_outside_every_segment_is_skipped_not_fatal() {
+    // A note left by code the linker dropped points near 0, which in a
+    // non-PIE file lies in no segment: that site is skipped with a warning,
+    // the others are listed (before, the whole file was refused).
+    let mut data = std::fs::read(built("hakmem-scenario")).unwrap();
+    let owner = b"stapsdt\0";
+    let at = data
+        .windows(owner.len() + 32)
+        .position(|w| w.starts_with(owner) && w[owner.len() + 24..].starts_with(b"hakmem\0"))
+        .expect("a hakmem note");
+    let pc = at + owner.len();
+    data[pc..pc + 8].copy_from_slice(&0x7fff_0000_0000u64.to_le_bytes());
+    let path = std::env::temp_dir().join(format!("hakctl-dropped-{}", std::process::id()));
+    std::fs::write(&path, &data).unwrap();
+    let out = hakctl().arg("probes").arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipping probe hakmem:") && stderr.contains("0x7fff00000000"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ss_acquire"));
+}
+
+#[test]
 fn side_by_side_with_bpftrace_and_with_another_hakctl() {
     if !need_bpf("side_by_side_with_bpftrace_and_with_another_hakctl") {
         return;
