@@ -285,7 +285,15 @@ impl Session {
                     .context("PROCESS_TALLY map")?,
             )?;
         match map.remove(&pid) {
+            // A process with no event since the attach has no entry (the
+            // fleet lists those that map the file too): aya says so with
+            // the syscall's ENOENT, not `KeyNotFound`.
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }

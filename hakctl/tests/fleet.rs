@@ -194,6 +194,40 @@ fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later
 }
 
 #[test]
+fn watch_all_goes_on_when_a_process_with_no_event_exits() {
+    if !need_bpf("watch_all_no_event_exit") {
+        return;
+    }
+    // `sleep` maps the library and makes no allocation while watched: its
+    // row comes from its mappings alone, and when it exits there is no
+    // per-process entry to drop (before: "bpf_map_delete_elem failed", and
+    // hakctl stopped).
+    let mut quiet = Command::new("sleep")
+        .arg("0.8")
+        .env("LD_PRELOAD", release_lib())
+        .spawn()
+        .unwrap();
+    let pid = quiet.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = hakctl()
+        .args(["watch", "--all", "--lib"])
+        .arg(release_lib())
+        .args(["0.5", "4", "--json"])
+        .output()
+        .unwrap();
+    let _ = quiet.wait();
+    let docs = json_lines(&out);
+    assert_eq!(docs.len(), 4, "{docs:?}");
+    let rows = |d: &Value| d["processes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        docs.iter()
+            .flat_map(rows)
+            .any(|p| p["pid"] == pid && p["exited"] == true),
+        "no row said sleep exited: {docs:?}"
+    );
+}
+
+#[test]
 fn watch_all_names_what_it_cannot_attach_to() {
     for (lib, says) in [
         (
