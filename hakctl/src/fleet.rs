@@ -17,8 +17,8 @@ use std::time::Instant;
 
 /// The hakmem files to attach to: those named, else `libhakmem.so` beside
 /// hakctl (or `HAKMEM_LIB`) and every other file named `*hakmem*` that a
-/// running process maps; one per inode (the kernel places uprobes on
-/// inodes: two paths to one file would count each event twice).
+/// running process maps; one per file (the kernel places uprobes on
+/// inodes: two paths to one file would count each event twice; `FileId`).
 pub fn files(named: &[PathBuf]) -> Result<Vec<HakmemObject>> {
     let mut candidates: Vec<PathBuf> = named.to_vec();
     if named.is_empty() {
@@ -27,15 +27,15 @@ pub fn files(named: &[PathBuf]) -> Result<Vec<HakmemObject>> {
         }
         candidates.extend(mapped_hakmem_files());
     }
-    let mut inodes = BTreeSet::new();
+    let mut ids = BTreeSet::new();
     let mut out = Vec::new();
     for path in candidates {
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
+        let id = match FileId::of(&path) {
+            Ok(id) => id,
             Err(e) if named.contains(&path) => bail!("--lib {}: {e}", path.display()),
             Err(_) => continue,
         };
-        if !inodes.insert((meta.dev(), meta.ino())) {
+        if !ids.insert(id) {
             continue;
         }
         match target::find_in_file(&path) {
@@ -51,6 +51,63 @@ pub fn files(named: &[PathBuf]) -> Result<Vec<HakmemObject>> {
         );
     }
     Ok(out)
+}
+
+/// A file as the kernel's uprobes know it: by device and inode, but a file
+/// seen through overlayfs by the inode of its layer's file. Each overlay
+/// mount has a device of its own, while the uprobe goes on the layer's
+/// inode, whose number, size and modification time overlay passes through:
+/// two containers of one image map one file under two devices, and
+/// attaching to both counted each event twice.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum FileId {
+    Device {
+        dev: u64,
+        ino: u64,
+    },
+    Overlay {
+        ino: u64,
+        size: u64,
+        mtime: (i64, i64),
+    },
+}
+
+/// `statfs`'s filesystem type of overlayfs (`OVERLAYFS_SUPER_MAGIC`).
+const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        let meta = std::fs::metadata(path)?;
+        Ok(if on_overlay(path) {
+            FileId::Overlay {
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+            }
+        } else {
+            FileId::Device {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        })
+    }
+
+    fn ino(&self) -> u64 {
+        match *self {
+            FileId::Device { ino, .. } | FileId::Overlay { ino, .. } => ino,
+        }
+    }
+}
+
+fn on_overlay(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is valid to be filled; `c` is a C string.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the struct outlives the call.
+    unsafe { libc::statfs(c.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == OVERLAYFS_MAGIC }
 }
 
 /// Files named `*hakmem*` mapped by running processes, as their processes
@@ -132,9 +189,9 @@ impl Row {
 /// The per-process counts of a system-wide session, refreshed: rows of the
 /// processes alive, the counts of exited ones dropped from the map.
 pub struct Fleet {
-    /// The attached files' (device, inode): processes that map one are shown
+    /// The attached files (`FileId`): processes that map one are shown
     /// from the first refresh on, even before their first event.
-    inodes: BTreeSet<(u64, u64)>,
+    ids: BTreeSet<FileId>,
     /// Per pid and start time: whether the process maps one of them (each
     /// process's maps are read once; one that maps the file later, by an
     /// exec or dlopen, shows up by its events).
@@ -149,13 +206,12 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn new(files: &[HakmemObject], memory: bool) -> Fleet {
-        let inodes = files
+        let ids = files
             .iter()
-            .filter_map(|f| std::fs::metadata(&f.attach_path).ok())
-            .map(|m| (m.dev(), m.ino()))
+            .filter_map(|f| FileId::of(&f.attach_path).ok())
             .collect();
         Fleet {
-            inodes,
+            ids,
             maps_file: BTreeMap::new(),
             seen: BTreeMap::new(),
             commands: BTreeMap::new(),
@@ -190,6 +246,11 @@ impl Fleet {
                     tally = last;
                 }
                 session.forget_process(pid)?;
+                // A zombie still maps nothing but is still listed in /proc:
+                // not shown again for its mappings at the next refresh.
+                if let Some(start) = start_time(pid) {
+                    self.maps_file.insert((pid, start), false);
+                }
             }
             let events = events(&tally);
             // The same process as at the last refresh: same start time (an id
@@ -244,7 +305,7 @@ impl Fleet {
             let maps = *self
                 .maps_file
                 .entry((pid, start))
-                .or_insert_with(|| maps_any(pid, &self.inodes));
+                .or_insert_with(|| maps_any(pid, &self.ids));
             alive.insert((pid, start), maps);
         }
         self.maps_file = alive;
@@ -256,14 +317,23 @@ impl Fleet {
     }
 }
 
-/// Whether `pid` maps a file with one of these (device, inode) pairs.
-fn maps_any(pid: u32, inodes: &BTreeSet<(u64, u64)>) -> bool {
+/// Whether `pid` maps one of these files (a file seen through overlayfs
+/// under any mount's device: `FileId`).
+fn maps_any(pid: u32, ids: &BTreeSet<FileId>) -> bool {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return false;
     };
-    maps.lines()
-        .filter_map(target::parse_maps_line)
-        .any(|m| m.inode != 0 && inodes.contains(&(libc::makedev(m.dev.0, m.dev.1), m.inode)))
+    maps.lines().filter_map(target::parse_maps_line).any(|m| {
+        let dev = libc::makedev(m.dev.0, m.dev.1);
+        m.inode != 0
+            && (ids.contains(&FileId::Device { dev, ino: m.inode })
+                || ids.iter().any(|id| {
+                    matches!(id, FileId::Overlay { .. })
+                        && id.ino() == m.inode
+                        && FileId::of(&target::mapping_file(pid as i32, &m.path, m.start, m.end))
+                            .is_ok_and(|mapped| mapped == *id)
+                }))
+    })
 }
 
 /// How the table is ordered.

@@ -227,6 +227,115 @@ fn watch_all_goes_on_when_a_process_with_no_event_exits() {
     );
 }
 
+/// An overlay mount, unmounted when dropped.
+struct Overlay(PathBuf);
+
+impl Overlay {
+    fn mount(lower: &Path, at: &Path) -> Overlay {
+        let (upper, work) = (at.with_extension("upper"), at.with_extension("work"));
+        for d in [at, upper.as_path(), work.as_path()] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        let out = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Overlay(at.to_path_buf())
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        // Lazily: a failed test may leave a hakctl holding the file.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn watch_all_counts_a_library_seen_through_two_overlay_mounts_once() {
+    if !need_bpf("watch_all_overlay") {
+        return;
+    }
+    // Two containers of one image: one file of the image's layer, mapped
+    // through two overlay mounts, each with a device of its own. The
+    // kernel's uprobe goes on the layer's inode: attached through both
+    // paths, every event was counted twice.
+    let dir = scratch_dir("overlay");
+    let lower = dir.join("layer");
+    std::fs::create_dir_all(&lower).unwrap();
+    std::fs::copy(release_lib(), lower.join("libhakmem.so")).unwrap();
+    let mounts = [1, 2].map(|i| Overlay::mount(&lower, &dir.join(format!("container{i}"))));
+    let libs = mounts.each_ref().map(|m| m.0.join("libhakmem.so"));
+    let ctl = Background::attached(&[
+        "watch",
+        "--all",
+        "--lib",
+        libs[0].to_str().unwrap(),
+        "--lib",
+        libs[1].to_str().unwrap(),
+        "--drains",
+        "-j",
+        "-i",
+        "0.3",
+    ]);
+    assert!(
+        ctl.said.contains("13 probe locations"),
+        "attached once: {}",
+        ctl.said
+    );
+    let py = python();
+    let stats = |i: usize| dir.join(format!("{i}.stats"));
+    let mut children: Vec<_> = libs
+        .iter()
+        .enumerate()
+        .map(|(i, lib)| {
+            preloaded_from(
+                lib,
+                &py,
+                &["-c", "x = [str(i) for i in range(100000)]"],
+                &stats(i),
+            )
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    for c in &mut children {
+        assert!(c.wait().unwrap().success());
+    }
+    std::thread::sleep(Duration::from_millis(900));
+    let (out, err) = ctl.interrupt();
+    assert!(err.contains("interrupted; detached"), "{err}");
+    for (i, pid) in pids.iter().enumerate() {
+        let last = out
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .flat_map(|d| d["processes"].as_array().cloned().unwrap_or_default())
+            .rfind(|p| p["pid"] == *pid)
+            .unwrap_or_else(|| panic!("process {pid} never shown: {out}"));
+        let own = own_tally(&stats(i));
+        assert!(
+            last["counts"] == own,
+            "container {i}: hakctl counted {} and the program itself {own}",
+            last["counts"]
+        );
+    }
+    drop(mounts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn watch_all_names_what_it_cannot_attach_to() {
     for (lib, says) in [
