@@ -563,12 +563,21 @@ fn in_its_own_pid_namespace_hakctl_names_processes_by_the_ids_it_sees() {
     // host's. Before, `stacks` found none of its target's events ("stacks":
     // []) and `watch --all` read every row as exited.
     let dir = scratch_dir("pidns");
-    let script =
-        "import time; time.sleep(1.5); d = {i: [str(i)] * 4 for i in range(300000)}; time.sleep(1)";
+    // The target allocates once both hakctls said they are attached (told
+    // by a file), and lives a second more; hakctl starts once it maps the
+    // library.
+    let script = format!(
+        "import os, time\nwhile not os.path.exists('{go}'): time.sleep(0.02)\n\
+         d = {{i: [str(i)] * 4 for i in range(300000)}}; time.sleep(1)",
+        go = dir.join("go").display()
+    );
     let inside = format!(
-        "LD_PRELOAD={lib} {py} -c '{script}' & target=$!; sleep 0.5; \
-         {ctl} watch --all --lib {lib} 0.5 5 --json > {dir}/watch.json & \
-         {ctl} stacks $target --json > {dir}/stacks.json; wait",
+        "LD_PRELOAD={lib} {py} -c \"$SCRIPT\" & target=$!; \
+         until grep -q libhakmem /proc/$target/maps; do sleep 0.02; done; \
+         {ctl} watch --all --lib {lib} 0.5 8 --json > {dir}/watch.json 2> {dir}/watch.err & \
+         {ctl} stacks $target --json > {dir}/stacks.json 2> {dir}/stacks.err & \
+         until grep -q attached {dir}/watch.err && grep -q 'recording stacks' {dir}/stacks.err; \
+         do sleep 0.05; done; touch {dir}/go; wait",
         lib = release_lib().display(),
         py = python().display(),
         ctl = env!("CARGO_BIN_EXE_hakctl"),
@@ -576,6 +585,7 @@ fn in_its_own_pid_namespace_hakctl_names_processes_by_the_ids_it_sees() {
     );
     let out = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &inside])
+        .env("SCRIPT", &script)
         .output()
         .expect("unshare");
     let said = String::from_utf8_lossy(&out.stderr);
