@@ -75,18 +75,17 @@ impl PreloadPath {
                 link_dir: None,
             });
         }
-        let dir = std::env::temp_dir().join(format!("hakctl-preload-{}", std::process::id()));
-        let path = dir.join("libhakmem.so");
-        if splits(&path) {
+        let tmp = std::env::temp_dir();
+        if splits(&tmp) {
             bail!(
                 "LD_PRELOAD cannot name {}: ld.so splits it at spaces and colons, and so would \
                  a link in the temporary directory {}; set TMPDIR to a directory without them",
                 lib.display(),
-                dir.display()
+                tmp.display()
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = private_dir(&tmp.join("hakctl-preload-XXXXXX"))?;
+        let path = dir.join("libhakmem.so");
         std::os::unix::fs::symlink(lib, &path)
             .with_context(|| format!("linking {} to {}", path.display(), lib.display()))?;
         Ok(PreloadPath {
@@ -94,6 +93,24 @@ impl PreloadPath {
             link_dir: Some(dir),
         })
     }
+}
+
+/// A new directory made from `template` (ending in XXXXXX) by `mkdtemp`:
+/// a name nobody could have made before, mode 0700. hakctl runs as root: a
+/// directory of a predictable name in a shared /tmp could be another user's,
+/// who would swap the link for a library of theirs.
+fn private_dir(template: &std::path::Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut buf = std::ffi::CString::new(template.as_os_str().as_bytes())
+        .context("temporary directory")?
+        .into_bytes_with_nul();
+    // SAFETY: a NUL-terminated buffer that mkdtemp rewrites in place.
+    if unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) }.is_null() {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating {}", template.display()));
+    }
+    buf.pop();
+    Ok(std::ffi::OsString::from_vec(buf).into())
 }
 
 impl Drop for PreloadPath {

@@ -96,15 +96,28 @@ fn set_config_in(ebpf: &mut Ebpf, index: u32, value: u64) -> Result<()> {
 /// The inode of the initial pid namespace (the kernel's `PROC_PID_INIT_INO`).
 const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
 
-/// hakctl's pid namespace as `bpf_get_ns_current_pid_tgid` takes it (the
-/// device of `/proc/self/ns/pid` encoded as the kernel's `dev_t`, its
-/// inode), or None in the initial namespace (or without `/proc`), whose ids
-/// the program's plain helper gives. In a container without the host's pid
-/// namespace, `/proc` and the user's pids are the container's: the counts,
-/// stacks and traces are keyed by those ids too.
+/// The pid namespace whose ids `/proc` shows, and so the user's pids, as
+/// `bpf_get_ns_current_pid_tgid` takes it (the device of its `ns/pid` link
+/// encoded as the kernel's `dev_t`, its inode); None for the initial
+/// namespace (or without `/proc`), whose ids the program's plain helper
+/// gives. In a container without the host's pid namespace, `/proc` and the
+/// user's pids are the container's: counts, stacks and traces are keyed by
+/// those ids too. `/proc`'s namespace is its pid 1's; where pid 1's links
+/// are closed to hakctl (no `CAP_SYS_PTRACE`), hakctl's own if `/proc/self`
+/// names hakctl's pid (a host `/proc` seen from a child namespace does not:
+/// then the initial namespace's ids are taken).
 fn own_pid_namespace() -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    let ns = std::fs::metadata("/proc/1/ns/pid")
+        .or_else(|e| {
+            let in_proc = std::fs::read_link("/proc/self")?;
+            if in_proc.to_str() == Some(&std::process::id().to_string()) {
+                std::fs::metadata("/proc/self/ns/pid")
+            } else {
+                Err(e)
+            }
+        })
+        .ok()?;
     if ns.ino() == INITIAL_PID_NAMESPACE {
         return None;
     }

@@ -42,6 +42,9 @@ struct Mapping {
     end: u64,
     offset: u64,
     path: String,
+    /// The file was deleted or replaced since it was mapped: only the copy
+    /// opened through map_files (`Resolver::files`) is the right one.
+    deleted: bool,
 }
 
 /// The executable file mappings of `pid` (`/proc/PID/maps`).
@@ -62,6 +65,7 @@ fn parse_mapping(line: &str) -> Option<Mapping> {
         end: m.end,
         offset: m.offset,
         path: m.path.trim_end_matches(" (deleted)").to_string(),
+        deleted: m.path.ends_with(" (deleted)"),
     })
 }
 
@@ -151,17 +155,24 @@ impl Resolver {
         let frame = match self.mappings.iter().find(|m| m.start <= key && key < m.end) {
             Some(m) => {
                 let offset = key - m.start + m.offset;
-                let src = Source::Elf(Elf::new(match self.files.get(&(m.start, m.path.clone())) {
-                    Some(f) => PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
-                    None => PathBuf::from(&m.path),
-                }));
-                let symbol = match self
-                    .symbolizer
-                    .symbolize_single(&src, Input::FileOffset(offset))
-                {
-                    Ok(Symbolized::Sym(sym)) => sym.name.into_owned(),
-                    _ => "[unknown]".to_string(),
+                let file = match self.files.get(&(m.start, m.path.clone())) {
+                    Some(f) => Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))),
+                    // The path names another file now: no symbol rather than a wrong one.
+                    None if m.deleted => None,
+                    None => Some(PathBuf::from(&m.path)),
                 };
+                let symbol = file
+                    .and_then(|file| {
+                        let src = Source::Elf(Elf::new(file));
+                        match self
+                            .symbolizer
+                            .symbolize_single(&src, Input::FileOffset(offset))
+                        {
+                            Ok(Symbolized::Sym(sym)) => Some(sym.name.into_owned()),
+                            _ => None,
+                        }
+                    })
+                    .unwrap_or_else(|| "[unknown]".to_string());
                 Frame {
                     addr,
                     symbol,
@@ -392,7 +403,8 @@ mod tests {
                 start: 0x7f0000001000,
                 end: 0x7f0000005000,
                 offset: 0x2000,
-                path: "/usr/lib/libx.so".into()
+                path: "/usr/lib/libx.so".into(),
+                deleted: true,
             })
         );
         assert_eq!(parse_mapping("7f-80 rw-p 0 08:01 1 /usr/lib/libx.so"), None);

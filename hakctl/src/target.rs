@@ -34,7 +34,9 @@ pub fn check_running(pid: i32) -> Result<()> {
     if pid <= 0 || !alive(pid) {
         bail!("no such process: {pid}");
     }
-    if exited(pid) {
+    // Said only where /proc shows it (with hidepid its files read as gone:
+    // the read that follows says what is refused).
+    if exited(pid) && std::fs::metadata(format!("/proc/{pid}/stat")).is_ok() {
         bail!("process {pid} has exited (its parent has not reaped it yet)");
     }
     Ok(())
@@ -176,7 +178,9 @@ pub fn mapped_files(pid: i32) -> Result<BTreeMap<String, (u64, u64)>> {
 /// as the process sees it (`/proc/PID/root`: a container's own file).
 pub fn mapping_file(pid: i32, path: &str, start: u64, end: u64) -> PathBuf {
     let by_mapping = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
-    if std::fs::metadata(&by_mapping).is_ok() {
+    // A deleted file has no other name: its map_files link even when that is
+    // refused, so that the read says "permission denied", not "not found".
+    if path.ends_with(" (deleted)") || std::fs::metadata(&by_mapping).is_ok() {
         return by_mapping;
     }
     PathBuf::from(format!("/proc/{pid}/root{path}"))
@@ -222,7 +226,12 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
             Err(e) if has_hakmem_note(&elf.data) => return Err(e.context(elf.path.clone())),
             Err(_) => continue,
         };
-        let sites = ours_in_code(sites, &elf.path);
+        // A file whose every hakmem site lies outside its code is passed
+        // over here (a binary that links hakmem without using it keeps only
+        // notes of dropped code): the process's other copies still count.
+        let Ok(sites) = ours_in_code(sites, &elf.path) else {
+            continue;
+        };
         if sites.is_empty() {
             continue;
         }
@@ -252,7 +261,7 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
 pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let sites = probe_sites(&data).with_context(|| format!("{}", path.display()))?;
-    let sites = ours_in_code(sites, &path.display().to_string());
+    let sites = ours_in_code(sites, &path.display().to_string())?;
     if sites.is_empty() {
         bail!("no hakmem probes in {}", path.display());
     }
@@ -285,10 +294,14 @@ pub fn find_in_file(path: &Path) -> Result<HakmemObject> {
 
 /// hakmem's probe sites among `sites`, but for those outside the code
 /// (`ProbeSite::in_code`), each named on stderr: never attached to.
-fn ours_in_code(sites: Vec<ProbeSite>, path: &str) -> Vec<ProbeSite> {
-    sites
+fn ours_in_code(sites: Vec<ProbeSite>, path: &str) -> Result<Vec<ProbeSite>> {
+    let ours: Vec<ProbeSite> = sites
         .into_iter()
         .filter(|s| s.provider == PROVIDER)
+        .collect();
+    let had_any = !ours.is_empty();
+    let kept: Vec<ProbeSite> = ours
+        .into_iter()
         .filter(|s| {
             if !s.in_code {
                 eprintln!(
@@ -299,7 +312,14 @@ fn ours_in_code(sites: Vec<ProbeSite>, path: &str) -> Vec<ProbeSite> {
             }
             s.in_code
         })
-        .collect()
+        .collect();
+    if had_any && kept.is_empty() {
+        bail!(
+            "{path}: every hakmem probe site lies outside the code (a corrupt .note.stapsdt, or \
+             one whose addresses do not match the file)"
+        );
+    }
+    Ok(kept)
 }
 
 fn has_hakmem_note(data: &[u8]) -> bool {

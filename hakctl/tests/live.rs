@@ -509,6 +509,24 @@ fn a_note_outside_every_segment_is_skipped_not_fatal() {
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ss_acquire"));
+    // Every site so: an error naming the notes, not a quiet "no probes".
+    let mut all = std::fs::read(built("hakmem-scenario")).unwrap();
+    let mut moved = 0;
+    let mut i = 0;
+    while let Some(pos) = all[i..]
+        .windows(owner.len() + 32)
+        .position(|w| w.starts_with(owner) && w[owner.len() + 24..].starts_with(b"hakmem\0"))
+    {
+        let pc = i + pos + owner.len();
+        all[pc..pc + 8].copy_from_slice(&0x7fff_0000_0000u64.to_le_bytes());
+        moved += 1;
+        i = pc + 8;
+    }
+    assert!(moved > 10, "{moved} notes");
+    std::fs::write(&path, &all).unwrap();
+    let out = hakctl().arg("probes").arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    fails_with(out, "every hakmem probe site lies outside the code");
 }
 
 #[test]

@@ -908,34 +908,33 @@ fn oom() {
         fill(keep, 100, 9);
         // Blocks to grow at the limit, and blocks of their new sizes' classes
         // to free into the thread cache once nothing else can be had.
-        let grows = [(20_000, 40_000), (16_000, 17_000)];
-        let to_grow = grows.map(|(from, _)| hakmem::api::malloc(from));
-        let spares = grows.map(|(_, to)| hakmem::api::malloc(to));
-        for (p, (from, _)) in to_grow.iter().zip(grows) {
+        // (from, to, alignment): 128 as Rust's realloc of a vector of
+        // 128-aligned elements asks.
+        let grows = [
+            (20_000, 40_000, 16),
+            (16_000, 17_000, 16),
+            (20_000, 40_000, 128),
+        ];
+        let to_grow = grows.map(|(from, _, align)| hakmem::api::alloc_aligned(align, from));
+        let spares = grows.map(|(_, to, align)| hakmem::api::alloc_aligned(align, to));
+        for (p, (from, _, _)) in to_grow.iter().zip(grows) {
             fill(*p, from, 5);
         }
-        let mut status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let vm: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmSize:"))
-            .unwrap()
-            .trim()
-            .trim_end_matches(" kB")
-            .trim()
-            .parse()
-            .unwrap();
-        status.clear();
-        // The stack grows into the address space too: were it to grow past
-        // the limit, the process would die of SIGSEGV whatever the
-        // allocator does (1 run in 10 died so in `flush_refused`'s frame,
-        // as ASLR placed the stack). Its pages are made now, before.
-        grow_stack();
-        let limit = (vm + 96 * 1024) * 1024;
-        let rl = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &rl), 0);
+        // Blocks of 40,000's class to be freed last, two not 128-aligned at
+        // the head of the thread cache (ACE's blocks are 64-aligned, every
+        // other one 128): what a plain malloc(40,000) would hand the
+        // 128-aligned growth (the first growth of that class takes the other).
+        let mut unaligned: [*mut u8; 6] = [std::ptr::null_mut(); 6];
+        for b in unaligned.iter_mut() {
+            *b = hakmem::api::malloc(40_000);
+        }
+        unaligned.sort_by_key(|&b| (b as usize).is_multiple_of(128));
+        assert!(
+            !(unaligned[1] as usize).is_multiple_of(128),
+            "{unaligned:?}"
+        );
+        unaligned.reverse();
+        limit_address_space(96 << 20);
         // Fill the address space with each kind until it says no.
         let mut held: [*mut u8; 40_000] = [std::ptr::null_mut(); 40_000];
         let mut n = 0;
@@ -960,12 +959,16 @@ fn oom() {
         // A growth that cannot have its headroom (a parcel, twice the size)
         // takes what malloc of the size would: here a block in the thread
         // cache. glibc's realloc fails only when `size` bytes cannot be had.
-        for spare in spares {
-            hakmem::api::free(spare);
+        for b in spares.into_iter().chain(unaligned) {
+            hakmem::api::free(b);
         }
-        let mut grown = [std::ptr::null_mut(); 2];
-        for ((q, p), (_, to)) in grown.iter_mut().zip(to_grow).zip(grows) {
-            *q = hakmem::api::realloc(p, to);
+        let mut grown = [(std::ptr::null_mut(), 0); 3];
+        for ((q, p), (_, to, align)) in grown.iter_mut().zip(to_grow).zip(grows) {
+            *libc::__errno_location() = 0;
+            *q = (
+                hakmem::api::realloc_aligned(p, align, to),
+                errno().unwrap_or(-1),
+            );
         }
         // Checked with the memory given back: a failed assertion's message
         // and backtrace need some (std's backtrace hangs at an allocation
@@ -973,8 +976,16 @@ fn oom() {
         for p in &held[..n] {
             hakmem::api::free(*p);
         }
-        for (q, (from, to)) in grown.into_iter().zip(grows) {
+        for ((q, errno_after), (from, to, align)) in grown.into_iter().zip(grows) {
             assert!(!q.is_null(), "realloc({from} -> {to}) at the limit failed");
+            assert!(
+                (q as usize).is_multiple_of(align),
+                "{q:?} for alignment {align}"
+            );
+            assert_eq!(
+                errno_after, 0,
+                "realloc({from} -> {to}) succeeded and set errno"
+            );
             check(q, from, 5);
             hakmem::api::free(q);
         }
@@ -982,8 +993,8 @@ fn oom() {
     }
 }
 
-/// Requests no mapping could hold (more than memory and swap, than the
-/// budget) are refused without emptying the caches; one that memory given
+/// Requests no mapping could hold (more than memory and swap, than
+/// `RLIMIT_AS`, than the budget) are refused without emptying the caches; one that memory given
 /// back could serve empties them and is served. Under HAKMEM_OS_LIMIT_MB=64
 /// (the test's), 40 MiB is such a request; without a limit it is served at
 /// once. Prints what each part gave back to the OS for the refusal.
@@ -1003,7 +1014,7 @@ fn hopeless() {
             hakmem::api::free(b);
         }
         let before = refused();
-        for size in [1usize << 42, 1 << 45] {
+        let refuse_all = |size: usize| {
             assert!(hakmem::api::malloc(size).is_null(), "malloc({size})");
             assert_eq!(errno(), Some(libc::ENOMEM));
             assert!(hakmem::api::calloc(size, 1).is_null(), "calloc({size})");
@@ -1012,7 +1023,17 @@ fn hopeless() {
                 "aligned({size})"
             );
             assert_eq!(errno(), Some(libc::ENOMEM));
+        };
+        // Beyond memory and swap (2^45: 32 TiB), where the kernel's default
+        // overcommit heuristic refuses such a mapping.
+        let heuristic = std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
+            .is_ok_and(|m| m.trim() == "0");
+        if heuristic {
+            refuse_all(1 << 45);
         }
+        // Beyond RLIMIT_AS, in any mode.
+        limit_address_space(512 << 20);
+        refuse_all(1 << 30);
         println!("hopeless gave back: {}", refused() - before);
         let before = refused();
         let p = hakmem::api::malloc(40 << 20);
@@ -1020,6 +1041,33 @@ fn hopeless() {
         println!("curable gave back: {}", refused() - before);
         hakmem::api::free(p);
     }
+}
+
+/// Sets `RLIMIT_AS` to the address space in use now plus `more` bytes.
+fn limit_address_space(more: u64) {
+    let mut status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    status.clear();
+    drop(status);
+    // The stack grows into the address space too: were it to grow past
+    // the limit, the process would die of SIGSEGV whatever the
+    // allocator does (1 run in 10 died so in `flush_refused`'s frame,
+    // as ASLR placed the stack). Its pages are made now, before.
+    grow_stack();
+    let rl = libc::rlimit {
+        rlim_cur: vm_kib * 1024 + more,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setting this process's own limit from a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
 }
 
 /// Touches 256 KiB of stack below the caller, so that the calls after it
@@ -1455,36 +1503,39 @@ fn count_takes(point: hakmem::test_hooks::Point, _slab: usize) {
 /// of the last try, the other owner's try came between and neither was
 /// ever taken. Prints "takes: N".
 fn take_two_owners() {
-    let (tx, rx) = std::sync::mpsc::channel::<[usize; 60]>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Published through statics, and idle by polling them: an owner that
+    // allocated after its blocks went out (a channel's waker, a lock's
+    // queue) would make a slow path between this thread's two tries.
+    static BLOCKS: [[AtomicUsize; 60]; 2] = [const { [const { AtomicUsize::new(0) }; 60] }; 2];
+    static READY: AtomicUsize = AtomicUsize::new(0);
+    static DONE: AtomicBool = AtomicBool::new(false);
     let owners: Vec<_> = (0..2)
-        .map(|_| {
-            let tx = tx.clone();
-            let done = done_rx.clone();
+        .map(|o| {
             std::thread::spawn(move || {
-                tx.send(owners_first_blocks()).unwrap();
-                // Idle (no allocation) until the frees are done.
-                let _ = done.lock().unwrap().recv();
+                for (slot, b) in BLOCKS[o].iter().zip(owners_first_blocks()) {
+                    slot.store(b, Ordering::Relaxed);
+                }
+                READY.fetch_add(1, Ordering::Release);
+                while !DONE.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             })
         })
         .collect();
-    let blocks: Vec<[usize; 60]> = (0..2).map(|_| rx.recv().unwrap()).collect();
+    while READY.load(Ordering::Acquire) < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     hakmem::test_hooks::set(Some(count_takes));
     for i in 0..60 {
-        for b in &blocks {
+        for owner in &BLOCKS {
             // SAFETY: an owner's block, freed once, here.
-            unsafe { hakmem::api::free(b[i] as *mut u8) };
+            unsafe { hakmem::api::free(owner[i].load(Ordering::Relaxed) as *mut u8) };
         }
     }
     hakmem::test_hooks::set(None);
-    println!(
-        "takes: {}",
-        TAKES.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    for _ in &owners {
-        done_tx.send(()).unwrap();
-    }
+    println!("takes: {}", TAKES.load(Ordering::Relaxed));
+    DONE.store(true, Ordering::Release);
     for o in owners {
         o.join().unwrap();
     }

@@ -462,11 +462,11 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         // 32- to 128-aligned elements take one too, not a 2 MiB chunk each.)
         let (p, touched) = if size <= parcel::MAX && align <= parcel::ALIGN {
             lifecycle::before_slow_path();
+            let errno_before = crate::errno::get();
             match retried_after_refusal(|| parcel::alloc(size)) {
                 // No parcel could be had (a new one needs a 2 MiB chunk): a
-                // block of the size, as malloc would give (ACE's caches).
-                // SAFETY: forwarding.
-                (p, _) if p.is_null() => (unsafe { malloc(size) }, usize::MAX),
+                // block of the size and alignment alone (ACE's caches).
+                (p, _) if p.is_null() => (sized_instead(align, size, errno_before), usize::MAX),
                 got => got,
             }
         } else {
@@ -484,12 +484,10 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         p
     } else {
         let room = old.saturating_mul(2).min(GROW_IN_CHUNK);
+        let errno_before = crate::errno::get();
         // SAFETY: forwarding.
         match unsafe { alloc_aligned(align, size.max(room)) } {
-            // The room could not be had: the size alone, as glibc's realloc
-            // fails only when `size` bytes cannot be had.
-            // SAFETY: forwarding.
-            p if p.is_null() && room > size => unsafe { alloc_aligned(align, size) },
+            p if p.is_null() && room > size => sized_instead(align, size, errno_before),
             p => p,
         }
     };
@@ -502,6 +500,21 @@ pub unsafe fn realloc_aligned(ptr: *mut u8, align: usize, size: usize) -> *mut u
         free(ptr);
     }
     new
+}
+
+/// The block a growing `realloc` takes when its headroom (a parcel, twice
+/// the size) could not be had: one of the size and alignment alone, as
+/// `aligned_alloc` would give, for glibc's realloc fails only when the size
+/// itself cannot be had. Null with ENOMEM if not even that; on success
+/// errno is `errno_before` again (the failed try's ENOMEM is not the caller's).
+#[cold]
+fn sized_instead(align: usize, size: usize, errno_before: i32) -> *mut u8 {
+    // SAFETY: forwarding.
+    let p = unsafe { alloc_aligned(align, size) };
+    if !p.is_null() {
+        set_errno(errno_before);
+    }
+    p
 }
 
 /// Allocation with alignment `align` (a power of two). Null with errno
