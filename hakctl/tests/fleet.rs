@@ -49,6 +49,15 @@ fn own_tally(stats: &Path) -> Value {
     .unwrap()
 }
 
+/// The rows of process `pid` in `watch --all --json`'s documents, in order.
+fn rows_of(out: &str, pid: u32) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .flat_map(|d| d["processes"].as_array().cloned().unwrap_or_default())
+        .filter(|p| p["pid"] == pid)
+        .collect()
+}
+
 #[test]
 fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later() {
     if !need_bpf("watch_all") {
@@ -133,14 +142,8 @@ fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     assert!(docs.len() >= 3, "{out}");
-    let rows_of = |pid: u32| -> Vec<&Value> {
-        docs.iter()
-            .flat_map(|d| d["processes"].as_array().unwrap())
-            .filter(|p| p["pid"] == pid)
-            .collect()
-    };
     for (name, pid) in &pids {
-        let rows = rows_of(*pid);
+        let rows = rows_of(&out, *pid);
         let last = rows
             .last()
             .unwrap_or_else(|| panic!("{name} ({pid}) never shown: {out}"));
@@ -162,7 +165,7 @@ fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later
     }
     // The python that sleeps was seen alive, with its memory levels.
     let python_pid = pids.iter().find(|(n, _)| *n == "python").unwrap().1;
-    let alive = rows_of(python_pid)
+    let alive = rows_of(&out, python_pid)
         .into_iter()
         .find(|r| r["exited"] == false)
         .expect("a row while python was alive");
@@ -186,7 +189,7 @@ fn watch_all_counts_every_process_that_maps_the_library_even_those_started_later
         "{}",
         docs[0]
     );
-    let early_rows = rows_of(early.id());
+    let early_rows = rows_of(&out, early.id());
     let last = early_rows.last().expect("the early process is shown");
     assert!(last["events"].as_u64().unwrap() > 0, "{last}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -227,12 +230,7 @@ fn watch_all_goes_on_when_a_process_with_no_event_exits() {
     let (out, err) = ctl.interrupt();
     let _ = quiet.wait();
     assert!(err.contains("interrupted; detached"), "{err}");
-    let rows: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .flat_map(|d| d["processes"].as_array().cloned().unwrap_or_default())
-        .filter(|p| p["pid"] == pid)
-        .collect();
+    let rows = rows_of(&out, pid);
     assert!(
         rows.iter().any(|p| p["exited"] == false),
         "never shown alive: {out}"
@@ -335,11 +333,9 @@ fn watch_all_counts_a_library_seen_through_two_overlay_mounts_once() {
     let (out, err) = ctl.interrupt();
     assert!(err.contains("interrupted; detached"), "{err}");
     for (i, pid) in pids.iter().enumerate() {
-        let last = out
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .flat_map(|d| d["processes"].as_array().cloned().unwrap_or_default())
-            .rfind(|p| p["pid"] == *pid)
+        let rows = rows_of(&out, *pid);
+        let last = rows
+            .last()
             .unwrap_or_else(|| panic!("process {pid} never shown: {out}"));
         let own = own_tally(&stats(i));
         assert!(
