@@ -428,9 +428,10 @@ fn a_thread_freeing_into_two_idle_owners_slabs_in_turn_takes_both() {
 
 #[test]
 fn a_request_no_mapping_could_hold_keeps_the_caches() {
-    // 2^42 and 2^45 bytes (more than memory and swap) through malloc, calloc
-    // and a chunk-aligned allocation, with 32 MiB in the chunk cache: before,
-    // each refusal emptied it (33,587,200 bytes given back).
+    // With 32 MiB in the chunk cache: 2^45 bytes (beyond memory and swap,
+    // where overcommit's heuristic applies) and 4 GiB beyond an RLIMIT_AS,
+    // through malloc, calloc and a chunk-aligned allocation. Before, each
+    // refusal emptied the cache (33,587,200 bytes given back).
     let out = scenario_stdout("hopeless", &[]);
     assert_eq!(number_after(&out, "hopeless gave back: "), 0, "{out}");
     assert_eq!(number_after(&out, "curable gave back: "), 0, "{out}");

@@ -86,8 +86,11 @@ impl PreloadPath {
         }
         let dir = private_dir(&tmp.join("hakctl-preload-XXXXXX"))?;
         let path = dir.join("libhakmem.so");
-        std::os::unix::fs::symlink(lib, &path)
-            .with_context(|| format!("linking {} to {}", path.display(), lib.display()))?;
+        if let Err(e) = std::os::unix::fs::symlink(lib, &path) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e)
+                .with_context(|| format!("linking {} to {}", path.display(), lib.display()));
+        }
         Ok(PreloadPath {
             path,
             link_dir: Some(dir),

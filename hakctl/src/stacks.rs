@@ -131,7 +131,14 @@ impl Resolver {
         for m in &now {
             let key = (m.start, m.path.clone());
             if let std::collections::btree_map::Entry::Vacant(e) = self.files.entry(key) {
-                let path = crate::target::mapping_file(pid, &m.path, m.start, m.end);
+                // Its maps name, ` (deleted)` and all: a deleted file is
+                // opened only through map_files, never by the name it had.
+                let maps_name = if m.deleted {
+                    format!("{} (deleted)", m.path)
+                } else {
+                    m.path.clone()
+                };
+                let path = crate::target::mapping_file(pid, &maps_name, m.start, m.end);
                 if let Ok(f) = std::fs::File::open(path) {
                     e.insert(f);
                 }

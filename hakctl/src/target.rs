@@ -219,6 +219,7 @@ pub fn mapped_elfs(pid: i32) -> Result<(Vec<MappedElf>, usize)> {
 /// The hakmem objects mapped in `pid`.
 pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
     let mut found = Vec::new();
+    let mut outside_code = Vec::new();
     let (elfs, refused) = mapped_elfs(pid)?;
     for elf in elfs {
         let sites = match probe_sites(&elf.data) {
@@ -229,8 +230,12 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
         // A file whose every hakmem site lies outside its code is passed
         // over here (a binary that links hakmem without using it keeps only
         // notes of dropped code): the process's other copies still count.
-        let Ok(sites) = ours_in_code(sites, &elf.path) else {
-            continue;
+        let sites = match ours_in_code(sites, &elf.path) {
+            Ok(sites) => sites,
+            Err(e) => {
+                outside_code.push(e);
+                continue;
+            }
         };
         if sites.is_empty() {
             continue;
@@ -248,6 +253,9 @@ pub fn find_in_process(pid: i32) -> Result<Vec<HakmemObject>> {
         }
         if refused > 0 {
             return Err(denied(&format!("{refused} of the files mapped"), pid));
+        }
+        if let Some(e) = outside_code.into_iter().next() {
+            return Err(e.context(format!("no usable hakmem probes in process {pid}")));
         }
         bail!(
             "no hakmem probes in process {pid} ({}): it neither preloads libhakmem.so nor links hakmem as its allocator",

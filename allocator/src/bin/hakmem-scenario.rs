@@ -1031,9 +1031,10 @@ fn hopeless() {
         if heuristic {
             refuse_all(1 << 45);
         }
-        // Beyond RLIMIT_AS, in any mode.
-        limit_address_space(512 << 20);
-        refuse_all(1 << 30);
+        // Beyond RLIMIT_AS, in any mode: 4 GiB (within memory and swap
+        // here) against a limit of what is mapped now and 128 MiB more.
+        limit_address_space(128 << 20);
+        refuse_all(4 << 30);
         println!("hopeless gave back: {}", refused() - before);
         let before = refused();
         let p = hakmem::api::malloc(40 << 20);
