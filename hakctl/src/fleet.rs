@@ -91,12 +91,6 @@ impl FileId {
             }
         })
     }
-
-    fn ino(&self) -> u64 {
-        match *self {
-            FileId::Device { ino, .. } | FileId::Overlay { ino, .. } => ino,
-        }
-    }
 }
 
 fn on_overlay(path: &Path) -> bool {
@@ -328,8 +322,7 @@ fn maps_any(pid: u32, ids: &BTreeSet<FileId>) -> bool {
         m.inode != 0
             && (ids.contains(&FileId::Device { dev, ino: m.inode })
                 || ids.iter().any(|id| {
-                    matches!(id, FileId::Overlay { .. })
-                        && id.ino() == m.inode
+                    matches!(id, FileId::Overlay { ino, .. } if *ino == m.inode)
                         && FileId::of(&target::mapping_file(pid as i32, &m.path, m.start, m.end))
                             .is_ok_and(|mapped| mapped == *id)
                 }))

@@ -41,10 +41,21 @@ struct Mapping {
     start: u64,
     end: u64,
     offset: u64,
-    path: String,
-    /// The file was deleted or replaced since it was mapped: only the copy
-    /// opened through map_files (`Resolver::files`) is the right one.
-    deleted: bool,
+    /// As maps names it: ` (deleted)` ends it when the file was deleted or
+    /// replaced since it was mapped (only the copy opened through map_files,
+    /// `Resolver::files`, is then the right one).
+    maps_path: String,
+}
+
+impl Mapping {
+    /// The file's name, without maps' ` (deleted)`.
+    fn name(&self) -> &str {
+        self.maps_path.trim_end_matches(" (deleted)")
+    }
+
+    fn deleted(&self) -> bool {
+        self.maps_path.ends_with(" (deleted)")
+    }
 }
 
 /// The executable file mappings of `pid` (`/proc/PID/maps`).
@@ -64,8 +75,7 @@ fn parse_mapping(line: &str) -> Option<Mapping> {
         start: m.start,
         end: m.end,
         offset: m.offset,
-        path: m.path.trim_end_matches(" (deleted)").to_string(),
-        deleted: m.path.ends_with(" (deleted)"),
+        maps_path: m.path,
     })
 }
 
@@ -126,19 +136,16 @@ impl Resolver {
         if now.is_empty() {
             return;
         }
-        self.files
-            .retain(|(start, path), _| now.iter().any(|m| m.start == *start && m.path == *path));
+        self.files.retain(|(start, path), _| {
+            now.iter()
+                .any(|m| m.start == *start && m.maps_path == *path)
+        });
         for m in &now {
-            let key = (m.start, m.path.clone());
+            let key = (m.start, m.maps_path.clone());
             if let std::collections::btree_map::Entry::Vacant(e) = self.files.entry(key) {
-                // Its maps name, ` (deleted)` and all: a deleted file is
+                // By its maps name, ` (deleted)` and all: a deleted file is
                 // opened only through map_files, never by the name it had.
-                let maps_name = if m.deleted {
-                    format!("{} (deleted)", m.path)
-                } else {
-                    m.path.clone()
-                };
-                let path = crate::target::mapping_file(pid, &maps_name, m.start, m.end);
+                let path = crate::target::mapping_file(pid, &m.maps_path, m.start, m.end);
                 if let Ok(f) = std::fs::File::open(path) {
                     e.insert(f);
                 }
@@ -162,11 +169,11 @@ impl Resolver {
         let frame = match self.mappings.iter().find(|m| m.start <= key && key < m.end) {
             Some(m) => {
                 let offset = key - m.start + m.offset;
-                let file = match self.files.get(&(m.start, m.path.clone())) {
+                let file = match self.files.get(&(m.start, m.maps_path.clone())) {
                     Some(f) => Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))),
                     // The path names another file now: no symbol rather than a wrong one.
-                    None if m.deleted => None,
-                    None => Some(PathBuf::from(&m.path)),
+                    None if m.deleted() => None,
+                    None => Some(PathBuf::from(m.name())),
                 };
                 let symbol = file
                     .and_then(|file| {
@@ -183,7 +190,7 @@ impl Resolver {
                 Frame {
                     addr,
                     symbol,
-                    module: Some((m.path.clone(), offset)),
+                    module: Some((m.name().to_string(), offset)),
                 }
             }
             None => Frame {
@@ -410,15 +417,16 @@ mod tests {
                 start: 0x7f0000001000,
                 end: 0x7f0000005000,
                 offset: 0x2000,
-                path: "/usr/lib/libx.so".into(),
-                deleted: true,
+                maps_path: "/usr/lib/libx.so (deleted)".into(),
             })
         );
+        let m = m.unwrap();
+        assert_eq!((m.name(), m.deleted()), ("/usr/lib/libx.so", true));
         assert_eq!(parse_mapping("7f-80 rw-p 0 08:01 1 /usr/lib/libx.so"), None);
         assert_eq!(parse_mapping("7f-80 r-xp 0 00:00 0 [vdso]"), None);
         assert!(exec_mappings(std::process::id() as i32)
             .iter()
-            .any(|m| m.path.ends_with("hakctl") || m.path.contains("hakctl-")));
+            .any(|m| m.name().ends_with("hakctl") || m.name().contains("hakctl-")));
     }
 
     #[test]
